@@ -1,0 +1,1 @@
+"""peerdrive: cache layer."""

@@ -1,0 +1,1 @@
+"""peerdrive: dht layer."""

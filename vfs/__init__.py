@@ -1,0 +1,1 @@
+"""peerdrive: vfs layer."""
