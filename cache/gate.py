@@ -1,0 +1,74 @@
+"""A shared/exclusive gate around one process's use of an LMDB environment.
+
+LMDB allows any number of transactions at once, but changing the size of the
+memory map (`mdb_env_set_mapsize`) or closing the environment is only allowed
+while *no* transaction of this process is open: the map is unmapped and mapped
+again. Every transaction therefore runs inside `shared()`, and a resize or
+close runs inside `exclusive()`, which waits for the open transactions to end
+and keeps new ones out (waiting exclusive users go first, so a steady stream of
+reads cannot starve a resize).
+
+`shared()` is re-entrant per thread. A thread that holds it cannot enter
+`exclusive()` (it would wait for itself forever); it gets `StoreError` instead.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from cache.errors import StoreError
+
+
+class ResizeGate:
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._active = 0  # threads inside shared()
+        self._exclusive = False
+        self._waiting_exclusive = 0
+        self._local = threading.local()
+
+    def _depth(self) -> int:
+        return getattr(self._local, "depth", 0)
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        depth = self._depth()
+        if depth == 0:
+            with self._cond:
+                while self._exclusive or self._waiting_exclusive:
+                    self._cond.wait()
+                self._active += 1
+        self._local.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._local.depth = depth
+            if depth == 0:
+                with self._cond:
+                    self._active -= 1
+                    if self._active == 0:
+                        self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        if self._depth():
+            raise StoreError(
+                "the block store must resize or close its map while this thread still has a "
+                "block view open; leave the get_view() block first"
+            )
+        with self._cond:
+            self._waiting_exclusive += 1
+            try:
+                while self._exclusive or self._active:
+                    self._cond.wait()
+            finally:
+                self._waiting_exclusive -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()

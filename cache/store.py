@@ -1,0 +1,816 @@
+"""The block store of one node: content-addressed blocks in LMDB, an LRU order, pins.
+
+One LMDB environment (a directory) per node, opened by every process of the
+node at once: a `serve` process, a `publish` command, a mount. Everything that
+must be the same for all of them (blocks, the byte total, the LRU order, pins,
+records) lives in LMDB and changes only inside write transactions, so each
+process sees one consistent store and a killed process leaves nothing
+half-written. The layout of every sub-database is in `cache/schema.py` and
+docs/cache.md.
+
+The store knows nothing of drives, paths or the network: 32-byte block ids
+(SHA-256 of the block bytes, which are ciphertext) and bytes.
+
+Two things are deliberately per process:
+
+* recency of reads: `get` runs one read transaction and no write; the access
+  is remembered in memory and written (as a new LRU position) by the next
+  write transaction of this process, by `flush()` or by `close()`. A killed
+  process loses at most those unflushed recency updates.
+* holds: `hold(ids)` protects blocks a read in flight needs from eviction by
+  this process.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, NamedTuple, TypeVar
+
+import lmdb
+
+from cache import schema
+from cache.consistency import find_problems
+from cache.errors import (
+    CorruptBlock,
+    DiskFull,
+    InvalidArgument,
+    StoreClosed,
+    StoreError,
+    StoreFull,
+    UnknownPin,
+)
+from cache.gate import ResizeGate
+from cache.schema import Counters
+from cache.writer import Dbs, Writer, pin_members
+
+MiB = 1 << 20
+DEFAULT_INITIAL_MAP_BYTES = 64 * MiB
+DEFAULT_MAX_MAP_BYTES = 1 << 40
+DEFAULT_TOUCH_BATCH = 4096
+# An I/O error on commit counts as "disk full" when the filesystem has less free
+# space than what the transaction wanted to write plus this margin.
+_DISK_FULL_MARGIN = 8 * MiB
+_MAX_RETRIES = 64
+
+T = TypeVar("T")
+
+
+class _Keep:
+    """Type of `KEEP`: "leave the persisted setting as it is"."""
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+KEEP = _Keep()
+
+
+class PinProgress(NamedTuple):
+    """How much of a pin is on this device."""
+
+    present_count: int
+    present_bytes: int
+    total_count: int
+
+    @property
+    def complete(self) -> bool:
+        return self.present_count == self.total_count
+
+
+def _ids(ids: Iterable[object]) -> list[bytes]:
+    return [schema.check_id(block_id) for block_id in ids]
+
+
+def _unique(ids: Iterable[bytes]) -> list[bytes]:
+    return list(dict.fromkeys(ids))
+
+
+class BlockStore:
+    """The blocks on this device: content-addressed, size-limited LRU, with pins.
+
+    Open one `BlockStore` per process and share it between threads; several
+    processes may open the same directory at once. Use as a context manager or
+    call `close()` (which writes the batched recency updates).
+
+    `limit_bytes`: the cache limit (None: unlimited). Left as `KEEP`, the limit
+    stored by an earlier open stays; a new value is stored and applied at once.
+    `sync`: fsync every commit (LMDB's default). False trades durability of the
+    last commits on an OS crash or power loss for speed; a killed process loses
+    nothing either way.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        limit_bytes: int | None | _Keep = KEEP,
+        sync: bool = True,
+        initial_map_bytes: int = DEFAULT_INITIAL_MAP_BYTES,
+        max_map_bytes: int = DEFAULT_MAX_MAP_BYTES,
+        touch_batch: int = DEFAULT_TOUCH_BATCH,
+    ) -> None:
+        if initial_map_bytes <= 0 or max_map_bytes < initial_map_bytes:
+            raise InvalidArgument("need 0 < initial_map_bytes <= max_map_bytes")
+        if touch_batch < 1:
+            raise InvalidArgument("touch_batch must be at least 1")
+        self.path = os.fspath(path)
+        self._sync = sync
+        self._initial_map = initial_map_bytes
+        self._max_map = max_map_bytes
+        self._touch_batch = touch_batch
+        self._gate = ResizeGate()
+        self._lock = threading.Lock()  # guards _touches and _held
+        self._touches: dict[bytes, None] = {}  # ids read since the last write, oldest first
+        self._held: Counter[bytes] = Counter()
+        self._env: lmdb.Environment | None = None
+        self._env, self._dbs = self._open_env()
+        if not isinstance(limit_bytes, _Keep):
+            self.set_limit(limit_bytes)
+
+    # -- opening and closing --------------------------------------------------------
+
+    def _open_env(self) -> tuple[lmdb.Environment, Dbs]:
+        try:
+            os.makedirs(self.path, mode=0o700, exist_ok=True)
+            try:
+                existing = os.path.getsize(os.path.join(self.path, "data.mdb"))
+            except FileNotFoundError:
+                existing = 0
+            map_size = max(self._initial_map, min(self._max_map, 2 * existing))
+            map_size = -(-map_size // MiB) * MiB
+            env = lmdb.open(
+                self.path,
+                subdir=True,
+                map_size=map_size,
+                max_dbs=len(schema.ALL_DBS) + 4,
+                max_readers=256,
+                max_spare_txns=8,
+                lock=True,
+                sync=self._sync,
+                metasync=self._sync,
+                writemap=False,
+                readahead=False,
+                meminit=True,
+                mode=0o600,
+            )
+        except lmdb.Error as exc:
+            raise StoreError(f"cannot open the block store at {self.path}: {exc}") from exc
+        except OSError as exc:
+            raise StoreError(
+                f"cannot open the block store at {self.path}: {exc.strerror or exc}"
+            ) from exc
+        try:
+            env.reader_check()  # free reader slots of killed processes
+            dbs = self._open_dbs(env)
+        except BaseException:
+            env.close()
+            raise
+        return env, dbs
+
+    def _open_dbs(self, env: lmdb.Environment) -> Dbs:
+        """Open the sub-databases, creating them (in one write) only if one is missing."""
+        try:
+            # Handles outlive their transaction only if it commits (py-lmdb aborts read-only
+            # ones), so a write transaction that writes nothing: it works on a full disk too.
+            with env.begin(write=True) as txn:
+                handles = [env.open_db(name, txn=txn, create=False) for name in schema.ALL_DBS]
+                version = txn.get(schema.STATE_SCHEMA, db=handles[-2])
+        except (lmdb.NotFoundError, lmdb.ReadonlyError):
+            handles = None
+        except lmdb.Error as exc:
+            raise StoreError(f"cannot read the block store at {self.path}: {exc}") from exc
+        if handles is None:
+            try:
+                with env.begin(write=True) as txn:
+                    handles = [env.open_db(name, txn=txn, create=True) for name in schema.ALL_DBS]
+                    version = txn.get(schema.STATE_SCHEMA, db=handles[-2])
+                    if version is None:
+                        txn.put(
+                            schema.STATE_SCHEMA,
+                            schema.encode_u32(schema.SCHEMA_VERSION),
+                            db=handles[-2],
+                        )
+                        version = schema.encode_u32(schema.SCHEMA_VERSION)
+            except (lmdb.MapFullError, lmdb.DiskError) as exc:
+                raise DiskFull(f"cannot create the block store at {self.path}: {exc}") from exc
+            except lmdb.Error as exc:
+                raise StoreError(f"cannot create the block store at {self.path}: {exc}") from exc
+        if version is None or schema.decode_u32(version) != schema.SCHEMA_VERSION:
+            found = "none" if version is None else schema.decode_u32(version)
+            raise StoreError(
+                f"the block store at {self.path} has schema version {found}; this peerdrive "
+                f"reads version {schema.SCHEMA_VERSION}"
+            )
+        return Dbs(*handles)
+
+    def close(self) -> None:
+        """Write batched recency updates (best effort) and close the environment."""
+        if self._env is None:
+            return
+        try:
+            self.flush()
+        except StoreError:
+            pass  # recency updates are an optimisation; losing them is documented
+        with self._gate.exclusive():
+            if self._env is not None:
+                self._env.close()
+                self._env = None
+
+    def __enter__(self) -> BlockStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._env is None
+
+    def _live_env(self) -> lmdb.Environment:
+        env = self._env
+        if env is None:
+            raise StoreClosed(f"the block store at {self.path} is closed")
+        return env
+
+    # -- map size -------------------------------------------------------------------
+
+    def _grow_map(self) -> None:
+        with self._gate.exclusive():
+            env = self._live_env()
+            current = env.info()["map_size"]
+            if current >= self._max_map:
+                raise DiskFull(
+                    f"the block store at {self.path} reached its maximum size of "
+                    f"{self._max_map} bytes (max_map_bytes); lower the cache limit or unpin "
+                    "something"
+                )
+            env.set_mapsize(min(self._max_map, current * 2))
+
+    def _adopt_map_size(self) -> None:
+        with self._gate.exclusive():
+            self._live_env().set_mapsize(0)  # 0: take the size another process grew it to
+
+    # -- transactions ---------------------------------------------------------------
+
+    @contextmanager
+    def _read(self) -> Iterator[lmdb.Transaction]:
+        """A read transaction (buffers=True: values are views valid until it ends)."""
+        for _ in range(_MAX_RETRIES):
+            with self._gate.shared():
+                env = self._live_env()
+                try:
+                    txn = env.begin(buffers=True)
+                except lmdb.MapResizedError:
+                    txn = None
+                except lmdb.Error as exc:
+                    raise StoreError(f"cannot read the block store at {self.path}: {exc}") from exc
+                if txn is not None:
+                    try:
+                        yield txn
+                    except lmdb.Error as exc:
+                        raise StoreError(
+                            f"cannot read the block store at {self.path}: {exc}"
+                        ) from exc
+                    finally:
+                        txn.abort()
+                    return
+            self._adopt_map_size()
+        raise StoreError(f"the block store at {self.path} keeps being resized by another process")
+
+    def _write(self, op: Callable[[Writer], T], *, need_bytes: int = 0) -> T:
+        """Run `op` in one write transaction, after applying this process's batched reads.
+
+        Retries after growing the map (MapFullError) or adopting another
+        process's map size; `op` must therefore have no effect outside the
+        transaction. Nothing is written unless everything is.
+        """
+        for _ in range(_MAX_RETRIES):
+            batch = self._take_touches()
+            with self._lock:
+                held = frozenset(self._held)
+            try:
+                with self._gate.shared():
+                    txn = self._live_env().begin(write=True, buffers=True)
+                    try:
+                        writer = Writer(txn, self._dbs, held)
+                        for block_id in batch:
+                            writer.touch(block_id)
+                        result = op(writer)
+                        writer.finish()
+                    except BaseException:
+                        txn.abort()
+                        raise
+                    txn.commit()
+                return result
+            except lmdb.MapFullError:
+                self._restore_touches(batch)
+                self._grow_map()
+            except lmdb.MapResizedError:
+                self._restore_touches(batch)
+                self._adopt_map_size()
+            except lmdb.Error as exc:
+                self._restore_touches(batch)
+                raise self._write_error(exc, need_bytes) from exc
+            except BaseException:
+                self._restore_touches(batch)
+                raise
+        raise StoreError(f"the block store at {self.path} could not grow its map")
+
+    def _write_error(self, exc: lmdb.Error, need_bytes: int) -> StoreError:
+        """Name a failed write for what it is: a full disk, or an I/O error."""
+        if isinstance(exc, lmdb.DiskError) or self._disk_looks_full(need_bytes):
+            return DiskFull(
+                f"the disk holding the block store at {self.path} is full; nothing was "
+                f"written ({exc}); free some space or lower the cache limit"
+            )
+        if isinstance(exc, lmdb.PanicError):
+            return StoreError(
+                f"the block store at {self.path} hit a fatal LMDB error and must be reopened: {exc}"
+            )
+        return StoreError(f"cannot write to the block store at {self.path}: {exc}")
+
+    def _disk_looks_full(self, need_bytes: int) -> bool:
+        try:
+            st = os.statvfs(self.path)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < need_bytes + _DISK_FULL_MARGIN
+
+    # -- batched recency ------------------------------------------------------------
+
+    def _note_access(self, block_id: bytes) -> bool:
+        """Remember a read; True when the batch is big enough to be written."""
+        with self._lock:
+            self._touches.pop(block_id, None)
+            self._touches[block_id] = None
+            return len(self._touches) >= self._touch_batch
+
+    def _take_touches(self) -> list[bytes]:
+        with self._lock:
+            batch = list(self._touches)
+            self._touches = {}
+        return batch
+
+    def _restore_touches(self, batch: list[bytes]) -> None:
+        """Put back a batch whose transaction failed, older than anything read since."""
+        if not batch:
+            return
+        with self._lock:
+            merged = dict.fromkeys(batch)
+            for block_id in self._touches:
+                merged.pop(block_id, None)
+                merged[block_id] = None
+            self._touches = merged
+
+    def _flush_quietly(self) -> None:
+        """Write the recency batch from a read path: a failure there must not fail the read."""
+        try:
+            self.flush()
+        except StoreError:
+            with self._lock:  # keep the newest entries, forget the rest
+                if len(self._touches) > 4 * self._touch_batch:
+                    keep = list(self._touches)[-self._touch_batch :]
+                    self._touches = dict.fromkeys(keep)
+
+    def flush(self) -> None:
+        """Write the recency of reads since the last write (no-op if there were none).
+
+        The owner should call this now and then (say every few seconds) so that a
+        killed process loses little LRU information.
+        """
+        with self._lock:
+            if not self._touches:
+                return
+        self._write(lambda writer: None)
+
+    @property
+    def pending_touches(self) -> int:
+        with self._lock:
+            return len(self._touches)
+
+    # -- blocks: writing ------------------------------------------------------------
+
+    def put(self, block_id: bytes, data: bytes | bytearray | memoryview) -> bool:
+        """Store one block; True if it was new, False if it was already here (now recent).
+
+        Raises CorruptBlock if SHA-256(data) != block_id, StoreFull (storing
+        nothing) if an unpinned block does not fit under the limit, DiskFull if
+        the disk is full even after shrinking the cache.
+        """
+        return self.put_many([(block_id, data)]) == 1
+
+    def put_many(self, items: Iterable[tuple[bytes, bytes | bytearray | memoryview]]) -> int:
+        """Store several blocks in one transaction (all or none); returns how many were new."""
+        prepared: list[tuple[bytes, bytes | bytearray | memoryview, int]] = []
+        for block_id, data in items:
+            block_id = schema.check_id(block_id)
+            if not isinstance(data, bytes | bytearray | memoryview):
+                raise InvalidArgument(f"block data is bytes, not {type(data).__name__}")
+            if schema.block_id_of(data) != block_id:
+                raise CorruptBlock(
+                    f"block {block_id.hex()}: the bytes offered do not hash to this id"
+                )
+            prepared.append((block_id, data, schema.digest_of(data)))
+        if not prepared:
+            return 0
+        need = sum(len(data) for _, data, _ in prepared)
+
+        def op(writer: Writer) -> int:
+            return sum(writer.insert(*item) for item in prepared)
+
+        try:
+            return self._write(op, need_bytes=need)
+        except DiskFull:
+            if not self._shrink_for_disk(need):
+                raise
+        return self._write(op, need_bytes=need)
+
+    def _shrink_for_disk(self, need: int) -> bool:
+        """After a full disk: evict LRU blocks worth twice `need` so their pages can be reused.
+
+        LMDB reuses pages freed by a transaction only from the second
+        transaction after it, hence the extra (tiny) commit. Returns False when
+        nothing could be evicted.
+        """
+        try:
+
+            def shrink(writer: Writer) -> int:
+                return writer.evict_down_to(writer.c.total_bytes - 2 * need)
+
+            if self._write(shrink) == 0:
+                return False
+            self._write(lambda writer: writer.tick())
+        except StoreError:
+            return False
+        return True
+
+    # -- blocks: reading ------------------------------------------------------------
+
+    def get(self, block_id: bytes) -> bytes | None:
+        """The block's bytes, or None if absent. A block failing its checksum is
+        removed and reported absent: never wrong bytes. One read transaction."""
+        block_id = schema.check_id(block_id)
+        rotten = False
+        result = b""
+        with self._read() as txn:
+            value = txn.get(block_id, db=self._dbs.blocks)
+            if value is None:
+                return None
+            data = schema.block_value_data(value)
+            if data is None:
+                rotten = True
+            else:
+                result = bytes(data)
+        if rotten:
+            self._drop_rotten(block_id)
+            return None
+        if self._note_access(block_id):
+            self._flush_quietly()
+        return result
+
+    @contextmanager
+    def get_view(self, block_id: bytes) -> Iterator[memoryview | None]:
+        """Zero-copy read: a read-only view of the block, valid only inside the `with`.
+
+        The view points into LMDB's map; it is released on exit (using it
+        afterwards raises ValueError). Do not keep slices of it, and do not
+        write to the store from the same thread inside the block.
+        """
+        block_id = schema.check_id(block_id)
+        rotten = False
+        with self._read() as txn:
+            value = txn.get(block_id, db=self._dbs.blocks)
+            data = None if value is None else schema.block_value_data(value)
+            if value is not None and data is None:
+                rotten = True
+            else:
+                if data is not None:
+                    self._note_access(block_id)
+                try:
+                    yield data
+                finally:
+                    if data is not None:
+                        try:
+                            data.release()
+                        except BufferError:
+                            pass  # a caller kept an export; the txn ending still ends validity
+        if rotten:
+            self._drop_rotten(block_id)
+            yield None
+        elif self.pending_touches >= self._touch_batch:
+            self._flush_quietly()
+
+    def _drop_rotten(self, block_id: bytes) -> None:
+        try:
+            self._write(lambda writer: writer.delete_if_rotten(block_id))
+        except StoreError:
+            pass  # still reported missing; the next put of this id replaces it
+
+    def has(self, block_id: bytes) -> bool:
+        """Whether the block is stored (its bytes are checked only when read)."""
+        block_id = schema.check_id(block_id)
+        with self._read() as txn:
+            return txn.get(block_id, db=self._dbs.meta) is not None
+
+    def size_of(self, block_id: bytes) -> int | None:
+        block_id = schema.check_id(block_id)
+        with self._read() as txn:
+            raw = txn.get(block_id, db=self._dbs.meta)
+            return None if raw is None else schema.decode_meta(raw)[1]
+
+    def missing(self, ids: Iterable[bytes]) -> list[bytes]:
+        """The ids (first occurrence, in order) that are not stored."""
+        wanted = _unique(_ids(ids))
+        with self._read() as txn:
+            return [b for b in wanted if txn.get(b, db=self._dbs.meta) is None]
+
+    def count_present(self, ids: Iterable[bytes]) -> tuple[int, int]:
+        """(count, bytes) of the distinct given ids that are stored."""
+        count = size = 0
+        wanted = _unique(_ids(ids))
+        with self._read() as txn:
+            for block_id in wanted:
+                raw = txn.get(block_id, db=self._dbs.meta)
+                if raw is not None:
+                    count += 1
+                    size += schema.decode_meta(raw)[1]
+        return count, size
+
+    def _counters(self) -> Counters:
+        with self._read() as txn:
+            return Counters.decode(txn.get(schema.STATE_COUNTERS, db=self._dbs.state))
+
+    @property
+    def total_bytes(self) -> int:
+        return self._counters().total_bytes
+
+    @property
+    def count(self) -> int:
+        return self._counters().count
+
+    @property
+    def pinned_bytes(self) -> int:
+        return self._counters().pinned_bytes
+
+    # -- limit and eviction ---------------------------------------------------------
+
+    @property
+    def limit_bytes(self) -> int | None:
+        with self._read() as txn:
+            raw = txn.get(schema.STATE_LIMIT, db=self._dbs.state)
+            return None if raw is None else schema.decode_u64(raw)
+
+    def set_limit(self, limit_bytes: int | None) -> int:
+        """Store a new limit (None: unlimited) and evict down to it; returns bytes freed."""
+        if limit_bytes is not None and (
+            not isinstance(limit_bytes, int) or isinstance(limit_bytes, bool) or limit_bytes < 0
+        ):
+            raise InvalidArgument(f"the cache limit is a number of bytes >= 0, not {limit_bytes!r}")
+
+        def op(writer: Writer) -> int:
+            writer.set_limit(limit_bytes)
+            return writer.evict_to_limit()
+
+        return self._write(op)
+
+    def evict(self, ids: Iterable[bytes]) -> int:
+        """Remove the given blocks now, except pinned or held ones; returns bytes freed."""
+        wanted = _unique(_ids(ids))
+        return self._write(lambda writer: writer.evict_ids(wanted))
+
+    def evict_to(self, target_bytes: int) -> int:
+        """Evict LRU unpinned, unheld blocks until the total is <= target; returns bytes freed."""
+        if not isinstance(target_bytes, int) or target_bytes < 0:
+            raise InvalidArgument(f"target_bytes is a number >= 0, not {target_bytes!r}")
+        return self._write(lambda writer: writer.evict_down_to(target_bytes))
+
+    def eviction_order(self) -> list[bytes]:
+        """The evictable blocks, next to go first (counting this process's unwritten reads)."""
+        with self._read() as txn:
+            cursor = txn.cursor(db=self._dbs.lru)
+            order = [schema.split_lru_key(key)[1] for key in cursor.iternext(values=False)]
+        evictable = set(order)
+        with self._lock:
+            recent = [b for b in self._touches if b in evictable]
+        moved = set(recent)
+        return [b for b in order if b not in moved] + recent
+
+    @contextmanager
+    def hold(self, ids: Iterable[bytes]) -> Iterator[None]:
+        """Keep these blocks from being evicted by this process while the block runs."""
+        held = _ids(ids)
+        with self._lock:
+            self._held.update(held)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held.subtract(held)
+                for block_id in held:
+                    if self._held[block_id] <= 0:
+                        del self._held[block_id]
+
+    # -- pins -----------------------------------------------------------------------
+
+    def set_pin(self, name: str, ids: Iterable[bytes]) -> None:
+        """Make pin `name` hold exactly `ids` (created if new), atomically.
+
+        Ids no longer named become evictable (and the cache is brought back
+        under its limit); ids not yet stored are held as soon as they arrive.
+        """
+        name_utf8 = schema.encode_pin_name(name)
+        wanted = set(_ids(ids))
+        self._write(lambda writer: writer.set_pin(name_utf8, wanted))
+
+    def add_to_pin(self, name: str, ids: Iterable[bytes]) -> None:
+        """Add ids to pin `name` (created if new)."""
+        name_utf8 = schema.encode_pin_name(name)
+        wanted = sorted(set(_ids(ids)))
+        self._write(lambda writer: writer.add_to_pin(name_utf8, wanted))
+
+    def remove_from_pin(self, name: str, ids: Iterable[bytes]) -> None:
+        """Release ids from pin `name`; raises UnknownPin if there is no such pin."""
+        name_utf8 = schema.encode_pin_name(name)
+        unwanted = sorted(set(_ids(ids)))
+        self._write(lambda writer: writer.remove_from_pin(name_utf8, unwanted))
+
+    def unpin(self, name: str) -> bool:
+        """Drop pin `name`; its blocks become evictable. False if there was no such pin."""
+        name_utf8 = schema.encode_pin_name(name)
+        return self._write(lambda writer: writer.unpin(name_utf8))
+
+    def pin_names(self) -> list[str]:
+        with self._read() as txn:
+            cursor = txn.cursor(db=self._dbs.pin_names)
+            return sorted(schema.decode_pin_head(v)[2] for v in cursor.iternext(keys=False))
+
+    def has_pin(self, name: str) -> bool:
+        name_utf8 = schema.encode_pin_name(name)
+        with self._read() as txn:
+            return txn.get(schema.pin_name_key(name_utf8), db=self._dbs.pin_names) is not None
+
+    def _pin_number(self, txn: lmdb.Transaction, name: str) -> int:
+        name_utf8 = schema.encode_pin_name(name)
+        raw = txn.get(schema.pin_name_key(name_utf8), db=self._dbs.pin_names)
+        if raw is None:
+            raise UnknownPin(f"no pin named {name!r}")
+        return schema.decode_pin_head(raw)[0]
+
+    def pin_ids(self, name: str) -> list[bytes]:
+        """The ids pin `name` holds, sorted; raises UnknownPin."""
+        with self._read() as txn:
+            return list(pin_members(txn, self._dbs, self._pin_number(txn, name)))
+
+    def is_pinned(self, block_id: bytes) -> bool:
+        block_id = schema.check_id(block_id)
+        with self._read() as txn:
+            return txn.get(block_id, db=self._dbs.pin_refs) is not None
+
+    def pin_progress(self, name: str) -> PinProgress:
+        """How much of pin `name` is stored here (one lookup per member)."""
+        count = size = total = 0
+        with self._read() as txn:
+            for block_id in pin_members(txn, self._dbs, self._pin_number(txn, name)):
+                total += 1
+                raw = txn.get(block_id, db=self._dbs.meta)
+                if raw is not None:
+                    count += 1
+                    size += schema.decode_meta(raw)[1]
+        return PinProgress(count, size, total)
+
+    # -- records --------------------------------------------------------------------
+
+    def put_record(self, key: bytes, value: bytes) -> None:
+        """Store a small value under `key` (1..511 bytes) for the layers above."""
+        key = schema.check_record_key(key)
+        value = _as_bytes(value)
+        self._write(
+            lambda writer: writer.txn.put(key, value, db=self._dbs.records),
+            need_bytes=len(value),
+        )
+
+    def update_record(
+        self, key: bytes, update: Callable[[bytes | None], bytes | None]
+    ) -> bytes | None:
+        """Atomically replace a record with update(old) (None deletes it), across processes.
+
+        `update` runs inside the write transaction (maybe more than once on a
+        retry): keep it quick and free of side effects. Returns the new value.
+        """
+        key = schema.check_record_key(key)
+
+        def op(writer: Writer) -> bytes | None:
+            old = writer.txn.get(key, db=self._dbs.records)
+            new = update(None if old is None else bytes(old))
+            if new is None:
+                writer.txn.delete(key, db=self._dbs.records)
+            else:
+                writer.txn.put(key, _as_bytes(new), db=self._dbs.records)
+            return new
+
+        return self._write(op)
+
+    def get_record(self, key: bytes) -> bytes | None:
+        key = schema.check_record_key(key)
+        with self._read() as txn:
+            value = txn.get(key, db=self._dbs.records)
+            return None if value is None else bytes(value)
+
+    def delete_record(self, key: bytes) -> bool:
+        key = schema.check_record_key(key)
+        return self._write(lambda writer: writer.txn.delete(key, db=self._dbs.records))
+
+    def records(self, prefix: bytes = b"") -> list[tuple[bytes, bytes]]:
+        """Every (key, value) whose key starts with `prefix`, in key order."""
+        prefix = _as_bytes(prefix)
+        out: list[tuple[bytes, bytes]] = []
+        with self._read() as txn:
+            cursor = txn.cursor(db=self._dbs.records)
+            found = cursor.set_range(prefix) if prefix else cursor.first()
+            if not found:
+                return out
+            for key, value in cursor.iternext():
+                key = bytes(key)
+                if not key.startswith(prefix):
+                    break
+                out.append((key, bytes(value)))
+        return out
+
+    # -- inspection -----------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Numbers for `peerdrive status --json`."""
+        with self._read() as txn:
+            c = Counters.decode(txn.get(schema.STATE_COUNTERS, db=self._dbs.state))
+            raw_limit = txn.get(schema.STATE_LIMIT, db=self._dbs.state)
+            pins = {}
+            for value in txn.cursor(db=self._dbs.pin_names).iternext(keys=False):
+                _, members, name = schema.decode_pin_head(value)
+                pins[name] = members
+            map_size = self._live_env().info()["map_size"]
+        with self._lock:
+            held = len(self._held)
+            pending = len(self._touches)
+        try:
+            file_bytes = os.path.getsize(os.path.join(self.path, "data.mdb"))
+        except OSError:
+            file_bytes = 0
+        return {
+            "path": self.path,
+            "count": c.count,
+            "total_bytes": c.total_bytes,
+            "limit_bytes": None if raw_limit is None else schema.decode_u64(raw_limit),
+            "pinned_count": c.pinned_count,
+            "pinned_bytes": c.pinned_bytes,
+            "evictable_bytes": c.total_bytes - c.pinned_bytes,
+            "pins": dict(sorted(pins.items())),
+            "held_count": held,
+            "pending_touches": pending,
+            "file_bytes": file_bytes,
+            "map_bytes": map_size,
+        }
+
+    def check_consistency(self, *, deep: bool = False) -> list[str]:
+        """Check every invariant of the schema; returns the problems found (empty: fine).
+
+        `deep` also checks every block's bytes against its id (SHA-256): slow.
+        Blocks whose bytes merely rotted are reported too (`get` drops those).
+        """
+        with self._read() as txn:
+            return find_problems(txn, self._dbs, deep=deep)
+
+    def scrub(self) -> list[bytes]:
+        """Check every block against its id (SHA-256) and remove the bad ones; returns them."""
+        bad: list[bytes] = []
+        with self._read() as txn:
+            for key, value in txn.cursor(db=self._dbs.blocks):
+                data = schema.block_value_data(value)
+                if data is None or schema.block_id_of(data) != key:
+                    bad.append(bytes(key))
+        if bad:
+            self._write(lambda writer: [writer.delete(block_id) for block_id in bad])
+        return bad
+
+
+def _as_bytes(value: object) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    raise InvalidArgument(f"expected bytes, not {type(value).__name__}")
+
+
+__all__ = [
+    "KEEP",
+    "BlockStore",
+    "PinProgress",
+    "StoreError",
+    "StoreFull",
+    "DiskFull",
+    "CorruptBlock",
+    "UnknownPin",
+]
