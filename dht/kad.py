@@ -1,0 +1,1077 @@
+"""The Kademlia DHT: the `kademlia` package, made to hold only verified records, run from trio.
+
+The `kademlia` package (asyncio, msgpack RPC over UDP) stores whatever any node
+sends, overwrites a key on every store and returns the most common answer of a
+lookup. Here its classes are subclassed so that a node:
+
+- keeps two key spaces apart: mutable records under their discovery key and
+  provider sets under ``SHA-256(b"peerdrive providers" || dk)``; every stored
+  value also carries a one-byte tag naming its kind (see `TAG_MUTABLE`);
+- verifies every value before it stores or believes it (`RecordStorage.offer`),
+  refusing garbage, forgeries, records under the wrong key and rollbacks;
+- merges provider records into a bounded `ProviderSet` instead of overwriting;
+- crawls a lookup through all of the k closest nodes and returns the highest
+  valid sequence number (mutable) or the union of valid providers;
+- never dies of a datagram: every datagram is bounded, parsed defensively, and
+  a node that answers garbage is dropped from the routing table and ignored.
+
+The id space is 256 bits (the package's is 160): keys are SHA-256 values, and a
+DHT node's routing id is 32 random bytes unless one is given.
+
+`Dht` is the trio-facing class. It runs the asyncio code on a trio-asyncio loop
+inside the trio program (see docs/dht.md for why not a thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import logging
+import os
+import random
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import msgpack
+import trio
+import trio_asyncio
+from kademlia.crawling import NodeSpiderCrawl, ValueSpiderCrawl
+from kademlia.network import Server
+from kademlia.node import Node
+from kademlia.protocol import KademliaProtocol
+from kademlia.routing import KBucket, RoutingTable
+from kademlia.storage import IStorage
+
+from dht.errors import DhtError
+from dht.records import (
+    MAX_MUTABLE_WIRE,
+    MAX_PROVIDERS_PER_KEY,
+    PROVIDER_REPUBLISH_INTERVAL,
+    MutableRecord,
+    ProviderRecord,
+    ProviderSet,
+    RecordError,
+    RecordExpired,
+    newest_mutable,
+)
+from dht.types import DISCOVERY_KEY_LEN
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+KEY_LEN = 32
+"""Every DHT key and routing id is 32 bytes (a 256-bit Kademlia id space)."""
+
+PROVIDER_KEY_PREFIX = b"peerdrive providers"
+
+TAG_MUTABLE = 0x01
+"""First byte of a stored value holding a `MutableRecord` wire."""
+TAG_PROVIDER = 0x02
+"""First byte of a stored value holding a `ProviderRecord` wire."""
+
+MAX_DATAGRAM = 16 * 1024
+"""Largest DHT datagram sent or accepted; larger ones are dropped unread."""
+
+FIND_VALUE_BUDGET = 12 * 1024
+"""Bytes of stored values one find_value reply may carry (the rest of a datagram is nodes)."""
+
+MAX_NODES_IN_REPLY = 64
+"""A reply listing more contacts than this is garbage (an honest one lists at most k)."""
+
+MAX_STORED_KEYS = 8192
+"""Per kind (mutable / provider sets): a node stores at most this many keys for others."""
+
+MAX_LOOKUP_PROVIDERS = 100
+"""Most provider records a lookup returns (the union over all answers, latest-expiring first)."""
+
+MUTABLE_STORE_TTL = 24 * 3600
+"""A stored mutable record is dropped this long after it was last stored (or re-stored)."""
+
+MUTABLE_REPUBLISH_INTERVAL = 3600
+"""How often a node re-stores the mutable records it put, so they outlive MUTABLE_STORE_TTL."""
+
+REFRESH_INTERVAL = 15 * 60
+"""How often the routing table's idle buckets are refreshed and storage culled."""
+
+_REQUEST = 0x00
+_RESPONSE = 0x01
+_MSG_ID_LEN = 20
+
+
+class KadError(DhtError):
+    """The DHT cannot do what was asked (not running, cannot listen, bad argument)."""
+
+
+def provider_key(dk: bytes) -> bytes:
+    """DHT key of the provider set of discovery key `dk`."""
+    _check_dk(dk)
+    return hashlib.sha256(PROVIDER_KEY_PREFIX + dk).digest()
+
+
+def _check_dk(dk: bytes) -> None:
+    if not isinstance(dk, bytes) or len(dk) != DISCOVERY_KEY_LEN:
+        raise KadError(f"a discovery key is {DISCOVERY_KEY_LEN} bytes")
+
+
+def _is_key(value: Any) -> bool:
+    return isinstance(value, bytes) and len(value) == KEY_LEN
+
+
+# --------------------------------------------------------------------------- storage
+
+
+class RecordStorage(IStorage):
+    """What one DHT node holds for others: verified records only, bounded, expiring.
+
+    Values handed in and out are *tagged*: one tag byte (`TAG_MUTABLE` or
+    `TAG_PROVIDER`) followed by the record's wire bytes. `offer` is the single
+    door in; it decodes and verifies, checks that the record belongs under the
+    key, and applies the replacement rules.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.time,
+        mutable_ttl: float = MUTABLE_STORE_TTL,
+        max_keys: int = MAX_STORED_KEYS,
+        providers_per_key: int = MAX_PROVIDERS_PER_KEY,
+    ) -> None:
+        self._clock = clock
+        self._mutable_ttl = mutable_ttl
+        self._max_keys = max_keys
+        self._providers_per_key = providers_per_key
+        # key -> (time last stored, record); oldest first
+        self._mutable: OrderedDict[bytes, tuple[float, MutableRecord]] = OrderedDict()
+        # key -> provider set; least recently offered first
+        self._providers: OrderedDict[bytes, ProviderSet] = OrderedDict()
+
+    # -- the door in
+
+    def offer(self, key: bytes, value: bytes) -> bool:
+        """Verify and store a tagged value under `key`; False (and nothing stored) if refused."""
+        if not _is_key(key) or not isinstance(value, bytes) or len(value) < 2:
+            return False
+        tag, wire = value[0], value[1:]
+        try:
+            if tag == TAG_MUTABLE:
+                return self._offer_mutable(key, MutableRecord.decode(wire))
+            if tag == TAG_PROVIDER:
+                now = self._clock()
+                return self._offer_provider(key, ProviderRecord.decode(wire, now=now), now)
+        except RecordError as exc:
+            log.debug("refused a value for %s: %s", key.hex()[:16], exc)
+        return False
+
+    def _offer_mutable(self, key: bytes, record: MutableRecord) -> bool:
+        if record.key != key:
+            return False
+        now = self._clock()
+        self.cull()
+        current = self._mutable.get(key)
+        if current is not None:
+            held = current[1]
+            if record.seq < held.seq:
+                return False
+            if record.seq == held.seq:
+                if record.wire != held.wire:
+                    return False  # equal seq, other bytes: keep what we have
+                record = held
+            del self._mutable[key]
+        elif len(self._mutable) >= self._max_keys:
+            self._mutable.popitem(last=False)
+        self._mutable[key] = (now, record)
+        return True
+
+    def _offer_provider(self, key: bytes, record: ProviderRecord, now: float) -> bool:
+        if provider_key(record.dk) != key:
+            return False
+        pset = self._providers.pop(key, None)
+        if pset is None:
+            if len(self._providers) >= self._max_keys:
+                self.cull()
+            if len(self._providers) >= self._max_keys:
+                self._providers.popitem(last=False)
+            pset = ProviderSet(record.dk, self._providers_per_key)
+        accepted = pset.offer(record, now)
+        if len(pset):
+            self._providers[key] = pset
+        return accepted
+
+    # -- reads
+
+    def mutable(self, key: bytes) -> MutableRecord | None:
+        """The live mutable record stored under `key`, if any."""
+        self.cull()
+        entry = self._mutable.get(key)
+        return None if entry is None else entry[1]
+
+    def providers(self, key: bytes) -> list[ProviderRecord]:
+        """Live provider records under `key`, latest-expiring first."""
+        pset = self._providers.get(key)
+        return [] if pset is None else pset.records(self._clock())
+
+    def values(self, key: bytes, budget: int = FIND_VALUE_BUDGET) -> list[bytes]:
+        """Tagged values under `key` for a find_value reply, at most `budget` bytes in all."""
+        out: list[bytes] = []
+        used = 0
+        record = self.mutable(key)
+        if record is not None:
+            out.append(bytes([TAG_MUTABLE]) + record.wire)
+            used += len(record.wire) + 1
+        for provider in self.providers(key):
+            size = len(provider.wire) + 1
+            if used + size > budget:
+                break
+            out.append(bytes([TAG_PROVIDER]) + provider.wire)
+            used += size
+        return out
+
+    def cull(self) -> None:
+        """Drop mutable records not re-stored within their TTL and expired provider records."""
+        now = self._clock()
+        while self._mutable:
+            key, (stored, _) = next(iter(self._mutable.items()))
+            if stored > now - self._mutable_ttl:
+                break
+            del self._mutable[key]
+        for key in list(self._providers):
+            pset = self._providers[key]
+            pset.expire(now)
+            if not len(pset):
+                del self._providers[key]
+
+    def __len__(self) -> int:
+        self.cull()
+        return len(self._mutable) + sum(len(p) for p in self._providers.values())
+
+    # -- the kademlia IStorage interface
+
+    def __setitem__(self, key: bytes, value: bytes) -> None:
+        if not self.offer(key, value):
+            raise RecordError("the DHT storage refused this value (invalid, stale or misplaced)")
+
+    def __getitem__(self, key: bytes) -> list[bytes]:
+        values = self.values(key)
+        if not values:
+            raise KeyError(key)
+        return values
+
+    def get(self, key: bytes, default: Any = None) -> Any:
+        return self.values(key) or default
+
+    def iter_older_than(self, seconds_old: float) -> list[tuple[bytes, bytes]]:
+        """Mutable records last stored more than `seconds_old` ago (tagged).
+
+        Provider records are re-signed and republished by their owners, never by
+        the nodes that store them, so they are not listed.
+        """
+        self.cull()
+        limit = self._clock() - seconds_old
+        return [
+            (key, bytes([TAG_MUTABLE]) + record.wire)
+            for key, (stored, record) in self._mutable.items()
+            if stored <= limit
+        ]
+
+    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
+        self.cull()
+        items: list[tuple[bytes, bytes]] = [
+            (key, bytes([TAG_MUTABLE]) + record.wire) for key, (_, record) in self._mutable.items()
+        ]
+        now = self._clock()
+        for key, pset in self._providers.items():
+            items.extend((key, bytes([TAG_PROVIDER]) + r.wire) for r in pset.records(now))
+        return iter(items)
+
+
+# --------------------------------------------------------------------------- routing
+
+
+class WideRoutingTable(RoutingTable):
+    """The package's routing table over a 256-bit id space instead of 160 bits."""
+
+    def flush(self) -> None:
+        self.buckets = [KBucket(0, 2**256, self.ksize)]
+
+
+def _parse_contact(item: Any, family: int) -> Node | None:
+    """A (node id, ip, port) triple from a reply, or None if it is not a valid one."""
+    if not isinstance(item, list | tuple) or len(item) != 3:
+        return None
+    node_id, ip, port = item
+    if not _is_key(node_id) or type(port) is not int or not 1 <= port <= 65535:
+        return None
+    if not _valid_ip(ip, family):
+        return None
+    return Node(node_id, ip, port)
+
+
+def _valid_ip(ip: Any, family: int) -> bool:
+    """An IP literal this socket can send to (hostnames never: they would block to resolve)."""
+    if not isinstance(ip, str) or len(ip) > 64:
+        return False
+    try:
+        parsed = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return family == socket.AF_INET6 or parsed.version == 4
+
+
+# --------------------------------------------------------------------------- protocol
+
+
+class PeerdriveProtocol(KademliaProtocol):
+    """Kademlia RPC that bounds, checks and survives every datagram, and stores only records.
+
+    The request/response framing is the package's (one kind byte, a 20-byte
+    message id, a msgpack body), but parsing and sending are redone here so that
+    no datagram can raise out of `datagram_received` (under trio-asyncio an
+    exception there would tear down the whole loop), no reply can be forged by a
+    third address, and no request larger than `MAX_DATAGRAM` is sent.
+    """
+
+    def __init__(
+        self, source_node: Node, storage: RecordStorage, ksize: int, *, wait_timeout: float
+    ) -> None:
+        KademliaProtocol.__init__(self, source_node, storage, ksize)
+        self.router = WideRoutingTable(self, ksize, source_node)
+        self.storage: RecordStorage = storage
+        self._wait_timeout = wait_timeout
+        self._family = socket.AF_INET
+        self.dropped_datagrams = 0
+        self._arity = {"ping": 1, "store": 3, "find_node": 2, "find_value": 2}
+
+    # -- transport events
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self._family = sock.family
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail_outstanding()
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("DHT socket error: %s", exc)
+
+    def fail_outstanding(self) -> None:
+        """Resolve every pending request as unanswered (the socket is gone)."""
+        pending, self._outstanding = self._outstanding, {}
+        for future, timer, _ in pending.values():
+            timer.cancel()
+            if not future.done():
+                future.set_result((False, None))
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        try:
+            self._handle_datagram(data, addr)
+        except Exception:  # a bug must cost one datagram, never the node
+            self.dropped_datagrams += 1
+            log.warning("dropped a datagram from %s that broke its handler", addr, exc_info=True)
+
+    def _drop(self, addr: Any, why: str) -> None:
+        self.dropped_datagrams += 1
+        log.debug("dropped a datagram from %s: %s", addr, why)
+
+    def _handle_datagram(self, data: bytes, addr: Any) -> None:
+        if not 1 + _MSG_ID_LEN < len(data) <= MAX_DATAGRAM:
+            self._drop(addr, f"size {len(data)}")
+            return
+        kind, msg_id = data[0], data[1 : 1 + _MSG_ID_LEN]
+        try:
+            body = msgpack.unpackb(data[1 + _MSG_ID_LEN :], raw=False, strict_map_key=True)
+        except Exception:
+            self._drop(addr, "not msgpack")
+            return
+        if kind == _REQUEST:
+            self._handle_request(msg_id, body, addr)
+        elif kind == _RESPONSE:
+            self._handle_response(msg_id, body, addr)
+        else:
+            self._drop(addr, "unknown kind")
+
+    def _handle_request(self, msg_id: bytes, body: Any, addr: Any) -> None:
+        if not (isinstance(body, list) and len(body) == 2):
+            self._drop(addr, "request is not [name, args]")
+            return
+        name, args = body
+        arity = self._arity.get(name) if isinstance(name, str) else None
+        if arity is None or not isinstance(args, list) or len(args) != arity:
+            self._drop(addr, f"unknown call or wrong arguments: {name!r}")
+            return
+        nodeid = args[0]
+        if not _is_key(nodeid) or nodeid == self.source_node.id:
+            self._drop(addr, "bad sender node id")
+            return
+        if arity >= 2 and not _is_key(args[1]):
+            self._drop(addr, "bad key")
+            return
+        if name == "store" and not (
+            isinstance(args[2], bytes) and len(args[2]) <= MAX_MUTABLE_WIRE + 1
+        ):
+            self._drop(addr, "bad store value")
+            return
+        response = getattr(self, f"rpc_{name}")(addr, *args)
+        reply = bytes([_RESPONSE]) + msg_id + msgpack.packb(response, use_bin_type=True)
+        if len(reply) > MAX_DATAGRAM:
+            log.warning("not sending a %d-byte reply to %s (limit %d)", len(reply), addr,
+                        MAX_DATAGRAM)
+            return
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.sendto(reply, addr)
+
+    def _handle_response(self, msg_id: bytes, body: Any, addr: Any) -> None:
+        entry = self._outstanding.get(msg_id)
+        if entry is None:
+            self._drop(addr, "reply to nothing we asked (or too late)")
+            return
+        future, timer, address = entry
+        if tuple(addr[:2]) != tuple(address[:2]):
+            self._drop(addr, "reply from another address than the one asked")
+            return
+        del self._outstanding[msg_id]
+        timer.cancel()
+        if not future.done():
+            future.set_result((True, body))
+
+    def _timeout(self, msg_id: bytes) -> None:
+        entry = self._outstanding.pop(msg_id, None)
+        if entry is not None and not entry[0].done():
+            entry[0].set_result((False, None))
+
+    # -- outgoing requests (these replace rpcudp's __getattr__ magic)
+
+    def _request(self, address: Any, name: str, *args: Any) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+        if (
+            self.transport is None
+            or self.transport.is_closing()
+            or not isinstance(address, tuple | list)
+            or len(address) < 2
+            or not _valid_ip(address[0], self._family)
+            or type(address[1]) is not int
+            or not 1 <= address[1] <= 65535
+        ):
+            future.set_result((False, None))
+            return future
+        address = (address[0], address[1])
+        msg_id = os.urandom(_MSG_ID_LEN)
+        data = bytes([_REQUEST]) + msg_id + msgpack.packb([name, list(args)], use_bin_type=True)
+        if len(data) > MAX_DATAGRAM:
+            log.warning("not sending a %d-byte %s request (limit %d)", len(data), name,
+                        MAX_DATAGRAM)
+            future.set_result((False, None))
+            return future
+        self.transport.sendto(data, address)
+        timer = loop.call_later(self._wait_timeout, self._timeout, msg_id)
+        self._outstanding[msg_id] = (future, timer, address)
+        return future
+
+    def ping(self, address: Any, nodeid: bytes) -> asyncio.Future:
+        return self._request(address, "ping", nodeid)
+
+    def store(self, address: Any, nodeid: bytes, key: bytes, value: bytes) -> asyncio.Future:
+        return self._request(address, "store", nodeid, key, value)
+
+    def find_node(self, address: Any, nodeid: bytes, key: bytes) -> asyncio.Future:
+        return self._request(address, "find_node", nodeid, key)
+
+    def find_value(self, address: Any, nodeid: bytes, key: bytes) -> asyncio.Future:
+        return self._request(address, "find_value", nodeid, key)
+
+    # -- handlers
+
+    def rpc_store(self, sender: Any, nodeid: bytes, key: bytes, value: bytes) -> bool:
+        self.welcome_if_new(Node(nodeid, sender[0], sender[1]))
+        return self.storage.offer(key, value)
+
+    def rpc_find_node(self, sender: Any, nodeid: bytes, key: bytes) -> list[list[Any]]:
+        source = Node(nodeid, sender[0], sender[1])
+        self.welcome_if_new(source)
+        return [list(n) for n in self.router.find_neighbors(Node(key), exclude=source)]
+
+    def rpc_find_value(self, sender: Any, nodeid: bytes, key: bytes) -> dict[str, Any]:
+        """Reply with what is stored under `key` *and* closer contacts, so crawls go on."""
+        nodes = self.rpc_find_node(sender, nodeid, key)
+        return {"values": self.storage.values(key), "nodes": nodes}
+
+    # -- routing table upkeep
+
+    def get_refresh_ids(self) -> list[bytes]:
+        ids = []
+        for bucket in self.router.lonely_buckets():
+            low, high = bucket.range
+            ids.append(random.randint(low, min(high, 2**256 - 1)).to_bytes(KEY_LEN, "big"))
+        return ids
+
+    def welcome_if_new(self, node: Node) -> None:
+        """Add a new contact; hand it the values it is now among the closest to (paper §2.5).
+
+        The package's version hashes stored keys again with SHA-1 before measuring
+        distance; our keys are already positions in the id space.
+        """
+        if not self.router.is_new_node(node):
+            return
+        for key, value in self.storage:
+            keynode = Node(key)
+            neighbors = self.router.find_neighbors(keynode)
+            if neighbors:
+                last = neighbors[-1].distance_to(keynode)
+                new_node_close = node.distance_to(keynode) < last
+                first = neighbors[0].distance_to(keynode)
+                this_closest = self.source_node.distance_to(keynode) < first
+            if not neighbors or (new_node_close and this_closest):
+                # the reply only matters to the new node; nothing awaits it
+                self.store((node.ip, node.port), self.source_node.id, key, value)
+        self.router.add_contact(node)
+
+    def parse_nodes(self, payload: Any) -> list[Node] | None:
+        """Contacts from a find_node reply, or None if the reply is garbage."""
+        if not isinstance(payload, list) or len(payload) > MAX_NODES_IN_REPLY:
+            return None
+        nodes = []
+        for item in payload:
+            node = _parse_contact(item, self._family)
+            if node is None:
+                return None
+            if node.id != self.source_node.id:
+                nodes.append(node)
+        return nodes
+
+    def parse_find_value(self, payload: Any) -> tuple[list[bytes], list[Node]] | None:
+        """(tagged values, contacts) from a find_value reply, or None if it is garbage."""
+        if not isinstance(payload, dict) or set(payload) != {"values", "nodes"}:
+            return None
+        values = payload["values"]
+        if not isinstance(values, list) or not all(isinstance(v, bytes) for v in values):
+            return None
+        nodes = self.parse_nodes(payload["nodes"])
+        if nodes is None:
+            return None
+        return values, nodes
+
+    def forget(self, node_id: bytes) -> None:
+        """Drop a contact that answered garbage."""
+        self.router.remove_contact(Node(node_id))
+
+
+# --------------------------------------------------------------------------- crawling
+
+
+class CheckedNodeSpiderCrawl(NodeSpiderCrawl):
+    """The package's node lookup, counting rounds and ignoring peers that answer garbage."""
+
+    protocol: PeerdriveProtocol
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rounds = 0
+
+    async def find(self) -> Any:
+        self.rounds += 1
+        return await self._find(self.protocol.call_find_node)
+
+    async def _nodes_found(self, responses: dict[bytes, Any]) -> Any:
+        toremove = []
+        for peerid, (answered, payload) in responses.items():
+            nodes = self.protocol.parse_nodes(payload) if answered else None
+            if nodes is None:
+                if answered:
+                    self.protocol.forget(peerid)
+                toremove.append(peerid)
+                continue
+            self.nearest.push(nodes)
+        self.nearest.remove(toremove)
+        if self.nearest.have_contacted_all():
+            return list(self.nearest)
+        return await self.find()
+
+
+class RecordSpiderCrawl(ValueSpiderCrawl):
+    """A value lookup that collects every valid record from all of the k closest nodes.
+
+    The package stops at the first round that sees any value and returns the
+    most common one, which lets a few colluding nodes answer for a key. This
+    crawl goes on until the k closest known nodes have all been asked, passes
+    each value to `accept` (which verifies it, returns the record, None for a
+    record that is valid but no longer useful, or raises RecordError), and
+    ignores every value of a node that sent anything invalid.
+    """
+
+    protocol: PeerdriveProtocol
+
+    def __init__(
+        self,
+        protocol: PeerdriveProtocol,
+        node: Node,
+        peers: list[Node],
+        ksize: int,
+        alpha: int,
+        accept: Callable[[bytes], Any],
+    ) -> None:
+        super().__init__(protocol, node, peers, ksize, alpha)
+        self.accept = accept
+        self.rounds = 0
+        self.first_value_round: int | None = None
+        self.found: list[tuple[bytes, Any]] = []
+
+    async def find(self) -> Any:
+        self.rounds += 1
+        return await self._find(self.protocol.call_find_value)
+
+    async def _nodes_found(self, responses: dict[bytes, Any]) -> Any:
+        toremove = []
+        for peerid, (answered, payload) in responses.items():
+            parsed = self.protocol.parse_find_value(payload) if answered else None
+            records = None
+            if parsed is not None:
+                try:
+                    records = [r for r in map(self.accept, parsed[0]) if r is not None]
+                except RecordError as exc:
+                    log.info("ignoring a DHT node that answered an invalid record: %s", exc)
+            if parsed is None or records is None:
+                if answered:
+                    self.protocol.forget(peerid)
+                toremove.append(peerid)
+                continue
+            if records and self.first_value_round is None:
+                self.first_value_round = self.rounds
+            self.found.extend((peerid, r) for r in records)
+            self.nearest.push(parsed[1])
+        self.nearest.remove(toremove)
+        if self.nearest.have_contacted_all():
+            return self.found
+        return await self.find()
+
+
+@dataclass(frozen=True, slots=True)
+class LookupStats:
+    """How one DHT operation went, for figures and debugging.
+
+    `rounds`: iterations of the lookup (each asks up to alpha nodes, or all
+    uncontacted of the k closest when a round made no progress).
+    `hops`: the round in which the first valid value arrived (None if none did;
+    0 if this node held it). `contacted`: distinct nodes asked. `values`: valid
+    records received (with repeats across nodes).
+    """
+
+    kind: str
+    rounds: int
+    contacted: int
+    hops: int | None
+    values: int
+
+
+# --------------------------------------------------------------------------- server
+
+
+class DhtServer(Server):
+    """The package's `Server`, listening without timers (trio drives upkeep) and storing records."""
+
+    protocol_class = PeerdriveProtocol
+    protocol: PeerdriveProtocol
+    storage: RecordStorage
+
+    def __init__(
+        self,
+        *,
+        node_id: bytes,
+        storage: RecordStorage,
+        ksize: int = 20,
+        alpha: int = 3,
+        rpc_timeout: float = 5.0,
+    ) -> None:
+        super().__init__(ksize=ksize, alpha=alpha, node_id=node_id, storage=storage)
+        self.storage = storage  # the package's `storage or ...` would replace an empty one
+        self.rpc_timeout = rpc_timeout
+
+    def _create_protocol(self) -> PeerdriveProtocol:
+        return PeerdriveProtocol(self.node, self.storage, self.ksize,
+                                 wait_timeout=self.rpc_timeout)
+
+    async def listen(self, port: int, interface: str = "0.0.0.0") -> None:
+        loop = asyncio.get_running_loop()
+        self.transport, self.protocol = await loop.create_datagram_endpoint(
+            self._create_protocol, local_addr=(interface, port)
+        )
+
+    async def listen_on(self, sock: socket.socket) -> None:
+        """Serve on an already bound UDP socket (so bind errors surface before any loop runs)."""
+        loop = asyncio.get_running_loop()
+        self.transport, self.protocol = await loop.create_datagram_endpoint(
+            self._create_protocol, sock=sock
+        )
+
+    def stop(self) -> None:
+        super().stop()
+        if self.protocol is not None:
+            self.protocol.fail_outstanding()
+
+    @property
+    def bound_port(self) -> int:
+        return self.transport.get_extra_info("sockname")[1]
+
+    async def bootstrap(self, addrs: list[tuple[str, int]]) -> list[Node]:
+        gathered = await asyncio.gather(*(self.bootstrap_node(a) for a in addrs))
+        nodes = [n for n in gathered if n is not None]
+        if not nodes:
+            return []
+        spider = CheckedNodeSpiderCrawl(self.protocol, self.node, nodes, self.ksize, self.alpha)
+        return await spider.find()
+
+    async def bootstrap_node(self, addr: tuple[str, int]) -> Node | None:
+        answered, node_id = await self.protocol.ping(addr, self.node.id)
+        if not answered or not _is_key(node_id) or node_id == self.node.id:
+            return None
+        return Node(node_id, addr[0], addr[1])
+
+    async def refresh(self) -> None:
+        """Look up a random id in every bucket nobody touched for an hour (paper §2.3)."""
+        crawls = []
+        for node_id in self.protocol.get_refresh_ids():
+            target = Node(node_id)
+            nearest = self.protocol.router.find_neighbors(target, self.alpha)
+            crawls.append(
+                CheckedNodeSpiderCrawl(self.protocol, target, nearest, self.ksize,
+                                       self.alpha).find()
+            )
+        await asyncio.gather(*crawls)
+
+    async def store_value(self, key: bytes, value: bytes) -> tuple[int, LookupStats]:
+        """Store a tagged value on the k nodes closest to `key` (and here if among them).
+
+        Returns how many nodes accepted it.
+        """
+        target = Node(key)
+        nearest = self.protocol.router.find_neighbors(target)
+        nodes: list[Node] = []
+        rounds = 0
+        contacted = 0
+        if nearest:
+            spider = CheckedNodeSpiderCrawl(self.protocol, target, nearest, self.ksize,
+                                            self.alpha)
+            nodes = await spider.find()
+            rounds, contacted = spider.rounds, len(spider.nearest.contacted)
+        accepted = 0
+        if len(nodes) < self.ksize or self.node.distance_to(target) < max(
+            n.distance_to(target) for n in nodes
+        ):
+            accepted += self.storage.offer(key, value)
+        results = await asyncio.gather(
+            *(self.protocol.call_store(n, key, value) for n in nodes)
+        )
+        accepted += sum(1 for answered, reply in results if answered and reply is True)
+        return accepted, LookupStats("store", rounds, contacted, None, accepted)
+
+    async def find_values(
+        self, key: bytes, accept: Callable[[bytes], Any], kind: str
+    ) -> tuple[list[tuple[bytes | None, Any]], RecordSpiderCrawl | None, LookupStats]:
+        """Every valid record under `key`: this node's own and those of the k closest nodes."""
+        found: list[tuple[bytes | None, Any]] = []
+        for value in self.storage.values(key):
+            record = accept(value)
+            if record is not None:
+                found.append((None, record))
+        target = Node(key)
+        nearest = self.protocol.router.find_neighbors(target)
+        if not nearest:
+            stats = LookupStats(kind, 0, 0, 0 if found else None, len(found))
+            return found, None, stats
+        spider = RecordSpiderCrawl(self.protocol, target, nearest, self.ksize, self.alpha,
+                                   accept)
+        found.extend(await spider.find())
+        hops = 0 if found and found[0][0] is None else spider.first_value_round
+        stats = LookupStats(kind, spider.rounds, len(spider.nearest.contacted), hops, len(found))
+        return found, spider, stats
+
+
+# --------------------------------------------------------------------------- trio side
+
+
+class Dht:
+    """One DHT node, for trio code.
+
+    Start it with ``port = await nursery.start(dht.run, host, port, bootstrap)``;
+    the other methods may then be called from any task until `run` ends.
+    """
+
+    def __init__(
+        self,
+        *,
+        node_id: bytes | None = None,
+        ksize: int = 20,
+        alpha: int = 3,
+        rpc_timeout: float = 5.0,
+        clock: Callable[[], float] = time.time,
+        refresh_interval: float = REFRESH_INTERVAL,
+        mutable_republish_interval: float = MUTABLE_REPUBLISH_INTERVAL,
+    ) -> None:
+        if node_id is not None and not _is_key(node_id):
+            raise KadError(f"a DHT node id is {KEY_LEN} bytes")
+        self.node_id = node_id if node_id is not None else os.urandom(KEY_LEN)
+        self.storage = RecordStorage(clock=clock)
+        self.port: int | None = None
+        self.lookup_stats: LookupStats | None = None
+        self._ksize = ksize
+        self._alpha = alpha
+        self._rpc_timeout = rpc_timeout
+        self._clock = clock
+        self._refresh_interval = refresh_interval
+        self._republish_interval = mutable_republish_interval
+        self._loop: Any = None
+        self._server: DhtServer | None = None
+        self._bootstrap: list[tuple[str, int]] = []
+        self._own_mutable: dict[bytes, MutableRecord] = {}
+
+    @property
+    def dropped_datagrams(self) -> int:
+        """Datagrams this node received and ignored as malformed, oversize or unsolicited."""
+        return 0 if self._server is None else self._server.protocol.dropped_datagrams
+
+    def contacts(self) -> list[tuple[bytes, str, int]]:
+        """(routing id, ip, port) of every contact in the routing table."""
+        if self._server is None:
+            return []
+        return [(n.id, n.ip, n.port) for b in self._server.protocol.router.buckets
+                for n in b.get_nodes()]
+
+    # -- lifecycle
+
+    async def run(
+        self,
+        listen_host: str,
+        port: int,
+        bootstrap: Iterable[tuple[str, int]] = (),
+        *,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on UDP `listen_host:port` (0 picks a port), join via `bootstrap`, serve forever.
+
+        Reports the bound port through `task_status` once the node has listened and
+        tried its bootstrap contacts (an unreachable bootstrap is retried later).
+        """
+        if self._server is not None:
+            raise KadError("this DHT node is already running")
+        try:
+            family = socket.AF_INET6 if ipaddress.ip_address(listen_host).version == 6 \
+                else socket.AF_INET
+        except ValueError:
+            raise KadError(f"the DHT listens on an IP address, not {listen_host!r}") from None
+        self._bootstrap = await _resolve(bootstrap, family)
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.bind((listen_host, port))
+        except OSError as exc:
+            sock.close()
+            raise KadError(
+                f"cannot listen for DHT traffic on UDP {listen_host}:{port}: "
+                f"{exc.strerror or exc}"
+            ) from exc
+        async with trio_asyncio.open_loop() as loop:
+            server = DhtServer(node_id=self.node_id, storage=self.storage, ksize=self._ksize,
+                               alpha=self._alpha, rpc_timeout=self._rpc_timeout)
+            try:
+                try:
+                    await loop.run_aio_coroutine(server.listen_on(sock))
+                except BaseException:
+                    sock.close()
+                    raise
+                self._loop, self._server = loop, server
+                self.port = server.bound_port
+                if self._bootstrap:
+                    await self._aio(server.bootstrap(self._bootstrap))
+                task_status.started(self.port)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._refresh_forever)
+                    nursery.start_soon(self._republish_forever)
+            finally:
+                self._loop = self._server = None
+                server.stop()
+
+    async def _aio(self, coro: Coroutine[Any, Any, T]) -> T:
+        loop = self._loop
+        if loop is None:
+            coro.close()
+            raise KadError("the DHT node is not running")
+        return await loop.run_aio_coroutine(coro)
+
+    def _running(self) -> DhtServer:
+        if self._server is None:
+            raise KadError("the DHT node is not running")
+        return self._server
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await trio.sleep(self._refresh_interval)
+            server = self._running()
+            if not server.protocol.router.find_neighbors(server.node) and self._bootstrap:
+                await self._aio(server.bootstrap(self._bootstrap))
+            await self._aio(server.refresh())
+            self.storage.cull()
+
+    async def _republish_forever(self) -> None:
+        while True:
+            await trio.sleep(self._republish_interval)
+            for record in list(self._own_mutable.values()):
+                server = self._running()
+                await self._aio(server.store_value(record.key, _tag(TAG_MUTABLE, record.wire)))
+
+    async def keep_announcing(
+        self,
+        get_records: Callable[[], Iterable[bytes]],
+        *,
+        interval: float = PROVIDER_REPUBLISH_INTERVAL,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Announce fresh provider records now and every `interval` seconds, forever.
+
+        `get_records()` returns newly signed provider wires (one per discovery key
+        this node serves: per drive, never per block); it is called each time so
+        that every round carries a fresh expiry. A record that fails to announce
+        is logged and retried next round.
+        """
+        task_status.started()
+        while True:
+            for wire in list(get_records()):
+                try:
+                    record = ProviderRecord.decode(wire, now=self._clock())
+                    await self.announce(record.dk, wire)
+                except DhtError as exc:
+                    log.warning("could not announce a provider record: %s", exc)
+            await trio.sleep(interval)
+
+    # -- operations
+
+    async def announce(self, dk: bytes, provider_wire_record: bytes) -> int:
+        """Store a provider record for `dk` on the k closest nodes; returns how many accepted.
+
+        Raises RecordError if the record is invalid, expired or for another key.
+        """
+        _check_dk(dk)
+        record = ProviderRecord.decode(provider_wire_record, now=self._clock())
+        if record.dk != dk:
+            raise RecordError("this provider record announces another discovery key")
+        server = self._running()
+        accepted, stats = await self._aio(
+            server.store_value(provider_key(dk), _tag(TAG_PROVIDER, record.wire))
+        )
+        self.lookup_stats = stats
+        return accepted
+
+    async def find_providers(self, dk: bytes) -> list[ProviderRecord]:
+        """Valid, unexpired providers of `dk`: the union of what the k closest nodes hold."""
+        _check_dk(dk)
+        now = self._clock()
+
+        def accept(value: bytes) -> ProviderRecord | None:
+            if value[:1] != bytes([TAG_PROVIDER]):
+                raise RecordError("a non-provider value under a provider key")
+            try:
+                record = ProviderRecord.decode(value[1:], now=now)
+            except RecordExpired:
+                return None  # the holder's clock differs a little from ours
+            if record.dk != dk:
+                raise RecordError("a provider record for another discovery key")
+            return record
+
+        server = self._running()
+        found, _, stats = await self._aio(server.find_values(provider_key(dk), accept,
+                                                             "providers"))
+        self.lookup_stats = stats
+        merged = ProviderSet(dk, max_size=MAX_LOOKUP_PROVIDERS)
+        for _, record in found:
+            merged.offer(record, now)
+        return merged.records(now)
+
+    async def put_mutable(self, wire: bytes) -> int:
+        """Store a signed mutable record on the k closest nodes; returns how many accepted.
+
+        Nodes holding a higher seq refuse it (so 0 means the network has newer).
+        The node keeps re-storing the newest record it was given every hour.
+        """
+        record = MutableRecord.decode(wire)
+        server = self._running()
+        current = self._own_mutable.get(record.key)
+        if current is None or record.sort_key() > current.sort_key():
+            self._own_mutable[record.key] = record
+        accepted, stats = await self._aio(
+            server.store_value(record.key, _tag(TAG_MUTABLE, record.wire))
+        )
+        self.lookup_stats = stats
+        return accepted
+
+    async def get_mutable(self, dk: bytes) -> MutableRecord | None:
+        """The highest-seq valid mutable record under `dk`, or None if no node holds one.
+
+        Close nodes that answered with an older record (or none) are sent the
+        newest one, so a lookup also repairs the key.
+        """
+        _check_dk(dk)
+
+        def accept(value: bytes) -> MutableRecord:
+            if value[:1] != bytes([TAG_MUTABLE]):
+                raise RecordError("a non-mutable value under a mutable-record key")
+            record = MutableRecord.decode(value[1:])
+            if record.key != dk:
+                raise RecordError("a mutable record stored under another key")
+            return record
+
+        server = self._running()
+        return await self._aio(self._get_mutable(server, dk, accept))
+
+    async def _get_mutable(
+        self, server: DhtServer, dk: bytes, accept: Callable[[bytes], MutableRecord]
+    ) -> MutableRecord | None:
+        found, spider, stats = await server.find_values(dk, accept, "mutable")
+        self.lookup_stats = stats
+        candidates = [record for _, record in found]
+        own = self._own_mutable.get(dk)
+        if own is not None:
+            candidates.append(own)
+        best = newest_mutable(candidates)
+        if best is None or spider is None:
+            return best
+        up_to_date = {peer for peer, record in found if peer is not None and record == best}
+        stale = [n for n in spider.nearest if n.id not in up_to_date]
+        if stale:
+            await asyncio.gather(
+                *(server.protocol.call_store(n, dk, _tag(TAG_MUTABLE, best.wire))
+                  for n in stale)
+            )
+        return best
+
+
+def _tag(tag: int, wire: bytes) -> bytes:
+    return bytes([tag]) + wire
+
+
+async def _resolve(
+    addrs: Iterable[tuple[str, int]], family: int
+) -> list[tuple[str, int]]:
+    """Bootstrap contacts as IP literals (names resolved once, with trio; failures skipped)."""
+    out: list[tuple[str, int]] = []
+    for host, port in addrs:
+        if type(port) is not int or not 1 <= port <= 65535:
+            raise KadError(f"bootstrap port {port!r} is not in 1..65535")
+        if _valid_ip(host, family):
+            out.append((host, port))
+            continue
+        try:
+            infos = await trio.socket.getaddrinfo(host, port, family=family,
+                                                  type=socket.SOCK_DGRAM)
+        except OSError as exc:
+            log.warning("cannot resolve bootstrap host %s: %s", host, exc)
+            continue
+        if infos:
+            out.append((infos[0][4][0], port))
+    return out
