@@ -1,0 +1,357 @@
+"""The frame codec without sockets: examples, bounds, and hypothesis properties."""
+
+from __future__ import annotations
+
+import struct
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dht.errors import DhtError, FrameError
+from dht.frames import (
+    MAX_BLOCK,
+    MAX_FRAME,
+    MAX_REASON,
+    MAX_RECORD,
+    MAX_REQ_ID,
+    MAX_TOKEN,
+    MAX_WANTS_LIMIT,
+    PROTOCOL_VERSION,
+    Block,
+    Cancel,
+    Challenge,
+    FrameDecoder,
+    Goodbye,
+    Hello,
+    Message,
+    NotFound,
+    Notice,
+    Ping,
+    Pong,
+    Refused,
+    Want,
+    Welcome,
+    encode,
+)
+from dht.types import Priority
+
+ID = bytes(range(32))
+ID2 = bytes(range(1, 33))
+
+
+def frame_of(body: object) -> bytes:
+    payload = msgpack.packb(body, use_bin_type=True)
+    return struct.pack(">I", len(payload)) + payload
+
+
+def decode_all(data: bytes) -> list[Message]:
+    decoder = FrameDecoder()
+    decoder.feed(data)
+    return list(decoder)
+
+
+EXAMPLES: list[Message] = [
+    Challenge(ID, ID2),
+    Hello(ID, ID2, ID, bytes(64)),
+    Welcome(256),
+    Refused("no"),
+    Want(7, ID, Priority.PIN),
+    Cancel(7),
+    Block(7, b"hello block"),
+    Block(MAX_REQ_ID, b""),
+    NotFound(0),
+    Notice(ID, b"\x01" * 100),
+    Ping(MAX_TOKEN),
+    Pong(0),
+    Goodbye("bye \u00e9\u4e16"),
+]
+
+
+@pytest.mark.parametrize("msg", EXAMPLES, ids=lambda m: type(m).__name__)
+def test_round_trip_examples(msg: Message) -> None:
+    assert decode_all(encode(msg)) == [msg]
+
+
+def test_wire_layout_is_length_prefix_then_msgpack_map() -> None:
+    frame = encode(Want(5, ID, Priority.READ))
+    (length,) = struct.unpack(">I", frame[:4])
+    assert length == len(frame) - 4
+    body = msgpack.unpackb(frame[4:], raw=False)
+    assert body == {"v": PROTOCOL_VERSION, "t": "want", "req_id": 5, "block_id": ID, "priority": 0}
+
+
+def test_largest_block_fits_in_a_frame() -> None:
+    frame = encode(Block(1, b"\xab" * MAX_BLOCK))
+    assert len(frame) - 4 <= MAX_FRAME
+    [msg] = decode_all(frame)
+    assert isinstance(msg, Block) and len(msg.data) == MAX_BLOCK
+
+
+def test_priority_decodes_as_enum() -> None:
+    [msg] = decode_all(encode(Want(1, ID, Priority.PREFETCH)))
+    assert isinstance(msg, Want) and msg.priority is Priority.PREFETCH
+
+
+def test_frame_error_is_a_dht_error() -> None:
+    assert issubclass(FrameError, DhtError)
+
+
+def test_oversize_length_prefix_fails_on_the_prefix_alone() -> None:
+    decoder = FrameDecoder()
+    decoder.feed(b"\x00\x40")  # half a prefix: nothing to judge yet
+    with pytest.raises(FrameError, match="exceeds"):
+        decoder.feed(struct.pack(">I", MAX_FRAME + 1)[2:])
+    assert decoder.buffered == 0
+
+
+def test_oversize_prefix_behind_a_good_frame() -> None:
+    decoder = FrameDecoder()
+    decoder.feed(encode(Ping(1)) + struct.pack(">I", 2**32 - 1))
+    # The good frame is delivered; the bad prefix fails once it is at the head.
+    assert decoder.next_event() == Ping(1)
+    with pytest.raises(FrameError, match="exceeds"):
+        decoder.next_event()
+    assert decoder.buffered == 0
+
+
+def test_decoder_stays_broken_after_an_error() -> None:
+    decoder = FrameDecoder()
+    decoder.feed(frame_of([1, 2, 3]))
+    with pytest.raises(FrameError):
+        decoder.next_event()
+    with pytest.raises(FrameError):
+        decoder.feed(encode(Ping(1)))
+    with pytest.raises(FrameError):
+        decoder.next_event()
+
+
+def test_partial_frame_waits_for_more() -> None:
+    frame = encode(Block(3, b"x" * 1000))
+    decoder = FrameDecoder()
+    decoder.feed(frame[:-1])
+    assert decoder.next_event() is None
+    decoder.feed(frame[-1:])
+    assert decoder.next_event() == Block(3, b"x" * 1000)
+    assert decoder.next_event() is None
+
+
+def good_want() -> dict[str, object]:
+    return {"v": PROTOCOL_VERSION, "t": "want", "req_id": 1, "block_id": ID, "priority": 1}
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"v": 2}, "version 2"),
+        ({"v": "1"}, "no protocol version"),
+        ({"t": "teleport"}, "unknown message type"),
+        ({"t": 3}, "unknown message type"),
+        ({"block_id": ID[:31]}, "expected 32 bytes"),
+        ({"block_id": ID + b"x"}, "expected 32 bytes"),
+        ({"block_id": ID.hex()}, "expected 32 bytes"),
+        ({"req_id": -1}, "outside"),
+        ({"req_id": MAX_REQ_ID + 1}, "outside"),
+        ({"req_id": True}, "expected an integer"),
+        ({"req_id": 1.0}, "expected an integer"),
+        ({"priority": 4}, "unknown priority"),
+        ({"priority": -1}, "unknown priority"),
+        ({"extra": 1}, "fields"),
+    ],
+)
+def test_bad_fields_are_rejected(change: dict[str, object], match: str) -> None:
+    body = good_want() | change
+    with pytest.raises(FrameError, match=match):
+        decode_all(frame_of(body))
+
+
+def test_missing_field_is_rejected() -> None:
+    body = good_want()
+    del body["priority"]
+    with pytest.raises(FrameError, match="fields"):
+        decode_all(frame_of(body))
+
+
+def test_missing_version_is_rejected() -> None:
+    body = good_want()
+    del body["v"]
+    with pytest.raises(FrameError, match="version"):
+        decode_all(frame_of(body))
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"\xc1", frame_of([1])[4:], frame_of("text")[4:], frame_of({1: 2})[4:], b"\x81\xa1"],
+)
+def test_malformed_payloads_are_rejected(payload: bytes) -> None:
+    with pytest.raises(FrameError):
+        decode_all(struct.pack(">I", len(payload)) + payload)
+
+
+def test_trailing_bytes_inside_a_frame_are_rejected() -> None:
+    payload = msgpack.packb(good_want(), use_bin_type=True) + b"\x00"
+    with pytest.raises(FrameError, match="malformed"):
+        decode_all(struct.pack(">I", len(payload)) + payload)
+
+
+def test_bounded_strings_and_bytes() -> None:
+    with pytest.raises(FrameError, match="limit"):
+        decode_all(frame_of({"v": 1, "t": "goodbye", "reason": "x" * (MAX_REASON + 1)}))
+    with pytest.raises(FrameError, match="limit"):
+        decode_all(
+            frame_of(
+                {"v": 1, "t": "notice", "discovery_key": ID, "record": b"r" * (MAX_RECORD + 1)}
+            )
+        )
+    with pytest.raises(FrameError, match="outside"):
+        decode_all(frame_of({"v": 1, "t": "welcome", "max_wants": 0}))
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        Want(1, ID[:31], Priority.READ),
+        Want(-1, ID, Priority.READ),
+        Want(1, ID, 9),  # type: ignore[arg-type]
+        Block(1, b"x" * (MAX_BLOCK + 1)),
+        Notice(ID, b"x" * (MAX_RECORD + 1)),
+        Goodbye("x" * (MAX_REASON + 1)),
+        Welcome(MAX_WANTS_LIMIT + 1),
+        Hello(ID, ID, ID, bytes(63)),
+    ],
+    ids=lambda m: type(m).__name__,
+)
+def test_encode_refuses_what_decode_would_refuse(msg: Message) -> None:
+    with pytest.raises(FrameError):
+        encode(msg)
+
+
+def test_encode_refuses_foreign_objects() -> None:
+    with pytest.raises(FrameError):
+        encode(object())  # type: ignore[arg-type]
+
+
+# ---- properties -------------------------------------------------------------
+
+ids = st.binary(min_size=32, max_size=32)
+req_ids = st.integers(0, MAX_REQ_ID)
+tokens = st.integers(0, MAX_TOKEN)
+reasons = st.text(max_size=MAX_REASON)
+messages = st.one_of(
+    st.builds(Challenge, ids, ids),
+    st.builds(Hello, ids, ids, ids, st.binary(min_size=64, max_size=64)),
+    st.builds(Welcome, st.integers(1, MAX_WANTS_LIMIT)),
+    st.builds(Refused, reasons),
+    st.builds(Want, req_ids, ids, st.sampled_from(Priority)),
+    st.builds(Cancel, req_ids),
+    st.builds(Block, req_ids, st.binary(max_size=2048)),
+    st.builds(NotFound, req_ids),
+    st.builds(Notice, ids, st.binary(max_size=512)),
+    st.builds(Ping, tokens),
+    st.builds(Pong, tokens),
+    st.builds(Goodbye, reasons),
+)
+
+
+def feed_in_pieces(data: bytes, cuts: list[int]) -> list[Message]:
+    decoder = FrameDecoder()
+    events: list[Message] = []
+    start = 0
+    for cut in sorted(set(cuts)) + [len(data)]:
+        decoder.feed(data[start:cut])
+        events.extend(decoder)
+        start = cut
+    return events
+
+
+@given(messages)
+def test_every_message_round_trips(msg: Message) -> None:
+    assert decode_all(encode(msg)) == [msg]
+
+
+@given(st.lists(messages, max_size=8), st.data())
+def test_any_split_of_a_valid_stream_yields_the_same_events(
+    msgs: list[Message], data: st.DataObject
+) -> None:
+    stream = b"".join(encode(m) for m in msgs)
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=20))
+    assert feed_in_pieces(stream, cuts) == msgs
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=4096), st.data())
+def test_arbitrary_bytes_raise_only_frame_error(junk: bytes, data: st.DataObject) -> None:
+    cuts = data.draw(st.lists(st.integers(0, len(junk)), max_size=10))
+    try:
+        feed_in_pieces(junk, cuts)
+    except FrameError:
+        pass
+
+
+msgpack_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=40)
+    | st.binary(max_size=40),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(max_size=12) | st.binary(max_size=12), children, max_size=6)
+    ),
+    max_leaves=12,
+)
+field_names = st.sampled_from(
+    [
+        "v",
+        "t",
+        "req_id",
+        "block_id",
+        "priority",
+        "data",
+        "reason",
+        "record",
+        "token",
+        "nonce",
+        "server_id",
+        "client_pubkey",
+        "discovery_key",
+        "proof",
+        "sig",
+        "max_wants",
+    ]
+)
+
+
+@given(
+    st.dictionaries(field_names, msgpack_values | ids | req_ids, max_size=6),
+    st.sampled_from([None, *sorted(m.TYPE for m in map(type, EXAMPLES))]),
+    st.sampled_from([None, PROTOCOL_VERSION, 0, 2]),
+)
+def test_structured_junk_raises_only_frame_error(
+    body: dict[str, object], tag: str | None, version: int | None
+) -> None:
+    if tag is not None:
+        body["t"] = tag
+    if version is not None:
+        body["v"] = version
+    try:
+        events = decode_all(frame_of(body))
+    except FrameError:
+        return
+    # If it decoded, it must be a valid message that encodes back to itself.
+    assert len(events) == 1
+    assert decode_all(encode(events[0])) == events
+
+
+@given(messages, st.integers(0, 10_000), st.integers(0, 255))
+def test_corrupted_frames_raise_only_frame_error(msg: Message, where: int, value: int) -> None:
+    frame = bytearray(encode(msg))
+    frame[where % len(frame)] = value
+    try:
+        events = decode_all(bytes(frame))
+    except FrameError:
+        return
+    for event in events:
+        assert decode_all(encode(event)) == [event]
