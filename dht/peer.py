@@ -1,0 +1,907 @@
+"""The peer protocol on the wire: a block server and a client connection.
+
+Transport is TCP + TLS 1.3 (see tls.py); on top run the length-prefixed
+frames of frames.py. The server speaks first:
+
+    server -> Challenge(server_id, nonce)
+    client -> Hello(client_pubkey, discovery_key, proof, sig)
+    server -> Welcome(max_wants) | Refused(reason)
+
+`proof` shows the client knows the drive secret behind the discovery key
+without revealing it; `sig` binds the client's node key to this server and
+this nonce, so a Hello cannot be replayed to another server or later. After
+Welcome the client pipelines Want frames; the server answers each with Block
+or NotFound, most urgent priority first, and pushes Notice frames for the
+drive whenever the layer above calls `PeerServer.notify`.
+
+Each side runs one reader task and one writer task per connection, so a slow
+send never stops us from reading cancels, and a frame is never interleaved
+with another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import hmac
+import logging
+import secrets
+import socket
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import trio
+
+from .errors import (
+    BadBlockError,
+    BlockNotFound,
+    DhtError,
+    FrameError,
+    PeerGoneError,
+    PeerIdentityError,
+    PeerProtocolError,
+    PeerRefusedError,
+)
+from .frames import (
+    MAX_BLOCK,
+    MAX_REASON,
+    MAX_REQ_ID,
+    MAX_TOKEN,
+    MAX_WANTS_LIMIT,
+    NONCE_LEN,
+    Block,
+    Cancel,
+    Challenge,
+    FrameDecoder,
+    Goodbye,
+    Hello,
+    Message,
+    NotFound,
+    Notice,
+    Ping,
+    Pong,
+    Refused,
+    Want,
+    Welcome,
+    encode,
+)
+from .identity import NodeIdentity
+from .tls import client_context, pinned_public_key, server_context
+from .types import BLOCK_ID_LEN, DISCOVERY_KEY_LEN, PeerAddr, Priority
+
+log = logging.getLogger(__name__)
+
+PROOF_CONTEXT = b"peerdrive proof v1"
+HELLO_CONTEXT = b"peerdrive hello v1"
+DRIVE_SECRET_LEN = 32
+
+HANDSHAKE_TIMEOUT = 10.0  # seconds for TCP connect + TLS + Challenge/Hello/Welcome
+DEFAULT_MAX_WANTS = 256  # outstanding wants a server accepts per connection
+DEFAULT_MAX_CONNECTIONS = 512
+MAX_CONTROL_BACKLOG = 256  # queued Notice/Pong frames before a client counts as stuck
+GOODBYE_GRACE = 2.0  # seconds to flush a Goodbye/Refused before closing anyway
+RECEIVE_SIZE = 256 * 1024
+HASH_IN_THREAD_MIN = 256 * 1024  # hash blocks at least this big off the event loop
+
+
+def make_proof(drive_secret: bytes, server_id: bytes, nonce: bytes) -> bytes:
+    """HMAC-SHA256(drive_secret, "peerdrive proof v1" || server_id || nonce)."""
+    return hmac.new(drive_secret, PROOF_CONTEXT + server_id + nonce, hashlib.sha256).digest()
+
+
+def hello_signed_bytes(server_id: bytes, nonce: bytes, discovery_key: bytes, proof: bytes) -> bytes:
+    """The exact bytes a client signs with its node key in Hello."""
+    return HELLO_CONTEXT + server_id + nonce + discovery_key + proof
+
+
+@asynccontextmanager
+async def open_task_nursery() -> AsyncIterator[trio.Nursery]:
+    """A nursery that is an implementation detail of a context manager.
+
+    Errors from the caller's `async with` body (or a lone failing task) come
+    out as themselves rather than wrapped in an ExceptionGroup, so callers can
+    `except PeerGoneError` around our context managers as they would expect.
+    """
+    try:
+        async with trio.open_nursery() as nursery:
+            yield nursery
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+
+
+class BlockSource(Protocol):
+    """Where a server finds blocks: the local cache store, or anything with this `get`."""
+
+    def get(self, block_id: bytes) -> bytes | None: ...
+
+
+SecretLookup = Callable[[bytes], bytes | None] | Mapping[bytes, bytes]
+OnNotice = Callable[[bytes, bytes], None]
+
+
+def _set_keepalive(stream: trio.SocketStream) -> None:
+    """Let the kernel notice a peer that vanished without a FIN on an idle connection."""
+    try:
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
+            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 15)
+            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4)
+    except OSError:
+        pass  # not fatal: timeouts above us still bound every wait
+
+
+class _FrameStream:
+    """Messages over a byte stream: one task may receive while another sends."""
+
+    def __init__(self, stream: trio.abc.Stream, peer: str) -> None:
+        self.stream = stream
+        self.peer = peer
+        self._decoder = FrameDecoder()
+
+    async def receive(self) -> Message:
+        while True:
+            try:
+                msg = self._decoder.next_event()
+            except FrameError as exc:
+                raise PeerProtocolError(f"{self.peer} sent a bad frame: {exc}") from None
+            if msg is not None:
+                return msg
+            try:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise PeerGoneError(f"connection to {self.peer} broke: {exc}") from None
+            if not data:
+                raise PeerGoneError(f"{self.peer} closed the connection")
+            try:
+                self._decoder.feed(data)
+            except FrameError as exc:
+                raise PeerProtocolError(f"{self.peer} sent a bad frame: {exc}") from None
+
+    async def send(self, msg: Message) -> None:
+        await self.send_bytes(encode(msg))
+
+    async def send_bytes(self, frame: bytes) -> None:
+        try:
+            await self.stream.send_all(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise PeerGoneError(f"connection to {self.peer} broke: {exc}") from None
+
+
+async def _close_quietly(stream: trio.abc.AsyncResource) -> None:
+    """Close gracefully if the peer lets us within a moment, else drop the socket."""
+    with trio.CancelScope(shield=True), trio.move_on_after(GOODBYE_GRACE) as scope:
+        try:
+            await stream.aclose()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+    if scope.cancelled_caught:
+        await trio.aclose_forcefully(stream)
+
+
+# ==== server =================================================================
+
+
+@dataclass
+class ServerStats:
+    """Counters for one PeerServer (status output and tests)."""
+
+    connections_accepted: int = 0
+    connections_active: int = 0
+    connections_rejected: int = 0  # over max_connections
+    handshakes_refused: int = 0
+    handshakes_failed: int = 0  # timed out or broke before Welcome
+    protocol_errors: int = 0
+    wants_received: int = 0
+    cancels_received: int = 0
+    blocks_served: int = 0
+    bytes_served: int = 0
+    not_found: int = 0
+    source_errors: int = 0
+    notices_sent: int = 0
+
+
+class PeerServer:
+    """Serves blocks from `block_source` to clients that prove they know a drive secret.
+
+    `secrets` maps a discovery key to its 32-byte drive secret (a Mapping, or
+    a callable returning None for keys this node does not serve); it is
+    consulted at every handshake, so the set may change while serving.
+    """
+
+    def __init__(
+        self,
+        identity: NodeIdentity,
+        block_source: BlockSource,
+        secrets: SecretLookup,
+        *,
+        max_wants: int = DEFAULT_MAX_WANTS,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    ) -> None:
+        if not 1 <= max_wants <= MAX_WANTS_LIMIT:
+            raise ValueError(f"max_wants must be within 1..{MAX_WANTS_LIMIT}")
+        self.identity = identity
+        self.block_source = block_source
+        self._secrets = secrets
+        self.max_wants = max_wants
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
+        self.stats = ServerStats()
+        self.port: int | None = None
+        self._ssl_context = server_context(identity)
+        self._clients: dict[bytes, set[_ServerConnection]] = {}
+
+    # ---- public -------------------------------------------------------------
+
+    async def serve(
+        self,
+        listen_host: str | None,
+        listen_port: int,
+        *,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen and serve until cancelled; reports the bound port through task_status."""
+        listeners = await trio.open_tcp_listeners(listen_port, host=listen_host)
+        ports = {listener.socket.getsockname()[1] for listener in listeners}
+        if len(ports) > 1:
+            # Port 0 on a host with several addresses: each got its own port.
+            # Rebind them all to the first one so the node has one port.
+            port = listeners[0].socket.getsockname()[1]
+            for listener in listeners:
+                await listener.aclose()
+            listeners = await trio.open_tcp_listeners(port, host=listen_host)
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started(self.port)
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def notify(self, discovery_key: bytes, record: bytes) -> int:
+        """Push Notice(discovery_key, record) to every client of that key; returns how many."""
+        notice = Notice(discovery_key, record)
+        frame = encode(notice)  # validates: FrameError if the record is too big
+        sent = 0
+        for conn in list(self._clients.get(discovery_key, ())):
+            if conn.push_control(notice, frame):
+                sent += 1
+        self.stats.notices_sent += sent
+        await trio.lowlevel.checkpoint()
+        return sent
+
+    def connected_clients(self, discovery_key: bytes | None = None) -> int:
+        """Clients past the handshake, for one discovery key or all."""
+        if discovery_key is not None:
+            return len(self._clients.get(discovery_key, ()))
+        return sum(len(conns) for conns in self._clients.values())
+
+    # ---- internals ----------------------------------------------------------
+
+    def _secret_for(self, discovery_key: bytes) -> bytes | None:
+        if isinstance(self._secrets, Mapping):
+            secret = self._secrets.get(discovery_key)
+        else:
+            secret = self._secrets(discovery_key)
+        if secret is None or len(secret) != DRIVE_SECRET_LEN:
+            return None
+        return secret
+
+    def _lookup(self, block_id: bytes) -> bytes | None:
+        try:
+            data = self.block_source.get(block_id)
+        except Exception:
+            # A store failure must not take the server down for every other
+            # block; the client hears NotFound and asks someone else.
+            self.stats.source_errors += 1
+            log.exception("block source failed on %s", block_id.hex()[:12])
+            return None
+        if data is None:
+            return None
+        if type(data) is not bytes:
+            data = bytes(data)
+        if len(data) > MAX_BLOCK:
+            self.stats.source_errors += 1
+            return None
+        return data
+
+    async def _handle(self, tcp: trio.SocketStream) -> None:
+        stats = self.stats
+        stats.connections_accepted += 1
+        if stats.connections_active >= self.max_connections:
+            stats.connections_rejected += 1
+            await trio.aclose_forcefully(tcp)
+            return
+        stats.connections_active += 1
+        _set_keepalive(tcp)
+        peer = _peer_name(tcp)
+        ssl_stream = trio.SSLStream(tcp, self._ssl_context, server_side=True)
+        conn: _ServerConnection | None = None
+        try:
+            with trio.move_on_after(self.handshake_timeout) as scope:
+                conn = await self._handshake(ssl_stream, peer)
+            if scope.cancelled_caught:
+                stats.handshakes_failed += 1
+                return
+            if conn is None:
+                return
+            self._clients.setdefault(conn.discovery_key, set()).add(conn)
+            await conn.run()
+        except PeerProtocolError:
+            stats.protocol_errors += 1
+        except PeerGoneError:
+            if conn is None:
+                stats.handshakes_failed += 1
+        finally:
+            stats.connections_active -= 1
+            if conn is not None:
+                clients = self._clients.get(conn.discovery_key)
+                if clients is not None:
+                    clients.discard(conn)
+                    if not clients:
+                        del self._clients[conn.discovery_key]
+            await _close_quietly(ssl_stream)
+
+    async def _handshake(self, ssl_stream: trio.SSLStream, peer: str) -> _ServerConnection | None:
+        try:
+            await ssl_stream.do_handshake()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise PeerGoneError(f"TLS handshake with {peer} failed: {exc}") from None
+        frames = _FrameStream(ssl_stream, peer)
+        nonce = secrets.token_bytes(NONCE_LEN)
+        server_id = self.identity.node_id
+        await frames.send(Challenge(server_id, nonce))
+        hello = await frames.receive()
+        if not isinstance(hello, Hello):
+            self.stats.protocol_errors += 1
+            await frames.send(Refused(f"expected hello, got {hello.TYPE}"))
+            return None
+        signed = hello_signed_bytes(server_id, nonce, hello.discovery_key, hello.proof)
+        secret = self._secret_for(hello.discovery_key)
+        # Compute the proof even for an unknown key, and give one answer for
+        # both, so a prober cannot tell which drives this node serves.
+        expected = make_proof(secret or bytes(DRIVE_SECRET_LEN), server_id, nonce)
+        proof_ok = hmac.compare_digest(expected, hello.proof) and secret is not None
+        if not NodeIdentity.verify(hello.client_pubkey, hello.sig, signed):
+            reason = "bad hello signature"
+        elif not proof_ok:
+            reason = "this node does not serve that drive, or the proof is wrong"
+        else:
+            await frames.send(Welcome(self.max_wants))
+            client_id = hashlib.sha256(hello.client_pubkey).digest()
+            return _ServerConnection(self, frames, hello.discovery_key, client_id)
+        self.stats.handshakes_refused += 1
+        await frames.send(Refused(reason))
+        return None
+
+
+def _peer_name(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except OSError:
+        return "client"
+    return f"{host}:{port}"
+
+
+class _ServerConnection:
+    """One accepted client: a priority queue of wants and a queue of control frames."""
+
+    def __init__(
+        self,
+        server: PeerServer,
+        frames: _FrameStream,
+        discovery_key: bytes,
+        client_id: bytes,
+    ) -> None:
+        self.server = server
+        self.frames = frames
+        self.discovery_key = discovery_key
+        self.client_id = client_id
+        # heap of (priority, seq, req_id); `wants` maps req_id -> (seq, block_id)
+        # and is the truth: heap entries whose seq no longer matches are stale.
+        self._queue: list[tuple[int, int, int]] = []
+        self._wants: dict[int, tuple[int, bytes]] = {}
+        self._seq = 0
+        self._control: deque[bytes] = deque()
+        self._wake = trio.Event()
+        self._scope: trio.CancelScope | None = None
+        self._goodbye_sent = False
+
+    def push_control(self, msg: Message, frame: bytes | None = None) -> bool:
+        """Queue a control frame ahead of blocks; a client that never reads them is dropped."""
+        if self._goodbye_sent:
+            return False
+        if len(self._control) >= MAX_CONTROL_BACKLOG:
+            self._protocol_violation("not reading control frames")
+            return False
+        self._control.append(frame if frame is not None else encode(msg))
+        self._wake.set()
+        return True
+
+    def _protocol_violation(self, reason: str) -> None:
+        """Say Goodbye(reason) and close, giving the writer a short grace to flush it."""
+        if self._goodbye_sent:
+            return
+        self.server.stats.protocol_errors += 1
+        self._control.clear()
+        self._control.append(encode(Goodbye(reason[:MAX_REASON])))
+        self._goodbye_sent = True
+        self._wake.set()
+        if self._scope is not None:
+            self._scope.deadline = min(self._scope.deadline, trio.current_time() + GOODBYE_GRACE)
+
+    async def run(self) -> None:
+        """Serve until the client leaves or misbehaves; errors end the connection, not the server."""
+        async with trio.open_nursery() as nursery:
+            self._scope = nursery.cancel_scope
+            nursery.start_soon(self._writer)
+            try:
+                await self._reader()
+            except PeerProtocolError as exc:
+                self._protocol_violation(str(exc))
+                await trio.sleep_forever()  # until the Goodbye is flushed or the grace ends
+            except PeerGoneError:
+                nursery.cancel_scope.cancel()
+
+    async def _reader(self) -> None:
+        stats = self.server.stats
+        max_wants = self.server.max_wants
+        while not self._goodbye_sent:
+            msg = await self.frames.receive()
+            if isinstance(msg, Want):
+                if msg.req_id in self._wants:
+                    self._protocol_violation(f"duplicate request id {msg.req_id}")
+                elif len(self._wants) >= max_wants:
+                    self._protocol_violation(f"more than {max_wants} outstanding wants")
+                else:
+                    stats.wants_received += 1
+                    self._seq += 1
+                    self._wants[msg.req_id] = (self._seq, msg.block_id)
+                    heapq.heappush(self._queue, (int(msg.priority), self._seq, msg.req_id))
+                    self._wake.set()
+            elif isinstance(msg, Cancel):
+                stats.cancels_received += 1
+                self._wants.pop(msg.req_id, None)
+            elif isinstance(msg, Ping):
+                self.push_control(Pong(msg.token))
+            elif isinstance(msg, Pong):
+                pass
+            elif isinstance(msg, Goodbye):
+                break
+            else:
+                self._protocol_violation(f"unexpected {msg.TYPE} frame")
+        if not self._goodbye_sent:
+            # The client said goodbye: nothing more to send.
+            assert self._scope is not None
+            self._scope.cancel()
+        else:
+            # Wait for the writer to flush our Goodbye (bounded by the deadline).
+            await trio.sleep_forever()
+
+    def _next_want(self) -> tuple[int, int, bytes] | None:
+        while self._queue:
+            _prio, seq, req_id = heapq.heappop(self._queue)
+            want = self._wants.get(req_id)
+            if want is not None and want[0] == seq:
+                return req_id, seq, want[1]
+        return None
+
+    async def _writer(self) -> None:
+        server = self.server
+        stats = server.stats
+        try:
+            while True:
+                if self._control:
+                    frame = self._control.popleft()
+                    await self.frames.send_bytes(frame)
+                    if self._goodbye_sent and not self._control:
+                        assert self._scope is not None
+                        self._scope.cancel()
+                        return
+                    continue
+                want = None if self._goodbye_sent else self._next_want()
+                if want is None:
+                    self._wake = trio.Event()
+                    await self._wake.wait()
+                    continue
+                req_id, seq, block_id = want
+                data = server._lookup(block_id)
+                if data is None:
+                    stats.not_found += 1
+                    reply: Message = NotFound(req_id)
+                else:
+                    reply = Block(req_id, data)
+                await self.frames.send(reply)
+                if data is not None:
+                    stats.blocks_served += 1
+                    stats.bytes_served += len(data)
+                # Still outstanding until sent; a Cancel meanwhile already
+                # removed it, and a re-used req_id has a newer seq.
+                current = self._wants.get(req_id)
+                if current is not None and current[0] == seq:
+                    del self._wants[req_id]
+                await trio.lowlevel.checkpoint()
+        except PeerGoneError:
+            assert self._scope is not None
+            self._scope.cancel()
+
+
+# ==== client =================================================================
+
+
+@dataclass
+class ConnectionStats:
+    """Counters for one PeerConnection."""
+
+    wants_sent: int = 0
+    cancels_sent: int = 0
+    blocks: int = 0
+    bytes: int = 0
+    not_found: int = 0
+    unsolicited: int = 0  # answers to wants we had already cancelled
+    notices: int = 0
+
+
+class _Pending:
+    __slots__ = ("block_id", "done", "result", "error", "sent")
+
+    def __init__(self, block_id: bytes) -> None:
+        self.block_id = block_id
+        self.done = trio.Event()
+        self.result: bytes | None = None
+        self.error: DhtError | None = None
+        self.sent = False
+
+    def succeed(self, data: bytes) -> None:
+        self.result = data
+        self.done.set()
+
+    def fail(self, error: DhtError) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self.done.set()
+
+
+class PeerConnection:
+    """A client connection to one peer for one discovery key, with pipelined fetches.
+
+    Make one with `connect` (its tasks run in a nursery you pass) or `open`
+    (an async context manager owning its tasks). Every `fetch` awaits its own
+    answer; any number may be in flight (up to the server's announced limit,
+    beyond which fetches queue locally). Each block is checked against its id.
+    """
+
+    def __init__(
+        self,
+        addr: PeerAddr,
+        discovery_key: bytes,
+        frames: _FrameStream,
+        peer_public_key: bytes,
+        max_wants: int,
+        on_notice: OnNotice | None,
+    ) -> None:
+        self.addr = addr
+        self.discovery_key = discovery_key
+        self.peer_public_key = peer_public_key
+        self.max_wants = max_wants
+        self.stats = ConnectionStats()
+        self._frames = frames
+        self._on_notice = on_notice
+        self._slots = trio.Semaphore(max_wants)
+        self._pending: dict[int, _Pending] = {}
+        self._pings: dict[int, trio.Event] = {}
+        self._next_id = secrets.randbelow(MAX_REQ_ID + 1)
+        self._outgoing: deque[Message] = deque()
+        self._wake = trio.Event()
+        self._error: DhtError | None = None
+        self._scope: trio.CancelScope | None = None
+        self._finished = trio.Event()
+        self._send_goodbye = False
+
+    # ---- construction -------------------------------------------------------
+
+    @classmethod
+    async def connect(
+        cls,
+        addr: PeerAddr,
+        identity: NodeIdentity,
+        discovery_key: bytes,
+        drive_secret: bytes,
+        *,
+        nursery: trio.Nursery,
+        on_notice: OnNotice | None = None,
+        timeout: float = HANDSHAKE_TIMEOUT,
+    ) -> PeerConnection:
+        """Dial `addr`, pin its key, prove the drive secret; the reader/writer run in `nursery`.
+
+        Raises PeerGoneError (unreachable, broke, timed out), PeerIdentityError
+        (not the node we pinned) or PeerRefusedError (the peer said no).
+        """
+        if len(discovery_key) != DISCOVERY_KEY_LEN or len(drive_secret) != DRIVE_SECRET_LEN:
+            raise DhtError("discovery key and drive secret must be 32 bytes each")
+        conn = await cls._establish(addr, identity, discovery_key, drive_secret, on_notice, timeout)
+        await nursery.start(conn._run)
+        return conn
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        addr: PeerAddr,
+        identity: NodeIdentity,
+        discovery_key: bytes,
+        drive_secret: bytes,
+        *,
+        on_notice: OnNotice | None = None,
+        timeout: float = HANDSHAKE_TIMEOUT,
+    ) -> AsyncIterator[PeerConnection]:
+        """`async with PeerConnection.open(...) as conn:` — closed on exit."""
+        if len(discovery_key) != DISCOVERY_KEY_LEN or len(drive_secret) != DRIVE_SECRET_LEN:
+            raise DhtError("discovery key and drive secret must be 32 bytes each")
+        conn = await cls._establish(addr, identity, discovery_key, drive_secret, on_notice, timeout)
+        async with open_task_nursery() as nursery:
+            await nursery.start(conn._run)
+            try:
+                yield conn
+            finally:
+                await conn.aclose()
+
+    @classmethod
+    async def _establish(
+        cls,
+        addr: PeerAddr,
+        identity: NodeIdentity,
+        discovery_key: bytes,
+        drive_secret: bytes,
+        on_notice: OnNotice | None,
+        timeout: float,
+    ) -> PeerConnection:
+        stream: trio.abc.Stream | None = None
+        try:
+            with trio.fail_after(timeout):
+                tcp = await trio.open_tcp_stream(addr.host, addr.port)
+                stream = tcp
+                _set_keepalive(tcp)
+                ssl_stream = trio.SSLStream(tcp, client_context(), server_hostname=None)
+                stream = ssl_stream
+                await ssl_stream.do_handshake()
+                peer_key = pinned_public_key(ssl_stream.getpeercert(binary_form=True), addr.node_id)
+                frames = _FrameStream(ssl_stream, str(addr))
+                challenge = await frames.receive()
+                if not isinstance(challenge, Challenge):
+                    raise PeerProtocolError(f"{addr} sent {challenge.TYPE} instead of a challenge")
+                if challenge.server_id != addr.node_id:
+                    raise PeerIdentityError(
+                        f"{addr} claims to be node {challenge.server_id.hex()[:12]} in its challenge"
+                    )
+                proof = make_proof(drive_secret, challenge.server_id, challenge.nonce)
+                signed = hello_signed_bytes(
+                    challenge.server_id, challenge.nonce, discovery_key, proof
+                )
+                await frames.send(
+                    Hello(identity.public_bytes, discovery_key, proof, identity.sign(signed))
+                )
+                reply = await frames.receive()
+                if isinstance(reply, Refused | Goodbye):
+                    raise PeerRefusedError(f"{addr} refused the connection: {reply.reason}")
+                if not isinstance(reply, Welcome):
+                    raise PeerProtocolError(f"{addr} sent {reply.TYPE} instead of welcome")
+        except trio.TooSlowError:
+            await _abort(stream)
+            raise PeerGoneError(f"handshake with {addr} timed out after {timeout:g}s") from None
+        except OSError as exc:
+            await _abort(stream)
+            reason = exc.strerror or str(exc)
+            raise PeerGoneError(f"cannot connect to {addr}: {reason}") from None
+        except trio.BrokenResourceError as exc:
+            await _abort(stream)
+            raise PeerGoneError(f"TLS handshake with {addr} failed: {exc}") from None
+        except BaseException:
+            await _abort(stream)
+            raise
+        return cls(addr, discovery_key, frames, peer_key, reply.max_wants, on_notice)
+
+    # ---- public -------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._error is not None
+
+    @property
+    def in_flight(self) -> int:
+        """Fetches awaiting an answer on this connection."""
+        return len(self._pending)
+
+    async def fetch(self, block_id: bytes, priority: Priority = Priority.READ) -> bytes:
+        """The block's bytes, verified against `block_id`.
+
+        Raises BlockNotFound, BadBlockError (the connection is then closed),
+        or PeerGoneError. Cancelling the caller sends Cancel to the peer.
+        """
+        if len(block_id) != BLOCK_ID_LEN:
+            raise DhtError(f"block id must be {BLOCK_ID_LEN} bytes, got {len(block_id)}")
+        priority = Priority(priority)
+        self._raise_if_closed()
+        async with self._slots:
+            self._raise_if_closed()
+            req_id = self._allocate(self._pending)
+            pending = _Pending(block_id)
+            self._pending[req_id] = pending
+            self._send(Want(req_id, block_id, priority))
+            try:
+                await pending.done.wait()
+            except BaseException:
+                if self._pending.pop(req_id, None) is not None and pending.sent:
+                    if not self.closed:
+                        self._send(Cancel(req_id))
+                raise
+        if pending.error is not None:
+            raise pending.error
+        assert pending.result is not None
+        return pending.result
+
+    async def ping(self) -> float:
+        """Round-trip time to the peer in seconds (PeerGoneError if the connection dies)."""
+        self._raise_if_closed()
+        token = self._allocate(self._pings)
+        event = self._pings[token] = trio.Event()
+        start = trio.current_time()
+        self._send(Ping(token))
+        try:
+            await event.wait()
+        finally:
+            self._pings.pop(token, None)
+        self._raise_if_closed()
+        return trio.current_time() - start
+
+    async def aclose(self) -> None:
+        """Say goodbye, close, and fail anything still pending with PeerGoneError."""
+        if self._error is None:
+            self._error = PeerGoneError(f"connection to {self.addr} was closed")
+            self._send_goodbye = True
+            if self._scope is not None:
+                self._scope.cancel()
+        await self._finished.wait()
+
+    async def wait_closed(self) -> DhtError:
+        """Wait until the connection ends; returns why."""
+        await self._finished.wait()
+        assert self._error is not None
+        return self._error
+
+    # ---- internals ----------------------------------------------------------
+
+    def _raise_if_closed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _allocate(self, in_use: Mapping[int, Any]) -> int:
+        limit = MAX_REQ_ID if in_use is self._pending else MAX_TOKEN
+        while True:
+            value = self._next_id
+            self._next_id = 0 if value >= limit else value + 1
+            if value not in in_use:
+                return value
+
+    def _send(self, msg: Message) -> None:
+        self._outgoing.append(msg)
+        self._wake.set()
+
+    def _fail(self, error: DhtError) -> None:
+        if self._error is None:
+            self._error = error
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
+                nursery.start_soon(self._writer)
+                nursery.start_soon(self._reader)
+                task_status.started()
+        finally:
+            if self._error is None:
+                self._error = PeerGoneError(f"connection to {self.addr} ended")
+            for pending in self._pending.values():
+                pending.fail(self._error)
+            self._pending.clear()
+            for event in self._pings.values():
+                event.set()
+            stream = self._frames.stream
+            if self._send_goodbye:
+                with trio.CancelScope(shield=True), trio.move_on_after(GOODBYE_GRACE / 4):
+                    try:
+                        await self._frames.send(Goodbye("closing"))
+                    except (DhtError, trio.BusyResourceError):
+                        pass
+            await trio.aclose_forcefully(stream)
+            self._finished.set()
+
+    async def _writer(self) -> None:
+        try:
+            while True:
+                if not self._outgoing:
+                    self._wake = trio.Event()
+                    await self._wake.wait()
+                    continue
+                msg = self._outgoing.popleft()
+                if isinstance(msg, Want):
+                    pending = self._pending.get(msg.req_id)
+                    if pending is None:
+                        continue  # cancelled before it left: nothing to tell the peer
+                    pending.sent = True
+                    self.stats.wants_sent += 1
+                elif isinstance(msg, Cancel):
+                    self.stats.cancels_sent += 1
+                await self._frames.send(msg)
+        except DhtError as exc:
+            self._fail(exc)
+
+    async def _reader(self) -> None:
+        try:
+            while True:
+                msg = await self._frames.receive()
+                if isinstance(msg, Block):
+                    await self._on_block(msg)
+                elif isinstance(msg, NotFound):
+                    pending = self._pending.pop(msg.req_id, None)
+                    if pending is None:
+                        self.stats.unsolicited += 1
+                    else:
+                        self.stats.not_found += 1
+                        pending.fail(
+                            BlockNotFound(
+                                f"{self.addr} does not have block {pending.block_id.hex()}"
+                            )
+                        )
+                elif isinstance(msg, Notice):
+                    if msg.discovery_key != self.discovery_key:
+                        raise PeerProtocolError(f"{self.addr} sent a notice for another drive")
+                    self.stats.notices += 1
+                    if self._on_notice is not None:
+                        self._on_notice(msg.discovery_key, msg.record)
+                elif isinstance(msg, Ping):
+                    self._send(Pong(msg.token))
+                elif isinstance(msg, Pong):
+                    event = self._pings.get(msg.token)
+                    if event is not None:
+                        event.set()
+                elif isinstance(msg, Goodbye):
+                    raise PeerGoneError(f"{self.addr} closed the connection: {msg.reason}")
+                else:
+                    raise PeerProtocolError(f"{self.addr} sent an unexpected {msg.TYPE} frame")
+        except DhtError as exc:
+            self._fail(exc)
+
+    async def _on_block(self, msg: Block) -> None:
+        pending = self._pending.pop(msg.req_id, None)
+        if pending is None:
+            self.stats.unsolicited += 1
+            return
+        data = msg.data
+        if len(data) >= HASH_IN_THREAD_MIN:
+            digest = await trio.to_thread.run_sync(lambda: hashlib.sha256(data).digest())
+        else:
+            digest = hashlib.sha256(data).digest()
+        if digest != pending.block_id:
+            error = BadBlockError(
+                f"{self.addr} sent bytes that do not hash to block {pending.block_id.hex()}: "
+                "the peer is faulty or lying; connection dropped"
+            )
+            pending.fail(error)
+            raise PeerProtocolError(f"{self.addr} sent a corrupt block; connection dropped")
+        self.stats.blocks += 1
+        self.stats.bytes += len(data)
+        pending.succeed(data)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{self.in_flight} in flight"
+        return f"PeerConnection({self.addr}, {state})"
+
+
+async def _abort(stream: trio.abc.Stream | None) -> None:
+    if stream is not None:
+        await trio.aclose_forcefully(stream)
