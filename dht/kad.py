@@ -831,6 +831,7 @@ class Dht:
         self._server: DhtServer | None = None
         self._bootstrap: list[tuple[str, int]] = []
         self._own_mutable: dict[bytes, MutableRecord] = {}
+        self._started = trio.Event()
 
     @property
     def dropped_datagrams(self) -> int:
@@ -890,6 +891,7 @@ class Dht:
                 self.port = server.bound_port
                 if self._bootstrap:
                     await self._aio(server.bootstrap(self._bootstrap))
+                self._started.set()
                 task_status.started(self.port)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._refresh_forever)
@@ -899,11 +901,20 @@ class Dht:
                 server.stop()
 
     async def _aio(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run asyncio-side work on this node's loop from any trio task."""
         loop = self._loop
         if loop is None:
             coro.close()
             raise KadError("the DHT node is not running")
-        return await loop.run_aio_coroutine(coro)
+        try:
+            result = await loop.run_aio_coroutine(coro)
+        except asyncio.CancelledError:
+            # the loop shut down under us (run() ended); a trio cancel is trio.Cancelled
+            raise KadError("the DHT node stopped during the operation") from None
+        if self._loop is not loop:
+            # stopping fails pending requests as unanswered: the answer is not to be trusted
+            raise KadError("the DHT node stopped during the operation")
+        return result
 
     def _running(self) -> DhtServer:
         if self._server is None:
@@ -938,9 +949,10 @@ class Dht:
         `get_records()` returns newly signed provider wires (one per discovery key
         this node serves: per drive, never per block); it is called each time so
         that every round carries a fresh expiry. A record that fails to announce
-        is logged and retried next round.
+        is logged and retried next round. Waits for `run` to have started first.
         """
         task_status.started()
+        await self._started.wait()
         while True:
             for wire in list(get_records()):
                 try:

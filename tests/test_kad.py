@@ -474,3 +474,53 @@ def test_keep_announcing_and_mutable_republish():
             assert nodes[2].storage.mutable(record.key) == record
 
     run(main)
+
+
+def test_a_lookup_in_flight_when_the_node_stops_fails_with_kad_error():
+    silent_id = os.urandom(32)
+
+    def reply_for(name, args):
+        if name == "ping":
+            return silent_id
+        if name == "find_node":
+            return []
+        return None  # find_value: answered below by never replying
+
+    async def silent_on_find_value(*, task_status=trio.TASK_STATUS_IGNORED):
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with sock:
+            await sock.bind((LOCAL, 0))
+            task_status.started(sock.getsockname()[1])
+            while True:
+                data, addr = await sock.recvfrom(65536)
+                name, args = msgpack.unpackb(data[21:])
+                if name != "find_value":
+                    reply = msgpack.packb(reply_for(name, args))
+                    await sock.sendto(b"\x01" + data[1:21] + reply, addr)
+
+    async def main():
+        async with trio.open_nursery() as outer:
+            silent_port = await outer.start(silent_on_find_value)
+            dht = Dht(rpc_timeout=30.0)
+            outcome = []
+            lookup_done = trio.Event()
+
+            async def lookup():
+                try:
+                    await dht.find_providers(os.urandom(32))
+                except KadError as exc:
+                    outcome.append(exc)
+                finally:
+                    lookup_done.set()
+
+            async with trio.open_nursery() as nursery:
+                await nursery.start(dht.run, LOCAL, 0, [(LOCAL, silent_port)])
+                assert dht.contacts()
+                outer.start_soon(lookup)  # outside the node's nursery: not cancelled with it
+                await trio.sleep(0.3)
+                nursery.cancel_scope.cancel()
+            await lookup_done.wait()
+            assert len(outcome) == 1 and "stopped" in str(outcome[0])
+            outer.cancel_scope.cancel()
+
+    run(main)
