@@ -106,6 +106,7 @@ class Writer:
         if existing is not None:
             if schema.block_value_data(existing) is not None:
                 self.touch(block_id)
+                self.evict_to_limit(keep=block_id)  # may be over it since holds kept blocks
                 return False
             self.delete(block_id)  # rotted copy: replaced by the good bytes below
         size = len(data)
@@ -161,8 +162,8 @@ class Writer:
         self.delete(block_id)
         return True
 
-    def evict_down_to(self, target: int) -> int:
-        """Evict least recently used unpinned, unheld blocks until total <= target."""
+    def evict_down_to(self, target: int, keep: bytes | None = None) -> int:
+        """Evict least recently used unpinned, unheld blocks (but `keep`) until total <= target."""
         freed = 0
         if self.c.total_bytes <= target:
             return 0
@@ -171,7 +172,7 @@ class Writer:
         while found and self.c.total_bytes > target:
             key = bytes(cursor.key())
             _, block_id = schema.split_lru_key(key)
-            if block_id in self.held:
+            if block_id in self.held or block_id == keep:
                 found = cursor.next()
                 continue
             cursor.delete()
@@ -186,9 +187,9 @@ class Writer:
             found = cursor.set_range(key)
         return freed
 
-    def evict_to_limit(self) -> int:
+    def evict_to_limit(self, keep: bytes | None = None) -> int:
         limit = self.limit()
-        return 0 if limit is None else self.evict_down_to(limit)
+        return 0 if limit is None else self.evict_down_to(limit, keep)
 
     def evict_ids(self, ids: Iterable[bytes]) -> int:
         freed = 0
