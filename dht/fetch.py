@@ -1,0 +1,793 @@
+"""The fetch scheduler: getting blocks of one drive from a swarm of peers.
+
+A `Fetcher` serves one discovery key. Callers ask for blocks by id with a
+priority; the Fetcher keeps one pooled connection per provider and decides
+which peer is asked for which block and when:
+
+* **Urgent first.** Requests wait in a local priority queue (lowest
+  `Priority` value first, FIFO within a priority) and each peer gets only a
+  bounded number in flight, so the queue, not the network, holds a big pin
+  backlog. Background priorities (PIN, PREFETCH) may never fill a peer's last
+  `foreground_reserve` slots, so a READ always finds a slot at once; on the
+  wire it carries its priority and the server answers it ahead of anything
+  queued there.
+* **Spread by speed.** A block goes to the eligible peer with the lowest
+  estimated completion time, (bytes in flight + this block) / throughput EWMA
+  + latency EWMA, so every provider gets work and faster ones get more.
+* **Hedging.** An attempt that takes longer than `hedge_factor` x that peer's
+  usual time (and at least `hedge_floor`) gets a second attempt at another
+  peer; the first answer wins and the loser is cancelled (Cancel on the wire).
+* **Penalties.** NotFound excludes the peer for that block. A broken
+  connection, a refused or failed connect, or a stall (no answer at all for
+  `stall_timeout`) puts the peer in exponential backoff. A block with the
+  wrong hash never reaches the caller: the connection is dropped and the peer
+  is shunned for `bad_block_backoff`.
+* **Bounded waits.** Every fetch has a deadline; past it the caller gets
+  FetchTimeout saying how many peers were tried and what each said.
+
+The provider list comes from an async callable (the DHT and LAN discovery
+supply it) and is re-read periodically and whenever a request runs out of
+peers to ask.
+"""
+
+from __future__ import annotations
+
+import heapq
+import inspect
+import itertools
+import math
+import random
+import statistics
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from .errors import (
+    BadBlockError,
+    BlockNotFound,
+    DhtError,
+    FetchTimeout,
+    PeerIdentityError,
+    PeerRefusedError,
+)
+from .identity import NodeIdentity
+from .peer import OnNotice, PeerConnection, open_task_nursery
+from .types import BLOCK_ID_LEN, PeerAddr, Priority
+
+ProvidersFn = Callable[[], Awaitable[Sequence[PeerAddr]] | Sequence[PeerAddr]]
+ConnectFn = Callable[..., Awaitable[PeerConnection]]
+"""Called as connect(addr, identity, discovery_key, drive_secret, *, nursery, on_notice, timeout)."""
+
+_BACKGROUND = Priority.PIN  # this priority and less urgent ones are background work
+_INITIAL_BLOCK_SIZE = 256 * 1024
+_DEFAULT_THROUGHPUT = 10e6  # bytes/s assumed for a peer never measured (optimistic)
+_DEFAULT_LATENCY = 0.05  # seconds assumed for a peer never measured
+_SOFT_FAILURE_PENALTY = 10.0  # seconds added to the estimate of a peer that failed this block
+_MAX_BLOCKED_SCAN = 64  # requests examined per dispatch pass that find all their peers busy
+
+
+@dataclass
+class FetchConfig:
+    """Tuning knobs; the defaults suit a WAN swarm, tests shrink the times."""
+
+    max_in_flight_per_peer: int = 8
+    foreground_reserve: int = 2  # slots per peer that PIN/PREFETCH never take
+    max_parallel_attempts: int = 2  # one attempt + one hedge per block at a time
+    hedge_factor: float = 3.0
+    hedge_floor: float = 0.5  # seconds: never hedge sooner than this
+    stall_timeout: float = 10.0  # seconds without any answer from a peer with work
+    connect_timeout: float = 10.0
+    backoff_base: float = 0.5
+    backoff_max: float = 60.0
+    bad_block_backoff: float = 600.0  # also used for refused / wrong-identity peers
+    default_timeout: float = 30.0  # per fetch, when the caller gives none
+    providers_timeout: float = 30.0
+    provider_refresh_interval: float = 60.0
+    provider_refresh_min_interval: float = 1.0
+    ewma_alpha: float = 0.25
+    fetch_many_concurrency: int = 32
+
+    def __post_init__(self) -> None:
+        if self.max_in_flight_per_peer < 1:
+            raise ValueError("max_in_flight_per_peer must be at least 1")
+        if not 0 <= self.foreground_reserve < self.max_in_flight_per_peer:
+            raise ValueError("foreground_reserve must be below max_in_flight_per_peer")
+        if self.max_parallel_attempts < 1:
+            raise ValueError("max_parallel_attempts must be at least 1")
+
+
+@dataclass(frozen=True)
+class PeerStats:
+    """A snapshot of what one peer has done for this Fetcher (status output, tests)."""
+
+    node_id: bytes
+    addr: str
+    provider: bool
+    connected: bool
+    in_flight: int
+    blocks: int
+    bytes: int
+    failures: int
+    not_found: int
+    bad_blocks: int
+    stalls: int
+    late: int  # attempts that ran past their hedge deadline
+    latency: float | None  # EWMA seconds per request
+    throughput: float | None  # EWMA bytes per second
+    backoff_remaining: float
+
+
+@dataclass
+class FetcherStats:
+    requests: int = 0
+    completed: int = 0
+    timeouts: int = 0
+    attempts: int = 0
+    hedges: int = 0
+    provider_refreshes: int = 0
+
+
+class _Peer:
+    def __init__(self, addr: PeerAddr) -> None:
+        self.addr = addr
+        self.node_id = addr.node_id
+        self.provider = True
+        self.conn: PeerConnection | None = None
+        self.connecting: trio.Event | None = None
+        self.last_connect_failure = -math.inf
+        self.connect_error: DhtError | None = None
+        self.in_flight = 0
+        self.in_flight_bg = 0
+        self.in_flight_bytes = 0
+        self.latency: float | None = None  # EWMA of whole-request time
+        self.idle_latency: float | None = None  # EWMA of request time when nothing else queued
+        self.throughput: float | None = None
+        self.last_delivery = -math.inf
+        self.consecutive_failures = 0
+        self.backoff_until = -math.inf
+        self.blocks = 0
+        self.bytes = 0
+        self.failures = 0
+        self.not_found = 0
+        self.bad_blocks = 0
+        self.stalls = 0
+        self.late = 0
+
+    @property
+    def connected(self) -> bool:
+        return self.conn is not None and not self.conn.closed
+
+
+class _Request:
+    _seq = itertools.count()
+
+    def __init__(self, block_id: bytes, priority: Priority) -> None:
+        self.block_id = block_id
+        self.priority = priority
+        self.seq = next(self._seq)
+        self.waiters = 0
+        self.done = trio.Event()
+        self.result: bytes | None = None
+        self.abandoned = False
+        self.queued = False
+        self.heap_token = -1
+        self.parked = False
+        self.attempts: list[_Attempt] = []
+        self.excluded: set[bytes] = set()  # peers that cannot serve it (NotFound, bad block)
+        self.soft_failed: set[bytes] = set()  # peers that failed it for a transient reason
+        self.outcomes: dict[bytes, str] = {}  # node id -> what happened, for error messages
+
+    @property
+    def finished(self) -> bool:
+        return self.abandoned or self.done.is_set()
+
+
+@dataclass(eq=False)
+class _Attempt:
+    request: _Request
+    peer: _Peer
+    priority: Priority
+    size_guess: int
+    start: float  # when dispatched (hedging counts from here, connecting included)
+    idle_start: bool  # the peer had nothing else of ours in flight
+    sent: float = math.inf  # when the Want was handed to the connection
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    late: bool = False
+    connection: PeerConnection | None = None
+
+
+class Fetcher:
+    """Fetches blocks of one drive (one discovery key) from whichever providers have them.
+
+    Use as `async with Fetcher(...) as fetcher:` or `await nursery.start(fetcher.run)`;
+    every task (connections included) lives in the Fetcher's nursery.
+    """
+
+    def __init__(
+        self,
+        identity: NodeIdentity,
+        discovery_key: bytes,
+        drive_secret: bytes,
+        providers: ProvidersFn,
+        *,
+        connect: ConnectFn | None = None,
+        on_notice: OnNotice | None = None,
+        config: FetchConfig | None = None,
+    ) -> None:
+        self.identity = identity
+        self.discovery_key = discovery_key
+        self.drive_secret = drive_secret
+        self.config = config or FetchConfig()
+        self.stats = FetcherStats()
+        self._providers_fn = providers
+        self._connect: ConnectFn = connect or PeerConnection.connect
+        self._on_notice = on_notice
+        self._peers: dict[bytes, _Peer] = {}
+        self._requests: dict[bytes, _Request] = {}
+        self._heap: list[tuple[int, int, int, _Request]] = []
+        self._heap_tokens = itertools.count()
+        self._parked: set[_Request] = set()
+        self._nursery: trio.Nursery | None = None
+        self._wake = trio.Event()
+        self._refresh_wanted = trio.Event()
+        self._providers_changed = False
+        self._size_guess = float(_INITIAL_BLOCK_SIZE)
+        self._exit_stack: AsyncExitStack | None = None
+        self._outer: trio.Nursery | None = None
+
+    # ---- lifecycle ----------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the scheduler until cancelled."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await nursery.start(self._provider_refresher)
+                nursery.start_soon(self._dispatcher)
+                task_status.started()
+        finally:
+            self._nursery = None
+
+    async def __aenter__(self) -> Fetcher:
+        stack = AsyncExitStack()
+        nursery = await stack.enter_async_context(open_task_nursery())
+        try:
+            await nursery.start(self.run)
+        except BaseException as exc:
+            nursery.cancel_scope.cancel()
+            if not await stack.__aexit__(type(exc), exc, exc.__traceback__):
+                raise
+        self._exit_stack, self._outer = stack, nursery
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        assert self._outer is not None and self._exit_stack is not None
+        self._outer.cancel_scope.cancel()
+        stack, self._exit_stack, self._outer = self._exit_stack, None, None
+        return await stack.__aexit__(*exc_info)
+
+    # ---- public -------------------------------------------------------------
+
+    async def fetch(
+        self,
+        block_id: bytes,
+        priority: Priority = Priority.READ,
+        *,
+        timeout: float | None = None,
+    ) -> bytes:
+        """The block's bytes (verified), from whichever peer answers first.
+
+        Concurrent fetches of one block share the work (the most urgent
+        priority wins). Raises FetchTimeout when no peer delivered within
+        `timeout` seconds (default from the config).
+        """
+        if self._nursery is None:
+            raise DhtError("the fetcher is not running (use it as an async context manager)")
+        if len(block_id) != BLOCK_ID_LEN:
+            raise DhtError(f"block id must be {BLOCK_ID_LEN} bytes, got {len(block_id)}")
+        priority = Priority(priority)
+        timeout = self.config.default_timeout if timeout is None else timeout
+        request = self._requests.get(block_id)
+        if request is None:
+            request = _Request(block_id, priority)
+            self._requests[block_id] = request
+            self.stats.requests += 1
+            self._enqueue(request)
+        elif priority < request.priority:
+            self._upgrade(request, priority)
+        request.waiters += 1
+        try:
+            with trio.move_on_after(timeout):
+                await request.done.wait()
+            if not request.done.is_set():
+                self.stats.timeouts += 1
+                raise self._timeout_error(request, timeout)
+        finally:
+            request.waiters -= 1
+            if request.waiters == 0 and not request.done.is_set():
+                self._abandon(request)
+        assert request.result is not None
+        return request.result
+
+    @trio.as_safe_channel
+    async def fetch_many(
+        self,
+        block_ids: Iterable[bytes],
+        priority: Priority = Priority.PIN,
+        *,
+        concurrency: int | None = None,
+        timeout: float | None = None,
+    ) -> AsyncGenerator[tuple[bytes, bytes], None]:
+        """Stream (block_id, bytes) for every id, in completion order, `concurrency` at a time.
+
+        `async with fetcher.fetch_many(ids) as results: async for block_id, data in results:`.
+        The first block that cannot be fetched ends the stream with its FetchTimeout.
+        """
+        limit = concurrency or self.config.fetch_many_concurrency
+        ids = iter(block_ids)
+        send, receive = trio.open_memory_channel[tuple[bytes, bytes]](limit)
+        failure: list[DhtError] = []
+
+        async def worker(nursery: trio.Nursery) -> None:
+            for block_id in ids:
+                try:
+                    data = await self.fetch(block_id, priority, timeout=timeout)
+                except DhtError as exc:
+                    failure.append(exc)
+                    nursery.cancel_scope.cancel()
+                    return
+                await send.send((block_id, data))
+
+        async def run_workers() -> None:
+            async with send, trio.open_nursery() as nursery:
+                for _ in range(limit):
+                    nursery.start_soon(worker, nursery)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_workers)
+            async with receive:
+                async for item in receive:
+                    yield item
+        if failure:
+            raise failure[0]
+
+    def peer_stats(self) -> list[PeerStats]:
+        now = trio.current_time()
+        return [
+            PeerStats(
+                node_id=peer.node_id,
+                addr=str(peer.addr),
+                provider=peer.provider,
+                connected=peer.connected,
+                in_flight=peer.in_flight,
+                blocks=peer.blocks,
+                bytes=peer.bytes,
+                failures=peer.failures,
+                not_found=peer.not_found,
+                bad_blocks=peer.bad_blocks,
+                stalls=peer.stalls,
+                late=peer.late,
+                latency=peer.latency,
+                throughput=peer.throughput,
+                backoff_remaining=max(0.0, peer.backoff_until - now),
+            )
+            for peer in self._peers.values()
+        ]
+
+    def request_provider_refresh(self) -> None:
+        """Ask for the provider list to be re-read soon (rate limited)."""
+        self._refresh_wanted.set()
+
+    # ---- providers ----------------------------------------------------------
+
+    async def _provider_refresher(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        config = self.config
+        await self._refresh_providers()
+        task_status.started()
+        while True:
+            last = trio.current_time()
+            self._refresh_wanted = trio.Event()
+            with trio.move_on_after(config.provider_refresh_interval):
+                await self._refresh_wanted.wait()
+            await trio.sleep_until(last + config.provider_refresh_min_interval)
+            await self._refresh_providers()
+
+    async def _refresh_providers(self) -> None:
+        self.stats.provider_refreshes += 1
+        with trio.move_on_after(self.config.providers_timeout):
+            try:
+                result = self._providers_fn()
+                if inspect.isawaitable(result):
+                    result = await result
+                addrs = list(result)
+            except (DhtError, OSError):
+                return  # keep what we knew; the next refresh may do better
+            self._apply_providers(addrs)
+
+    def _apply_providers(self, addrs: list[PeerAddr]) -> None:
+        current: set[bytes] = set()
+        for addr in addrs:
+            if addr.node_id == self.identity.node_id or addr.node_id in current:
+                continue
+            current.add(addr.node_id)
+            peer = self._peers.get(addr.node_id)
+            if peer is None:
+                self._peers[addr.node_id] = _Peer(addr)
+                self._providers_changed = True
+            else:
+                if peer.addr != addr:
+                    # Moved: the next connect dials the new address, now.
+                    peer.addr = addr
+                    peer.backoff_until = -math.inf
+                    peer.consecutive_failures = 0
+                    self._providers_changed = True
+                if not peer.provider:
+                    peer.provider = True
+                    self._providers_changed = True
+        for peer in self._peers.values():
+            if peer.node_id not in current and peer.provider:
+                peer.provider = False
+                if peer.in_flight == 0 and peer.conn is not None and self._nursery is not None:
+                    self._nursery.start_soon(peer.conn.aclose)
+                    peer.conn = None
+        self._poke()
+
+    # ---- dispatching --------------------------------------------------------
+
+    def _poke(self) -> None:
+        self._wake.set()
+
+    def _enqueue(self, request: _Request) -> None:
+        request.queued = True
+        request.heap_token = next(self._heap_tokens)
+        heapq.heappush(
+            self._heap, (int(request.priority), request.seq, request.heap_token, request)
+        )
+        self._poke()
+
+    def _upgrade(self, request: _Request, priority: Priority) -> None:
+        request.priority = priority
+        if request.queued:
+            self._enqueue(request)  # the old heap entry is now stale
+        elif not request.parked and len(request.attempts) < self.config.max_parallel_attempts:
+            # In flight at a lazier priority: ask again at the urgent one
+            # (possibly of the same peer, which will serve it first).
+            self._enqueue(request)
+
+    def _abandon(self, request: _Request) -> None:
+        request.abandoned = True
+        request.queued = False
+        self._parked.discard(request)
+        for attempt in request.attempts:
+            attempt.scope.cancel()
+        if self._requests.get(request.block_id) is request:
+            del self._requests[request.block_id]
+
+    async def _dispatcher(self) -> None:
+        backoff_checked = trio.current_time()
+        while True:
+            now = trio.current_time()
+            # Parked requests had nobody to ask; look again once that may have
+            # changed: new providers, or a peer's backoff just ended.
+            backoff_ended = any(
+                backoff_checked < p.backoff_until <= now for p in self._peers.values()
+            )
+            backoff_checked = now
+            if self._parked and (self._providers_changed or backoff_ended):
+                for request in self._parked:
+                    request.parked = False
+                    if not request.finished:
+                        self._enqueue(request)
+                self._parked.clear()
+            self._providers_changed = False
+            self._dispatch(now)
+            # A fresh event only now: pokes made by the pass itself (it re-queues
+            # requests whose peers are busy) must not wake us into a busy loop.
+            self._wake = trio.Event()
+            wake_at = math.inf
+            if self._parked or self._heap:
+                wake_at = min(
+                    (p.backoff_until for p in self._peers.values() if p.backoff_until > now),
+                    default=math.inf,
+                )
+            with trio.move_on_at(wake_at):
+                await self._wake.wait()
+
+    def _has_slot(self, peer: _Peer, priority: Priority) -> bool:
+        config = self.config
+        if peer.in_flight >= config.max_in_flight_per_peer:
+            return False
+        if priority >= _BACKGROUND:
+            return peer.in_flight_bg < config.max_in_flight_per_peer - config.foreground_reserve
+        return True
+
+    def _dispatch(self, now: float) -> None:
+        usable = [p for p in self._peers.values() if p.provider and p.backoff_until <= now]
+        blocked: list[_Request] = []
+        while self._heap and len(blocked) < _MAX_BLOCKED_SCAN:
+            prio, _seq, token, request = self._heap[0]
+            if not request.queued or request.heap_token != token or request.finished:
+                heapq.heappop(self._heap)
+                continue
+            priority = Priority(prio)
+            if not any(self._has_slot(p, priority) for p in usable):
+                # Every peer is full for this priority, hence for every lazier
+                # one; with no usable peer at all, ask for fresh providers.
+                if not usable:
+                    self._refresh_wanted.set()
+                break
+            heapq.heappop(self._heap)
+            candidates = [
+                p
+                for p in usable
+                if p.node_id not in request.excluded
+                and not any(
+                    a.peer is p and a.priority <= request.priority for a in request.attempts
+                )
+            ]
+            if not candidates:
+                request.queued = False
+                if not request.attempts:
+                    # Nobody left to ask: wait for new providers or a backoff to end.
+                    request.parked = True
+                    self._parked.add(request)
+                    self._refresh_wanted.set()
+                continue
+            free = [p for p in candidates if self._has_slot(p, priority)]
+            if not free:
+                blocked.append(request)
+                continue
+            request.queued = False
+            self._start_attempt(request, self._choose(free, request, now), priority)
+        for request in blocked:
+            self._enqueue(request)
+
+    def _estimate(self, peer: _Peer, request: _Request) -> float:
+        """Seconds until `peer` would deliver one more block, by its measured speed."""
+        known = [p for p in self._peers.values() if p.throughput is not None]
+        throughput = peer.throughput or (
+            statistics.median(p.throughput for p in known) if known else _DEFAULT_THROUGHPUT
+        )
+        latency = peer.idle_latency or peer.latency or _DEFAULT_LATENCY
+        estimate = (peer.in_flight_bytes + self._size_guess) / throughput + latency
+        if not peer.connected:
+            estimate += 2 * latency  # TCP + TLS handshakes first
+        if peer.node_id in request.soft_failed:
+            estimate += _SOFT_FAILURE_PENALTY
+        return estimate
+
+    def _choose(self, free: list[_Peer], request: _Request, now: float) -> _Peer:
+        return min(free, key=lambda p: (self._estimate(p, request), p.in_flight, random.random()))
+
+    def _start_attempt(self, request: _Request, peer: _Peer, priority: Priority) -> None:
+        assert self._nursery is not None
+        size = int(self._size_guess)
+        attempt = _Attempt(
+            request, peer, priority, size, trio.current_time(), idle_start=peer.in_flight == 0
+        )
+        request.attempts.append(attempt)
+        request.outcomes[peer.node_id] = "in progress"
+        if len(request.attempts) > 1:
+            self.stats.hedges += 1
+        self.stats.attempts += 1
+        peer.in_flight += 1
+        peer.in_flight_bytes += size
+        if priority >= _BACKGROUND:
+            peer.in_flight_bg += 1
+        self._nursery.start_soon(self._run_attempt, attempt)
+
+    # ---- one attempt at one peer --------------------------------------------
+
+    async def _run_attempt(self, attempt: _Attempt) -> None:
+        request, peer = attempt.request, attempt.peer
+        error: DhtError | None = None
+        data: bytes | None = None
+        try:
+            with attempt.scope:
+                async with trio.open_nursery() as watch:
+                    watch.start_soon(self._watch_attempt, attempt)
+                    try:
+                        conn = await self._connection(peer)
+                        attempt.connection = conn
+                        attempt.sent = trio.current_time()
+                        data = await conn.fetch(request.block_id, attempt.priority)
+                    except DhtError as exc:
+                        error = exc
+                    watch.cancel_scope.cancel()
+        finally:
+            self._finish_attempt(attempt, data, error)
+
+    def _finish_attempt(
+        self,
+        attempt: _Attempt,
+        data: bytes | None,
+        error: DhtError | None,
+    ) -> None:
+        request, peer = attempt.request, attempt.peer
+        now = trio.current_time()
+        elapsed = now - attempt.start
+        peer.in_flight -= 1
+        peer.in_flight_bytes -= attempt.size_guess
+        if attempt.priority >= _BACKGROUND:
+            peer.in_flight_bg -= 1
+        request.attempts.remove(attempt)
+        self._poke()
+        alpha = self.config.ewma_alpha
+
+        if data is not None:
+            took = now - attempt.sent
+            service = now - max(attempt.sent, peer.last_delivery)
+            peer.last_delivery = now
+            peer.blocks += 1
+            peer.bytes += len(data)
+            peer.consecutive_failures = 0
+            peer.latency = _ewma(peer.latency, took, alpha)
+            if attempt.idle_start:
+                peer.idle_latency = _ewma(peer.idle_latency, took, alpha)
+            if service > 0:
+                peer.throughput = _ewma(peer.throughput, len(data) / service, alpha)
+            self._size_guess = _ewma(self._size_guess, float(max(len(data), 1)), alpha)
+            request.outcomes[peer.node_id] = "delivered"
+            if not request.finished:
+                request.result = data
+                request.done.set()
+                self.stats.completed += 1
+                for other in request.attempts:
+                    other.scope.cancel()
+                if self._requests.get(request.block_id) is request:
+                    del self._requests[request.block_id]
+            return
+
+        if error is None:
+            # Cancelled: a hedge won, every waiter left, or we are shutting down.
+            if attempt.late:
+                peer.latency = _ewma(peer.latency, elapsed, alpha)
+                if peer.last_delivery < attempt.start:
+                    # Nothing at all from this peer while we waited: a stall.
+                    peer.stalls += 1
+                    self._penalise(peer)
+                request.outcomes[peer.node_id] = "too slow"
+            elif request.outcomes.get(peer.node_id) == "in progress":
+                del request.outcomes[peer.node_id]
+            return
+
+        if isinstance(error, BlockNotFound):
+            peer.last_delivery = now
+            peer.not_found += 1
+            request.excluded.add(peer.node_id)
+            request.outcomes[peer.node_id] = "does not have it"
+        elif isinstance(error, BadBlockError):
+            peer.bad_blocks += 1
+            request.excluded.add(peer.node_id)
+            request.outcomes[peer.node_id] = "sent a corrupt block"
+            self._drop_connection(peer, attempt.connection)
+            self._penalise(peer, self.config.bad_block_backoff)
+        elif isinstance(error, PeerRefusedError | PeerIdentityError):
+            request.excluded.add(peer.node_id)
+            request.outcomes[peer.node_id] = f"refused: {error}"
+        else:
+            # The connection broke or could not be made.
+            request.soft_failed.add(peer.node_id)
+            request.outcomes[peer.node_id] = f"failed: {error}"
+            if attempt.connection is not None and self._drop_connection(peer, attempt.connection):
+                self._penalise(peer)
+        if not request.finished and not request.queued and not request.parked:
+            if not any(not a.late for a in request.attempts):
+                self._enqueue(request)
+
+    async def _watch_attempt(self, attempt: _Attempt) -> None:
+        """Hedge when the attempt runs late; declare the peer stalled if it stays silent."""
+        peer, request = attempt.peer, attempt.request
+        config = self.config
+        usual = peer.latency if peer.latency is not None else _DEFAULT_LATENCY
+        if not peer.connected:
+            usual += 2 * (peer.idle_latency or usual)
+        hedge_at = attempt.start + max(config.hedge_floor, config.hedge_factor * usual)
+        await trio.sleep_until(hedge_at)
+        attempt.late = True
+        peer.late += 1
+        if (
+            not request.finished
+            and not request.queued
+            and not request.parked
+            and len(request.attempts) < config.max_parallel_attempts
+        ):
+            self._enqueue(request)
+        await trio.sleep_until(max(hedge_at, attempt.start + config.stall_timeout))
+        if peer.last_delivery < attempt.start:
+            peer.stalls += 1
+            request.outcomes[peer.node_id] = "stalled"
+            if self._drop_connection(peer, attempt.connection):
+                self._penalise(peer)
+
+    # ---- connections and penalties ------------------------------------------
+
+    async def _connection(self, peer: _Peer) -> PeerConnection:
+        """The pooled connection to `peer`, dialling it if needed (one dial at a time)."""
+        while True:
+            if peer.conn is not None and not peer.conn.closed:
+                return peer.conn
+            if peer.connecting is not None:
+                waiting_since = trio.current_time()
+                await peer.connecting.wait()
+                if peer.last_connect_failure >= waiting_since and peer.connect_error is not None:
+                    raise peer.connect_error
+                continue  # connected, or the dialler was cancelled: look again
+            assert self._nursery is not None
+            event = peer.connecting = trio.Event()
+            try:
+                conn = await self._connect(
+                    peer.addr,
+                    self.identity,
+                    self.discovery_key,
+                    self.drive_secret,
+                    nursery=self._nursery,
+                    on_notice=self._on_notice,
+                    timeout=self.config.connect_timeout,
+                )
+            except (PeerRefusedError, PeerIdentityError) as exc:
+                self._connect_failed(peer, exc, self.config.bad_block_backoff)
+                raise
+            except DhtError as exc:
+                self._connect_failed(peer, exc, None)
+                raise
+            else:
+                peer.conn = conn
+            finally:
+                peer.connecting = None
+                event.set()
+
+    def _connect_failed(self, peer: _Peer, error: DhtError, backoff: float | None) -> None:
+        peer.connect_error = error
+        peer.last_connect_failure = trio.current_time()
+        self._penalise(peer, backoff)
+
+    def _drop_connection(self, peer: _Peer, conn: PeerConnection | None) -> bool:
+        """Forget and close `conn` if it is still the peer's; False if someone already did."""
+        if conn is None or peer.conn is not conn:
+            return False
+        peer.conn = None
+        if not conn.closed and self._nursery is not None:
+            self._nursery.start_soon(conn.aclose)
+        return True
+
+    def _penalise(self, peer: _Peer, backoff: float | None = None) -> None:
+        config = self.config
+        peer.failures += 1
+        peer.consecutive_failures += 1
+        if backoff is None:
+            exponent = min(peer.consecutive_failures - 1, 30)
+            backoff = min(config.backoff_base * 2**exponent, config.backoff_max)
+        peer.backoff_until = max(peer.backoff_until, trio.current_time() + backoff)
+        self._poke()
+
+    # ---- errors -------------------------------------------------------------
+
+    def _timeout_error(self, request: _Request, timeout: float) -> FetchTimeout:
+        known = sum(1 for p in self._peers.values() if p.provider)
+        tried = len(request.outcomes)
+        block = request.block_id.hex()[:16]
+        if tried == 0:
+            if known == 0:
+                why = "no peers are known to have this drive"
+            else:
+                why = f"none of {known} known peer(s) could be asked (all failing or backing off)"
+        else:
+            counts: dict[str, int] = {}
+            for outcome in request.outcomes.values():
+                kind = outcome.split(":", 1)[0]
+                counts[kind] = counts.get(kind, 0) + 1
+            detail = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
+            why = f"tried {tried} of {known} known peer(s): {detail}"
+        return FetchTimeout(
+            f"block {block}… not fetched within {timeout:g}s: {why}", tried=tried, known=known
+        )
+
+
+def _ewma(old: float | None, sample: float, alpha: float) -> float:
+    return sample if old is None else old + alpha * (sample - old)

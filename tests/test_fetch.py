@@ -1,0 +1,420 @@
+"""The fetch scheduler against real peer servers on 127.0.0.1.
+
+Every test is about counts and order, never speed: the only timing in here
+are generous upper bounds that turn a hang into a failure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+
+import pytest
+import trio
+
+from dht.errors import DhtError, FetchTimeout
+from dht.fetch import FetchConfig, Fetcher
+from dht.frames import Cancel, Want
+from dht.identity import NodeIdentity
+from dht.peer import PeerConnection
+from dht.types import PeerAddr, Priority
+from tests.test_peer_support import (
+    CorruptSource,
+    make_blocks,
+    new_drive,
+    random_id,
+    stall,
+    start_raw_server,
+    start_server,
+)
+
+TEST_DEADLINE = 25.0
+
+# Test-sized timings: hedge quickly, back off briefly.
+FAST = FetchConfig(
+    hedge_floor=0.2,
+    stall_timeout=1.0,
+    connect_timeout=2.0,
+    backoff_base=0.1,
+    backoff_max=1.0,
+    default_timeout=10.0,
+    provider_refresh_min_interval=0.05,
+)
+
+
+def run(test: Callable[[trio.Nursery], Awaitable[None]]) -> None:
+    async def main() -> None:
+        with trio.fail_after(TEST_DEADLINE):
+            async with trio.open_nursery() as nursery:
+                await test(nursery)
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def fixed(addrs: Sequence[PeerAddr]) -> Callable[[], Awaitable[list[PeerAddr]]]:
+    async def providers() -> list[PeerAddr]:
+        return list(addrs)
+
+    return providers
+
+
+async def fetch_all(fetcher: Fetcher, ids: list[bytes], priority: Priority) -> dict[bytes, bytes]:
+    got: dict[bytes, bytes] = {}
+    async with fetcher.fetch_many(ids, priority, concurrency=16) as results:
+        async for bid, data in results:
+            got[bid] = data
+    return got
+
+
+def test_blocks_spread_over_all_three_providers() -> None:
+    blocks = make_blocks(100, 8192)
+    dk, secret = new_drive()
+
+    async def test(nursery: trio.Nursery) -> None:
+        started = [await start_server(nursery, blocks, {dk: secret}) for _ in range(3)]
+        servers = [s for s, _ in started]
+        addrs = [a for _, a in started]
+        async with Fetcher(NodeIdentity.generate(), dk, secret, fixed(addrs), config=FAST) as f:
+            got = await fetch_all(f, list(blocks), Priority.READ)
+            stats = {s.node_id: s for s in f.peer_stats()}
+        assert got == blocks
+        served = [s.stats.blocks_served for s in servers]
+        assert all(n > 0 for n in served), served
+        assert sum(s.blocks for s in stats.values()) == 100
+        # One pooled connection per peer for the whole run.
+        assert [s.stats.connections_accepted for s in servers] == [1, 1, 1]
+
+    run(test)
+
+
+def test_stalling_peer_is_hedged_and_every_block_arrives() -> None:
+    blocks = make_blocks(60, 4096)
+    dk, secret = new_drive()
+
+    async def test(nursery: trio.Nursery) -> None:
+        staller = await start_raw_server(nursery, stall)
+        assert staller.addr is not None
+        good = [await start_server(nursery, blocks, {dk: secret}) for _ in range(2)]
+        addrs = [staller.addr] + [a for _, a in good]
+        async with Fetcher(NodeIdentity.generate(), dk, secret, fixed(addrs), config=FAST) as f:
+            got = await fetch_all(f, list(blocks), Priority.READ)
+            stats = {s.node_id: s for s in f.peer_stats()}
+            assert f.stats.hedges > 0
+        assert got == blocks
+        wants_to_staller = sum(isinstance(m, Want) for m in staller.received)
+        assert wants_to_staller > 0, "the staller was never tried; the test proves nothing"
+        assert stats[staller.addr.node_id].blocks == 0
+        assert stats[staller.addr.node_id].late > 0
+        # Losers of a hedge are cancelled on the wire.
+        assert any(isinstance(m, Cancel) for m in staller.received)
+
+    run(test)
+
+
+def test_corrupt_peer_never_yields_wrong_bytes_and_is_penalised() -> None:
+    blocks = make_blocks(40, 4096)
+    dk, secret = new_drive()
+
+    async def test(nursery: trio.Nursery) -> None:
+        liar, liar_addr = await start_server(nursery, CorruptSource(blocks), {dk: secret})
+        _honest, honest_addr = await start_server(nursery, blocks, {dk: secret})
+        config = FetchConfig(**{**FAST.__dict__, "bad_block_backoff": 60.0})
+        addrs = [liar_addr, honest_addr]
+        async with Fetcher(NodeIdentity.generate(), dk, secret, fixed(addrs), config=config) as f:
+            got = await fetch_all(f, list(blocks), Priority.READ)
+            stats = {s.node_id: s for s in f.peer_stats()}
+        assert got == blocks  # every byte verified
+        liar_stats = stats[liar_addr.node_id]
+        assert liar_stats.bad_blocks >= 1
+        assert liar_stats.blocks == 0
+        assert liar_stats.backoff_remaining > 0
+        assert liar.stats.connections_accepted == 1  # dropped and not re-dialled
+
+    run(test)
+
+
+def test_only_liars_means_timeout_not_wrong_bytes() -> None:
+    blocks = make_blocks(1)
+    dk, secret = new_drive()
+
+    async def test(nursery: trio.Nursery) -> None:
+        liars = [await start_server(nursery, CorruptSource(blocks), {dk: secret}) for _ in range(2)]
+        addrs = [a for _, a in liars]
+        async with Fetcher(NodeIdentity.generate(), dk, secret, fixed(addrs), config=FAST) as f:
+            [bid] = blocks
+            with pytest.raises(FetchTimeout, match="tried 2 of 2") as info:
+                await f.fetch(bid, timeout=1.5)
+        assert "corrupt" in str(info.value)
+        assert info.value.tried == 2
+
+    run(test)
+
+
+def test_all_servers_gone_gives_fetch_timeout() -> None:
+    blocks = make_blocks(10)
+    dk, secret = new_drive()
+    ids = list(blocks)
+
+    async def test(nursery: trio.Nursery) -> None:
+        async with trio.open_nursery() as servers_nursery:
+            addrs = [
+                (await start_server(servers_nursery, blocks, {dk: secret}))[1] for _ in range(3)
+            ]
+            async with Fetcher(NodeIdentity.generate(), dk, secret, fixed(addrs), config=FAST) as f:
+                assert await f.fetch(ids[0]) == blocks[ids[0]]
+                servers_nursery.cancel_scope.cancel()  # every server goes away
+                await trio.sleep(0)
+                timeout = 2.0
+                start = trio.current_time()
+                with pytest.raises(FetchTimeout) as info:
+                    await f.fetch(ids[1], timeout=timeout)
+                assert trio.current_time() - start < timeout + 5  # bounded, not a hang
+                assert "of 3 known peer" in str(info.value)
+                assert f.stats.timeouts == 1
+
+    run(test)
+
+
+def test_no_providers_gives_fetch_timeout() -> None:
+    dk, secret = new_drive()
+
+    async def test(nursery: trio.Nursery) -> None:
+        async with Fetcher(NodeIdentity.generate(), dk, secret, fixed([]), config=FAST) as f:
+            with pytest.raises(FetchTimeout, match="no peers are known") as info:
+                await f.fetch(random_id(), timeout=0.5)
+            assert info.value.tried == 0
+
+    run(test)
+
+
+def test_read_overtakes_a_queued_pin_backlog() -> None:
+    """Count order, not time: READs issued mid-pin finish long before the pin does."""
+    pin_blocks = make_blocks(300, 16384)
+    read_blocks = make_blocks(5, 16384)
+    dk, secret = new_drive()
+
+    async def test(nursery: trio.Nursery) -> None:
+        _server, addr = await start_server(nursery, pin_blocks | read_blocks, {dk: secret})
+        order: list[str] = []
+        async with Fetcher(NodeIdentity.generate(), dk, secret, fixed([addr]), config=FAST) as f:
+
+            async def read(bid: bytes) -> None:
+                assert await f.fetch(bid, Priority.READ) == read_blocks[bid]
+                order.append("read")
+
+            async with trio.open_nursery() as readers:
+                # All 300 PIN requests queued at once: a real backlog.
+                async with f.fetch_many(list(pin_blocks), Priority.PIN, concurrency=300) as pins:
+                    async for _bid, _data in pins:
+                        order.append("pin")
+                        if order.count("pin") == 20:
+                            for bid in read_blocks:
+                                readers.start_soon(read, bid)
+        assert order.count("read") == 5 and order.count("pin") == 300
+        last_read = max(i for i, kind in enumerate(order) if kind == "read")
+        pins_before_last_read = order[:last_read].count("pin")
+        # The reads wait at most for what was already in flight (the peer's
+        # background slots), not for the 280 PIN blocks queued behind them.
+        assert pins_before_last_read < 20 + 2 * FAST.max_in_flight_per_peer, order
+
+    run(test)
+
+
+def test_not_found_at_one_peer_is_served_by_another() -> None:
+    blocks = make_blocks(10)
+    dk, secret = new_drive()
+
+    async def test(nursery: trio.Nursery) -> None:
+        empty, empty_addr = await start_server(nursery, {}, {dk: secret})
+        full, full_addr = await start_server(nursery, blocks, {dk: secret})
+        addrs = [empty_addr, full_addr]
+        async with Fetcher(NodeIdentity.generate(), dk, secret, fixed(addrs), config=FAST) as f:
+            got = await fetch_all(f, list(blocks), Priority.READ)
+            stats = {s.node_id: s for s in f.peer_stats()}
+        assert got == blocks
+        assert full.stats.blocks_served == 10
+        # NotFound is an honest answer: no failure, no backoff.
+        assert stats[empty_addr.node_id].failures == 0
+        assert stats[empty_addr.node_id].not_found == empty.stats.not_found
+
+    run(test)
+
+
+def test_new_providers_are_picked_up_while_waiting() -> None:
+    blocks = make_blocks(3)
+    dk, secret = new_drive()
+    known: list[PeerAddr] = []
+
+    async def providers() -> list[PeerAddr]:
+        return list(known)
+
+    async def test(nursery: trio.Nursery) -> None:
+        async with Fetcher(NodeIdentity.generate(), dk, secret, providers, config=FAST) as f:
+            results: dict[bytes, bytes] = {}
+
+            async def get(bid: bytes) -> None:
+                results[bid] = await f.fetch(bid, timeout=10)
+
+            async with trio.open_nursery() as waiting:
+                for bid in blocks:
+                    waiting.start_soon(get, bid)
+                await trio.sleep(0.2)  # the fetches are parked: nobody to ask
+                assert not results
+                _server, addr = await start_server(nursery, blocks, {dk: secret})
+                known.append(addr)  # the DHT found someone
+        assert results == blocks
+
+    run(test)
+
+
+def test_concurrent_fetches_of_one_block_share_one_request() -> None:
+    blocks = make_blocks(1, 65536)
+    dk, secret = new_drive()
+    [(bid, data)] = blocks.items()
+
+    async def test(nursery: trio.Nursery) -> None:
+        server, addr = await start_server(nursery, blocks, {dk: secret})
+        async with Fetcher(NodeIdentity.generate(), dk, secret, fixed([addr]), config=FAST) as f:
+            results: list[bytes] = []
+
+            async def get(priority: Priority) -> None:
+                results.append(await f.fetch(bid, priority))
+
+            async with trio.open_nursery() as many:
+                for priority in [Priority.PREFETCH, Priority.PIN, Priority.READ] * 3:
+                    many.start_soon(get, priority)
+        assert results == [data] * 9
+        assert server.stats.wants_received <= 2  # one, plus at most a priority upgrade
+
+    run(test)
+
+
+def test_abandoned_fetch_is_cancelled_at_the_peer() -> None:
+    dk, secret = new_drive()
+
+    async def test(nursery: trio.Nursery) -> None:
+        staller = await start_raw_server(nursery, stall)
+        assert staller.addr is not None
+        config = FetchConfig(**{**FAST.__dict__, "hedge_floor": 5.0, "stall_timeout": 5.0})
+        async with Fetcher(
+            NodeIdentity.generate(), dk, secret, fixed([staller.addr]), config=config
+        ) as f:
+            with pytest.raises(FetchTimeout, match="tried 1 of 1"):
+                await f.fetch(random_id(), timeout=0.5)
+            with trio.fail_after(5):
+                while not any(isinstance(m, Cancel) for m in staller.received):
+                    await trio.sleep(0.01)
+            assert all(s.in_flight == 0 for s in f.peer_stats())
+
+    run(test)
+
+
+def test_notices_are_delivered_through_pooled_connections() -> None:
+    blocks = make_blocks(1)
+    dk, secret = new_drive()
+
+    async def test(nursery: trio.Nursery) -> None:
+        server, addr = await start_server(nursery, blocks, {dk: secret})
+        seen: list[tuple[bytes, bytes]] = []
+        async with Fetcher(
+            NodeIdentity.generate(),
+            dk,
+            secret,
+            fixed([addr]),
+            on_notice=lambda k, r: seen.append((k, r)),
+            config=FAST,
+        ) as f:
+            [bid] = blocks
+            await f.fetch(bid)  # opens the pooled connection
+            assert await server.notify(dk, b"new head") == 1
+            with trio.fail_after(5):
+                while not seen:
+                    await trio.sleep(0.01)
+        assert seen == [(dk, b"new head")]
+
+    run(test)
+
+
+def test_refused_peer_is_skipped() -> None:
+    blocks = make_blocks(5)
+    dk, secret = new_drive()
+
+    async def test(nursery: trio.Nursery) -> None:
+        stranger, stranger_addr = await start_server(nursery, blocks, {})  # not this drive
+        _server, addr = await start_server(nursery, blocks, {dk: secret})
+        addrs = [stranger_addr, addr]
+        async with Fetcher(NodeIdentity.generate(), dk, secret, fixed(addrs), config=FAST) as f:
+            got = await fetch_all(f, list(blocks), Priority.READ)
+            stats = {s.node_id: s for s in f.peer_stats()}
+        assert got == blocks
+        assert stats[stranger_addr.node_id].blocks == 0
+        assert stranger.stats.handshakes_refused == 1  # refused once, then left alone
+
+    run(test)
+
+
+def test_reconnects_after_the_connection_drops() -> None:
+    blocks = make_blocks(4)
+    dk, secret = new_drive()
+    ids = list(blocks)
+
+    async def test(nursery: trio.Nursery) -> None:
+        server, addr = await start_server(nursery, blocks, {dk: secret})
+        connections: list[PeerConnection] = []
+
+        async def connect(*args: object, **kwargs: object) -> PeerConnection:
+            conn = await PeerConnection.connect(*args, **kwargs)  # type: ignore[arg-type]
+            connections.append(conn)
+            return conn
+
+        async with Fetcher(
+            NodeIdentity.generate(), dk, secret, fixed([addr]), connect=connect, config=FAST
+        ) as f:
+            assert await f.fetch(ids[0]) == blocks[ids[0]]
+            await connections[0].aclose()  # the link drops
+            assert await f.fetch(ids[1]) == blocks[ids[1]]
+        assert len(connections) == 2
+        assert server.stats.connections_accepted == 2
+
+    run(test)
+
+
+def test_fetch_needs_a_running_fetcher() -> None:
+    dk, secret = new_drive()
+
+    async def main() -> None:
+        f = Fetcher(NodeIdentity.generate(), dk, secret, fixed([]))
+        with pytest.raises(DhtError, match="not running"):
+            await f.fetch(random_id())
+
+    trio.run(main)
+
+
+def test_run_in_a_callers_nursery() -> None:
+    blocks = make_blocks(2)
+    dk, secret = new_drive()
+
+    async def test(nursery: trio.Nursery) -> None:
+        _server, addr = await start_server(nursery, blocks, {dk: secret})
+        f = Fetcher(NodeIdentity.generate(), dk, secret, lambda: [addr], config=FAST)
+        async with trio.open_nursery() as own:
+            await own.start(f.run)
+            for bid, data in blocks.items():
+                assert await f.fetch(bid) == data
+            own.cancel_scope.cancel()
+
+    run(test)
+
+
+def test_own_node_is_never_a_provider() -> None:
+    dk, secret = new_drive()
+    me = NodeIdentity.generate()
+
+    async def test(nursery: trio.Nursery) -> None:
+        _server, addr = await start_server(nursery, {}, {dk: secret}, identity=me)
+        async with Fetcher(me, dk, secret, fixed([addr]), config=FAST) as f:
+            with pytest.raises(FetchTimeout, match="no peers are known"):
+                await f.fetch(random_id(), timeout=0.3)
+            assert f.peer_stats() == []
+
+    run(test)
