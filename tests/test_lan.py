@@ -240,7 +240,9 @@ def test_two_nodes_find_each_other_by_multicast_in_a_netns():
     procs: dict[str, subprocess.Popen] = {}
     created = False
     try:
-        subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True)
+        made = subprocess.run(["ip", "netns", "add", ns], capture_output=True, text=True)
+        if made.returncode != 0:
+            pytest.skip(f"cannot create a network namespace here: {made.stderr.strip()}")
         created = True
         for cmd in (["ip", "link", "set", "lo", "up"],
                     ["ip", "link", "set", "lo", "multicast", "on"],
