@@ -1,0 +1,302 @@
+"""The signed head of a drive version, and rollback protection.
+
+The promise under test: `open_head` returns a head only if the drive's key
+signed exactly these bytes; with a read capability it also recovers the root
+directory's entry, which nobody without the read key can read or move into
+another head. `HeadTracker` never goes back to a lower seq.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dht.records import MAX_MUTABLE_VALUE, MAX_SEQ, MutableRecord
+from vfs.capability import ReadCap, StoreCap, WriteCap
+from vfs.crypto import Ref
+from vfs.errors import FormatError, IntegrityError, RollbackError
+from vfs.formats import KIND_DIR, KIND_FILE, MAX_NAME, Entry, encode_entry
+from vfs.head import HEAD_VERSION, Head, HeadTracker, _aad, _box_key, make_head, open_head
+
+CAP = WriteCap.from_secrets(bytes(range(32)), bytes(range(32, 64)))
+OTHER = WriteCap.from_secrets(bytes(range(64, 96)), bytes(range(96, 128)))
+
+
+def root_entry(tag: bytes = b"v1", nentries: int = 3) -> Entry:
+    h = hashlib.sha256(tag).digest()
+    return Entry(b"root", KIND_DIR, 0o755, 1_700_000_000_123_456_789,
+                 node=Ref(h, hashlib.sha256(b"chunk" + tag).digest(), 1234), nsubdirs=1,
+                 nentries=nentries)
+
+
+def signed_value(cap: WriteCap, seq: int, value: dict) -> bytes:
+    """Sign an arbitrary head value with the drive key (what only a writer can do)."""
+    return MutableRecord.create(cap.signing_key(), seq, msgpack.packb(value))[1]
+
+
+def sealed_box(cap: WriteCap, seq: int, root_block: bytes, payload: bytes) -> bytes:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    nonce = os.urandom(12)
+    return nonce + AESGCM(_box_key(cap.read_key)).encrypt(
+        nonce, payload, _aad(cap.pubkey, seq, root_block))
+
+
+def value_of(wire: bytes) -> dict:
+    return msgpack.unpackb(MutableRecord.decode(wire).value, raw=False)
+
+
+# ----------------------------------------------------------------------------- round trips
+
+
+def test_round_trip_with_read_cap() -> None:
+    root = root_entry()
+    made = make_head(CAP, 7, root, created=1_700_000_000)
+    assert made.root == root and made.seq == 7 and made.pubkey == CAP.pubkey
+    opened = open_head(made.wire, CAP.read_cap())
+    assert opened == Head(CAP.pubkey, 7, root.node.block_id, 1_700_000_000, made.wire, root)
+    assert opened.root == root
+    # A write capability reads too.
+    assert open_head(made.wire, CAP).root == root
+
+
+def test_round_trip_with_store_cap_gives_no_root() -> None:
+    made = make_head(CAP, 1, root_entry(), created=5)
+    opened = open_head(made.wire, CAP.read_cap().store_cap())
+    assert opened.root is None
+    assert opened.root_block == root_entry().node.block_id
+    assert (opened.pubkey, opened.seq, opened.created, opened.wire) == (CAP.pubkey, 1, 5,
+                                                                        made.wire)
+
+
+def test_value_layout_and_what_it_hides() -> None:
+    root = root_entry()
+    made = make_head(CAP, 3, root, created=99)
+    value = value_of(made.wire)
+    assert set(value) == {"v", "root", "box", "created"}
+    assert value["v"] == HEAD_VERSION and value["created"] == 99
+    assert value["root"] == root.node.block_id
+    # The root's chunk hash (which derives the root node's key) is only inside the box.
+    assert root.node.chunk_hash not in made.wire
+    assert b"root" not in MutableRecord.decode(made.wire).value.replace(b"\xa4root", b"")
+
+
+def test_created_defaults_to_now() -> None:
+    before = int(time.time())
+    head = make_head(CAP, 1, root_entry())
+    assert before <= head.created <= int(time.time()) + 1
+
+
+def test_boxes_are_fresh_per_head() -> None:
+    a = make_head(CAP, 1, root_entry(), created=1)
+    b = make_head(CAP, 1, root_entry(), created=1)
+    assert value_of(a.wire)["box"] != value_of(b.wire)["box"]  # random nonce
+    assert open_head(a.wire, CAP).root == open_head(b.wire, CAP).root
+
+
+@settings(max_examples=50)
+@given(st.integers(0, MAX_SEQ), st.integers(0, (1 << 40) - 1), st.binary(min_size=1,
+       max_size=MAX_NAME).filter(lambda n: b"/" not in n and b"\x00" not in n
+                                 and n not in (b".", b"..")),
+       st.integers(-(1 << 63), (1 << 63) - 1), st.integers(0, 1 << 40))
+def test_round_trip_over_the_whole_range(seq: int, created: int, name: bytes, mtime: int,
+                                         nentries: int) -> None:
+    h = hashlib.sha256(name).digest()
+    root = Entry(name, KIND_DIR, 0o7777, mtime, node=Ref(h, h, 4 * 1024 * 1024 - 16),
+                 nsubdirs=nentries, nentries=nentries)
+    made = make_head(CAP, seq, root, created=created)
+    assert len(MutableRecord.decode(made.wire).value) <= MAX_MUTABLE_VALUE
+    opened = open_head(made.wire, CAP.read_cap())
+    assert (opened.seq, opened.created, opened.root) == (seq, created, root)
+
+
+# ----------------------------------------------------------------------------- wrong keys
+
+
+def test_another_drives_cap_is_refused() -> None:
+    wire = make_head(CAP, 1, root_entry()).wire
+    for cap in (OTHER, OTHER.read_cap(), OTHER.read_cap().store_cap()):
+        with pytest.raises(IntegrityError, match="another drive"):
+            open_head(wire, cap)
+
+
+def test_right_pubkey_wrong_read_key_is_refused() -> None:
+    wire = make_head(CAP, 1, root_entry()).wire
+    with pytest.raises(IntegrityError, match="read key"):
+        open_head(wire, ReadCap(CAP.pubkey, OTHER.read_key))
+    # The store cap of the same key still verifies it: the signature is the drive key's.
+    assert open_head(wire, StoreCap(CAP.pubkey)).seq == 1
+
+
+def test_a_box_cannot_be_moved_to_another_seq_or_root() -> None:
+    """The box's associated data binds it to (drive key, seq, root block id)."""
+    made = make_head(CAP, 4, root_entry(), created=1)
+    value = value_of(made.wire)
+    for seq, root in ((5, value["root"]), (4, hashlib.sha256(b"other").digest())):
+        forged = signed_value(CAP, seq, {**value, "root": root})
+        with pytest.raises(IntegrityError, match="read key"):
+            open_head(forged, CAP.read_cap())
+        assert open_head(forged, CAP.read_cap().store_cap()).seq == seq  # store can't tell
+
+
+def test_a_box_cannot_be_moved_to_another_drive() -> None:
+    value = value_of(make_head(CAP, 4, root_entry(), created=1).wire)
+    # Same read key, other signing key: the box was bound to CAP's public key.
+    twin = WriteCap.from_secrets(OTHER.signing_seed, CAP.read_key)
+    with pytest.raises(IntegrityError, match="read key"):
+        open_head(signed_value(twin, 4, value), twin.read_cap())
+
+
+# ----------------------------------------------------------------------------- tampering
+
+
+def test_every_byte_change_of_the_wire_is_refused() -> None:
+    wire = make_head(CAP, 9, root_entry(), created=1).wire
+    read = CAP.read_cap()
+    for i in range(len(wire)):
+        for delta in (0x01, 0x80, 0xFF):
+            bad = wire[:i] + bytes([wire[i] ^ delta]) + wire[i + 1:]
+            with pytest.raises(IntegrityError):
+                open_head(bad, read)
+
+
+@settings(max_examples=200)
+@given(st.data())
+def test_random_byte_changes_are_refused(data: st.DataObject) -> None:
+    wire = make_head(CAP, 2, root_entry(), created=1).wire
+    i = data.draw(st.integers(0, len(wire) - 1))
+    v = data.draw(st.integers(0, 255).filter(lambda x: x != wire[i]))
+    bad = wire[:i] + bytes([v]) + wire[i + 1:]
+    cap = data.draw(st.sampled_from([CAP, CAP.read_cap(), CAP.read_cap().store_cap()]))
+    with pytest.raises((IntegrityError, FormatError)):
+        open_head(bad, cap)
+
+
+def test_truncated_and_extended_wire_is_refused() -> None:
+    wire = make_head(CAP, 2, root_entry(), created=1).wire
+    for bad in (wire[:-1], wire[1:], wire + b"\x00", b"", wire[: len(wire) // 2]):
+        with pytest.raises(IntegrityError):
+            open_head(bad, CAP)
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=600))
+def test_arbitrary_bytes_raise_only_our_errors(wire: bytes) -> None:
+    for cap in (CAP.read_cap(), CAP.read_cap().store_cap()):
+        with pytest.raises(FormatError):  # IntegrityError is a FormatError
+            open_head(wire, cap)
+
+
+# ----------------------------------------------------------------------------- malformed values
+# Correctly signed by the drive key, so only a buggy or future writer makes them: they
+# are FormatError (or IntegrityError where the box is involved), never a crash.
+
+
+def good_value(seq: int = 1) -> dict:
+    return value_of(make_head(CAP, seq, root_entry(), created=1).wire)
+
+
+@pytest.mark.parametrize("change", [
+    {"v": 2}, {"v": 0}, {"v": True}, {"v": "1"}, {"v": None},
+])
+def test_unknown_head_versions_are_refused(change: dict) -> None:
+    with pytest.raises(FormatError, match="version"):
+        open_head(signed_value(CAP, 1, {**good_value(), **change}), CAP.read_cap())
+
+
+@pytest.mark.parametrize("change", [
+    {"root": b"x" * 31}, {"root": "x" * 32}, {"root": None},
+    {"box": b"x" * 28}, {"box": b"x" * 1025}, {"box": "text"},
+    {"created": -1}, {"created": 1 << 40}, {"created": True}, {"created": 1.5},
+    {"extra": 1},
+])
+def test_malformed_head_fields_are_refused(change: dict) -> None:
+    wire = signed_value(CAP, 1, {**good_value(), **change})
+    for cap in (CAP.read_cap(), CAP.read_cap().store_cap()):
+        with pytest.raises(FormatError):
+            open_head(wire, cap)
+
+
+@pytest.mark.parametrize("field", ["v", "root", "box", "created"])
+def test_missing_head_fields_are_refused(field: str) -> None:
+    value = {k: v for k, v in good_value().items() if k != field}
+    with pytest.raises(FormatError):
+        open_head(signed_value(CAP, 1, value), CAP.store_cap())
+
+
+def test_head_values_that_are_not_maps_are_refused() -> None:
+    for value in (b"", b"\xc1", msgpack.packb([1, 2]), msgpack.packb(1), b"\x81"):
+        wire = MutableRecord.create(CAP.signing_key(), 1, value)[1]
+        with pytest.raises(FormatError):
+            open_head(wire, CAP.store_cap())
+
+
+def test_a_box_that_does_not_describe_the_named_root_is_refused() -> None:
+    root = root_entry()
+    block = root.node.block_id
+    file_entry = Entry(b"root", KIND_FILE, 0o644, 0, size=0, chunks=())
+    other_root = root_entry(b"other")
+    for payload in (msgpack.packb(encode_entry(file_entry)),
+                    msgpack.packb(encode_entry(other_root)),
+                    b"\xc1", msgpack.packb({"n": b"/"})):
+        value = {"v": 1, "root": block, "box": sealed_box(CAP, 1, block, payload), "created": 0}
+        with pytest.raises(FormatError):
+            open_head(signed_value(CAP, 1, value), CAP.read_cap())
+
+
+# ----------------------------------------------------------------------------- the tracker
+
+
+def wire_at(seq: int, cap: WriteCap = CAP) -> bytes:
+    return make_head(cap, seq, root_entry(str(seq).encode()), created=seq).wire
+
+
+def test_tracker_accepts_higher_ignores_equal_refuses_lower() -> None:
+    tracker = HeadTracker(CAP.read_cap())
+    assert tracker.current is None
+    first = tracker.offer(wire_at(5))
+    assert first is not None and first.seq == 5 and tracker.current == first
+    assert tracker.offer(wire_at(5)) is None  # same seq: nothing new
+    assert tracker.offer(first.wire) is None
+    with pytest.raises(RollbackError, match="already at seq 5"):
+        tracker.offer(wire_at(4))
+    with pytest.raises(RollbackError):
+        tracker.offer(wire_at(0))
+    assert tracker.current == first
+    newer = tracker.offer(wire_at(6))
+    assert newer is not None and newer.seq == 6 and tracker.current == newer
+    assert tracker.offer(wire_at(100)).seq == 100  # type: ignore[union-attr]  # gaps are fine
+    with pytest.raises(RollbackError):
+        tracker.offer(wire_at(99))
+
+
+def test_tracker_starts_from_a_known_head() -> None:
+    known = open_head(wire_at(10), CAP.store_cap())
+    tracker = HeadTracker(CAP.store_cap(), known)
+    with pytest.raises(RollbackError):
+        tracker.offer(wire_at(9))
+    assert tracker.offer(wire_at(10)) is None
+    assert tracker.offer(wire_at(11)).root is None  # type: ignore[union-attr]  # store cap
+
+
+def test_tracker_refuses_bad_heads_without_moving() -> None:
+    tracker = HeadTracker(CAP.read_cap())
+    tracker.offer(wire_at(3))
+    current = tracker.current
+    bad = bytearray(wire_at(4))
+    bad[-1] ^= 1
+    with pytest.raises(IntegrityError):
+        tracker.offer(bytes(bad))
+    with pytest.raises(IntegrityError, match="another drive"):
+        tracker.offer(wire_at(50, OTHER))
+    assert tracker.current is current
+
+
+def test_rollback_error_is_an_integrity_error() -> None:
+    assert issubclass(RollbackError, IntegrityError)

@@ -1,0 +1,62 @@
+"""The drive layer's errors.
+
+Every error a user can meet is one of these, with a message that says what
+went wrong and what to do. The command line turns them into exit codes in one
+place (`vfs.cli`); the FUSE layer turns them into errno in one place (`vfs.fs`).
+"""
+
+from __future__ import annotations
+
+
+class PeerdriveError(Exception):
+    """Base of every error the drive layer raises on purpose."""
+
+    exit_code = 1
+
+
+class UsageError(PeerdriveError):
+    """The command was given something it cannot use (a bad path, a bad size)."""
+
+    exit_code = 2
+
+
+class LinkError(UsageError):
+    """A share link is malformed, mistyped or of the wrong kind."""
+
+
+class FormatError(PeerdriveError):
+    """A record, directory node or head is malformed or of an unknown version."""
+
+    exit_code = 3
+
+
+class IntegrityError(FormatError):
+    """Bytes do not match the hash, tag or signature that vouches for them."""
+
+
+class RollbackError(IntegrityError):
+    """A head older than one already verified was offered: refused."""
+
+
+class BlockUnavailable(PeerdriveError):
+    """A block is not on this device and no peer could serve it in time."""
+
+    exit_code = 4
+
+
+class DriveNotFound(PeerdriveError):
+    """No head for this drive could be found locally or on the network."""
+
+    exit_code = 4
+
+
+class NoSpaceError(PeerdriveError):
+    """The device is full: work that must write cannot go on."""
+
+    exit_code = 5
+
+
+class MountError(PeerdriveError):
+    """Mounting or unmounting failed (not a directory, already mounted, no FUSE)."""
+
+    exit_code = 6
