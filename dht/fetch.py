@@ -256,10 +256,10 @@ class Fetcher:
         nursery = await stack.enter_async_context(open_task_nursery())
         try:
             await nursery.start(self.run)
-        except BaseException as exc:
+        except BaseException:
             nursery.cancel_scope.cancel()
-            if not await stack.__aexit__(type(exc), exc, exc.__traceback__):
-                raise
+            await stack.aclose()
+            raise
         self._exit_stack, self._outer = stack, nursery
         return self
 
