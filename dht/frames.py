@@ -28,6 +28,7 @@ from .types import BLOCK_ID_LEN, DISCOVERY_KEY_LEN, NODE_ID_LEN, Priority
 PROTOCOL_VERSION = 1
 MAX_BLOCK = 4 * 1024 * 1024  # the largest block the drive layer makes
 MAX_FRAME = MAX_BLOCK + 4 * 1024  # payload bytes after the length prefix
+MAX_CLIENT_FRAME = 4 * 1024  # a client only ever sends small frames (hello, want, cancel, ...)
 MAX_RECORD = 64 * 1024  # an opaque signed record carried by Notice
 MAX_REASON = 256  # characters in a Refused/Goodbye reason
 MAX_REQ_ID = 2**32 - 1
@@ -344,12 +345,16 @@ class FrameDecoder:
     """Turns a byte stream into messages; feed bytes, then take events until None.
 
     After a FrameError the decoder is broken for good (the stream has lost
-    framing) and raises the same error again on every call.
+    framing) and raises the same error again on every call. `max_frame` bounds
+    the payload length accepted (a server reading clients passes
+    MAX_CLIENT_FRAME: no client message is near 4 MiB, so no client may make
+    it buffer that much).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
         self._buf = bytearray()
         self._error: FrameError | None = None
+        self._max_frame = min(max_frame, MAX_FRAME)
 
     @property
     def buffered(self) -> int:
@@ -367,8 +372,8 @@ class FrameDecoder:
             self._check_length(_PREFIX.unpack_from(self._buf)[0])
 
     def _check_length(self, length: int) -> None:
-        if length > MAX_FRAME:
-            self._fail(FrameError(f"frame length {length} exceeds the limit of {MAX_FRAME}"))
+        if length > self._max_frame:
+            self._fail(FrameError(f"frame length {length} exceeds the limit of {self._max_frame}"))
 
     def _fail(self, error: FrameError) -> None:
         self._error = error

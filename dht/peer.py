@@ -47,6 +47,8 @@ from .errors import (
 )
 from .frames import (
     MAX_BLOCK,
+    MAX_CLIENT_FRAME,
+    MAX_FRAME,
     MAX_REASON,
     MAX_REQ_ID,
     MAX_TOKEN,
@@ -139,10 +141,10 @@ def _set_keepalive(stream: trio.SocketStream) -> None:
 class _FrameStream:
     """Messages over a byte stream: one task may receive while another sends."""
 
-    def __init__(self, stream: trio.abc.Stream, peer: str) -> None:
+    def __init__(self, stream: trio.abc.Stream, peer: str, max_frame: int = MAX_FRAME) -> None:
         self.stream = stream
         self.peer = peer
-        self._decoder = FrameDecoder()
+        self._decoder = FrameDecoder(max_frame)
 
     async def receive(self) -> Message:
         while True:
@@ -349,7 +351,7 @@ class PeerServer:
             await ssl_stream.do_handshake()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise PeerGoneError(f"TLS handshake with {peer} failed: {exc}") from None
-        frames = _FrameStream(ssl_stream, peer)
+        frames = _FrameStream(ssl_stream, peer, MAX_CLIENT_FRAME)
         nonce = secrets.token_bytes(NONCE_LEN)
         server_id = self.identity.node_id
         await frames.send(Challenge(server_id, nonce))

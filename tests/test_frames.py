@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from dht.errors import DhtError, FrameError
 from dht.frames import (
     MAX_BLOCK,
+    MAX_CLIENT_FRAME,
     MAX_FRAME,
     MAX_REASON,
     MAX_RECORD,
@@ -114,6 +115,14 @@ def test_oversize_prefix_behind_a_good_frame() -> None:
     with pytest.raises(FrameError, match="exceeds"):
         decoder.next_event()
     assert decoder.buffered == 0
+
+
+def test_a_smaller_frame_limit_can_be_chosen() -> None:
+    decoder = FrameDecoder(max_frame=MAX_CLIENT_FRAME)
+    decoder.feed(encode(Want(1, ID, Priority.READ)))
+    assert isinstance(decoder.next_event(), Want)
+    with pytest.raises(FrameError, match=f"limit of {MAX_CLIENT_FRAME}"):
+        decoder.feed(struct.pack(">I", MAX_CLIENT_FRAME + 1))
 
 
 def test_decoder_stays_broken_after_an_error() -> None:

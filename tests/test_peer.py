@@ -446,6 +446,23 @@ def test_garbage_from_a_client_gets_goodbye_and_the_server_lives_on() -> None:
     run(test)
 
 
+def test_a_client_may_not_send_big_frames() -> None:
+    """Only servers send blocks: a client announcing a 1 MiB frame is cut off at the prefix."""
+    dk, secret = new_drive()
+
+    async def test(nursery: trio.Nursery) -> None:
+        server, addr = await start_server(nursery, {}, {dk: secret})
+        stream, decoder, _reply = await raw_client(addr, NodeIdentity.generate(), dk, secret)
+        await stream.send_all((1 << 20).to_bytes(4, "big"))
+        with trio.fail_after(5):
+            msg = await read_message(stream, decoder)
+            assert isinstance(msg, Goodbye) and "exceeds" in msg.reason
+        await stream.aclose()
+        assert server.stats.protocol_errors == 1
+
+    run(test)
+
+
 def test_block_source_sees_urgent_wants_first() -> None:
     """The order wants reach the block store follows priority once a queue exists."""
     blocks = make_blocks(30)
