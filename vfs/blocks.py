@@ -1,0 +1,110 @@
+"""The read path's source of plaintext: local store first, then the network.
+
+`BlockReader.read(ref)` returns the plaintext of one block. It looks in the
+node's store; if the block is missing (or failed its check there) it asks
+the fetcher, which gets it from peers and verifies its id; the ciphertext is
+cached (a full disk only means it is handed over uncached) and decrypted in
+a worker thread, since AES-GCM over a large block releases the GIL. A small
+in-memory LRU of plaintext makes the kernel's several reads of one chunk cost
+one decryption.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from cache.errors import StoreError, StoreFull
+from cache.store import BlockStore
+from dht.types import Priority
+
+from .crypto import Ref, decrypt_block
+from .errors import BlockUnavailable, IntegrityError
+
+# fetch(block_id, priority) -> ciphertext whose SHA-256 is block_id, or raises
+Fetch = Callable[[bytes, Priority], Awaitable[bytes]]
+
+PLAINTEXT_CACHE_BYTES = 64 * 1024 * 1024
+_THREAD_MIN = 64 * 1024
+
+
+class BlockReader:
+    def __init__(self, store: BlockStore, read_key: bytes, fetch: Fetch | None = None,
+                 plaintext_cache_bytes: int = PLAINTEXT_CACHE_BYTES) -> None:
+        self.store = store
+        self.read_key = read_key
+        self.fetch = fetch
+        self._plain: OrderedDict[bytes, bytes] = OrderedDict()
+        self._plain_bytes = 0
+        self._plain_limit = plaintext_cache_bytes
+        self._inflight: dict[bytes, trio.Event] = {}
+        self.fetched_blocks = 0
+        self.fetched_bytes = 0
+        self.uncached_blocks = 0
+
+    def _remember(self, block_id: bytes, plain: bytes) -> None:
+        if len(plain) > self._plain_limit:
+            return
+        self._plain[block_id] = plain
+        self._plain_bytes += len(plain)
+        while self._plain_bytes > self._plain_limit:
+            _, old = self._plain.popitem(last=False)
+            self._plain_bytes -= len(old)
+
+    def cached_plain(self, block_id: bytes) -> bytes | None:
+        plain = self._plain.get(block_id)
+        if plain is not None:
+            self._plain.move_to_end(block_id)
+        return plain
+
+    async def read(self, ref: Ref, priority: Priority = Priority.READ) -> bytes:
+        plain = self.cached_plain(ref.block_id)
+        if plain is not None:
+            return plain
+        # one fetch per block: concurrent readers of the same block wait for the first
+        while (ev := self._inflight.get(ref.block_id)) is not None:
+            await ev.wait()
+            plain = self.cached_plain(ref.block_id)
+            if plain is not None:
+                return plain
+        ev = self._inflight[ref.block_id] = trio.Event()
+        try:
+            plain = await self._load(ref, priority)
+            self._remember(ref.block_id, plain)
+            return plain
+        finally:
+            del self._inflight[ref.block_id]
+            ev.set()
+
+    async def ciphertext(self, ref: Ref, priority: Priority) -> bytes:
+        """The verified ciphertext of a block, fetched and cached if missing."""
+        ct = self.store.get(ref.block_id)
+        if ct is not None:
+            return ct
+        if self.fetch is None:
+            raise BlockUnavailable(f"block {ref.block_id.hex()[:16]} is not on this device "
+                                   "and this mount has no network")
+        ct = await self.fetch(ref.block_id, priority)
+        self.fetched_blocks += 1
+        self.fetched_bytes += len(ct)
+        try:
+            self.store.put(ref.block_id, ct)
+        except StoreFull:
+            self.uncached_blocks += 1  # a full disk never fails a read the network served
+        except StoreError:
+            self.uncached_blocks += 1
+        return ct
+
+    async def _load(self, ref: Ref, priority: Priority) -> bytes:
+        ct = await self.ciphertext(ref, priority)
+        try:
+            if len(ct) >= _THREAD_MIN:
+                return await trio.to_thread.run_sync(decrypt_block, self.read_key, ref, ct)
+            return decrypt_block(self.read_key, ref, ct)
+        except IntegrityError:
+            # the id matched, so the publisher encrypted garbage under this ref, or the
+            # ref itself is wrong: drop the block so it is not served again, and fail.
+            self.store.evict([ref.block_id])
+            raise

@@ -1,0 +1,310 @@
+"""The `peerdrive` command line: parse, call, print, exit codes.
+
+This is the only module that prints and the only place errors become exit
+codes:
+
+    0  success               4  data unavailable (no peer, no head)
+    1  other failure         5  no space left on the device
+    2  usage / bad link      6  mount or unmount failed
+    3  corrupt or forged data  130  interrupted
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+from cache.errors import StoreError, StoreFull
+
+from .capability import ReadCap, StoreCap, WriteCap, parse_link, require_read
+from .errors import NoSpaceError, PeerdriveError, UsageError
+from .home import Home
+from .units import format_size, parse_size
+
+EXIT_INTERRUPTED = 130
+
+
+# ----------------------------------------------------------------------------- output
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr, drawn only when stdout is a terminal."""
+
+    def __init__(self, label: str, enabled: bool) -> None:
+        self.label = label
+        self.enabled = enabled
+        self._last = 0.0
+        self._start = time.monotonic()
+
+    def update(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self._last < 0.1 and done < total:
+            return
+        self._last = now
+        frac = done / total if total else 1.0
+        width = 30
+        bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
+        rate = done / max(now - self._start, 1e-6)
+        sys.stderr.write(f"\r{self.label} [{bar}] {frac * 100:5.1f}% "
+                         f"{format_size(done)}/{format_size(total)} {format_size(rate)}/s ")
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def _emit(args: argparse.Namespace, data: dict, text: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, sort_keys=True))
+    else:
+        print(text)
+
+
+def _home(args: argparse.Namespace) -> Home:
+    return Home(Path(args.home) if args.home else None)
+
+
+def _open_store(home: Home, cache_size: str | None = None):
+    from cache.store import BlockStore
+
+    limit = parse_size(cache_size) if cache_size else None
+    return BlockStore(home.store_path, limit_bytes=limit) if limit is not None else \
+        BlockStore(home.store_path)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from .publish import Publisher
+    from .storage import DriveStorage
+
+    home = _home(args)
+    source = Path(args.folder).expanduser()
+    if not source.is_dir():
+        raise UsageError(f"{source} is not a folder")
+    cap = home.drive_for_source(source) or home.create_drive(source)
+    store = _open_store(home)
+    bar = ProgressBar("publishing", sys.stdout.isatty() and not args.json)
+    try:
+        pub = Publisher(DriveStorage(store), cap, source, on_progress=bar.update,
+                        on_warning=lambda m: print(f"warning: {m}", file=sys.stderr))
+        started = time.monotonic()
+        result = trio.run(pub.run)
+        elapsed = time.monotonic() - started
+    finally:
+        bar.finish()
+        store.close()
+    data = {
+        "read_link": cap.read_cap().link(),
+        "drive": cap.drive_id,
+        "seq": result.head.seq,
+        "files": result.files,
+        "bytes": result.bytes,
+        "new_blocks": result.new_blocks,
+        "new_bytes": result.new_bytes,
+        "seconds": round(elapsed, 3),
+    }
+    text = (f"published {result.files} files ({format_size(result.bytes)}) as version "
+            f"{result.head.seq}; {result.new_blocks} new blocks ({format_size(result.new_bytes)}) "
+            f"in {elapsed:.1f} s\n{cap.read_cap().link()}")
+    _emit(args, data, text)
+    return 0
+
+
+def cmd_share(args: argparse.Namespace) -> int:
+    home = _home(args)
+    cap: StoreCap
+    target = args.target
+    if target.startswith("peerdrive:"):
+        cap = parse_link(target)
+    else:
+        found = home.drive_for_source(Path(target).expanduser())
+        if found is None:
+            raise UsageError(f"{target} is neither a link nor a folder this node publishes")
+        cap = found
+    if args.store:
+        out = cap.store_cap().link() if isinstance(cap, ReadCap) else cap.link()
+    elif args.write:
+        if not isinstance(cap, WriteCap):
+            raise UsageError("only the publishing node holds the write capability")
+        out = cap.link()
+    else:
+        out = require_read(cap).read_cap().link() if isinstance(cap, WriteCap) else \
+            require_read(cap).link()
+    _emit(args, {"link": out, "drive": cap.drive_id}, out)
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from dht.identity import NodeIdentity
+
+    home = _home(args)
+    ident = NodeIdentity.load_or_create(home.node_key_path)
+    drives = []
+    for cap in home.published_drives():
+        d = {"drive": cap.drive_id, "read_link": cap.read_cap().link(),
+             "source": (home.path / "drives" / cap.drive_id / "source").read_text()}
+        if args.show_write:
+            d["write_link"] = cap.link()
+        drives.append(d)
+    data = {"node_id": ident.node_id.hex(), "home": str(home.path), "drives": drives}
+    lines = [f"node id  {ident.node_id.hex()}", f"home     {home.path}"]
+    for d in drives:
+        lines.append(f"drive    {d['drive'][:16]}  {d['source']}")
+        lines.append(f"  read   {d['read_link']}")
+        if "write_link" in d:
+            lines.append(f"  write  {d['write_link']}")
+    _emit(args, data, "\n".join(lines))
+    return 0
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from .mount import check_mountpoint, python_argv, spawn_daemon
+
+    home = _home(args)
+    cap = require_read(parse_link(args.link))
+    mountpoint = Path(args.mountpoint).expanduser().resolve()
+    check_mountpoint(mountpoint)
+    if not args.foreground:
+        argv = [*python_argv(), "--home", str(home.path), "mount", args.link, str(mountpoint),
+                "--foreground"]
+        for b in args.bootstrap or ():
+            argv += ["--bootstrap", b]
+        if args.cache_size:
+            argv += ["--cache-size", args.cache_size]
+        log_path = home.logs_dir / f"mount-{cap.drive_id[:16]}.log"
+        pid = spawn_daemon(argv, log_path)
+        _emit(args, {"mountpoint": str(mountpoint), "pid": pid, "drive": cap.drive_id},
+              f"mounted {cap.drive_id[:16]} at {mountpoint} (pid {pid})")
+        return 0
+    from .node import run_mount_foreground
+
+    run_mount_foreground(home, cap, mountpoint, args)
+    return 0
+
+
+def cmd_unmount(args: argparse.Namespace) -> int:
+    from .mount import unmount
+
+    home = _home(args)
+    mountpoint = Path(args.mountpoint).expanduser().resolve()
+    pid = None
+    for info in home.live_mounts():
+        if info.get("mountpoint") == str(mountpoint):
+            pid = int(info["pid"])
+    unmount(mountpoint, pid, lazy=args.lazy)
+    home.unregister_mount(mountpoint)
+    _emit(args, {"mountpoint": str(mountpoint)}, f"unmounted {mountpoint}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .status import status_command
+
+    data, text = status_command(_home(args), args)
+    _emit(args, data, text)
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="peerdrive", description=(
+        "A peer-to-peer cloud drive: publish a folder, mount it anywhere, "
+        "stream on demand, pin what you need offline."))
+    p.add_argument("--home", help="state directory (default: $PEERDRIVE_HOME or the user data dir)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("publish", help="publish a folder as a new version of its drive")
+    s.add_argument("folder")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=cmd_publish)
+
+    s = sub.add_parser("mount", help="mount a drive from its read link")
+    s.add_argument("link")
+    s.add_argument("mountpoint")
+    s.add_argument("--foreground", "-f", action="store_true",
+                   help="serve in this process until unmounted")
+    s.add_argument("--bootstrap", action="append", metavar="HOST:PORT",
+                   help="a DHT node to join through (repeatable)")
+    s.add_argument("--listen", metavar="HOST:PORT", help="address to serve blocks on")
+    s.add_argument("--cache-size", metavar="SIZE", help="cache limit, e.g. 500M or 10G")
+    s.add_argument("--no-lan", action="store_true", help="no LAN discovery")
+    s.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_mount)
+
+    s = sub.add_parser("unmount", help="unmount a drive (also clears a crashed mount)")
+    s.add_argument("mountpoint")
+    s.add_argument("--lazy", action="store_true", help="detach now even if busy")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_unmount)
+
+    s = sub.add_parser("share", help="print a drive's link (read by default)")
+    s.add_argument("target", help="a link, or a folder this node publishes")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--store", action="store_true",
+                   help="the store capability: can hold and serve, cannot read")
+    g.add_argument("--write", action="store_true", help="the write capability (keep it secret)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_share)
+
+    s = sub.add_parser("keys", help="this node's identity and the drives it publishes")
+    s.add_argument("--show-write", action="store_true", help="also print write capabilities")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_keys)
+
+    s = sub.add_parser("status", help="the node, or a path inside a mount")
+    s.add_argument("path", nargs="?")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(args.verbose, 2),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except PeerdriveError as exc:
+        _report_failure(args, str(exc))
+        return exc.exit_code
+    except StoreFull as exc:
+        _report_failure(args, f"no space: {exc}")
+        return NoSpaceError.exit_code
+    except StoreError as exc:
+        _report_failure(args, f"store: {exc}")
+        return 1
+    except OSError as exc:
+        _report_failure(args, f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
+        return 1
+
+
+def _report_failure(args: argparse.Namespace, message: str) -> None:
+    from .mount import report_ready
+
+    print(f"peerdrive: error: {message}", file=sys.stderr)
+    report_ready(getattr(args, "ready_fd", None), f"error {message}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,340 @@
+"""The FUSE operations of a mounted drive: the one place errors become errno.
+
+This class translates kernel requests into calls on the drive (`vfs.drive`):
+it keeps the inode table and the open file handles, and nothing else. A
+version's content never changes, so entries and attributes get long kernel
+timeouts and files open with `keep_cache`; when a new version arrives the
+drive tells us and we invalidate what changed.
+
+The mount is read-only, but it is not mounted `ro`: the kernel would then
+refuse `setxattr` before asking us, and setting `user.peerdrive.pinned` is
+how pinning works. Every write operation answers EROFS here instead.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from .drive import Drive, OpenFile
+from .errors import (
+    BlockUnavailable,
+    FormatError,
+    IntegrityError,
+    NoSpaceError,
+    PeerdriveError,
+    UsageError,
+)
+from .formats import Entry
+
+log = logging.getLogger(__name__)
+
+ATTR_TIMEOUT = 3600.0
+XATTR_PREFIX = b"user.peerdrive."
+
+T = TypeVar("T")
+
+
+def fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Turn the drive's exceptions into FUSEError(errno), logging the ones that matter."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any) -> T:
+        try:
+            return await fn(*args)
+        except pyfuse3.FUSEError:
+            raise
+        except (BlockUnavailable, IntegrityError, FormatError) as exc:
+            log.warning("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except NoSpaceError as exc:
+            log.warning("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(errno.ENOSPC) from None
+        except UsageError as exc:
+            log.info("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        except PeerdriveError as exc:
+            log.warning("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:
+            log.exception("%s failed", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+@dataclass
+class Inode:
+    ino: int
+    parent: int
+    name: bytes
+    entry: Entry
+    version: int
+    lookups: int = 0
+
+
+class DriveOperations(pyfuse3.Operations):
+    """pyfuse3 operations over one mounted drive."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, drive: Drive) -> None:
+        super().__init__()
+        self.drive = drive
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+        root = drive.root_entry()
+        self.inodes: dict[int, Inode] = {
+            pyfuse3.ROOT_INODE: Inode(pyfuse3.ROOT_INODE, pyfuse3.ROOT_INODE, b"", root,
+                                      drive.version)}
+        self.by_name: dict[tuple[int, bytes], int] = {}
+        self._next_ino = pyfuse3.ROOT_INODE + 1
+        self._files: dict[int, OpenFile] = {}
+        self._dirs: dict[int, Inode] = {}
+        self._next_fh = 1
+
+    # -- inode table ---------------------------------------------------------------
+
+    async def _current(self, ino: int) -> Inode:
+        """The inode, its entry brought up to the drive's current version."""
+        node = self.inodes.get(ino)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if node.version != self.drive.version:
+            if ino == pyfuse3.ROOT_INODE:
+                node.entry = self.drive.root_entry()
+            else:
+                parent = await self._current(node.parent)
+                fresh = None
+                if parent.entry.is_dir:
+                    fresh = await self.drive.lookup(parent.entry, node.name)
+                if fresh is None:
+                    raise pyfuse3.FUSEError(errno.ENOENT)  # gone in the new version
+                node.entry = fresh
+            node.version = self.drive.version
+        return node
+
+    def _remember(self, parent: int, entry: Entry, version: int) -> Inode:
+        """The inode for `entry` in `parent` (stable by path), holding `entry` of `version`."""
+        key = (parent, entry.name)
+        ino = self.by_name.get(key)
+        if ino is None:
+            ino = self._next_ino
+            self._next_ino += 1
+            self.by_name[key] = ino
+            self.inodes[ino] = Inode(ino, parent, entry.name, entry, version)
+        node = self.inodes[ino]
+        node.entry = entry
+        node.version = version
+        return node
+
+    def _attrs(self, node: Inode) -> pyfuse3.EntryAttributes:
+        e = node.entry
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.ino
+        a.generation = 0
+        a.entry_timeout = ATTR_TIMEOUT
+        a.attr_timeout = ATTR_TIMEOUT
+        a.st_mode = e.st_mode
+        a.st_nlink = 2 + e.nsubdirs if e.is_dir else 1
+        a.st_uid = self.uid
+        a.st_gid = self.gid
+        a.st_rdev = 0
+        a.st_size = e.size if not e.is_dir else 4096
+        a.st_blksize = 128 * 1024
+        a.st_blocks = (a.st_size + 511) // 512
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = e.mtime_ns
+        return a
+
+    # -- lookups and attributes ----------------------------------------------------
+
+    @fuse_errors
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = await self._current(parent_inode)
+        if name == b".":
+            node = parent
+        elif name == b"..":
+            node = await self._current(parent.parent)
+        else:
+            if not parent.entry.is_dir:
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+            entry = await self.drive.lookup(parent.entry, name)
+            if entry is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            node = self._remember(parent_inode, entry, self.drive.version)
+        node.lookups += 1
+        return self._attrs(node)
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for ino, n in inode_list:
+            node = self.inodes.get(ino)
+            if node is None or ino == pyfuse3.ROOT_INODE:
+                continue
+            node.lookups -= n
+            if node.lookups <= 0:
+                del self.inodes[ino]
+                self.by_name.pop((node.parent, node.name), None)
+
+    @fuse_errors
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attrs(await self._current(inode))
+
+    @fuse_errors
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = await self._current(inode)
+        if not node.entry.is_link or node.entry.target is None:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return node.entry.target
+
+    @fuse_errors
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        used, limit = self.drive.cache_usage()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = max(used, limit or used) // 4096
+        s.f_bfree = s.f_bavail = 0
+        s.f_files = s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    # -- directories ---------------------------------------------------------------
+
+    @fuse_errors
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = await self._current(inode)
+        if not node.entry.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        fh = self._next_fh
+        self._next_fh += 1
+        # a listing keeps the version it started with: offsets stay valid
+        self._dirs[fh] = Inode(node.ino, node.parent, node.name, node.entry, node.version)
+        return fh
+
+    @fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        snap = self._dirs.get(fh)
+        if snap is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        async for index, entry in self.drive.entries(snap.entry, start_id):
+            # an entry of an older version is refreshed on its next use
+            node = self._remember(snap.ino, entry, snap.version)
+            if not pyfuse3.readdir_reply(token, entry.name, self._attrs(node), index + 1):
+                return
+            node.lookups += 1
+
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    # -- files ---------------------------------------------------------------------
+
+    @fuse_errors
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        node = await self._current(inode)
+        if node.entry.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if not node.entry.is_file:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._files[fh] = await self.drive.open(node.entry)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+
+    @fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        of = self._files.get(fh)
+        if of is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return await self.drive.read(of, off, size)
+
+    async def release(self, fh: int) -> None:
+        of = self._files.pop(fh, None)
+        if of is not None:
+            self.drive.close(of)
+
+    # -- extended attributes: status and pinning -----------------------------------
+
+    @fuse_errors
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        await self._current(inode)
+        return [XATTR_PREFIX + n.encode() for n in self.drive.xattr_names()]
+
+    @fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        node = await self._current(inode)
+        if not name.startswith(XATTR_PREFIX):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        value = await self.drive.get_xattr(self._path(node), node.entry,
+                                           name[len(XATTR_PREFIX):].decode("ascii", "replace"))
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    @fuse_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        node = await self._current(inode)
+        if not name.startswith(XATTR_PREFIX):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        key = name[len(XATTR_PREFIX):].decode("ascii", "replace")
+        if not await self.drive.set_xattr(self._path(node), node.entry, key, value):
+            raise pyfuse3.FUSEError(errno.EROFS)
+
+    @fuse_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    def _path(self, node: Inode) -> list[bytes]:
+        parts: list[bytes] = []
+        while node.ino != pyfuse3.ROOT_INODE:
+            parts.append(node.name)
+            parent = self.inodes.get(node.parent)
+            if parent is None:
+                raise pyfuse3.FUSEError(errno.ESTALE)
+            node = parent
+        return parts[::-1]
+
+    # -- everything that would write -----------------------------------------------
+
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def mknod(self, *args: Any) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def mkdir(self, *args: Any) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def unlink(self, *args: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def rmdir(self, *args: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def symlink(self, *args: Any) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def rename(self, *args: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def link(self, *args: Any) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def create(self, *args: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        raise pyfuse3.FUSEError(errno.EROFS)

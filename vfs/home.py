@@ -1,0 +1,179 @@
+"""Where a node keeps its state: `PEERDRIVE_HOME` and the files under it.
+
+    PEERDRIVE_HOME/
+        node.key            this node's Ed25519 identity (0600)
+        config.toml         optional: bootstrap peers, cache size, listen address
+        store/              the LMDB block store (ciphertext only)
+        drives/<pubkey>/    one folder per drive this node publishes
+            write.cap       the write capability link (0600)
+            source          the folder it publishes
+        mounts/             one JSON file per live mount (pid, mountpoint, drive)
+        logs/               logs of background mounts
+
+Several nodes run side by side on one machine by giving each its own home.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+
+from .capability import WriteCap, parse_link
+from .errors import LinkError, UsageError
+
+
+def default_home() -> Path:
+    env = os.environ.get("PEERDRIVE_HOME")
+    if env:
+        return Path(env).expanduser()
+    return Path(platformdirs.user_data_dir("peerdrive"))
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a secret atomically with mode 0600 (never readable by others, even briefly)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+@dataclass
+class Config:
+    bootstrap: list[str]
+    cache_size: str | None
+    listen: str | None
+    lan: bool
+    fetch_timeout: float
+
+
+class Home:
+    """The state directory of one node."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = (path or default_home()).resolve()
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    @property
+    def store_path(self) -> Path:
+        return self.path / "store"
+
+    @property
+    def node_key_path(self) -> Path:
+        return self.path / "node.key"
+
+    @property
+    def mounts_dir(self) -> Path:
+        d = self.path / "mounts"
+        d.mkdir(exist_ok=True)
+        return d
+
+    @property
+    def logs_dir(self) -> Path:
+        d = self.path / "logs"
+        d.mkdir(exist_ok=True)
+        return d
+
+    def config(self) -> Config:
+        f = self.path / "config.toml"
+        data: dict = {}
+        if f.exists():
+            try:
+                data = tomllib.loads(f.read_text())
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+                raise UsageError(f"{f}: not valid TOML: {exc}") from exc
+        boots = data.get("bootstrap", [])
+        if isinstance(boots, str):
+            boots = [boots]
+        return Config(
+            bootstrap=[str(b) for b in boots],
+            cache_size=str(data["cache_size"]) if "cache_size" in data else None,
+            listen=str(data["listen"]) if "listen" in data else None,
+            lan=bool(data.get("lan", True)),
+            fetch_timeout=float(data.get("fetch_timeout", 20.0)),
+        )
+
+    # -- drives this node publishes -------------------------------------------------
+
+    def _drive_dir(self, pubkey: bytes) -> Path:
+        return self.path / "drives" / pubkey.hex()
+
+    def drive_for_source(self, source: Path) -> WriteCap | None:
+        """The drive that already publishes `source`, so a re-publish makes a new version."""
+        drives = self.path / "drives"
+        if not drives.is_dir():
+            return None
+        want = str(source.resolve())
+        for d in sorted(drives.iterdir()):
+            with contextlib.suppress(OSError):
+                if (d / "source").read_text() == want:
+                    return self._load_write_cap(d)
+        return None
+
+    def _load_write_cap(self, d: Path) -> WriteCap:
+        cap = parse_link((d / "write.cap").read_text())
+        if not isinstance(cap, WriteCap):
+            raise LinkError(f"{d / 'write.cap'} does not hold a write capability")
+        return cap
+
+    def create_drive(self, source: Path) -> WriteCap:
+        cap = WriteCap.generate()
+        d = self._drive_dir(cap.pubkey)
+        d.mkdir(parents=True, exist_ok=False)
+        write_private(d / "write.cap", (cap.link() + "\n").encode())
+        (d / "source").write_text(str(source.resolve()))
+        return cap
+
+    def write_cap_for(self, pubkey: bytes) -> WriteCap | None:
+        d = self._drive_dir(pubkey)
+        if (d / "write.cap").exists():
+            return self._load_write_cap(d)
+        return None
+
+    def published_drives(self) -> list[WriteCap]:
+        drives = self.path / "drives"
+        if not drives.is_dir():
+            return []
+        out = []
+        for d in sorted(drives.iterdir()):
+            if (d / "write.cap").exists():
+                out.append(self._load_write_cap(d))
+        return out
+
+    # -- live mounts ---------------------------------------------------------------
+
+    def mount_file(self, mountpoint: Path) -> Path:
+        # abspath, not resolve(): the mount process must never stat its own mount point
+        key = hashlib.sha256(os.path.abspath(mountpoint).encode()).hexdigest()[:16]
+        return self.mounts_dir / f"{key}.json"
+
+    def register_mount(self, mountpoint: Path, info: dict) -> None:
+        f = self.mount_file(mountpoint)
+        f.write_text(json.dumps(info))
+
+    def unregister_mount(self, mountpoint: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.mount_file(mountpoint).unlink()
+
+    def live_mounts(self) -> list[dict]:
+        out = []
+        for f in sorted(self.mounts_dir.glob("*.json")):
+            try:
+                info = json.loads(f.read_text())
+                os.kill(int(info["pid"]), 0)
+            except (OSError, ValueError, KeyError, json.JSONDecodeError):
+                continue
+            out.append(info)
+        return out

@@ -1,0 +1,162 @@
+"""Running a mount: the FUSE session, its signals, and the background daemon.
+
+`peerdrive mount` without `--foreground` starts itself again as a detached
+process with `--foreground --ready-fd N`, waits until that process reports the
+mount is live (or failed, with its message), and returns, as sshfs does.
+The mount process unmounts on SIGTERM and SIGINT; `peerdrive unmount` asks
+the kernel to unmount (which also clears a mount whose process was killed)
+and waits for the process to finish.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from .errors import MountError
+
+log = logging.getLogger(__name__)
+
+
+def fuse_options() -> set[str]:
+    opts = set(pyfuse3.default_options)
+    opts |= {"fsname=peerdrive", "subtype=peerdrive", "noatime"}
+    if os.getuid() == 0:
+        opts.add("allow_other")
+    return opts
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    if not mountpoint.is_dir():
+        raise MountError(f"{mountpoint} is not a directory: create it first")
+    if os.path.ismount(mountpoint):
+        raise MountError(f"{mountpoint} is already a mount point: unmount it first "
+                         f"(peerdrive unmount {mountpoint})")
+
+
+async def serve_fuse(ops: pyfuse3.Operations, mountpoint: Path,
+                     background: Callable[..., object] | None = None,
+                     on_ready: Callable[[], None] | None = None) -> None:
+    """Mount `ops` at `mountpoint` and serve until unmounted or signalled.
+
+    `background` is started in the same nursery (with nursery.start) before
+    the kernel sees the mount, so the drive's tasks are ready when the first
+    request arrives.
+    """
+    try:
+        pyfuse3.init(ops, str(mountpoint), fuse_options())
+    except RuntimeError as exc:
+        raise MountError(f"could not mount at {mountpoint}: {exc} (is /dev/fuse available "
+                         "and fuse3 installed?)") from exc
+    unmounted = False
+    try:
+        async with trio.open_nursery() as nursery:
+            if background is not None:
+                await nursery.start(background)
+
+            async def watch_signals() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as s:
+                    async for signum in s:
+                        log.info("signal %d: unmounting", signum)
+                        pyfuse3.terminate()
+                        return
+
+            nursery.start_soon(watch_signals)
+            if on_ready is not None:
+                on_ready()
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+    finally:
+        with contextlib.suppress(Exception):
+            pyfuse3.close(unmount=True)
+            unmounted = True
+        if not unmounted:
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)],
+                           capture_output=True, check=False)
+
+
+def spawn_daemon(argv: list[str], log_path: Path, timeout: float = 120.0) -> int:
+    """Start `argv` (a foreground mount) detached; wait for its readiness report.
+
+    Returns the daemon's pid. Raises MountError with the daemon's own message
+    if it fails before the mount is live.
+    """
+    r, w = os.pipe()
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen(
+            [*argv, "--ready-fd", str(w)],
+            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+            pass_fds=(w,), start_new_session=True, close_fds=True,
+        )
+    os.close(w)
+    deadline = time.monotonic() + timeout
+    chunks = []
+    with os.fdopen(r, "rb") as pipe:
+        while True:
+            if time.monotonic() > deadline:
+                proc.terminate()
+                raise MountError(f"the mount did not become ready in {timeout:.0f} s; "
+                                 f"see {log_path}")
+            data = pipe.readline()
+            if not data:
+                break
+            chunks.append(data)
+            if data.startswith(b"ready"):
+                return proc.pid
+    rc = proc.wait()
+    msg = b"".join(chunks).decode(errors="replace").strip()
+    if msg.startswith("error "):
+        msg = msg[len("error "):]
+    err = MountError(msg or f"the mount process exited with status {rc}; see {log_path}")
+    if rc > 0:
+        err.exit_code = rc  # the daemon already chose the right exit code for its error
+    raise err
+
+
+def report_ready(fd: int | None, message: str = "ready") -> None:
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.write(fd, (message + "\n").encode())
+        os.close(fd)
+
+
+def unmount(mountpoint: Path, pid: int | None, lazy: bool = False,
+            timeout: float = 20.0) -> None:
+    """Unmount and wait for the serving process (if known) to exit."""
+    args = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [str(mountpoint)]
+    res = subprocess.run(args, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        err = res.stderr.strip()
+        if "not mounted" in err or "not found in" in err:
+            raise MountError(f"{mountpoint} is not mounted")
+        if "busy" in err.lower():
+            raise MountError(f"{mountpoint} is busy (a process has a file open there); close it "
+                             "or use --lazy")
+        raise MountError(f"could not unmount {mountpoint}: {err}")
+    if pid is None:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+
+
+def python_argv() -> list[str]:
+    """How to run this same peerdrive again (for the background mount)."""
+    return [sys.executable, "-m", "vfs.cli"]

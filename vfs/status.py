@@ -1,0 +1,71 @@
+"""`peerdrive status`: the node, or one path inside a mount.
+
+A path's status is read through the same extended attributes any tool can
+read (`user.peerdrive.*`), so the command and `getfattr` can never disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from .errors import UsageError
+from .home import Home
+from .units import format_size
+
+XATTRS = ("state", "cached", "size", "pinned", "copies")
+
+
+def path_status(path: Path) -> dict:
+    try:
+        names = [n for n in os.listxattr(path) if n.startswith("user.peerdrive.")]
+    except OSError as exc:
+        raise UsageError(f"{path}: {exc.strerror}") from exc
+    if not names:
+        raise UsageError(f"{path} is not inside a peerdrive mount")
+    raw = {}
+    for n in names:
+        raw[n[len("user.peerdrive."):]] = os.getxattr(path, n).decode()
+    out: dict = {"path": str(path), "state": raw.get("state")}
+    if "cached" in raw:
+        out["cached_bytes"] = int(raw["cached"])
+    if "size" in raw:
+        out["size_bytes"] = int(raw["size"])
+    if "pinned" in raw:
+        out["pinned"] = raw["pinned"] == "1"
+    if "copies" in raw:
+        out["copies"] = int(raw["copies"])
+    return out
+
+
+def status_command(home: Home, args: argparse.Namespace) -> tuple[dict, str]:
+    from cache.store import BlockStore
+
+    if args.path:
+        data = path_status(Path(args.path))
+        store_stats = None
+    else:
+        data = {}
+    with BlockStore(home.store_path) as store:
+        store_stats = store.stats()
+    data["cache"] = {"used_bytes": store_stats["total_bytes"],
+                     "limit_bytes": store_stats["limit_bytes"]}
+    if args.path:
+        text = (f"{data['path']}\n  state   {data['state']}\n"
+                f"  on device {format_size(data.get('cached_bytes', 0))} of "
+                f"{format_size(data.get('size_bytes', 0))}")
+        if "pinned" in data:
+            text += f"\n  pinned  {'yes' if data['pinned'] else 'no'}"
+        if "copies" in data:
+            text += f"\n  copies  {data['copies']}"
+        return data, text
+    mounts = home.live_mounts()
+    data["mounts"] = mounts
+    data["home"] = str(home.path)
+    lines = [f"home    {home.path}",
+             f"cache   {format_size(store_stats['total_bytes'])} used of "
+             f"{format_size(store_stats['limit_bytes'])}"]
+    for m in mounts:
+        lines.append(f"mount   {m['mountpoint']}  drive {m['drive'][:16]}  pid {m['pid']}")
+    return data, "\n".join(lines)

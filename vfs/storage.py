@@ -1,0 +1,82 @@
+"""The drive layer's view of the node's block store.
+
+`cache/` knows block ids, bytes, pins and small records; this module gives
+them drive meaning: where a drive's verified head is kept, which pin holds a
+published version, which pin holds a mount's metadata. Pin names:
+
+    publish:<pubkey hex>        every block of the version this node published last
+    publish-pending:<pubkey>    blocks of a publish in progress (so eviction cannot take them)
+    meta:<pubkey hex>           head root and directory nodes a mount has loaded
+    pin:<pubkey hex>:<path>     a user pin: every block under one path
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from cache.errors import StoreFull
+from cache.store import BlockStore
+
+from .capability import StoreCap, WriteCap
+from .errors import RollbackError
+from .head import Head, open_head
+
+_HEAD = b"head:"
+
+
+class DriveStorage:
+    full_errors: tuple[type[BaseException], ...] = (StoreFull,)
+
+    def __init__(self, store: BlockStore) -> None:
+        self.store = store
+
+    def head_wire(self, pubkey: bytes) -> bytes | None:
+        return self.store.get_record(_HEAD + pubkey)
+
+    def load_head(self, cap: StoreCap) -> Head | None:
+        wire = self.head_wire(cap.pubkey)
+        return open_head(wire, cap) if wire is not None else None
+
+    def save_head(self, head: Head) -> bool:
+        """Keep `head` if it is newer than the stored one; a lower seq is refused."""
+        old = self.head_wire(head.pubkey)
+        if old is not None:
+            current = open_head(old, StoreCap(head.pubkey))
+            if head.seq < current.seq:
+                raise RollbackError(f"refused head seq {head.seq}: already at {current.seq}")
+            if head.seq == current.seq:
+                return False
+        self.store.put_record(_HEAD + head.pubkey, head.wire)
+        return True
+
+    def known_drives(self) -> list[bytes]:
+        return [key[len(_HEAD):] for key, _ in self.store.records(_HEAD)]
+
+    def next_seq(self, cap: WriteCap) -> int:
+        current = self.load_head(cap)
+        return 1 if current is None else current.seq + 1
+
+    def commit_publish(self, cap: WriteCap, head: Head, ids: Iterable[bytes],
+                       pending_pin: str) -> None:
+        """Make a finished publish the drive's current version, atomically enough.
+
+        The blocks are already stored under the pending pin; the publish pin
+        takes them over, then the head that names them is saved, then the
+        pending pin goes. A crash in between leaves an extra pin, never a
+        head whose blocks could be evicted.
+        """
+        self.store.set_pin(publish_pin(cap.pubkey), ids)
+        self.save_head(head)
+        self.store.unpin(pending_pin)
+
+
+def publish_pin(pubkey: bytes) -> str:
+    return f"publish:{pubkey.hex()}"
+
+
+def meta_pin(pubkey: bytes) -> str:
+    return f"meta:{pubkey.hex()}"
+
+
+def user_pin(pubkey: bytes, path: str) -> str:
+    return f"pin:{pubkey.hex()}:{path}"
