@@ -125,6 +125,11 @@ class NodeIdentity:
 
     # ---- signatures ---------------------------------------------------------
 
+    @property
+    def private_key(self) -> Ed25519PrivateKey:
+        """The signing key, for record codecs that sign on this node's behalf."""
+        return self._private
+
     def sign(self, data: bytes) -> bytes:
         return self._private.sign(data)
 

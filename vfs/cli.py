@@ -182,6 +182,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
             argv += ["--bootstrap", b]
         if args.cache_size:
             argv += ["--cache-size", args.cache_size]
+        if args.listen:
+            argv += ["--listen", args.listen]
+        if args.no_lan:
+            argv.append("--no-lan")
+        if args.fetch_timeout:
+            argv += ["--fetch-timeout", str(args.fetch_timeout)]
         log_path = home.logs_dir / f"mount-{cap.drive_id[:16]}.log"
         pid = spawn_daemon(argv, log_path)
         _emit(args, {"mountpoint": str(mountpoint), "pid": pid, "drive": cap.drive_id},
@@ -190,6 +196,23 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from .node import run_mount_foreground
 
     run_mount_foreground(home, cap, mountpoint, args)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .node import run_serve
+
+    home = _home(args)
+
+    def ready(net, port: int, caps: list) -> None:
+        data = {"node_id": net.identity.node_id.hex(), "port": port,
+                "addresses": [f"{h}:{p}" for h, p in net.addresses()],
+                "drives": [c.drive_id for c in caps]}
+        _emit(args, data, f"serving {len(caps)} drive(s) as node {data['node_id'][:16]} on "
+                          f"{', '.join(data['addresses'])} (Ctrl-C to stop)")
+        sys.stdout.flush()
+
+    run_serve(home, args, ready)
     return 0
 
 
@@ -242,9 +265,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", metavar="HOST:PORT", help="address to serve blocks on")
     s.add_argument("--cache-size", metavar="SIZE", help="cache limit, e.g. 500M or 10G")
     s.add_argument("--no-lan", action="store_true", help="no LAN discovery")
+    s.add_argument("--fetch-timeout", type=float, metavar="SECONDS",
+                   help="fail a read with EIO when no peer serves a block in this time")
     s.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_mount)
+
+    s = sub.add_parser("serve", help="join the network and serve every drive this node holds")
+    s.add_argument("--listen", metavar="HOST:PORT", help="TCP (blocks) and UDP (DHT) address, "
+                   "default 0.0.0.0:4100")
+    s.add_argument("--bootstrap", action="append", metavar="HOST:PORT",
+                   help="a DHT node to join through (repeatable)")
+    s.add_argument("--cache-size", metavar="SIZE", help="cache limit, e.g. 500M or 10G")
+    s.add_argument("--no-lan", action="store_true", help="no LAN discovery")
+    s.add_argument("--fetch-timeout", type=float, metavar="SECONDS", help=argparse.SUPPRESS)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("unmount", help="unmount a drive (also clears a crashed mount)")
     s.add_argument("mountpoint")

@@ -13,6 +13,7 @@ how pinning works. Every write operation answers EROFS here instead.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pyfuse3
+import trio
 
 from .drive import Drive, OpenFile
 from .errors import (
@@ -338,3 +340,45 @@ class DriveOperations(pyfuse3.Operations):
 
     async def create(self, *args: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         raise pyfuse3.FUSEError(errno.EROFS)
+
+    # -- live versions ---------------------------------------------------------------
+
+    async def new_version(self) -> None:
+        """After the drive moved to a new version: tell the kernel what changed.
+
+        Every known inode is brought up to the new version; the kernel forgets
+        the data of files whose content changed and the attributes and names
+        of everything, so the next access sees the new version. Open files keep
+        reading the version they opened (their handle holds its entry). The
+        notifications run in a worker thread: they are system calls into the
+        kernel, which may wait on requests this event loop has to answer.
+        """
+        data_changed: list[int] = []
+        attr_changed: list[int] = []
+        for ino, node in list(self.inodes.items()):
+            old = node.entry
+            try:
+                fresh = (await self._current(ino)).entry
+            except pyfuse3.FUSEError:
+                attr_changed.append(ino)
+                continue
+            except PeerdriveError as exc:
+                log.warning("could not refresh inode %d: %s", ino, exc)
+                attr_changed.append(ino)
+                continue
+            if fresh != old:
+                (data_changed if fresh.is_file else attr_changed).append(ino)
+        names = list(self.by_name)
+
+        def notify() -> None:
+            for ino in data_changed:
+                with contextlib.suppress(OSError):
+                    pyfuse3.invalidate_inode(ino, attr_only=False)
+            for ino in attr_changed:
+                with contextlib.suppress(OSError):
+                    pyfuse3.invalidate_inode(ino, attr_only=True)
+            for parent, name in names:
+                with contextlib.suppress(OSError):
+                    pyfuse3.invalidate_entry(parent, name)
+
+        await trio.to_thread.run_sync(notify)

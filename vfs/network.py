@@ -1,0 +1,237 @@
+"""One node on the network: the DHT, the block server, LAN discovery, fetchers.
+
+`dht/` knows nothing of drives; this module hands it what it needs per drive:
+the discovery key, the drive secret the handshake proves, the signed head to
+publish and the provider record to announce (per drive, never per block).
+Every node that holds blocks of a drive serves them and announces itself,
+so readers become seeders.
+
+Everything runs in the nursery of `NetworkNode.run`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from cache.store import BlockStore
+from dht.errors import DhtError
+from dht.fetch import FetchConfig, Fetcher
+from dht.identity import NodeIdentity
+from dht.kad import Dht
+from dht.lan import DEFAULT_LAN_PORT, LanDiscovery
+from dht.peer import PeerServer
+from dht.records import ProviderRecord
+from dht.types import PeerAddr, Priority
+
+from .capability import StoreCap
+from .errors import BlockUnavailable, UsageError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 4100
+HEAD_POLL_INTERVAL = 2.0
+
+
+def parse_hostport(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = text, str(default_port)
+    try:
+        value = int(port)
+    except ValueError:
+        raise UsageError(f"{text!r}: the port must be a number") from None
+    if not 0 <= value <= 65535 or not host:
+        raise UsageError(f"{text!r} is not HOST:PORT")
+    return host, value
+
+
+def local_address_towards(host: str) -> str | None:
+    """The local address the kernel would use to reach `host` (no packet is sent)."""
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((host, 9))
+        return s.getsockname()[0]
+    return None
+
+
+@dataclass
+class DriveServing:
+    cap: StoreCap
+    fetcher: Fetcher | None = None
+    lan_peers: dict[bytes, tuple[PeerAddr, float]] = field(default_factory=dict)
+    on_head: Callable[[bytes], None] | None = None
+
+
+class NetworkNode:
+    def __init__(self, identity: NodeIdentity, store: BlockStore, *,
+                 listen: tuple[str, int] = ("0.0.0.0", 0),
+                 bootstrap: list[tuple[str, int]] | None = None,
+                 lan: bool = True, lan_port: int = DEFAULT_LAN_PORT,
+                 fetch_timeout: float = 20.0) -> None:
+        self.identity = identity
+        self.store = store
+        self.listen = listen
+        self.bootstrap = bootstrap or []
+        self.lan = lan
+        self.lan_port = lan_port
+        self.fetch_timeout = fetch_timeout
+        self.dht = Dht(node_id=identity.node_id)
+        self.server = PeerServer(identity, store, self._secret)
+        self.drives: dict[bytes, DriveServing] = {}  # by discovery key
+        self.port: int | None = None
+        self._nursery: trio.Nursery | None = None
+        self._announce_now = trio.Event()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        host, port = self.listen
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self.port = await nursery.start(self.server.serve, host, port)
+            dht_host = host if host not in ("", "::") else "0.0.0.0"
+            await nursery.start(self.dht.run, dht_host, self.port, self.bootstrap)
+            await nursery.start(self._announcer)
+            if self.lan:
+                lan = LanDiscovery(self.identity.private_key, self.lan_port,
+                                   lambda: list(self.drives), self._on_lan_provider,
+                                   block_port=self.port)
+                await nursery.start(lan.run)
+            task_status.started(self.port)
+
+    def addresses(self) -> list[tuple[str, int]]:
+        """Where other nodes can reach this one, as announced in provider records."""
+        assert self.port is not None
+        host = self.listen[0]
+        if host not in ("0.0.0.0", "", "::"):
+            return [(host, self.port)]
+        found: list[str] = []
+        for bhost, _ in self.bootstrap:
+            addr = local_address_towards(bhost)
+            if addr and addr not in found:
+                found.append(addr)
+        if not found:
+            found.append(local_address_towards("192.0.2.1") or "127.0.0.1")
+        return [(a, self.port) for a in found]
+
+    # -- drives ----------------------------------------------------------------------
+
+    def _secret(self, dk: bytes) -> bytes | None:
+        d = self.drives.get(dk)
+        return d.cap.pubkey if d is not None else None
+
+    def serve_drive(self, cap: StoreCap, on_head: Callable[[bytes], None] | None = None) -> None:
+        """Serve and announce a drive; `on_head` receives head records peers push to us."""
+        d = self.drives.get(cap.discovery_key)
+        if d is None:
+            self.drives[cap.discovery_key] = DriveServing(cap, on_head=on_head)
+            self._announce_now.set()
+        elif on_head is not None:
+            d.on_head = on_head
+
+    def _provider_wires(self) -> list[bytes]:
+        now = time.time()
+        addrs = self.addresses()
+        return [ProviderRecord.create(self.identity.private_key, dk, addrs, now=now)[1]
+                for dk in self.drives]
+
+    async def _announcer(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                         ) -> None:
+        """Announce every drive now, whenever one is added, and every few minutes."""
+        task_status.started()
+        await self.dht._started.wait()
+        while True:
+            self._announce_now = trio.Event()
+            for wire in self._provider_wires():
+                try:
+                    rec = ProviderRecord.decode(wire, now=time.time())
+                    await self.dht.announce(rec.dk, wire)
+                except DhtError as exc:
+                    log.warning("announce failed: %s", exc)
+            with trio.move_on_after(15 * 60):
+                await self._announce_now.wait()
+
+    def _on_lan_provider(self, record: ProviderRecord, peers: list[PeerAddr]) -> None:
+        d = self.drives.get(record.dk)
+        if d is None or record.node_id == self.identity.node_id:
+            return
+        if peers:
+            d.lan_peers[record.node_id] = (peers[0], float(record.expires))
+            if d.fetcher is not None:
+                d.fetcher.request_provider_refresh()
+
+    async def providers(self, dk: bytes) -> list[PeerAddr]:
+        """Every known peer holding drive `dk`: DHT providers and LAN neighbours, minus us."""
+        out: dict[bytes, PeerAddr] = {}
+        d = self.drives.get(dk)
+        now = time.time()
+        if d is not None:
+            for node_id, (addr, expires) in list(d.lan_peers.items()):
+                if expires < now:
+                    del d.lan_peers[node_id]
+                else:
+                    out[node_id] = addr
+        try:
+            for rec in await self.dht.find_providers(dk):
+                addrs = rec.to_peer_addrs()
+                if addrs and rec.node_id not in out:
+                    out[rec.node_id] = addrs[0]
+        except DhtError as exc:
+            log.info("provider lookup failed: %s", exc)
+        out.pop(self.identity.node_id, None)
+        return list(out.values())
+
+    # -- heads -----------------------------------------------------------------------
+
+    async def publish_head(self, cap: StoreCap, wire: bytes) -> None:
+        """Put a drive's signed head into the DHT and push it to connected readers."""
+        try:
+            await self.dht.put_mutable(wire)
+        except DhtError as exc:
+            log.warning("could not store the head in the DHT: %s", exc)
+        await self.server.notify(cap.discovery_key, wire)
+
+    async def lookup_head(self, cap: StoreCap) -> bytes | None:
+        try:
+            rec = await self.dht.get_mutable(cap.discovery_key)
+        except DhtError as exc:
+            log.info("head lookup failed: %s", exc)
+            return None
+        return rec.wire if rec is not None else None
+
+    # -- fetching --------------------------------------------------------------------
+
+    async def start_fetcher(self, cap: StoreCap) -> Fetcher:
+        d = self.drives[cap.discovery_key]
+        if d.fetcher is not None:
+            return d.fetcher
+
+        def notice(dk: bytes, record: bytes) -> None:
+            if d.on_head is not None:
+                d.on_head(record)
+
+        fetcher = Fetcher(self.identity, cap.discovery_key, cap.pubkey,
+                          lambda: self.providers(cap.discovery_key), on_notice=notice,
+                          config=FetchConfig(default_timeout=self.fetch_timeout))
+        assert self._nursery is not None
+        await self._nursery.start(fetcher.run)
+        d.fetcher = fetcher
+        return fetcher
+
+    def fetch_function(self, cap: StoreCap):
+        """A `vfs.blocks.Fetch` for one drive: verified ciphertext, or BlockUnavailable."""
+
+        async def fetch(block_id: bytes, priority: Priority) -> bytes:
+            fetcher = await self.start_fetcher(cap)
+            try:
+                return await fetcher.fetch(block_id, priority)
+            except DhtError as exc:
+                raise BlockUnavailable(f"block {block_id.hex()[:16]}: {exc}") from exc
+
+        return fetch
