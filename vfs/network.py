@@ -12,11 +12,14 @@ Everything runs in the nursery of `NetworkNode.run`.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 
@@ -73,7 +76,8 @@ class NetworkNode:
                  listen: tuple[str, int] = ("0.0.0.0", 0),
                  bootstrap: list[tuple[str, int]] | None = None,
                  lan: bool = True, lan_port: int = DEFAULT_LAN_PORT,
-                 fetch_timeout: float = 20.0) -> None:
+                 fetch_timeout: float = 20.0, run_dir: Path | None = None) -> None:
+        self.run_dir = run_dir
         self.identity = identity
         self.store = store
         self.listen = listen
@@ -90,6 +94,47 @@ class NetworkNode:
 
     # -- lifecycle -------------------------------------------------------------------
 
+    def snapshot(self) -> dict:
+        """What this node is doing, for `peerdrive status` and tests (plain JSON types)."""
+        drives = {}
+        for dk, d in self.drives.items():
+            peers = []
+            if d.fetcher is not None:
+                for ps in d.fetcher.peer_stats():
+                    peers.append({"node_id": ps.node_id.hex(), "addr": ps.addr,
+                                  "connected": ps.connected, "blocks": ps.blocks,
+                                  "bytes": ps.bytes, "failures": ps.failures,
+                                  "bad_blocks": ps.bad_blocks, "in_flight": ps.in_flight})
+            drives[d.cap.drive_id] = {"discovery_key": dk.hex(), "peers": peers}
+        st = self.server.stats
+        return {
+            "pid": os.getpid(),
+            "node_id": self.identity.node_id.hex(),
+            "port": self.port,
+            "server": {"blocks_served": st.blocks_served, "bytes_served": st.bytes_served,
+                       "connections_active": st.connections_active,
+                       "not_found": st.not_found},
+            "dht_contacts": len(self.dht.contacts()),
+            "drives": drives,
+            "time": time.time(),
+        }
+
+    async def _write_snapshots(self) -> None:
+        """Keep `run/<pid>.json` under the node's home current (once a second)."""
+        if self.run_dir is None:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / f"{os.getpid()}.json"
+        try:
+            while True:
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(self.snapshot()))
+                tmp.replace(path)
+                await trio.sleep(1.0)
+        finally:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         host, port = self.listen
         async with trio.open_nursery() as nursery:
@@ -103,6 +148,7 @@ class NetworkNode:
                                    lambda: list(self.drives), self._on_lan_provider,
                                    block_port=self.port)
                 await nursery.start(lan.run)
+            nursery.start_soon(self._write_snapshots)
             task_status.started(self.port)
 
     def addresses(self) -> list[tuple[str, int]]:

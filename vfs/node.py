@@ -50,6 +50,7 @@ def network_for(home: Home, store: BlockStore, args: argparse.Namespace,
         bootstrap=[parse_hostport(b) for b in boots],
         lan=config.lan and not getattr(args, "no_lan", False),
         fetch_timeout=getattr(args, "fetch_timeout", None) or config.fetch_timeout,
+        run_dir=home.path / "run",
     )
 
 

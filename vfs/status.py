@@ -7,6 +7,7 @@ read (`user.peerdrive.*`), so the command and `getfattr` can never disagree.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -39,6 +40,19 @@ def path_status(path: Path) -> dict:
     return out
 
 
+def running_nodes(home: Home) -> list[dict]:
+    """Snapshots the live serve and mount processes of this home keep in run/."""
+    out = []
+    for f in sorted((home.path / "run").glob("*.json")):
+        try:
+            snap = json.loads(f.read_text())
+            os.kill(int(snap["pid"]), 0)
+        except (OSError, ValueError, KeyError, json.JSONDecodeError):
+            continue
+        out.append(snap)
+    return out
+
+
 def status_command(home: Home, args: argparse.Namespace) -> tuple[dict, str]:
     from cache.store import BlockStore
 
@@ -62,10 +76,20 @@ def status_command(home: Home, args: argparse.Namespace) -> tuple[dict, str]:
         return data, text
     mounts = home.live_mounts()
     data["mounts"] = mounts
+    data["nodes"] = running_nodes(home)
     data["home"] = str(home.path)
     lines = [f"home    {home.path}",
              f"cache   {format_size(store_stats['total_bytes'])} used of "
              f"{format_size(store_stats['limit_bytes'])}"]
     for m in mounts:
         lines.append(f"mount   {m['mountpoint']}  drive {m['drive'][:16]}  pid {m['pid']}")
+    for n in data["nodes"]:
+        srv = n["server"]
+        lines.append(f"node    pid {n['pid']} port {n['port']}  {n['dht_contacts']} DHT contacts, "
+                     f"served {srv['blocks_served']} blocks ({format_size(srv['bytes_served'])})")
+        for drive, d in n["drives"].items():
+            for p in d["peers"]:
+                lines.append(f"  peer  {p['node_id'][:12]} {p['addr']}  drive {drive[:12]}  "
+                             f"got {p['blocks']} blocks ({format_size(p['bytes'])})"
+                             f"{'  connected' if p['connected'] else ''}")
     return data, "\n".join(lines)
