@@ -22,6 +22,8 @@ pytestmark = pytest.mark.fuse
 MiB = 1024 * 1024
 BIG = 100 * MiB
 SECOND = 40 * MiB
+# the mount process joins no network beyond loopback: every block is already on this node
+LOCAL_ONLY = ("--listen", "127.0.0.1:0", "--no-lan")
 
 
 def write_random(path: Path, size: int) -> None:
@@ -95,7 +97,7 @@ def test_edits_publish_only_the_changed_blocks(tmp_path: Path, node_home) -> Non
 
     want = source_digests(src)
     mnt = tmp_path / "mnt"
-    with mounted(home, first["read_link"], mnt):
+    with mounted(home, first["read_link"], mnt, *LOCAL_ONLY):
         assert (mnt / "big.bin").stat().st_size == BIG
         assert (mnt / "second.bin").stat().st_size == SECOND + 10
         assert_reads_back(mnt, want)
@@ -125,7 +127,7 @@ def test_unchanged_folder_adds_only_metadata(tmp_path: Path, node_home) -> None:
 
     want = source_digests(src)
     mnt = tmp_path / "mnt"
-    with mounted(home, again["read_link"], mnt):
+    with mounted(home, again["read_link"], mnt, *LOCAL_ONLY):
         assert_reads_back(mnt, want)
         assert os.readlink(mnt / "link") == "docs/mid.bin"
         assert sorted(os.listdir(mnt / "empty-dir")) == []
