@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +47,26 @@ def make_sample(folder: Path) -> None:
             f.write(os.urandom(4 << 20))
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_serve(home: Path, port: int) -> subprocess.Popen:
+    args = ["serve", "--listen", f"127.0.0.1:{port}", "--no-lan"]
+    print(f"\n$ PEERDRIVE_HOME={home.name} peerdrive {shlex.join(args)} &", flush=True)
+    env = dict(os.environ, PEERDRIVE_HOME=str(home))
+    proc = subprocess.Popen([sys.executable, "-m", "vfs.cli", *args], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        raise SystemExit("demo: serve did not start")
+    print(line, end="", flush=True)
+    return proc
+
+
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="peerdrive-demo-"))
     publisher, reader = work / "node-a", work / "node-b"
@@ -54,26 +75,40 @@ def main() -> int:
         p.mkdir()
     make_sample(sample)
     mounted_on: list[tuple[Path, Path]] = []
+    server: subprocess.Popen | None = None
     try:
+        print("== node A publishes a folder and serves it")
         out = run(publisher, "publish", str(sample))
         link = out.strip().splitlines()[-1]
         run(publisher, "share", link, "--store")
-        run(publisher, "mount", link, str(mnt))
-        mounted_on.append((publisher, mnt))
+        port = free_port()
+        server = start_serve(publisher, port)
+
+        print("\n== node B mounts it from the link alone, finding node A through the DHT")
+        run(reader, "mount", link, str(mnt), "--bootstrap", f"127.0.0.1:{port}",
+            "--listen", "127.0.0.1:0", "--no-lan")
+        mounted_on.append((reader, mnt))
         sh(f"ls -lR {mnt} | head -30")
+        run(reader, "status", str(mnt / "movie.bin"))
         sh(f"cat {mnt}/Docs/readme.txt")
         t = time.monotonic()
         sh(f"cmp {mnt}/movie.bin {sample}/movie.bin && echo 'movie.bin: identical'")
-        print(f"streamed 32 MiB in {time.monotonic() - t:.2f} s")
-        run(publisher, "status", str(mnt / "movie.bin"))
-        run(publisher, "status")
-        run(publisher, "unmount", str(mnt))
+        print(f"streamed 32 MiB from node A in {time.monotonic() - t:.2f} s")
+        run(reader, "status", str(mnt / "movie.bin"))
+        run(reader, "status")
+        run(reader, "unmount", str(mnt))
         mounted_on.clear()
         print("\ndemo: done")
         return 0
     finally:
         for home, m in mounted_on:
             run(home, "unmount", str(m), check=False)
+        if server is not None:
+            server.terminate()
+            try:
+                server.wait(10)
+            except subprocess.TimeoutExpired:
+                server.kill()
         subprocess.run(["rm", "-rf", str(work)], check=False)
 
 
