@@ -55,6 +55,10 @@ DEFAULT_TOUCH_BATCH = 4096
 # space than what the transaction wanted to write plus this margin.
 _DISK_FULL_MARGIN = 8 * MiB
 _MAX_RETRIES = 64
+# Blocks evicted per transaction when evicting on request (evict, a lower limit,
+# a released pin). On a full disk the steps shrink to one block: each commit
+# needs a few new pages, and pages a commit frees are reusable two commits on.
+_EVICT_STEP = 256
 
 T = TypeVar("T")
 
@@ -437,11 +441,7 @@ class BlockStore:
         nothing could be evicted.
         """
         try:
-
-            def shrink(writer: Writer) -> int:
-                return writer.evict_down_to(writer.c.total_bytes - 2 * need)
-
-            if self._write(shrink) == 0:
+            if self._evict_down_to(max(0, self.total_bytes - 2 * need)) == 0:
                 return False
             self._write(lambda writer: writer.tick())
         except StoreError:
@@ -571,22 +571,63 @@ class BlockStore:
         ):
             raise InvalidArgument(f"the cache limit is a number of bytes >= 0, not {limit_bytes!r}")
 
-        def op(writer: Writer) -> int:
-            writer.set_limit(limit_bytes)
-            return writer.evict_to_limit()
-
-        return self._write(op)
+        self._write(lambda writer: writer.set_limit(limit_bytes))
+        return self._evict_to_limit()
 
     def evict(self, ids: Iterable[bytes]) -> int:
-        """Remove the given blocks now, except pinned or held ones; returns bytes freed."""
+        """Remove the given blocks now, except pinned or held ones; returns bytes freed.
+
+        Runs as a series of transactions (each block goes whole or not at all),
+        so it also works to free room on a full disk.
+        """
         wanted = _unique(_ids(ids))
-        return self._write(lambda writer: writer.evict_ids(wanted))
+        freed, done, step = 0, 0, _EVICT_STEP
+        while done < len(wanted):
+            chunk = wanted[done : done + step]
+            try:
+                freed += self._write(lambda writer, chunk=chunk: writer.evict_ids(chunk))
+            except DiskFull:
+                if step == 1:
+                    raise
+                step = 1
+                continue
+            done += len(chunk)
+        return freed
 
     def evict_to(self, target_bytes: int) -> int:
         """Evict LRU unpinned, unheld blocks until the total is <= target; returns bytes freed."""
-        if not isinstance(target_bytes, int) or target_bytes < 0:
+        if not isinstance(target_bytes, int) or isinstance(target_bytes, bool) or target_bytes < 0:
             raise InvalidArgument(f"target_bytes is a number >= 0, not {target_bytes!r}")
-        return self._write(lambda writer: writer.evict_down_to(target_bytes))
+        return self._evict_down_to(target_bytes)
+
+    def _evict_down_to(self, target: int) -> int:
+        freed, step = 0, _EVICT_STEP
+        while True:
+            try:
+                got, under = self._write(
+                    lambda writer, n=step: (
+                        writer.evict_down_to(target, max_blocks=n),
+                        writer.c.total_bytes <= target,
+                    )
+                )
+            except DiskFull:
+                if step == 1:
+                    raise
+                step = 1
+                continue
+            freed += got
+            if under or got == 0:
+                return freed
+
+    def _evict_to_limit(self) -> int:
+        """After a change that may leave the store over its limit, evict down to it."""
+        with self._read() as txn:
+            c = Counters.decode(txn.get(schema.STATE_COUNTERS, db=self._dbs.state))
+            raw = txn.get(schema.STATE_LIMIT, db=self._dbs.state)
+            limit = None if raw is None else schema.decode_u64(raw)
+        if limit is None or c.total_bytes <= limit:
+            return 0
+        return self._evict_down_to(limit)
 
     def eviction_order(self) -> list[bytes]:
         """The evictable blocks, next to go first (counting this process's unwritten reads)."""
@@ -625,6 +666,7 @@ class BlockStore:
         name_utf8 = schema.encode_pin_name(name)
         wanted = set(_ids(ids))
         self._write(lambda writer: writer.set_pin(name_utf8, wanted))
+        self._evict_to_limit()
 
     def add_to_pin(self, name: str, ids: Iterable[bytes]) -> None:
         """Add ids to pin `name` (created if new)."""
@@ -637,11 +679,14 @@ class BlockStore:
         name_utf8 = schema.encode_pin_name(name)
         unwanted = sorted(set(_ids(ids)))
         self._write(lambda writer: writer.remove_from_pin(name_utf8, unwanted))
+        self._evict_to_limit()
 
     def unpin(self, name: str) -> bool:
         """Drop pin `name`; its blocks become evictable. False if there was no such pin."""
         name_utf8 = schema.encode_pin_name(name)
-        return self._write(lambda writer: writer.unpin(name_utf8))
+        existed = self._write(lambda writer: writer.unpin(name_utf8))
+        self._evict_to_limit()
+        return existed
 
     def pin_names(self) -> list[str]:
         with self._read() as txn:

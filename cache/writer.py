@@ -162,14 +162,20 @@ class Writer:
         self.delete(block_id)
         return True
 
-    def evict_down_to(self, target: int, keep: bytes | None = None) -> int:
-        """Evict least recently used unpinned, unheld blocks (but `keep`) until total <= target."""
+    def evict_down_to(
+        self, target: int, keep: bytes | None = None, max_blocks: int | None = None
+    ) -> int:
+        """Evict least recently used unpinned, unheld blocks (but `keep`) until total <= target.
+
+        Stops early after `max_blocks` blocks, for callers that evict in steps.
+        """
         freed = 0
         if self.c.total_bytes <= target:
             return 0
+        budget = -1 if max_blocks is None else max_blocks
         cursor = self.txn.cursor(db=self.dbs.lru)
         found = cursor.first()
-        while found and self.c.total_bytes > target:
+        while found and self.c.total_bytes > target and budget != 0:
             key = bytes(cursor.key())
             _, block_id = schema.split_lru_key(key)
             if block_id in self.held or block_id == keep:
@@ -184,6 +190,7 @@ class Writer:
                 self.c.total_bytes -= size
                 self.c.count -= 1
                 freed += size
+            budget -= 1
             found = cursor.set_range(key)
         return freed
 
@@ -257,7 +264,6 @@ class Writer:
             self.txn.delete(schema.pin_member_key(number, block_id), db=self.dbs.pins)
             self._ref(block_id, -1)
         self._save_pin_head(name_utf8, number, len(ids))
-        self.evict_to_limit()
 
     def add_to_pin(self, name_utf8: bytes, ids: Iterable[bytes]) -> None:
         number, count = self._pin_number(name_utf8)
@@ -279,7 +285,6 @@ class Writer:
                 self._ref(block_id, -1)
                 count -= 1
         self._save_pin_head(name_utf8, number, count)
-        self.evict_to_limit()
 
     def unpin(self, name_utf8: bytes) -> bool:
         head = self.pin_head(name_utf8)
@@ -290,7 +295,6 @@ class Writer:
             self.txn.delete(schema.pin_member_key(number, block_id), db=self.dbs.pins)
             self._ref(block_id, -1)
         self.txn.delete(schema.pin_name_key(name_utf8), db=self.dbs.pin_names)
-        self.evict_to_limit()
         return True
 
 
