@@ -53,6 +53,12 @@ class BlockReader:
             _, old = self._plain.popitem(last=False)
             self._plain_bytes -= len(old)
 
+    def forget(self, block_id: bytes) -> None:
+        """Drop a block's plaintext from memory (after an evict)."""
+        plain = self._plain.pop(block_id, None)
+        if plain is not None:
+            self._plain_bytes -= len(plain)
+
     def cached_plain(self, block_id: bytes) -> bytes | None:
         plain = self._plain.get(block_id)
         if plain is not None:

@@ -12,8 +12,10 @@ codes:
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,7 +25,7 @@ import trio
 from cache.errors import StoreError, StoreFull
 
 from .capability import ReadCap, StoreCap, WriteCap, parse_link, require_read
-from .errors import NoSpaceError, PeerdriveError, UsageError
+from .errors import BlockUnavailable, NoSpaceError, PeerdriveError, UsageError
 from .home import Home
 from .units import format_size, parse_size
 
@@ -231,6 +233,70 @@ def cmd_unmount(args: argparse.Namespace) -> int:
     return 0
 
 
+def _set_flag(path: Path, name: str, value: bytes) -> None:
+    try:
+        os.setxattr(path, f"user.peerdrive.{name}", value)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EROFS, errno.ENODATA):
+            raise UsageError(f"{path} is not inside a peerdrive mount") from exc
+        raise UsageError(f"{path}: {exc.strerror}") from exc
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    from .status import path_status
+
+    paths = [Path(p).expanduser() for p in args.paths]
+    for p in paths:
+        _set_flag(p, "pinned", b"1")
+    results = []
+    if not args.no_wait:
+        bar = ProgressBar("pinning", sys.stdout.isatty() and not args.json)
+        last_change = time.monotonic()
+        last_have = -1
+        while True:
+            stats = [path_status(p) for p in paths]
+            have = sum(s.get("cached_bytes", 0) for s in stats)
+            total = sum(s.get("size_bytes", 0) for s in stats)
+            bar.update(have, total)
+            if have >= total:
+                break
+            if have != last_have:
+                last_have, last_change = have, time.monotonic()
+            elif time.monotonic() - last_change > args.stall_timeout:
+                bar.finish()
+                raise BlockUnavailable(
+                    f"pinning stalled at {format_size(have)} of {format_size(total)}: no peer "
+                    "serves the missing blocks; the pin stays and completes when one does")
+            time.sleep(0.25)
+        bar.finish()
+    results = [path_status(p) for p in paths]
+    _emit(args, {"pinned": results},
+          "\n".join(f"pinned {r['path']}: {r['state']}, {format_size(r.get('cached_bytes', 0))}"
+                    f" of {format_size(r.get('size_bytes', 0))} on this device" for r in results))
+    return 0
+
+
+def cmd_unpin(args: argparse.Namespace) -> int:
+    for p in args.paths:
+        _set_flag(Path(p).expanduser(), "pinned", b"0")
+    _emit(args, {"unpinned": args.paths}, "\n".join(f"unpinned {p}" for p in args.paths))
+    return 0
+
+
+def cmd_evict(args: argparse.Namespace) -> int:
+    from .status import path_status
+
+    out = []
+    for p in args.paths:
+        path = Path(p).expanduser()
+        _set_flag(path, "evict", b"1")
+        out.append(path_status(path))
+    _emit(args, {"evicted": out}, "\n".join(
+        f"evicted {r['path']}: {format_size(r.get('cached_bytes', 0))} still on this device"
+        + (" (pinned)" if r.get("pinned") else "") for r in out))
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .status import status_command
 
@@ -301,6 +367,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--show-write", action="store_true", help="also print write capabilities")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_keys)
+
+    s = sub.add_parser("pin", help="keep files or folders whole on this device")
+    s.add_argument("paths", nargs="+", metavar="PATH")
+    s.add_argument("--no-wait", action="store_true", help="return at once; fetch in background")
+    s.add_argument("--stall-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="give up waiting when nothing arrives for this long (default 60)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_pin)
+
+    s = sub.add_parser("unpin", help="let pinned data be evicted again")
+    s.add_argument("paths", nargs="+", metavar="PATH")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_unpin)
+
+    s = sub.add_parser("evict", help="free the unpinned blocks under a path now")
+    s.add_argument("paths", nargs="+", metavar="PATH")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_evict)
 
     s = sub.add_parser("status", help="the node, or a path inside a mount")
     s.add_argument("path", nargs="?")

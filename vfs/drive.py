@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -17,11 +18,14 @@ from dht.types import Priority
 
 from .blocks import BlockReader, Fetch
 from .capability import ReadCap
-from .errors import FormatError
+from .errors import FormatError, UsageError
 from .formats import Entry
 from .head import Head
 from .storage import DriveStorage
 from .tree import ChunkMap, Tree
+
+if TYPE_CHECKING:
+    from .pins import Pins
 
 READAHEAD_CHUNKS = 8
 
@@ -50,11 +54,16 @@ class Drive:
         self.blocks = BlockReader(storage.store, cap.read_key, fetch)
         self.tree = Tree(self.blocks)
         self._nursery: trio.Nursery | None = None
+        self.pins: Pins | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the background work of the mount (readahead) until cancelled."""
+        from .pins import Pins
+
+        self.pins = Pins(self)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            await nursery.start(self.pins.run)
             task_status.started()
             await trio.sleep_forever()
 
@@ -70,6 +79,8 @@ class Drive:
             raise FormatError("a mount needs a head opened with the read key")
         self.head = head
         self.version += 1
+        if self.pins is not None:
+            self.pins.refresh()
 
     # -- tree ----------------------------------------------------------------------
 
@@ -150,7 +161,7 @@ class Drive:
         return st.total_bytes, st.limit_bytes
 
     def xattr_names(self) -> list[str]:
-        return ["state", "cached", "size"]
+        return ["state", "cached", "size", "pinned"]
 
     async def file_chunks(self, entry: Entry) -> tuple:
         return (await self.tree.chunk_map(entry, Priority.PREFETCH)).chunks
@@ -174,6 +185,8 @@ class Drive:
     async def get_xattr(self, path: list[bytes], entry: Entry, name: str) -> bytes | None:
         if name not in self.xattr_names():
             return None
+        if name == "pinned":
+            return b"1" if self.pins is not None and self.pins.is_pinned(path) else b"0"
         have, total = await self.usage(entry)
         if name == "cached":
             return str(have).encode()
@@ -182,6 +195,23 @@ class Drive:
         return state_of(have, total).encode()
 
     async def set_xattr(self, path: list[bytes], entry: Entry, name: str, value: bytes) -> bool:
+        """`pinned` = 1/0 pins or unpins; `evict` = 1 frees the path's unpinned blocks now."""
+        flag = value.strip()
+        if flag not in (b"0", b"1"):
+            raise UsageError(f"user.peerdrive.{name} takes 0 or 1")
+        if name == "pinned" and self.pins is not None:
+            if flag == b"1":
+                self.pins.pin(path)
+            else:
+                self.pins.unpin(path)
+            return True
+        if name == "evict" and flag == b"1" and self.pins is not None:
+            refs = await self.pins.blocks_under(entry)
+            ids = [r.block_id for r in refs]
+            self.storage.store.evict(ids)
+            for i in ids:
+                self.blocks.forget(i)
+            return True
         return False
 
 
