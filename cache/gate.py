@@ -32,8 +32,7 @@ class ResizeGate:
     def _depth(self) -> int:
         return getattr(self._local, "depth", 0)
 
-    @contextmanager
-    def shared(self) -> Iterator[None]:
+    def acquire_shared(self) -> None:
         depth = self._depth()
         if depth == 0:
             with self._cond:
@@ -41,15 +40,23 @@ class ResizeGate:
                     self._cond.wait()
                 self._active += 1
         self._local.depth = depth + 1
+
+    def release_shared(self) -> None:
+        depth = self._local.depth - 1
+        self._local.depth = depth
+        if depth == 0:
+            with self._cond:
+                self._active -= 1
+                if self._active == 0:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        self.acquire_shared()
         try:
             yield
         finally:
-            self._local.depth = depth
-            if depth == 0:
-                with self._cond:
-                    self._active -= 1
-                    if self._active == 0:
-                        self._cond.notify_all()
+            self.release_shared()
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:

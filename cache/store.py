@@ -260,30 +260,42 @@ class BlockStore:
 
     # -- transactions ---------------------------------------------------------------
 
-    @contextmanager
-    def _read(self) -> Iterator[lmdb.Transaction]:
-        """A read transaction (buffers=True: values are views valid until it ends)."""
+    def _begin_read(self) -> lmdb.Transaction:
+        """A read transaction (buffers=True: values are views valid until it ends).
+
+        Holds the gate's shared side until `_end_read`. Adopts a map that another
+        process grew (MapResizedError) and tries again.
+        """
         for _ in range(_MAX_RETRIES):
-            with self._gate.shared():
-                env = self._live_env()
-                try:
-                    txn = env.begin(buffers=True)
-                except lmdb.MapResizedError:
-                    txn = None
-                except lmdb.Error as exc:
-                    raise StoreError(f"cannot read the block store at {self.path}: {exc}") from exc
-                if txn is not None:
-                    try:
-                        yield txn
-                    except lmdb.Error as exc:
-                        raise StoreError(
-                            f"cannot read the block store at {self.path}: {exc}"
-                        ) from exc
-                    finally:
-                        txn.abort()
-                    return
+            self._gate.acquire_shared()
+            try:
+                return self._live_env().begin(buffers=True)
+            except lmdb.MapResizedError:
+                self._gate.release_shared()
+            except lmdb.Error as exc:
+                self._gate.release_shared()
+                raise StoreError(f"cannot read the block store at {self.path}: {exc}") from exc
+            except BaseException:
+                self._gate.release_shared()
+                raise
             self._adopt_map_size()
         raise StoreError(f"the block store at {self.path} keeps being resized by another process")
+
+    def _end_read(self, txn: lmdb.Transaction) -> None:
+        try:
+            txn.abort()
+        finally:
+            self._gate.release_shared()
+
+    @contextmanager
+    def _read(self) -> Iterator[lmdb.Transaction]:
+        txn = self._begin_read()
+        try:
+            yield txn
+        except lmdb.Error as exc:
+            raise StoreError(f"cannot read the block store at {self.path}: {exc}") from exc
+        finally:
+            self._end_read(txn)
 
     def _write(self, op: Callable[[Writer], T], *, need_bytes: int = 0) -> T:
         """Run `op` in one write transaction, after applying this process's batched reads.
@@ -454,18 +466,18 @@ class BlockStore:
         """The block's bytes, or None if absent. A block failing its checksum is
         removed and reported absent: never wrong bytes. One read transaction."""
         block_id = schema.check_id(block_id)
-        rotten = False
-        result = b""
-        with self._read() as txn:
+        txn = self._begin_read()  # the hot path: no context-manager layers
+        try:
             value = txn.get(block_id, db=self._dbs.blocks)
             if value is None:
                 return None
             data = schema.block_value_data(value)
-            if data is None:
-                rotten = True
-            else:
-                result = bytes(data)
-        if rotten:
+            result = None if data is None else bytes(data)
+        except lmdb.Error as exc:
+            raise StoreError(f"cannot read the block store at {self.path}: {exc}") from exc
+        finally:
+            self._end_read(txn)
+        if result is None:
             self._drop_rotten(block_id)
             return None
         if self._note_access(block_id):

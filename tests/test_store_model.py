@@ -134,11 +134,16 @@ class StoreModel(RuleBasedStateMachine):
         self.recency.append(i)
         return True
 
-    def check_limit_after_write(self) -> None:
-        """After a write: under the limit unless pinned + held data alone exceed it."""
+    def check_limit_after_write(self, just_put: int | None = None) -> None:
+        """After a write: under the limit unless pinned + held data (+ the block just put,
+        which a put never evicts) alone exceed it."""
         if self.limit is None:
             return
-        kept = sum(size for i, size in self.present.items() if self.pinned(i) or self.held(i))
+        kept = sum(
+            size
+            for i, size in self.present.items()
+            if self.pinned(i) or self.held(i) or i == just_put
+        )
         if kept <= self.limit:
             assert self.s.total_bytes <= self.limit
 
@@ -152,7 +157,7 @@ class StoreModel(RuleBasedStateMachine):
                 self.s.put(*POOL[i])
         else:
             assert self.s.put(*POOL[i]) is expected
-        self.check_limit_after_write()
+        self.check_limit_after_write(just_put=i)
 
     @rule(items=st.lists(INDEXES, min_size=1, max_size=4))
     def put_many(self, items: list[int]) -> None:
@@ -164,7 +169,7 @@ class StoreModel(RuleBasedStateMachine):
                 self.s.put_many([POOL[i] for i in items])
         else:
             assert self.s.put_many([POOL[i] for i in items]) == sum(bool(r) for r in results)
-        self.check_limit_after_write()
+        self.check_limit_after_write(just_put=items[-1])
 
     def model_get(self, i: int) -> bytes | None:
         if i not in self.present:
