@@ -96,6 +96,12 @@ def stop_pid(pid: int, timeout: float = 10.0) -> None:
 def mounted(home: Path, link: str, mountpoint: Path, *extra: str) -> Iterator[Path]:
     """`peerdrive mount LINK MNT` (background daemon), unmounted on exit whatever happens."""
     mountpoint.mkdir(parents=True, exist_ok=True)
+    # tests stay on loopback: no wildcard listener, no LAN multicast, unless asked for
+    if "--listen" not in extra:
+        extra = (*extra, "--listen", "127.0.0.1:0")
+    if "--no-lan" not in extra and "--lan" not in extra:
+        extra = (*extra, "--no-lan")
+    extra = tuple(x for x in extra if x != "--lan")
     try:
         peerdrive(home, "mount", link, str(mountpoint), *extra)
         assert is_mounted(mountpoint), "mount returned but nothing is mounted"

@@ -16,6 +16,7 @@ from tests.helpers import is_mounted, mount_pid, mounted, peerdrive, publish, st
 pytestmark = pytest.mark.fuse
 
 BIG = 100 * 1024 * 1024
+LOOPBACK = ("--listen", "127.0.0.1:0", "--no-lan")
 
 
 def make_tree(root: Path) -> None:
@@ -164,7 +165,7 @@ def test_corrupt_block_gives_eio_and_mount_survives(tmp_path: Path, node_home) -
         store.unpin(f"publish:{cap.pubkey.hex()}")
         assert store.evict(ids[:1]) > 0
     mnt = tmp_path / "mnt"
-    with mounted(home, info["read_link"], mnt):
+    with mounted(home, info["read_link"], mnt, "--fetch-timeout", "3"):
         with pytest.raises(OSError) as exc:
             (mnt / "bad.bin").read_bytes()
         assert exc.value.errno == errno.EIO
@@ -181,13 +182,13 @@ def test_sigterm_unmounts_and_unmount_clears_killed_mount(tmp_path: Path, node_h
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     try:
-        peerdrive(home, "mount", info["read_link"], str(mnt))
+        peerdrive(home, "mount", info["read_link"], str(mnt), *LOOPBACK)
         pid = mount_pid(home, mnt)
         assert pid is not None and is_mounted(mnt)
         stop_pid(pid)  # SIGTERM
         assert not is_mounted(mnt)
 
-        peerdrive(home, "mount", info["read_link"], str(mnt))
+        peerdrive(home, "mount", info["read_link"], str(mnt), *LOOPBACK)
         pid = mount_pid(home, mnt)
         assert pid is not None
         os.kill(pid, 9)
@@ -223,6 +224,7 @@ def test_mount_errors_are_clear(tmp_path: Path, node_home) -> None:
     assert res.returncode == 6 and "not a directory" in res.stderr
     other = node_home("b")
     (tmp_path / "m").mkdir()
-    res = peerdrive(other, "mount", info["read_link"], str(tmp_path / "m"), check=False)
+    res = peerdrive(other, "mount", info["read_link"], str(tmp_path / "m"), *LOOPBACK,
+                    check=False)
     assert res.returncode == 4, res.stderr
     assert not is_mounted(tmp_path / "m")

@@ -25,7 +25,7 @@ import trio
 from cache.errors import StoreError, StoreFull
 
 from .capability import ReadCap, StoreCap, WriteCap, parse_link, require_read
-from .errors import BlockUnavailable, NoSpaceError, PeerdriveError, UsageError
+from .errors import BlockUnavailable, NoSpaceError, PeerdriveError, UsageError, unwrap_group
 from .home import Home
 from .units import format_size, parse_size
 
@@ -401,7 +401,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return int(args.func(args) or 0)
+        try:
+            return int(args.func(args) or 0)
+        except BaseExceptionGroup as group:
+            raise unwrap_group(group) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

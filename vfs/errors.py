@@ -60,3 +60,18 @@ class MountError(PeerdriveError):
     """Mounting or unmounting failed (not a directory, already mounted, no FUSE)."""
 
     exit_code = 6
+
+
+def unwrap_group(exc: BaseException) -> BaseException:
+    """The one real error inside (nested) exception groups from trio nurseries.
+
+    A nursery reports a failing child as an ExceptionGroup; the command line
+    wants the error itself for its message and exit code. Several distinct
+    errors stay grouped.
+    """
+    while isinstance(exc, BaseExceptionGroup):
+        leaves = [e for e in exc.exceptions if type(e).__name__ != "Cancelled"]
+        if len(leaves) != 1:
+            return exc
+        exc = leaves[0]
+    return exc

@@ -140,7 +140,8 @@ async def _mount_main(home: Home, cap: ReadCap, mountpoint: Path, args: argparse
         await nursery.start(net.run)
         follower = HeadFollower(cap, storage, net)
         net.serve_drive(cap, on_head=follower.notice)
-        head = await follower.first_head(HEAD_WAIT)
+        lonely = not net.bootstrap and not net.lan  # nobody to ask: do not wait
+        head = await follower.first_head(0 if lonely else HEAD_WAIT)
         drive = Drive(cap, storage, head, fetch=net.fetch_function(cap))
         ops = DriveOperations(drive)
 
