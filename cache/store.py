@@ -102,9 +102,11 @@ class BlockStore:
 
     `limit_bytes`: the cache limit (None: unlimited). Left as `KEEP`, the limit
     stored by an earlier open stays; a new value is stored and applied at once.
-    `sync`: fsync every commit (LMDB's default). False trades durability of the
-    last commits on an OS crash or power loss for speed; a killed process loses
-    nothing either way.
+    `sync`: fsync every commit (the data pages; the meta page is synced by the
+    next commit or `close`, so an OS crash may undo the last commit, never
+    corrupt). False trades durability of the last commits on an OS crash or
+    power loss, and integrity on filesystems that reorder writes, for speed; a
+    killed process loses nothing either way.
     """
 
     def __init__(
@@ -155,7 +157,7 @@ class BlockStore:
                 max_spare_txns=8,
                 lock=True,
                 sync=self._sync,
-                metasync=self._sync,
+                metasync=False,  # one fsync per commit; an OS crash may undo only the last
                 writemap=False,
                 readahead=False,
                 meminit=True,
@@ -221,6 +223,11 @@ class BlockStore:
             pass  # recency updates are an optimisation; losing them is documented
         with self._gate.exclusive():
             if self._env is not None:
+                if self._sync:
+                    try:
+                        self._env.sync(True)  # the last meta page too (metasync is off)
+                    except lmdb.Error:
+                        pass  # the commits themselves were synced; only the last may wait
                 self._env.close()
                 self._env = None
 
