@@ -9,12 +9,14 @@ and keeps new ones out (waiting exclusive users go first, so a steady stream of
 reads cannot starve a resize).
 
 `shared()` is re-entrant per thread. A thread that holds it cannot enter
-`exclusive()` (it would wait for itself forever); it gets `StoreError` instead.
+`exclusive()` (it would wait for itself forever); it gets `StoreError` instead,
+and so does an exclusive user that waited `exclusive_timeout` seconds.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -22,7 +24,11 @@ from cache.errors import StoreError
 
 
 class ResizeGate:
-    def __init__(self) -> None:
+    def __init__(self, exclusive_timeout: float = 60.0) -> None:
+        # A resize waits this long for open transactions (views) to end, then gives up
+        # with an error: a view held across an await that waits for the resizing
+        # thread would otherwise be a deadlock.
+        self.exclusive_timeout = exclusive_timeout
         self._cond = threading.Condition(threading.Lock())
         self._active = 0  # threads inside shared()
         self._exclusive = False
@@ -65,13 +71,22 @@ class ResizeGate:
                 "the block store must resize or close its map while this thread still has a "
                 "block view open; leave the get_view() block first"
             )
+        deadline = time.monotonic() + self.exclusive_timeout
         with self._cond:
             self._waiting_exclusive += 1
             try:
                 while self._exclusive or self._active:
-                    self._cond.wait()
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise StoreError(
+                            "the block store could not resize or close its map: a block view "
+                            f"stayed open for over {self.exclusive_timeout:.0f} s (do not await "
+                            "inside get_view())"
+                        )
+                    self._cond.wait(left)
             finally:
                 self._waiting_exclusive -= 1
+                self._cond.notify_all()  # shared users waiting behind us may go on
             self._exclusive = True
         try:
             yield

@@ -496,8 +496,10 @@ class BlockStore:
         """Zero-copy read: a read-only view of the block, valid only inside the `with`.
 
         The view points into LMDB's map; it is released on exit (using it
-        afterwards raises ValueError). Do not keep slices of it, and do not
-        write to the store from the same thread inside the block.
+        afterwards raises ValueError). Do not keep slices of it, do not write
+        to the store from the same thread inside the block, and do not await
+        inside it: while it is open, a map resize in another thread waits (up
+        to a minute, then fails with StoreError).
         """
         block_id = schema.check_id(block_id)
         rotten = False

@@ -618,3 +618,49 @@ def test_view_open_while_the_map_must_grow_is_an_error_not_a_hang(store_dir: Pat
                 fill(store, range(1, 40), 64 * KIB)
         fill(store, range(1, 40), 64 * KIB)  # outside the view it grows fine
         assert store.check_consistency() == []
+
+
+def test_a_resize_waits_for_views_in_other_threads(store_dir: Path) -> None:
+    with BlockStore(store_dir, sync=False, initial_map_bytes=1 << 20) as store:
+        first_id, first = make_block(0, 10)
+        store.put(first_id, first)
+        grown = threading.Event()
+        errors: list[BaseException] = []
+
+        def grow() -> None:
+            try:
+                fill(store, range(1, 40), 64 * KIB)  # must resize the 1 MiB map
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+            grown.set()
+
+        with store.get_view(first_id) as view:
+            worker = threading.Thread(target=grow)
+            worker.start()
+            assert not grown.wait(0.3)  # the resize waits for this view
+            assert view is not None and bytes(view) == first
+        worker.join(timeout=60)
+        assert grown.is_set() and errors == []
+        assert store.count == 40
+
+
+def test_a_view_held_too_long_fails_the_resize_instead_of_hanging(store_dir: Path) -> None:
+    with BlockStore(store_dir, sync=False, initial_map_bytes=1 << 20) as store:
+        store._gate.exclusive_timeout = 0.2  # a minute by default
+        first_id, first = make_block(0, 10)
+        store.put(first_id, first)
+        errors: list[BaseException] = []
+
+        def grow() -> None:
+            try:
+                fill(store, range(1, 40), 64 * KIB)
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        with store.get_view(first_id):
+            worker = threading.Thread(target=grow)
+            worker.start()
+            worker.join(timeout=60)
+        assert len(errors) == 1 and isinstance(errors[0], StoreError)
+        assert "view stayed open" in str(errors[0])
+        assert store.check_consistency() == []
