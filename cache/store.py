@@ -85,6 +85,13 @@ class PinProgress(NamedTuple):
         return self.present_count == self.total_count
 
 
+def _check_limit(limit_bytes: object) -> None:
+    if limit_bytes is not None and (
+        not isinstance(limit_bytes, int) or isinstance(limit_bytes, bool) or limit_bytes < 0
+    ):
+        raise InvalidArgument(f"the cache limit is a number of bytes >= 0, not {limit_bytes!r}")
+
+
 def _ids(ids: Iterable[object]) -> list[bytes]:
     return [schema.check_id(block_id) for block_id in ids]
 
@@ -132,10 +139,17 @@ class BlockStore:
         self._lock = threading.Lock()  # guards _touches and _held
         self._touches: dict[bytes, None] = {}  # ids read since the last write, oldest first
         self._held: Counter[bytes] = Counter()
+        if not isinstance(limit_bytes, _Keep):
+            _check_limit(limit_bytes)
         self._env: lmdb.Environment | None = None
         self._env, self._dbs = self._open_env()
         if not isinstance(limit_bytes, _Keep):
-            self.set_limit(limit_bytes)
+            try:
+                self.set_limit(limit_bytes)
+            except BaseException:
+                self._env.close()  # nobody else can: the object is never returned
+                self._env = None
+                raise
 
     # -- opening and closing --------------------------------------------------------
 
@@ -433,6 +447,8 @@ class BlockStore:
             block_id = schema.check_id(block_id)
             if not isinstance(data, bytes | bytearray | memoryview):
                 raise InvalidArgument(f"block data is bytes, not {type(data).__name__}")
+            if isinstance(data, memoryview) and (data.itemsize != 1 or not data.c_contiguous):
+                data = data.tobytes()  # len() must count bytes
             if schema.block_id_of(data) != block_id:
                 raise CorruptBlock(
                     f"block {block_id.hex()}: the bytes offered do not hash to this id"
@@ -587,10 +603,7 @@ class BlockStore:
 
     def set_limit(self, limit_bytes: int | None) -> int:
         """Store a new limit (None: unlimited) and evict down to it; returns bytes freed."""
-        if limit_bytes is not None and (
-            not isinstance(limit_bytes, int) or isinstance(limit_bytes, bool) or limit_bytes < 0
-        ):
-            raise InvalidArgument(f"the cache limit is a number of bytes >= 0, not {limit_bytes!r}")
+        _check_limit(limit_bytes)
 
         self._write(lambda writer: writer.set_limit(limit_bytes))
         return self._evict_to_limit()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import hashlib
 import os
 import threading
@@ -664,3 +665,20 @@ def test_a_view_held_too_long_fails_the_resize_instead_of_hanging(store_dir: Pat
         assert len(errors) == 1 and isinstance(errors[0], StoreError)
         assert "view stayed open" in str(errors[0])
         assert store.check_consistency() == []
+
+
+def test_bad_limit_at_open_leaves_nothing_open(store_dir: Path) -> None:
+    with pytest.raises(InvalidArgument):
+        BlockStore(store_dir, limit_bytes=-5)
+    with BlockStore(store_dir, sync=False) as store:  # not "already open"
+        assert store.limit_bytes is None
+
+
+def test_put_takes_any_bytes_like(store: BlockStore) -> None:
+    words = array.array("I", range(1000))
+    block_id = hashlib.sha256(words).digest()
+    assert store.put(block_id, memoryview(words))
+    assert store.size_of(block_id) == 4000
+    assert store.get(block_id) == words.tobytes()
+    with pytest.raises(InvalidArgument):
+        store.put(block_id, "text")  # type: ignore[arg-type]
