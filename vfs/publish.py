@@ -149,12 +149,13 @@ class Publisher:
         """Store encrypted blocks under the pending pin (runs in a worker thread)."""
         ids = [ref.block_id for ref, _ in blocks]
         try:
-            self.storage.store.add_to_pin(self._pending_pin, ids)
-            new_blocks = new_bytes = 0
-            for ref, ct in blocks:
-                if self.storage.store.put(ref.block_id, ct):
-                    new_blocks += 1
-                    new_bytes += len(ct)
+            store = self.storage.store
+            store.add_to_pin(self._pending_pin, ids)
+            missing = set(store.missing(ids))
+            store.put_many(blocks_ct := [(ref.block_id, ct) for ref, ct in blocks])  # one commit
+            new_blocks = len(missing)
+            new_bytes = sum(len(ct) for bid, ct in {b: c for b, c in blocks_ct}.items()
+                            if bid in missing)
         except self.storage.full_errors as exc:
             raise NoSpaceError(f"the device is full while publishing: {exc}") from exc
         with self._stats_lock:
