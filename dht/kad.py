@@ -99,6 +99,9 @@ MUTABLE_REPUBLISH_INTERVAL = 3600
 REFRESH_INTERVAL = 15 * 60
 """How often the routing table's idle buckets are refreshed and storage culled."""
 
+BOOTSTRAP_RETRY_INTERVAL = 30
+"""How often a node with an empty routing table tries its bootstrap contacts again."""
+
 _REQUEST = 0x00
 _RESPONSE = 0x01
 _MSG_ID_LEN = 20
@@ -301,27 +304,27 @@ class WideRoutingTable(RoutingTable):
         self.buckets = [KBucket(0, 2**256, self.ksize)]
 
 
-def _parse_contact(item: Any, family: int) -> Node | None:
+def _parse_contact(item: Any) -> Node | None:
     """A (node id, ip, port) triple from a reply, or None if it is not a valid one."""
     if not isinstance(item, list | tuple) or len(item) != 3:
         return None
     node_id, ip, port = item
     if not _is_key(node_id) or type(port) is not int or not 1 <= port <= 65535:
         return None
-    if not _valid_ip(ip, family):
+    if not _valid_ip(ip):
         return None
     return Node(node_id, ip, port)
 
 
-def _valid_ip(ip: Any, family: int) -> bool:
-    """An IP literal this socket can send to (hostnames never: they would block to resolve)."""
-    if not isinstance(ip, str) or len(ip) > 64:
+def _valid_ip(ip: Any) -> bool:
+    """An IPv4 literal (host names never: resolving one would block the loop)."""
+    if not isinstance(ip, str) or len(ip) > 15:
         return False
     try:
-        parsed = ipaddress.ip_address(ip)
+        ipaddress.IPv4Address(ip)
     except ValueError:
         return False
-    return family == socket.AF_INET6 or parsed.version == 4
+    return True
 
 
 # --------------------------------------------------------------------------- protocol
@@ -344,7 +347,6 @@ class PeerdriveProtocol(KademliaProtocol):
         self.router = WideRoutingTable(self, ksize, source_node)
         self.storage: RecordStorage = storage
         self._wait_timeout = wait_timeout
-        self._family = socket.AF_INET
         self.dropped_datagrams = 0
         self._arity = {"ping": 1, "store": 3, "find_node": 2, "find_value": 2}
 
@@ -352,9 +354,6 @@ class PeerdriveProtocol(KademliaProtocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            self._family = sock.family
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.fail_outstanding()
@@ -457,7 +456,7 @@ class PeerdriveProtocol(KademliaProtocol):
             or self.transport.is_closing()
             or not isinstance(address, tuple | list)
             or len(address) < 2
-            or not _valid_ip(address[0], self._family)
+            or not _valid_ip(address[0])
             or type(address[1]) is not int
             or not 1 <= address[1] <= 65535
         ):
@@ -540,7 +539,7 @@ class PeerdriveProtocol(KademliaProtocol):
             return None
         nodes = []
         for item in payload:
-            node = _parse_contact(item, self._family)
+            node = _parse_contact(item)
             if node is None:
                 return None
             if node.id != self.source_node.id:
@@ -575,6 +574,7 @@ class CheckedNodeSpiderCrawl(NodeSpiderCrawl):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.rounds = 0
+        self.ignored: set[bytes] = set()
 
     async def find(self) -> Any:
         self.rounds += 1
@@ -587,9 +587,10 @@ class CheckedNodeSpiderCrawl(NodeSpiderCrawl):
             if nodes is None:
                 if answered:
                     self.protocol.forget(peerid)
+                    self.ignored.add(peerid)
                 toremove.append(peerid)
                 continue
-            self.nearest.push(nodes)
+            self.nearest.push([n for n in nodes if n.id not in self.ignored])
         self.nearest.remove(toremove)
         if self.nearest.have_contacted_all():
             return list(self.nearest)
@@ -623,6 +624,8 @@ class RecordSpiderCrawl(ValueSpiderCrawl):
         self.rounds = 0
         self.first_value_round: int | None = None
         self.found: list[tuple[bytes, Any]] = []
+        self.answered: set[bytes] = set()  # peers whose whole reply was valid
+        self.ignored: set[bytes] = set()  # peers that sent garbage: never asked or listed again
 
     async def find(self) -> Any:
         self.rounds += 1
@@ -641,12 +644,14 @@ class RecordSpiderCrawl(ValueSpiderCrawl):
             if parsed is None or records is None:
                 if answered:
                     self.protocol.forget(peerid)
+                    self.ignored.add(peerid)
                 toremove.append(peerid)
                 continue
             if records and self.first_value_round is None:
                 self.first_value_round = self.rounds
+            self.answered.add(peerid)
             self.found.extend((peerid, r) for r in records)
-            self.nearest.push(parsed[1])
+            self.nearest.push([n for n in parsed[1] if n.id not in self.ignored])
         self.nearest.remove(toremove)
         if self.nearest.have_contacted_all():
             return self.found
@@ -863,12 +868,15 @@ class Dht:
         if self._server is not None:
             raise KadError("this DHT node is already running")
         try:
-            family = socket.AF_INET6 if ipaddress.ip_address(listen_host).version == 6 \
-                else socket.AF_INET
+            version = ipaddress.ip_address(listen_host).version
         except ValueError:
-            raise KadError(f"the DHT listens on an IP address, not {listen_host!r}") from None
-        self._bootstrap = await _resolve(bootstrap, family)
-        sock = socket.socket(family, socket.SOCK_DGRAM)
+            raise KadError(f"the DHT listens on an IPv4 address, not {listen_host!r}") from None
+        if version != 4:
+            raise KadError(f"the DHT speaks IPv4 only for now; cannot listen on {listen_host}")
+        if type(port) is not int or not 0 <= port <= 65535:
+            raise KadError(f"DHT port {port!r} is not in 0..65535")
+        self._bootstrap = await _resolve(bootstrap)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
             sock.bind((listen_host, port))
@@ -921,14 +929,26 @@ class Dht:
             raise KadError("the DHT node is not running")
         return self._server
 
+    async def _joined(self) -> DhtServer:
+        """The running server, bootstrapped again first if its routing table has emptied.
+
+        A node whose contacts all timed out (a network outage, a stalled machine)
+        would otherwise answer every lookup from its own storage alone.
+        """
+        server = self._running()
+        if self._bootstrap and not server.protocol.router.find_neighbors(server.node):
+            await self._aio(server.bootstrap(self._bootstrap))
+        return server
+
     async def _refresh_forever(self) -> None:
+        next_refresh = trio.current_time() + self._refresh_interval
         while True:
-            await trio.sleep(self._refresh_interval)
-            server = self._running()
-            if not server.protocol.router.find_neighbors(server.node) and self._bootstrap:
-                await self._aio(server.bootstrap(self._bootstrap))
-            await self._aio(server.refresh())
-            self.storage.cull()
+            await trio.sleep(min(BOOTSTRAP_RETRY_INTERVAL, self._refresh_interval))
+            server = await self._joined()
+            if trio.current_time() >= next_refresh:
+                next_refresh = trio.current_time() + self._refresh_interval
+                await self._aio(server.refresh())
+                self.storage.cull()
 
     async def _republish_forever(self) -> None:
         while True:
@@ -973,7 +993,7 @@ class Dht:
         record = ProviderRecord.decode(provider_wire_record, now=self._clock())
         if record.dk != dk:
             raise RecordError("this provider record announces another discovery key")
-        server = self._running()
+        server = await self._joined()
         accepted, stats = await self._aio(
             server.store_value(provider_key(dk), _tag(TAG_PROVIDER, record.wire))
         )
@@ -996,7 +1016,7 @@ class Dht:
                 raise RecordError("a provider record for another discovery key")
             return record
 
-        server = self._running()
+        server = await self._joined()
         found, _, stats = await self._aio(server.find_values(provider_key(dk), accept,
                                                              "providers"))
         self.lookup_stats = stats
@@ -1012,7 +1032,7 @@ class Dht:
         The node keeps re-storing the newest record it was given every hour.
         """
         record = MutableRecord.decode(wire)
-        server = self._running()
+        server = await self._joined()
         current = self._own_mutable.get(record.key)
         if current is None or record.sort_key() > current.sort_key():
             self._own_mutable[record.key] = record
@@ -1038,7 +1058,7 @@ class Dht:
                 raise RecordError("a mutable record stored under another key")
             return record
 
-        server = self._running()
+        server = await self._joined()
         return await self._aio(self._get_mutable(server, dk, accept))
 
     async def _get_mutable(
@@ -1054,7 +1074,7 @@ class Dht:
         if best is None or spider is None:
             return best
         up_to_date = {peer for peer, record in found if peer is not None and record == best}
-        stale = [n for n in spider.nearest if n.id not in up_to_date]
+        stale = [n for n in spider.nearest if n.id in spider.answered and n.id not in up_to_date]
         if stale:
             await asyncio.gather(
                 *(server.protocol.call_store(n, dk, _tag(TAG_MUTABLE, best.wire))
@@ -1067,19 +1087,17 @@ def _tag(tag: int, wire: bytes) -> bytes:
     return bytes([tag]) + wire
 
 
-async def _resolve(
-    addrs: Iterable[tuple[str, int]], family: int
-) -> list[tuple[str, int]]:
+async def _resolve(addrs: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
     """Bootstrap contacts as IP literals (names resolved once, with trio; failures skipped)."""
     out: list[tuple[str, int]] = []
     for host, port in addrs:
         if type(port) is not int or not 1 <= port <= 65535:
             raise KadError(f"bootstrap port {port!r} is not in 1..65535")
-        if _valid_ip(host, family):
+        if _valid_ip(host):
             out.append((host, port))
             continue
         try:
-            infos = await trio.socket.getaddrinfo(host, port, family=family,
+            infos = await trio.socket.getaddrinfo(host, port, family=socket.AF_INET,
                                                   type=socket.SOCK_DGRAM)
         except OSError as exc:
             log.warning("cannot resolve bootstrap host %s: %s", host, exc)

@@ -37,6 +37,7 @@ from dht.records import (
 
 LOCAL = "127.0.0.1"
 TEST_TIMEOUT = 25
+RPC_TIMEOUT = 5.0  # generous: a stalled test machine must not look like a dead node
 
 
 def pub(seed: bytes) -> bytes:
@@ -82,11 +83,11 @@ def run(async_fn) -> None:
 async def swarm(count: int, **kwargs):
     """`count` DHT nodes on 127.0.0.1, each bootstrapped from the first."""
     async with trio.open_nursery() as nursery:
-        first = Dht(rpc_timeout=2.0, **kwargs)
+        first = Dht(rpc_timeout=RPC_TIMEOUT, **kwargs)
         port = await nursery.start(first.run, LOCAL, 0, [])
         nodes = [first]
         for _ in range(count - 1):
-            node = Dht(rpc_timeout=2.0, **kwargs)
+            node = Dht(rpc_timeout=RPC_TIMEOUT, **kwargs)
             await nursery.start(node.run, LOCAL, 0, [(LOCAL, port)])
             nodes.append(node)
         try:
@@ -254,6 +255,12 @@ def test_listen_on_a_taken_port_is_a_clear_error():
             async with trio.open_nursery() as nursery:
                 with pytest.raises(KadError, match="cannot listen"):
                     await nursery.start(Dht().run, LOCAL, port, [])
+                with pytest.raises(KadError, match="IPv4"):
+                    await nursery.start(Dht().run, "::1", 0, [])
+                with pytest.raises(KadError, match="IPv4"):
+                    await nursery.start(Dht().run, "localhost", 0, [])
+                with pytest.raises(KadError, match="port"):
+                    await nursery.start(Dht().run, LOCAL, 70000, [])
         assert issubclass(KadError, DhtError)
 
     run(main)
@@ -310,6 +317,7 @@ def test_forged_misplaced_and_garbage_stores_are_refused_over_the_wire():
             ]
             for value in cases:
                 assert await raw_request(target.port, "store", [me, dk_a, value]) is False
+            target._server.protocol.forget(me)  # the raw client is gone: spare lookups a timeout
             assert target.storage.mutable(dk_a) == honest
             assert await nodes[2].get_mutable(dk_a) == honest
             newer = mutable(seed(1), 4)
@@ -387,6 +395,7 @@ def test_garbage_datagrams_never_crash_a_node():
                 while victim.dropped_datagrams < len(datagrams) - 2:
                     await trio.sleep(0.05)
             assert await raw_request(victim.port, "ping", [nid]) == own_id
+            victim._server.protocol.forget(nid)  # the raw client is gone: spare lookups a timeout
             record = mutable(seed(5), 1)
             assert await victim.put_mutable(record.wire) >= 3
             assert await nodes[2].get_mutable(record.key) == record
@@ -435,7 +444,7 @@ def test_a_node_that_answers_garbage_is_ignored(mode):
     async def main():
         async with swarm(3) as nodes, trio.open_nursery() as nursery:
             liar_port = await nursery.start(fake_node, reply_for)
-            newcomer = Dht(rpc_timeout=2.0)
+            newcomer = Dht(rpc_timeout=RPC_TIMEOUT)
             await nursery.start(newcomer.run, LOCAL, 0, [(LOCAL, liar_port), (LOCAL, nodes[0].port)])
             assert await nodes[1].put_mutable(honest.wire) >= 3
             assert await newcomer.get_mutable(dk) == honest
@@ -522,5 +531,21 @@ def test_a_lookup_in_flight_when_the_node_stops_fails_with_kad_error():
             await lookup_done.wait()
             assert len(outcome) == 1 and "stopped" in str(outcome[0])
             outer.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_node_whose_contacts_all_vanished_bootstraps_again():
+    async def main():
+        async with swarm(4) as nodes:
+            dk = os.urandom(32)
+            record = provider(seed(80), dk, 9100)
+            assert await nodes[1].announce(dk, record.wire) >= 4
+            lonely = nodes[3]
+            lonely._server.protocol.router.flush()  # as if every contact had timed out
+            lonely.storage._providers.clear()
+            assert lonely.contacts() == []
+            assert await lonely.find_providers(dk) == [record]
+            assert lonely.contacts()
 
     run(main)
