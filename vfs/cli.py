@@ -27,7 +27,7 @@ from cache.errors import StoreError, StoreFull
 from .capability import ReadCap, StoreCap, WriteCap, parse_link, require_read
 from .errors import BlockUnavailable, NoSpaceError, PeerdriveError, UsageError, unwrap_group
 from .home import Home
-from .units import format_size, parse_size
+from .units import format_size
 
 EXIT_INTERRUPTED = 130
 
@@ -75,14 +75,6 @@ def _home(args: argparse.Namespace) -> Home:
     return Home(Path(args.home) if args.home else None)
 
 
-def _open_store(home: Home, cache_size: str | None = None):
-    from cache.store import BlockStore
-
-    limit = parse_size(cache_size) if cache_size else None
-    return BlockStore(home.store_path, limit_bytes=limit) if limit is not None else \
-        BlockStore(home.store_path)
-
-
 # ----------------------------------------------------------------------------- commands
 
 
@@ -95,7 +87,9 @@ def cmd_publish(args: argparse.Namespace) -> int:
     if not source.is_dir():
         raise UsageError(f"{source} is not a folder")
     cap = home.drive_for_source(source) or home.create_drive(source)
-    store = _open_store(home)
+    from .node import open_store
+
+    store = open_store(home, None)
     bar = ProgressBar("publishing", sys.stdout.isatty() and not args.json)
     try:
         pub = Publisher(DriveStorage(store), cap, source, on_progress=bar.update,

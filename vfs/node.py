@@ -33,10 +33,10 @@ HEAD_WAIT = 20.0
 
 
 def open_store(home: Home, cache_size: str | None) -> BlockStore:
-    limit = parse_size(cache_size) if cache_size else None
-    if limit is not None:
-        return BlockStore(home.store_path, limit_bytes=limit)
-    return BlockStore(home.store_path)
+    """The node's store; a given size becomes its (persistent) limit, else the stored one stays."""
+    if cache_size is None:
+        return BlockStore(home.store_path)
+    return BlockStore(home.store_path, limit_bytes=parse_size(cache_size))
 
 
 def network_for(home: Home, store: BlockStore, args: argparse.Namespace,
