@@ -80,6 +80,24 @@ class Inode:
     entry: Entry
     version: int
     lookups: int = 0
+    # A file of an older version whose bytes changed: the kernel may still hold it
+    # (open handles, its size and page cache), so it keeps its entry for good and
+    # the name gets a new inode. Forgotten when the kernel forgets it.
+    frozen: bool = False
+
+
+def needs_new_inode(old: Entry, new: Entry | None) -> bool:
+    """A file whose bytes (or kind) differ in a new version cannot stay the same inode.
+
+    The kernel keeps size and cached pages per inode, so a handle opened on
+    the old version would read the new size (zeros past its old end, or a
+    cut-off file) if the inode changed under it.
+    """
+    if not old.is_file:
+        return False
+    if new is None or not new.is_file:
+        return True
+    return (old.size, old.chunks, old.chunk_lists) != (new.size, new.chunks, new.chunk_lists)
 
 
 class DriveOperations(pyfuse3.Operations):
@@ -106,12 +124,17 @@ class DriveOperations(pyfuse3.Operations):
 
     # -- inode table ---------------------------------------------------------------
 
-    async def _current(self, ino: int) -> Inode:
-        """The inode, its entry brought up to the drive's current version."""
+    async def _current(self, ino: int, *, retire: bool = False) -> Inode:
+        """The inode, its entry brought up to the drive's current version.
+
+        With `retire` (only `new_version` asks, since it then invalidates the
+        name in the kernel), a file whose bytes changed or that is gone is
+        frozen at its old version instead, and its name will get a new inode.
+        """
         node = self.inodes.get(ino)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        if node.version != self.drive.version:
+        if node.version != self.drive.version and not node.frozen:
             if ino == pyfuse3.ROOT_INODE:
                 node.entry = self.drive.root_entry()
             else:
@@ -119,24 +142,39 @@ class DriveOperations(pyfuse3.Operations):
                 fresh = None
                 if parent.entry.is_dir:
                     fresh = await self.drive.lookup(parent.entry, node.name)
+                if retire and needs_new_inode(node.entry, fresh):
+                    self._freeze(node)
+                    return node
                 if fresh is None:
                     raise pyfuse3.FUSEError(errno.ENOENT)  # gone in the new version
                 node.entry = fresh
             node.version = self.drive.version
         return node
 
+    def _freeze(self, node: Inode) -> None:
+        """Keep `node` at its version for whoever holds it; its name is free for a new inode."""
+        node.frozen = True
+        key = (node.parent, node.name)
+        if self.by_name.get(key) == node.ino:
+            del self.by_name[key]
+
     def _remember(self, parent: int, entry: Entry, version: int) -> Inode:
         """The inode for `entry` in `parent` (stable by path), holding `entry` of `version`."""
         key = (parent, entry.name)
         ino = self.by_name.get(key)
-        if ino is None:
-            ino = self._next_ino
-            self._next_ino += 1
-            self.by_name[key] = ino
-            self.inodes[ino] = Inode(ino, parent, entry.name, entry, version)
-        node = self.inodes[ino]
-        node.entry = entry
-        node.version = version
+        if ino is not None:
+            node = self.inodes[ino]
+            if version < node.version:
+                return node  # a listing of an older version: the newer entry stands
+            if not needs_new_inode(node.entry, entry):
+                node.entry = entry
+                node.version = version
+                return node
+            self._freeze(node)
+        ino = self._next_ino
+        self._next_ino += 1
+        self.by_name[key] = ino
+        node = self.inodes[ino] = Inode(ino, parent, entry.name, entry, version)
         return node
 
     def _attrs(self, node: Inode) -> pyfuse3.EntryAttributes:
@@ -185,7 +223,8 @@ class DriveOperations(pyfuse3.Operations):
             node.lookups -= n
             if node.lookups <= 0:
                 del self.inodes[ino]
-                self.by_name.pop((node.parent, node.name), None)
+                if self.by_name.get((node.parent, node.name)) == ino:
+                    del self.by_name[(node.parent, node.name)]
 
     @fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -346,19 +385,23 @@ class DriveOperations(pyfuse3.Operations):
     async def new_version(self) -> None:
         """After the drive moved to a new version: tell the kernel what changed.
 
-        Every known inode is brought up to the new version; the kernel forgets
-        the data of files whose content changed and the attributes and names
-        of everything, so the next access sees the new version. Open files keep
-        reading the version they opened (their handle holds its entry). The
+        Every known inode is brought up to the new version, except files whose
+        bytes changed or that are gone: those stay, frozen, as the inode of the
+        old version (open handles keep reading it, with its size) and their
+        name gets a new inode on the next lookup. The kernel forgets the data
+        of files that changed in place and the attributes and names of
+        everything, so the next access sees the new version. The
         notifications run in a worker thread: they are system calls into the
         kernel, which may wait on requests this event loop has to answer.
         """
         data_changed: list[int] = []
         attr_changed: list[int] = []
+        retired: list[tuple[int, bytes]] = []
         for ino, node in list(self.inodes.items()):
             old = node.entry
+            was_frozen = node.frozen
             try:
-                fresh = (await self._current(ino)).entry
+                fresh = (await self._current(ino, retire=True)).entry
             except pyfuse3.FUSEError:
                 attr_changed.append(ino)
                 continue
@@ -366,9 +409,11 @@ class DriveOperations(pyfuse3.Operations):
                 log.warning("could not refresh inode %d: %s", ino, exc)
                 attr_changed.append(ino)
                 continue
-            if fresh != old:
+            if node.frozen and not was_frozen:
+                retired.append((node.parent, node.name))
+            elif fresh != old:
                 (data_changed if fresh.is_file else attr_changed).append(ino)
-        names = list(self.by_name)
+        names = list(self.by_name) + retired
 
         def notify() -> None:
             for ino in data_changed:
