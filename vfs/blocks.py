@@ -11,6 +11,7 @@ one decryption.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
@@ -22,6 +23,8 @@ from dht.types import Priority
 
 from .crypto import Ref, decrypt_block
 from .errors import BlockUnavailable, IntegrityError
+
+log = logging.getLogger(__name__)
 
 # fetch(block_id, priority) -> ciphertext whose SHA-256 is block_id, or raises
 Fetch = Callable[[bytes, Priority], Awaitable[bytes]]
@@ -96,21 +99,44 @@ class BlockReader:
         self.fetched_blocks += 1
         self.fetched_bytes += len(ct)
         try:
-            self.store.put(ref.block_id, ct)
+            # a put hashes the block and commits (fsync): worker thread, not the event loop
+            await trio.to_thread.run_sync(self.store.put, ref.block_id, ct)
         except StoreFull:
             self.uncached_blocks += 1  # a full disk never fails a read the network served
-        except StoreError:
+        except StoreError as exc:
+            log.warning("block %s not cached: %s", ref.block_id.hex()[:16], exc)
             self.uncached_blocks += 1
         return ct
 
-    async def _load(self, ref: Ref, priority: Priority) -> bytes:
-        ct = await self.ciphertext(ref, priority)
+    def _open_local(self, ref: Ref) -> bytes | None:
+        """Read and decrypt a block from the store, in a worker thread.
+
+        Both halves can be slow: a cold LMDB page is a disk read (a page fault
+        in the map) and AES-GCM of a large block is CPU work. Off the event
+        loop they overlap with other reads and with the kernel's requests.
+        """
+        ct = self.store.get(ref.block_id)
+        if ct is None:
+            return None
+        return self._decrypt(ref, ct)
+
+    def _decrypt(self, ref: Ref, ct: bytes) -> bytes:
         try:
-            if len(ct) >= _THREAD_MIN:
-                return await trio.to_thread.run_sync(decrypt_block, self.read_key, ref, ct)
             return decrypt_block(self.read_key, ref, ct)
         except IntegrityError:
             # the id matched, so the publisher encrypted garbage under this ref, or the
             # ref itself is wrong: drop the block so it is not served again, and fail.
             self.store.evict([ref.block_id])
             raise
+
+    async def _load(self, ref: Ref, priority: Priority) -> bytes:
+        if ref.length >= _THREAD_MIN:
+            plain = await trio.to_thread.run_sync(self._open_local, ref)
+        else:
+            plain = self._open_local(ref)
+        if plain is not None:
+            return plain
+        ct = await self.ciphertext(ref, priority)
+        if len(ct) >= _THREAD_MIN:
+            return await trio.to_thread.run_sync(self._decrypt, ref, ct)
+        return self._decrypt(ref, ct)

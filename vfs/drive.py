@@ -18,7 +18,7 @@ from dht.types import Priority
 
 from .blocks import BlockReader, Fetch
 from .capability import ReadCap
-from .errors import FormatError, UsageError
+from .errors import FormatError, PeerdriveError, UsageError
 from .formats import Entry
 from .head import Head
 from .storage import DriveStorage
@@ -65,7 +65,10 @@ class Drive:
             self._nursery = nursery
             await nursery.start(self.pins.run)
             task_status.started()
-            await trio.sleep_forever()
+            while True:
+                # recency of reads is batched in memory by the store: persist it now and then
+                await trio.sleep(5)
+                await trio.to_thread.run_sync(self.storage.store.flush)
 
     # -- versions ------------------------------------------------------------------
 
@@ -131,16 +134,19 @@ class Drive:
         return data[start:start + size]
 
     def _readahead(self, of: OpenFile, first: int) -> None:
-        """Fetch the next chunks of a sequential reader in the background."""
-        if self._nursery is None or self.blocks.fetch is None:
+        """Load the next chunks of a sequential reader in the background.
+
+        Local chunks are read and decrypted ahead into the plaintext cache;
+        missing ones are fetched at READAHEAD priority, so the kernel's next
+        requests find their bytes ready.
+        """
+        if self._nursery is None:
             return
         last = min(len(of.map.chunks), first + READAHEAD_CHUNKS)
         for i in range(max(first, of.readahead_until), last):
             if i in of.pending:
                 continue
-            ref = of.map.chunks[i]
-            if self.blocks.cached_plain(ref.block_id) is not None or self.storage.store.has(
-                    ref.block_id):
+            if self.blocks.cached_plain(of.map.chunks[i].block_id) is not None:
                 continue
             of.pending.add(i)
             self._nursery.start_soon(self._prefetch, of, i)
@@ -148,9 +154,9 @@ class Drive:
 
     async def _prefetch(self, of: OpenFile, i: int) -> None:
         try:
-            await self.blocks.ciphertext(of.map.chunks[i], Priority.READAHEAD)
-        except Exception:  # noqa: BLE001 - readahead is a hint; the real read reports errors
-            pass
+            await self.blocks.read(of.map.chunks[i], Priority.READAHEAD)
+        except PeerdriveError:
+            pass  # readahead is a hint: the real read reports the error
         finally:
             of.pending.discard(i)
 
@@ -171,7 +177,8 @@ class Drive:
         store = self.storage.store
         if entry.is_file:
             chunks = await self.file_chunks(entry)
-            have = sum(r.length for r in chunks if store.has(r.block_id))
+            present = set(store.missing([r.block_id for r in chunks]))
+            have = sum(r.length for r in chunks if r.block_id not in present)
             return have, entry.size
         if entry.is_dir:
             have = total = 0

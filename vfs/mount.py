@@ -44,6 +44,45 @@ def check_mountpoint(mountpoint: Path) -> None:
                          f"(peerdrive unmount {mountpoint})")
 
 
+KERNEL_READAHEAD_KB = 8192
+
+
+def _mount_device(mountpoint: Path) -> str | None:
+    """The "major:minor" of the mount at `mountpoint`, from /proc/self/mountinfo.
+
+    Read from the kernel's table rather than with stat(), which would send a
+    request to this very process before it serves any.
+    """
+    target = os.path.abspath(mountpoint)
+    with contextlib.suppress(OSError), open("/proc/self/mountinfo") as f:
+        found = None
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4 and fields[4].encode().decode("unicode_escape") == target:
+                found = fields[2]  # the last (topmost) mount at that path wins
+        return found
+    return None
+
+
+def widen_kernel_readahead(mountpoint: Path, kb: int = KERNEL_READAHEAD_KB) -> None:
+    """Let the kernel read ahead `kb` KiB on this mount instead of its default 128.
+
+    FUSE requests are at most 128 KiB; with the default window a sequential
+    reader has one or two in flight and pays a round trip through this process
+    for each. A wider window keeps many in flight, so our own readahead and
+    the peers' pipelines stay full. Needs root (sysfs); without it we keep
+    the default and say so in the log.
+    """
+    dev = _mount_device(mountpoint)
+    if dev is None:
+        log.info("could not find the mount's device; kernel readahead left as is")
+        return
+    try:
+        Path(f"/sys/class/bdi/{dev}/read_ahead_kb").write_text(f"{kb}\n")
+    except OSError as exc:
+        log.info("kernel readahead left at its default (%s)", exc.strerror or exc)
+
+
 async def serve_fuse(ops: pyfuse3.Operations, mountpoint: Path,
                      background: Callable[..., object] | None = None,
                      on_ready: Callable[[], None] | None = None) -> None:
@@ -72,6 +111,14 @@ async def serve_fuse(ops: pyfuse3.Operations, mountpoint: Path,
                         return
 
             nursery.start_soon(watch_signals)
+
+            async def widen_after_init() -> None:
+                # the kernel sets the mount's readahead when our reply to its INIT
+                # arrives; widen it after that, or the reply narrows it again
+                await trio.sleep(0.3)
+                widen_kernel_readahead(mountpoint)
+
+            nursery.start_soon(widen_after_init)
             if on_ready is not None:
                 on_ready()
             await pyfuse3.main()

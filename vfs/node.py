@@ -209,3 +209,4 @@ async def _serve_main(home: Home, args: argparse.Namespace, config: Config, stor
             while True:
                 await trio.sleep(HEAD_POLL_INTERVAL)
                 await sync_drives()
+                await trio.to_thread.run_sync(store.flush)  # persist batched read recency

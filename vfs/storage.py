@@ -38,16 +38,27 @@ class DriveStorage:
         return open_head(wire, cap) if wire is not None else None
 
     def save_head(self, head: Head) -> bool:
-        """Keep `head` if it is newer than the stored one; a lower seq is refused."""
-        old = self.head_wire(head.pubkey)
-        if old is not None:
-            current = open_head(old, StoreCap(head.pubkey))
-            if head.seq < current.seq:
-                raise RollbackError(f"refused head seq {head.seq}: already at {current.seq}")
-            if head.seq == current.seq:
-                return False
-        self.store.put_record(_HEAD + head.pubkey, head.wire)
-        return True
+        """Keep `head` if it is newer than the stored one; a lower seq is refused.
+
+        One atomic read-modify-write, so two processes of this node (a mount and
+        a publish, say) cannot interleave and store an older head over a newer one.
+        """
+        outcome: list[bool] = []
+
+        def newer(old: bytes | None) -> bytes | None:
+            outcome.clear()
+            if old is not None:
+                current = open_head(old, StoreCap(head.pubkey))
+                if head.seq < current.seq:
+                    raise RollbackError(f"refused head seq {head.seq}: already at {current.seq}")
+                if head.seq == current.seq:
+                    outcome.append(False)
+                    return old
+            outcome.append(True)
+            return head.wire
+
+        self.store.update_record(_HEAD + head.pubkey, newer)
+        return outcome[-1]
 
     def known_drives(self) -> list[bytes]:
         return [key[len(_HEAD):] for key, _ in self.store.records(_HEAD)]
