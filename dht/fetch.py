@@ -89,6 +89,8 @@ class FetchConfig:
     provider_refresh_min_interval: float = 1.0
     ewma_alpha: float = 0.25
     fetch_many_concurrency: int = 32
+    holders_timeout: float = 5.0  # count_holders / have_map, when the caller gives none
+    holders_refresh_interval: float = 10.0  # re-read providers first if older than this
 
     def __post_init__(self) -> None:
         if self.max_in_flight_per_peer < 1:
@@ -235,6 +237,7 @@ class Fetcher:
         self._refresh_wanted = trio.Event()
         self._providers_changed = False
         self._size_guess = float(_INITIAL_BLOCK_SIZE)
+        self._last_refresh = -math.inf
         self._exit_stack: AsyncExitStack | None = None
         self._outer: trio.Nursery | None = None
 
@@ -354,6 +357,57 @@ class Fetcher:
         if failure:
             raise failure[0]
 
+    async def have_map(
+        self, block_ids: Iterable[bytes], *, timeout: float | None = None
+    ) -> dict[bytes, list[bool]]:
+        """Which of `block_ids` each reachable provider holds: node id -> flags in id order.
+
+        Every currently known provider is asked at once (connecting as
+        needed) with Have frames; a provider that does not answer within
+        `timeout` seconds (default `holders_timeout`), cannot be reached or
+        refuses is left out. If the provider list is older than
+        `holders_refresh_interval` it is re-read first (within the same
+        time budget). With no ids, the flags are empty and the map lists the
+        providers that answered a ping: every reachable provider.
+        """
+        if self._nursery is None:
+            raise DhtError("the fetcher is not running (use it as an async context manager)")
+        ids = list(block_ids)
+        for block_id in ids:
+            if len(block_id) != BLOCK_ID_LEN:
+                raise DhtError(f"block id must be {BLOCK_ID_LEN} bytes, got {len(block_id)}")
+        timeout = self.config.holders_timeout if timeout is None else timeout
+        out: dict[bytes, list[bool]] = {}
+        deadline = trio.current_time() + timeout
+        if trio.current_time() - self._last_refresh > self.config.holders_refresh_interval:
+            with trio.move_on_at(trio.current_time() + timeout / 2):
+                await self._refresh_providers()
+
+        async def ask(peer: _Peer) -> None:
+            try:
+                conn = await self._connection(peer)
+                if ids:
+                    out[peer.node_id] = await conn.have(ids)
+                else:
+                    await conn.ping()
+                    if not conn.closed:
+                        out[peer.node_id] = []
+            except DhtError:
+                pass  # unreachable or broke: it counts as holding nothing
+
+        with trio.move_on_at(deadline):
+            async with trio.open_nursery() as nursery:
+                for peer in [p for p in self._peers.values() if p.provider]:
+                    nursery.start_soon(ask, peer)
+        return dict(out)
+
+    async def count_holders(
+        self, block_ids: Iterable[bytes], *, timeout: float | None = None
+    ) -> int:
+        """How many reachable providers hold every one of `block_ids` (see `have_map`)."""
+        answers = await self.have_map(block_ids, timeout=timeout)
+        return sum(1 for flags in answers.values() if all(flags))
+
     def peer_stats(self) -> list[PeerStats]:
         now = trio.current_time()
         return [
@@ -408,6 +462,7 @@ class Fetcher:
             except (DhtError, OSError):
                 return  # keep what we knew; the next refresh may do better
             self._apply_providers(addrs)
+            self._last_refresh = trio.current_time()
 
     def _apply_providers(self, addrs: list[PeerAddr]) -> None:
         current: set[bytes] = set()

@@ -16,7 +16,7 @@ bytes arrive, so a peer cannot make us buffer gigabytes.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -34,6 +34,8 @@ MAX_REASON = 256  # characters in a Refused/Goodbye reason
 MAX_REQ_ID = 2**32 - 1
 MAX_TOKEN = 2**32 - 1
 MAX_WANTS_LIMIT = 65535  # the largest per-connection want limit a server may announce
+MAX_HAVE_IDS = 120  # block ids in one Have: 120 x 32 bytes keeps it under MAX_CLIENT_FRAME
+MAX_BITMAP = (MAX_HAVE_IDS + 7) // 8
 NONCE_LEN = 32
 PUBLIC_KEY_LEN = 32
 PROOF_LEN = 32
@@ -103,6 +105,44 @@ def _priority(value: Any) -> Priority:
         raise FrameError(f"unknown priority {value}") from None
 
 
+def _ids_from_wire(value: Any) -> tuple[bytes, ...]:
+    """Concatenated 32-byte ids (1..MAX_HAVE_IDS of them) -> a tuple of ids."""
+    if type(value) is not bytes:
+        raise FrameError(f"expected concatenated block ids, got {type(value).__name__}")
+    count, rest = divmod(len(value), BLOCK_ID_LEN)
+    if rest or not 1 <= count <= MAX_HAVE_IDS:
+        raise FrameError(
+            f"expected 1..{MAX_HAVE_IDS} block ids of {BLOCK_ID_LEN} bytes, got {len(value)} bytes"
+        )
+    return tuple(value[i : i + BLOCK_ID_LEN] for i in range(0, len(value), BLOCK_ID_LEN))
+
+
+def _ids_to_wire(value: Any) -> bytes:
+    """A sequence of 1..MAX_HAVE_IDS block ids -> their concatenation (what the wire carries)."""
+    if not isinstance(value, tuple | list) or not 1 <= len(value) <= MAX_HAVE_IDS:
+        raise FrameError(f"expected a list of 1..{MAX_HAVE_IDS} block ids")
+    check = _exact_bytes(BLOCK_ID_LEN)
+    return b"".join(check(block_id) for block_id in value)
+
+
+def pack_bitmap(flags: Sequence[bool]) -> bytes:
+    """Flags as bits, most significant bit of the first byte first (as BitTorrent's bitfield)."""
+    out = bytearray((len(flags) + 7) // 8)
+    for i, flag in enumerate(flags):
+        if flag:
+            out[i >> 3] |= 0x80 >> (i & 7)
+    return bytes(out)
+
+
+def unpack_bitmap(bitmap: bytes, count: int) -> list[bool]:
+    """The first `count` flags of a bitmap made by `pack_bitmap`; FrameError if it is not one."""
+    if len(bitmap) != (count + 7) // 8:
+        raise FrameError(f"a bitmap of {count} flags has {(count + 7) // 8} bytes, not {len(bitmap)}")
+    if count % 8 and bitmap[-1] & (0xFF >> (count % 8)):
+        raise FrameError("bits past the last flag are set in the bitmap")
+    return [bool(bitmap[i >> 3] & (0x80 >> (i & 7))) for i in range(count)]
+
+
 _ID = _exact_bytes(32)
 _REQ_ID = _bounded_uint(0, MAX_REQ_ID)
 _REASON = _bounded_str(MAX_REASON)
@@ -118,6 +158,9 @@ class Message:
     __slots__ = ()
     TYPE: ClassVar[str]
     CHECKS: ClassVar[dict[str, Callable[[Any], Any]]]
+    # Fields whose wire form differs from their Python value: checked and
+    # converted by these on encode (CHECKS convert back on decode).
+    ENCODERS: ClassVar[dict[str, Callable[[Any], Any]]] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +260,37 @@ class NotFound(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Have(Message):
+    """Client -> server: which of these blocks do you hold? Answered by HaveReply.
+
+    The ids travel as one byte string of 32-byte ids (1..MAX_HAVE_IDS), so the
+    frame stays within the client frame limit.
+    """
+
+    req_id: int
+    block_ids: tuple[bytes, ...]
+    TYPE: ClassVar[str] = "have"
+    CHECKS: ClassVar[dict[str, Callable[[Any], Any]]] = {
+        "req_id": _REQ_ID,
+        "block_ids": _ids_from_wire,
+    }
+    ENCODERS: ClassVar[dict[str, Callable[[Any], Any]]] = {"block_ids": _ids_to_wire}
+
+
+@dataclass(frozen=True, slots=True)
+class HaveReply(Message):
+    """Server -> client: bit i (MSB first) says whether it holds id i of Have `req_id`."""
+
+    req_id: int
+    bitmap: bytes
+    TYPE: ClassVar[str] = "have_reply"
+    CHECKS: ClassVar[dict[str, Callable[[Any], Any]]] = {
+        "req_id": _REQ_ID,
+        "bitmap": _bounded_bytes(MAX_BITMAP),
+    }
+
+
+@dataclass(frozen=True, slots=True)
 class Notice(Message):
     """Server -> client: an opaque signed record (e.g. a new drive head) for `discovery_key`."""
 
@@ -265,6 +339,8 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Cancel,
         Block,
         NotFound,
+        Have,
+        HaveReply,
         Notice,
         Ping,
         Pong,
@@ -287,7 +363,8 @@ def encode(msg: Message) -> bytes:
         raise FrameError(f"not a peer-protocol message: {cls.__name__}")
     body: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": cls.TYPE}
     for name in _FIELD_NAMES[cls]:
-        value = cls.CHECKS[name](getattr(msg, name))
+        check = cls.ENCODERS.get(name) or cls.CHECKS[name]
+        value = check(getattr(msg, name))
         body[name] = int(value) if isinstance(value, int) else value
     payload = msgpack.packb(body, use_bin_type=True)
     if len(payload) > MAX_FRAME:

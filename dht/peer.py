@@ -28,7 +28,7 @@ import logging
 import secrets
 import socket
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -49,6 +49,7 @@ from .frames import (
     MAX_BLOCK,
     MAX_CLIENT_FRAME,
     MAX_FRAME,
+    MAX_HAVE_IDS,
     MAX_REASON,
     MAX_REQ_ID,
     MAX_TOKEN,
@@ -59,6 +60,8 @@ from .frames import (
     Challenge,
     FrameDecoder,
     Goodbye,
+    Have,
+    HaveReply,
     Hello,
     Message,
     NotFound,
@@ -69,6 +72,8 @@ from .frames import (
     Want,
     Welcome,
     encode,
+    pack_bitmap,
+    unpack_bitmap,
 )
 from .identity import NodeIdentity
 from .tls import client_context, pinned_public_key, server_context
@@ -83,7 +88,8 @@ DRIVE_SECRET_LEN = 32
 HANDSHAKE_TIMEOUT = 10.0  # seconds for TCP connect + TLS + Challenge/Hello/Welcome
 DEFAULT_MAX_WANTS = 256  # outstanding wants a server accepts per connection
 DEFAULT_MAX_CONNECTIONS = 512
-MAX_CONTROL_BACKLOG = 256  # queued Notice/Pong frames before a client counts as stuck
+MAX_CONTROL_BACKLOG = 256  # queued Notice/Pong/HaveReply frames before a client counts as stuck
+MAX_HAVES_IN_FLIGHT = 16  # Have requests one client connection keeps outstanding
 GOODBYE_GRACE = 2.0  # seconds to flush a Goodbye/Refused before closing anyway
 RECEIVE_SIZE = 256 * 1024
 HASH_IN_THREAD_MIN = 256 * 1024  # hash blocks at least this big off the event loop
@@ -117,7 +123,11 @@ async def open_task_nursery() -> AsyncIterator[trio.Nursery]:
 
 
 class BlockSource(Protocol):
-    """Where a server finds blocks: the local cache store, or anything with this `get`."""
+    """Where a server finds blocks: the local cache store, or anything with this `get`.
+
+    A source may also have `has(block_id) -> bool` (the store does), which
+    answers Have without reading the block; without it `get` is used.
+    """
 
     def get(self, block_id: bytes) -> bytes | None: ...
 
@@ -201,6 +211,7 @@ class ServerStats:
     protocol_errors: int = 0
     wants_received: int = 0
     cancels_received: int = 0
+    haves_received: int = 0
     blocks_served: int = 0
     bytes_served: int = 0
     not_found: int = 0
@@ -308,6 +319,21 @@ class PeerServer:
             self.stats.source_errors += 1
             return None
         return data
+
+    def _holds(self, block_ids: tuple[bytes, ...]) -> list[bool]:
+        """Which of these blocks the source holds (a failing source holds nothing)."""
+        source = self.block_source
+        has = getattr(source, "has", None)
+        out = []
+        for block_id in block_ids:
+            try:
+                held = bool(has(block_id)) if has is not None else source.get(block_id) is not None
+            except Exception:
+                self.stats.source_errors += 1
+                log.exception("block source failed on %s", block_id.hex()[:12])
+                held = False
+            out.append(held)
+        return out
 
     async def _handle(self, tcp: trio.SocketStream) -> None:
         stats = self.stats
@@ -466,6 +492,12 @@ class _ServerConnection:
             elif isinstance(msg, Cancel):
                 stats.cancels_received += 1
                 self._wants.pop(msg.req_id, None)
+            elif isinstance(msg, Have):
+                # answered at once, ahead of queued blocks: a presence check is cheap
+                stats.haves_received += 1
+                bitmap = pack_bitmap(self.server._holds(msg.block_ids))
+                self.push_control(HaveReply(msg.req_id, bitmap))
+                await trio.lowlevel.checkpoint()
             elif isinstance(msg, Ping):
                 self.push_control(Pong(msg.token))
             elif isinstance(msg, Pong):
@@ -544,6 +576,7 @@ class ConnectionStats:
     not_found: int = 0
     unsolicited: int = 0  # answers to wants we had already cancelled
     notices: int = 0
+    haves_sent: int = 0
 
 
 class _Pending:
@@ -558,6 +591,25 @@ class _Pending:
 
     def succeed(self, data: bytes) -> None:
         self.result = data
+        self.done.set()
+
+    def fail(self, error: DhtError) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self.done.set()
+
+
+class _PendingHave:
+    __slots__ = ("count", "done", "result", "error")
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.done = trio.Event()
+        self.result: list[bool] = []
+        self.error: DhtError | None = None
+
+    def succeed(self, flags: list[bool]) -> None:
+        self.result = flags
         self.done.set()
 
     def fail(self, error: DhtError) -> None:
@@ -594,6 +646,8 @@ class PeerConnection:
         self._slots = trio.Semaphore(max_wants)
         self._pending: dict[int, _Pending] = {}
         self._pings: dict[int, trio.Event] = {}
+        self._haves: dict[int, _PendingHave] = {}
+        self._have_slots = trio.Semaphore(MAX_HAVES_IN_FLIGHT)
         self._next_id = secrets.randbelow(MAX_REQ_ID + 1)
         self._outgoing: deque[Message] = deque()
         self._wake = trio.Event()
@@ -744,6 +798,53 @@ class PeerConnection:
         assert pending.result is not None
         return pending.result
 
+    async def have(self, block_ids: Sequence[bytes]) -> list[bool]:
+        """Which of `block_ids` the peer holds, in order (it reads no block to answer).
+
+        Asked `MAX_HAVE_IDS` ids per Have frame, at most `MAX_HAVES_IN_FLIGHT`
+        frames outstanding. Raises PeerGoneError if the connection dies first
+        (PeerProtocolError if the peer answers with a malformed bitmap).
+        """
+        ids = list(block_ids)
+        for block_id in ids:
+            if type(block_id) is not bytes or len(block_id) != BLOCK_ID_LEN:
+                raise DhtError(f"block ids must be {BLOCK_ID_LEN} bytes")
+        self._raise_if_closed()
+        flags = [False] * len(ids)
+        starts = iter(range(0, len(ids), MAX_HAVE_IDS))
+        errors: list[DhtError] = []
+
+        async def worker() -> None:
+            for start in starts:
+                part = tuple(ids[start : start + MAX_HAVE_IDS])
+                try:
+                    flags[start : start + len(part)] = await self._have_one(part)
+                except DhtError as exc:
+                    errors.append(exc)
+                    return
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(min(MAX_HAVES_IN_FLIGHT, -(-len(ids) // MAX_HAVE_IDS))):
+                nursery.start_soon(worker)
+        if errors:
+            raise errors[0]
+        return flags
+
+    async def _have_one(self, part: tuple[bytes, ...]) -> list[bool]:
+        async with self._have_slots:
+            self._raise_if_closed()
+            req_id = self._allocate(self._haves)
+            pending = self._haves[req_id] = _PendingHave(len(part))
+            self.stats.haves_sent += 1
+            self._send(Have(req_id, part))
+            try:
+                await pending.done.wait()
+            finally:
+                self._haves.pop(req_id, None)
+        if pending.error is not None:
+            raise pending.error
+        return pending.result
+
     async def ping(self) -> float:
         """Round-trip time to the peer in seconds (PeerGoneError if the connection dies)."""
         self._raise_if_closed()
@@ -810,6 +911,9 @@ class PeerConnection:
             for pending in self._pending.values():
                 pending.fail(self._error)
             self._pending.clear()
+            for have in self._haves.values():
+                have.fail(self._error)
+            self._haves.clear()
             for event in self._pings.values():
                 event.set()
             stream = self._frames.stream
@@ -859,6 +963,21 @@ class PeerConnection:
                                 f"{self.addr} does not have block {pending.block_id.hex()}"
                             )
                         )
+                elif isinstance(msg, HaveReply):
+                    have = self._haves.pop(msg.req_id, None)
+                    if have is None:
+                        self.stats.unsolicited += 1  # its asker left
+                    else:
+                        try:
+                            flags = unpack_bitmap(msg.bitmap, have.count)
+                        except FrameError as exc:
+                            error = PeerProtocolError(
+                                f"{self.addr} answered have with a bad bitmap: {exc}; "
+                                "connection dropped"
+                            )
+                            have.fail(error)
+                            raise error from None
+                        have.succeed(flags)
                 elif isinstance(msg, Notice):
                     if msg.discovery_key != self.discovery_key:
                         raise PeerProtocolError(f"{self.addr} sent a notice for another drive")

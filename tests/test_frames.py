@@ -11,9 +11,11 @@ from hypothesis import strategies as st
 
 from dht.errors import DhtError, FrameError
 from dht.frames import (
+    MAX_BITMAP,
     MAX_BLOCK,
     MAX_CLIENT_FRAME,
     MAX_FRAME,
+    MAX_HAVE_IDS,
     MAX_REASON,
     MAX_RECORD,
     MAX_REQ_ID,
@@ -25,6 +27,8 @@ from dht.frames import (
     Challenge,
     FrameDecoder,
     Goodbye,
+    Have,
+    HaveReply,
     Hello,
     Message,
     NotFound,
@@ -35,6 +39,8 @@ from dht.frames import (
     Want,
     Welcome,
     encode,
+    pack_bitmap,
+    unpack_bitmap,
 )
 from dht.types import Priority
 
@@ -63,6 +69,10 @@ EXAMPLES: list[Message] = [
     Block(7, b"hello block"),
     Block(MAX_REQ_ID, b""),
     NotFound(0),
+    Have(3, (ID,)),
+    Have(MAX_REQ_ID, (ID, ID2, ID)),
+    HaveReply(3, b"\x80"),
+    HaveReply(0, b""),
     Notice(ID, b"\x01" * 100),
     Ping(MAX_TOKEN),
     Pong(0),
@@ -228,12 +238,77 @@ def test_bounded_strings_and_bytes() -> None:
         Goodbye("x" * (MAX_REASON + 1)),
         Welcome(MAX_WANTS_LIMIT + 1),
         Hello(ID, ID, ID, bytes(63)),
+        Have(1, ()),
+        Have(1, (ID,) * (MAX_HAVE_IDS + 1)),
+        Have(1, (ID[:31],)),
+        Have(1, ID),  # type: ignore[arg-type]
+        HaveReply(1, b"x" * (MAX_BITMAP + 1)),
     ],
     ids=lambda m: type(m).__name__,
 )
 def test_encode_refuses_what_decode_would_refuse(msg: Message) -> None:
     with pytest.raises(FrameError):
         encode(msg)
+
+
+def test_have_carries_ids_as_one_byte_string_within_the_client_frame_limit() -> None:
+    most = tuple(bytes([i]) * 32 for i in range(MAX_HAVE_IDS))
+    frame = encode(Have(9, most))
+    assert len(frame) - 4 <= MAX_CLIENT_FRAME
+    body = msgpack.unpackb(frame[4:], raw=False)
+    assert body == {"v": PROTOCOL_VERSION, "t": "have", "req_id": 9, "block_ids": b"".join(most)}
+    decoder = FrameDecoder(max_frame=MAX_CLIENT_FRAME)
+    decoder.feed(frame)
+    assert decoder.next_event() == Have(9, most)
+
+
+def test_have_list_of_ids_decodes_as_a_tuple() -> None:
+    [msg] = decode_all(encode(Have(1, [ID, ID2])))  # type: ignore[arg-type]
+    assert isinstance(msg, Have) and msg.block_ids == (ID, ID2)
+
+
+@pytest.mark.parametrize(
+    ("ids", "match"),
+    [
+        (b"", f"1..{MAX_HAVE_IDS} block ids"),
+        (ID[:31], f"1..{MAX_HAVE_IDS} block ids"),
+        (ID + b"x", f"1..{MAX_HAVE_IDS} block ids"),
+        (ID * (MAX_HAVE_IDS + 1), f"1..{MAX_HAVE_IDS} block ids"),
+        ([ID], "concatenated block ids"),
+        (ID.hex(), "concatenated block ids"),
+    ],
+)
+def test_bad_have_ids_are_rejected(ids: object, match: str) -> None:
+    with pytest.raises(FrameError, match=match):
+        decode_all(frame_of({"v": 1, "t": "have", "req_id": 1, "block_ids": ids}))
+
+
+def test_bitmap_bits_are_most_significant_first() -> None:
+    assert pack_bitmap([True] + [False] * 7 + [True]) == b"\x80\x80"
+    assert pack_bitmap([]) == b""
+    assert unpack_bitmap(b"\x40", 3) == [False, True, False]
+
+
+@pytest.mark.parametrize(
+    ("bitmap", "count"), [(b"", 1), (b"\x00\x00", 8), (b"\x10", 3), (b"\x01", 7)]
+)
+def test_malformed_bitmaps_are_rejected(bitmap: bytes, count: int) -> None:
+    with pytest.raises(FrameError):
+        unpack_bitmap(bitmap, count)
+
+
+@given(st.lists(st.booleans(), max_size=3 * MAX_HAVE_IDS))
+def test_bitmaps_round_trip(flags: list[bool]) -> None:
+    assert unpack_bitmap(pack_bitmap(flags), len(flags)) == flags
+
+
+@given(st.binary(max_size=40), st.integers(0, 300))
+def test_arbitrary_bitmaps_raise_only_frame_error(bitmap: bytes, count: int) -> None:
+    try:
+        flags = unpack_bitmap(bitmap, count)
+    except FrameError:
+        return
+    assert pack_bitmap(flags) == bitmap
 
 
 def test_encode_refuses_foreign_objects() -> None:
@@ -256,6 +331,8 @@ messages = st.one_of(
     st.builds(Cancel, req_ids),
     st.builds(Block, req_ids, st.binary(max_size=2048)),
     st.builds(NotFound, req_ids),
+    st.builds(Have, req_ids, st.lists(ids, min_size=1, max_size=MAX_HAVE_IDS).map(tuple)),
+    st.builds(HaveReply, req_ids, st.binary(max_size=MAX_BITMAP)),
     st.builds(Notice, ids, st.binary(max_size=512)),
     st.builds(Ping, tokens),
     st.builds(Pong, tokens),
@@ -329,12 +406,18 @@ field_names = st.sampled_from(
         "proof",
         "sig",
         "max_wants",
+        "block_ids",
+        "bitmap",
     ]
 )
 
 
 @given(
-    st.dictionaries(field_names, msgpack_values | ids | req_ids, max_size=6),
+    st.dictionaries(
+        field_names,
+        msgpack_values | ids | req_ids | st.lists(ids, max_size=4).map(b"".join),
+        max_size=6,
+    ),
     st.sampled_from([None, *sorted(m.TYPE for m in map(type, EXAMPLES))]),
     st.sampled_from([None, PROTOCOL_VERSION, 0, 2]),
 )
