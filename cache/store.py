@@ -173,7 +173,7 @@ class BlockStore:
                 sync=self._sync,
                 metasync=False,  # one fsync per commit; an OS crash may undo only the last
                 writemap=False,
-                readahead=False,
+                readahead=True,
                 meminit=True,
                 mode=0o600,
             )

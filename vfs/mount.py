@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -147,19 +148,25 @@ def spawn_daemon(argv: list[str], log_path: Path, timeout: float = 120.0) -> int
         )
     os.close(w)
     deadline = time.monotonic() + timeout
-    chunks = []
-    with os.fdopen(r, "rb") as pipe:
+    chunks: list[bytes] = []
+    with os.fdopen(r, "rb", buffering=0) as pipe:
+        buf = b""
         while True:
-            if time.monotonic() > deadline:
+            left = deadline - time.monotonic()
+            ready, _, _ = select.select([pipe], [], [], max(0.0, left))
+            if not ready:
                 proc.terminate()
                 raise MountError(f"the mount did not become ready in {timeout:.0f} s; "
                                  f"see {log_path}")
-            data = pipe.readline()
+            data = pipe.read(4096)
             if not data:
                 break
-            chunks.append(data)
-            if data.startswith(b"ready"):
-                return proc.pid
+            buf += data
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                chunks.append(line + b"\n")
+                if line.startswith(b"ready"):
+                    return proc.pid
     rc = proc.wait()
     msg = b"".join(chunks).decode(errors="replace").strip()
     if msg.startswith("error "):

@@ -109,6 +109,7 @@ class Publisher:
         self._on_progress = on_progress
         self._warn = on_warning or (lambda msg: None)
         self._stats_lock = threading.Lock()
+        self._put_lock = threading.Lock()
         self._new_blocks = 0
         self._new_bytes = 0
         self._all_ids: set[bytes] = set()
@@ -150,12 +151,13 @@ class Publisher:
         ids = [ref.block_id for ref, _ in blocks]
         try:
             store = self.storage.store
-            store.add_to_pin(self._pending_pin, ids)
-            missing = set(store.missing(ids))
-            store.put_many(blocks_ct := [(ref.block_id, ct) for ref, ct in blocks])  # one commit
+            unique = {ref.block_id: ct for ref, ct in blocks}
+            store.add_to_pin(self._pending_pin, unique)
+            with self._put_lock:  # "missing" and the put as one step among our workers
+                missing = set(store.missing(unique))
+                store.put_many(unique.items())  # one commit for the whole batch
             new_blocks = len(missing)
-            new_bytes = sum(len(ct) for bid, ct in {b: c for b, c in blocks_ct}.items()
-                            if bid in missing)
+            new_bytes = sum(len(unique[bid]) for bid in missing)
         except self.storage.full_errors as exc:
             raise NoSpaceError(f"the device is full while publishing: {exc}") from exc
         with self._stats_lock:
