@@ -8,7 +8,7 @@ layer's own errors; only `vfs.fs` turns them into errno.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -18,7 +18,8 @@ from dht.types import Priority
 
 from .blocks import BlockReader, Fetch
 from .capability import ReadCap
-from .errors import FormatError, PeerdriveError, UsageError
+from .crypto import Ref
+from .errors import BlockUnavailable, FormatError, PeerdriveError, UsageError
 from .formats import Entry
 from .head import Head
 from .storage import DriveStorage
@@ -28,6 +29,14 @@ if TYPE_CHECKING:
     from .pins import Pins
 
 READAHEAD_CHUNKS = 8
+COPIES_TIMEOUT = 5.0  # seconds the peers get to say which blocks they hold
+# After a block could not be fetched within the fetch timeout, reads of it fail at once
+# for this long: the kernel follows a failed readahead with a read of the same page,
+# which would otherwise wait out the whole timeout a second time.
+UNAVAILABLE_MEMORY = 2.0
+
+# holders(block_ids, timeout) -> {peer node id: [holds id i]} for every peer that answered
+Holders = Callable[[list[bytes], float], Awaitable[dict[bytes, list[bool]]]]
 
 
 @dataclass
@@ -44,7 +53,7 @@ class OpenFile:
 
 class Drive:
     def __init__(self, cap: ReadCap, storage: DriveStorage, head: Head,
-                 fetch: Fetch | None = None) -> None:
+                 fetch: Fetch | None = None, holders: Holders | None = None) -> None:
         if head.root is None:
             raise FormatError("a mount needs a head opened with the read key")
         self.cap = cap
@@ -53,6 +62,8 @@ class Drive:
         self.version = 1
         self.blocks = BlockReader(storage.store, cap.read_key, fetch)
         self.tree = Tree(self.blocks)
+        self.holders = holders
+        self._unavailable: dict[bytes, tuple[float, str]] = {}  # block id -> (when, why)
         self._nursery: trio.Nursery | None = None
         self.pins: Pins | None = None
 
@@ -118,20 +129,46 @@ class Drive:
             self._readahead(of, span[-1] + 1)
         if len(span) == 1:
             i = span[0]
-            plain = await self.blocks.read(chunks[i], Priority.READ)
+            plain = await self._read_chunk(chunks[i], Priority.READ)
             start = off - of.map.starts[i]
             return plain[start:start + size]
         parts: list[bytes] = [b""] * len(span)
+        errors: list[PeerdriveError] = []
 
         async def get(k: int, i: int) -> None:
-            parts[k] = await self.blocks.read(chunks[i], Priority.READ)
+            # a failed chunk does not cancel the others: each ends bounded by the fetch
+            # timeout, and every chunk found unavailable is remembered as such
+            try:
+                parts[k] = await self._read_chunk(chunks[i], Priority.READ)
+            except PeerdriveError as exc:
+                errors.append(exc)
 
         async with trio.open_nursery() as nursery:
             for k, i in enumerate(span):
                 nursery.start_soon(get, k, i)
+        if errors:
+            raise errors[0]
         data = b"".join(parts)
         start = off - of.map.starts[span[0]]
         return data[start:start + size]
+
+    async def _read_chunk(self, ref: Ref, priority: Priority) -> bytes:
+        """A chunk's plaintext; fails at once if no peer could serve it moments ago."""
+        now = trio.current_time()
+        failed = self._unavailable.get(ref.block_id)
+        if failed is not None:
+            when, why = failed
+            if now - when < UNAVAILABLE_MEMORY:
+                raise BlockUnavailable(why)
+            del self._unavailable[ref.block_id]
+        try:
+            return await self.blocks.read(ref, priority)
+        except BlockUnavailable as exc:
+            for block_id, (when, _) in list(self._unavailable.items()):
+                if now - when >= UNAVAILABLE_MEMORY:
+                    del self._unavailable[block_id]
+            self._unavailable[ref.block_id] = (trio.current_time(), str(exc))
+            raise
 
     def _readahead(self, of: OpenFile, first: int) -> None:
         """Load the next chunks of a sequential reader in the background.
@@ -154,7 +191,7 @@ class Drive:
 
     async def _prefetch(self, of: OpenFile, i: int) -> None:
         try:
-            await self.blocks.read(of.map.chunks[i], Priority.READAHEAD)
+            await self._read_chunk(of.map.chunks[i], Priority.READAHEAD)
         except PeerdriveError:
             pass  # readahead is a hint: the real read reports the error
         finally:
@@ -167,7 +204,7 @@ class Drive:
         return st.total_bytes, st.limit_bytes
 
     def xattr_names(self) -> list[str]:
-        return ["state", "cached", "size", "pinned"]
+        return ["state", "cached", "size", "pinned", "copies"]
 
     async def file_chunks(self, entry: Entry) -> tuple:
         return (await self.tree.chunk_map(entry, Priority.PREFETCH)).chunks
@@ -189,11 +226,52 @@ class Drive:
             return have, total
         return 0, 0
 
+    async def file_block_sets(self, entry: Entry) -> list[list[bytes]]:
+        """For every file at or below `entry`: the ids of its chunk-list and chunk blocks."""
+        if entry.is_file:
+            ids = [cl.ref.block_id for cl in entry.chunk_lists or ()]
+            ids.extend(r.block_id for r in await self.file_chunks(entry))
+            return [ids]
+        out: list[list[bytes]] = []
+        if entry.is_dir:
+            async for _, child in self.entries(entry, 0):
+                out.extend(await self.file_block_sets(child))
+        return out
+
+    async def copies(self, entry: Entry) -> int:
+        """How many copies of `entry` are known: devices that hold it whole.
+
+        For a file: the reachable peers serving this drive that hold every
+        block of it (chunk lists and chunks), asked now with Have, plus one
+        if this device holds it whole. For a folder: the least of that over
+        every file below it (0 for a folder with no files): how many devices
+        could vanish before some file of it is lost. A peer that does not
+        answer within COPIES_TIMEOUT does not count.
+        """
+        files = await self.file_block_sets(entry)
+        if not files:
+            return 0
+        union = list(dict.fromkeys(i for ids in files for i in ids))
+        answers: dict[bytes, list[bool]] = {}
+        if self.holders is not None:
+            answers = await self.holders(union, COPIES_TIMEOUT)
+        where = {block_id: k for k, block_id in enumerate(union)}
+        local = set(union).difference(self.storage.store.missing(union))
+        least: int | None = None
+        for ids in files:
+            count = sum(1 for flags in answers.values() if all(flags[where[i]] for i in ids))
+            if local.issuperset(ids):
+                count += 1
+            least = count if least is None else min(least, count)
+        return least or 0
+
     async def get_xattr(self, path: list[bytes], entry: Entry, name: str) -> bytes | None:
         if name not in self.xattr_names():
             return None
         if name == "pinned":
             return b"1" if self.pins is not None and self.pins.is_pinned(path) else b"0"
+        if name == "copies":
+            return str(await self.copies(entry)).encode()
         have, total = await self.usage(entry)
         if name == "cached":
             return str(have).encode()

@@ -67,6 +67,7 @@ def local_address_towards(host: str) -> str | None:
 class DriveServing:
     cap: StoreCap
     fetcher: Fetcher | None = None
+    fetcher_starting: trio.Event | None = None  # set once a start in progress ends
     lan_peers: dict[bytes, tuple[PeerAddr, float]] = field(default_factory=dict)
     on_head: Callable[[bytes], None] | None = None
 
@@ -255,6 +256,9 @@ class NetworkNode:
 
     async def start_fetcher(self, cap: StoreCap) -> Fetcher:
         d = self.drives[cap.discovery_key]
+        # concurrent first fetches wait for one fetcher instead of each starting their own
+        while d.fetcher is None and d.fetcher_starting is not None:
+            await d.fetcher_starting.wait()
         if d.fetcher is not None:
             return d.fetcher
 
@@ -266,8 +270,13 @@ class NetworkNode:
                           lambda: self.providers(cap.discovery_key), on_notice=notice,
                           config=FetchConfig(default_timeout=self.fetch_timeout))
         assert self._nursery is not None
-        await self._nursery.start(fetcher.run)
-        d.fetcher = fetcher
+        d.fetcher_starting = starting = trio.Event()
+        try:
+            await self._nursery.start(fetcher.run)
+            d.fetcher = fetcher
+        finally:
+            d.fetcher_starting = None
+            starting.set()
         return fetcher
 
     def fetch_function(self, cap: StoreCap):
@@ -281,3 +290,16 @@ class NetworkNode:
                 raise BlockUnavailable(f"block {block_id.hex()[:16]}: {exc}") from exc
 
         return fetch
+
+    def holders_function(self, cap: StoreCap):
+        """A `vfs.drive.Holders` for one drive: which blocks each reachable provider holds."""
+
+        async def holders(block_ids: list[bytes], timeout: float) -> dict[bytes, list[bool]]:
+            fetcher = await self.start_fetcher(cap)
+            try:
+                return await fetcher.have_map(block_ids, timeout=timeout)
+            except DhtError as exc:
+                log.info("asking peers which blocks they hold failed: %s", exc)
+                return {}
+
+        return holders

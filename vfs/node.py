@@ -142,7 +142,8 @@ async def _mount_main(home: Home, cap: ReadCap, mountpoint: Path, args: argparse
         net.serve_drive(cap, on_head=follower.notice)
         lonely = not net.bootstrap and not net.lan  # nobody to ask: do not wait
         head = await follower.first_head(0 if lonely else HEAD_WAIT)
-        drive = Drive(cap, storage, head, fetch=net.fetch_function(cap))
+        drive = Drive(cap, storage, head, fetch=net.fetch_function(cap),
+                      holders=net.holders_function(cap))
         ops = DriveOperations(drive)
 
         async def on_new(new: Head) -> None:
