@@ -1,26 +1,37 @@
-"""peerdrive benchmarks: publish, cold reads through a real mount, first bytes.
+"""peerdrive side by side with rclone, nginx, borg and the local disk.
 
 Run it as `scripts/bench` (which installs what is missing first):
 
-    scripts/bench            1 GiB, median of 3 runs per figure; writes
-                             docs/benchmarks.md and docs/benchmarks.json
-    scripts/bench --quick    256 MiB, 1 run each; prints the table only
-                             (unless --md / --json name files to write)
+    scripts/bench            1 GiB file, 20,000-file tree, median of 3 runs per
+                             figure; writes docs/benchmarks.md, .json and .png
+    scripts/bench --quick    256 MiB, 2,000 files, 1 run each (about two
+                             minutes); prints the table only (unless --md,
+                             --json or --png name files to write)
 
-Everything runs as separate processes, the way a user runs them: the real
-`peerdrive` command (publish, mount, unmount) beside plain reference tools
-(`cp`, `cat` of the source file), each in a fresh PEERDRIVE_HOME under one
-temporary directory that is removed at the end. Cold figures drop the page
-cache (`echo 3 > /proc/sys/vm/drop_caches`, after `sync`) before each run and
-mount afresh, so neither the kernel nor the mount process remembers the
-previous run; where dropping is not permitted the output says so.
+Everything runs as separate processes, the way a user runs them, all on
+127.0.0.1 and in one temporary directory removed at the end:
 
-Structure, for adding systems and figures later: one function per figure
-(`figure_*`, listed in FIGURES) takes the `Bench` context and returns `Row`s,
-one per system measured, one of them the reference the others are compared
-with; the results are one dict (`results_dict`) written as JSON and as a
-markdown table (`markdown`). A new system is a new row in a figure; a new
-figure is a new function in FIGURES.
+* peerdrive: a publisher node (`peerdrive publish`, then `peerdrive serve
+  --listen 127.0.0.1:PORT --no-lan`) and, for each measurement, a reader node
+  with an empty cache (a fresh PEERDRIVE_HOME) that mounts the drive with
+  `--bootstrap 127.0.0.1:PORT --listen 127.0.0.1:0 --no-lan`: every block
+  crosses a real TLS connection from ONE peer.
+* rclone: `rclone mount` of an `:http:` remote served by nginx on 127.0.0.1
+  (`--vfs-cache-mode full`, its own cache directory per measurement).
+* nginx + curl: the same file over HTTP on loopback, the network's limit.
+* borg: `borg create` into a fresh repokey-blake2 repository, beside
+  `peerdrive publish`.
+* native: the source files on the local disk, the disk's limit.
+
+Within a run the systems alternate (peerdrive, rclone, the references), so a
+noisy neighbour hurts all of them alike. Cold figures drop the page cache
+(`sync; echo 3 > /proc/sys/vm/drop_caches`) first; where that is not
+permitted the output says so.
+
+Structure: one function per figure (`figure_*`, listed in FIGURES) takes the
+`Bench` context and returns `Row`s, one per system; `GOALS` compares rows; the
+results are one dict (`results_dict`) written as JSON, a markdown table
+(`markdown`) and a plot (`plot`).
 """
 
 from __future__ import annotations
@@ -32,8 +43,11 @@ import importlib.metadata
 import json
 import os
 import platform
+import random
+import select
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -44,15 +58,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MiB = 1024 * 1024
+KiB = 1024
+MiB = 1024 * KiB
 GiB = 1024 * MiB
-FIRST_BYTES = 64 * 1024
-# the mount reads only this node's store: no LAN, loopback only
-MOUNT_OPTIONS = ("--listen", "127.0.0.1:0", "--no-lan")
+FIRST_BYTES = 64 * KiB
+RANDOM_READS = 200
+RANDOM_READ_SIZE = 4 * KiB
+RSS_POLL_SECONDS = 0.2
+
+RCLONE_FLAGS = ("--read-only", "--vfs-cache-mode", "full")
+PEERDRIVE_MOUNT_FLAGS = ("--listen", "127.0.0.1:0", "--no-lan")
 
 
 class BenchError(Exception):
     """A step of the benchmark failed; the message says which and why."""
+
+
+def log(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- results
@@ -64,10 +87,9 @@ class Row:
 
     figure: str
     system: str
-    unit: str  # "MB/s" (10^6 bytes per second) or "ms"
+    unit: str  # "MB/s" (10^6 bytes/s), "files/s", "ms" or "MB" (10^6 bytes)
     runs: list[float]
     higher_is_better: bool
-    reference: bool = False
     note: str = ""
 
     @property
@@ -75,30 +97,214 @@ class Row:
         return statistics.median(self.runs)
 
 
+@dataclass(frozen=True)
+class Goal:
+    """peerdrive's row must be at least `factor` times as good as the other row.
+
+    "As good" is speed for MB/s and files/s and the inverse for ms, so a
+    factor of 1.0 means "at least as fast", 0.5 "at most twice as slow".
+    """
+
+    text: str
+    figure: str
+    system: str
+    against: str
+    factor: float
+
+
+@dataclass(frozen=True)
+class Limit:
+    """peerdrive's row must stay under `value` (memory)."""
+
+    text: str
+    figure: str
+    system: str
+    value: float
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def sync() -> None:
+    subprocess.run(["sync"], check=False)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie child of ours counts as gone
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z"):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            return False
+    return True
+
+
+def stop_pid(pid: int, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if the process is still there after `timeout`."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def stop_proc(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def is_mounted(path: Path) -> bool:
+    with open("/proc/mounts") as f:
+        return any(line.split()[1] == str(path) for line in f)
+
+
+def unmount_quietly(path: Path) -> None:
+    if is_mounted(path):
+        res = subprocess.run(["fusermount3", "-u", str(path)], capture_output=True, check=False)
+        if res.returncode != 0 and is_mounted(path):
+            subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True,
+                           check=False)
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 for both TCP and UDP (the DHT uses the same number)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+            t.bind(("127.0.0.1", 0))
+            port = t.getsockname()[1]
+            try:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                    u.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise BenchError("no free port on 127.0.0.1")
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """VmHWM (the peak resident set) of a live process, 0 if it is gone."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def command_output(argv: list[str]) -> str:
+    try:
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    except OSError:
+        return ""
+    return (res.stdout.strip() or res.stderr.strip())
+
+
+def timed(fn: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def run_quiet(argv: list[str], *, env: dict[str, str] | None = None, what: str = "",
+              timeout: float = 1800) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    if proc.returncode != 0:
+        raise BenchError(f"{what or argv[0]} exited {proc.returncode}: "
+                         f"{(proc.stderr.strip() or proc.stdout.strip())[-2000:]}")
+    return proc
+
+
+def cat_to_null(path: Path) -> None:
+    subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
+
+
+def mb_per_s(nbytes: int, seconds: float) -> float:
+    return nbytes / 1e6 / seconds
+
+
+def same_samples(a: Path, b: Path, size: int) -> bool:
+    """Spot check that two files agree (start, middle, end, some odd offsets)."""
+    offsets = {0, 1, size // 3 + 12345, size // 2, max(0, size - MiB)}
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        for off in sorted(offsets):
+            fa.seek(off)
+            fb.seek(off)
+            if fa.read(MiB) != fb.read(MiB):
+                return False
+    return True
+
+
+# ----------------------------------------------------------------------------- context
+
+
+@dataclass
+class Mount:
+    """A live mount: where, the process serving it, and what it is."""
+
+    path: Path
+    pid: int
+    system: str
+
+
 @dataclass
 class Bench:
-    """What every figure needs: options, the work directory, the source file, notes."""
+    """Options, the work directory, the data, the servers, notes."""
 
     size: int
+    files: int
+    folders: int
     runs: int
     quick: bool
     workdir: Path
     peerdrive_argv: list[str]
+    stack: contextlib.ExitStack
     notes: list[str] = field(default_factory=list)
     cache_drops: int = 0
     cache_drop_failures: int = 0
-    _source: Path | None = None
-    _published: tuple[Path, str] | None = None
+    peak_rss: dict[str, list[float]] = field(default_factory=dict)  # "figure|system" -> MB
+    _counter: int = 0
+    _big: Path | None = None
+    _tree: Path | None = None
+    _publisher: tuple[int, dict[str, str]] | None = None
+    _nginx: int | None = None
 
-    # -- inputs -----------------------------------------------------------------------
+    # -- names ------------------------------------------------------------------------
 
-    def source(self) -> Path:
-        """The random source file (made once, in 4 MiB pieces, then synced)."""
-        if self._source is None:
-            folder = self.workdir / "source"
-            folder.mkdir()
+    def fresh(self, name: str) -> Path:
+        """A new, empty directory under the work directory."""
+        self._counter += 1
+        path = self.workdir / f"{name}-{self._counter}"
+        path.mkdir()
+        return path
+
+    # -- data -------------------------------------------------------------------------
+
+    @property
+    def data(self) -> Path:
+        return self.workdir / "data"
+
+    def big(self) -> Path:
+        """The random file (data/big/random.bin), written once in 4 MiB pieces, synced."""
+        if self._big is None:
+            folder = self.data / "big"
+            folder.mkdir(parents=True)
             path = folder / "random.bin"
-            log(f"writing {self.size / MiB:.0f} MiB of random data to {path}")
+            log(f"writing {fmt_size(self.size)} of random data to {path}")
             with open(path, "wb") as f:
                 left = self.size
                 while left:
@@ -106,16 +312,31 @@ class Bench:
                     f.write(os.urandom(n))
                     left -= n
             sync()
-            self._source = path
-        return self._source
+            self._big = path
+        return self._big
 
-    def published(self) -> tuple[Path, str]:
-        """A node home holding the source folder published once, and its read link."""
-        if self._published is None:
-            home = self.workdir / "home-read"
-            info = publish(self, home, self.source().parent)
-            self._published = (home, info["read_link"])
-        return self._published
+    def tree(self) -> Path:
+        """data/tree: `files` small random files (512 B to 8 KiB) in `folders` folders."""
+        if self._tree is None:
+            root = self.data / "tree"
+            root.mkdir(parents=True)
+            log(f"writing a tree of {self.files} small files in {self.folders} folders")
+            rng = random.Random(20261122)
+            per = -(-self.files // self.folders)
+            made = 0
+            for d in range(self.folders):
+                folder = root / f"dir{d:03d}"
+                folder.mkdir()
+                for i in range(min(per, self.files - made)):
+                    (folder / f"file{i:04d}.dat").write_bytes(
+                        rng.randbytes(rng.randint(512, 8 * KiB)))
+                    made += 1
+            sync()
+            self._tree = root
+        return self._tree
+
+    def tree_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.tree().rglob("*") if p.is_file())
 
     # -- the page cache -----------------------------------------------------------------
 
@@ -133,261 +354,560 @@ class Bench:
                 log("note: " + msg)
             self.cache_drop_failures += 1
 
+    # -- peerdrive ----------------------------------------------------------------------
 
-def log(msg: str) -> None:
-    print(f"bench: {msg}", file=sys.stderr, flush=True)
+    def env_for(self, home: Path) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PEERDRIVE_HOME"] = str(home)
+        env["PYTHONPATH"] = str(ROOT)
+        env.pop("PEERDRIVE_BOOTSTRAP", None)
+        return env
 
-
-def sync() -> None:
-    subprocess.run(["sync"], check=False)
-
-
-# ----------------------------------------------------------------------------- processes
-
-
-def env_for(home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PEERDRIVE_HOME"] = str(home)
-    env["PYTHONPATH"] = str(ROOT)
-    env.pop("PEERDRIVE_BOOTSTRAP", None)
-    return env
-
-
-def run_peerdrive(bench: Bench, home: Path, *args: str,
+    def peerdrive(self, home: Path, *args: str,
                   timeout: float = 1800) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([*bench.peerdrive_argv, *args], env=env_for(home), cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout, check=False)
-    if proc.returncode != 0:
-        raise BenchError(f"peerdrive {' '.join(args)} exited {proc.returncode}: "
-                         f"{proc.stderr.strip() or proc.stdout.strip()}")
-    return proc
+        return run_quiet([*self.peerdrive_argv, *args], env=self.env_for(home),
+                         what=f"peerdrive {args[0]}", timeout=timeout)
 
+    def publish(self, home: Path, folder: Path) -> dict:
+        home.mkdir(parents=True, exist_ok=True)
+        return json.loads(self.peerdrive(home, "publish", str(folder), "--json").stdout)
 
-def publish(bench: Bench, home: Path, folder: Path) -> dict:
-    home.mkdir(parents=True, exist_ok=True)
-    return json.loads(run_peerdrive(bench, home, "publish", str(folder), "--json").stdout)
+    def publisher(self) -> tuple[int, dict[str, str]]:
+        """One node that published data/big and data/tree and serves them on 127.0.0.1.
 
+        Returns (port, {"big": link, "tree": link}). The serve process is
+        stopped when the benchmark ends.
+        """
+        if self._publisher is None:
+            home = self.workdir / "home-publisher"
+            links = {"big": self.publish(home, self.big().parent)["read_link"],
+                     "tree": self.publish(home, self.tree())["read_link"]}
+            port = free_port()
+            proc = subprocess.Popen(
+                [*self.peerdrive_argv, "serve", "--listen", f"127.0.0.1:{port}", "--no-lan",
+                 "--json"], env=self.env_for(home), cwd=ROOT, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=open(self.workdir / "serve.log", "wb"))
+            self.stack.callback(stop_proc, proc)
+            line = read_line(proc, 60, "peerdrive serve")
+            try:
+                info = json.loads(line)
+            except ValueError:
+                raise BenchError(f"peerdrive serve said {line!r}, not JSON") from None
+            if info.get("port") != port:
+                raise BenchError(f"peerdrive serve listens on {info.get('port')}, not {port}")
+            log(f"peerdrive serve (pid {proc.pid}) on 127.0.0.1:{port}")
+            self._publisher = (port, links)
+        return self._publisher
 
-def is_mounted(path: Path) -> bool:
-    with open("/proc/mounts") as f:
-        return any(line.split()[1] == str(path) for line in f)
+    @contextlib.contextmanager
+    def peerdrive_mount(self, which: str, figure: str,
+                        home: Path | None = None) -> Iterator[Mount]:
+        """Mount drive `which` ("big" or "tree") on a reader node fetching from the publisher.
 
-
-def stop_pid(pid: int, timeout: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL if the process is still there after `timeout`."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+        A fresh PEERDRIVE_HOME (an empty cache) unless `home` is given. The
+        peak RSS of the mount process is recorded under `figure`.
+        """
+        port, links = self.publisher()
+        home = home or self.fresh("home-reader")
+        mnt = self.fresh("mnt-peerdrive")
+        pid: int | None = None
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
+            out = self.peerdrive(home, "mount", links[which], str(mnt), "--bootstrap",
+                                 f"127.0.0.1:{port}", *PEERDRIVE_MOUNT_FLAGS, "--json",
+                                 timeout=180)
+            pid = int(json.loads(out.stdout)["pid"])
+            if not is_mounted(mnt):
+                raise BenchError(f"peerdrive mount returned but nothing is mounted at {mnt}")
+            yield Mount(mnt, pid, "peerdrive")
+        finally:
+            if pid is not None:
+                self.note_rss(figure, "peerdrive mount", pid)
+            if is_mounted(mnt):
+                res = subprocess.run([*self.peerdrive_argv, "unmount", str(mnt)],
+                                     env=self.env_for(home), cwd=ROOT, capture_output=True,
+                                     timeout=60, check=False)
+                if res.returncode != 0:
+                    unmount_quietly(mnt)
+            if pid is not None:
+                stop_pid(pid)
+
+    # -- nginx and rclone ---------------------------------------------------------------
+
+    def nginx(self) -> int:
+        """nginx serving data/ on 127.0.0.1 (autoindex for rclone's listings); its port."""
+        if self._nginx is None:
+            self.big()
+            self.tree()
+            port = free_port()
+            prefix = self.workdir / "nginx"
+            prefix.mkdir()
+            conf = prefix / "nginx.conf"
+            conf.write_text(f"""\
+user root;
+worker_processes 1;
+daemon off;
+master_process on;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 100000;
+    default_type application/octet-stream;
+    client_body_temp_path {prefix}/client;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        root {self.data};
+        autoindex on;
+    }}
+}}
+""")
+            proc = subprocess.Popen(["nginx", "-p", str(prefix), "-c", str(conf),
+                                     "-e", str(prefix / "error.log")],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=open(prefix / "stderr.log", "wb"))
+            self.stack.callback(stop_proc, proc)
+            deadline = time.monotonic() + 20
+            while True:
+                with contextlib.suppress(OSError), socket.create_connection(
+                        ("127.0.0.1", port), timeout=1):
+                    break
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise BenchError("nginx did not start: "
+                                     + (prefix / "stderr.log").read_text()[-1000:])
+                time.sleep(0.05)
+            log(f"nginx (pid {proc.pid}) on 127.0.0.1:{port}")
+            self._nginx = port
+        return self._nginx
+
+    @contextlib.contextmanager
+    def rclone_mount(self, figure: str, cache: Path | None = None) -> Iterator[Mount]:
+        """`rclone mount :http: MNT` of nginx's data/, with its own VFS cache directory."""
+        port = self.nginx()
+        cache = cache or self.fresh("rclone-cache")
+        mnt = self.fresh("mnt-rclone")
+        conf = self.workdir / "rclone.conf"
+        conf.touch()
+        logf = self.workdir / f"{mnt.name}.log"
+        proc = subprocess.Popen(
+            ["rclone", "mount", ":http:", str(mnt), "--http-url", f"http://127.0.0.1:{port}/",
+             *RCLONE_FLAGS, "--cache-dir", str(cache), "--config", str(conf),
+             "--log-file", str(logf)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 30
+            while not is_mounted(mnt):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise BenchError(f"rclone mount did not mount: see {logf}: "
+                                     + (logf.read_text()[-1000:] if logf.exists() else ""))
+                time.sleep(0.05)
+            yield Mount(mnt, proc.pid, "rclone")
+        finally:
+            self.note_rss(figure, "rclone mount", proc.pid)
+            unmount_quietly(mnt)
+            stop_proc(proc)
+
+    def note_rss(self, figure: str, system: str, pid: int) -> None:
+        rss = peak_rss_bytes(pid)
+        if rss:
+            self.peak_rss.setdefault(f"{figure}|{system}", []).append(rss / 1e6)
 
 
-@dataclass
-class Mounted:
-    path: Path
-    pid: int
-    seconds: float  # wall time of `peerdrive mount` until it returned (mount ready)
+def read_line(proc: subprocess.Popen, timeout: float, what: str) -> str:
+    """The first line `proc` writes to its stdout pipe, within `timeout` seconds."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise BenchError(f"{what} said nothing within {timeout:.0f} s")
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            data = os.read(fd, 4096)
+            if not data:
+                raise BenchError(f"{what} exited {proc.wait()} before it was ready")
+            buf += data
+    return buf.split(b"\n", 1)[0].decode(errors="replace")
 
 
-@contextlib.contextmanager
-def mounted(bench: Bench, home: Path, link: str, name: str) -> Iterator[Mounted]:
-    """`peerdrive mount` in the background; unmounted and its process stopped on exit."""
-    mnt = bench.workdir / name
-    mnt.mkdir(exist_ok=True)
-    pid: int | None = None
-    try:
-        started = time.perf_counter()
-        out = run_peerdrive(bench, home, "mount", link, str(mnt), *MOUNT_OPTIONS, "--json",
-                            timeout=180)
-        seconds = time.perf_counter() - started
-        pid = int(json.loads(out.stdout)["pid"])
-        if not is_mounted(mnt):
-            raise BenchError(f"peerdrive mount returned but nothing is mounted at {mnt}")
-        yield Mounted(mnt, pid, seconds)
-    finally:
-        if is_mounted(mnt):
-            res = subprocess.run([*bench.peerdrive_argv, "unmount", str(mnt)],
-                                 env=env_for(home), cwd=ROOT, capture_output=True,
-                                 text=True, timeout=60, check=False)
-            if res.returncode != 0 and is_mounted(mnt):
-                subprocess.run(["fusermount3", "-u", "-z", str(mnt)],
-                               capture_output=True, check=False)
-        if pid is not None:
-            stop_pid(pid)
+# ----------------------------------------------------------------------------- measurements
 
 
-def timed(fn: Callable[[], object]) -> float:
+def first_bytes_ms(path: Path) -> float:
+    """open + read of the first 64 KiB, in ms."""
     started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
-
-
-def cat_to_null(path: Path) -> None:
-    subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
-
-
-def first_bytes(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         data = os.read(fd, FIRST_BYTES)
     finally:
         os.close(fd)
+    took = (time.perf_counter() - started) * 1000
     if len(data) != FIRST_BYTES:
         raise BenchError(f"{path}: read {len(data)} bytes, expected {FIRST_BYTES}")
+    return took
 
 
-def same_samples(a: Path, b: Path, size: int) -> bool:
-    """Spot check that two files agree (start, middle, end, some odd offsets)."""
-    offsets = {0, 1, size // 3 + 12345, size // 2, max(0, size - MiB)}
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        for off in sorted(offsets):
-            fa.seek(off)
-            fb.seek(off)
-            if fa.read(MiB) != fb.read(MiB):
-                return False
-    return True
+def random_read_ms(path: Path, offsets: list[int]) -> list[float]:
+    """Latency in ms of one 4 KiB pread at each offset (file opened once, first)."""
+    out = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for off in offsets:
+            started = time.perf_counter()
+            data = os.pread(fd, RANDOM_READ_SIZE, off)
+            out.append((time.perf_counter() - started) * 1000)
+            if len(data) != RANDOM_READ_SIZE:
+                raise BenchError(f"{path}: short read at {off}")
+    finally:
+        os.close(fd)
+    return out
 
 
-def mb_per_s(nbytes: int, seconds: float) -> float:
-    return nbytes / 1e6 / seconds
+def percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    k = (len(s) - 1) * q
+    lo = int(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def walk_seconds(argv: list[str]) -> float:
+    return timed(lambda: subprocess.run(argv, stdout=subprocess.DEVNULL, check=True))
 
 
 # ----------------------------------------------------------------------------- figures
 
 
-def figure_publish(bench: Bench) -> list[Row]:
-    """Publish one large random file into a fresh PEERDRIVE_HOME, beside `cp` + `sync`.
+def figure_read_cold(bench: Bench) -> list[Row]:
+    """Sequential read of the big file, nothing cached anywhere.
 
-    The source is warm in the page cache, so this measures cutting, hashing,
-    encrypting and storing (LMDB, fsync per commit), not the source disk.
+    peerdrive: a reader node with an empty cache fetches every block from the
+    one publisher over TLS on loopback. rclone: first read through a fresh
+    mount (and VFS cache) of nginx. curl: the file from nginx straight to
+    /dev/null, the loopback network's limit. The page cache is dropped before
+    each, so the servers read from disk too.
     """
-    src = bench.source()
-    name = f"publish {fmt_size(bench.size)} random file"
-    own, wall, copy = [], [], []
+    big = bench.big()
+    port = bench.nginx()
+    bench.publisher()
+    name = f"cold sequential read, {fmt_size(bench.size)}"
+    pd, rc, curl = [], [], []
     for i in range(bench.runs):
-        home = bench.workdir / f"home-publish-{i}"
+        with bench.peerdrive_mount("big", name) as m:
+            target = m.path / big.name
+            bench.drop_page_cache()
+            pd.append(mb_per_s(bench.size, timed(lambda t=target: cat_to_null(t))))
+            if not same_samples(target, big, bench.size):
+                raise BenchError("the peerdrive mount returned different bytes from the source")
+        with bench.rclone_mount(name) as m:
+            target = m.path / "big" / big.name
+            bench.drop_page_cache()
+            rc.append(mb_per_s(bench.size, timed(lambda t=target: cat_to_null(t))))
+        bench.drop_page_cache()
+        curl.append(mb_per_s(bench.size, timed(lambda: run_quiet(
+            ["curl", "-sS", "-o", "/dev/null", f"http://127.0.0.1:{port}/big/{big.name}"],
+            what="curl"))))
+        log(f"{name} run {i + 1}: peerdrive {pd[-1]:.0f}, rclone {rc[-1]:.0f}, "
+            f"curl {curl[-1]:.0f} MB/s")
+    return [
+        Row(name, "peerdrive mount", "MB/s", pd, True,
+            "`cat`; fresh reader node (empty cache), every block from one peer over TLS"),
+        Row(name, "rclone mount", "MB/s", rc, True,
+            "`cat`; fresh mount and VFS cache, first read of nginx over HTTP"),
+        Row(name, "curl from nginx", "MB/s", curl, True,
+            "`curl -o /dev/null`: the loopback network's limit"),
+    ]
+
+
+def figure_read_hot(bench: Bench) -> list[Row]:
+    """Sequential read of the big file from each system's own cache on this device.
+
+    peerdrive: a reader node that already fetched every block, mounted
+    afresh (its in-memory caches empty), page cache dropped. rclone: the same
+    mount read a second time from its full VFS cache, page cache dropped.
+    native: the source file with the page cache dropped, the disk's limit.
+    """
+    big = bench.big()
+    bench.nginx()
+    bench.publisher()
+    name = f"hot sequential read, {fmt_size(bench.size)}"
+    home = bench.fresh("home-hot")
+    with bench.peerdrive_mount("big", name, home=home) as m:
+        cat_to_null(m.path / big.name)  # every block into the reader's store
+    pd, rc, native = [], [], []
+    rcache = bench.fresh("rclone-cache-hot")
+    with bench.rclone_mount(name, cache=rcache) as m:
+        target = m.path / "big" / big.name
+        cat_to_null(target)  # fill the VFS cache
+        for i in range(bench.runs):
+            with bench.peerdrive_mount("big", name, home=home) as pm:
+                bench.drop_page_cache()
+                pd.append(mb_per_s(bench.size, timed(lambda t=pm.path / big.name: cat_to_null(t))))
+            bench.drop_page_cache()
+            rc.append(mb_per_s(bench.size, timed(lambda t=target: cat_to_null(t))))
+            bench.drop_page_cache()
+            native.append(mb_per_s(bench.size, timed(lambda: cat_to_null(big))))
+            log(f"{name} run {i + 1}: peerdrive {pd[-1]:.0f}, rclone {rc[-1]:.0f}, "
+                f"native {native[-1]:.0f} MB/s")
+    return [
+        Row(name, "peerdrive mount", "MB/s", pd, True,
+            "`cat`; every block in the node's store, fresh mount, page cache dropped"),
+        Row(name, "rclone mount", "MB/s", rc, True,
+            "`cat`; second read, from the full VFS cache, page cache dropped"),
+        Row(name, "native", "MB/s", native, True,
+            "`cat` of the source file, page cache dropped: the disk's limit"),
+    ]
+
+
+def figure_first_byte(bench: Bench) -> list[Row]:
+    """open + read of the first 64 KiB of the big file through a fresh, empty mount."""
+    big = bench.big()
+    bench.nginx()
+    bench.publisher()
+    name = "first 64 KiB, uncached"
+    pd, rc = [], []
+    for i in range(bench.runs):
+        with bench.peerdrive_mount("big", name) as m:
+            bench.drop_page_cache()
+            pd.append(first_bytes_ms(m.path / big.name))
+        with bench.rclone_mount(name) as m:
+            bench.drop_page_cache()
+            rc.append(first_bytes_ms(m.path / "big" / big.name))
+        log(f"{name} run {i + 1}: peerdrive {pd[-1]:.1f}, rclone {rc[-1]:.1f} ms")
+    return [
+        Row(name, "peerdrive mount", "ms", pd, False,
+            "lookup, chunk list and first block from one peer, decrypted"),
+        Row(name, "rclone mount", "ms", rc, False,
+            "lookup (directory listing from nginx) and the first range request"),
+    ]
+
+
+def figure_random_reads(bench: Bench) -> list[Row]:
+    """RANDOM_READS reads of 4 KiB at random offsets of the uncached big file: p50, p99."""
+    big = bench.big()
+    bench.nginx()
+    bench.publisher()
+    name50 = f"random 4 KiB reads ({RANDOM_READS}), p50, uncached"
+    name99 = f"random 4 KiB reads ({RANDOM_READS}), p99, uncached"
+    rows: dict[str, list[float]] = {"pd50": [], "pd99": [], "rc50": [], "rc99": []}
+    for i in range(bench.runs):
+        rng = random.Random(1000 + i)
+        offsets = [rng.randrange(0, bench.size - RANDOM_READ_SIZE) for _ in range(RANDOM_READS)]
+        with bench.peerdrive_mount("big", name99) as m:
+            bench.drop_page_cache()
+            lat = random_read_ms(m.path / big.name, offsets)
+            rows["pd50"].append(percentile(lat, 0.5))
+            rows["pd99"].append(percentile(lat, 0.99))
+        with bench.rclone_mount(name99) as m:
+            bench.drop_page_cache()
+            lat = random_read_ms(m.path / "big" / big.name, offsets)
+            rows["rc50"].append(percentile(lat, 0.5))
+            rows["rc99"].append(percentile(lat, 0.99))
+        log(f"random reads run {i + 1}: peerdrive p50 {rows['pd50'][-1]:.2f} "
+            f"p99 {rows['pd99'][-1]:.2f}, rclone p50 {rows['rc50'][-1]:.2f} "
+            f"p99 {rows['rc99'][-1]:.2f} ms")
+    note_pd = "`pread` 4 KiB, same offsets for both; each block from one peer"
+    note_rc = "`pread` 4 KiB, same offsets; range requests to nginx"
+    return [
+        Row(name50, "peerdrive mount", "ms", rows["pd50"], False, note_pd),
+        Row(name50, "rclone mount", "ms", rows["rc50"], False, note_rc),
+        Row(name99, "peerdrive mount", "ms", rows["pd99"], False, note_pd),
+        Row(name99, "rclone mount", "ms", rows["rc99"], False, note_rc),
+    ]
+
+
+def figure_metadata(bench: Bench) -> list[Row]:
+    """`find` and `ls -lR` over the tree: cold (fresh mount, page cache dropped), then warm."""
+    tree = bench.tree()
+    bench.nginx()
+    bench.publisher()
+    what = f"{bench.files:,} files"
+    figs = {(cmd, state): f"`{cmd}` over {what}, {state}"
+            for cmd in ("find", "ls -lR") for state in ("cold", "warm")}
+    res: dict[tuple[str, str, str], list[float]] = {}
+
+    def measure(system: str, root: Path, cmd: str) -> None:
+        argv = ["find", str(root)] if cmd == "find" else ["ls", "-lR", str(root)]
+        bench.drop_page_cache()
+        res.setdefault((system, cmd, "cold"), []).append(walk_seconds(argv) * 1000)
+        res.setdefault((system, cmd, "warm"), []).append(walk_seconds(argv) * 1000)
+
+    for i in range(bench.runs):
+        for cmd in ("find", "ls -lR"):
+            with bench.peerdrive_mount("tree", figs[(cmd, "cold")]) as m:
+                measure("peerdrive mount", m.path, cmd)
+            with bench.rclone_mount(figs[(cmd, "cold")]) as m:
+                measure("rclone mount", m.path / "tree", cmd)
+            measure("native", tree, cmd)
+        log(f"metadata run {i + 1}: " + ", ".join(
+            f"{s} {c} {st} {v[-1]:.0f} ms" for (s, c, st), v in res.items()))
+    notes = {"peerdrive mount": "fresh reader node: directory nodes from one peer",
+             "rclone mount": "fresh mount: listings (nginx autoindex) and HEADs over HTTP",
+             "native": "the source tree on the local disk"}
+    rows = []
+    for (cmd, state), name in figs.items():
+        for system in ("peerdrive mount", "rclone mount", "native"):
+            rows.append(Row(name, system, "ms", res[(system, cmd, state)], False,
+                            notes[system]))
+    return rows
+
+
+def figure_publish(bench: Bench) -> list[Row]:
+    """`peerdrive publish` into a fresh home beside `borg create` into a fresh repository."""
+    big = bench.big()
+    tree = bench.tree()
+    tree_bytes = bench.tree_bytes()
+    name_big = f"publish {fmt_size(bench.size)} file"
+    name_tree = f"publish {bench.files:,} small files"
+    pd_big, pd_tree, borg_big, borg_tree = [], [], [], []
+    borg_env = dict(os.environ, BORG_PASSPHRASE="peerdrive-bench",
+                    BORG_RELOCATED_REPO_ACCESS_IS_OK="yes",
+                    BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
+                    BORG_BASE_DIR=str(bench.workdir / "borg-base"))
+
+    def borg(folder: Path) -> float:
+        repo = bench.fresh("borg-repo") / "repo"
+        run_quiet(["borg", "init", "--encryption", "repokey-blake2", str(repo)],
+                  env=borg_env, what="borg init")
+        sync()
+        # cd into the parent so the archive holds relative paths, as publish does
+        argv = ["borg", "create", f"{repo}::bench", folder.name]
+        started = time.perf_counter()
+        res = subprocess.run(argv, env=borg_env, cwd=folder.parent, capture_output=True,
+                             text=True, check=False)
+        took = time.perf_counter() - started
+        if res.returncode != 0:
+            raise BenchError(f"borg create exited {res.returncode}: {res.stderr[-2000:]}")
+        shutil.rmtree(repo.parent)
+        return took
+
+    def peerdrive(folder: Path) -> float:
+        home = bench.fresh("home-publish")
         sync()
         started = time.perf_counter()
-        info = publish(bench, home, src.parent)
-        wall_s = time.perf_counter() - started
-        if info["bytes"] != bench.size or info["new_bytes"] < bench.size:
-            raise BenchError(f"publish reported {info['bytes']} bytes, {info['new_bytes']} new")
-        own.append(mb_per_s(bench.size, info["seconds"]))
-        wall.append(mb_per_s(bench.size, wall_s))
-        log(f"publish run {i + 1}: {info['seconds']:.2f} s own, {wall_s:.2f} s wall, "
-            f"{info['new_blocks']} blocks")
+        info = bench.publish(home, folder)
+        took = time.perf_counter() - started
+        if info["new_bytes"] <= 0:
+            raise BenchError(f"publish reported {info}")
         shutil.rmtree(home)
+        return took
 
-        dest = bench.workdir / f"copy-{i}.bin"
-        sync()
-        seconds = timed(lambda d=dest: (shutil.copyfile(src, d), sync()))
-        copy.append(mb_per_s(bench.size, seconds))
-        dest.unlink()
-    return [
-        Row(name, "cp + sync (reference)", "MB/s", copy, True, reference=True,
-            note="copy to the same disk, then sync: the disk's write bound"),
-        Row(name, "peerdrive publish (its `seconds`)", "MB/s", own, True,
-            note="walk, cut, encrypt, store, head; as reported by --json"),
-        Row(name, "peerdrive publish (wall)", "MB/s", wall, True,
-            note="the whole command, process start included"),
-    ]
-
-
-def figure_mount_ready(bench: Bench) -> list[Row]:
-    """Wall time of `peerdrive mount` until the mount is live (daemon ready)."""
-    home, link = bench.published()
-    times = []
     for i in range(bench.runs):
-        with mounted(bench, home, link, f"mnt-ready-{i}") as m:
-            times.append(m.seconds * 1000)
-    return [Row("mount until ready", "peerdrive mount", "ms", times, False,
-                note="starts the daemon, opens the store, network on loopback only")]
-
-
-def figure_read_cold(bench: Bench) -> list[Row]:
-    """`cat FILE > /dev/null` through a fresh mount with the page cache dropped, beside
-    `cat` of the source file with the page cache dropped too."""
-    home, link = bench.published()
-    src = bench.source()
-    name = f"sequential read {fmt_size(bench.size)}, cold"
-    local, mount = [], []
-    for i in range(bench.runs):
-        bench.drop_page_cache()
-        local.append(mb_per_s(bench.size, timed(lambda: cat_to_null(src))))
-        with mounted(bench, home, link, f"mnt-read-{i}") as m:
-            target = m.path / src.name
-            bench.drop_page_cache()
-            seconds = timed(lambda t=target: cat_to_null(t))
-            mount.append(mb_per_s(bench.size, seconds))
-            log(f"cold read run {i + 1}: mount {mount[-1]:.0f} MB/s, source {local[-1]:.0f} MB/s")
-            if not same_samples(target, src, bench.size):
-                raise BenchError("the mount returned different bytes from the source")
+        pd_big.append(mb_per_s(bench.size, peerdrive(big.parent)))
+        borg_big.append(mb_per_s(bench.size, borg(big.parent)))
+        pd_tree.append(bench.files / peerdrive(tree))
+        borg_tree.append(bench.files / borg(tree))
+        log(f"publish run {i + 1}: file peerdrive {pd_big[-1]:.0f}, borg {borg_big[-1]:.0f} "
+            f"MB/s; tree peerdrive {pd_tree[-1]:.0f}, borg {borg_tree[-1]:.0f} files/s")
+    pd_note = "`peerdrive publish` into a fresh home (wall time, process start included)"
+    borg_note = "`borg create` into a fresh repokey-blake2 repository (default lz4)"
     return [
-        Row(name, "cat source file (reference)", "MB/s", local, True, reference=True,
-            note="the same bytes from the local disk"),
-        Row(name, "cat through peerdrive mount", "MB/s", mount, True,
-            note="fresh mount; blocks in this node's store; decrypt per chunk"),
-    ]
-
-
-def figure_read_warm(bench: Bench) -> list[Row]:
-    """The same read with the store and the source in the page cache: the cost of the
-    FUSE path and decryption alone, without the disk's access pattern."""
-    home, link = bench.published()
-    src = bench.source()
-    name = f"sequential read {fmt_size(bench.size)}, store in page cache"
-    local, mount = [], []
-    for i in range(bench.runs):
-        for f in sorted((home / "store").iterdir()):
-            cat_to_null(f)
-        cat_to_null(src)
-        local.append(mb_per_s(bench.size, timed(lambda: cat_to_null(src))))
-        with mounted(bench, home, link, f"mnt-warm-{i}") as m:
-            target = m.path / src.name
-            mount.append(mb_per_s(bench.size, timed(lambda t=target: cat_to_null(t))))
-            log(f"warm read run {i + 1}: mount {mount[-1]:.0f} MB/s, source {local[-1]:.0f} MB/s")
-    return [
-        Row(name, "cat source file (reference)", "MB/s", local, True, reference=True,
-            note="from the page cache"),
-        Row(name, "cat through peerdrive mount", "MB/s", mount, True,
-            note="fresh mount (its own caches empty), store pages in the page cache"),
-    ]
-
-
-def figure_first_bytes(bench: Bench) -> list[Row]:
-    """Open and read the first 64 KiB, cold: through a fresh mount and from the source."""
-    home, link = bench.published()
-    src = bench.source()
-    name = "open + first 64 KiB, cold"
-    local, mount = [], []
-    for i in range(bench.runs):
-        bench.drop_page_cache()
-        local.append(timed(lambda: first_bytes(src)) * 1000)
-        with mounted(bench, home, link, f"mnt-first-{i}") as m:
-            target = m.path / src.name
-            bench.drop_page_cache()
-            mount.append(timed(lambda t=target: first_bytes(t)) * 1000)
-            log(f"first bytes run {i + 1}: mount {mount[-1]:.1f} ms, source {local[-1]:.1f} ms")
-    return [
-        Row(name, "source file (reference)", "ms", local, False, reference=True),
-        Row(name, "peerdrive mount", "ms", mount, False,
-            note="first lookup, chunk list, one block read and decrypted"),
+        Row(name_big, "peerdrive publish", "MB/s", pd_big, True, pd_note),
+        Row(name_big, "borg create", "MB/s", borg_big, True, borg_note),
+        Row(name_tree, "peerdrive publish", "files/s", pd_tree, True,
+            pd_note + f"; {tree_bytes / 1e6:.0f} MB"),
+        Row(name_tree, "borg create", "files/s", borg_tree, True, borg_note),
     ]
 
 
 FIGURES: list[Callable[[Bench], list[Row]]] = [
-    figure_publish,
-    figure_mount_ready,
     figure_read_cold,
-    figure_read_warm,
-    figure_first_bytes,
+    figure_read_hot,
+    figure_first_byte,
+    figure_random_reads,
+    figure_metadata,
+    figure_publish,
 ]
+
+
+def memory_rows(bench: Bench) -> list[Row]:
+    """Peak RSS (VmHWM) of the mount processes, per figure that mounted."""
+    rows = []
+    by_figure: dict[str, dict[str, list[float]]] = {}
+    for key, values in bench.peak_rss.items():
+        figure, system = key.split("|", 1)
+        by_figure.setdefault(figure, {})[system] = values
+    for figure, systems in by_figure.items():
+        for system, values in sorted(systems.items()):
+            rows.append(Row(f"peak RSS during: {figure}", system, "MB", values, False,
+                            "VmHWM of the mount process when it was unmounted"))
+    return rows
+
+
+# ----------------------------------------------------------------------------- goals
+
+GOALS: list[Goal | Limit] = [
+    Goal("cold read >= 1.0x rclone", "cold sequential read", "peerdrive mount",
+         "rclone mount", 1.0),
+    Goal("cold read >= 0.5x curl from nginx", "cold sequential read", "peerdrive mount",
+         "curl from nginx", 0.5),
+    Goal("hot read >= 1.0x rclone", "hot sequential read", "peerdrive mount", "rclone mount",
+         1.0),
+    Goal("hot read >= 0.5x native", "hot sequential read", "peerdrive mount", "native", 0.5),
+    Goal("first byte <= rclone", "first 64 KiB", "peerdrive mount", "rclone mount", 1.0),
+    Goal("random 4 KiB p99 <= rclone", "random 4 KiB reads (", "peerdrive mount",
+         "rclone mount", 1.0),
+    Goal("warm find <= 2x native", "`find` over", "peerdrive mount", "native", 0.5),
+    Goal("publish file >= 1.0x borg create", "publish ", "peerdrive publish", "borg create",
+         1.0),
+    Goal("publish tree >= 1.0x borg create", "publish ", "peerdrive publish", "borg create",
+         1.0),
+    Limit("mount RSS < 200 MB", "peak RSS during:", "peerdrive mount", 200.0),
+]
+
+
+def goal_figure(goal: Goal | Limit, figures: list[dict]) -> list[str]:
+    """The figure names a goal is about (matched by prefix and, where needed, a word)."""
+    names = list(dict.fromkeys(f["figure"] for f in figures))
+    hits = [n for n in names if n.startswith(goal.figure)]
+    if goal.text.startswith("random"):
+        hits = [n for n in hits if "p99" in n]
+    elif goal.text.startswith("warm find"):
+        hits = [n for n in hits if n.endswith("warm")]
+    elif goal.text.startswith("publish file"):
+        hits = [n for n in hits if n.endswith("file")]
+    elif goal.text.startswith("publish tree"):
+        hits = [n for n in hits if n.endswith("files")]
+    return hits
+
+
+def advantage(mine: dict, other: dict) -> float | None:
+    """How many times as good `mine` is as `other` (speed, or inverse time)."""
+    if not mine["median"] or not other["median"]:
+        return None
+    if mine["higher_is_better"]:
+        return mine["median"] / other["median"]
+    return other["median"] / mine["median"]
+
+
+def evaluate_goals(figures: list[dict]) -> list[dict]:
+    out = []
+    for goal in GOALS:
+        for name in goal_figure(goal, figures):
+            rows = {f["system"]: f for f in figures if f["figure"] == name}
+            mine = rows.get(goal.system)
+            if mine is None:
+                continue
+            if isinstance(goal, Limit):
+                out.append({"goal": goal.text, "figure": name, "value": mine["median"],
+                            "unit": mine["unit"], "met": mine["median"] < goal.value})
+                continue
+            other = rows.get(goal.against)
+            if other is None:
+                continue
+            adv = advantage(mine, other)
+            out.append({"goal": goal.text, "figure": name,
+                        "ratio": None if adv is None else round(adv, 3),
+                        "met": adv is not None and adv >= goal.factor - 1e-9})
+    return out
 
 
 # ----------------------------------------------------------------------------- the machine
@@ -418,18 +938,10 @@ def machine_info(workdir: Path) -> dict:
     }
 
 
-def command_output(argv: list[str]) -> str:
-    try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=30,
-                              check=False).stdout.strip()
-    except OSError:
-        return ""
-
-
 def versions() -> dict:
     out = {}
     for dist in ("peerdrive", "pyfuse3", "trio", "cryptography", "lmdb", "pyfastcdc",
-                 "msgpack", "kademlia"):
+                 "msgpack", "kademlia", "matplotlib"):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -440,8 +952,13 @@ def versions() -> dict:
     out["git_commit"] = commit + ("+uncommitted changes" if dirty else "")
     out["fuse"] = command_output(["fusermount3", "--version"]).replace(
         "fusermount3 version: ", "")
+    out["rclone"] = command_output(["rclone", "version"]).splitlines()[0:1]
+    out["nginx"] = command_output(["nginx", "-v"]).replace("nginx version: ", "")
+    out["borg"] = command_output(["borg", "--version"])
+    out["curl"] = command_output(["curl", "--version"]).split(" (")[0]
     out["coreutils"] = command_output(["cat", "--version"]).splitlines()[0:1]
-    out["coreutils"] = out["coreutils"][0] if out["coreutils"] else ""
+    for key in ("rclone", "coreutils"):
+        out[key] = out[key][0] if out[key] else ""
     return out
 
 
@@ -458,97 +975,133 @@ def fmt_value(v: float) -> str:
     return f"{v:.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
 
 
-def row_ratio(row: Row, rows: list[Row]) -> float | None:
-    """This row's median over its figure's reference median."""
-    ref = next((r for r in rows if r.figure == row.figure and r.reference), None)
-    if ref is None or ref is row or ref.median == 0:
-        return None
-    return row.median / ref.median
-
-
 def results_dict(bench: Bench, rows: list[Row], machine: dict, vers: dict,
                  argv: list[str], seconds: float) -> dict:
+    figures = []
+    for r in rows:
+        figures.append({
+            "figure": r.figure,
+            "system": r.system,
+            "unit": r.unit,
+            "higher_is_better": r.higher_is_better,
+            "runs": [round(x, 3) for x in r.runs],
+            "median": round(r.median, 3),
+            "note": r.note,
+        })
+    for f in figures:
+        pd = next((g for g in figures if g["figure"] == f["figure"]
+                   and g["system"].startswith("peerdrive")), None)
+        adv = None if pd is None or pd is f else advantage(pd, f)
+        f["peerdrive_advantage"] = None if adv is None else round(adv, 3)
     return {
         "generated": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": " ".join(["scripts/bench", *argv]),
         "config": {
             "size_bytes": bench.size,
+            "tree_files": bench.files,
+            "tree_folders": bench.folders,
             "runs": bench.runs,
             "quick": bench.quick,
             "page_cache_dropped": bench.cache_drop_failures == 0 and bench.cache_drops > 0,
             "mb": "10^6 bytes",
             "seconds_total": round(seconds, 1),
+            "peerdrive_mount_flags": ["--bootstrap", "127.0.0.1:PORT",
+                                      *PEERDRIVE_MOUNT_FLAGS],
+            "peerdrive_serve_flags": ["--listen", "127.0.0.1:PORT", "--no-lan"],
+            "rclone_flags": [":http:", "--http-url", "http://127.0.0.1:PORT/", *RCLONE_FLAGS,
+                             "--cache-dir", "DIR"],
+            "nginx": "worker_processes 1; sendfile on; tcp_nopush on; autoindex on; "
+                     "access_log off; listen 127.0.0.1",
+            "borg": "borg init --encryption repokey-blake2; borg create (defaults: lz4)",
         },
         "machine": machine,
         "versions": vers,
-        "figures": [
-            {
-                "figure": r.figure,
-                "system": r.system,
-                "unit": r.unit,
-                "higher_is_better": r.higher_is_better,
-                "reference": r.reference,
-                "runs": [round(x, 3) for x in r.runs],
-                "median": round(r.median, 3),
-                "ratio_to_reference": (None if (q := row_ratio(r, rows)) is None
-                                       else round(q, 3)),
-                "note": r.note,
-            }
-            for r in rows
-        ],
+        "figures": figures,
+        "goals": evaluate_goals(figures),
         "notes": bench.notes,
     }
 
 
 def table(results: dict) -> str:
-    lines = ["| figure | system | median | unit | runs | vs reference |",
+    lines = ["| figure | system | median | unit | runs | peerdrive's advantage |",
              "|---|---|---:|---|---|---:|"]
     for f in results["figures"]:
         runs = ", ".join(fmt_value(x) for x in f["runs"])
-        if f["reference"]:
-            ratio = "reference"
-        elif f["ratio_to_reference"] is None:
-            ratio = "–"
-        else:
-            ratio = f"{f['ratio_to_reference']:.2f}×"
+        adv = f.get("peerdrive_advantage")
+        shown = "–" if adv is None else f"{adv:.2f}×"
         lines.append(f"| {f['figure']} | {f['system']} | {fmt_value(f['median'])} | "
-                     f"{f['unit']} | {runs} | {ratio} |")
+                     f"{f['unit']} | {runs} | {shown} |")
     return "\n".join(lines)
 
 
-def markdown(results: dict) -> str:
+def goals_table(results: dict) -> str:
+    lines = ["| goal | figure | measured | met |", "|---|---|---:|---|"]
+    for g in results["goals"]:
+        if "ratio" in g:
+            measured = "–" if g["ratio"] is None else f"{g['ratio']:.2f}×"
+        else:
+            measured = f"{fmt_value(g['value'])} {g['unit']}"
+        lines.append(f"| {g['goal']} | {g['figure']} | {measured} | "
+                     f"{'yes' if g['met'] else '**no**'} |")
+    return "\n".join(lines)
+
+
+def markdown(results: dict, analysis: str) -> str:
     m, v, c = results["machine"], results["versions"], results["config"]
     cold = ("the page cache was dropped (`sync; echo 3 > /proc/sys/vm/drop_caches`) "
             "before every cold run" if c["page_cache_dropped"] else
             "**the page cache could not be dropped**: cold figures are not cold")
     notes_block = "".join(f"\n- {n}" for n in results["notes"])
     notes_block = f"\nNotes:\n{notes_block}\n" if notes_block else ""
-    figure_notes = "".join(
-        f"- *{f['system']}* ({f['figure']}): {f['note']}\n" for f in results["figures"]
-        if f["note"])
+    seen: set[tuple[str, str]] = set()
+    system_notes = ""
+    for f in results["figures"]:
+        key = (f["figure"].split(",")[0], f["system"])
+        if f["note"] and key not in seen:
+            seen.add(key)
+            system_notes += f"- *{f['system']}* ({f['figure']}): {f['note']}\n"
+    flags = (f"- peerdrive: `peerdrive serve {' '.join(c['peerdrive_serve_flags'])}` on the "
+             f"publisher; `peerdrive mount LINK MNT {' '.join(c['peerdrive_mount_flags'])}` "
+             "on each reader\n"
+             f"- rclone: `rclone mount {' '.join(c['rclone_flags'])}`\n"
+             f"- nginx: {c['nginx']}\n"
+             f"- borg: {c['borg']}, `BORG_PASSPHRASE` set, a fresh repository per run\n")
     return f"""# peerdrive benchmarks
 
-Produced by `{results['command']}` on {results['generated']}
-(`scripts/bench.py`; the same figures as JSON are in `benchmarks.json`).
-Regenerate with `scripts/bench` (a few minutes) or try `scripts/bench --quick`.
+Produced by `{results['command']}` on {results['generated']} in {c['seconds_total']:.0f} s
+(`scripts/bench.py`; the same figures as JSON in `benchmarks.json`, as a plot in
+`benchmarks.png`). Regenerate with `scripts/bench`, or try `scripts/bench --quick`.
 
-Each figure is the median of {c['runs']} run(s) on a {fmt_size(c['size_bytes'])} file of
-random bytes, measured with real processes: the `peerdrive` command publishing
-into a fresh `PEERDRIVE_HOME`, and a real FUSE mount (`peerdrive mount`, a
-background daemon, mounted afresh for every run) read with `cat` and `open`/`read`.
-MB/s is 10^6 bytes per second. "vs reference" is the median divided by the
-reference's median: above 1 is faster for MB/s, slower for ms. For the cold
-figures {cold}. The mount reads blocks from the publishing node's own store
-(no network: `--listen 127.0.0.1:0 --no-lan`), so these figures are the local
-cost of the format and the FUSE path, not of peers. Machines are noisy: the
-runs column shows the spread, and the load averages below show how busy this
-one was.
+peerdrive beside rclone (mounting the same data served by nginx over HTTP),
+curl from nginx (the loopback network's limit), borg (publishing) and the
+local disk ("native"). Data: one {fmt_size(c['size_bytes'])} file of random
+bytes and a tree of {c['tree_files']:,} small random files (512 B to 8 KiB) in
+{c['tree_folders']} folders. Each figure is the median of {c['runs']} run(s),
+the systems alternating within each run; every server listens on 127.0.0.1
+only. peerdrive reads come from a *separate node*: a reader with an empty
+cache (a fresh `PEERDRIVE_HOME`) fetching every block from one publisher
+over TLS on loopback. For the cold figures {cold}. MB/s is 10^6 bytes per
+second. "peerdrive's advantage" is how many times as good peerdrive's median
+is as that row's (speed for MB/s and files/s, inverse time for ms): above 1
+peerdrive is better. Machines are noisy: the runs column shows the spread.
+
+## Goals
+
+{goals_table(results)}
+
+## All figures
 
 {table(results)}
 
+![the figures as bars](benchmarks.png)
+
 What each system does:
 
-{figure_notes}{notes_block}
+{system_notes}
+Flags:
+
+{flags}{notes_block}
+{analysis}
 ## Machine
 
 | | |
@@ -564,20 +1117,73 @@ What each system does:
 | load average at end (1, 5, 15 min) | {', '.join(str(x) for x in m['load_average_at_end'])} |
 | peerdrive | {v['peerdrive']} (git {v['git_commit']}) |
 | pyfuse3 / libfuse | {v['pyfuse3']} / {v['fuse']} |
-| trio | {v['trio']} |
-| cryptography | {v['cryptography']} |
-| lmdb | {v['lmdb']} |
-| pyfastcdc | {v['pyfastcdc']} |
-| msgpack | {v['msgpack']} |
+| trio / cryptography / lmdb | {v['trio']} / {v['cryptography']} / {v['lmdb']} |
+| pyfastcdc / msgpack | {v['pyfastcdc']} / {v['msgpack']} |
+| rclone | {v['rclone']} |
+| nginx | {v['nginx']} |
+| borg | {v['borg']} |
+| curl | {v['curl']} |
 | coreutils | {v['coreutils']} |
+| matplotlib (plot) | {v['matplotlib']} |
 """
+
+
+ANALYSIS_START = "<!-- analysis -->"
+ANALYSIS_END = "<!-- /analysis -->"
+
+
+def kept_analysis(md_path: Path) -> str:
+    """The hand-written analysis section of an existing benchmarks.md, kept across runs."""
+    with contextlib.suppress(OSError):
+        text = md_path.read_text()
+        start, end = text.find(ANALYSIS_START), text.find(ANALYSIS_END)
+        if 0 <= start < end:
+            return text[start:end + len(ANALYSIS_END)] + "\n"
+    return f"{ANALYSIS_START}\n{ANALYSIS_END}\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    """One panel per figure: each system's median as a bar, peerdrive highlighted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(f["figure"] for f in results["figures"]))
+    cols = 3
+    rows_n = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(15, 2.6 * rows_n), squeeze=False)
+    colours = {"peerdrive": "#d9480f", "rclone": "#1c7ed6", "curl": "#5c940d",
+               "native": "#868e96", "borg": "#7048e8"}
+    for ax, name in zip(axes.flat, names, strict=False):
+        rows = [f for f in results["figures"] if f["figure"] == name]
+        labels = [r["system"] for r in rows]
+        values = [r["median"] for r in rows]
+        colour = [next((c for k, c in colours.items() if r["system"].startswith(k)), "#495057")
+                  for r in rows]
+        ax.barh(labels, values, color=colour)
+        ax.invert_yaxis()
+        better = "higher is better" if rows[0]["higher_is_better"] else "lower is better"
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(f"{rows[0]['unit']} ({better})", fontsize=8)
+        ax.tick_params(labelsize=8)
+        for y, v in enumerate(values):
+            ax.text(v, y, " " + fmt_value(v), va="center", fontsize=8)
+        ax.margins(x=0.25)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle(f"peerdrive vs rclone, nginx, borg, native — {results['generated']} "
+                 f"(median of {results['config']['runs']})", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- main
 
 
 def parse_size(text: str) -> int:
-    units = {"": 1, "K": 1024, "M": MiB, "G": GiB}
+    units = {"": 1, "K": KiB, "M": MiB, "G": GiB}
     t = text.strip().upper().removesuffix("IB").removesuffix("B")
     unit = t[-1] if t and t[-1] in "KMG" else ""
     try:
@@ -591,18 +1197,22 @@ def parse_size(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scripts/bench", description=(
-        "Measure peerdrive (publish, cold reads through a real mount, first bytes) "
-        "beside reference tools; write docs/benchmarks.md and docs/benchmarks.json."))
+        "Measure peerdrive beside rclone, nginx + curl, borg and the local disk; write "
+        "docs/benchmarks.md, docs/benchmarks.json and docs/benchmarks.png."))
     p.add_argument("--quick", action="store_true",
-                   help="256 MiB and 1 run per figure; writes files only if --md/--json say")
+                   help="256 MiB, 2,000 files, 1 run per figure; writes files only if "
+                        "--md/--json/--png say")
     p.add_argument("--runs", type=int, help="runs per figure (default 3, --quick 1)")
     p.add_argument("--size", type=parse_size, help="file size, e.g. 1G (default 1G, --quick 256M)")
+    p.add_argument("--files", type=int, help="files in the tree (default 20000, --quick 2000)")
     p.add_argument("--md", type=Path, help="markdown output (default docs/benchmarks.md)")
     p.add_argument("--json", type=Path, help="JSON output (default docs/benchmarks.json)")
+    p.add_argument("--png", type=Path, help="plot output (default docs/benchmarks.png)")
     p.add_argument("--workdir", type=Path,
                    help="where the temporary directory goes (default: $TMPDIR or /tmp)")
     p.add_argument("--only", action="append", metavar="FIGURE",
-                   help="run only this figure (e.g. publish, read_cold; repeatable)")
+                   help="run only this figure (read_cold, read_hot, first_byte, random_reads, "
+                        "metadata, publish; repeatable)")
     return p
 
 
@@ -615,16 +1225,24 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # run the cleanup in `main`'s finally blocks
 
 
+def missing_tools() -> list[str]:
+    return [t for t in ("rclone", "nginx", "borg", "curl", "fusermount3")
+            if shutil.which(t) is None]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     size = args.size or (256 * MiB if args.quick else GiB)
+    files = args.files or (2000 if args.quick else 20000)
     runs = args.runs or (1 if args.quick else 3)
-    if runs < 1:
-        print("bench: --runs must be at least 1", file=sys.stderr)
+    if runs < 1 or files < 1:
+        print("bench: --runs and --files must be at least 1", file=sys.stderr)
         return 2
-    md_path = args.md or (None if args.quick else ROOT / "docs" / "benchmarks.md")
-    json_path = args.json or (None if args.quick else ROOT / "docs" / "benchmarks.json")
+    default_out = not args.quick and not args.only
+    md_path = args.md or (ROOT / "docs" / "benchmarks.md" if default_out else None)
+    json_path = args.json or (ROOT / "docs" / "benchmarks.json" if default_out else None)
+    png_path = args.png or (ROOT / "docs" / "benchmarks.png" if default_out else None)
     figures = FIGURES
     if args.only:
         known = {f.__name__.removeprefix("figure_"): f for f in FIGURES}
@@ -634,29 +1252,37 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         figures = [known[n] for n in args.only]
+    missing = missing_tools()
+    if missing:
+        print(f"bench: missing {', '.join(missing)}: run scripts/bench (it installs them)",
+              file=sys.stderr)
+        return 1
     signal.signal(signal.SIGTERM, _terminate)
 
     workdir = Path(tempfile.mkdtemp(prefix="peerdrive-bench-run-", dir=args.workdir))
-    bench = Bench(size=size, runs=runs, quick=args.quick, workdir=workdir,
-                  peerdrive_argv=peerdrive_argv())
     started = time.monotonic()
     rows: list[Row] = []
-    try:
-        machine = machine_info(workdir)
-        for fig in figures:
-            log(f"{fig.__name__.removeprefix('figure_')}: {runs} run(s)")
-            rows.extend(fig(bench))
-    except BenchError as exc:
-        print(f"bench: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        cleanup(workdir)
+    with contextlib.ExitStack() as stack:
+        bench = Bench(size=size, files=files, folders=max(1, min(200, files // 100)),
+                      runs=runs, quick=args.quick, workdir=workdir,
+                      peerdrive_argv=peerdrive_argv(), stack=stack)
+        stack.callback(cleanup, workdir)
+        try:
+            machine = machine_info(workdir)
+            for fig in figures:
+                log(f"{fig.__name__.removeprefix('figure_')}: {runs} run(s)")
+                rows.extend(fig(bench))
+            rows.extend(memory_rows(bench))
+        except BenchError as exc:
+            print(f"bench: error: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("bench: interrupted", file=sys.stderr)
+            return 130
     machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    results = results_dict(bench, rows, machine, versions(), argv,
-                           time.monotonic() - started)
+    results = results_dict(bench, rows, machine, versions(), argv, time.monotonic() - started)
+    print(goals_table(results))
+    print()
     print(table(results))
     for n in bench.notes:
         print(f"note: {n}")
@@ -664,13 +1290,16 @@ def main(argv: list[str] | None = None) -> int:
         json_path.write_text(json.dumps(results, indent=2) + "\n")
         log(f"wrote {json_path}")
     if md_path is not None:
-        md_path.write_text(markdown(results))
+        md_path.write_text(markdown(results, kept_analysis(md_path)))
         log(f"wrote {md_path}")
+    if png_path is not None:
+        plot(results, png_path)
+        log(f"wrote {png_path}")
     return 0
 
 
 def cleanup(workdir: Path) -> None:
-    """Remove the work directory, never while anything under it is still mounted."""
+    """Unmount anything left under the work directory, then remove it."""
     still = []
     with open("/proc/mounts") as f:
         for line in f:
@@ -678,7 +1307,7 @@ def cleanup(workdir: Path) -> None:
             if point.startswith(str(workdir) + "/"):
                 still.append(point)
     for point in still:
-        subprocess.run(["fusermount3", "-u", "-z", point], capture_output=True, check=False)
+        unmount_quietly(Path(point))
     if any(is_mounted(Path(p)) for p in still):
         log(f"left {workdir} in place: something is still mounted under it")
         return
