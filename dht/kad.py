@@ -984,6 +984,24 @@ class Dht:
 
     # -- operations
 
+    async def wait_started(self) -> None:
+        """Return once `run` listens and has tried its bootstrap contacts."""
+        await self._started.wait()
+
+    async def add_contacts(self, addrs: Iterable[tuple[str, int]]) -> int:
+        """Join through more known nodes (say, neighbours found on the LAN).
+
+        They are also kept as bootstrap contacts for a later re-join. Returns
+        how many answered.
+        """
+        server = self._running()
+        new = [(h, p) for h, p in addrs if (h, p) not in self._bootstrap]
+        if not new:
+            return 0
+        self._bootstrap.extend(new)
+        nodes = await self._aio(server.bootstrap(new))
+        return len(nodes)
+
     async def announce(self, dk: bytes, provider_wire_record: bytes) -> int:
         """Store a provider record for `dk` on the k closest nodes; returns how many accepted.
 

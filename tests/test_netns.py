@@ -134,11 +134,6 @@ def test_three_capped_seeders_serve_a_reader_faster_than_one(labs_possible, tmp_
             f"{speed(three) / rate:.2f} R (one seeder: {speed(one) / rate:.2f} R): {figures}")
 
 
-@pytest.mark.xfail(
-    strict=True, raises=LabError,
-    reason="a mount with no --bootstrap finds no head: LAN discovery yields block providers "
-           "only, and dht.kad.Dht has no public way to take LAN peers as contacts, so "
-           "NetworkNode.lookup_head (DHT only) never sees the publisher")
 def test_reader_finds_the_publisher_by_lan_multicast_without_bootstrap(labs_possible,
                                                                          tmp_path: Path):
     src = tmp_path / "src"

@@ -91,7 +91,10 @@ class NetworkNode:
         self.drives: dict[bytes, DriveServing] = {}  # by discovery key
         self.port: int | None = None
         self._nursery: trio.Nursery | None = None
+        self._lan: LanDiscovery | None = None
         self._announce_now = trio.Event()
+        self._lan_contacts_send, self._lan_contacts = trio.open_memory_channel[
+            tuple[str, int]](64)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -145,11 +148,12 @@ class NetworkNode:
             await nursery.start(self.dht.run, dht_host, self.port, self.bootstrap)
             await nursery.start(self._announcer)
             if self.lan:
-                lan = LanDiscovery(self.identity.private_key, self.lan_port,
-                                   lambda: list(self.drives), self._on_lan_provider,
-                                   block_port=self.port)
-                await nursery.start(lan.run)
+                self._lan = LanDiscovery(self.identity.private_key, self.lan_port,
+                                         lambda: list(self.drives), self._on_lan_provider,
+                                         block_port=self.port)
+                await nursery.start(self._lan.run)
             nursery.start_soon(self._write_snapshots)
+            nursery.start_soon(self._join_lan_contacts)
             task_status.started(self.port)
 
     def addresses(self) -> list[tuple[str, int]]:
@@ -179,6 +183,8 @@ class NetworkNode:
         if d is None:
             self.drives[cap.discovery_key] = DriveServing(cap, on_head=on_head)
             self._announce_now.set()
+            if self._lan is not None:
+                self._lan.announce_now()  # neighbours learn of it now, not in 30 s
         elif on_head is not None:
             d.on_head = on_head
 
@@ -192,7 +198,7 @@ class NetworkNode:
                          ) -> None:
         """Announce every drive now, whenever one is added, and every few minutes."""
         task_status.started()
-        await self.dht._started.wait()
+        await self.dht.wait_started()
         while True:
             self._announce_now = trio.Event()
             for wire in self._provider_wires():
@@ -209,9 +215,21 @@ class NetworkNode:
         if d is None or record.node_id == self.identity.node_id:
             return
         if peers:
+            # a LAN neighbour is a DHT node too (same port number): join through it,
+            # so heads and other providers are found without any bootstrap address
+            with contextlib.suppress(trio.WouldBlock):
+                self._lan_contacts_send.send_nowait((peers[0].host, peers[0].port))
             d.lan_peers[record.node_id] = (peers[0], float(record.expires))
             if d.fetcher is not None:
                 d.fetcher.request_provider_refresh()
+
+    async def _join_lan_contacts(self) -> None:
+        async for host, port in self._lan_contacts:
+            try:
+                if await self.dht.add_contacts([(host, port)]):
+                    self._announce_now.set()  # our provider records can now reach someone
+            except DhtError as exc:
+                log.info("could not join the DHT through LAN peer %s:%d: %s", host, port, exc)
 
     async def providers(self, dk: bytes) -> list[PeerAddr]:
         """Every known peer holding drive `dk`: DHT providers and LAN neighbours, minus us."""
