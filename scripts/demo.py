@@ -86,7 +86,7 @@ def main() -> int:
 
         print("\n== node B mounts it from the link alone, finding node A through the DHT")
         run(reader, "mount", link, str(mnt), "--bootstrap", f"127.0.0.1:{port}",
-            "--listen", "127.0.0.1:0", "--no-lan")
+            "--listen", "127.0.0.1:0", "--no-lan", "--fetch-timeout", "3")
         mounted_on.append((reader, mnt))
         sh(f"ls -lR {mnt} | head -30")
         run(reader, "status", str(mnt / "movie.bin"))
@@ -95,6 +95,19 @@ def main() -> int:
         sh(f"cmp {mnt}/movie.bin {sample}/movie.bin && echo 'movie.bin: identical'")
         print(f"streamed 32 MiB from node A in {time.monotonic() - t:.2f} s")
         run(reader, "status", str(mnt / "movie.bin"))
+
+        print("\n== node B pins a folder: fetched whole, kept on the device, never evicted")
+        run(reader, "pin", str(mnt / "Photos"))
+        run(reader, "status", str(mnt / "Photos"))
+        sh(f"getfattr -d -m user.peerdrive {mnt}/Photos/2024/img_000.jpg")
+
+        print("\n== node A goes offline: the pinned folder still reads, a cloud file does not")
+        server.terminate()
+        server.wait(10)
+        server = None
+        sh(f"cat {mnt}/Photos/2024/*.jpg | wc -c")
+        run(reader, "evict", str(mnt / "movie.bin"))
+        sh(f"cat {mnt}/movie.bin > /dev/null || echo 'movie.bin: evicted and no peer online (EIO)'")
         run(reader, "status")
         run(reader, "unmount", str(mnt))
         mounted_on.clear()
