@@ -28,7 +28,7 @@ from .tree import ChunkMap, Tree
 if TYPE_CHECKING:
     from .pins import Pins
 
-READAHEAD_CHUNKS = 8
+READAHEAD_CHUNKS = 16  # about 4 MiB: keeps three peers at 5 MB/s each busy (tests/test_netns.py)
 COPIES_TIMEOUT = 5.0  # seconds the peers get to say which blocks they hold
 # After a block could not be fetched within the fetch timeout, reads of it fail at once
 # for this long: the kernel follows a failed readahead with a read of the same page,
@@ -180,16 +180,34 @@ class Drive:
         if self._nursery is None:
             return
         last = min(len(of.map.chunks), first + READAHEAD_CHUNKS)
+        wanted: list[int] = []
         for i in range(max(first, of.readahead_until), last):
             if i in of.pending:
                 continue
             if self.blocks.cached_plain(of.map.chunks[i].block_id) is not None:
                 continue
             of.pending.add(i)
-            self._nursery.start_soon(self._prefetch, of, i)
+            wanted.append(i)
         of.readahead_until = max(of.readahead_until, last)
+        if wanted:
+            self._nursery.start_soon(self._prefetch_in_order, of, wanted)
 
-    async def _prefetch(self, of: OpenFile, i: int) -> None:
+    async def _prefetch_in_order(self, of: OpenFile, wanted: list[int]) -> None:
+        """Start the readahead of `wanted` chunk by chunk, in file order.
+
+        Peers answer the requests of one priority first come, first served, and
+        trio runs tasks started together in no fixed order (it may reverse
+        them): started in one batch, the chunk the reader needs next was often
+        asked for last, behind the whole window (first MiB from one seeder at
+        5 MB/s: 1.0-1.6 s instead of 0.3 s).
+        """
+        assert self._nursery is not None
+        for i in wanted:
+            await self._nursery.start(self._prefetch, of, i)
+
+    async def _prefetch(self, of: OpenFile, i: int,
+                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()  # and on into the read at once, before the next chunk's task
         try:
             await self._read_chunk(of.map.chunks[i], Priority.READAHEAD)
         except PeerdriveError:
