@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns_helpers import Host, Lab, LabError, Mount, netns_unavailable_reason
+from tests.netns_helpers import Host, Lab, Mount, netns_unavailable_reason
 
 pytestmark = [pytest.mark.netns, pytest.mark.fuse, pytest.mark.timeout(240)]
 
@@ -151,9 +151,11 @@ def test_reader_finds_the_publisher_by_lan_multicast_without_bootstrap(labs_poss
         assert got["sha256"] == want
         notes = mount.run("cat", str(mount.path / "notes.txt")).stdout
         assert notes == "found on the LAN\n"
+        snap = mount.snapshot(time.time())
         per_peer = fetched_from(mount, time.time())
         print(json.dumps({"test": "lan_discovery", "mounted_seconds": round(mounted_after, 2),
                           "read_seconds": round(got["seconds"], 2),
+                          "reader_dht_contacts": snap["dht_contacts"],
                           "blocks_fetched_by_reader": per_peer}, sort_keys=True))
         # the only source was the publisher, reached at its address on the bridge
         assert per_peer.keys() == {h1.endpoint}, per_peer
