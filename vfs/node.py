@@ -142,12 +142,16 @@ async def _mount_main(home: Home, cap: ReadCap, mountpoint: Path, args: argparse
         net.serve_drive(cap, on_head=follower.notice)
         lonely = not net.bootstrap and not net.lan  # nobody to ask: do not wait
         head = await follower.first_head(0 if lonely else HEAD_WAIT)
+        # A reader seeds the drive: it offers the head it holds as well as the blocks,
+        # so a reader that finds only it (the publisher offline) can still mount.
+        nursery.start_soon(net.publish_head, cap, head.wire)
         drive = Drive(cap, storage, head, fetch=net.fetch_function(cap),
                       holders=net.holders_function(cap))
         ops = DriveOperations(drive)
 
         async def on_new(new: Head) -> None:
             drive.set_head(new)
+            nursery.start_soon(net.publish_head, cap, new.wire)
             await ops.new_version()
 
         def ready() -> None:
