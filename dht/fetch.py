@@ -366,9 +366,10 @@ class Fetcher:
         needed) with Have frames; a provider that does not answer within
         `timeout` seconds (default `holders_timeout`), cannot be reached or
         refuses is left out. If the provider list is older than
-        `holders_refresh_interval` it is re-read first (within the same
-        time budget). With no ids, the flags are empty and the map lists the
-        providers that answered a ping: every reachable provider.
+        `holders_refresh_interval`, a re-read is requested in the background
+        (a DHT lookup may take longer than an answer should), so the next
+        call sees new providers. With no ids, the flags are empty and the map
+        lists the providers that answered a ping: every reachable provider.
         """
         if self._nursery is None:
             raise DhtError("the fetcher is not running (use it as an async context manager)")
@@ -378,10 +379,8 @@ class Fetcher:
                 raise DhtError(f"block id must be {BLOCK_ID_LEN} bytes, got {len(block_id)}")
         timeout = self.config.holders_timeout if timeout is None else timeout
         out: dict[bytes, list[bool]] = {}
-        deadline = trio.current_time() + timeout
         if trio.current_time() - self._last_refresh > self.config.holders_refresh_interval:
-            with trio.move_on_at(trio.current_time() + timeout / 2):
-                await self._refresh_providers()
+            self.request_provider_refresh()
 
         async def ask(peer: _Peer) -> None:
             try:
@@ -395,7 +394,7 @@ class Fetcher:
             except DhtError:
                 pass  # unreachable or broke: it counts as holding nothing
 
-        with trio.move_on_at(deadline):
+        with trio.move_on_after(timeout):
             async with trio.open_nursery() as nursery:
                 for peer in [p for p in self._peers.values() if p.provider]:
                     nursery.start_soon(ask, peer)
