@@ -18,11 +18,12 @@ from urllib.parse import quote_from_bytes, unquote_to_bytes
 
 import trio
 
+from cache.errors import StoreError
 from dht.types import Priority
 
 from .crypto import Ref
 from .drive import Drive
-from .errors import PeerdriveError, UsageError
+from .errors import BlockUnavailable, PeerdriveError, UsageError
 from .formats import Entry
 
 log = logging.getLogger(__name__)
@@ -123,18 +124,31 @@ class Pins:
         refs.extend(await self.blocks_under(entry))
         self.store.set_pin(name, [r.block_id for r in refs])
         missing = set(self.store.missing([r.block_id for r in refs]))
-        todo = [r for r in refs if r.block_id in missing]
+        todo = list({r.block_id: r for r in refs if r.block_id in missing}.values())
         limiter = trio.Semaphore(PIN_FETCH_CONCURRENCY)
+        failures: list[str] = []
 
-        async def get(ref: Ref) -> None:
-            async with limiter:
+        async def get(ref: Ref, nursery: trio.Nursery) -> None:
+            try:
                 await self.drive.blocks.ciphertext(ref, Priority.PIN)
+            except (PeerdriveError, StoreError) as exc:
+                # a block no peer serves now: stop this round (the rest would most likely
+                # wait out the same timeout) and let `run` try again soon
+                failures.append(str(exc))
+                nursery.cancel_scope.cancel()
+            finally:
+                limiter.release()
 
         async with trio.open_nursery() as nursery:
             for ref in todo:
                 await limiter.acquire()
-                limiter.release()
-                nursery.start_soon(get, ref)
+                nursery.start_soon(get, ref, nursery)
+        if failures:
+            still = len(self.store.missing([r.block_id for r in todo]))
+            total = len({r.block_id for r in refs})
+            raise BlockUnavailable(
+                f"{still} of {total} blocks still missing; the pin stays and completes when "
+                f"a peer serves them ({failures[0]})")
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep every pin complete: at start, when pins change, on new versions, on retry."""
@@ -147,7 +161,7 @@ class Pins:
                 try:
                     await self.sync_one(path)
                     self.errors.pop(name, None)
-                except PeerdriveError as exc:
+                except (PeerdriveError, StoreError) as exc:
                     failed = True
                     self.errors[name] = str(exc)
                     log.warning("pin %s incomplete: %s", name, exc)
