@@ -87,6 +87,16 @@ def test_pinned_folder_reads_offline_and_follows_new_versions(tmp_path: Path,
         assert xattr(mnt / "pinned" / "a.bin", "copies") == "1"  # this device alone
         assert xattr(mnt / "cloud.bin", "copies") == "0"
 
+        # pinning with nobody to fetch from: the command gives up with exit code 4 once
+        # nothing arrives; the pin stays, and the mount lives through the failed fetches
+        stalled = peerdrive(reader, "pin", str(mnt / "cloud.bin"), "--stall-timeout",
+                            str(FETCH_TIMEOUT + 3), check=False, timeout=120)
+        assert stalled.returncode == 4, stalled.stderr
+        assert "stalled" in stalled.stderr
+        attrs = xattrs(mnt / "cloud.bin")
+        assert (attrs["state"], attrs["pinned"]) == ("cloud", "1")
+        assert digest(mnt / "pinned" / "a.bin") == digest(src / "pinned" / "a.bin")
+
         # a new version changes a pinned file: it lands on the device without a read
         write_random(src / "pinned" / "changed.bin", 2 * MiB + 12345, seed=5)
         assert publish(pub, src)["seq"] == 2
@@ -95,7 +105,9 @@ def test_pinned_folder_reads_offline_and_follows_new_versions(tmp_path: Path,
 
         def landed() -> bool:
             attrs = xattrs(changed)
-            return attrs["size"] == str(2 * MiB + 12345) and attrs["cached"] == attrs["size"]
+            cloud = xattrs(mnt / "cloud.bin")  # and the pin that waited for a peer completes
+            return (attrs["size"] == str(2 * MiB + 12345) and attrs["cached"] == attrs["size"]
+                    and cloud["cached"] == cloud["size"])
 
         assert poll(landed, timeout=90, interval=0.5), \
             f"{xattrs(changed)}\n{nodes.diagnostics()}"
@@ -108,6 +120,7 @@ def test_pinned_folder_reads_offline_and_follows_new_versions(tmp_path: Path,
             assert second_ids - first_ids  # and the new ones are held
         seeder.stop()
         assert digest(changed) == digest(src / "pinned" / "changed.bin")
+        assert digest(mnt / "cloud.bin") == digest(src / "cloud.bin")
         assert digest(mnt / "pinned" / "a.bin") == digest(src / "pinned" / "a.bin")
 
 
