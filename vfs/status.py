@@ -18,13 +18,16 @@ from .units import format_size
 XATTRS = ("state", "cached", "size", "pinned", "copies")
 
 
-def path_status(path: Path) -> dict:
+def path_status(path: Path, only: tuple[str, ...] | None = None) -> dict:
+    """The status of one path from its xattrs; `only` reads just those (copies asks peers)."""
     try:
         names = [n for n in os.listxattr(path) if n.startswith("user.peerdrive.")]
     except OSError as exc:
         raise UsageError(f"{path}: {exc.strerror}") from exc
     if not names:
         raise UsageError(f"{path} is not inside a peerdrive mount")
+    if only is not None:
+        names = [n for n in names if n[len("user.peerdrive."):] in only]
     raw = {}
     for n in names:
         raw[n[len("user.peerdrive."):]] = os.getxattr(path, n).decode()
