@@ -370,6 +370,8 @@ class Fetcher:
         (a DHT lookup may take longer than an answer should), so the next
         call sees new providers. With no ids, the flags are empty and the map
         lists the providers that answered a ping: every reachable provider.
+        Answers cannot be verified; a peer shunned for corrupt blocks is not
+        asked.
         """
         if self._nursery is None:
             raise DhtError("the fetcher is not running (use it as an async context manager)")
@@ -394,9 +396,13 @@ class Fetcher:
             except DhtError:
                 pass  # unreachable or broke: it counts as holding nothing
 
+        now = trio.current_time()
+        # a peer shunned for sending corrupt blocks is not believed about what it holds
+        trusted = [p for p in self._peers.values()
+                   if p.provider and not (p.bad_blocks and p.backoff_until > now)]
         with trio.move_on_after(timeout):
             async with trio.open_nursery() as nursery:
-                for peer in [p for p in self._peers.values() if p.provider]:
+                for peer in trusted:
                     nursery.start_soon(ask, peer)
         return dict(out)
 

@@ -18,6 +18,7 @@ from dht.identity import NodeIdentity
 from dht.peer import PeerConnection
 from dht.types import PeerAddr
 from tests.test_peer_support import (
+    CorruptSource,
     RawServer,
     make_blocks,
     new_drive,
@@ -251,6 +252,28 @@ def test_a_silent_peer_does_not_count_and_does_not_hold_up_the_answer_past_the_t
             with trio.fail_after(10):  # far above the 2 s budget: a hang fails, no speed assert
                 assert await fetcher.count_holders(list(blocks), timeout=2.0) == 1
         assert any(isinstance(m, Have) for m in silent.received)
+
+    run(test)
+
+
+def test_a_peer_caught_sending_corrupt_blocks_is_not_counted() -> None:
+    dk, secret = new_drive()
+    blocks = make_blocks(20, 1024)
+
+    async def test(nursery: trio.Nursery) -> None:
+        _, good = await start_server(nursery, blocks, {dk: secret})
+        _, liar = await start_server(nursery, CorruptSource(blocks), {dk: secret})
+        async with Fetcher(NodeIdentity.generate(), dk, secret, fixed([good, liar]),
+                           config=FAST) as fetcher:
+            ids = list(blocks)
+            assert await fetcher.count_holders(ids, timeout=3.0) == 2  # it says it has them
+            # all at once, so the work is spread over both: the liar is caught on its first
+            async with fetcher.fetch_many(ids, concurrency=20) as results:
+                async for block_id, data in results:
+                    assert data == blocks[block_id]
+            [caught] = [p for p in fetcher.peer_stats() if p.node_id == liar.node_id]
+            assert caught.bad_blocks >= 1
+            assert await fetcher.count_holders(ids, timeout=3.0) == 1
 
     run(test)
 
