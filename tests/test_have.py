@@ -30,8 +30,10 @@ from tests.test_peer_support import (
 )
 
 TEST_DEADLINE = 25.0
+# few slots per peer, so a burst of fetches is certain to reach every peer
 FAST = FetchConfig(connect_timeout=2.0, backoff_base=0.1, backoff_max=1.0,
-                   provider_refresh_min_interval=0.05, holders_timeout=3.0)
+                   provider_refresh_min_interval=0.05, holders_timeout=3.0,
+                   max_in_flight_per_peer=4, foreground_reserve=2)
 
 
 def run(test: Callable[[trio.Nursery], Awaitable[None]]) -> None:
