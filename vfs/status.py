@@ -56,6 +56,22 @@ def running_nodes(home: Home) -> list[dict]:
     return out
 
 
+def known_drives(home: Home, store) -> list[dict]:
+    """Every drive this node holds a verified head of: what it can serve."""
+    from .capability import StoreCap
+    from .storage import DriveStorage
+
+    storage = DriveStorage(store)
+    published = {cap.pubkey for cap in home.published_drives()}
+    out = []
+    for pubkey in storage.known_drives():
+        head = storage.load_head(StoreCap(pubkey))
+        if head is not None:
+            out.append({"drive": pubkey.hex(), "seq": head.seq, "created": head.created,
+                        "published_here": pubkey in published})
+    return out
+
+
 def status_command(home: Home, args: argparse.Namespace) -> tuple[dict, str]:
     from cache.store import BlockStore
 
@@ -64,8 +80,11 @@ def status_command(home: Home, args: argparse.Namespace) -> tuple[dict, str]:
         store_stats = None
     else:
         data = {}
+    drives = []
     with BlockStore(home.store_path) as store:
         store_stats = store.stats()
+        if not args.path:
+            drives = known_drives(home, store)
     data["cache"] = {"used_bytes": store_stats["total_bytes"],
                      "limit_bytes": store_stats["limit_bytes"]}
     if args.path:
@@ -81,9 +100,13 @@ def status_command(home: Home, args: argparse.Namespace) -> tuple[dict, str]:
     data["mounts"] = mounts
     data["nodes"] = running_nodes(home)
     data["home"] = str(home.path)
+    data["drives"] = drives
     lines = [f"home    {home.path}",
              f"cache   {format_size(store_stats['total_bytes'])} used of "
              f"{format_size(store_stats['limit_bytes'])}"]
+    for d in drives:
+        lines.append(f"drive   {d['drive'][:16]}  version {d['seq']}"
+                     f"{'  published here' if d['published_here'] else ''}")
     for m in mounts:
         lines.append(f"mount   {m['mountpoint']}  drive {m['drive'][:16]}  pid {m['pid']}")
     for n in data["nodes"]:
