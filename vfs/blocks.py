@@ -7,6 +7,12 @@ cached (a full disk only means it is handed over uncached) and decrypted in
 a worker thread, since AES-GCM over a large block releases the GIL. A small
 in-memory LRU of plaintext makes the kernel's several reads of one chunk cost
 one decryption.
+
+Fetched blocks are stored behind the reader's back: `run_store_writer` (a
+task of the drive's nursery) puts everything fetched since its last commit
+in one transaction, so a stream of blocks costs one commit (one fsync) per
+batch instead of one per block, and a read never waits for the disk to take
+what the network gave it.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ log = logging.getLogger(__name__)
 Fetch = Callable[[bytes, Priority], Awaitable[bytes]]
 
 PLAINTEXT_CACHE_BYTES = 64 * 1024 * 1024
+# Fetched ciphertext waiting for the store writer, at most: past it, fetches wait for a commit.
+UNSTORED_LIMIT_BYTES = 32 * 1024 * 1024
 _THREAD_MIN = 64 * 1024
 
 
@@ -43,6 +51,12 @@ class BlockReader:
         self._plain_bytes = 0
         self._plain_limit = plaintext_cache_bytes
         self._inflight: dict[bytes, trio.Event] = {}
+        # fetched, verified, not yet in the store (oldest first); only with a store writer
+        self._unstored: dict[bytes, bytes] = {}
+        self._unstored_bytes = 0
+        self._writer_running = False
+        self._unstored_added = trio.Event()
+        self._stored = trio.Event()  # set (and replaced) after each batch the writer commits
         self.fetched_blocks = 0
         self.fetched_bytes = 0
         self.uncached_blocks = 0
@@ -61,6 +75,9 @@ class BlockReader:
         plain = self._plain.pop(block_id, None)
         if plain is not None:
             self._plain_bytes -= len(plain)
+        ct = self._unstored.pop(block_id, None)
+        if ct is not None:
+            self._unstored_bytes -= len(ct)
 
     def cached_plain(self, block_id: bytes) -> bytes | None:
         plain = self._plain.get(block_id)
@@ -88,8 +105,15 @@ class BlockReader:
             ev.set()
 
     async def ciphertext(self, ref: Ref, priority: Priority) -> bytes:
-        """The verified ciphertext of a block, fetched and cached if missing."""
-        ct = self.store.get(ref.block_id)
+        """The verified ciphertext of a block, fetched and cached if missing.
+
+        With the store writer running, a fetched block is handed back before
+        it is stored, except at PIN and PREFETCH priority, whose callers want
+        it on the device when this returns.
+        """
+        ct = self._unstored.get(ref.block_id)
+        if ct is None:
+            ct = self.store.get(ref.block_id)
         if ct is not None:
             return ct
         if self.fetch is None:
@@ -98,15 +122,79 @@ class BlockReader:
         ct = await self.fetch(ref.block_id, priority)
         self.fetched_blocks += 1
         self.fetched_bytes += len(ct)
-        try:
+        if not self._writer_running:
             # a put hashes the block and commits (fsync): worker thread, not the event loop
-            await trio.to_thread.run_sync(self.store.put, ref.block_id, ct)
-        except StoreFull:
-            self.uncached_blocks += 1  # a full disk never fails a read the network served
-        except StoreError as exc:
-            log.warning("block %s not cached: %s", ref.block_id.hex()[:16], exc)
-            self.uncached_blocks += 1
+            self.uncached_blocks += await trio.to_thread.run_sync(
+                self._store_batch, [(ref.block_id, ct)])
+            return ct
+        if ref.block_id not in self._unstored:
+            self._unstored[ref.block_id] = ct
+            self._unstored_bytes += len(ct)
+            self._unstored_added.set()
+        if priority >= Priority.PIN:
+            while ref.block_id in self._unstored and self._writer_running:
+                await self._stored.wait()
+        # bounded memory: a disk slower than the network slows the fetches down
+        while self._unstored_bytes > UNSTORED_LIMIT_BYTES and self._writer_running:
+            await self._stored.wait()
         return ct
+
+    async def run_store_writer(
+            self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Store fetched blocks in batches, one transaction each, until cancelled.
+
+        On cancellation what is still waiting is stored first (shielded), so
+        an unmount keeps every block it fetched.
+        """
+        self._writer_running = True
+        task_status.started()
+        try:
+            while True:
+                await self._unstored_added.wait()
+                self._unstored_added = trio.Event()
+                await self._store_unstored()
+        finally:
+            self._writer_running = False
+            with trio.CancelScope(shield=True):
+                await self._store_unstored()
+
+    async def _store_unstored(self) -> None:
+        while self._unstored:
+            batch = list(self._unstored.items())
+            try:
+                self.uncached_blocks += await trio.to_thread.run_sync(self._store_batch, batch)
+            finally:
+                for block_id, ct in batch:
+                    if self._unstored.get(block_id) is ct:
+                        del self._unstored[block_id]
+                        self._unstored_bytes -= len(ct)
+                self._stored.set()
+                self._stored = trio.Event()
+
+    def _store_batch(self, batch: list[tuple[bytes, bytes]]) -> int:
+        """Put fetched blocks in one transaction (worker thread); returns how many were not.
+
+        A store that cannot take them (the limit is taken by pinned blocks, the
+        disk is full, any store error) only means "uncached": a full disk never
+        fails a read the network served. If the batch as a whole does not fit,
+        the blocks are tried one by one, so what fits is kept.
+        """
+        try:
+            self.store.put_many(batch)
+            return 0
+        except StoreFull:
+            if len(batch) == 1:
+                return 1
+        except StoreError as exc:
+            log.warning("%d block(s) not cached: %s", len(batch), exc)
+            return len(batch)
+        failed = 0
+        for block_id, ct in batch:
+            try:
+                self.store.put(block_id, ct)
+            except StoreError:
+                failed += 1
+        return failed
 
     def _open_local(self, ref: Ref) -> bytes | None:
         """Read and decrypt a block from the store, in a worker thread.

@@ -74,6 +74,7 @@ class Drive:
         self.pins = Pins(self)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            await nursery.start(self.blocks.run_store_writer)
             await nursery.start(self.pins.run)
             task_status.started()
             while True:
