@@ -48,6 +48,9 @@ from .storage import DriveStorage
 
 BATCH_BYTES = 16 * 1024 * 1024
 SMALL_FILE = 4 * 1024 * 1024
+# Small files per group, at most: each group costs two commits (an fsync each), and enough
+# groups remain for every worker on trees of thousands of files.
+GROUP_FILES = 1024
 WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 
@@ -114,6 +117,8 @@ class Publisher:
         self._new_bytes = 0
         self._all_ids: set[bytes] = set()
         self._pending_pin = f"publish-pending:{cap.pubkey.hex()}"
+        self._emitted: list[tuple[Ref, bytes]] = []  # metadata blocks not yet stored
+        self._emitted_bytes = 0
 
     # -- walking -------------------------------------------------------------------
 
@@ -166,9 +171,29 @@ class Publisher:
             self._all_ids.update(ids)
 
     def _emit(self, payload: bytes) -> Ref:
+        """Encrypt a metadata block (a chunk list or a directory node) and queue it for storing.
+
+        Only the tree walk emits (one worker thread); the queue is stored in
+        batches by `_flush_emitted`, so a tree of many folders costs a commit
+        per batch rather than per folder. Everything is stored before the
+        head is made.
+        """
         ref, ct = encrypt_chunk(self.cap.read_key, payload)
-        self._store_blocks([(ref, ct)])
+        self._emitted.append((ref, ct))
+        self._emitted_bytes += len(ct)
+        if self._emitted_bytes >= BATCH_BYTES:
+            self._flush_emitted()
         return ref
+
+    def _flush_emitted(self) -> None:
+        blocks, self._emitted, self._emitted_bytes = self._emitted, [], 0
+        if blocks:
+            self._store_blocks(blocks)
+
+    def _root_entry(self, root: _DirJob, result: PublishResult) -> Entry:
+        entry = self._dir_entry(root, result)
+        self._flush_emitted()
+        return entry
 
     def _encrypt_views(self, views: list[memoryview]) -> list[Ref]:
         blocks = [encrypt_chunk(self.cap.read_key, v) for v in views]
@@ -298,7 +323,7 @@ class Publisher:
             if f.st.st_size >= SMALL_FILE:
                 large.append(f)
                 continue
-            if acc >= BATCH_BYTES or len(small_groups[-1]) >= 256:
+            if acc >= BATCH_BYTES or len(small_groups[-1]) >= GROUP_FILES:
                 small_groups.append([])
                 acc = 0
             small_groups[-1].append(f)
@@ -313,7 +338,7 @@ class Publisher:
                 nursery.start_soon(self._large_file, f, progress, limiter)
 
         result = PublishResult(self.cap, head=None)  # type: ignore[arg-type]
-        root_entry = await trio.to_thread.run_sync(self._dir_entry, root, result)
+        root_entry = await trio.to_thread.run_sync(self._root_entry, root, result)
         result.bytes = progress.done
         result.skipped = skipped
         seq = self.storage.next_seq(self.cap)
