@@ -440,13 +440,33 @@ class BlockStore:
         """
         return self.put_many([(block_id, data)]) == 1
 
-    def put_many(self, items: Iterable[tuple[bytes, bytes | bytearray | memoryview]]) -> int:
-        """Store several blocks in one transaction (all or none); returns how many were new."""
+    def put_many(
+        self,
+        items: Iterable[tuple[bytes, bytes | bytearray | memoryview]],
+        *,
+        ids_checked: bool = False,
+    ) -> int:
+        """Store several blocks in one transaction (all or none); returns how many were new.
+
+        `ids_checked=True` says the caller has itself just computed or verified
+        every id as SHA-256 of these very bytes (publish hashes each block it
+        encrypts; a fetch verifies each block it receives), so the store does
+        not hash them a second time (SHA-256 is most of a put's CPU). Only
+        immutable `bytes` are accepted then, so the bytes cannot have changed
+        since they were hashed; every block still gets its xxh3 checksum,
+        checked on each read, and readers check what they decrypt.
+        """
         prepared: list[tuple[bytes, bytes | bytearray | memoryview, int]] = []
         for block_id, data in items:
             block_id = schema.check_id(block_id)
             if not isinstance(data, bytes | bytearray | memoryview):
                 raise InvalidArgument(f"block data is bytes, not {type(data).__name__}")
+            if ids_checked:
+                if type(data) is not bytes:
+                    raise InvalidArgument("blocks whose ids are checked by the caller must be "
+                                          f"bytes, not {type(data).__name__}")
+                prepared.append((block_id, data, schema.digest_of(data)))
+                continue
             if isinstance(data, memoryview) and (data.itemsize != 1 or not data.c_contiguous):
                 data = data.tobytes()  # len() must count bytes
             if schema.block_id_of(data) != block_id:

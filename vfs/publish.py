@@ -160,7 +160,8 @@ class Publisher:
             store.add_to_pin(self._pending_pin, unique)
             with self._put_lock:  # "missing" and the put as one step among our workers
                 missing = set(store.missing(unique))
-                store.put_many(unique.items())  # one commit for the whole batch
+                # one commit for the whole batch; encrypt_chunk hashed every block
+                store.put_many(unique.items(), ids_checked=True)
             new_blocks = len(missing)
             new_bytes = sum(len(unique[bid]) for bid in missing)
         except self.storage.full_errors as exc:
