@@ -138,7 +138,8 @@ def test_corrupt_block_gives_eio_and_mount_survives(tmp_path: Path, node_home) -
     src = tmp_path / "src"
     src.mkdir()
     (src / "good.txt").write_bytes(b"good\n")
-    (src / "bad.bin").write_bytes(os.urandom(500_000))
+    # over 2 MiB: always at least three chunks (max 1 MiB), so losing one leaves it partial
+    (src / "bad.bin").write_bytes(os.urandom(3_000_000))
     home = node_home("pub")
     info = publish(home, src)
     # damage the stored block of bad.bin by deleting it through the store
