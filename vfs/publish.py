@@ -28,7 +28,7 @@ from pathlib import Path
 import trio
 
 from .capability import WriteCap
-from .chunker import make_chunker
+from .chunker import CDC_MIN, make_chunker
 from .crypto import Ref, encrypt_chunk
 from .errors import NoSpaceError, UsageError
 from .formats import (
@@ -98,6 +98,22 @@ class Progress:
             done = self.done
         if self._cb is not None:
             self._cb(done, self.total)
+
+
+def _read_small(path: Path, size: int) -> bytes:
+    """A small file's bytes, with plain system calls (open() builds a buffered reader per file,
+    which shows in the profile of a tree of thousands of small files)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            parts = [os.read(fd, size + 1)]
+            while parts[-1]:  # the file grew since it was listed, or a short read
+                parts.append(os.read(fd, 1 << 20))
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from exc
+    return parts[0] if len(parts) == 2 else b"".join(parts)
 
 
 class Publisher:
@@ -212,13 +228,12 @@ class Publisher:
         blocks: list[tuple[Ref, bytes]] = []
         done = 0
         for job in jobs:
-            try:
-                with open(job.path, "rb") as f:
-                    data = f.read()
-            except OSError as exc:
-                raise UsageError(f"cannot read {job.path}: {exc.strerror}") from exc
-            encrypted = ([encrypt_chunk(self.cap.read_key, c.data) for c in chunker.cut_buf(data)]
-                         if data else [])
+            data = _read_small(job.path, job.st.st_size)
+            if len(data) <= CDC_MIN:  # FastCDC never cuts below its minimum: one chunk
+                encrypted = [encrypt_chunk(self.cap.read_key, data)] if data else []
+            else:
+                encrypted = [encrypt_chunk(self.cap.read_key, c.data)
+                             for c in chunker.cut_buf(data)]
             job.chunks = [ref for ref, _ in encrypted]
             blocks.extend(encrypted)
             done += len(data)
