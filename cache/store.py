@@ -486,6 +486,11 @@ class BlockStore:
         except DiskFull:
             if not self._shrink_for_disk(need):
                 raise
+        except StoreFull:
+            # the refused put's evictions were rolled back with it; a store left over
+            # its limit (a limit set while reads held blocks) still comes back under it
+            self._evict_to_limit()
+            raise
         return self._write(op, need_bytes=need)
 
     def _shrink_for_disk(self, need: int) -> bool:
