@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import is_mounted, mount_pid, mounted, peerdrive, publish, stop_pid
+from vfs.mount import KERNEL_READAHEAD_KB
 
 pytestmark = pytest.mark.fuse
 
@@ -78,6 +79,11 @@ def test_round_trip_through_mount(tmp_path: Path, node_home) -> None:
 
     mnt = tmp_path / "mnt"
     with mounted(home, info["read_link"], mnt):
+        if os.getuid() == 0:
+            # the mount is ready only once its kernel readahead is wide (1 MiB requests)
+            dev = os.stat(mnt).st_dev
+            ra = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+            assert ra.read_text().strip() == str(KERNEL_READAHEAD_KB)
         want = walk(src)
         got = walk(mnt)
         assert set(got) == set(want)

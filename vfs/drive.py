@@ -116,7 +116,7 @@ class Drive:
     def close(self, of: OpenFile) -> None:
         of.pending.clear()
 
-    async def read(self, of: OpenFile, off: int, size: int) -> bytes:
+    async def read(self, of: OpenFile, off: int, size: int) -> bytes | memoryview:
         span = of.map.span(off, size)
         if not span:
             return b""
@@ -128,30 +128,33 @@ class Drive:
         of.next_offset = off + size
         if of.sequential >= 2:
             self._readahead(of, span[-1] + 1)
+        starts = of.map.starts
+        end = off + size
         if len(span) == 1:
             i = span[0]
             plain = await self._read_chunk(chunks[i], Priority.READ)
-            start = off - of.map.starts[i]
-            return plain[start:start + size]
-        parts: list[bytes] = [b""] * len(span)
+            # a view, not a copy: pyfuse3 hands any buffer to the kernel as it is
+            return memoryview(plain)[off - starts[i]:end - starts[i]]
+        parts: list[memoryview] = [memoryview(b"")] * len(span)
         errors: list[PeerdriveError] = []
 
         async def get(k: int, i: int) -> None:
             # a failed chunk does not cancel the others: each ends bounded by the fetch
             # timeout, and every chunk found unavailable is remembered as such
             try:
-                parts[k] = await self._read_chunk(chunks[i], Priority.READ)
+                plain = await self._read_chunk(chunks[i], Priority.READ)
             except PeerdriveError as exc:
                 errors.append(exc)
+                return
+            lo = max(off, starts[i]) - starts[i]
+            parts[k] = memoryview(plain)[lo:end - starts[i]]
 
         async with trio.open_nursery() as nursery:
             for k, i in enumerate(span):
                 nursery.start_soon(get, k, i)
         if errors:
             raise errors[0]
-        data = b"".join(parts)
-        start = off - of.map.starts[span[0]]
-        return data[start:start + size]
+        return b"".join(parts)  # the one copy: only the bytes asked for
 
     async def _read_chunk(self, ref: Ref, priority: Priority) -> bytes:
         """A chunk's plaintext; fails at once if no peer could serve it moments ago."""

@@ -121,6 +121,12 @@ class DriveOperations(pyfuse3.Operations):
         self._files: dict[int, OpenFile] = {}
         self._dirs: dict[int, Inode] = {}
         self._next_fh = 1
+        # set once the kernel's INIT has been answered (see vfs.mount.serve_fuse)
+        self.initialized = trio.Event()
+
+    def init(self) -> None:
+        """pyfuse3 calls this while answering the kernel's INIT, just before the reply."""
+        self.initialized.set()
 
     # -- inode table ---------------------------------------------------------------
 
@@ -293,7 +299,7 @@ class DriveOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
 
     @fuse_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         of = self._files.get(fh)
         if of is None:
             raise pyfuse3.FUSEError(errno.EBADF)

@@ -68,11 +68,12 @@ def _mount_device(mountpoint: Path) -> str | None:
 def widen_kernel_readahead(mountpoint: Path, kb: int = KERNEL_READAHEAD_KB) -> None:
     """Let the kernel read ahead `kb` KiB on this mount instead of its default 128.
 
-    FUSE requests are at most 128 KiB; with the default window a sequential
-    reader has one or two in flight and pays a round trip through this process
-    for each. A wider window keeps many in flight, so our own readahead and
-    the peers' pipelines stay full. Needs root (sysfs); without it we keep
-    the default and say so in the log.
+    The window also bounds the kernel's read requests: with the default
+    each is 128 KiB, with a wide one they grow to the 1 MiB FUSE allows, so
+    a sequential read costs an eighth of the requests through this process,
+    and many of them in flight keep our own readahead and the peers'
+    pipelines full. Needs root (sysfs); without it we keep the default and
+    say so in the log.
     """
     dev = _mount_device(mountpoint)
     if dev is None:
@@ -113,15 +114,21 @@ async def serve_fuse(ops: pyfuse3.Operations, mountpoint: Path,
 
             nursery.start_soon(watch_signals)
 
-            async def widen_after_init() -> None:
-                # the kernel sets the mount's readahead when our reply to its INIT
-                # arrives; widen it after that, or the reply narrows it again
-                await trio.sleep(0.3)
+            async def ready_after_init() -> None:
+                # The kernel sets the mount's readahead from our reply to its INIT, so
+                # widen it only once that reply is out (pyfuse3 calls ops.init() just
+                # before sending it, and the kernel applies it within that write). Only
+                # then is the mount ready: a reader opening a file at once gets the wide
+                # window too.
+                initialized = getattr(ops, "initialized", None)
+                if initialized is not None:
+                    await initialized.wait()
+                    await trio.lowlevel.checkpoint()
                 widen_kernel_readahead(mountpoint)
+                if on_ready is not None:
+                    on_ready()
 
-            nursery.start_soon(widen_after_init)
-            if on_ready is not None:
-                on_ready()
+            nursery.start_soon(ready_after_init)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
     finally:
