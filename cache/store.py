@@ -44,6 +44,7 @@ from cache.errors import (
     UnknownPin,
 )
 from cache.gate import ResizeGate
+from cache.mapread import StoreReadahead
 from cache.schema import Counters
 from cache.writer import Dbs, Writer, pin_members
 
@@ -55,6 +56,7 @@ DEFAULT_TOUCH_BATCH = 4096
 # space than what the transaction wanted to write plus this margin.
 _DISK_FULL_MARGIN = 8 * MiB
 _MAX_RETRIES = 64
+_READAHEAD_MIN = 64 * 1024  # reads of values this big drive StoreReadahead
 # Blocks evicted per transaction when evicting on request (evict, a lower limit,
 # a released pin). On a full disk the steps shrink to one block: each commit
 # needs a few new pages, and pages a commit frees are reusable two commits on.
@@ -143,12 +145,19 @@ class BlockStore:
             _check_limit(limit_bytes)
         self._env: lmdb.Environment | None = None
         self._env, self._dbs = self._open_env()
+        self._readahead: StoreReadahead | None
+        try:
+            self._readahead = StoreReadahead(os.path.join(self.path, "data.mdb"))
+        except OSError:
+            self._readahead = None  # reads in file order then fault page by page
         if not isinstance(limit_bytes, _Keep):
             try:
                 self.set_limit(limit_bytes)
             except BaseException:
                 self._env.close()  # nobody else can: the object is never returned
                 self._env = None
+                if self._readahead is not None:
+                    self._readahead.close()
                 raise
 
     # -- opening and closing --------------------------------------------------------
@@ -173,7 +182,7 @@ class BlockStore:
                 sync=self._sync,
                 metasync=False,  # one fsync per commit; an OS crash may undo only the last
                 writemap=False,
-                readahead=True,
+                readahead=False,  # see _copy_block: big values are read with pread
                 meminit=True,
                 mode=0o600,
             )
@@ -244,12 +253,19 @@ class BlockStore:
                         pass  # the commits themselves were synced; only the last may wait
                 self._env.close()
                 self._env = None
+                if self._readahead is not None:
+                    self._readahead.close()
 
     def __enter__(self) -> BlockStore:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    @property
+    def readahead_windows(self) -> int:
+        """How many times reads in stored order made the store read ahead (cache.mapread)."""
+        return 0 if self._readahead is None else self._readahead.windows
 
     @property
     def closed(self) -> bool:
@@ -519,8 +535,7 @@ class BlockStore:
             value = txn.get(block_id, db=self._dbs.blocks)
             if value is None:
                 return None
-            data = schema.block_value_data(value)
-            result = None if data is None else bytes(data)
+            result = self._copy_block(value)
         except lmdb.Error as exc:
             raise StoreError(f"cannot read the block store at {self.path}: {exc}") from exc
         finally:
@@ -531,6 +546,18 @@ class BlockStore:
         if self._note_access(block_id):
             self._flush_quietly()
         return result
+
+    def _copy_block(self, value: memoryview) -> bytes | None:
+        """The checked block bytes of a stored value (None if they fail their xxh3 check).
+
+        Large values also drive the store's readahead (cache.mapread): blocks
+        read in the order they were stored are read ahead of the reader.
+        """
+        readahead = self._readahead
+        if readahead is not None and len(value) >= _READAHEAD_MIN:
+            readahead.note_read(value)
+        view = schema.block_value_data(value)
+        return None if view is None else bytes(view)
 
     @contextmanager
     def get_view(self, block_id: bytes) -> Iterator[memoryview | None]:

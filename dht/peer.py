@@ -93,6 +93,11 @@ MAX_HAVES_IN_FLIGHT = 16  # Have requests one client connection keeps outstandin
 GOODBYE_GRACE = 2.0  # seconds to flush a Goodbye/Refused before closing anyway
 RECEIVE_SIZE = 256 * 1024
 HASH_IN_THREAD_MIN = 256 * 1024  # hash blocks at least this big off the event loop
+# Blocks a server connection reads from its source ahead of the one it is sending: a cold
+# store read is a disk wait, and reading the next block while this one goes out keeps both
+# the disk and the connection busy. Small, so a READ that arrives behind a PIN backlog waits
+# for at most this many blocks.
+LOOKAHEAD_BLOCKS = 2
 
 
 def make_proof(drive_secret: bytes, server_id: bytes, nonce: bytes) -> bytes:
@@ -433,7 +438,10 @@ class _ServerConnection:
         self._wants: dict[int, tuple[int, bytes]] = {}
         self._seq = 0
         self._control: deque[bytes] = deque()
-        self._wake = trio.Event()
+        # (req_id, seq, data or None) read from the source, in the order they go out
+        self._ready: deque[tuple[int, int, bytes | None]] = deque()
+        self._wake = trio.Event()  # the writer: a control frame or a looked-up block is ready
+        self._load_wake = trio.Event()  # the loader: a new want, or room in `_ready`
         self._scope: trio.CancelScope | None = None
         self._goodbye_sent = False
 
@@ -465,6 +473,7 @@ class _ServerConnection:
         async with trio.open_nursery() as nursery:
             self._scope = nursery.cancel_scope
             nursery.start_soon(self._writer)
+            nursery.start_soon(self._loader)
             try:
                 await self._reader()
             except PeerProtocolError as exc:
@@ -488,7 +497,7 @@ class _ServerConnection:
                     self._seq += 1
                     self._wants[msg.req_id] = (self._seq, msg.block_id)
                     heapq.heappush(self._queue, (int(msg.priority), self._seq, msg.req_id))
-                    self._wake.set()
+                    self._load_wake.set()
             elif isinstance(msg, Cancel):
                 stats.cancels_received += 1
                 self._wants.pop(msg.req_id, None)
@@ -522,9 +531,29 @@ class _ServerConnection:
                 return req_id, seq, want[1]
         return None
 
-    async def _writer(self) -> None:
+    async def _loader(self) -> None:
+        """Read wanted blocks from the source in worker threads, most urgent first.
+
+        A store read can wait on the disk; in a thread it neither stalls the
+        event loop (every other connection, the DHT) nor this connection's
+        sends, and the next block is read while this one goes out.
+        """
         server = self.server
-        stats = server.stats
+        while True:
+            want = None
+            if not self._goodbye_sent and len(self._ready) < LOOKAHEAD_BLOCKS:
+                want = self._next_want()
+            if want is None:
+                self._load_wake = trio.Event()
+                await self._load_wake.wait()
+                continue
+            req_id, seq, block_id = want
+            data = await trio.to_thread.run_sync(server._lookup, block_id)
+            self._ready.append((req_id, seq, data))
+            self._wake.set()
+
+    async def _writer(self) -> None:
+        stats = self.server.stats
         try:
             while True:
                 if self._control:
@@ -535,13 +564,15 @@ class _ServerConnection:
                         self._scope.cancel()
                         return
                     continue
-                want = None if self._goodbye_sent else self._next_want()
-                if want is None:
+                if self._goodbye_sent or not self._ready:
                     self._wake = trio.Event()
                     await self._wake.wait()
                     continue
-                req_id, seq, block_id = want
-                data = server._lookup(block_id)
+                req_id, seq, data = self._ready.popleft()
+                self._load_wake.set()
+                current = self._wants.get(req_id)
+                if current is None or current[0] != seq:
+                    continue  # cancelled (or its id re-used) while it was being read
                 if data is None:
                     stats.not_found += 1
                     reply: Message = NotFound(req_id)

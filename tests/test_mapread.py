@@ -1,0 +1,101 @@
+"""cache.mapread: where a value of LMDB's map lives in data.mdb, and readahead on in-order reads."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+from pathlib import Path
+
+import lmdb
+import pytest
+
+from cache.mapread import StoreReadahead, buffer_address
+from cache.store import BlockStore
+
+KiB = 1024
+
+
+def test_buffer_address_of_a_writable_buffer() -> None:
+    buf = bytearray(b"x" * 100)
+    want = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    assert buffer_address(memoryview(buf)) == want
+    assert buffer_address(memoryview(buf)[10:]) == want + 10
+
+
+@pytest.fixture
+def env(tmp_path: Path):
+    e = lmdb.open(str(tmp_path), map_size=64 * 1024 * 1024, readahead=False)
+    yield e
+    e.close()
+
+
+def fill(env: lmdb.Environment, count: int, size: int) -> list[bytes]:
+    keys = []
+    with env.begin(write=True) as txn:
+        for i in range(count):
+            key = i.to_bytes(4, "big")
+            txn.put(key, bytes([i % 251]) * size)
+            keys.append(key)
+    return keys
+
+
+def test_offset_of_names_the_bytes_of_the_value_in_the_file(env, tmp_path: Path) -> None:
+    keys = fill(env, 8, 200 * KiB)
+    ra = StoreReadahead(str(tmp_path / "data.mdb"))
+    try:
+        with env.begin(buffers=True) as txn, open(tmp_path / "data.mdb", "rb") as f:
+            for key in keys:
+                view = txn.get(key)
+                offset = ra.offset_of(view)
+                assert offset is not None
+                f.seek(offset)
+                assert f.read(len(view)) == bytes(view)
+    finally:
+        ra.close()
+
+
+def test_a_view_of_another_file_has_no_offset(env, tmp_path: Path) -> None:
+    fill(env, 1, 100 * KiB)
+    other = tmp_path / "other"
+    other.write_bytes(b"\0" * 4096)
+    ra = StoreReadahead(str(other))
+    try:
+        with env.begin(buffers=True) as txn:
+            assert ra.offset_of(txn.get((0).to_bytes(4, "big"))) is None
+        assert ra.offset_of(memoryview(bytearray(10))) is None  # not a file mapping
+    finally:
+        ra.close()
+
+
+def test_reads_in_file_order_ask_for_windows_and_random_ones_do_not(env, tmp_path: Path) -> None:
+    keys = fill(env, 64, 256 * KiB)  # 16 MiB, stored one after another
+    ra = StoreReadahead(str(tmp_path / "data.mdb"), window=2 * 1024 * KiB, slack=512 * KiB)
+    try:
+        with env.begin(buffers=True) as txn:
+            for key in keys[:32]:
+                ra.note_read(txn.get(key))
+            in_order = ra.windows
+            # about one window per 2 MiB read (each asked for when half of the last is used)
+            assert 3 <= in_order <= 16
+            for key in keys[63:32:-7]:  # backwards, 7 values apart: never in order
+                ra.note_read(txn.get(key))
+            assert ra.windows == in_order
+    finally:
+        ra.close()
+    ra.note_read(memoryview(b"closed is harmless"))
+
+
+def test_store_reads_in_stored_order_use_the_readahead(tmp_path: Path) -> None:
+    store = BlockStore(str(tmp_path / "s"), sync=False)
+    try:
+        blocks = []
+        for _ in range(40):
+            data = os.urandom(128 * KiB)
+            blocks.append((hashlib.sha256(data).digest(), data))
+        store.put_many(blocks)
+        for block_id, data in blocks:
+            assert store.get(block_id) == data
+        assert store.readahead_windows >= 1
+    finally:
+        store.close()
