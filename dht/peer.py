@@ -418,6 +418,18 @@ def _peer_name(stream: trio.SocketStream) -> str:
     return f"{host}:{port}"
 
 
+class _Lookup:
+    """One wanted block on its way from the source to the wire."""
+
+    __slots__ = ("req_id", "seq", "data", "done")
+
+    def __init__(self, req_id: int, seq: int) -> None:
+        self.req_id = req_id
+        self.seq = seq
+        self.data: bytes | None = None
+        self.done = False
+
+
 class _ServerConnection:
     """One accepted client: a priority queue of wants and a queue of control frames."""
 
@@ -438,8 +450,8 @@ class _ServerConnection:
         self._wants: dict[int, tuple[int, bytes]] = {}
         self._seq = 0
         self._control: deque[bytes] = deque()
-        # (req_id, seq, data or None) read from the source, in the order they go out
-        self._ready: deque[tuple[int, int, bytes | None]] = deque()
+        # blocks being read from the source or read, in the order they go out
+        self._ready: deque[_Lookup] = deque()
         self._wake = trio.Event()  # the writer: a control frame or a looked-up block is ready
         self._load_wake = trio.Event()  # the loader: a new want, or room in `_ready`
         self._scope: trio.CancelScope | None = None
@@ -473,7 +485,7 @@ class _ServerConnection:
         async with trio.open_nursery() as nursery:
             self._scope = nursery.cancel_scope
             nursery.start_soon(self._writer)
-            nursery.start_soon(self._loader)
+            nursery.start_soon(self._loader, nursery)
             try:
                 await self._reader()
             except PeerProtocolError as exc:
@@ -531,14 +543,15 @@ class _ServerConnection:
                 return req_id, seq, want[1]
         return None
 
-    async def _loader(self) -> None:
+    async def _loader(self, nursery: trio.Nursery) -> None:
         """Read wanted blocks from the source in worker threads, most urgent first.
 
         A store read can wait on the disk; in a thread it neither stalls the
         event loop (every other connection, the DHT) nor this connection's
-        sends, and the next block is read while this one goes out.
+        sends. Up to LOOKAHEAD_BLOCKS reads run at once, so the disk works on
+        the next blocks while this one goes out; they are sent in the order
+        they were taken.
         """
-        server = self.server
         while True:
             want = None
             if not self._goodbye_sent and len(self._ready) < LOOKAHEAD_BLOCKS:
@@ -548,9 +561,14 @@ class _ServerConnection:
                 await self._load_wake.wait()
                 continue
             req_id, seq, block_id = want
-            data = await trio.to_thread.run_sync(server._lookup, block_id)
-            self._ready.append((req_id, seq, data))
-            self._wake.set()
+            lookup = _Lookup(req_id, seq)
+            self._ready.append(lookup)
+            nursery.start_soon(self._look_up, lookup, block_id)
+
+    async def _look_up(self, lookup: _Lookup, block_id: bytes) -> None:
+        lookup.data = await trio.to_thread.run_sync(self.server._lookup, block_id)
+        lookup.done = True
+        self._wake.set()
 
     async def _writer(self) -> None:
         stats = self.server.stats
@@ -564,11 +582,12 @@ class _ServerConnection:
                         self._scope.cancel()
                         return
                     continue
-                if self._goodbye_sent or not self._ready:
+                if self._goodbye_sent or not self._ready or not self._ready[0].done:
                     self._wake = trio.Event()
                     await self._wake.wait()
                     continue
-                req_id, seq, data = self._ready.popleft()
+                lookup = self._ready.popleft()
+                req_id, seq, data = lookup.req_id, lookup.seq, lookup.data
                 self._load_wake.set()
                 current = self._wants.get(req_id)
                 if current is None or current[0] != seq:

@@ -8,6 +8,7 @@ layer's own errors; only `vfs.fs` turns them into errno.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -76,11 +77,25 @@ class Drive:
             self._nursery = nursery
             await nursery.start(self.blocks.run_store_writer)
             await nursery.start(self.pins.run)
+            nursery.start_soon(self._warm_up)
             task_status.started()
             while True:
                 # recency of reads is batched in memory by the store: persist it now and then
                 await trio.sleep(5)
                 await trio.to_thread.run_sync(self.storage.store.flush)
+
+    async def _warm_up(self) -> None:
+        """Load the root directory as the mount starts, before anyone asks.
+
+        With an empty cache this is also what finds the drive's peers and
+        connects to one, so the first `ls` or open of a file pays for
+        neither (first 64 KiB of an uncached file: see docs/benchmarks.md).
+        Only a head start: a failure here is left for the real request.
+        """
+        root = self.root_entry().node
+        if root is not None:
+            with contextlib.suppress(PeerdriveError):
+                await self.tree.node(root)
 
     # -- versions ------------------------------------------------------------------
 
