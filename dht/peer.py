@@ -92,7 +92,7 @@ MAX_CONTROL_BACKLOG = 256  # queued Notice/Pong/HaveReply frames before a client
 MAX_HAVES_IN_FLIGHT = 16  # Have requests one client connection keeps outstanding
 GOODBYE_GRACE = 2.0  # seconds to flush a Goodbye/Refused before closing anyway
 RECEIVE_SIZE = 256 * 1024
-HASH_IN_THREAD_MIN = 256 * 1024  # hash blocks at least this big off the event loop
+HASH_IN_THREAD_MIN = 64 * 1024  # hash blocks at least this big off the event loop
 # Blocks a server connection reads from its source ahead of the one it is sending: a cold
 # store read is a disk wait, and reading the next block while this one goes out keeps both
 # the disk and the connection busy. Small, so a READ that arrives behind a PIN backlog waits
@@ -430,6 +430,10 @@ class _Lookup:
         self.done = False
 
 
+def _sha256_each(blocks: list[bytes]) -> list[bytes]:
+    return [hashlib.sha256(b).digest() for b in blocks]
+
+
 class _ServerConnection:
     """One accepted client: a priority queue of wants and a queue of control frames."""
 
@@ -701,6 +705,9 @@ class PeerConnection:
         self._next_id = secrets.randbelow(MAX_REQ_ID + 1)
         self._outgoing: deque[Message] = deque()
         self._wake = trio.Event()
+        # large blocks received and waiting for their hash check (see _verifier)
+        self._unverified: deque[tuple[_Pending, bytes]] = deque()
+        self._unverified_added = trio.Event()
         self._error: DhtError | None = None
         self._scope: trio.CancelScope | None = None
         self._finished = trio.Event()
@@ -954,6 +961,7 @@ class PeerConnection:
                 self._scope = nursery.cancel_scope
                 nursery.start_soon(self._writer)
                 nursery.start_soon(self._reader)
+                nursery.start_soon(self._verifier)
                 task_status.started()
         finally:
             if self._error is None:
@@ -961,6 +969,9 @@ class PeerConnection:
             for pending in self._pending.values():
                 pending.fail(self._error)
             self._pending.clear()
+            for pending, _ in self._unverified:
+                pending.fail(self._error)
+            self._unverified.clear()
             for have in self._haves.values():
                 have.fail(self._error)
             self._haves.clear()
@@ -1053,17 +1064,53 @@ class PeerConnection:
             self.stats.unsolicited += 1
             return
         data = msg.data
-        if len(data) >= HASH_IN_THREAD_MIN:
-            digest = await trio.to_thread.run_sync(lambda: hashlib.sha256(data).digest())
+        if len(data) < HASH_IN_THREAD_MIN:
+            if hashlib.sha256(data).digest() != pending.block_id:
+                raise self._bad_block(pending)
+            self._delivered(pending, data)
         else:
-            digest = hashlib.sha256(data).digest()
-        if digest != pending.block_id:
-            error = BadBlockError(
-                f"{self.addr} sent bytes that do not hash to block {pending.block_id.hex()}: "
-                "the peer is faulty or lying; connection dropped"
-            )
-            pending.fail(error)
-            raise PeerProtocolError(f"{self.addr} sent a corrupt block; connection dropped")
+            # hashed by the verifier: this loop goes straight back to reading the socket
+            self._unverified.append((pending, data))
+            self._unverified_added.set()
+        await trio.lowlevel.checkpoint()
+
+    async def _verifier(self) -> None:
+        """Check large blocks against their ids in worker threads, a batch per thread call.
+
+        Hashing in the reader's own loop would leave the socket unread
+        while a thread hashes each block; queued here, what arrived
+        meanwhile is hashed together in the next call.
+        """
+        batch: list[tuple[_Pending, bytes]] = []
+        try:
+            while True:
+                if not self._unverified:
+                    self._unverified_added = trio.Event()
+                    await self._unverified_added.wait()
+                    continue
+                batch = list(self._unverified)
+                self._unverified.clear()
+                digests = await trio.to_thread.run_sync(_sha256_each, [d for _, d in batch])
+                for (pending, data), digest in zip(batch, digests, strict=True):
+                    if digest != pending.block_id:
+                        raise self._bad_block(pending)
+                    self._delivered(pending, data)
+                batch = []
+        except DhtError as exc:
+            self._fail(exc)
+        finally:
+            # a bad block or the connection's end: what this batch did not deliver fails
+            for pending, _ in batch:
+                pending.fail(self._error or PeerGoneError(f"connection to {self.addr} ended"))
+
+    def _bad_block(self, pending: _Pending) -> PeerProtocolError:
+        pending.fail(BadBlockError(
+            f"{self.addr} sent bytes that do not hash to block {pending.block_id.hex()}: "
+            "the peer is faulty or lying; connection dropped"
+        ))
+        return PeerProtocolError(f"{self.addr} sent a corrupt block; connection dropped")
+
+    def _delivered(self, pending: _Pending, data: bytes) -> None:
         self.stats.blocks += 1
         self.stats.bytes += len(data)
         pending.succeed(data)
