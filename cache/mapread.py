@@ -19,6 +19,7 @@ not in a mapping of this file) only means no readahead.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import threading
 from dataclasses import dataclass
@@ -47,6 +48,10 @@ _get_buffer.restype = ctypes.c_int
 _release_buffer = ctypes.pythonapi.PyBuffer_Release
 _release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
 _release_buffer.restype = None
+_libc = ctypes.CDLL(None, use_errno=True)
+_madvise = _libc.madvise
+_madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_madvise.restype = ctypes.c_int
 
 
 def buffer_address(view: memoryview) -> int:
@@ -83,6 +88,9 @@ class StoreReadahead:
         self._last_end = -1  # file offset just past the last value read
         self._ahead_until = 0  # file offset up to which readahead was already asked
         self.windows = 0  # readahead requests made (for tests and benchmarks)
+        self.release_every = 16 * 1024 * 1024  # bytes read between two unmaps
+        self._read_since_release = 0
+        self.releases = 0
 
     def close(self) -> None:
         with self._lock:
@@ -111,6 +119,7 @@ class StoreReadahead:
         if offset is None:
             return
         end = offset + len(view)
+        self._note_mapped(view)
         with self._lock:
             in_order = abs(offset - self._last_end) <= self.slack
             self._last_end = max(self._last_end, end) if in_order else end
@@ -129,6 +138,32 @@ class StoreReadahead:
                 os.posix_fadvise(fd, start, until - start, os.POSIX_FADV_WILLNEED)
             except OSError:
                 pass  # only a hint
+
+    def _note_mapped(self, view: memoryview) -> None:
+        """Unmap the pages read so far now and then, so they do not count as ours.
+
+        Every page of a value read stays mapped in this process after the
+        read (py-lmdb touches them all), so streaming a 1 GiB file through a
+        mount left ~1 GiB of the store in the process's RSS. MADV_DONTNEED on
+        this shared, read-only file mapping only drops our page-table entries:
+        the pages stay in the page cache and a later read maps them again
+        (a minor fault), so no byte is lost or changed, even for a view
+        another thread is reading at that moment.
+
+        The caller holds what keeps the map where it is (the store's read
+        transaction and resize gate), and the mapping is looked up afresh
+        from the view's own address, so only pages of data.mdb are ever
+        advised: never memory that a remap handed to someone else.
+        """
+        with self._lock:
+            self._read_since_release += len(view)
+            if self._read_since_release < self.release_every:
+                return
+            self._read_since_release = 0
+        region = self._find(buffer_address(view))
+        if region is not None:
+            _madvise(region.start, region.end - region.start, mmap.MADV_DONTNEED)
+            self.releases += 1
 
     def _find(self, addr: int) -> _Region | None:
         """The mapping of this file that contains `addr`, from /proc/self/maps."""

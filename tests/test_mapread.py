@@ -99,3 +99,30 @@ def test_store_reads_in_stored_order_use_the_readahead(tmp_path: Path) -> None:
         assert store.readahead_windows >= 1
     finally:
         store.close()
+
+
+def rss_file_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+def test_pages_read_are_unmapped_now_and_then_and_reads_stay_right(env, tmp_path: Path) -> None:
+    keys = fill(env, 48, 1024 * KiB)  # 48 MiB
+    ra = StoreReadahead(str(tmp_path / "data.mdb"))
+    ra.release_every = 4 * 1024 * KiB
+    try:
+        with env.begin(buffers=True) as txn:
+            before = rss_file_kib()
+            for i, key in enumerate(keys):
+                view = txn.get(key)
+                ra.note_read(view)
+                # a view stays readable (and right) after its pages were unmapped
+                assert bytes(view[:4096]) == bytes([i % 251]) * 4096
+                assert bytes(view[-1:]) == bytes([i % 251])
+            grown = rss_file_kib() - before
+        assert ra.releases >= 10
+        assert grown < 16 * 1024, f"{grown} KiB of the store still mapped after reading 48 MiB"
+    finally:
+        ra.close()

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 # fetch(block_id, priority) -> ciphertext whose SHA-256 is block_id, or raises
 Fetch = Callable[[bytes, Priority], Awaitable[bytes]]
 
-PLAINTEXT_CACHE_BYTES = 64 * 1024 * 1024
+PLAINTEXT_CACHE_BYTES = 32 * 1024 * 1024
 # Fetched ciphertext waiting for the store writer, at most: past it, fetches wait for a commit.
 UNSTORED_LIMIT_BYTES = 32 * 1024 * 1024
 _THREAD_MIN = 64 * 1024
