@@ -509,6 +509,57 @@ class BlockStore:
             raise
         return self._write(op, need_bytes=need)
 
+    def put_pinned(
+        self,
+        pin: str,
+        items: Iterable[tuple[bytes, bytes | bytearray | memoryview]],
+        *,
+        ids_checked: bool = False,
+    ) -> list[bytes]:
+        """Add blocks to pin `pin` (created if new) and store them, in one transaction.
+
+        Returns the ids that were not stored before (first occurrence, in
+        order). The same as `add_to_pin` then `put_many`, with one commit (one
+        fsync) instead of two and no eviction window between them, and the
+        caller learns exactly which blocks it added (publish counts them).
+        Pinned blocks never meet StoreFull; a full disk raises DiskFull with
+        nothing pinned or stored. `ids_checked` as in `put_many`.
+        """
+        name_utf8 = schema.encode_pin_name(pin)
+        prepared: dict[bytes, tuple[bytes, bytes | bytearray | memoryview, int]] = {}
+        for block_id, data in items:
+            block_id = schema.check_id(block_id)
+            if ids_checked:
+                if type(data) is not bytes:
+                    raise InvalidArgument("blocks whose ids are checked by the caller must be "
+                                          f"bytes, not {type(data).__name__}")
+            else:
+                if not isinstance(data, bytes | bytearray | memoryview):
+                    raise InvalidArgument(f"block data is bytes, not {type(data).__name__}")
+                if isinstance(data, memoryview) and (data.itemsize != 1 or not data.c_contiguous):
+                    data = data.tobytes()  # len() must count bytes
+                if schema.block_id_of(data) != block_id:
+                    raise CorruptBlock(
+                        f"block {block_id.hex()}: the bytes offered do not hash to this id"
+                    )
+            if block_id not in prepared:
+                prepared[block_id] = (block_id, data, schema.digest_of(data))
+        if not prepared:
+            return []
+        ids = sorted(prepared)
+        need = sum(len(data) for _, data, _ in prepared.values())
+
+        def op(writer: Writer) -> list[bytes]:
+            writer.add_to_pin(name_utf8, ids)  # first: the inserts then skip the LRU
+            return [item[0] for item in prepared.values() if writer.insert(*item)]
+
+        try:
+            return self._write(op, need_bytes=need)
+        except DiskFull:
+            if not self._shrink_for_disk(need):
+                raise
+        return self._write(op, need_bytes=need)
+
     def _shrink_for_disk(self, need: int) -> bool:
         """After a full disk: evict LRU blocks worth twice `need` so their pages can be reused.
 
