@@ -1,0 +1,251 @@
+"""Publishing a folder in-process: the blocks it makes, what reads back, the edge cases.
+
+Real files in temporary folders, a real LMDB store; the drive is read back
+through vfs.drive (the code a mount uses) without FUSE. The block ids of a
+fixed tree under a fixed key are pinned in this file: the formats are fixed
+(docs/formats.md), so a faster publish must make exactly the same blocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+import vfs.publish as publish_mod
+from cache.store import BlockStore
+from vfs.capability import WriteCap
+from vfs.chunker import CDC_MIN
+from vfs.drive import Drive
+from vfs.errors import UsageError, unwrap_group
+from vfs.formats import Entry
+from vfs.publish import Publisher, PublishResult, _read_fd
+from vfs.storage import DriveStorage, publish_pin
+
+KIB = 1024
+MIB = 1024 * KIB
+MTIME_NS = 1_600_000_000_123_456_789
+CAP = WriteCap.from_secrets(bytes(range(32)), bytes(range(32, 64)))
+
+# Made by the publisher before the small-file work was rewritten (commit ac183ac) from
+# the tree of `make_tree` under CAP: the new code must make the very same blocks.
+GOLDEN_ROOT_NODE = "c394d26c221e8cc5fc51c72216e6d386fe3b4a31ce8cc78e8ec023683220194c"
+GOLDEN_BLOCK_SET = "38b469258049d8fe9e4efe002f2e149932741b8d4adff378ee4a88104d06b8fd"
+GOLDEN_BLOCKS = 1270
+
+
+def make_tree(root: Path) -> dict[str, bytes]:
+    """A fixed tree: small files around the chunker's minimum, duplicates, an empty file, a
+    multi-chunk file, a file on the large-file path, a folder big enough to split into
+    several directory nodes, nested folders and symlinks; fixed modes and mtimes.
+    Returns every regular file's bytes by relative path."""
+    rng = random.Random(20261123)
+    files: dict[str, bytes] = {}
+
+    def put(rel: str, data: bytes, mode: int = 0o644) -> None:
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+        os.chmod(p, mode)
+        files[rel] = data
+
+    put("empty", b"")
+    put("one", b"1", 0o755)
+    for n in (CDC_MIN - 1, CDC_MIN, CDC_MIN + 1, 300 * KIB):
+        put(f"sizes/f{n}", rng.randbytes(n))
+    put("dup/a", b"same bytes" * 100)
+    put("dup/b", b"same bytes" * 100)
+    put("big/large.bin", rng.randbytes(publish_mod.SMALL_FILE + 12_345))
+    for i in range(1200):  # about 300 KiB of entries: more than one directory node
+        put(f"many/file-{i:05d}-{'x' * 150}", rng.randbytes(rng.randint(0, 3000)))
+    for d in range(5):
+        for i in range(d * 3):
+            put(f"nest/d{d}/sub/f{i}", rng.randbytes(rng.randint(1, 9000)), 0o600)
+    put("ünïcödé ✓", b"utf-8 name")
+    os.symlink("one", root / "link")
+    os.symlink("nowhere/at/all", root / "dangling")
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames + dirnames:
+            os.utime(os.path.join(dirpath, name), ns=(MTIME_NS, MTIME_NS),
+                     follow_symlinks=False)
+        os.chmod(dirpath, 0o755)
+    os.utime(root, ns=(MTIME_NS, MTIME_NS))
+    return files
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
+    root = tmp_path / "src"
+    root.mkdir()
+    return root, make_tree(root)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[BlockStore]:
+    s = BlockStore(tmp_path / "store", sync=False)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def run_publish(store: BlockStore, source: Path,
+                warnings: list[str] | None = None) -> PublishResult:
+    pub = Publisher(DriveStorage(store), CAP, source,
+                    on_warning=None if warnings is None else warnings.append)
+    return trio.run(pub.run)
+
+
+def block_set_digest(store: BlockStore) -> tuple[int, str]:
+    ids = store.pin_ids(publish_pin(CAP.pubkey))
+    return len(ids), hashlib.sha256(b"".join(sorted(ids))).hexdigest()
+
+
+def read_back(store: BlockStore, result: PublishResult) -> dict[str, tuple]:
+    """Every name of the published version: (kind, mode, mtime, bytes or link target)."""
+    drive = Drive(CAP.read_cap(), DriveStorage(store), result.head)
+    out: dict[str, tuple] = {}
+
+    async def walk(entry: Entry, prefix: str) -> None:
+        async for _, child in drive.entries(entry, 0):
+            rel = prefix + os.fsdecode(child.name)
+            if child.is_dir:
+                out[rel] = ("dir", child.mode, child.mtime_ns, child.nentries)
+                await walk(child, rel + "/")
+            elif child.is_link:
+                out[rel] = ("link", child.mode, child.mtime_ns, child.target)
+            else:
+                of = await drive.open(child)
+                data = bytes(await drive.read(of, 0, child.size + 1))
+                drive.close(of)
+                out[rel] = ("file", child.mode, child.mtime_ns, data)
+
+    trio.run(walk, drive.root_entry(), "")
+    return out
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+# -- the blocks ----------------------------------------------------------------------
+
+
+def test_the_same_tree_makes_the_same_blocks_as_before(
+        tree: tuple[Path, dict[str, bytes]], store: BlockStore) -> None:
+    root, _ = tree
+    result = run_publish(store, root)
+    assert result.head.root is not None and result.head.root.node is not None
+    assert result.head.root.node.block_id.hex() == GOLDEN_ROOT_NODE
+    assert block_set_digest(store) == (GOLDEN_BLOCKS, GOLDEN_BLOCK_SET)
+
+
+def test_small_groups_and_windows_change_no_block(
+        tree: tuple[Path, dict[str, bytes]], store: BlockStore,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Group and read-ahead edges (a group of one, a window wider than the group)."""
+    root, _ = tree
+    monkeypatch.setattr(publish_mod, "GROUP_FILES", 7)
+    monkeypatch.setattr(publish_mod, "READ_AHEAD_FILES", 3)
+    monkeypatch.setattr(publish_mod, "BATCH_BYTES", 20 * KIB)
+    result = run_publish(store, root)
+    assert result.head.root is not None and result.head.root.node is not None
+    assert result.head.root.node.block_id.hex() == GOLDEN_ROOT_NODE
+    assert block_set_digest(store) == (GOLDEN_BLOCKS, GOLDEN_BLOCK_SET)
+
+
+def test_everything_reads_back(tree: tuple[Path, dict[str, bytes]], store: BlockStore) -> None:
+    root, files = tree
+    warnings: list[str] = []
+    os.mkfifo(root / "fifo")
+    result = run_publish(store, root, warnings)
+    assert any("fifo" in w and "skipped" in w for w in warnings)
+    got = read_back(store, result)
+    assert {rel for rel, v in got.items() if v[0] == "file"} == set(files)
+    for rel, data in files.items():
+        kind, mode, mtime, content = got[rel]
+        assert content == data, rel
+        assert mode == stat.S_IMODE(os.lstat(root / rel).st_mode)
+        assert mtime == MTIME_NS
+    assert got["one"][1] == 0o755
+    assert got["link"] == ("link", stat.S_IMODE(os.lstat(root / "link").st_mode), MTIME_NS,
+                           b"one")
+    assert got["dangling"][3] == b"nowhere/at/all"
+    assert got["many"][3] == 1200
+    assert result.files == len(files)
+    assert result.bytes == sum(len(d) for d in files.values())
+
+
+def test_new_blocks_count_what_the_store_did_not_hold(
+        tree: tuple[Path, dict[str, bytes]], store: BlockStore) -> None:
+    root, files = tree
+    first = run_publish(store, root)
+    count, _ = block_set_digest(store)
+    assert first.new_blocks == store.count == count  # dup/a and dup/b share one block
+    assert first.new_bytes == store.total_bytes
+    again = run_publish(store, root)
+    assert (again.head.seq, again.new_blocks, again.new_bytes) == (2, 0, 0)
+    assert again.head.root == first.head.root
+    (root / "dup" / "c").write_bytes(b"a new file")
+    third = run_publish(store, root)
+    assert third.new_blocks == 3  # the file, its folder's node, the root's node
+    assert not store.has_pin(f"publish-pending:{CAP.pubkey.hex()}")
+    assert store.check_consistency() == []
+
+
+# -- edge cases ----------------------------------------------------------------------
+
+
+def test_a_file_gone_before_it_is_read_is_an_error_and_leaks_nothing(
+        tree: tuple[Path, dict[str, bytes]], store: BlockStore,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    root, _ = tree
+    walk = Publisher._walk
+
+    def walk_then_delete(self: Publisher, path: bytes, *args: object) -> object:
+        job = walk(self, path, *args)  # type: ignore[arg-type]
+        if path == os.fsencode(root):  # listed (lstat) by now; read once the walk is done
+            (root / "many" / f"file-00500-{'x' * 150}").unlink()
+        return job
+
+    monkeypatch.setattr(Publisher, "_walk", walk_then_delete)
+    before = fd_count()
+    with pytest.raises(BaseException) as info:  # noqa: B017 - any error, then unwrapped
+        run_publish(store, root)
+    error = unwrap_group(info.value)  # the nursery's group holds the one real error
+    assert isinstance(error, UsageError)
+    assert "cannot read" in str(error) and "file-00500" in str(error)
+    assert fd_count() == before
+    assert not store.has_pin(publish_pin(CAP.pubkey))  # no version was made
+
+
+def test_read_fd_reads_to_the_end_whatever_the_listed_size(tmp_path: Path) -> None:
+    data = os.urandom(70_000)
+    p = tmp_path / "f"
+    p.write_bytes(data)
+    for listed in (0, 1, 69_999, 70_000, 70_001, 10 * MIB):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            assert _read_fd(fd, listed, bytes(p)) == data
+        finally:
+            os.close(fd)
+
+
+def test_an_empty_folder_publishes(tmp_path: Path, store: BlockStore) -> None:
+    root = tmp_path / "empty"
+    root.mkdir()
+    result = run_publish(store, root)
+    assert (result.files, result.bytes) == (0, 0)
+    assert read_back(store, result) == {}
+
+
+def test_not_a_folder_is_a_usage_error(tmp_path: Path, store: BlockStore) -> None:
+    (tmp_path / "file").write_bytes(b"x")
+    with pytest.raises(UsageError, match="not a folder"):
+        run_publish(store, tmp_path / "file")
