@@ -100,6 +100,29 @@ def needs_new_inode(old: Entry, new: Entry | None) -> bool:
     return (old.size, old.chunks, old.chunk_lists) != (new.size, new.chunks, new.chunk_lists)
 
 
+# pyfuse3 built with patches/pyfuse3-*-cache-readdir.patch (scripts/setup does) lets
+# opendir ask the kernel to cache a directory's listing; a plain pyfuse3 cannot.
+KERNEL_CACHES_LISTINGS = hasattr(pyfuse3.FileInfo, "cache_readdir")
+
+# A readdir offset is (listing tag << LISTING_TAG_SHIFT) | (index + 1).
+LISTING_TAG_SHIFT = 40
+LISTING_INDEX_MASK = (1 << LISTING_TAG_SHIFT) - 1
+
+
+def listing_offset(dir_entry: Entry, index: int) -> int:
+    """The readdir offset after entry `index` of the listing of `dir_entry`.
+
+    The kernel fills its cached listing of a directory in the order replies
+    come, and appends a reply only where the cached part ends, which it
+    recognises by offset. The tag (22 bits of the directory node's id: the
+    same listing, the same tag) keeps a handle still reading an older listing
+    from ever continuing a cache being filled with a newer one. Below 2**62.
+    """
+    assert dir_entry.node is not None
+    tag = int.from_bytes(dir_entry.node.block_id[:3], "big") >> 2
+    return (tag << LISTING_TAG_SHIFT) | (index + 1)
+
+
 class DriveOperations(pyfuse3.Operations):
     """pyfuse3 operations over one mounted drive."""
 
@@ -123,6 +146,9 @@ class DriveOperations(pyfuse3.Operations):
         self._next_fh = 1
         # set once the kernel's INIT has been answered (see vfs.mount.serve_fuse)
         self.initialized = trio.Event()
+        if not KERNEL_CACHES_LISTINGS:
+            log.warning("this pyfuse3 lacks patches/pyfuse3-*-cache-readdir.patch (run "
+                        "scripts/setup): every directory listing will reach this process")
 
     def init(self) -> None:
         """pyfuse3 calls this while answering the kernel's INIT, just before the reply."""
@@ -257,7 +283,15 @@ class DriveOperations(pyfuse3.Operations):
     # -- directories ---------------------------------------------------------------
 
     @fuse_errors
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+    async def opendir(self, inode: int,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo | int:
+        """A handle on the directory's listing in the current version.
+
+        The kernel may cache the listing (cache_readdir) and keep it across
+        opens (keep_cache): a version never changes, so a second getdents(2)
+        of the same directory is answered by the kernel alone, and
+        `new_version` drops the listings that changed.
+        """
         node = await self._current(inode)
         if not node.entry.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
@@ -265,19 +299,43 @@ class DriveOperations(pyfuse3.Operations):
         self._next_fh += 1
         # a listing keeps the version it started with: offsets stay valid
         self._dirs[fh] = Inode(node.ino, node.parent, node.name, node.entry, node.version)
-        return fh
+        if not KERNEL_CACHES_LISTINGS:
+            return fh
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, cache_readdir=True)
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         snap = self._dirs.get(fh)
         if snap is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        async for index, entry in self.drive.entries(snap.entry, start_id):
+        if start_id == 0 and snap.version != self.drive.version:
+            snap = await self._restart_listing(fh, snap)
+        async for index, entry in self.drive.entries(snap.entry, start_id & LISTING_INDEX_MASK):
             # an entry of an older version is refreshed on its next use
             node = self._remember(snap.ino, entry, snap.version)
-            if not pyfuse3.readdir_reply(token, entry.name, self._attrs(node), index + 1):
+            if not pyfuse3.readdir_reply(token, entry.name, self._attrs(node),
+                                         listing_offset(snap.entry, index)):
                 return
             node.lookups += 1
+
+    async def _restart_listing(self, fh: int, snap: Inode) -> Inode:
+        """A handle opened before the version changed starts (again) from the top.
+
+        It lists the current version, not the one it was opened in: the
+        kernel may be filling its cached listing from this very read, after
+        `new_version` dropped the old one. (Offsets handed out before a
+        rewinddir(3) need not stay valid.) A directory gone from the new
+        version keeps listing what it had: no new open can reach it.
+        """
+        try:
+            node = await self._current(snap.ino)
+        except pyfuse3.FUSEError:
+            return snap
+        if not node.entry.is_dir:
+            return snap
+        snap = self._dirs[fh] = Inode(node.ino, node.parent, node.name, node.entry,
+                                      node.version)
+        return snap
 
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
@@ -394,32 +452,40 @@ class DriveOperations(pyfuse3.Operations):
         Every known inode is brought up to the new version, except files whose
         bytes changed or that are gone: those stay, frozen, as the inode of the
         old version (open handles keep reading it, with its size) and their
-        name gets a new inode on the next lookup. The kernel forgets the data
-        of files that changed in place and the attributes and names of
-        everything, so the next access sees the new version. The
+        name gets a new inode on the next lookup. The kernel forgets, for every
+        inode that changed, its attributes and cached pages: a file's bytes,
+        a directory's cached listing (a directory changes whenever anything
+        below it does: its node is a Merkle tree, so the root always does).
+        Names are dropped only where a name no longer leads to the same inode
+        (a frozen file, anything gone or that could not be checked): the
+        dentries, and the cached listings, of everything unchanged stay. The
         notifications run in a worker thread: they are system calls into the
         kernel, which may wait on requests this event loop has to answer.
         """
         data_changed: list[int] = []
         attr_changed: list[int] = []
-        retired: list[tuple[int, bytes]] = []
-        for ino, node in list(self.inodes.items()):
-            old = node.entry
-            was_frozen = node.frozen
+        names: list[tuple[int, bytes]] = []
+        # what each inode held before the switch, taken before the first await: a
+        # request answered while this loop waits may bring an inode up to date first
+        before = [(ino, node, node.entry, node.frozen) for ino, node in self.inodes.items()]
+        for ino, node, old, was_frozen in before:
+            named = ino != pyfuse3.ROOT_INODE
             try:
                 fresh = (await self._current(ino, retire=True)).entry
-            except pyfuse3.FUSEError:
-                attr_changed.append(ino)
-                continue
-            except PeerdriveError as exc:
-                log.warning("could not refresh inode %d: %s", ino, exc)
-                attr_changed.append(ino)
+            except (pyfuse3.FUSEError, PeerdriveError) as exc:
+                if isinstance(exc, PeerdriveError):
+                    log.warning("could not refresh inode %d: %s", ino, exc)
+                # gone, or not known: a directory's cached listing goes as well
+                (data_changed if old.is_dir else attr_changed).append(ino)
+                if named:
+                    names.append((node.parent, node.name))
                 continue
             if node.frozen and not was_frozen:
-                retired.append((node.parent, node.name))
+                names.append((node.parent, node.name))
             elif fresh != old:
-                (data_changed if fresh.is_file else attr_changed).append(ino)
-        names = list(self.by_name) + retired
+                data_changed.append(ino)
+                if named and fresh.kind != old.kind:
+                    names.append((node.parent, node.name))
 
         def notify() -> None:
             for ino in data_changed:
