@@ -77,6 +77,7 @@ from .frames import (
 )
 from .identity import NodeIdentity
 from .tls import client_context, pinned_public_key, server_context
+from .tlsstream import TlsStream
 from .types import BLOCK_ID_LEN, DISCOVERY_KEY_LEN, PeerAddr, Priority
 
 log = logging.getLogger(__name__)
@@ -350,7 +351,7 @@ class PeerServer:
         stats.connections_active += 1
         _set_keepalive(tcp)
         peer = _peer_name(tcp)
-        ssl_stream = trio.SSLStream(tcp, self._ssl_context, server_side=True)
+        ssl_stream = TlsStream(tcp, self._ssl_context, server_side=True)
         conn: _ServerConnection | None = None
         try:
             with trio.move_on_after(self.handshake_timeout) as scope:
@@ -377,7 +378,7 @@ class PeerServer:
                         del self._clients[conn.discovery_key]
             await _close_quietly(ssl_stream)
 
-    async def _handshake(self, ssl_stream: trio.SSLStream, peer: str) -> _ServerConnection | None:
+    async def _handshake(self, ssl_stream: TlsStream, peer: str) -> _ServerConnection | None:
         try:
             await ssl_stream.do_handshake()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -777,7 +778,7 @@ class PeerConnection:
                 tcp = await trio.open_tcp_stream(addr.host, addr.port)
                 stream = tcp
                 _set_keepalive(tcp)
-                ssl_stream = trio.SSLStream(tcp, client_context(), server_hostname=None)
+                ssl_stream = TlsStream(tcp, client_context())
                 stream = ssl_stream
                 await ssl_stream.do_handshake()
                 peer_key = pinned_public_key(ssl_stream.getpeercert(binary_form=True), addr.node_id)

@@ -1,0 +1,142 @@
+"""dht.tlsstream.TlsStream against itself and against trio.SSLStream, over real loopback TCP."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+import trio
+
+from dht.identity import NodeIdentity
+from dht.tls import client_context, pinned_public_key, server_context
+from dht.tlsstream import TlsStream
+
+DEADLINE = 20
+
+
+async def _pair(nursery: trio.Nursery, server_kind: str, client_kind: str):
+    """(server stream, client stream) connected through a real listener on 127.0.0.1."""
+    identity = NodeIdentity.generate()
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    accepted: trio.MemoryChannel = trio.open_memory_channel(1)
+    send, receive = accepted
+
+    async def handler(tcp: trio.SocketStream) -> None:
+        if server_kind == "ours":
+            stream = TlsStream(tcp, server_context(identity), server_side=True)
+        else:
+            stream = trio.SSLStream(tcp, server_context(identity), server_side=True)
+        await stream.do_handshake()
+        await send.send(stream)
+        await trio.sleep_forever()
+
+    nursery.start_soon(trio.serve_listeners, handler, listeners)
+    tcp = await trio.open_tcp_stream("127.0.0.1", port)
+    if client_kind == "ours":
+        client = TlsStream(tcp, client_context())
+    else:
+        client = trio.SSLStream(tcp, client_context(), server_hostname=None)
+    await client.do_handshake()
+    pinned_public_key(client.getpeercert(binary_form=True), identity.node_id)
+    server = await receive.receive()
+    return server, client
+
+
+def run(test) -> None:
+    async def main() -> None:
+        with trio.fail_after(DEADLINE):
+            async with trio.open_nursery() as nursery:
+                await test(nursery)
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+async def _receive_exactly(stream, n: int) -> bytes:
+    parts, got = [], 0
+    while got < n:
+        data = await stream.receive_some(65536)
+        assert data, "the stream ended early"
+        parts.append(data)
+        got += len(data)
+    return b"".join(parts)
+
+
+@pytest.mark.parametrize("server_kind,client_kind",
+                         [("ours", "ours"), ("ours", "trio"), ("trio", "ours")])
+def test_bytes_cross_both_ways_intact_while_both_sides_send(server_kind, client_kind) -> None:
+    payload = os.urandom(3 * 1024 * 1024 + 12345)
+
+    async def test(nursery: trio.Nursery) -> None:
+        server, client = await _pair(nursery, server_kind, client_kind)
+        results = {}
+
+        async def pump(name, src, dst) -> None:
+            async with trio.open_nursery() as inner:
+                async def sender() -> None:
+                    for i in range(0, len(payload), 70000):  # sizes that cut across records
+                        await src.send_all(payload[i:i + 70000])
+
+                inner.start_soon(sender)
+                results[name] = await _receive_exactly(dst, len(payload))
+
+        async with trio.open_nursery() as both:
+            both.start_soon(pump, "to server", client, server)
+            both.start_soon(pump, "to client", server, client)
+        want = hashlib.sha256(payload).digest()
+        assert hashlib.sha256(results["to server"]).digest() == want
+        assert hashlib.sha256(results["to client"]).digest() == want
+        await client.aclose()
+        assert await server.receive_some(100) == b""  # close_notify: the end, not a hang
+        assert await server.receive_some(100) == b""
+        await server.aclose()
+
+    run(test)
+
+
+def test_a_peer_that_drops_the_connection_ends_the_stream() -> None:
+    async def test(nursery: trio.Nursery) -> None:
+        server, client = await _pair(nursery, "ours", "ours")
+        await client.send_all(b"last words")
+        await client.transport.aclose()  # no close_notify
+        assert await _receive_exactly(server, 10) == b"last words"
+        try:
+            assert await server.receive_some(100) == b""
+        except trio.BrokenResourceError:
+            pass  # an unclean end may also be reported as broken
+        await server.aclose()
+        with pytest.raises(trio.ClosedResourceError):
+            await server.receive_some(10)
+
+    run(test)
+
+
+def test_garbage_instead_of_a_handshake_is_a_broken_stream() -> None:
+    async def test(nursery: trio.Nursery) -> None:
+        identity = NodeIdentity.generate()
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        outcome: list[BaseException | None] = []
+
+        async def handler(tcp: trio.SocketStream) -> None:
+            stream = TlsStream(tcp, server_context(identity), server_side=True)
+            try:
+                await stream.do_handshake()
+                outcome.append(None)
+            except trio.BrokenResourceError as exc:
+                outcome.append(exc)
+            await stream.aclose()
+
+        nursery.start_soon(trio.serve_listeners, handler, listeners)
+        tcp = await trio.open_tcp_stream("127.0.0.1", port)
+        await tcp.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 10)
+        while await tcp.receive_some(4096):
+            pass  # the server answers with an alert, then closes
+        await tcp.aclose()
+        while not outcome:
+            await trio.sleep(0.01)
+        assert isinstance(outcome[0], trio.BrokenResourceError)
+
+    run(test)
