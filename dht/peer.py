@@ -989,22 +989,31 @@ class PeerConnection:
             self._finished.set()
 
     async def _writer(self) -> None:
+        """Send queued requests, everything queued so far in one write.
+
+        A sequential reader asks for several blocks at once (its readahead):
+        one TLS record and one system call for all of them, not one each.
+        """
         try:
             while True:
                 if not self._outgoing:
                     self._wake = trio.Event()
                     await self._wake.wait()
                     continue
-                msg = self._outgoing.popleft()
-                if isinstance(msg, Want):
-                    pending = self._pending.get(msg.req_id)
-                    if pending is None:
-                        continue  # cancelled before it left: nothing to tell the peer
-                    pending.sent = True
-                    self.stats.wants_sent += 1
-                elif isinstance(msg, Cancel):
-                    self.stats.cancels_sent += 1
-                await self._frames.send(msg)
+                frames: list[bytes] = []
+                while self._outgoing:
+                    msg = self._outgoing.popleft()
+                    if isinstance(msg, Want):
+                        pending = self._pending.get(msg.req_id)
+                        if pending is None:
+                            continue  # cancelled before it left: nothing to tell the peer
+                        pending.sent = True
+                        self.stats.wants_sent += 1
+                    elif isinstance(msg, Cancel):
+                        self.stats.cancels_sent += 1
+                    frames.append(encode(msg))
+                if frames:
+                    await self._frames.send_bytes(b"".join(frames))
         except DhtError as exc:
             self._fail(exc)
 
