@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from .pins import Pins
 
 READAHEAD_CHUNKS = 16  # about 4 MiB: keeps three peers at 5 MB/s each busy (tests/test_netns.py)
+# Chunk lists of a listed directory's large files fetched ahead of their first open, at most
+# this many bytes per directory (a 1 GiB file's list is ~280 KB).
+CHUNK_LIST_PREFETCH_BYTES = 4 * 1024 * 1024
 COPIES_TIMEOUT = 5.0  # seconds the peers get to say which blocks they hold
 # After a block could not be fetched within the fetch timeout, reads of it fail at once
 # for this long: the kernel follows a failed readahead with a read of the same page,
@@ -66,6 +69,7 @@ class Drive:
         self.holders = holders
         self._unavailable: dict[bytes, tuple[float, str]] = {}  # block id -> (when, why)
         self._nursery: trio.Nursery | None = None
+        self._lists_prefetched: set[bytes] = set()  # directory nodes already looked through
         self.pins: Pins | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -92,10 +96,39 @@ class Drive:
         neither (first 64 KiB of an uncached file: see docs/benchmarks.md).
         Only a head start: a failure here is left for the real request.
         """
-        root = self.root_entry().node
-        if root is not None:
+        root = self.root_entry()
+        if root.node is not None:
             with contextlib.suppress(PeerdriveError):
-                await self.tree.node(root)
+                await self.tree.node(root.node)
+                await self._prefetch_chunk_lists(root)
+
+    def listed(self, dir_entry: Entry) -> None:
+        """A directory is being listed: its large files may be opened next."""
+        if (self._nursery is not None and dir_entry.node is not None
+                and dir_entry.node.block_id not in self._lists_prefetched):
+            self._nursery.start_soon(self._prefetch_chunk_lists, dir_entry)
+
+    async def _prefetch_chunk_lists(self, dir_entry: Entry) -> None:
+        """Load the chunk lists of a directory's large files before anyone opens them.
+
+        Opening a file of more than 256 chunks reads its chunk-list blocks
+        before its first byte can be fetched: one more round trip to a peer.
+        The lists are small beside the files (~70 bytes per ~256 KiB chunk),
+        so a listed directory's are fetched ahead at PREFETCH priority, up to
+        CHUNK_LIST_PREFETCH_BYTES, and an open finds them in memory.
+        """
+        assert dir_entry.node is not None
+        if dir_entry.node.block_id in self._lists_prefetched:
+            return
+        self._lists_prefetched.add(dir_entry.node.block_id)
+        budget = CHUNK_LIST_PREFETCH_BYTES
+        with contextlib.suppress(PeerdriveError):
+            async for _, entry in self.tree.entries(dir_entry.node, 0, Priority.PREFETCH):
+                for cl in entry.chunk_lists or ():
+                    budget -= cl.ref.length
+                    if budget < 0:
+                        return
+                    await self.blocks.read(cl.ref, Priority.PREFETCH)
 
     # -- versions ------------------------------------------------------------------
 

@@ -310,6 +310,8 @@ class DriveOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         if start_id == 0 and snap.version != self.drive.version:
             snap = await self._restart_listing(fh, snap)
+        if start_id == 0:
+            self.drive.listed(snap.entry)
         async for index, entry in self.drive.entries(snap.entry, start_id & LISTING_INDEX_MASK):
             # an entry of an older version is refreshed on its next use
             node = self._remember(snap.ino, entry, snap.version)

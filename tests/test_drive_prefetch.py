@@ -1,0 +1,100 @@
+"""A mounted drive loads its root and the chunk lists of listed directories' large files ahead.
+
+In-process: a publisher's store, a reader's empty store and a fetch function
+between them that records what was asked for and at which priority.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import trio
+
+import vfs.drive as drive_mod
+from cache.store import BlockStore
+from dht.types import Priority
+from vfs.capability import WriteCap
+from vfs.drive import Drive
+from vfs.formats import MAX_INLINE_CHUNKS
+from vfs.publish import Publisher
+from vfs.storage import DriveStorage
+
+CAP = WriteCap.from_secrets(os.urandom(32), os.urandom(32))
+MIB = 1024 * 1024
+
+
+def publish(tmp_path: Path, sizes: dict[str, int]):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, size in sizes.items():
+        (src / name).write_bytes(os.urandom(size))
+    store = BlockStore(tmp_path / "pub", sync=False)
+    result = trio.run(Publisher(DriveStorage(store), CAP, src).run)
+    return store, result.head
+
+
+def run_reader(tmp_path: Path, pub: BlockStore, head, seconds: float):
+    """Mount-less drive over an empty store for `seconds`; returns (fetched, drive)."""
+    reader = BlockStore(tmp_path / "reader", sync=False)
+    fetched: list[tuple[bytes, Priority]] = []
+
+    async def fetch(block_id: bytes, priority: Priority) -> bytes:
+        fetched.append((block_id, priority))
+        data = pub.get(block_id)
+        assert data is not None
+        await trio.sleep(0)
+        return data
+
+    drive = Drive(CAP.read_cap(), DriveStorage(reader), head, fetch=fetch)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(drive.run)
+            await trio.sleep(seconds)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    reader.close()
+    return fetched, drive
+
+
+def test_root_and_its_large_files_chunk_lists_arrive_before_any_open(tmp_path: Path) -> None:
+    size = 80 * MIB  # well over MAX_INLINE_CHUNKS chunks of ~256 KiB
+    pub, head = publish(tmp_path, {"big.bin": size, "small.txt": 1000})
+    fetched, drive = run_reader(tmp_path, pub, head, 2.0)
+
+    async def lists():
+        out = {}
+        async for _, e in drive.tree.entries(head.root.node):
+            out[e.name] = e
+        return out
+
+    entries = trio.run(lists)
+    big = entries[b"big.bin"]
+    assert big.chunk_lists is not None and sum(c.nchunks for c in big.chunk_lists) > \
+        MAX_INLINE_CHUNKS
+    list_ids = {c.ref.block_id for c in big.chunk_lists}
+    got = dict(fetched)
+    assert got[head.root.node.block_id] == Priority.READ  # the root, at once
+    for block_id in list_ids:
+        assert got.get(block_id) == Priority.PREFETCH
+    # nothing else: no chunk of any file was fetched
+    assert set(got) == list_ids | {head.root.node.block_id}
+    pub.close()
+
+
+def test_chunk_lists_ahead_stay_within_the_budget(tmp_path: Path, monkeypatch) -> None:
+    pub, head = publish(tmp_path, {"a.bin": 70 * MIB, "b.bin": 70 * MIB})
+
+    async def lists():
+        return [e async for _, e in Drive(CAP.read_cap(), DriveStorage(pub), head)
+                .tree.entries(head.root.node)]
+    a, b = trio.run(lists)
+    one = sum(c.ref.length for c in a.chunk_lists)
+    monkeypatch.setattr(drive_mod, "CHUNK_LIST_PREFETCH_BYTES", one)  # room for a's only
+    fetched, _ = run_reader(tmp_path, pub, head, 2.0)
+    got = {block_id for block_id, _ in fetched}
+    assert {c.ref.block_id for c in a.chunk_lists} <= got
+    assert not {c.ref.block_id for c in b.chunk_lists} & got
+    pub.close()
