@@ -73,7 +73,7 @@ _MAX_BLOCKED_SCAN = 64  # requests examined per dispatch pass that find all thei
 class FetchConfig:
     """Tuning knobs; the defaults suit a WAN swarm, tests shrink the times."""
 
-    max_in_flight_per_peer: int = 8
+    max_in_flight_per_peer: int = 16
     foreground_reserve: int = 2  # slots per peer that PIN/PREFETCH never take
     max_parallel_attempts: int = 2  # one attempt + one hedge per block at a time
     hedge_factor: float = 3.0
