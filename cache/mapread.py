@@ -88,7 +88,7 @@ class StoreReadahead:
         self._last_end = -1  # file offset just past the last value read
         self._ahead_until = 0  # file offset up to which readahead was already asked
         self.windows = 0  # readahead requests made (for tests and benchmarks)
-        self.release_every = 16 * 1024 * 1024  # bytes read between two unmaps
+        self.release_every = 4 * 1024 * 1024  # bytes read between two unmaps
         self._read_since_release = 0
         self.releases = 0
 
@@ -160,6 +160,10 @@ class StoreReadahead:
             if self._read_since_release < self.release_every:
                 return
             self._read_since_release = 0
+        self.release(view)
+
+    def release(self, view: memoryview) -> None:
+        """Unmap every page of the mapping `view` lies in (same conditions as _note_mapped)."""
         region = self._find(buffer_address(view))
         if region is not None:
             _madvise(region.start, region.end - region.start, mmap.MADV_DONTNEED)

@@ -262,6 +262,26 @@ class BlockStore:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def release_mapped_pages(self) -> None:
+        """Unmap the pages of data.mdb this process has touched (cache.mapread).
+
+        Writes touch pages of the map too (LMDB copies the B-tree pages it
+        changes from it); a writer calls this after a batch, so what it wrote
+        does not stay in its RSS. The page cache keeps every page.
+        """
+        readahead = self._readahead
+        if readahead is None:
+            return
+        txn = self._begin_read()  # holds the map in place while it is advised
+        try:
+            cursor = txn.cursor(db=self._dbs.meta)
+            if cursor.first():
+                readahead.release(cursor.value())
+        except lmdb.Error as exc:
+            raise StoreError(f"cannot read the block store at {self.path}: {exc}") from exc
+        finally:
+            self._end_read(txn)
+
     @property
     def readahead_windows(self) -> int:
         """How many times reads in stored order made the store read ahead (cache.mapread)."""

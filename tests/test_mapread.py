@@ -126,3 +126,26 @@ def test_pages_read_are_unmapped_now_and_then_and_reads_stay_right(env, tmp_path
         assert grown < 16 * 1024, f"{grown} KiB of the store still mapped after reading 48 MiB"
     finally:
         ra.close()
+
+
+def test_a_store_can_unmap_what_it_touched(tmp_path: Path) -> None:
+    store = BlockStore(str(tmp_path / "s"), sync=False)
+    try:
+        blocks = []
+        for _ in range(24):
+            data = os.urandom(1024 * KiB)
+            blocks.append((hashlib.sha256(data).digest(), data))
+        store.put_many(blocks)
+        before = rss_file_kib()
+        with store._read() as txn:  # touch every page of the blocks through the map
+            for block_id, data in blocks:
+                view = txn.get(block_id, db=store._dbs.blocks)
+                assert bytes(view[-1024:]) == data[-1024:]
+        mapped = rss_file_kib() - before
+        assert mapped > 16 * 1024  # the blocks are mapped into this process now
+        store.release_mapped_pages()
+        assert rss_file_kib() - before < mapped / 4
+        for block_id, data in blocks[:3]:
+            assert store.get(block_id) == data  # and read back the same
+    finally:
+        store.close()

@@ -155,6 +155,7 @@ class StoreModel(RuleBasedStateMachine):
         if expected is None:
             with pytest.raises(StoreFull):
                 self.s.put(*POOL[i])
+            self.evict_to_limit()  # a refused put still brings the store under its limit
         else:
             assert self.s.put(*POOL[i]) is expected
         self.check_limit_after_write(just_put=i)
@@ -167,6 +168,7 @@ class StoreModel(RuleBasedStateMachine):
             self.restore(snap)
             with pytest.raises(StoreFull):
                 self.s.put_many([POOL[i] for i in items])
+            self.evict_to_limit()  # a refused put still brings the store under its limit
         else:
             assert self.s.put_many([POOL[i] for i in items]) == sum(bool(r) for r in results)
         self.check_limit_after_write(just_put=items[-1])

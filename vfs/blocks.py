@@ -36,9 +36,9 @@ log = logging.getLogger(__name__)
 # fetch(block_id, priority) -> ciphertext whose SHA-256 is block_id, or raises
 Fetch = Callable[[bytes, Priority], Awaitable[bytes]]
 
-PLAINTEXT_CACHE_BYTES = 32 * 1024 * 1024
+PLAINTEXT_CACHE_BYTES = 16 * 1024 * 1024
 # Fetched ciphertext waiting for the store writer, at most: past it, fetches wait for a commit.
-UNSTORED_LIMIT_BYTES = 32 * 1024 * 1024
+UNSTORED_LIMIT_BYTES = 16 * 1024 * 1024
 _THREAD_MIN = 64 * 1024
 
 
@@ -182,6 +182,7 @@ class BlockReader:
         """
         try:
             self.store.put_many(batch)
+            self.store.release_mapped_pages()
             return 0
         except StoreFull:
             if len(batch) == 1:
