@@ -26,6 +26,7 @@ import pytest
 
 from tests.helpers import mount_pid, mounted, publish
 from tests.swarm_helpers import Swarm, wait_until
+from vfs.fs import LISTINGS_BY_INODE
 
 pytestmark = pytest.mark.fuse
 
@@ -71,6 +72,30 @@ def list_with_mount_stopped(path: Path, pid: int, wait: float) -> tuple[bool, li
         return waited, got[0]
     finally:
         os.close(fd)
+
+
+def opened_and_listed_with_mount_stopped(path: Path, pid: int) -> bool:
+    """Whether open + getdents + close of `path` finish while the mount process is stopped.
+
+    With the patched pyfuse3's readdir_by_inode the mount answers OPENDIR with
+    ENOSYS once, and the kernel then never sends OPENDIR or RELEASEDIR again.
+    """
+    for _ in range(CACHED_TRIES):
+        names(path)
+        names(path)  # the first may leave the directory's atime to be asked for again
+        done: list[list[str]] = []
+        thread = threading.Thread(target=lambda done=done: done.append(names(path)), daemon=True)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            thread.start()
+            thread.join(CACHED_WAIT)
+            in_time = not thread.is_alive()
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        thread.join(60)
+        if in_time and done:
+            return True
+    return False
 
 
 def names(path: Path) -> list[str]:
@@ -158,6 +183,8 @@ def test_a_second_listing_never_reaches_the_mount_process(tmp_path: Path, node_h
             cached, got = cached_listing(mnt / rel, pid)
             assert cached, f"{rel}: every listing reached the mount process"
             assert got == names(src / rel)
+            if LISTINGS_BY_INODE:  # not even the open and close of the directory do
+                assert opened_and_listed_with_mount_stopped(mnt / rel, pid), rel
         # the tools people use, cold and then from the kernel's caches
         assert_same_tree(mnt, src)
         assert_same_tree(mnt, src)

@@ -18,6 +18,7 @@ import errno
 import functools
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -103,10 +104,24 @@ def needs_new_inode(old: Entry, new: Entry | None) -> bool:
 # pyfuse3 built with patches/pyfuse3-*-cache-readdir.patch (scripts/setup does) lets
 # opendir ask the kernel to cache a directory's listing; a plain pyfuse3 cannot.
 KERNEL_CACHES_LISTINGS = hasattr(pyfuse3.FileInfo, "cache_readdir")
+# With the patch's readdir_by_inode, directories are never opened: opendir answers ENOSYS
+# once, after which the kernel sends no OPENDIR or RELEASEDIR at all and caches every
+# listing by itself (FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE are its default then); READDIR
+# then names the directory by inode. A warm walk of 200 folders sends nothing to us.
+LISTINGS_BY_INODE = KERNEL_CACHES_LISTINGS and hasattr(pyfuse3.Operations, "readdir_by_inode")
+# Listings remembered by (inode, tag), so a reader still going through an older version's
+# listing of a directory goes on with that listing (see DriveOperations._listing_of).
+LISTINGS_REMEMBERED = 4096
 
 # A readdir offset is (listing tag << LISTING_TAG_SHIFT) | (index + 1).
 LISTING_TAG_SHIFT = 40
 LISTING_INDEX_MASK = (1 << LISTING_TAG_SHIFT) - 1
+
+
+def listing_tag(dir_entry: Entry) -> int:
+    """22 bits of the directory node's id: the same listing, the same tag."""
+    assert dir_entry.node is not None
+    return int.from_bytes(dir_entry.node.block_id[:3], "big") >> 2
 
 
 def listing_offset(dir_entry: Entry, index: int) -> int:
@@ -118,9 +133,7 @@ def listing_offset(dir_entry: Entry, index: int) -> int:
     same listing, the same tag) keeps a handle still reading an older listing
     from ever continuing a cache being filled with a newer one. Below 2**62.
     """
-    assert dir_entry.node is not None
-    tag = int.from_bytes(dir_entry.node.block_id[:3], "big") >> 2
-    return (tag << LISTING_TAG_SHIFT) | (index + 1)
+    return (listing_tag(dir_entry) << LISTING_TAG_SHIFT) | (index + 1)
 
 
 class DriveOperations(pyfuse3.Operations):
@@ -129,6 +142,7 @@ class DriveOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
     enable_acl = False
+    readdir_by_inode = LISTINGS_BY_INODE
 
     def __init__(self, drive: Drive) -> None:
         super().__init__()
@@ -143,6 +157,7 @@ class DriveOperations(pyfuse3.Operations):
         self._next_ino = pyfuse3.ROOT_INODE + 1
         self._files: dict[int, OpenFile] = {}
         self._dirs: dict[int, Inode] = {}
+        self._listings: OrderedDict[tuple[int, int], Inode] = OrderedDict()
         self._next_fh = 1
         # set once the kernel's INIT has been answered (see vfs.mount.serve_fuse)
         self.initialized = trio.Event()
@@ -290,8 +305,11 @@ class DriveOperations(pyfuse3.Operations):
         The kernel may cache the listing (cache_readdir) and keep it across
         opens (keep_cache): a version never changes, so a second getdents(2)
         of the same directory is answered by the kernel alone, and
-        `new_version` drops the listings that changed.
+        `new_version` drops the listings that changed. With LISTINGS_BY_INODE
+        there are no handles at all: ENOSYS tells the kernel so, once.
         """
+        if LISTINGS_BY_INODE:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         node = await self._current(inode)
         if not node.entry.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
@@ -305,11 +323,16 @@ class DriveOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        snap = self._dirs.get(fh)
-        if snap is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
-        if start_id == 0 and snap.version != self.drive.version:
-            snap = await self._restart_listing(fh, snap)
+        """List a directory from `start_id` (`fh` is its inode with LISTINGS_BY_INODE)."""
+        if LISTINGS_BY_INODE:
+            snap = await self._listing_of(fh, start_id)
+        else:
+            found = self._dirs.get(fh)
+            if found is None:
+                raise pyfuse3.FUSEError(errno.EBADF)
+            snap = found
+            if start_id == 0 and snap.version != self.drive.version:
+                snap = await self._restart_listing(fh, snap)
         if start_id == 0:
             self.drive.listed(snap.entry)
         async for index, entry in self.drive.entries(snap.entry, start_id & LISTING_INDEX_MASK):
@@ -319,6 +342,38 @@ class DriveOperations(pyfuse3.Operations):
                                          listing_offset(snap.entry, index)):
                 return
             node.lookups += 1
+
+    async def _listing_of(self, ino: int, start_id: int) -> Inode:
+        """The listing a READDIR of directory `ino` from `start_id` continues.
+
+        From the top: the current version's. Further on: the listing the
+        offset's tag names, if it is still remembered (a reader that was part
+        way through a directory when a new version came goes on with the
+        listing it started); else the current one from the same index. The
+        kernel caches a listing only from offset 0 on, so a continuation of
+        an older listing never enters the cache of the new one. A directory
+        gone from the new version keeps listing what it had.
+        """
+        try:
+            node = await self._current(ino)
+        except pyfuse3.FUSEError:
+            gone = self.inodes.get(ino)
+            if gone is None:
+                raise
+            node = gone
+        if not node.entry.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        snap = Inode(node.ino, node.parent, node.name, node.entry, node.version)
+        if start_id:
+            tag = start_id >> LISTING_TAG_SHIFT
+            if tag != listing_tag(snap.entry):
+                snap = self._listings.get((ino, tag), snap)
+        key = (ino, listing_tag(snap.entry))
+        self._listings[key] = snap
+        self._listings.move_to_end(key)
+        while len(self._listings) > LISTINGS_REMEMBERED:
+            self._listings.popitem(last=False)
+        return snap
 
     async def _restart_listing(self, fh: int, snap: Inode) -> Inode:
         """A handle opened before the version changed starts (again) from the top.
