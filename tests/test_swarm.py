@@ -292,6 +292,12 @@ def test_no_seeder_left_gives_eio_in_time_and_the_mount_stays_up(drive: Publishe
                 f.seek(BIG_SIZE // 2)
                 f.read(65536)
         assert exc.value.errno == errno.EIO
+        # an evicted file is gone from this device: just read from it, now unreadable
+        os.setxattr(mnt / MID, "user.peerdrive.evict", b"1")
+        with pytest.raises(OSError) as exc:
+            with open(mnt / MID, "rb") as f:
+                f.read()
+        assert exc.value.errno == errno.EIO
 
 
 # ----------------------------------------------------------------------------- 5

@@ -452,6 +452,36 @@ class DriveOperations(pyfuse3.Operations):
         key = name[len(XATTR_PREFIX):].decode("ascii", "replace")
         if not await self.drive.set_xattr(self._path(node), node.entry, key, value):
             raise pyfuse3.FUSEError(errno.EROFS)
+        if key == "evict":
+            await self._drop_kernel_pages(node)
+
+    async def _drop_kernel_pages(self, top: Inode) -> None:
+        """After an evict: the kernel's cached pages of the files under `top` go too.
+
+        Files open with keep_cache, so the kernel would otherwise keep serving
+        an evicted file from memory, and "evicted" would not mean "read from
+        the network next time". Only data pages are dropped: the inode lock
+        that setxattr holds is not needed for that.
+        """
+        inos = [ino for ino in self.inodes if self._is_under(ino, top.ino)]
+
+        def notify() -> None:
+            for ino in inos:
+                with contextlib.suppress(OSError):
+                    pyfuse3.invalidate_inode(ino, attr_only=False)
+
+        await trio.to_thread.run_sync(notify)
+
+    def _is_under(self, ino: int, top: int) -> bool:
+        """Whether inode `ino` is `top` or below it (through the known parents)."""
+        for _ in range(4096):
+            if ino == top:
+                return True
+            node = self.inodes.get(ino)
+            if node is None or ino == pyfuse3.ROOT_INODE:
+                return False
+            ino = node.parent
+        return False
 
     @fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
