@@ -33,6 +33,9 @@ READAHEAD_CHUNKS = 16  # about 4 MiB: keeps three peers at 5 MB/s each busy (tes
 # Chunk lists of a listed directory's large files fetched ahead of their first open, at most
 # this many bytes per directory (a 1 GiB file's list is ~280 KB).
 CHUNK_LIST_PREFETCH_BYTES = 4 * 1024 * 1024
+# Directories whose chunk lists were fetched ahead, remembered so a re-listing does not
+# look through them again; bounded, since a drive may hold millions of directories.
+LISTS_PREFETCHED_REMEMBERED = 65536
 COPIES_TIMEOUT = 5.0  # seconds the peers get to say which blocks they hold
 # After a block could not be fetched within the fetch timeout, reads of it fail at once
 # for this long: the kernel follows a failed readahead with a read of the same page,
@@ -120,6 +123,8 @@ class Drive:
         assert dir_entry.node is not None
         if dir_entry.node.block_id in self._lists_prefetched:
             return
+        if len(self._lists_prefetched) >= LISTS_PREFETCHED_REMEMBERED:
+            self._lists_prefetched.clear()  # at worst a directory is looked through again
         self._lists_prefetched.add(dir_entry.node.block_id)
         budget = CHUNK_LIST_PREFETCH_BYTES
         with contextlib.suppress(PeerdriveError):
