@@ -41,7 +41,7 @@ import statistics
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -50,6 +50,7 @@ from .errors import (
     BlockNotFound,
     DhtError,
     FetchTimeout,
+    PeerGoneError,
     PeerIdentityError,
     PeerRefusedError,
 )
@@ -132,10 +133,35 @@ class FetcherStats:
     provider_refreshes: int = 0
 
 
+class BlockSource(Protocol):
+    """What the fetcher asks of a source of blocks once it is reached.
+
+    A pooled `PeerConnection` is one; a source that needs no dialling (an HTTP
+    mirror, `dht.http_source.HttpSource`) is one too and is handed to the
+    fetcher directly (`Fetcher.set_sources`), with a 32-byte `source_id` and
+    a `label` in place of a node id and an address. Either way the fetcher
+    schedules, hedges, verifies and penalises it the same.
+    """
+
+    @property
+    def closed(self) -> bool: ...
+    async def fetch(self, block_id: bytes, priority: Priority) -> bytes: ...
+    async def have(self, block_ids: Sequence[bytes]) -> list[bool]: ...
+    async def ping(self) -> float: ...
+    async def aclose(self) -> None: ...
+
+
+class StaticSource(BlockSource, Protocol):
+    source_id: bytes
+    label: str
+
+
 class _Peer:
-    def __init__(self, addr: PeerAddr) -> None:
+    def __init__(self, addr: PeerAddr | None, source: StaticSource | None = None) -> None:
         self.addr = addr
-        self.node_id = addr.node_id
+        self.source = source  # a source needing no connection (a mirror); addr is None
+        self.node_id = source.source_id if source is not None else addr.node_id
+        self.label = source.label if source is not None else str(addr)
         self.provider = True
         self.conn: PeerConnection | None = None
         self.connecting: trio.Event | None = None
@@ -160,6 +186,8 @@ class _Peer:
 
     @property
     def connected(self) -> bool:
+        if self.source is not None:
+            return not self.source.closed
         return self.conn is not None and not self.conn.closed
 
 
@@ -198,7 +226,7 @@ class _Attempt:
     sent: float = math.inf  # when the Want was handed to the connection
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     late: bool = False
-    connection: PeerConnection | None = None
+    connection: BlockSource | None = None
 
 
 class Fetcher:
@@ -253,6 +281,10 @@ class Fetcher:
                 task_status.started()
         finally:
             self._nursery = None
+            with trio.CancelScope(shield=True):
+                for peer in self._peers.values():
+                    if peer.source is not None:
+                        await peer.source.aclose()
 
     async def __aenter__(self) -> Fetcher:
         stack = AsyncExitStack()
@@ -418,7 +450,7 @@ class Fetcher:
         return [
             PeerStats(
                 node_id=peer.node_id,
-                addr=str(peer.addr),
+                addr=peer.label,
                 provider=peer.provider,
                 connected=peer.connected,
                 in_flight=peer.in_flight,
@@ -439,6 +471,35 @@ class Fetcher:
     def request_provider_refresh(self) -> None:
         """Ask for the provider list to be re-read soon (rate limited)."""
         self._refresh_wanted.set()
+
+    def set_sources(self, sources: Iterable[StaticSource]) -> None:
+        """Sources beside the providers (HTTP mirrors): these from now on, the others dropped.
+
+        A source already known (same `source_id`) keeps its statistics and
+        penalties; the fetcher closes a source it drops and, when it stops,
+        every source it holds.
+        """
+        wanted = {s.source_id: s for s in sources}
+        for peer in self._peers.values():
+            if peer.source is None:
+                continue
+            if peer.node_id in wanted:
+                wanted.pop(peer.node_id)
+                if not peer.provider:
+                    peer.provider = True
+                    self._providers_changed = True
+            elif peer.provider:
+                peer.provider = False
+                if self._nursery is not None:
+                    self._nursery.start_soon(peer.source.aclose)
+        for sid, source in wanted.items():
+            old = self._peers.get(sid)
+            if old is not None and old.source is not None and old.source is not source:
+                if self._nursery is not None:
+                    self._nursery.start_soon(old.source.aclose)
+            self._peers[sid] = _Peer(None, source)
+            self._providers_changed = True
+        self._poke()
 
     # ---- providers ----------------------------------------------------------
 
@@ -490,7 +551,7 @@ class Fetcher:
                     peer.provider = True
                     self._providers_changed = True
         for peer in self._peers.values():
-            if peer.node_id not in current and peer.provider:
+            if peer.source is None and peer.node_id not in current and peer.provider:
                 peer.provider = False
                 if peer.in_flight == 0 and peer.conn is not None and self._nursery is not None:
                     self._nursery.start_soon(peer.conn.aclose)
@@ -767,8 +828,12 @@ class Fetcher:
 
     # ---- connections and penalties ------------------------------------------
 
-    async def _connection(self, peer: _Peer) -> PeerConnection:
+    async def _connection(self, peer: _Peer) -> BlockSource:
         """The pooled connection to `peer`, dialling it if needed (one dial at a time)."""
+        if peer.source is not None:
+            if peer.source.closed:
+                raise PeerGoneError(f"{peer.label}: source removed")
+            return peer.source  # pools its own connections
         while True:
             if peer.conn is not None and not peer.conn.closed:
                 return peer.conn
@@ -807,8 +872,10 @@ class Fetcher:
         peer.last_connect_failure = trio.current_time()
         self._penalise(peer, backoff)
 
-    def _drop_connection(self, peer: _Peer, conn: PeerConnection | None) -> bool:
+    def _drop_connection(self, peer: _Peer, conn: BlockSource | None) -> bool:
         """Forget and close `conn` if it is still the peer's; False if someone already did."""
+        if peer.source is not None:
+            return conn is peer.source  # nothing to close: penalties alone keep it aside
         if conn is None or peer.conn is not conn:
             return False
         peer.conn = None

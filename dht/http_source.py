@@ -1,0 +1,284 @@
+"""A source of blocks by id at a base URL: a static HTTP mirror.
+
+A mirror is a directory of files that any static web server, object-store
+bucket or CDN serves as it is (docs/formats.md, "Mirror layout"):
+
+    {base}/head                    the signed head record, exact bytes as signed
+    {base}/blocks/ab/abcdef...     one file per block, named by its id in hex
+
+`HttpSource` plugs into the fetch scheduler (`dht.fetch.Fetcher.set_sources`)
+like a peer connection: `fetch`, `have`, `ping`, `closed`, `aclose`. Nothing
+it receives is trusted. A block is read up to `MAX_BLOCK` bytes and no
+further (a longer body, announced or not, is refused unread), and its
+SHA-256 must be the id asked for, or it is a `BadBlockError`, so a mirror
+serving corrupt or truncated files never yields wrong bytes, and the fetcher
+shuns it like a peer that lied. A 404/410 is `BlockNotFound`; anything else
+that goes wrong (refused, reset, a redirect loop, a 5xx, a timeout, a body
+cut short of its Content-Length) is `PeerGoneError`, which the fetcher
+answers with backoff. Every request has connect/read/write timeouts, and the
+fetcher's own deadline and stall detection bound every wait above that.
+
+HTTP itself is httpx's (HTTP/1.1 keep-alive, a bounded pool of connections, so
+several requests are in flight at once on reused connections); this module
+only decides what to ask and what to believe. It knows nothing of drives: a
+block is 32 opaque bytes whose SHA-256 names it, and the head is a signed
+record it hands up unread (the layer above verifies its signature and seq).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import httpx
+import trio
+
+from .errors import BadBlockError, BlockNotFound, DhtError, PeerGoneError
+from .records import MAX_MUTABLE_WIRE
+from .types import BLOCK_ID_LEN, Priority
+
+HEAD_PATH = "head"
+BLOCKS_DIR = "blocks"
+MAX_BLOCK = 4 * 1024 * 1024  # the largest block the formats allow (docs/formats.md)
+MAX_URL_LEN = 512
+_KNOWN_IDS = 65_536  # ids a mirror answered for, remembered (HEAD/GET succeeded)
+_HASH_IN_THREAD = 256 * 1024  # hash blocks at least this big in a worker thread
+
+
+class MirrorUrlError(DhtError):
+    """A mirror URL that cannot be used (scheme, length, form)."""
+
+
+def block_path(block_id: bytes) -> str:
+    """Where a block lives under a mirror's base: `blocks/<first 2 hex>/<64 hex>`."""
+    name = block_id.hex()
+    return f"{BLOCKS_DIR}/{name[:2]}/{name}"
+
+
+def check_base_url(url: str) -> str:
+    """A mirror's base URL in canonical form (no trailing slash), or MirrorUrlError.
+
+    Only http and https; a host is required; no user:password (a URL may be
+    published in a signed head for anyone to read), no query and no fragment
+    (paths are appended to it); at most MAX_URL_LEN characters, printable ASCII.
+    """
+    if not isinstance(url, str):
+        raise MirrorUrlError("a mirror URL must be text")
+    if not url or len(url) > MAX_URL_LEN:
+        raise MirrorUrlError(f"a mirror URL must be 1 to {MAX_URL_LEN} characters long")
+    if not url.isascii() or not url.isprintable() or any(c.isspace() for c in url):
+        raise MirrorUrlError(f"mirror URL {url!r} must be printable ASCII without spaces")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise MirrorUrlError(f"mirror URL {url!r} is malformed: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise MirrorUrlError(f"mirror URL {url!r} must start with http:// or https://")
+    if not parts.hostname:
+        raise MirrorUrlError(f"mirror URL {url!r} has no host")
+    if parts.username is not None or parts.password is not None:
+        raise MirrorUrlError(f"mirror URL {url!r} must not carry a user name or password")
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        raise MirrorUrlError(f"mirror URL {url!r} must not have a query or fragment")
+    if port == 0:
+        raise MirrorUrlError(f"mirror URL {url!r} has port 0")
+    return url.rstrip("/")
+
+
+def source_id(base_url: str) -> bytes:
+    """A 32-byte id for a mirror, so the fetcher can key it like a peer's node id."""
+    return hashlib.sha256(b"peerdrive http source\x00" + base_url.encode()).digest()
+
+
+@dataclass(frozen=True)
+class HttpTimeouts:
+    connect: float = 5.0
+    read: float = 10.0  # between two reads of one response: a stalled body fails here
+    write: float = 5.0
+    pool: float = 30.0  # waiting for a free connection of the pool (the fetcher bounds it too)
+
+
+class HttpSource:
+    """Blocks and the head record of one mirror, over a pool of keep-alive connections.
+
+    Create it anywhere; its client opens connections lazily on the first
+    request. `aclose` (the fetcher calls it when it stops or the source is
+    removed) closes them.
+    """
+
+    def __init__(self, base_url: str, *, max_connections: int = 16,
+                 timeouts: HttpTimeouts | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.base_url = check_base_url(base_url)
+        self.source_id = source_id(self.base_url)
+        self.label = self.base_url
+        t = timeouts or HttpTimeouts()
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url + "/",
+            limits=httpx.Limits(max_connections=max_connections,
+                                max_keepalive_connections=max_connections,
+                                keepalive_expiry=60.0),
+            timeout=httpx.Timeout(connect=t.connect, read=t.read, write=t.write, pool=t.pool),
+            follow_redirects=True,
+            max_redirects=4,
+            headers={"Accept-Encoding": "identity", "User-Agent": "peerdrive"},
+            transport=transport,
+        )
+        self._known: OrderedDict[bytes, None] = OrderedDict()  # ids it served or HEAD-answered
+        self._head_limiter = trio.CapacityLimiter(max(1, max_connections // 2))
+        self._record: bytes | None = None
+        self._record_etag: str | None = None
+        self.closed = False
+        self.requests = 0
+        self.bytes = 0
+
+    def __repr__(self) -> str:
+        return f"HttpSource({self.base_url!r})"
+
+    # ---- the fetcher's interface ------------------------------------------
+
+    async def fetch(self, block_id: bytes, priority: Priority = Priority.READ) -> bytes:
+        """The block's bytes, checked against its id."""
+        if len(block_id) != BLOCK_ID_LEN:
+            raise DhtError(f"block id must be {BLOCK_ID_LEN} bytes")
+        data = await self._get(block_path(block_id), MAX_BLOCK, what="block")
+        if data is None:
+            raise BlockNotFound(f"{self.base_url} does not have block {block_id.hex()[:16]}")
+        if len(data) >= _HASH_IN_THREAD:
+            digest = await trio.to_thread.run_sync(_sha256, data)
+        else:
+            digest = _sha256(data)
+        if digest != block_id:
+            raise BadBlockError(f"{self.base_url} served {len(data)} bytes for block "
+                                f"{block_id.hex()[:16]} that do not hash to its id "
+                                "(corrupt or truncated file on the mirror)")
+        self._remember(block_id)
+        return data
+
+    async def have(self, block_ids: Sequence[bytes]) -> list[bool]:
+        """Which of these blocks the mirror serves: HEAD requests, a few at a time.
+
+        Ids it served or answered for before are not asked again (blocks never
+        change). An id it does not answer for cleanly counts as missing.
+        """
+        flags = [bid in self._known for bid in block_ids]
+        missing = [i for i, f in enumerate(flags) if not f]
+
+        async def ask(i: int) -> None:
+            async with self._head_limiter:
+                try:
+                    found = await self._head(block_path(block_ids[i]))
+                except DhtError:
+                    return
+            if found:
+                flags[i] = True
+                self._remember(block_ids[i])
+
+        async with trio.open_nursery() as nursery:
+            for i in missing:
+                nursery.start_soon(ask, i)
+        return flags
+
+    async def ping(self) -> float:
+        """Seconds a HEAD of the head file takes (PeerGoneError if the mirror is unreachable)."""
+        start = time.monotonic()
+        await self._head(HEAD_PATH)
+        return time.monotonic() - start
+
+    async def aclose(self) -> None:
+        self.closed = True
+        with trio.CancelScope(shield=True):
+            await self._client.aclose()
+
+    # ---- the head record --------------------------------------------------
+
+    async def fetch_record(self) -> bytes | None:
+        """The mirror's head file (unverified: the caller checks signature and seq), or None.
+
+        Asked with If-None-Match when the server gave an ETag, so a head that
+        did not change costs a 304. None when the mirror has no head file.
+        """
+        headers = {"If-None-Match": self._record_etag} if self._record_etag else {}
+        try:
+            resp_data = await self._get(HEAD_PATH, MAX_MUTABLE_WIRE, what="head",
+                                        headers=headers, not_modified=self._record)
+        except BadBlockError as exc:
+            raise PeerGoneError(str(exc)) from exc
+        return resp_data
+
+    # ---- HTTP -------------------------------------------------------------
+
+    def _remember(self, block_id: bytes) -> None:
+        self._known[block_id] = None
+        self._known.move_to_end(block_id)
+        while len(self._known) > _KNOWN_IDS:
+            self._known.popitem(last=False)
+
+    async def _head(self, path: str) -> bool:
+        if self.closed:
+            raise PeerGoneError(f"{self.base_url}: closed")
+        self.requests += 1
+        try:
+            resp = await self._client.head(path)
+        except httpx.HTTPError as exc:
+            raise PeerGoneError(f"{self.base_url}/{path}: {_describe(exc)}") from exc
+        if resp.status_code in (404, 410):
+            return False
+        if resp.status_code != 200:
+            raise PeerGoneError(f"{self.base_url}/{path}: HTTP {resp.status_code}")
+        return True
+
+    async def _get(self, path: str, limit: int, *, what: str,
+                   headers: dict[str, str] | None = None,
+                   not_modified: bytes | None = None) -> bytes | None:
+        """The body of `path` (at most `limit` bytes), None on 404/410."""
+        if self.closed:
+            raise PeerGoneError(f"{self.base_url}: closed")
+        self.requests += 1
+        url = f"{self.base_url}/{path}"
+        try:
+            async with self._client.stream("GET", path, headers=headers) as resp:
+                status = resp.status_code
+                if status == 304 and not_modified is not None:
+                    return not_modified
+                if status in (404, 410):
+                    return None
+                if status != 200:
+                    raise PeerGoneError(f"{url}: HTTP {status}")
+                length = resp.headers.get("content-length")
+                if length is not None and (not length.isdigit() or int(length) > limit):
+                    raise BadBlockError(f"{url}: a {what} of {length} bytes is longer than "
+                                        f"{limit}; refused unread")
+                parts: list[bytes] = []
+                got = 0
+                async for chunk in resp.aiter_bytes():
+                    got += len(chunk)
+                    if got > limit:
+                        raise BadBlockError(f"{url}: the {what} is longer than {limit} bytes; "
+                                            "refused")
+                    parts.append(chunk)
+                etag = resp.headers.get("etag")
+        except httpx.HTTPError as exc:
+            raise PeerGoneError(f"{url}: {_describe(exc)}") from exc
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        self.bytes += len(data)
+        if path == HEAD_PATH:
+            self._record, self._record_etag = data, etag
+        return data
+
+
+def _sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def _describe(exc: httpx.HTTPError) -> str:
+    if isinstance(exc, httpx.TooManyRedirects):
+        return "too many redirects (a redirect loop?)"
+    if isinstance(exc, httpx.TimeoutException):
+        return f"timed out ({type(exc).__name__})"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
