@@ -300,3 +300,42 @@ def test_tracker_refuses_bad_heads_without_moving() -> None:
 
 def test_rollback_error_is_an_integrity_error() -> None:
     assert issubclass(RollbackError, IntegrityError)
+
+
+# ----------------------------------------------------------------------------- mirror URLs
+
+MIRRORS = ("https://cdn.example.org/drive", "http://127.0.0.1:8080/m")
+
+
+def test_mirrors_round_trip_and_are_public() -> None:
+    made = make_head(CAP, 3, root_entry(), created=1, mirrors=[*MIRRORS, MIRRORS[0] + "/"])
+    assert made.mirrors == MIRRORS  # canonical form, duplicates dropped
+    for cap in (CAP.read_cap(), CAP.read_cap().store_cap()):  # a store node sees them too
+        assert open_head(made.wire, cap).mirrors == MIRRORS
+    assert "mirrors" not in value_of(make_head(CAP, 3, root_entry(), created=1).wire)
+    assert open_head(make_head(CAP, 3, root_entry()).wire, CAP).mirrors == ()
+
+
+@pytest.mark.parametrize("mirrors", [
+    [], "https://a.example/x", [b"https://a.example/x"], [1], ["ftp://a.example/x"],
+    ["https://a.example/x/"], ["https://a.example/x", "https://a.example/x"],
+    [f"https://a{i}.example/x" for i in range(9)], ["https://u:p@a.example/x"],
+    ["https://a.example/x?sig=1"], ["https://a.example/" + "x" * 600],
+])
+def test_malformed_mirror_lists_are_refused(mirrors: object) -> None:
+    wire = signed_value(CAP, 1, {**good_value(), "mirrors": mirrors})
+    with pytest.raises(FormatError):
+        open_head(wire, CAP.read_cap())
+
+
+@settings(max_examples=200)
+@given(st.one_of(st.none(), st.integers(-2**63, 2**63 - 1), st.binary(max_size=40),
+                 st.lists(st.one_of(st.text(max_size=60), st.binary(max_size=20),
+                                    st.integers(0, 2**32)), max_size=12)))
+def test_arbitrary_mirror_fields_give_a_head_or_format_error(mirrors: object) -> None:
+    wire = signed_value(CAP, 1, {**good_value(), "mirrors": mirrors})
+    try:
+        head = open_head(wire, CAP.read_cap())
+    except FormatError:
+        return
+    assert list(head.mirrors) == mirrors and 1 <= len(head.mirrors) <= 8

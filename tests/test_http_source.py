@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -22,19 +21,11 @@ from hypothesis import strategies as st
 
 from dht.errors import BadBlockError, BlockNotFound, FetchTimeout, PeerGoneError
 from dht.fetch import FetchConfig, Fetcher
-from dht.http_source import (
-    HEAD_PATH,
-    HttpSource,
-    HttpTimeouts,
-    MirrorUrlError,
-    block_path,
-    check_base_url,
-)
+from dht.http_source import HttpSource, HttpTimeouts
 from dht.identity import NodeIdentity
+from dht.mirror_layout import HEAD_PATH, MirrorUrlError, block_path, check_base_url
 from dht.types import Priority
 from tests.nginx_helpers import Nginx
-
-pytestmark = pytest.mark.skipif(shutil.which("nginx") is None, reason="needs nginx")
 
 DEADLINE = 30.0
 FAST = FetchConfig(hedge_floor=0.2, stall_timeout=1.0, backoff_base=0.1, backoff_max=1.0,

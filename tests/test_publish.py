@@ -249,3 +249,20 @@ def test_not_a_folder_is_a_usage_error(tmp_path: Path, store: BlockStore) -> Non
     (tmp_path / "file").write_bytes(b"x")
     with pytest.raises(UsageError, match="not a folder"):
         run_publish(store, tmp_path / "file")
+
+
+def test_mirror_urls_are_kept_until_changed(tmp_path: Path, store: BlockStore) -> None:
+    src = tmp_path / "small"
+    src.mkdir()
+    (src / "a").write_bytes(b"a")
+    storage = DriveStorage(store)
+
+    def publish(mirrors: list[str] | None) -> tuple[str, ...]:
+        return trio.run(Publisher(storage, CAP, src, mirrors=mirrors).run).head.mirrors
+
+    assert publish(None) == ()
+    assert publish(["https://m.example/d/", "http://127.0.0.1:1/x"]) == (
+        "https://m.example/d", "http://127.0.0.1:1/x")
+    assert publish(None) == ("https://m.example/d", "http://127.0.0.1:1/x")  # carried over
+    assert publish([]) == ()  # cleared
+    assert publish(None) == ()

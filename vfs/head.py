@@ -4,7 +4,7 @@ A head is a `dht.records.MutableRecord` signed by the drive key, with the
 drive public key, a sequence number and a value that this module defines:
 
     value = msgpack {v: 1, root: <root node block id>, box: nonce || AES-GCM(...),
-                     created: unix seconds}
+                     created: unix seconds[, mirrors: [base URL, ...]]}
 
 The root node's block id is public (any store node can check the head and
 the root block), but the root directory's entry (its node's chunk hash, which
@@ -12,6 +12,12 @@ derives the key, and its mode, mtime and counts) is sealed in `box`
 under a key derived from the read key, so a DHT node holding the head learns
 nothing about the tree. The box's associated data binds it to the drive key
 and seq, so a box cannot be moved into another head.
+
+`mirrors` lists the base URLs of static HTTP mirrors of the drive's
+ciphertext (`peerdrive publish --mirror-url`), in the clear, so that store
+nodes can use them too: a mirror serves nothing but ciphertext. At most
+MAX_HEAD_MIRRORS, each checked like `dht.mirror_layout.check_base_url`
+(http/https, no credentials, no query), no duplicates; absent when empty.
 
 Readers keep the highest seq they have verified and refuse anything lower
 (`HeadTracker`): a peer replaying an old head cannot roll a mount back.
@@ -31,6 +37,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from dht.errors import DhtError
+from dht.mirror_layout import MAX_URL_LEN, MirrorUrlError, check_base_url
 from dht.records import MutableRecord
 
 from .capability import ReadCap, StoreCap, WriteCap
@@ -40,6 +47,7 @@ from .formats import Entry, decode_entry, encode_entry
 
 HEAD_VERSION = 1
 _BOX_NONCE = 12
+MAX_HEAD_MIRRORS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +60,7 @@ class Head:
     created: int
     wire: bytes
     root: Entry | None = None
+    mirrors: tuple[str, ...] = ()
 
 
 def _box_key(read_key: bytes) -> bytes:
@@ -62,19 +71,47 @@ def _aad(pubkey: bytes, seq: int, root_block: bytes) -> bytes:
     return b"peerdrive head v1" + pubkey + struct.pack(">Q", seq) + root_block
 
 
-def make_head(cap: WriteCap, seq: int, root: Entry, created: int | None = None) -> Head:
-    """Sign a new head whose root directory is `root` (a directory entry) at `seq`."""
+def check_mirrors(urls: object) -> tuple[str, ...]:
+    """Mirror base URLs as a head carries them (canonical, unique, bounded) or FormatError."""
+    if type(urls) is not list and type(urls) is not tuple:
+        raise FormatError("head mirrors must be a list")
+    if not 1 <= len(urls) <= MAX_HEAD_MIRRORS:
+        raise FormatError(f"a head lists 1 to {MAX_HEAD_MIRRORS} mirrors")
+    out: list[str] = []
+    for url in urls:
+        if type(url) is not str:
+            raise FormatError("a head mirror must be a URL string")
+        try:
+            canonical = check_base_url(url)
+        except MirrorUrlError as exc:
+            raise FormatError(str(exc)) from None
+        if canonical != url or url in out:
+            raise FormatError(f"head mirror {url!r} is not canonical or is listed twice")
+        out.append(url)
+    return tuple(out)
+
+
+def make_head(cap: WriteCap, seq: int, root: Entry, created: int | None = None,
+              mirrors: tuple[str, ...] | list[str] = ()) -> Head:
+    """Sign a new head whose root directory is `root` (a directory entry) at `seq`.
+
+    `mirrors` are base URLs of static mirrors (checked; duplicates dropped).
+    """
     assert root.node is not None
+    mirrors = check_mirrors(list(dict.fromkeys(check_base_url(u) for u in mirrors))) \
+        if mirrors else ()
     nonce = os.urandom(_BOX_NONCE)
     sealed = AESGCM(_box_key(cap.read_key)).encrypt(
         nonce, msgpack.packb(encode_entry(root)), _aad(cap.pubkey, seq, root.node.block_id)
     )
     created = int(time.time()) if created is None else created
-    value = msgpack.packb(
-        {"v": HEAD_VERSION, "root": root.node.block_id, "box": nonce + sealed, "created": created}
-    )
+    fields = {"v": HEAD_VERSION, "root": root.node.block_id, "box": nonce + sealed,
+              "created": created}
+    if mirrors:
+        fields["mirrors"] = list(mirrors)
+    value = msgpack.packb(fields)
     record, wire = MutableRecord.create(cap.signing_key(), seq, value)
-    return Head(cap.pubkey, seq, root.node.block_id, created, wire, root)
+    return Head(cap.pubkey, seq, root.node.block_id, created, wire, root, mirrors)
 
 
 def open_head(wire: bytes, cap: StoreCap) -> Head:
@@ -91,14 +128,16 @@ def open_head(wire: bytes, cap: StoreCap) -> Head:
         raise IntegrityError("head is signed by another drive's key")
     try:
         value = msgpack.unpackb(record.value, raw=False, strict_map_key=True,
-                                max_bin_len=4096, max_str_len=16, max_array_len=16,
-                                max_map_len=16)
+                                max_bin_len=4096, max_str_len=MAX_URL_LEN,
+                                max_array_len=16, max_map_len=16)
     except Exception as exc:  # msgpack raises many types for bad input
         raise FormatError(f"head value is not valid msgpack: {exc}") from exc
     if type(value) is not dict or type(value.get("v")) is not int or value["v"] != HEAD_VERSION:
         raise FormatError("head value has an unknown version; upgrade peerdrive")
-    if set(value) != {"v", "root", "box", "created"}:
+    if not {"v", "root", "box", "created"} <= set(value) <= {"v", "root", "box", "created",
+                                                              "mirrors"}:
         raise FormatError("head value has missing or unknown fields")
+    mirrors = check_mirrors(value["mirrors"]) if "mirrors" in value else ()
     root_block, box, created = value["root"], value["box"], value["created"]
     if type(root_block) is not bytes or len(root_block) != HASH_LEN:
         raise FormatError("head root must be a 32-byte block id")
@@ -120,7 +159,7 @@ def open_head(wire: bytes, cap: StoreCap) -> Head:
         root = decode_entry(obj)
         if not root.is_dir or root.node is None or root.node.block_id != root_block:
             raise FormatError("head box does not describe the root directory it names")
-    return Head(record.pk, record.seq, root_block, created, bytes(wire), root)
+    return Head(record.pk, record.seq, root_block, created, bytes(wire), root, mirrors)
 
 
 class HeadTracker:

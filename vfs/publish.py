@@ -175,10 +175,13 @@ class Publisher:
 
     def __init__(self, storage: DriveStorage, cap: WriteCap, source: Path,
                  on_progress: Callable[[int, int], None] | None = None,
-                 on_warning: Callable[[str], None] | None = None) -> None:
+                 on_warning: Callable[[str], None] | None = None,
+                 mirrors: list[str] | None = None) -> None:
         self.storage = storage
         self.cap = cap
         self.source = source
+        # base URLs of static mirrors for the head; None keeps the last version's
+        self.mirrors = mirrors
         self._on_progress = on_progress
         self._warn = on_warning or (lambda msg: None)
         self._stats_lock = threading.Lock()
@@ -470,7 +473,11 @@ class Publisher:
         result.bytes = progress.done
         result.skipped = skipped
         seq = self.storage.next_seq(self.cap)
-        head = make_head(self.cap, seq, root_entry)
+        mirrors = self.mirrors
+        if mirrors is None:
+            last = self.storage.load_head(self.cap)
+            mirrors = list(last.mirrors) if last is not None else []
+        head = make_head(self.cap, seq, root_entry, mirrors=mirrors)
         self.storage.commit_publish(self.cap, head, self._all_ids, self._pending_pin)
         result.head = head
         result.new_blocks = self._new_blocks
