@@ -13,12 +13,13 @@ from pathlib import Path
 
 import trio
 
+from cache.errors import StoreError
 from cache.store import BlockStore
 from dht.identity import NodeIdentity
 
 from .capability import ReadCap, StoreCap
 from .drive import Drive
-from .errors import DriveNotFound, FormatError, IntegrityError
+from .errors import DriveNotFound, FormatError, IntegrityError, RollbackError
 from .fs import DriveOperations
 from .head import Head, HeadTracker
 from .home import Config, Home
@@ -70,15 +71,39 @@ class HeadFollower:
         self._inbox_send, self._inbox = trio.open_memory_channel[bytes](16)
 
     def offer(self, wire: bytes) -> Head | None:
+        """Verify and keep `wire` if it is newer; the head to switch to, or None.
+
+        Never raises for what other processes or the disk do: the follower must
+        outlive a racing writer and a full store, or the mount would end.
+        """
         try:
             head = self.tracker.offer(wire)
         except (IntegrityError, FormatError) as exc:
             log.warning("ignored a head for drive %s: %s", self.cap.drive_id[:16], exc)
             return None
         if head is not None:
-            self.storage.save_head(head)
+            head = self._save(head)
             self.changed.set()
             self.changed = trio.Event()
+        return head
+
+    def _save(self, head: Head) -> Head:
+        """Store `head`; if another process of this node stored a newer one meanwhile
+        (a publish, a second mount), follow that one instead. A store that cannot
+        take it (full, failing) keeps the old head on disk: the mount follows the
+        new one in memory and saves it with the next version."""
+        try:
+            self.storage.save_head(head)
+        except RollbackError:
+            stored = self.storage.load_head(self.cap)
+            if stored is not None and stored.seq > head.seq:
+                log.info("drive %s: this node already stored version %d; following it",
+                         self.cap.drive_id[:16], stored.seq)
+                self.tracker.current = stored
+                return stored
+        except StoreError as exc:
+            log.warning("drive %s: version %d is followed but could not be saved: %s",
+                        self.cap.drive_id[:16], head.seq, exc)
         return head
 
     def notice(self, wire: bytes) -> None:
