@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "tests" / "corpus"
 OUT = ROOT / "fuzz-out"
 
-TARGET_MODULES = ["tests.fuzz_net"]
+TARGET_MODULES = ["tests.fuzz_net", "tests.fuzz_drive"]
 """Modules that register targets (network decoders here; drive decoders add theirs)."""
 
 INSTRUMENTED_PACKAGES = ["dht", "vfs", "cache", "kademlia"]

@@ -189,7 +189,8 @@ def _check_version(obj: dict, kind: str) -> None:
 def _only_keys(obj: dict, allowed: set[str], what: str) -> None:
     extra = set(obj) - allowed
     if extra:
-        raise FormatError(f"{what} has unknown fields {sorted(extra)}")
+        # keys may be str or bytes (msgpack allows both): sort their reprs
+        raise FormatError(f"{what} has unknown fields {sorted(map(repr, extra))}")
 
 
 # ----------------------------------------------------------------------------- refs
