@@ -18,12 +18,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dht.records import MAX_MUTABLE_VALUE, MAX_SEQ, MutableRecord
+from vfs.blocklist import ListRef
 from vfs.capability import ReadCap, StoreCap, WriteCap
 from vfs.crypto import Ref
 from vfs.errors import FormatError, IntegrityError, RollbackError
 from vfs.formats import KIND_DIR, KIND_FILE, MAX_NAME, Entry, encode_entry
 from vfs.head import HEAD_VERSION, Head, HeadTracker, _aad, _box_key, make_head, open_head
 
+LIST = ListRef(hashlib.sha256(b"list").digest(), 0, 3, 3000)
 CAP = WriteCap.from_secrets(bytes(range(32)), bytes(range(32, 64)))
 OTHER = WriteCap.from_secrets(bytes(range(64, 96)), bytes(range(96, 128)))
 
@@ -57,17 +59,18 @@ def value_of(wire: bytes) -> dict:
 
 def test_round_trip_with_read_cap() -> None:
     root = root_entry()
-    made = make_head(CAP, 7, root, created=1_700_000_000)
+    made = make_head(CAP, 7, root, LIST, created=1_700_000_000)
     assert made.root == root and made.seq == 7 and made.pubkey == CAP.pubkey
     opened = open_head(made.wire, CAP.read_cap())
-    assert opened == Head(CAP.pubkey, 7, root.node.block_id, 1_700_000_000, made.wire, root)
+    assert opened == Head(CAP.pubkey, 7, root.node.block_id, 1_700_000_000, made.wire, root,
+                          block_list=LIST)
     assert opened.root == root
     # A write capability reads too.
     assert open_head(made.wire, CAP).root == root
 
 
 def test_round_trip_with_store_cap_gives_no_root() -> None:
-    made = make_head(CAP, 1, root_entry(), created=5)
+    made = make_head(CAP, 1, root_entry(), LIST, created=5)
     opened = open_head(made.wire, CAP.read_cap().store_cap())
     assert opened.root is None
     assert opened.root_block == root_entry().node.block_id
@@ -77,9 +80,10 @@ def test_round_trip_with_store_cap_gives_no_root() -> None:
 
 def test_value_layout_and_what_it_hides() -> None:
     root = root_entry()
-    made = make_head(CAP, 3, root, created=99)
+    made = make_head(CAP, 3, root, LIST, created=99)
     value = value_of(made.wire)
-    assert set(value) == {"v", "root", "box", "created"}
+    assert set(value) == {"v", "root", "box", "created", "bl"}
+    assert value["bl"] == [LIST.block_id, 0, 3, 3000]
     assert value["v"] == HEAD_VERSION and value["created"] == 99
     assert value["root"] == root.node.block_id
     # The root's chunk hash (which derives the root node's key) is only inside the box.
@@ -89,13 +93,13 @@ def test_value_layout_and_what_it_hides() -> None:
 
 def test_created_defaults_to_now() -> None:
     before = int(time.time())
-    head = make_head(CAP, 1, root_entry())
+    head = make_head(CAP, 1, root_entry(), LIST)
     assert before <= head.created <= int(time.time()) + 1
 
 
 def test_boxes_are_fresh_per_head() -> None:
-    a = make_head(CAP, 1, root_entry(), created=1)
-    b = make_head(CAP, 1, root_entry(), created=1)
+    a = make_head(CAP, 1, root_entry(), LIST, created=1)
+    b = make_head(CAP, 1, root_entry(), LIST, created=1)
     assert value_of(a.wire)["box"] != value_of(b.wire)["box"]  # random nonce
     assert open_head(a.wire, CAP).root == open_head(b.wire, CAP).root
 
@@ -110,7 +114,7 @@ def test_round_trip_over_the_whole_range(seq: int, created: int, name: bytes, mt
     h = hashlib.sha256(name).digest()
     root = Entry(name, KIND_DIR, 0o7777, mtime, node=Ref(h, h, 4 * 1024 * 1024 - 16),
                  nsubdirs=nentries, nentries=nentries)
-    made = make_head(CAP, seq, root, created=created)
+    made = make_head(CAP, seq, root, LIST, created=created)
     assert len(MutableRecord.decode(made.wire).value) <= MAX_MUTABLE_VALUE
     opened = open_head(made.wire, CAP.read_cap())
     assert (opened.seq, opened.created, opened.root) == (seq, created, root)
@@ -120,14 +124,14 @@ def test_round_trip_over_the_whole_range(seq: int, created: int, name: bytes, mt
 
 
 def test_another_drives_cap_is_refused() -> None:
-    wire = make_head(CAP, 1, root_entry()).wire
+    wire = make_head(CAP, 1, root_entry(), LIST).wire
     for cap in (OTHER, OTHER.read_cap(), OTHER.read_cap().store_cap()):
         with pytest.raises(IntegrityError, match="another drive"):
             open_head(wire, cap)
 
 
 def test_right_pubkey_wrong_read_key_is_refused() -> None:
-    wire = make_head(CAP, 1, root_entry()).wire
+    wire = make_head(CAP, 1, root_entry(), LIST).wire
     with pytest.raises(IntegrityError, match="read key"):
         open_head(wire, ReadCap(CAP.pubkey, OTHER.read_key))
     # The store cap of the same key still verifies it: the signature is the drive key's.
@@ -136,7 +140,7 @@ def test_right_pubkey_wrong_read_key_is_refused() -> None:
 
 def test_a_box_cannot_be_moved_to_another_seq_or_root() -> None:
     """The box's associated data binds it to (drive key, seq, root block id)."""
-    made = make_head(CAP, 4, root_entry(), created=1)
+    made = make_head(CAP, 4, root_entry(), LIST, created=1)
     value = value_of(made.wire)
     for seq, root in ((5, value["root"]), (4, hashlib.sha256(b"other").digest())):
         forged = signed_value(CAP, seq, {**value, "root": root})
@@ -146,7 +150,7 @@ def test_a_box_cannot_be_moved_to_another_seq_or_root() -> None:
 
 
 def test_a_box_cannot_be_moved_to_another_drive() -> None:
-    value = value_of(make_head(CAP, 4, root_entry(), created=1).wire)
+    value = value_of(make_head(CAP, 4, root_entry(), LIST, created=1).wire)
     # Same read key, other signing key: the box was bound to CAP's public key.
     twin = WriteCap.from_secrets(OTHER.signing_seed, CAP.read_key)
     with pytest.raises(IntegrityError, match="read key"):
@@ -157,7 +161,7 @@ def test_a_box_cannot_be_moved_to_another_drive() -> None:
 
 
 def test_every_byte_change_of_the_wire_is_refused() -> None:
-    wire = make_head(CAP, 9, root_entry(), created=1).wire
+    wire = make_head(CAP, 9, root_entry(), LIST, created=1).wire
     read = CAP.read_cap()
     for i in range(len(wire)):
         for delta in (0x01, 0x80, 0xFF):
@@ -169,7 +173,7 @@ def test_every_byte_change_of_the_wire_is_refused() -> None:
 @settings(max_examples=200)
 @given(st.data())
 def test_random_byte_changes_are_refused(data: st.DataObject) -> None:
-    wire = make_head(CAP, 2, root_entry(), created=1).wire
+    wire = make_head(CAP, 2, root_entry(), LIST, created=1).wire
     i = data.draw(st.integers(0, len(wire) - 1))
     v = data.draw(st.integers(0, 255).filter(lambda x: x != wire[i]))
     bad = wire[:i] + bytes([v]) + wire[i + 1:]
@@ -179,7 +183,7 @@ def test_random_byte_changes_are_refused(data: st.DataObject) -> None:
 
 
 def test_truncated_and_extended_wire_is_refused() -> None:
-    wire = make_head(CAP, 2, root_entry(), created=1).wire
+    wire = make_head(CAP, 2, root_entry(), LIST, created=1).wire
     for bad in (wire[:-1], wire[1:], wire + b"\x00", b"", wire[: len(wire) // 2]):
         with pytest.raises(IntegrityError):
             open_head(bad, CAP)
@@ -199,11 +203,11 @@ def test_arbitrary_bytes_raise_only_our_errors(wire: bytes) -> None:
 
 
 def good_value(seq: int = 1) -> dict:
-    return value_of(make_head(CAP, seq, root_entry(), created=1).wire)
+    return value_of(make_head(CAP, seq, root_entry(), LIST, created=1).wire)
 
 
 @pytest.mark.parametrize("change", [
-    {"v": 2}, {"v": 0}, {"v": True}, {"v": "1"}, {"v": None},
+    {"v": 3}, {"v": 0}, {"v": True}, {"v": "1"}, {"v": None},
 ])
 def test_unknown_head_versions_are_refused(change: dict) -> None:
     with pytest.raises(FormatError, match="version"):
@@ -215,6 +219,9 @@ def test_unknown_head_versions_are_refused(change: dict) -> None:
     {"box": b"x" * 28}, {"box": b"x" * 1025}, {"box": "text"},
     {"created": -1}, {"created": 1 << 40}, {"created": True}, {"created": 1.5},
     {"extra": 1},
+    {"bl": None}, {"bl": [b"x" * 32, 0, 1]}, {"bl": [b"x" * 31, 0, 1, 100]},
+    {"bl": [b"x" * 32, 4, 1, 100]}, {"bl": [b"x" * 32, 0, 0, 100]},
+    {"bl": [b"x" * 32, 0, 1, 3]}, {"bl": [b"x" * 32, True, 1, 100]},
 ])
 def test_malformed_head_fields_are_refused(change: dict) -> None:
     wire = signed_value(CAP, 1, {**good_value(), **change})
@@ -223,11 +230,20 @@ def test_malformed_head_fields_are_refused(change: dict) -> None:
             open_head(wire, cap)
 
 
-@pytest.mark.parametrize("field", ["v", "root", "box", "created"])
+@pytest.mark.parametrize("field", ["v", "root", "box", "created", "bl"])
 def test_missing_head_fields_are_refused(field: str) -> None:
     value = {k: v for k, v in good_value().items() if k != field}
     with pytest.raises(FormatError):
         open_head(signed_value(CAP, 1, value), CAP.store_cap())
+
+
+def test_a_version_1_head_still_opens_without_a_block_list() -> None:
+    value = {k: v for k, v in good_value().items() if k != "bl"}
+    opened = open_head(signed_value(CAP, 1, {**value, "v": 1}), CAP.read_cap())
+    assert opened.block_list is None and opened.root == root_entry()
+    # a version 1 head with a block list, or a version 2 head without one, is refused
+    with pytest.raises(FormatError, match="fields"):
+        open_head(signed_value(CAP, 1, {**good_value(), "v": 1}), CAP.read_cap())
 
 
 def test_head_values_that_are_not_maps_are_refused() -> None:
@@ -245,7 +261,8 @@ def test_a_box_that_does_not_describe_the_named_root_is_refused() -> None:
     for payload in (msgpack.packb(encode_entry(file_entry)),
                     msgpack.packb(encode_entry(other_root)),
                     b"\xc1", msgpack.packb({"n": b"/"})):
-        value = {"v": 1, "root": block, "box": sealed_box(CAP, 1, block, payload), "created": 0}
+        value = {"v": 2, "root": block, "box": sealed_box(CAP, 1, block, payload), "created": 0,
+                 "bl": LIST.encode()}
         with pytest.raises(FormatError):
             open_head(signed_value(CAP, 1, value), CAP.read_cap())
 
@@ -254,7 +271,7 @@ def test_a_box_that_does_not_describe_the_named_root_is_refused() -> None:
 
 
 def wire_at(seq: int, cap: WriteCap = CAP) -> bytes:
-    return make_head(cap, seq, root_entry(str(seq).encode()), created=seq).wire
+    return make_head(cap, seq, root_entry(str(seq).encode()), LIST, created=seq).wire
 
 
 def test_tracker_accepts_higher_ignores_equal_refuses_lower() -> None:
@@ -308,12 +325,12 @@ MIRRORS = ("https://cdn.example.org/drive", "http://127.0.0.1:8080/m")
 
 
 def test_mirrors_round_trip_and_are_public() -> None:
-    made = make_head(CAP, 3, root_entry(), created=1, mirrors=[*MIRRORS, MIRRORS[0] + "/"])
+    made = make_head(CAP, 3, root_entry(), LIST, created=1, mirrors=[*MIRRORS, MIRRORS[0] + "/"])
     assert made.mirrors == MIRRORS  # canonical form, duplicates dropped
     for cap in (CAP.read_cap(), CAP.read_cap().store_cap()):  # a store node sees them too
         assert open_head(made.wire, cap).mirrors == MIRRORS
-    assert "mirrors" not in value_of(make_head(CAP, 3, root_entry(), created=1).wire)
-    assert open_head(make_head(CAP, 3, root_entry()).wire, CAP).mirrors == ()
+    assert "mirrors" not in value_of(make_head(CAP, 3, root_entry(), LIST, created=1).wire)
+    assert open_head(make_head(CAP, 3, root_entry(), LIST).wire, CAP).mirrors == ()
 
 
 @pytest.mark.parametrize("mirrors", [

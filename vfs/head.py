@@ -3,8 +3,9 @@
 A head is a `dht.records.MutableRecord` signed by the drive key, with the
 drive public key, a sequence number and a value that this module defines:
 
-    value = msgpack {v: 1, root: <root node block id>, box: nonce || AES-GCM(...),
-                     created: unix seconds[, mirrors: [base URL, ...]]}
+    value = msgpack {v: 2, root: <root node block id>, box: nonce || AES-GCM(...),
+                     created: unix seconds, bl: [block list id, depth, nblocks, nbytes]
+                     [, mirrors: [base URL, ...]]}
 
 The root node's block id is public (any store node can check the head and
 the root block), but the root directory's entry (its node's chunk hash, which
@@ -18,6 +19,11 @@ ciphertext (`peerdrive publish --mirror-url`), in the clear, so that store
 nodes can use them too: a mirror serves nothing but ciphertext. At most
 MAX_HEAD_MIRRORS, each checked like `dht.mirror_layout.check_base_url`
 (http/https, no credentials, no query), no duplicates; absent when empty.
+
+`bl` names the version's block list (`vfs.blocklist`): every ciphertext block
+id of the version, readable without the read key, so a host holding only
+the store capability knows what to fetch and refuses anything else. Version
+1 heads (no `bl`) still open; they cannot be hosted.
 
 Readers keep the highest seq they have verified and refuse anything lower
 (`HeadTracker`): a peer replaying an old head cannot roll a mount back.
@@ -40,12 +46,18 @@ from dht.errors import DhtError
 from dht.mirror_layout import MAX_URL_LEN, MirrorUrlError, check_base_url
 from dht.records import MutableRecord
 
+from .blocklist import ListRef, decode_list_ref
 from .capability import ReadCap, StoreCap, WriteCap
 from .crypto import HASH_LEN
 from .errors import FormatError, IntegrityError, RollbackError
 from .formats import Entry, decode_entry, encode_entry
 
-HEAD_VERSION = 1
+HEAD_VERSION = 2
+# per head version this code reads: (fields it must have, fields it may have)
+_HEAD_FIELDS = {
+    1: ({"v", "root", "box", "created"}, {"mirrors"}),
+    2: ({"v", "root", "box", "created", "bl"}, {"mirrors"}),
+}
 _BOX_NONCE = 12
 MAX_HEAD_MIRRORS = 8
 
@@ -61,6 +73,7 @@ class Head:
     wire: bytes
     root: Entry | None = None
     mirrors: tuple[str, ...] = ()
+    block_list: ListRef | None = None  # None only in a version 1 head
 
 
 def _box_key(read_key: bytes) -> bytes:
@@ -91,8 +104,8 @@ def check_mirrors(urls: object) -> tuple[str, ...]:
     return tuple(out)
 
 
-def make_head(cap: WriteCap, seq: int, root: Entry, created: int | None = None,
-              mirrors: tuple[str, ...] | list[str] = ()) -> Head:
+def make_head(cap: WriteCap, seq: int, root: Entry, block_list: ListRef,
+              created: int | None = None, mirrors: tuple[str, ...] | list[str] = ()) -> Head:
     """Sign a new head whose root directory is `root` (a directory entry) at `seq`.
 
     `mirrors` are base URLs of static mirrors (checked; duplicates dropped).
@@ -106,12 +119,12 @@ def make_head(cap: WriteCap, seq: int, root: Entry, created: int | None = None,
     )
     created = int(time.time()) if created is None else created
     fields = {"v": HEAD_VERSION, "root": root.node.block_id, "box": nonce + sealed,
-              "created": created}
+              "created": created, "bl": block_list.encode()}
     if mirrors:
         fields["mirrors"] = list(mirrors)
     value = msgpack.packb(fields)
     record, wire = MutableRecord.create(cap.signing_key(), seq, value)
-    return Head(cap.pubkey, seq, root.node.block_id, created, wire, root, mirrors)
+    return Head(cap.pubkey, seq, root.node.block_id, created, wire, root, mirrors, block_list)
 
 
 def open_head(wire: bytes, cap: StoreCap) -> Head:
@@ -132,11 +145,13 @@ def open_head(wire: bytes, cap: StoreCap) -> Head:
                                 max_array_len=16, max_map_len=16)
     except Exception as exc:  # msgpack raises many types for bad input
         raise FormatError(f"head value is not valid msgpack: {exc}") from exc
-    if type(value) is not dict or type(value.get("v")) is not int or value["v"] != HEAD_VERSION:
+    if type(value) is not dict or type(value.get("v")) is not int \
+            or value["v"] not in _HEAD_FIELDS:
         raise FormatError("head value has an unknown version; upgrade peerdrive")
-    if not {"v", "root", "box", "created"} <= set(value) <= {"v", "root", "box", "created",
-                                                              "mirrors"}:
+    required, optional = _HEAD_FIELDS[value["v"]]
+    if not required <= set(value) <= required | optional:
         raise FormatError("head value has missing or unknown fields")
+    block_list = decode_list_ref(value["bl"]) if "bl" in value else None
     mirrors = check_mirrors(value["mirrors"]) if "mirrors" in value else ()
     root_block, box, created = value["root"], value["box"], value["created"]
     if type(root_block) is not bytes or len(root_block) != HASH_LEN:
@@ -159,7 +174,8 @@ def open_head(wire: bytes, cap: StoreCap) -> Head:
         root = decode_entry(obj)
         if not root.is_dir or root.node is None or root.node.block_id != root_block:
             raise FormatError("head box does not describe the root directory it names")
-    return Head(record.pk, record.seq, root_block, created, bytes(wire), root, mirrors)
+    return Head(record.pk, record.seq, root_block, created, bytes(wire), root, mirrors,
+                block_list)
 
 
 class HeadTracker:

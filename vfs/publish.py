@@ -30,6 +30,7 @@ from pathlib import Path
 
 import trio
 
+from .blocklist import ListRef, build_block_list
 from .capability import WriteCap
 from .chunker import CDC_MIN, make_chunker
 from .crypto import Ref, encrypt_chunk
@@ -187,7 +188,7 @@ class Publisher:
         self._stats_lock = threading.Lock()
         self._new_blocks = 0
         self._new_bytes = 0
-        self._all_ids: set[bytes] = set()
+        self._sizes: dict[bytes, int] = {}  # every block of the version -> ciphertext length
         self._pending_pin = f"publish-pending:{cap.pubkey.hex()}"
         self._emitted: list[tuple[Ref, bytes]] = []  # metadata blocks not yet stored
         self._emitted_bytes = 0
@@ -249,7 +250,8 @@ class Publisher:
         with self._stats_lock:
             self._new_blocks += len(new)
             self._new_bytes += new_bytes
-            self._all_ids.update(unique)
+            for block_id, ct in unique.items():
+                self._sizes[block_id] = len(ct)
 
     def _emit(self, payload: bytes) -> Ref:
         """Encrypt a metadata block (a chunk list or a directory node) and queue it for storing.
@@ -422,6 +424,16 @@ class Publisher:
         return Entry(job.name, KIND_DIR, stat.S_IMODE(job.st.st_mode), job.st.st_mtime_ns,
                      node=ref, nsubdirs=len(job.subdirs), nentries=len(entries))
 
+    def _block_list(self) -> tuple[ListRef, list[bytes]]:
+        """Write the version's block list (plaintext ids and sizes, for hosts) under the pin."""
+        blocks: list[tuple[bytes, bytes]] = []
+        ref = build_block_list(self._sizes, lambda block_id, data: blocks.append((block_id, data)))
+        try:
+            self.storage.store.put_pinned(self._pending_pin, blocks, ids_checked=True)
+        except self.storage.full_errors as exc:
+            raise NoSpaceError(f"the device is full while publishing: {exc}") from exc
+        return ref, [block_id for block_id, _ in blocks]
+
     # -- the whole publish -----------------------------------------------------------
 
     async def run(self) -> PublishResult:
@@ -472,13 +484,14 @@ class Publisher:
             root_entry = await trio.to_thread.run_sync(self._root_entry, root, result)
         result.bytes = progress.done
         result.skipped = skipped
+        block_list, list_ids = await trio.to_thread.run_sync(self._block_list)
         seq = self.storage.next_seq(self.cap)
         mirrors = self.mirrors
         if mirrors is None:
             last = self.storage.load_head(self.cap)
             mirrors = list(last.mirrors) if last is not None else []
-        head = make_head(self.cap, seq, root_entry, mirrors=mirrors)
-        self.storage.commit_publish(self.cap, head, self._all_ids, self._pending_pin)
+        head = make_head(self.cap, seq, root_entry, block_list, mirrors=mirrors)
+        self.storage.commit_publish(self.cap, head, [*self._sizes, *list_ids], self._pending_pin)
         result.head = head
         result.new_blocks = self._new_blocks
         result.new_bytes = self._new_bytes
