@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from dht.errors import DhtError
 from dht.records import MutableRecord
 from tests.fuzzing import seeds, target
+from vfs.blocklist import BlockListWalk, ListRef, build_block_list, encode_interior, encode_leaf
 from vfs.capability import WriteCap, parse_link
 from vfs.crypto import TAG_LEN, Ref, block_id_of, decrypt_block, encrypt_chunk
 from vfs.errors import PeerdriveError
@@ -136,7 +137,7 @@ def _head_wire(seq: int, root: Entry, created: int, mirrors: list[str] | None = 
     sealed = AESGCM(_box_key(cap.read_key)).encrypt(
         nonce, msgpack.packb(encode_entry(root)), _aad(cap.pubkey, seq, root.node.block_id))
     fields = {"v": HEAD_VERSION, "root": root.node.block_id, "box": nonce + sealed,
-              "created": created}
+              "created": created, "bl": [hashlib.sha256(b"list").digest(), 0, 3, 3000]}
     if mirrors:
         fields["mirrors"] = mirrors
     return MutableRecord.create(cap.signing_key(), seq, msgpack.packb(fields))[1]
@@ -210,6 +211,31 @@ def fuzz_block(data: bytes) -> object:
     return decrypt_block(_READ_KEY, ref, ct)
 
 
+def _block_list_seeds() -> Iterable[bytes]:
+    emitted: list[bytes] = []
+    build_block_list({hashlib.sha256(b"%d" % i).digest(): 100 + i for i in range(50)},
+                     lambda _id, data: emitted.append(data))
+    yield from emitted
+    yield encode_leaf([b"\x02" * 32, b"\x01" * 32], [100, 100])  # out of order
+    yield encode_interior([])
+
+
+@target("block_list", allowed=ALLOWED)
+def fuzz_block_list(data: bytes) -> object:
+    """A block list block a host fetched by the id its signed parent named (what a lying
+    publisher can sign): walked as the root of a list, as a leaf and as an interior node."""
+    block_id = hashlib.sha256(data).digest()
+    out = []
+    for depth in (0, 1):
+        walk = BlockListWalk(ListRef(block_id, depth, 2, 200))
+        try:
+            walk.feed(block_id, data)
+            out.append(walk.wanted())
+        except PeerdriveError:
+            pass
+    return out
+
+
 # ----------------------------------------------------------------------------- seeds
 
 seeds("dir_node")(_dir_node_seeds)
@@ -219,3 +245,4 @@ seeds("head")(_head_seeds)
 seeds("head_value")(_head_value_seeds)
 seeds("link")(_link_seeds)
 seeds("block")(_block_seeds)
+seeds("block_list")(_block_list_seeds)

@@ -19,6 +19,7 @@ import trio
 from cache.errors import DiskFull
 from cache.store import BlockStore
 from tests.helpers import ROOT
+from vfs.blocklist import ListRef
 from vfs.capability import WriteCap
 from vfs.crypto import Ref
 from vfs.formats import KIND_DIR, Entry
@@ -34,7 +35,8 @@ def head(seq: int) -> Head:
     root = Entry(b"root", KIND_DIR, 0o755, 0, node=Ref(hashlib.sha256(tag).digest(),
                                                         hashlib.sha256(b"c" + tag).digest(), 10),
                  nsubdirs=0, nentries=0)
-    return make_head(CAP, seq, root, created=1_700_000_000 + seq)
+    return make_head(CAP, seq, root, ListRef(hashlib.sha256(tag).digest(), 0, 1, 100),
+                     created=1_700_000_000 + seq)
 
 
 SAVE_IN_ANOTHER_PROCESS = textwrap.dedent("""
