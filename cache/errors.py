@@ -7,8 +7,6 @@ where there is one, what the user can do about it.
 
 from __future__ import annotations
 
-import errno
-
 
 class StoreError(Exception):
     """Base class of every error raised by `cache/`."""
@@ -44,10 +42,9 @@ class StoreFull(StoreError):
     Raised when a block does not fit under the size limit (everything left is
     pinned or held by reads in flight), when LMDB's map has reached its
     maximum, and (as `DiskFull`) when the filesystem under the store is full.
-    `errno` is ENOSPC so the filesystem layer can hand it on unchanged.
+    The store knows no errno: `vfs/fs.py` makes ENOSPC of it, `vfs/cli.py`
+    exit code 5.
     """
-
-    errno = errno.ENOSPC
 
 
 class DiskFull(StoreFull):

@@ -52,7 +52,7 @@ async def run(args: argparse.Namespace) -> None:
         net = NetworkNode(identity, FlippingSource(store),  # type: ignore[arg-type]
                           listen=parse_hostport(args.listen),
                           bootstrap=[parse_hostport(b) for b in args.bootstrap or []],
-                          lan=False, run_dir=home.path / "run")
+                          lan=False, run_dir=home.run_dir)
         async with trio.open_nursery() as nursery:
             port = await nursery.start(net.run)
             net.serve_drive(cap)

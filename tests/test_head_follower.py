@@ -24,7 +24,7 @@ from vfs.capability import WriteCap
 from vfs.crypto import Ref
 from vfs.formats import KIND_DIR, Entry
 from vfs.head import Head, make_head
-from vfs.node import HeadFollower
+from vfs.head_follower import HeadFollower
 from vfs.storage import DriveStorage
 
 CAP = WriteCap.from_secrets(bytes(range(32)), bytes(range(32, 64)))

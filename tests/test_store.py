@@ -267,7 +267,7 @@ def test_store_full_when_everything_is_pinned_or_held(store: BlockStore) -> None
     with store.hold(ids[2:]):
         with pytest.raises(StoreFull, match="pinned") as info:
             store.put(*make_block("new", KIB))
-        assert info.value.errno == 28  # ENOSPC for the filesystem layer
+        assert not hasattr(info.value, "errno")  # errno is made in vfs/fs.py only
         assert store.missing(ids) == []
     store.put(*make_block("new", KIB))  # the hold is gone: ids[2] goes
     assert store.missing(ids) == [ids[2]]

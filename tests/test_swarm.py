@@ -42,7 +42,7 @@ from tests.swarm_helpers import (
 from vfs.capability import parse_link
 from vfs.errors import RollbackError
 from vfs.head import HeadTracker, open_head
-from vfs.node import HeadFollower
+from vfs.head_follower import HeadFollower
 from vfs.storage import DriveStorage
 
 pytestmark = pytest.mark.fuse

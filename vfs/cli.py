@@ -27,6 +27,7 @@ from cache.errors import StoreError, StoreFull
 from .capability import ReadCap, StoreCap, WriteCap, parse_link, require_read
 from .errors import BlockUnavailable, NoSpaceError, PeerdriveError, UsageError, unwrap_group
 from .home import Home
+from .options import MountOptions, NodeOptions, ServeOptions
 from .units import format_size
 
 EXIT_INTERRUPTED = 130
@@ -73,6 +74,37 @@ def _emit(args: argparse.Namespace, data: dict, text: str) -> None:
 
 def _home(args: argparse.Namespace) -> Home:
     return Home(Path(args.home) if args.home else None)
+
+
+def _node_fields(args: argparse.Namespace) -> dict:
+    """The NodeOptions fields from the flags `serve` and `mount` share."""
+    return {"bootstrap": list(args.bootstrap or ()), "listen": args.listen,
+            "cache_size": args.cache_size, "lan": not args.no_lan,
+            "fetch_timeout": args.fetch_timeout}
+
+
+def mount_options(args: argparse.Namespace) -> MountOptions:
+    return MountOptions(**_node_fields(args), ready_fd=args.ready_fd, verbose=args.verbose)
+
+
+def serve_options(args: argparse.Namespace) -> ServeOptions:
+    return ServeOptions(**_node_fields(args))
+
+
+def node_flags(opts: NodeOptions) -> list[str]:
+    """The command-line flags that give a node these options (for the background mount)."""
+    argv: list[str] = []
+    for b in opts.bootstrap:
+        argv += ["--bootstrap", b]
+    if opts.cache_size:
+        argv += ["--cache-size", opts.cache_size]
+    if opts.listen:
+        argv += ["--listen", opts.listen]
+    if not opts.lan:
+        argv.append("--no-lan")
+    if opts.fetch_timeout:
+        argv += ["--fetch-timeout", str(opts.fetch_timeout)]
+    return argv
 
 
 # ----------------------------------------------------------------------------- commands
@@ -149,7 +181,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     drives = []
     for cap in home.published_drives():
         d = {"drive": cap.drive_id, "read_link": cap.read_cap().link(),
-             "source": (home.path / "drives" / cap.drive_id / "source").read_text()}
+             "source": home.drive_source(cap.pubkey)}
         if args.show_write:
             d["write_link"] = cap.link()
         drives.append(d)
@@ -171,27 +203,18 @@ def cmd_mount(args: argparse.Namespace) -> int:
     cap = require_read(parse_link(args.link))
     mountpoint = Path(args.mountpoint).expanduser().resolve()
     check_mountpoint(mountpoint)
+    opts = mount_options(args)
     if not args.foreground:
-        argv = [*python_argv(), "--home", str(home.path), "mount", args.link, str(mountpoint),
-                "--foreground"]
-        for b in args.bootstrap or ():
-            argv += ["--bootstrap", b]
-        if args.cache_size:
-            argv += ["--cache-size", args.cache_size]
-        if args.listen:
-            argv += ["--listen", args.listen]
-        if args.no_lan:
-            argv.append("--no-lan")
-        if args.fetch_timeout:
-            argv += ["--fetch-timeout", str(args.fetch_timeout)]
-        log_path = home.logs_dir / f"mount-{cap.drive_id[:16]}.log"
+        argv = [*python_argv(), "--home", str(home.path), *["-v"] * opts.verbose,
+                "mount", args.link, str(mountpoint), "--foreground", *node_flags(opts)]
+        log_path = home.mount_log_path(cap.drive_id)
         pid = spawn_daemon(argv, log_path)
         _emit(args, {"mountpoint": str(mountpoint), "pid": pid, "drive": cap.drive_id},
               f"mounted {cap.drive_id[:16]} at {mountpoint} (pid {pid})")
         return 0
     from .node import run_mount_foreground
 
-    run_mount_foreground(home, cap, mountpoint, args)
+    run_mount_foreground(home, cap, mountpoint, opts)
     return 0
 
 
@@ -208,7 +231,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           f"{', '.join(data['addresses'])} (Ctrl-C to stop)")
         sys.stdout.flush()
 
-    run_serve(home, args, ready)
+    run_serve(home, serve_options(args), ready)
     return 0
 
 
@@ -293,11 +316,49 @@ def cmd_evict(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .status import status_command
+    from .status import node_status, path_status_with_cache
 
-    data, text = status_command(_home(args), args)
-    _emit(args, data, text)
+    home = _home(args)
+    if args.path:
+        data = path_status_with_cache(home, Path(args.path))
+        _emit(args, data, render_path_status(data))
+    else:
+        data = node_status(home)
+        _emit(args, data, render_node_status(data))
     return 0
+
+
+def render_path_status(data: dict) -> str:
+    text = (f"{data['path']}\n  state   {data['state']}\n"
+            f"  on device {format_size(data.get('cached_bytes', 0))} of "
+            f"{format_size(data.get('size_bytes', 0))}")
+    if "pinned" in data:
+        text += f"\n  pinned  {'yes' if data['pinned'] else 'no'}"
+    if "copies" in data:
+        text += f"\n  copies  {data['copies']}"
+    return text
+
+
+def render_node_status(data: dict) -> str:
+    cache = data["cache"]
+    lines = [f"home    {data['home']}",
+             f"cache   {format_size(cache['used_bytes'])} used of "
+             f"{format_size(cache['limit_bytes'])}"]
+    for d in data["drives"]:
+        lines.append(f"drive   {d['drive'][:16]}  version {d['seq']}"
+                     f"{'  published here' if d['published_here'] else ''}")
+    for m in data["mounts"]:
+        lines.append(f"mount   {m['mountpoint']}  drive {m['drive'][:16]}  pid {m['pid']}")
+    for n in data["nodes"]:
+        srv = n["server"]
+        lines.append(f"node    pid {n['pid']} port {n['port']}  {n['dht_contacts']} DHT contacts, "
+                     f"served {srv['blocks_served']} blocks ({format_size(srv['bytes_served'])})")
+        for drive, d in n["drives"].items():
+            for p in d["peers"]:
+                lines.append(f"  peer  {p['node_id'][:12]} {p['addr']}  drive {drive[:12]}  "
+                             f"got {p['blocks']} blocks ({format_size(p['bytes'])})"
+                             f"{'  connected' if p['connected'] else ''}")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- parser

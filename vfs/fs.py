@@ -26,6 +26,8 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
+from cache.errors import StoreFull
+
 from .drive import Drive, OpenFile
 from .errors import (
     BlockUnavailable,
@@ -57,7 +59,7 @@ def fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         except (BlockUnavailable, IntegrityError, FormatError) as exc:
             log.warning("%s: %s", fn.__name__, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
-        except NoSpaceError as exc:
+        except (NoSpaceError, StoreFull) as exc:
             log.warning("%s: %s", fn.__name__, exc)
             raise pyfuse3.FUSEError(errno.ENOSPC) from None
         except UsageError as exc:

@@ -7,8 +7,12 @@
         drives/<pubkey>/    one folder per drive this node publishes
             write.cap       the write capability link (0600)
             source          the folder it publishes
-        mounts/             one JSON file per live mount (pid, mountpoint, drive)
+        mounts/             one JSON file per live mount (pid, mountpoint, drive, port)
+        run/                one JSON snapshot per running node process (<pid>.json)
         logs/               logs of background mounts
+
+This module is the only one that knows that layout: everything else asks a
+`Home` for a path or a record.
 
 Several nodes run side by side on one machine by giving each its own home.
 """
@@ -86,6 +90,15 @@ class Home:
         d.mkdir(exist_ok=True)
         return d
 
+    @property
+    def run_dir(self) -> Path:
+        """Where running node processes keep `<pid>.json` snapshots (NetworkNode writes them)."""
+        return self.path / "run"
+
+    def mount_log_path(self, drive_id: str) -> Path:
+        """The log file of the background mount of one drive."""
+        return self.logs_dir / f"mount-{drive_id[:16]}.log"
+
     def config(self) -> Config:
         f = self.path / "config.toml"
         data: dict = {}
@@ -142,6 +155,13 @@ class Home:
             return self._load_write_cap(d)
         return None
 
+    def drive_source(self, pubkey: bytes) -> str | None:
+        """The folder this node publishes a drive from, or None if it publishes no such drive."""
+        try:
+            return (self._drive_dir(pubkey) / "source").read_text()
+        except OSError:
+            return None
+
     def published_drives(self) -> list[WriteCap]:
         drives = self.path / "drives"
         if not drives.is_dir():
@@ -168,12 +188,26 @@ class Home:
             self.mount_file(mountpoint).unlink()
 
     def live_mounts(self) -> list[dict]:
-        out = []
-        for f in sorted(self.mounts_dir.glob("*.json")):
-            try:
-                info = json.loads(f.read_text())
-                os.kill(int(info["pid"]), 0)
-            except (OSError, ValueError, KeyError, json.JSONDecodeError):
-                continue
-            out.append(info)
-        return out
+        """`{pid, mountpoint, drive, port}` of every mount whose process is alive."""
+        return live_records(self.mounts_dir)
+
+    def running_nodes(self) -> list[dict]:
+        """The snapshots (NetworkNode.snapshot) of this home's live serve and mount processes."""
+        return live_records(self.run_dir)
+
+
+def live_records(directory: Path) -> list[dict]:
+    """The JSON records in `directory` whose `pid` is a live process, in file name order.
+
+    A record left behind by a killed process (its pid gone) or one half
+    written or malformed is skipped, never an error.
+    """
+    out = []
+    for f in sorted(directory.glob("*.json")):
+        try:
+            info = json.loads(f.read_text())
+            os.kill(int(info["pid"]), 0)
+        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
+            continue
+        out.append(info)
+    return out

@@ -1,19 +1,18 @@
-"""`peerdrive status`: the node, or one path inside a mount.
+"""`peerdrive status`: the node, or one path inside a mount, as data.
 
 A path's status is read through the same extended attributes any tool can
 read (`user.peerdrive.*`), so the command and `getfattr` can never disagree.
+These functions return plain JSON types; `vfs/cli.py` prints them (as JSON
+or as text) and the dashboard serves the same shapes at `/api/...`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 from pathlib import Path
 
 from .errors import UsageError
 from .home import Home
-from .units import format_size
 
 XATTRS = ("state", "cached", "size", "pinned", "copies")
 
@@ -43,19 +42,6 @@ def path_status(path: Path, only: tuple[str, ...] | None = None) -> dict:
     return out
 
 
-def running_nodes(home: Home) -> list[dict]:
-    """Snapshots the live serve and mount processes of this home keep in run/."""
-    out = []
-    for f in sorted((home.path / "run").glob("*.json")):
-        try:
-            snap = json.loads(f.read_text())
-            os.kill(int(snap["pid"]), 0)
-        except (OSError, ValueError, KeyError, json.JSONDecodeError):
-            continue
-        out.append(snap)
-    return out
-
-
 def known_drives(home: Home, store) -> list[dict]:
     """Every drive this node holds a verified head of: what it can serve."""
     from .capability import StoreCap
@@ -72,50 +58,28 @@ def known_drives(home: Home, store) -> list[dict]:
     return out
 
 
-def status_command(home: Home, args: argparse.Namespace) -> tuple[dict, str]:
+def cache_status(store) -> dict:
+    """The cache of this node: bytes used and the limit (None: no limit)."""
+    stats = store.stats()
+    return {"used_bytes": stats["total_bytes"], "limit_bytes": stats["limit_bytes"]}
+
+
+def node_status(home: Home) -> dict:
+    """The node: its home, cache, the drives it holds, live mounts, running node processes."""
     from cache.store import BlockStore
 
-    if args.path:
-        data = path_status(Path(args.path))
-        store_stats = None
-    else:
-        data = {}
-    drives = []
     with BlockStore(home.store_path) as store:
-        store_stats = store.stats()
-        if not args.path:
-            drives = known_drives(home, store)
-    data["cache"] = {"used_bytes": store_stats["total_bytes"],
-                     "limit_bytes": store_stats["limit_bytes"]}
-    if args.path:
-        text = (f"{data['path']}\n  state   {data['state']}\n"
-                f"  on device {format_size(data.get('cached_bytes', 0))} of "
-                f"{format_size(data.get('size_bytes', 0))}")
-        if "pinned" in data:
-            text += f"\n  pinned  {'yes' if data['pinned'] else 'no'}"
-        if "copies" in data:
-            text += f"\n  copies  {data['copies']}"
-        return data, text
-    mounts = home.live_mounts()
-    data["mounts"] = mounts
-    data["nodes"] = running_nodes(home)
-    data["home"] = str(home.path)
-    data["drives"] = drives
-    lines = [f"home    {home.path}",
-             f"cache   {format_size(store_stats['total_bytes'])} used of "
-             f"{format_size(store_stats['limit_bytes'])}"]
-    for d in drives:
-        lines.append(f"drive   {d['drive'][:16]}  version {d['seq']}"
-                     f"{'  published here' if d['published_here'] else ''}")
-    for m in mounts:
-        lines.append(f"mount   {m['mountpoint']}  drive {m['drive'][:16]}  pid {m['pid']}")
-    for n in data["nodes"]:
-        srv = n["server"]
-        lines.append(f"node    pid {n['pid']} port {n['port']}  {n['dht_contacts']} DHT contacts, "
-                     f"served {srv['blocks_served']} blocks ({format_size(srv['bytes_served'])})")
-        for drive, d in n["drives"].items():
-            for p in d["peers"]:
-                lines.append(f"  peer  {p['node_id'][:12]} {p['addr']}  drive {drive[:12]}  "
-                             f"got {p['blocks']} blocks ({format_size(p['bytes'])})"
-                             f"{'  connected' if p['connected'] else ''}")
-    return data, "\n".join(lines)
+        cache = cache_status(store)
+        drives = known_drives(home, store)
+    return {"home": str(home.path), "cache": cache, "drives": drives,
+            "mounts": home.live_mounts(), "nodes": home.running_nodes()}
+
+
+def path_status_with_cache(home: Home, path: Path) -> dict:
+    """One path inside a mount (`path_status`) and the node's cache beside it."""
+    from cache.store import BlockStore
+
+    data = path_status(path)
+    with BlockStore(home.store_path) as store:
+        data["cache"] = cache_status(store)
+    return data

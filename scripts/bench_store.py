@@ -1,4 +1,4 @@
-"""Micro benchmark of the block store: `python -m cache.bench [--quick]`.
+"""Micro benchmark of the block store: `.venv/bin/python scripts/bench_store.py [--quick]`.
 
 Prints operations per second for the paths that matter:
 
@@ -23,8 +23,11 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from cache.sizes import format_size
-from cache.store import BlockStore
+# this checkout's cache/, whichever peerdrive the venv has installed
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cache.sizes import format_size  # noqa: E402
+from cache.store import BlockStore  # noqa: E402
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -107,7 +110,7 @@ def file_size_after_churn(root: str, limit: int, passes: int) -> tuple[int, int]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m cache.bench", description=__doc__.split("\n")[0]
+        prog="scripts/bench_store.py", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--quick", action="store_true", help="fewer operations (a smoke run)")
     parser.add_argument("--dir", help="where to make the stores (default: a temporary dir)")
