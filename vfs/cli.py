@@ -111,15 +111,21 @@ def node_flags(opts: NodeOptions) -> list[str]:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from .publish import Publisher
-    from .storage import DriveStorage
-
     home = _home(args)
     source = Path(args.folder).expanduser()
     if not source.is_dir():
         raise UsageError(f"{source} is not a folder")
-    cap = home.drive_for_source(source) or home.create_drive(source)
+    cap = home.drive_of_source(source)
+    lock = home.publish_lock(cap, on_wait=lambda: print(
+        f"waiting for another publish of {source} to finish", file=sys.stderr))
+    with lock:
+        return _publish_locked(args, home, cap, source)
+
+
+def _publish_locked(args: argparse.Namespace, home: Home, cap: WriteCap, source: Path) -> int:
     from .node import open_store
+    from .publish import Publisher
+    from .storage import DriveStorage
 
     store = open_store(home, None)
     bar = ProgressBar("publishing", sys.stdout.isatty() and not args.json)

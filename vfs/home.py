@@ -4,9 +4,11 @@
         node.key            this node's Ed25519 identity (0600)
         config.toml         optional: bootstrap peers, cache size, listen address
         store/              the LMDB block store (ciphertext only)
+        drives/.lock        held while a publish finds or creates the drive of a folder
         drives/<pubkey>/    one folder per drive this node publishes
             write.cap       the write capability link (0600)
             source          the folder it publishes
+            publish.lock    held (flock) by the one publish of this drive in progress
         mounts/             one JSON file per live mount (pid, mountpoint, drive, port)
         run/                one JSON snapshot per running node process (<pid>.json)
         logs/               logs of background mounts
@@ -20,10 +22,12 @@ Several nodes run side by side on one machine by giving each its own home.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import tomllib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +56,25 @@ def write_private(path: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold an flock on `path` (created 0600) for the block; `on_wait` runs once if another
+    process holds it and this one has to wait. The kernel drops the lock when the
+    holder exits, however it exits, so a crash never leaves a stale lock behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -134,6 +157,17 @@ class Home:
                 if (d / "source").read_text() == want:
                     return self._load_write_cap(d)
         return None
+
+    def drive_of_source(self, source: Path) -> WriteCap:
+        """The drive publishing `source`, created if there is none yet: one drive per folder,
+        even when two publishes of a new folder start at once."""
+        with exclusive_lock(self.path / "drives" / ".lock"):
+            return self.drive_for_source(source) or self.create_drive(source)
+
+    def publish_lock(self, cap: WriteCap, on_wait: Callable[[], None] | None = None):
+        """Held for a whole publish: one publish of a drive at a time on this node, so
+        two never interleave their pins or sign two versions from one base."""
+        return exclusive_lock(self._drive_dir(cap.pubkey) / "publish.lock", on_wait)
 
     def _load_write_cap(self, d: Path) -> WriteCap:
         cap = parse_link((d / "write.cap").read_text())

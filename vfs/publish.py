@@ -485,13 +485,15 @@ class Publisher:
         result.bytes = progress.done
         result.skipped = skipped
         block_list, list_ids = await trio.to_thread.run_sync(self._block_list)
-        seq = self.storage.next_seq(self.cap)
-        mirrors = self.mirrors
-        if mirrors is None:
-            last = self.storage.load_head(self.cap)
-            mirrors = list(last.mirrors) if last is not None else []
-        head = make_head(self.cap, seq, root_entry, block_list, mirrors=mirrors)
-        self.storage.commit_publish(self.cap, head, [*self._sizes, *list_ids], self._pending_pin)
+
+        def sign(seq: int, last: Head | None) -> Head:
+            mirrors = self.mirrors
+            if mirrors is None:
+                mirrors = list(last.mirrors) if last is not None else []
+            return make_head(self.cap, seq, root_entry, block_list, mirrors=mirrors)
+
+        head = self.storage.commit_publish(self.cap, sign, [*self._sizes, *list_ids],
+                                           self._pending_pin)
         result.head = head
         result.new_blocks = self._new_blocks
         result.new_bytes = self._new_bytes

@@ -12,7 +12,7 @@ published version, which pin holds a mount's metadata. Pin names:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from cache.errors import StoreFull
 from cache.store import BlockStore
@@ -67,18 +67,33 @@ class DriveStorage:
         current = self.load_head(cap)
         return 1 if current is None else current.seq + 1
 
-    def commit_publish(self, cap: WriteCap, head: Head, ids: Iterable[bytes],
-                       pending_pin: str) -> None:
-        """Make a finished publish the drive's current version, atomically enough.
+    def commit_publish(self, cap: WriteCap, sign: Callable[[int, Head | None], Head],
+                       ids: Iterable[bytes], pending_pin: str) -> Head:
+        """Make a finished publish the drive's next version; returns its head.
 
-        The blocks are already stored under the pending pin; the publish pin
-        takes them over, then the head that names them is saved, then the
-        pending pin goes. A crash in between leaves an extra pin, never a
-        head whose blocks could be evicted.
+        The seq is allocated inside the store's write transaction that saves
+        the head (`sign(seq, previous head)` signs it there), so two publishes
+        of one drive can never both take the same seq, even from two
+        processes. The order keeps every version's blocks pinned at every
+        instant, whatever crashes where: the new blocks are held by the
+        pending pin while the head that names them is saved; only then does
+        the publish pin take them over (releasing the previous version's),
+        and the pending pin goes last. A crash in between leaves an extra
+        pin, never a stored head whose blocks could be evicted.
         """
+        made: list[Head] = []
+
+        def next_version(old: bytes | None) -> bytes:
+            made.clear()
+            previous = open_head(old, cap) if old is not None else None
+            head = sign(1 if previous is None else previous.seq + 1, previous)
+            made.append(head)
+            return head.wire
+
+        self.store.update_record(_HEAD + cap.pubkey, next_version)
         self.store.set_pin(publish_pin(cap.pubkey), ids)
-        self.save_head(head)
         self.store.unpin(pending_pin)
+        return made[-1]
 
 
 def publish_pin(pubkey: bytes) -> str:

@@ -1,0 +1,175 @@
+"""Publishes that race each other, crash mid-commit, or read a file being truncated
+(issue 11 items 12 and 14).
+
+Two `peerdrive publish` processes of one folder at once used to create two
+drives for a new folder, or sign two different heads with one seq (readers
+split for good), and the publish pin was replaced before the head was saved,
+so a crash or a race could leave the stored head's blocks evictable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+import trio
+
+from cache.store import BlockStore
+from tests.helpers import PYTHON, ROOT, env_for, mounted
+from vfs.capability import WriteCap, parse_link
+from vfs.publish import Publisher
+from vfs.storage import DriveStorage, publish_pin
+
+MIB = 1 << 20
+CAP = WriteCap.from_secrets(bytes(range(32)), bytes(range(32, 64)))
+
+
+def CAP_OF(link: str):  # noqa: N802 - reads like the constant above
+    return parse_link(link)
+
+
+def make_folder(root: Path, seed: int, files: int = 6, size: int = 6 * MIB) -> dict[str, bytes]:
+    rng = random.Random(seed)
+    out = {}
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        data = rng.randbytes(size + rng.randrange(MIB))
+        (root / f"f{i}.bin").write_bytes(data)
+        out[f"f{i}.bin"] = data
+    for i in range(50):
+        data = rng.randbytes(rng.randrange(20_000))
+        (root / "small").mkdir(exist_ok=True)
+        (root / "small" / f"s{i}").write_bytes(data)
+        out[f"small/s{i}"] = data
+    return out
+
+
+@pytest.mark.fuse
+def test_two_publish_processes_at_once_make_one_drive_two_versions_and_lose_nothing(
+        tmp_path: Path, node_home) -> None:
+    home = node_home("pub")
+    folder = tmp_path / "folder"
+    files = make_folder(folder, 1)
+    for rnd in range(2):  # the first round creates the drive, the second makes versions 3, 4
+        procs = [subprocess.Popen([PYTHON, "-m", "vfs.cli", "publish", str(folder), "--json"],
+                                  env=env_for(home), cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        try:
+            outs = [p.communicate(timeout=300) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        for p, (_, err) in zip(procs, outs, strict=True):
+            assert p.returncode == 0, err
+        results = [json.loads(out) for out, _ in outs]
+        assert len({r["drive"] for r in results}) == 1, "two drives for one folder"
+        assert sorted(r["seq"] for r in results) == [2 * rnd + 1, 2 * rnd + 2]
+    drives = [d for d in (home / "drives").iterdir() if d.is_dir()]
+    assert len(drives) == 1
+    link = results[0]["read_link"]
+
+    # everything evictable goes: what is left must be every block of the stored version
+    store = BlockStore(home / "store")
+    try:
+        assert DriveStorage(store).load_head(CAP_OF(link)).seq == 4
+        store.evict_to(0)
+        assert [n for n in store.pin_names() if n.startswith("publish-pending:")] == []
+    finally:
+        store.close()
+    mnt = tmp_path / "mnt"
+    with mounted(home, link, mnt):  # no peer at all: it reads only what is pinned
+        for rel, data in files.items():
+            assert hashlib.sha256((mnt / rel).read_bytes()).digest() == \
+                hashlib.sha256(data).digest(), rel
+
+
+class Crash(Exception):
+    """Stands for the process dying at one step of the commit."""
+
+
+def publish(store: BlockStore, folder: Path) -> Publisher:
+    pub = Publisher(DriveStorage(store), CAP, folder)
+    trio.run(pub.run)
+    return pub
+
+
+def test_a_crash_at_any_step_of_the_commit_keeps_the_stored_versions_blocks(
+        tmp_path: Path) -> None:
+    folder = tmp_path / "folder"
+    make_folder(folder, 2, files=2, size=MIB)
+    store = BlockStore(tmp_path / "store")
+    try:
+        first = publish(store, folder)
+        ids_by_seq = {1: set(first._sizes)}
+        for step in range(3):  # the commit writes three times: head, publish pin, pending pin
+            make_folder(folder, 10 + step, files=2, size=MIB)  # new content: new blocks
+            calls = {"n": 0}
+            real = {name: getattr(store, name) for name in ("update_record", "set_pin", "unpin")}
+
+            def failing(name: str, stop_at: int = step, calls: dict = calls,
+                        real: dict = real):
+                def call(*args, **kwargs):
+                    if calls["n"] == stop_at:
+                        calls["n"] += 1
+                        raise Crash(f"crash at commit step {stop_at} ({name})")
+                    calls["n"] += 1
+                    return real[name](*args, **kwargs)
+                return call
+
+            for name in real:
+                setattr(store, name, failing(name))
+            pub = Publisher(DriveStorage(store), CAP, folder)
+            with pytest.raises(BaseException) as info:  # noqa: B017 - a group from trio.run
+                trio.run(pub.run)
+            assert "crash at commit step" in repr(info.value)
+            for name, fn in real.items():
+                setattr(store, name, fn)
+            stored = DriveStorage(store).load_head(CAP)
+            if stored.seq not in ids_by_seq:
+                ids_by_seq[stored.seq] = set(pub._sizes)
+            store.evict_to(0)
+            needed = ids_by_seq[stored.seq]
+            assert store.missing(list(needed)) == [], f"step {step}: the stored head lost blocks"
+            # the next publish (after the "restart") leaves exactly one version pinned
+            done = publish(store, folder)
+            ids_by_seq[done.storage.load_head(CAP).seq] = set(done._sizes)
+            assert [n for n in store.pin_names() if n.startswith("publish-pending:")] == []
+            assert set(store.pin_ids(publish_pin(CAP.pubkey))) >= set(done._sizes)
+        assert store.check_consistency() == []
+    finally:
+        store.close()
+
+
+def test_seq_is_taken_in_the_same_transaction_as_the_head(tmp_path: Path) -> None:
+    """Another process stored seq 7 after this publish started: it becomes 8, not 2."""
+    from tests.test_head_follower import SAVE_IN_ANOTHER_PROCESS, head
+
+    folder = tmp_path / "folder"
+    make_folder(folder, 3, files=1, size=MIB)
+    store = BlockStore(tmp_path / "store")
+    try:
+        publish(store, folder)
+        storage = DriveStorage(store)
+        pub = Publisher(storage, CAP, folder)
+        real_commit = storage.commit_publish
+
+        def commit_after_another_save(cap, sign, ids, pending):
+            subprocess.run([PYTHON, "-c", SAVE_IN_ANOTHER_PROCESS, str(tmp_path / "store"),
+                            head(7).wire.hex(), CAP.pubkey.hex()],
+                           cwd=ROOT, check=True, timeout=60, env=dict(os.environ,
+                                                                      PYTHONPATH=str(ROOT)))
+            return real_commit(cap, sign, ids, pending)
+
+        storage.commit_publish = commit_after_another_save
+        result = trio.run(pub.run)
+        assert result.head.seq == 8
+        assert storage.load_head(CAP).seq == 8
+    finally:
+        store.close()
