@@ -163,6 +163,7 @@ class _Peer:
         self.node_id = source.source_id if source is not None else addr.node_id
         self.label = source.label if source is not None else str(addr)
         self.provider = True
+        self.pushed = False  # a source that is a peer's push connection (add_source)
         self.conn: PeerConnection | None = None
         self.connecting: trio.Event | None = None
         self.last_connect_failure = -math.inf
@@ -481,7 +482,7 @@ class Fetcher:
         """
         wanted = {s.source_id: s for s in sources}
         for peer in self._peers.values():
-            if peer.source is None:
+            if peer.source is None or peer.pushed:
                 continue
             if peer.node_id in wanted:
                 wanted.pop(peer.node_id)
@@ -500,6 +501,33 @@ class Fetcher:
             self._peers[sid] = _Peer(None, source)
             self._providers_changed = True
         self._poke()
+
+    def add_source(self, source: StaticSource, ended: Callable[[], Awaitable[object]]) -> None:
+        """One more source until `ended()` returns: a peer serving us over its push connection.
+
+        It takes the place of a provider with the same id (the pushing node
+        may be one we cannot dial) and is dropped when its connection ends;
+        the provider list is then read again.
+        """
+        assert self._nursery is not None, "the fetcher is not running"
+        old = self._peers.get(source.source_id)
+        if old is not None:
+            closing = old.source if old.source is not None else old.conn
+            if closing is not None and old.in_flight == 0:
+                self._nursery.start_soon(closing.aclose)
+        peer = self._peers[source.source_id] = _Peer(None, source)
+        peer.pushed = True
+        self._providers_changed = True
+        self._poke()
+        self._nursery.start_soon(self._drop_source_when_ended, peer, ended)
+
+    async def _drop_source_when_ended(self, peer: _Peer, ended: Callable[[], Awaitable[object]]
+                                      ) -> None:
+        await ended()
+        if self._peers.get(peer.node_id) is peer:
+            del self._peers[peer.node_id]
+            self.request_provider_refresh()
+            self._poke()
 
     # ---- providers ----------------------------------------------------------
 

@@ -194,6 +194,24 @@ class Hello(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Push(Message):
+    """Dialer -> listener, instead of Hello: "fetch this drive from me over this connection".
+
+    The fields and checks are Hello's; the signature has its own context, so a
+    Hello cannot be replayed as a Push. Once the listener answers Welcome the
+    roles reverse: the dialer serves blocks (it sends its own Welcome first)
+    and the listener sends wants (see docs/protocol.md, "Push connections").
+    """
+
+    client_pubkey: bytes
+    discovery_key: bytes
+    proof: bytes
+    sig: bytes
+    TYPE: ClassVar[str] = "push"
+    CHECKS: ClassVar[dict[str, Callable[[Any], Any]]] = Hello.CHECKS
+
+
+@dataclass(frozen=True, slots=True)
 class Welcome(Message):
     """Server -> client: handshake accepted; at most `max_wants` requests may be outstanding."""
 
@@ -333,6 +351,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
     for cls in (
         Challenge,
         Hello,
+        Push,
         Welcome,
         Refused,
         Want,
@@ -446,6 +465,12 @@ class FrameDecoder:
         # the caller asks for events, so nothing is ever buffered for a frame
         # we would refuse. (Later prefixes are checked when they reach the head.)
         if len(self._buf) >= _PREFIX.size:
+            self._check_length(_PREFIX.unpack_from(self._buf)[0])
+
+    def set_max_frame(self, max_frame: int) -> None:
+        """Change the payload limit from the next frame on (a push connection's roles swap)."""
+        self._max_frame = min(max_frame, MAX_FRAME)
+        if self._error is None and len(self._buf) >= _PREFIX.size:
             self._check_length(_PREFIX.unpack_from(self._buf)[0])
 
     def _check_length(self, length: int) -> None:

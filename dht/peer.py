@@ -28,7 +28,7 @@ import logging
 import secrets
 import socket
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -68,6 +68,7 @@ from .frames import (
     Notice,
     Ping,
     Pong,
+    Push,
     Refused,
     Want,
     Welcome,
@@ -84,6 +85,7 @@ log = logging.getLogger(__name__)
 
 PROOF_CONTEXT = b"peerdrive proof v1"
 HELLO_CONTEXT = b"peerdrive hello v1"
+PUSH_CONTEXT = b"peerdrive push v1"
 DRIVE_SECRET_LEN = 32
 
 HANDSHAKE_TIMEOUT = 10.0  # seconds for TCP connect + TLS + Challenge/Hello/Welcome
@@ -109,6 +111,11 @@ def make_proof(drive_secret: bytes, server_id: bytes, nonce: bytes) -> bytes:
 def hello_signed_bytes(server_id: bytes, nonce: bytes, discovery_key: bytes, proof: bytes) -> bytes:
     """The exact bytes a client signs with its node key in Hello."""
     return HELLO_CONTEXT + server_id + nonce + discovery_key + proof
+
+
+def push_signed_bytes(server_id: bytes, nonce: bytes, discovery_key: bytes, proof: bytes) -> bytes:
+    """The exact bytes a pushing dialer signs with its node key in Push."""
+    return PUSH_CONTEXT + server_id + nonce + discovery_key + proof
 
 
 @asynccontextmanager
@@ -181,6 +188,9 @@ class _FrameStream:
             except FrameError as exc:
                 raise PeerProtocolError(f"{self.peer} sent a bad frame: {exc}") from None
 
+    def set_max_frame(self, max_frame: int) -> None:
+        self._decoder.set_max_frame(max_frame)
+
     async def send(self, msg: Message) -> None:
         await self.send_bytes(encode(msg))
 
@@ -223,6 +233,7 @@ class ServerStats:
     not_found: int = 0
     source_errors: int = 0
     notices_sent: int = 0
+    pushes_accepted: int = 0  # push connections: the dialer serves, we fetch (see dht/push.py)
 
 
 class PeerServer:
@@ -255,6 +266,10 @@ class PeerServer:
         self.port: int | None = None
         self._ssl_context = server_context(identity)
         self._clients: dict[bytes, set[_ServerConnection]] = {}
+        # A push connection (a dialer serving us a drive, dht/push.py) is accepted only when
+        # the layer above takes it: on_push gets the running client connection.
+        self.on_push: Callable[[PeerConnection], Awaitable[None]] | None = None
+        self.push_notice: OnNotice | None = None  # notices arriving on push connections
 
     # ---- public -------------------------------------------------------------
 
@@ -361,8 +376,10 @@ class PeerServer:
                 return
             if conn is None:
                 return
-            self._clients.setdefault(conn.discovery_key, set()).add(conn)
-            await conn.run()
+            if isinstance(conn, _PushAccepted):
+                await self._run_pushed(conn, tcp)
+                return
+            await self.serve_connection(conn)
         except PeerProtocolError:
             stats.protocol_errors += 1
         except PeerGoneError:
@@ -370,15 +387,44 @@ class PeerServer:
                 stats.handshakes_failed += 1
         finally:
             stats.connections_active -= 1
-            if conn is not None:
-                clients = self._clients.get(conn.discovery_key)
-                if clients is not None:
-                    clients.discard(conn)
-                    if not clients:
-                        del self._clients[conn.discovery_key]
             await _close_quietly(ssl_stream)
 
-    async def _handshake(self, ssl_stream: TlsStream, peer: str) -> _ServerConnection | None:
+    async def serve_connection(self, conn: _ServerConnection) -> None:
+        """Serve one client past its handshake (accepted, or dialled by a push) until it ends."""
+        self._clients.setdefault(conn.discovery_key, set()).add(conn)
+        try:
+            await conn.run()
+        finally:
+            clients = self._clients.get(conn.discovery_key)
+            if clients is not None:
+                clients.discard(conn)
+                if not clients:
+                    del self._clients[conn.discovery_key]
+
+    async def _run_pushed(self, accepted: _PushAccepted, tcp: trio.SocketStream) -> None:
+        """A dialer serves us a drive over its connection: be its client until it ends."""
+        frames = accepted.frames
+        frames.set_max_frame(MAX_FRAME)  # blocks come this way now
+        with trio.move_on_after(self.handshake_timeout):
+            welcome = await frames.receive()
+        if not isinstance(welcome, Welcome):
+            return  # timed out, or not the Welcome a pushing dialer sends: drop it
+        try:
+            host, port = tcp.socket.getpeername()[:2]
+        except OSError:
+            host, port = "pushed", 0
+        addr = PeerAddr(accepted.client_id, str(host), int(port))
+        conn = PeerConnection(addr, accepted.discovery_key, frames, accepted.client_pubkey,
+                              welcome.max_wants, self.push_notice)
+        self.stats.pushes_accepted += 1
+        async with trio.open_nursery() as nursery:
+            await nursery.start(conn._run)
+            assert self.on_push is not None
+            await self.on_push(conn)
+            await conn.wait_closed()
+
+    async def _handshake(self, ssl_stream: TlsStream, peer: str
+                         ) -> _ServerConnection | _PushAccepted | None:
         try:
             await ssl_stream.do_handshake()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -388,6 +434,8 @@ class PeerServer:
         server_id = self.identity.node_id
         await frames.send(Challenge(server_id, nonce))
         hello = await frames.receive()
+        if isinstance(hello, Push):
+            return await self._push_handshake(frames, hello, nonce)
         if not isinstance(hello, Hello):
             self.stats.protocol_errors += 1
             await frames.send(Refused(f"expected hello, got {hello.TYPE}"))
@@ -409,6 +457,38 @@ class PeerServer:
         self.stats.handshakes_refused += 1
         await frames.send(Refused(reason))
         return None
+
+
+    async def _push_handshake(self, frames: _FrameStream, push: Push, nonce: bytes
+                              ) -> _PushAccepted | None:
+        """Check a Push as a Hello (own signature context); accept it only if on_push is set."""
+        server_id = self.identity.node_id
+        signed = push_signed_bytes(server_id, nonce, push.discovery_key, push.proof)
+        secret = self._secret_for(push.discovery_key)
+        expected = make_proof(secret or bytes(DRIVE_SECRET_LEN), server_id, nonce)
+        proof_ok = (hmac.compare_digest(expected, push.proof) and secret is not None
+                    and self.on_push is not None)
+        if not NodeIdentity.verify(push.client_pubkey, push.sig, signed):
+            reason = "bad push signature"
+        elif not proof_ok:
+            reason = "this node does not serve that drive, or the proof is wrong"
+        else:
+            await frames.send(Welcome(self.max_wants))
+            client_id = hashlib.sha256(push.client_pubkey).digest()
+            return _PushAccepted(frames, push.discovery_key, push.client_pubkey, client_id)
+        self.stats.handshakes_refused += 1
+        await frames.send(Refused(reason))
+        return None
+
+
+@dataclass
+class _PushAccepted:
+    """A push handshake that passed: the dialer will serve, we will fetch."""
+
+    frames: _FrameStream
+    discovery_key: bytes
+    client_pubkey: bytes
+    client_id: bytes
 
 
 def _peer_name(stream: trio.SocketStream) -> str:

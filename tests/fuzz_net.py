@@ -31,6 +31,7 @@ from dht.frames import (
     Notice,
     Ping,
     Pong,
+    Push,
     Refused,
     Want,
     Welcome,
@@ -85,6 +86,7 @@ def _frame_messages() -> list:
     return [
         Challenge(i32, j32),
         Hello(i32, j32, i32, bytes(64)),
+        Push(i32, j32, i32, bytes(64)),
         Welcome(256),
         Refused("no"),
         Want(1, i32, Priority.READ),

@@ -35,6 +35,7 @@ from dht.frames import (
     Notice,
     Ping,
     Pong,
+    Push,
     Refused,
     Want,
     Welcome,
@@ -62,6 +63,7 @@ def decode_all(data: bytes) -> list[Message]:
 EXAMPLES: list[Message] = [
     Challenge(ID, ID2),
     Hello(ID, ID2, ID, bytes(64)),
+    Push(ID, ID2, ID, bytes(64)),
     Welcome(256),
     Refused("no"),
     Want(7, ID, Priority.PIN),
@@ -83,6 +85,20 @@ EXAMPLES: list[Message] = [
 @pytest.mark.parametrize("msg", EXAMPLES, ids=lambda m: type(m).__name__)
 def test_round_trip_examples(msg: Message) -> None:
     assert decode_all(encode(msg)) == [msg]
+
+
+def test_the_frame_limit_can_change_between_frames() -> None:
+    """A push connection's roles swap after the handshake: so do the frame limits."""
+    decoder = FrameDecoder(MAX_CLIENT_FRAME)
+    big = encode(Block(1, b"x" * 10_000))
+    decoder.feed(encode(Welcome(5)))
+    assert decoder.next_event() == Welcome(5)
+    decoder.set_max_frame(MAX_FRAME)
+    decoder.feed(big)
+    assert decoder.next_event() == Block(1, b"x" * 10_000)
+    decoder.set_max_frame(MAX_CLIENT_FRAME)
+    with pytest.raises(FrameError):
+        decoder.feed(big[:4])
 
 
 def test_wire_layout_is_length_prefix_then_msgpack_map() -> None:
@@ -238,6 +254,7 @@ def test_bounded_strings_and_bytes() -> None:
         Goodbye("x" * (MAX_REASON + 1)),
         Welcome(MAX_WANTS_LIMIT + 1),
         Hello(ID, ID, ID, bytes(63)),
+        Push(ID, ID, ID[:31], bytes(64)),
         Have(1, ()),
         Have(1, (ID,) * (MAX_HAVE_IDS + 1)),
         Have(1, (ID[:31],)),
@@ -325,6 +342,7 @@ reasons = st.text(max_size=MAX_REASON)
 messages = st.one_of(
     st.builds(Challenge, ids, ids),
     st.builds(Hello, ids, ids, ids, st.binary(min_size=64, max_size=64)),
+    st.builds(Push, ids, ids, ids, st.binary(min_size=64, max_size=64)),
     st.builds(Welcome, st.integers(1, MAX_WANTS_LIMIT)),
     st.builds(Refused, reasons),
     st.builds(Want, req_ids, ids, st.sampled_from(Priority)),
