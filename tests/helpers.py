@@ -13,11 +13,33 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+
+import trio
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+
+
+TRIO_DEADLINE = 20.0  # no in-process trio test may hang: each runs under this bound
+
+
+def run_trio(test: Callable[[trio.Nursery], Awaitable[object]],
+             deadline: float = TRIO_DEADLINE) -> None:
+    """Run `test(nursery)` under trio within `deadline` seconds.
+
+    The nursery is the test's for background tasks (servers, drives); it is
+    cancelled once the test returns, so a test need not stop them itself.
+    """
+
+    async def main() -> None:
+        with trio.fail_after(deadline):
+            async with trio.open_nursery() as nursery:
+                await test(nursery)
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
 
 
 def env_for(home: Path) -> dict[str, str]:

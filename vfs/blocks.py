@@ -58,6 +58,8 @@ class BlockReader:
         self._writer_running = False
         self._unstored_added = trio.Event()
         self._stored = trio.Event()  # set (and replaced) after each batch the writer commits
+        # ids that failed to decrypt, until a batch holding them has been stored and evicted
+        self._undecryptable: set[bytes] = set()
         self.fetched_blocks = 0
         self.fetched_bytes = 0
         self.uncached_blocks = 0
@@ -162,15 +164,16 @@ class BlockReader:
     async def _store_unstored(self) -> None:
         while self._unstored:
             batch = list(self._unstored.items())
-            try:
-                self.uncached_blocks += await trio.to_thread.run_sync(self._store_batch, batch)
-            finally:
-                for block_id, ct in batch:
-                    if self._unstored.get(block_id) is ct:
-                        del self._unstored[block_id]
-                        self._unstored_bytes -= len(ct)
-                self._stored.set()
-                self._stored = trio.Event()
+            # Only a batch the store took leaves `_unstored`: a cancellation can land
+            # before the worker thread starts, and the blocks must then wait for the
+            # writer's shielded last round (they used to be dropped, unstored).
+            self.uncached_blocks += await trio.to_thread.run_sync(self._store_batch, batch)
+            for block_id, ct in batch:
+                if self._unstored.get(block_id) is ct:
+                    del self._unstored[block_id]
+                    self._unstored_bytes -= len(ct)
+            self._stored.set()
+            self._stored = trio.Event()
 
     def _store_batch(self, batch: list[tuple[bytes, bytes]]) -> int:
         """Put fetched blocks in one transaction (worker thread); returns how many were not.
@@ -183,6 +186,7 @@ class BlockReader:
         try:
             self.store.put_many(batch)
             self.store.release_mapped_pages()
+            self._evict_undecryptable(batch)
             return 0
         except StoreFull:
             if len(batch) == 1:
@@ -196,7 +200,15 @@ class BlockReader:
                 self.store.put(block_id, ct)
             except StoreError:
                 failed += 1
+        self._evict_undecryptable(batch)
         return failed
+
+    def _evict_undecryptable(self, batch: list[tuple[bytes, bytes]]) -> None:
+        """Evict what failed to decrypt while its batch was being stored (worker thread)."""
+        bad = [block_id for block_id, _ in batch if block_id in self._undecryptable]
+        if bad:
+            self._undecryptable.difference_update(bad)
+            self.store.evict(bad)
 
     def _open_local(self, ref: Ref) -> bytes | None:
         """Read and decrypt a block from the store, in a worker thread.
@@ -216,6 +228,10 @@ class BlockReader:
         except IntegrityError:
             # the id matched, so the publisher encrypted garbage under this ref, or the
             # ref itself is wrong: drop the block so it is not served again, and fail.
+            # A block just fetched may still wait for the store writer (dropped from
+            # there) or be in the batch it is storing now (evicted once that is stored).
+            self._undecryptable.add(ref.block_id)
+            self.forget(ref.block_id)
             self.store.evict([ref.block_id])
             raise
 

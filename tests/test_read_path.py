@@ -1,0 +1,240 @@
+"""The read path in process: Drive.read and BlockReader over a real store and a fake network.
+
+A publisher's store stands in for the peers (tests/inprocess.py); the reader
+has its own empty store. What is checked: bytes, which blocks are asked for
+and at which priority (readahead in file order, nothing ahead of random
+reads), what lands in the store, and what a block that does not decrypt does
+(IntegrityError, and it is gone from the store so it is never served again).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from cache.store import BlockStore
+from dht.types import Priority
+from tests.helpers import run_trio
+from tests.inprocess import FakeNetwork, new_cap, publish_folder, running_drive, wrong_key_chunks
+from vfs.blocks import BlockReader
+from vfs.drive import READAHEAD_CHUNKS, UNAVAILABLE_MEMORY, Drive
+from vfs.errors import BlockUnavailable, IntegrityError
+from vfs.storage import DriveStorage
+
+MiB = 1 << 20
+KiB = 1 << 10
+MARKER = b"BAD BLOCK MARKER"
+
+
+@pytest.fixture
+def world(tmp_path: Path, monkeypatch):
+    """A published drive (big.bin 8 MiB random, small.txt, bad.txt whose block does not
+    decrypt), the publisher's store as the network, and an empty reader store."""
+    src = tmp_path / "src"
+    src.mkdir()
+    big = os.urandom(8 * MiB)
+    (src / "big.bin").write_bytes(big)
+    (src / "small.txt").write_bytes(b"small\n")
+    (src / "bad.txt").write_bytes(MARKER + b"x" * 1000)
+    (src / "badbig.bin").write_bytes(MARKER + os.urandom(200 * KiB))
+    cap = new_cap()
+    pub = BlockStore(tmp_path / "pub", sync=False)
+    with wrong_key_chunks(monkeypatch, MARKER) as bad_ids:
+        head = publish_folder(pub, src, cap)
+    assert len(bad_ids) == 2
+    reader = BlockStore(tmp_path / "reader", sync=False)
+    net = FakeNetwork(pub)
+    drive = Drive(cap.read_cap(), DriveStorage(reader), head, fetch=net.fetch)
+    yield drive, net, big, reader, bad_ids
+    reader.close()
+    pub.close()
+
+
+async def open_file(drive: Drive, name: bytes):
+    entry = await drive.lookup(drive.root_entry(), name)
+    assert entry is not None
+    return await drive.open(entry)
+
+
+def test_sequential_reads_fetch_the_next_chunks_ahead_in_file_order(world) -> None:
+    drive, net, big, _, _ = world
+
+    async def main(nursery: trio.Nursery) -> None:
+        async with running_drive(drive):
+            of = await open_file(drive, b"big.bin")
+            chunks = of.map.chunks
+            assert len(chunks) > READAHEAD_CHUNKS + 4  # 8 MiB: ~32 chunks
+            size = 128 * KiB
+            for k in range(2):  # the second sequential read starts the readahead
+                got = await drive.read(of, k * size, size)
+                assert bytes(got) == big[k * size:(k + 1) * size]
+            first = of.map.span(size, size)[-1] + 1
+            window = [c.block_id for c in chunks[first:first + READAHEAD_CHUNKS]]
+            await net.wait_until(lambda: len(net.asked(Priority.READAHEAD)) >= len(window))
+            # exactly the next 16 (started in file order; the store lookups before each
+            # fetch run in worker threads, so neighbours may reach the network swapped)
+            assert sorted(net.asked(Priority.READAHEAD)) == sorted(window)
+            while of.pending:  # the readahead's own reads finish
+                await trio.sleep(0.01)
+            reads_before = len(net.asked(Priority.READ))
+            start = of.map.starts[first]
+            end = of.map.starts[first + READAHEAD_CHUNKS - 1]
+            got = await drive.read(of, start, end - start)
+            assert bytes(got) == big[start:end]
+            # everything the reader now asked for was already fetched ahead
+            assert len(net.asked(Priority.READ)) == reads_before
+
+    run_trio(main)
+
+
+def test_random_reads_fetch_nothing_ahead(world) -> None:
+    drive, net, big, _, _ = world
+
+    async def main(nursery: trio.Nursery) -> None:
+        async with running_drive(drive):
+            of = await open_file(drive, b"big.bin")
+            for off in (5 * MiB, 1 * MiB, 7 * MiB, 3 * MiB + 17):
+                got = await drive.read(of, off, 4096)
+                assert bytes(got) == big[off:off + 4096]
+            await trio.testing.wait_all_tasks_blocked()
+            assert net.asked(Priority.READAHEAD) == []
+
+    run_trio(main)
+
+
+def test_a_read_spanning_chunks_returns_exactly_the_bytes_asked(world) -> None:
+    drive, net, big, reader, _ = world
+
+    async def main(nursery: trio.Nursery) -> None:
+        async with running_drive(drive):
+            of = await open_file(drive, b"big.bin")
+            s = of.map.starts
+            for off, size in ((s[3] - 10, s[5] - s[3] + 20), (0, 8 * MiB), (8 * MiB - 1, 10),
+                              (8 * MiB, 10), (s[1], 1)):
+                got = await drive.read(of, off, size)
+                assert bytes(got) == big[off:off + size], (off, size)
+        # the drive stopped (an unmount): every block it fetched is in the store
+        ids = [c.block_id for c in of.map.chunks]
+        assert set(ids) <= set(net.asked())
+        assert reader.missing(ids) == []
+        asked = len(net.requests)
+        async with running_drive(drive):
+            drive.blocks._plain.clear()
+            assert bytes(await drive.read(of, 0, 8 * MiB)) == big
+        assert net.requests[asked:] == []  # all from the store
+
+    run_trio(main)
+
+
+def test_concurrent_reads_of_one_block_fetch_it_once(world) -> None:
+    drive, net, big, _, _ = world
+
+    async def main(nursery: trio.Nursery) -> None:
+        async with running_drive(drive):
+            of = await open_file(drive, b"big.bin")
+            target = of.map.chunks[2].block_id
+            net.hold.add(target)
+            results: list[bytes] = []
+
+            async def reader(off: int) -> None:
+                results.append(bytes(await drive.read(of, off, 100)))
+
+            base = of.map.starts[2]
+            async with trio.open_nursery() as inner:
+                for k in range(5):
+                    inner.start_soon(reader, base + k * 1000)
+                await net.wait_until(lambda: target in net.asked())
+                await trio.testing.wait_all_tasks_blocked()
+                net.release()
+            assert sorted(results) == sorted(big[base + k * 1000:base + k * 1000 + 100]
+                                             for k in range(5))
+            assert net.asked().count(target) == 1
+
+    run_trio(main)
+
+
+def test_wrong_key_block_in_the_store_fails_and_is_evicted(world) -> None:
+    drive, net, _, reader, bad_ids = world
+    for block_id in bad_ids:  # as if fetched earlier: the id matches, so a store takes it
+        ct = net.source.get(block_id)
+        assert ct is not None
+        reader.put(block_id, ct)
+
+    async def main(nursery: trio.Nursery) -> None:
+        async with running_drive(drive):
+            for name in (b"bad.txt", b"badbig.bin"):
+                of = await open_file(drive, name)
+                with pytest.raises(IntegrityError):
+                    await drive.read(of, 0, 100)
+            assert reader.missing(bad_ids) == bad_ids  # both evicted
+            assert net.asked() and not set(bad_ids) & set(net.asked())
+            # the good files of the same drive still read
+            of = await open_file(drive, b"small.txt")
+            assert bytes(await drive.read(of, 0, 100)) == b"small\n"
+
+    run_trio(main)
+
+
+def test_wrong_key_block_from_the_network_fails_and_is_not_kept(world) -> None:
+    drive, net, _, reader, bad_ids = world
+
+    async def main(nursery: trio.Nursery) -> None:
+        async with running_drive(drive):
+            for name in (b"bad.txt", b"badbig.bin"):
+                of = await open_file(drive, name)
+                for _ in range(2):  # and again: not served from memory either
+                    with pytest.raises(IntegrityError):
+                        await drive.read(of, 0, 100)
+        # the drive stopped, so its store writer stored everything it was still holding
+        assert reader.missing(bad_ids) == bad_ids
+        assert sum(1 for b in net.asked() if b in bad_ids) == 4  # fetched afresh each time
+
+    run_trio(main)
+
+
+def test_an_unavailable_block_fails_and_fails_at_once_for_a_moment(world) -> None:
+    drive, net, big, _, _ = world
+
+    async def main(nursery: trio.Nursery) -> None:
+        async with running_drive(drive):
+            of = await open_file(drive, b"big.bin")
+            missing = of.map.chunks[4]
+            net.unavailable.add(missing.block_id)
+            off = of.map.starts[4]
+            with pytest.raises(BlockUnavailable):
+                await drive.read(of, off, 100)
+            asked = net.asked().count(missing.block_id)
+            with pytest.raises(BlockUnavailable):  # remembered: no second wait on the network
+                await drive.read(of, off, 100)
+            assert net.asked().count(missing.block_id) == asked
+            # a read of other chunks is not affected
+            assert bytes(await drive.read(of, 0, 100)) == big[:100]
+            net.unavailable.clear()
+            await trio.sleep(UNAVAILABLE_MEMORY)
+            assert bytes(await drive.read(of, off, 100)) == big[off:off + 100]
+
+    run_trio(main)
+
+
+def test_block_reader_without_network_says_so(tmp_path: Path) -> None:
+    store = BlockStore(tmp_path / "s", sync=False)
+    cap = new_cap()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"data")
+    pub = BlockStore(tmp_path / "pub", sync=False)
+    head = publish_folder(pub, src, cap)
+    reader = BlockReader(store, cap.read_key)
+
+    async def main(nursery: trio.Nursery) -> None:
+        assert head.root is not None and head.root.node is not None
+        with pytest.raises(BlockUnavailable, match="no network"):
+            await reader.read(head.root.node)
+
+    run_trio(main)
+    store.close()
+    pub.close()
