@@ -21,7 +21,8 @@ from cache.errors import StoreError, StoreFull
 from vfs import errors
 from vfs.home import Home
 from vfs.node import network_for
-from vfs.status import status_command
+from vfs.options import MOUNT_LISTEN, SERVE_LISTEN, NodeOptions
+from vfs.status import node_status
 
 EXPECTED_EXIT = [
     (None, 0),
@@ -71,13 +72,6 @@ def write_config(home: Path, text: str) -> Home:
     return Home(home)
 
 
-def args_for(**kw) -> argparse.Namespace:
-    base = {"bootstrap": None, "listen": None, "no_lan": False, "fetch_timeout": None,
-            "cache_size": None}
-    base.update(kw)
-    return argparse.Namespace(**base)
-
-
 def test_config_toml_sets_every_default(tmp_path: Path) -> None:
     home = write_config(tmp_path / "h", 'bootstrap = ["10.1.2.3:4100", "peer.example:4200"]\n'
                         'cache_size = "10G"\nlisten = "127.0.0.1:4555"\nlan = false\n'
@@ -86,7 +80,9 @@ def test_config_toml_sets_every_default(tmp_path: Path) -> None:
     assert cfg.bootstrap == ["10.1.2.3:4100", "peer.example:4200"]
     assert cfg.cache_size == "10G" and cfg.listen == "127.0.0.1:4555"
     assert cfg.lan is False and cfg.fetch_timeout == 7.5
-    net = network_for(home, None, args_for(), cfg, default_listen="0.0.0.0:4100")
+    resolved = NodeOptions().resolve(cfg, SERVE_LISTEN)
+    assert resolved.cache_size == "10G"
+    net = network_for(home, None, resolved)
     assert net.listen == ("127.0.0.1", 4555)
     assert net.bootstrap == [("10.1.2.3", 4100), ("peer.example", 4200)]
     assert net.lan is False and net.fetch_timeout == 7.5
@@ -97,9 +93,10 @@ def test_command_line_options_win_over_config(tmp_path: Path) -> None:
                         'fetch_timeout = 7.5\n')
     cfg = home.config()
     assert cfg.bootstrap == ["10.1.2.3:4100"]  # one string is one peer
-    net = network_for(home, None, args_for(bootstrap=["127.0.0.2:9"], listen="127.0.0.1:0",
-                                           no_lan=True, fetch_timeout=3.0),
-                      cfg, default_listen="0.0.0.0:4100")
+    opts = NodeOptions(bootstrap=["127.0.0.2:9"], listen="127.0.0.1:0", lan=False,
+                       fetch_timeout=3.0, cache_size="1G")
+    assert opts.resolve(cfg, SERVE_LISTEN).cache_size == "1G"
+    net = network_for(home, None, opts.resolve(cfg, SERVE_LISTEN))
     assert net.listen == ("127.0.0.1", 0) and net.bootstrap == [("127.0.0.2", 9)]
     assert net.lan is False and net.fetch_timeout == 3.0
 
@@ -109,9 +106,10 @@ def test_no_config_gives_the_documented_defaults(tmp_path: Path) -> None:
     cfg = home.config()
     assert (cfg.bootstrap, cfg.cache_size, cfg.listen, cfg.lan, cfg.fetch_timeout) == \
         ([], None, None, True, 20.0)
-    serve = network_for(home, None, args_for(), cfg, default_listen="0.0.0.0:4100")
+    serve = network_for(home, None, NodeOptions().resolve(cfg, SERVE_LISTEN))
     assert serve.listen == ("0.0.0.0", 4100) and serve.lan is True and serve.bootstrap == []
-    mount = network_for(home, None, args_for(), cfg, default_listen="0.0.0.0:0")
+    assert serve.fetch_timeout == 20.0
+    mount = network_for(home, None, NodeOptions().resolve(cfg, MOUNT_LISTEN))
     assert mount.listen == ("0.0.0.0", 0)
 
 
@@ -143,7 +141,8 @@ def test_node_status_lists_live_mounts_and_nodes(tmp_path: Path) -> None:
             "time": 1.0}
     (run / f"{me}.json").write_text(json.dumps(snap))
     (run / f"{2 ** 22 + 12345}.json").write_text(json.dumps({**snap, "pid": 2 ** 22 + 12345}))
-    data, text = status_command(home, argparse.Namespace(path=None, json=True))
+    data = node_status(home)
+    text = cli.render_node_status(data)
     assert data["mounts"] == [mount]  # the dead one is not listed
     assert data["nodes"] == [snap]
     assert data["home"] == str(home.path) and data["drives"] == []
