@@ -32,6 +32,10 @@ class PeerGoneError(DhtError):
     """The connection to a peer could not be made, was closed, or broke; pending fetches fail."""
 
 
+class PeerStuckError(PeerGoneError):
+    """The peer stopped reading: a frame could not be sent within the send timeout."""
+
+
 class PeerProtocolError(PeerGoneError):
     """A peer broke the protocol (bad frame, unexpected message); the connection was dropped."""
 

@@ -806,7 +806,8 @@ class Fetcher:
             return
 
         if isinstance(error, BlockNotFound):
-            peer.last_delivery = now
+            # Not a delivery: a peer that answers NotFound to decoys while it sits on
+            # the wants it was asked must still count as stalled on those.
             peer.not_found += 1
             request.excluded.add(peer.node_id)
             request.outcomes[peer.node_id] = "does not have it"

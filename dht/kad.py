@@ -25,7 +25,10 @@ inside the trio program (see docs/dht.md for why not a thread).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import hashlib
+import heapq
+import hmac
 import ipaddress
 import logging
 import os
@@ -42,7 +45,7 @@ import trio
 import trio_asyncio
 from kademlia.crawling import NodeSpiderCrawl, ValueSpiderCrawl
 from kademlia.network import Server
-from kademlia.node import Node
+from kademlia.node import Node, NodeHeap
 from kademlia.protocol import KademliaProtocol
 from kademlia.routing import KBucket, RoutingTable
 from kademlia.storage import IStorage
@@ -102,9 +105,70 @@ REFRESH_INTERVAL = 15 * 60
 BOOTSTRAP_RETRY_INTERVAL = 30
 """How often a node with an empty routing table tries its bootstrap contacts again."""
 
+UNVERIFIED_REPLY_MAX = 1280
+"""Largest reply sent to an address that has not shown it receives our datagrams.
+
+A request's source address is unauthenticated: a forged one makes us answer a
+victim. Replies to an unverified address are cut to this (about 12 times a
+~100-byte request, a full find_node contact list) and carry a token instead of
+what did not fit; asking again with the token proves the address and gets all.
+"""
+
+TOKEN_LEN = 16
+TOKEN_ROTATE = 300.0
+"""Seconds between two token secrets; a token is valid for one to two of these."""
+
+VERIFIED_TTL = 1800.0
+"""An address that answered one of our requests counts as verified this long."""
+
+MAX_TRACKED_ADDRESSES = 4096
+"""Bound of every per-address table (verified addresses, tokens held, rate buckets)."""
+
+REQUESTS_PER_SECOND = 100.0
+REQUEST_BURST = 400.0
+"""Requests one source address (ip, port) may send: a sustained rate and a burst."""
+
+UNVERIFIED_BYTES_PER_SECOND = 64 * 1024
+UNVERIFIED_BYTES_BURST = 256 * 1024
+"""Reply bytes all unverified addresses of one IP may draw, so a spoofed flood stays small."""
+
+VERIFY_PINGS_PER_SECOND = 50.0
+"""Pings sent to check that a new contact really is at its source address, at most."""
+
+MAX_WELCOME_VALUES = 8
+"""Values handed to a newly verified contact that is closer to their keys (paper §2.5)."""
+
+MAX_CRAWL_ROUNDS = 24
+"""Rounds a lookup may take (1000 nodes need 3-6): a node feeding fake contacts ends there."""
+
+CRAWL_HEAP_LIMIT = 4
+"""A lookup keeps at most this many times k candidate contacts."""
+
 _REQUEST = 0x00
 _RESPONSE = 0x01
 _MSG_ID_LEN = 20
+
+
+class _Buckets:
+    """Token buckets per key (an address or an IP), the least recently used dropped past a bound."""
+
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float],
+                 max_keys: int = MAX_TRACKED_ADDRESSES) -> None:
+        self.rate, self.burst, self._clock, self._max = rate, burst, clock, max_keys
+        self._state: OrderedDict[Any, tuple[float, float]] = OrderedDict()
+
+    def take(self, key: Any, amount: float = 1.0) -> bool:
+        """Take `amount` from `key`'s bucket; False (nothing taken) if it holds less."""
+        now = self._clock()
+        level, last = self._state.pop(key, (self.burst, now))
+        level = min(self.burst, level + (now - last) * self.rate)
+        ok = level >= amount
+        if ok:
+            level -= amount
+        self._state[key] = (level, now)
+        if len(self._state) > self._max:
+            self._state.popitem(last=False)
+        return ok
 
 
 class KadError(DhtError):
@@ -154,6 +218,30 @@ class RecordStorage(IStorage):
         self._mutable: OrderedDict[bytes, tuple[float, MutableRecord]] = OrderedDict()
         # key -> provider set; least recently offered first
         self._providers: OrderedDict[bytes, ProviderSet] = OrderedDict()
+        # every key held, sorted: the keys XOR-closest to an id sit around its position
+        self._index: list[bytes] = []
+
+    def _indexed(self, key: bytes) -> None:
+        i = bisect.bisect_left(self._index, key)
+        if i == len(self._index) or self._index[i] != key:
+            self._index.insert(i, key)
+
+    def _unindexed(self, key: bytes) -> None:
+        if key in self._mutable or key in self._providers:
+            return
+        i = bisect.bisect_left(self._index, key)
+        if i < len(self._index) and self._index[i] == key:
+            del self._index[i]
+
+    def keys_near(self, node_id: bytes, count: int) -> list[bytes]:
+        """Up to `count` held keys sharing the longest prefixes with `node_id` (O(log n + count)).
+
+        Keys with a common prefix of at least L bits with `node_id` form one run
+        of the sorted index around its position, so the nearest by XOR are among
+        its neighbours there.
+        """
+        i = bisect.bisect_left(self._index, node_id)
+        return self._index[max(0, i - count // 2) : i + (count + 1) // 2]
 
     # -- the door in
 
@@ -176,7 +264,7 @@ class RecordStorage(IStorage):
         if record.key != key:
             return False
         now = self._clock()
-        self.cull()
+        self._cull_mutable(now)
         current = self._mutable.get(key)
         if current is not None:
             held = current[1]
@@ -188,8 +276,9 @@ class RecordStorage(IStorage):
                 record = held
             del self._mutable[key]
         elif len(self._mutable) >= self._max_keys:
-            self._mutable.popitem(last=False)
+            self._unindexed(self._mutable.popitem(last=False)[0])
         self._mutable[key] = (now, record)
+        self._indexed(key)
         return True
 
     def _offer_provider(self, key: bytes, record: ProviderRecord, now: float) -> bool:
@@ -200,25 +289,38 @@ class RecordStorage(IStorage):
             if len(self._providers) >= self._max_keys:
                 self.cull()
             if len(self._providers) >= self._max_keys:
-                self._providers.popitem(last=False)
+                self._unindexed(self._providers.popitem(last=False)[0])
             pset = ProviderSet(record.dk, self._providers_per_key)
         accepted = pset.offer(record, now)
         if len(pset):
             self._providers[key] = pset
+            self._indexed(key)
+        else:
+            self._unindexed(key)
         return accepted
 
     # -- reads
 
     def mutable(self, key: bytes) -> MutableRecord | None:
-        """The live mutable record stored under `key`, if any."""
-        self.cull()
+        """The live mutable record stored under `key`, if any (amortised O(1))."""
+        self._cull_mutable(self._clock())
         entry = self._mutable.get(key)
         return None if entry is None else entry[1]
 
     def providers(self, key: bytes) -> list[ProviderRecord]:
-        """Live provider records under `key`, latest-expiring first."""
+        """Live provider records under `key`, latest-expiring first.
+
+        Only this key's set is culled: a read costs O(one set), never O(every set)
+        (a find_value is a request any stranger may send).
+        """
         pset = self._providers.get(key)
-        return [] if pset is None else pset.records(self._clock())
+        if pset is None:
+            return []
+        records = pset.records(self._clock())
+        if not records:
+            del self._providers[key]
+            self._unindexed(key)
+        return records
 
     def values(self, key: bytes, budget: int = FIND_VALUE_BUDGET) -> list[bytes]:
         """Tagged values under `key` for a find_value reply, at most `budget` bytes in all."""
@@ -236,19 +338,25 @@ class RecordStorage(IStorage):
             used += size
         return out
 
-    def cull(self) -> None:
-        """Drop mutable records not re-stored within their TTL and expired provider records."""
-        now = self._clock()
+    def _cull_mutable(self, now: float) -> None:
+        """Drop mutable records not re-stored within their TTL (oldest first: amortised O(1))."""
         while self._mutable:
             key, (stored, _) = next(iter(self._mutable.items()))
             if stored > now - self._mutable_ttl:
                 break
             del self._mutable[key]
+            self._unindexed(key)
+
+    def cull(self) -> None:
+        """Drop stale mutable records and expired provider records: O(stored), for upkeep only."""
+        now = self._clock()
+        self._cull_mutable(now)
         for key in list(self._providers):
             pset = self._providers[key]
             pset.expire(now)
             if not len(pset):
                 del self._providers[key]
+                self._unindexed(key)
 
     def __len__(self) -> int:
         self.cull()
@@ -348,7 +456,21 @@ class PeerdriveProtocol(KademliaProtocol):
         self.storage: RecordStorage = storage
         self._wait_timeout = wait_timeout
         self.dropped_datagrams = 0
-        self._arity = {"ping": 1, "store": 3, "find_node": 2, "find_value": 2}
+        self.rate_limited = 0  # requests dropped by a per-address or per-IP limit
+        self.truncated_replies = 0  # replies cut for an unverified address
+        self._arity = {"ping": (1,), "store": (3,), "find_node": (2,), "find_value": (2, 3)}
+        self._clock = time.monotonic
+        self._secrets = [os.urandom(32), os.urandom(32)]
+        self._secret_since = self._clock()
+        self._verified: OrderedDict[tuple[str, int], float] = OrderedDict()
+        self._tokens: OrderedDict[tuple[str, int], bytes] = OrderedDict()  # theirs, for us
+        self._requests = _Buckets(REQUESTS_PER_SECOND, REQUEST_BURST, self._clock)
+        self._unverified_bytes = _Buckets(UNVERIFIED_BYTES_PER_SECOND, UNVERIFIED_BYTES_BURST,
+                                          self._clock)
+        self._verify_pings = _Buckets(VERIFY_PINGS_PER_SECOND, VERIFY_PINGS_PER_SECOND,
+                                      self._clock, max_keys=1)
+        self._verifying: set[tuple[str, int]] = set()
+        self._tasks: set[asyncio.Future] = set()
 
     # -- transport events
 
@@ -402,15 +524,15 @@ class PeerdriveProtocol(KademliaProtocol):
             self._drop(addr, "request is not [name, args]")
             return
         name, args = body
-        arity = self._arity.get(name) if isinstance(name, str) else None
-        if arity is None or not isinstance(args, list) or len(args) != arity:
+        arities = self._arity.get(name) if isinstance(name, str) else None
+        if arities is None or not isinstance(args, list) or len(args) not in arities:
             self._drop(addr, f"unknown call or wrong arguments: {name!r}")
             return
         nodeid = args[0]
         if not _is_key(nodeid) or nodeid == self.source_node.id:
             self._drop(addr, "bad sender node id")
             return
-        if arity >= 2 and not _is_key(args[1]):
+        if len(args) >= 2 and not _is_key(args[1]):
             self._drop(addr, "bad key")
             return
         if name == "store" and not (
@@ -418,14 +540,144 @@ class PeerdriveProtocol(KademliaProtocol):
         ):
             self._drop(addr, "bad store value")
             return
-        response = getattr(self, f"rpc_{name}")(addr, *args)
-        reply = bytes([_RESPONSE]) + msg_id + msgpack.packb(response, use_bin_type=True)
+        if name == "find_value" and len(args) == 3 and not isinstance(args[2], bytes):
+            self._drop(addr, "bad token")
+            return
+        address = (addr[0], addr[1])
+        if not self._requests.take(address):
+            self.rate_limited += 1
+            return
+        verified = self.is_verified(address) or self._is_contact(nodeid, address)
+        if not verified and name == "find_value" and len(args) == 3:
+            verified = self._token_ok(address, args[2])
+            if verified:
+                self._mark_verified(address)
+        self._note_sender(Node(nodeid, address[0], address[1]), verified)
+        if name == "ping":
+            response: Any = self.source_node.id
+        elif name == "store":
+            response = self.storage.offer(args[1], args[2])
+        elif name == "find_node":
+            response = self._contacts_for(args[1], address)
+        else:
+            response = {"values": self.storage.values(args[1]),
+                        "nodes": self._contacts_for(args[1], address)}
+        reply = self._encode_reply(msg_id, response)
+        if not verified and len(reply) > UNVERIFIED_REPLY_MAX:
+            self.truncated_replies += 1
+            reply = self._encode_reply(msg_id, self._cut(response, address))
         if len(reply) > MAX_DATAGRAM:
             log.warning("not sending a %d-byte reply to %s (limit %d)", len(reply), addr,
                         MAX_DATAGRAM)
             return
+        if not verified and not self._unverified_bytes.take(address[0], len(reply)):
+            self.rate_limited += 1
+            return
         if self.transport is not None and not self.transport.is_closing():
             self.transport.sendto(reply, addr)
+
+    @staticmethod
+    def _encode_reply(msg_id: bytes, response: Any) -> bytes:
+        return bytes([_RESPONSE]) + msg_id + msgpack.packb(response, use_bin_type=True)
+
+    def _cut(self, response: Any, address: tuple[str, int]) -> Any:
+        """`response` shrunk to fit UNVERIFIED_REPLY_MAX; a find_value reply gets a token."""
+        budget = UNVERIFIED_REPLY_MAX - 1 - _MSG_ID_LEN
+        if isinstance(response, list):
+            while response and len(msgpack.packb(response, use_bin_type=True)) > budget:
+                response = response[:-1]
+            return response
+        cut = {"values": [], "nodes": list(response["nodes"]), "token": self._token(address)}
+        while cut["nodes"] and len(msgpack.packb(cut, use_bin_type=True)) > budget:
+            cut["nodes"].pop()
+        for value in response["values"]:
+            cut["values"].append(value)
+            if len(msgpack.packb(cut, use_bin_type=True)) > budget:
+                cut["values"].pop()
+                break
+        return cut
+
+    def _contacts_for(self, key: bytes, address: tuple[str, int]) -> list[list[Any]]:
+        exclude = Node(bytes(KEY_LEN), address[0], address[1])
+        return [list(n) for n in self.router.find_neighbors(Node(key), exclude=exclude)]
+
+    # -- source addresses: verified, tokens, rate limits
+
+    def is_verified(self, address: tuple[str, int]) -> bool:
+        """Whether `address` answered a request of ours (or showed our token) lately."""
+        until = self._verified.get(address)
+        if until is None:
+            return False
+        if until < self._clock():
+            del self._verified[address]
+            return False
+        return True
+
+    def _is_contact(self, node_id: bytes, address: tuple[str, int]) -> bool:
+        """Whether the routing table holds `node_id` at `address` (it was verified to get there)."""
+        node = Node(node_id)
+        known = self.router.buckets[self.router.get_bucket_for(node)].nodes.get(node_id)
+        return known is not None and (known.ip, known.port) == address
+
+    def _mark_verified(self, address: tuple[str, int]) -> None:
+        self._verified.pop(address, None)
+        self._verified[address] = self._clock() + VERIFIED_TTL
+        if len(self._verified) > MAX_TRACKED_ADDRESSES:
+            self._verified.popitem(last=False)
+
+    def _token(self, address: tuple[str, int], secret: bytes | None = None) -> bytes:
+        now = self._clock()
+        if now - self._secret_since >= TOKEN_ROTATE:
+            self._secrets = [os.urandom(32), self._secrets[0]]
+            self._secret_since = now
+        message = f"{address[0]}:{address[1]}".encode()
+        key = secret if secret is not None else self._secrets[0]
+        return hmac.new(key, message, hashlib.sha256).digest()[:TOKEN_LEN]
+
+    def _token_ok(self, address: tuple[str, int], token: bytes) -> bool:
+        self._token(address)  # rotates the secrets when due
+        return any(hmac.compare_digest(self._token(address, secret), token)
+                   for secret in self._secrets)
+
+    def _note_sender(self, node: Node, verified: bool) -> None:
+        """Learn the sender of a request: at once if its address is verified, else after a ping.
+
+        A request's source address may be forged, so an unverified sender is never
+        put into the routing table (nor handed values) on its word; it is pinged
+        (a datagram smaller than its request, rate-limited) and welcomed once it
+        answers from that address with that id.
+        """
+        if verified:
+            self.welcome_if_new(node)
+            return
+        address = (node.ip, node.port)
+        bucket = self.router.buckets[self.router.get_bucket_for(node)]
+        if (
+            not bucket.is_new_node(node)
+            # a full bucket far from us would not take it anyway (one that holds our
+            # own id splits, so there a newcomer is worth a ping)
+            or (len(bucket) >= bucket.ksize and not bucket.has_in_range(self.source_node))
+            or address in self._verifying
+            or len(self._verifying) >= MAX_TRACKED_ADDRESSES
+            or not self._verify_pings.take(None)
+        ):
+            return
+        self._verifying.add(address)
+        try:
+            task = asyncio.ensure_future(self._verify(node))
+        except RuntimeError:  # no running loop (a unit test driving the handler directly)
+            self._verifying.discard(address)
+            return
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _verify(self, node: Node) -> None:
+        try:
+            answered, node_id = await self.ping((node.ip, node.port), self.source_node.id)
+        finally:
+            self._verifying.discard((node.ip, node.port))
+        if answered and node_id == node.id:
+            self.welcome_if_new(node)
 
     def _handle_response(self, msg_id: bytes, body: Any, addr: Any) -> None:
         entry = self._outstanding.get(msg_id)
@@ -438,6 +690,7 @@ class PeerdriveProtocol(KademliaProtocol):
             return
         del self._outstanding[msg_id]
         timer.cancel()
+        self._mark_verified((address[0], address[1]))  # it received our random message id
         if not future.done():
             future.set_result((True, body))
 
@@ -484,24 +737,31 @@ class PeerdriveProtocol(KademliaProtocol):
     def find_node(self, address: Any, nodeid: bytes, key: bytes) -> asyncio.Future:
         return self._request(address, "find_node", nodeid, key)
 
-    def find_value(self, address: Any, nodeid: bytes, key: bytes) -> asyncio.Future:
-        return self._request(address, "find_value", nodeid, key)
+    def find_value(self, address: Any, nodeid: bytes, key: bytes,
+                   token: bytes | None = None) -> asyncio.Future:
+        if token is None:
+            return self._request(address, "find_value", nodeid, key)
+        return self._request(address, "find_value", nodeid, key, token)
 
-    # -- handlers
+    async def call_find_value(self, node_to_ask: Node, node_to_find: Node) -> Any:
+        """find_value, asked again with the token when the reply was cut for an unverified us.
 
-    def rpc_store(self, sender: Any, nodeid: bytes, key: bytes, value: bytes) -> bool:
-        self.welcome_if_new(Node(nodeid, sender[0], sender[1]))
-        return self.storage.offer(key, value)
-
-    def rpc_find_node(self, sender: Any, nodeid: bytes, key: bytes) -> list[list[Any]]:
-        source = Node(nodeid, sender[0], sender[1])
-        self.welcome_if_new(source)
-        return [list(n) for n in self.router.find_neighbors(Node(key), exclude=source)]
-
-    def rpc_find_value(self, sender: Any, nodeid: bytes, key: bytes) -> dict[str, Any]:
-        """Reply with what is stored under `key` *and* closer contacts, so crawls go on."""
-        nodes = self.rpc_find_node(sender, nodeid, key)
-        return {"values": self.storage.values(key), "nodes": nodes}
+        The token is kept per address, so later requests carry it from the start.
+        """
+        address = (node_to_ask.ip, node_to_ask.port)
+        token = self._tokens.get(address)
+        result = await self.find_value(address, self.source_node.id, node_to_find.id, token)
+        body = result[1]
+        if result[0] and isinstance(body, dict) and isinstance(body.get("token"), bytes):
+            token = body["token"][:TOKEN_LEN]
+            self._tokens.pop(address, None)
+            self._tokens[address] = token
+            if len(self._tokens) > MAX_TRACKED_ADDRESSES:
+                self._tokens.popitem(last=False)
+            again = await self.find_value(address, self.source_node.id, node_to_find.id, token)
+            if again[0]:
+                result = again
+        return self.handle_call_response(result, node_to_ask)
 
     # -- routing table upkeep
 
@@ -513,14 +773,20 @@ class PeerdriveProtocol(KademliaProtocol):
         return ids
 
     def welcome_if_new(self, node: Node) -> None:
-        """Add a new contact; hand it the values it is now among the closest to (paper §2.5).
+        """Add a verified new contact; hand it the values it is now among the closest to (§2.5).
 
-        The package's version hashes stored keys again with SHA-1 before measuring
-        distance; our keys are already positions in the id space.
+        Only called for a node that answered us, or whose address is verified:
+        never on the word of one datagram. The work is bounded: the few held keys
+        nearest to its id are considered (a sorted index, not a scan of storage),
+        and at most MAX_WELCOME_VALUES values are sent. (The package's version
+        hashed stored keys again with SHA-1 and scanned them all.)
         """
         if not self.router.is_new_node(node):
             return
-        for key, value in self.storage:
+        sent = 0
+        for key in self.storage.keys_near(node.id, 2 * MAX_WELCOME_VALUES):
+            if sent >= MAX_WELCOME_VALUES:
+                break
             keynode = Node(key)
             neighbors = self.router.find_neighbors(keynode)
             if neighbors:
@@ -529,8 +795,10 @@ class PeerdriveProtocol(KademliaProtocol):
                 first = neighbors[0].distance_to(keynode)
                 this_closest = self.source_node.distance_to(keynode) < first
             if not neighbors or (new_node_close and this_closest):
-                # the reply only matters to the new node; nothing awaits it
-                self.store((node.ip, node.port), self.source_node.id, key, value)
+                for value in self.storage.values(key)[: MAX_WELCOME_VALUES - sent]:
+                    # the reply only matters to the new node; nothing awaits it
+                    self.store((node.ip, node.port), self.source_node.id, key, value)
+                    sent += 1
         self.router.add_contact(node)
 
     def parse_nodes(self, payload: Any) -> list[Node] | None:
@@ -548,7 +816,9 @@ class PeerdriveProtocol(KademliaProtocol):
 
     def parse_find_value(self, payload: Any) -> tuple[list[bytes], list[Node]] | None:
         """(tagged values, contacts) from a find_value reply, or None if it is garbage."""
-        if not isinstance(payload, dict) or set(payload) != {"values", "nodes"}:
+        if not isinstance(payload, dict) or not (
+            set(payload) == {"values", "nodes"} or set(payload) == {"values", "nodes", "token"}
+        ):
             return None
         values = payload["values"]
         if not isinstance(values, list) or not all(isinstance(v, bytes) for v in values):
@@ -566,21 +836,86 @@ class PeerdriveProtocol(KademliaProtocol):
 # --------------------------------------------------------------------------- crawling
 
 
-class CheckedNodeSpiderCrawl(NodeSpiderCrawl):
-    """The package's node lookup, counting rounds and ignoring peers that answer garbage."""
+class BoundedNodeHeap(NodeHeap):
+    """The package's candidate heap, trimmed to the nearest `limit` nodes after every push.
+
+    The package's heap keeps every contact ever pushed (and checks membership by
+    a scan), so a node answering with endless fresh contacts grew a lookup's
+    memory and its cost per reply without bound.
+    """
+
+    def __init__(self, node: Node, maxsize: int, limit: int) -> None:
+        super().__init__(node, maxsize)
+        self.limit = limit
+        self._ids: set[bytes] = set()
+
+    def __contains__(self, node: Any) -> bool:
+        return node.id in self._ids
+
+    def push(self, nodes: Any) -> None:
+        if not isinstance(nodes, list):
+            nodes = [nodes]
+        for node in nodes:
+            if node.id not in self._ids:
+                heapq.heappush(self.heap, (self.node.distance_to(node), node))
+                self._ids.add(node.id)
+        if len(self.heap) > self.limit:
+            self.heap = heapq.nsmallest(self.limit, self.heap)  # sorted: still a heap
+            self._ids = {n.id for _, n in self.heap}
+
+    def remove(self, peers: Any) -> None:
+        super().remove(peers)
+        self._ids = {n.id for _, n in self.heap}
+
+
+class _BoundedCrawl:
+    """An iterative lookup of at most MAX_CRAWL_ROUNDS rounds (the package's recursed unbounded).
+
+    Each round asks alpha uncontacted nodes among the k nearest known (all of
+    them when the last round brought nothing nearer), as the package does; a
+    subclass's `_take` digests one round's answers.
+    """
 
     protocol: PeerdriveProtocol
+    nearest: BoundedNodeHeap
+    rounds: int
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def _bound(self, node: Node, peers: list[Node], ksize: int) -> None:
+        self.nearest = BoundedNodeHeap(node, ksize, CRAWL_HEAP_LIMIT * ksize)
+        self.nearest.push(list(peers))
         self.rounds = 0
         self.ignored: set[bytes] = set()
 
-    async def find(self) -> Any:
-        self.rounds += 1
-        return await self._find(self.protocol.call_find_node)
+    async def _crawl(self, rpcmethod: Callable[..., Any]) -> None:
+        last_ids: list[bytes] | None = None
+        while self.rounds < MAX_CRAWL_ROUNDS and not self.nearest.have_contacted_all():
+            self.rounds += 1
+            ids = self.nearest.get_ids()
+            count = len(self.nearest) if ids == last_ids else self.alpha  # type: ignore[attr-defined]
+            last_ids = ids
+            asked = self.nearest.get_uncontacted()[:count]
+            for peer in asked:
+                self.nearest.mark_contacted(peer)
+            results = await asyncio.gather(*(rpcmethod(peer, self.node) for peer in asked))  # type: ignore[attr-defined]
+            self._take(dict(zip((p.id for p in asked), results, strict=True)))
 
-    async def _nodes_found(self, responses: dict[bytes, Any]) -> Any:
+    def _take(self, responses: dict[bytes, Any]) -> None:
+        raise NotImplementedError
+
+
+class CheckedNodeSpiderCrawl(_BoundedCrawl, NodeSpiderCrawl):
+    """The package's node lookup: bounded, counting rounds, ignoring peers that answer garbage."""
+
+    def __init__(self, protocol: PeerdriveProtocol, node: Node, peers: list[Node], ksize: int,
+                 alpha: int) -> None:
+        NodeSpiderCrawl.__init__(self, protocol, node, peers, ksize, alpha)
+        self._bound(node, peers, ksize)
+
+    async def find(self) -> list[Node]:
+        await self._crawl(self.protocol.call_find_node)
+        return list(self.nearest)
+
+    def _take(self, responses: dict[bytes, Any]) -> None:
         toremove = []
         for peerid, (answered, payload) in responses.items():
             nodes = self.protocol.parse_nodes(payload) if answered else None
@@ -592,23 +927,19 @@ class CheckedNodeSpiderCrawl(NodeSpiderCrawl):
                 continue
             self.nearest.push([n for n in nodes if n.id not in self.ignored])
         self.nearest.remove(toremove)
-        if self.nearest.have_contacted_all():
-            return list(self.nearest)
-        return await self.find()
 
 
-class RecordSpiderCrawl(ValueSpiderCrawl):
+class RecordSpiderCrawl(_BoundedCrawl, ValueSpiderCrawl):
     """A value lookup that collects every valid record from all of the k closest nodes.
 
     The package stops at the first round that sees any value and returns the
     most common one, which lets a few colluding nodes answer for a key. This
-    crawl goes on until the k closest known nodes have all been asked, passes
-    each value to `accept` (which verifies it, returns the record, None for a
-    record that is valid but no longer useful, or raises RecordError), and
-    ignores every value of a node that sent anything invalid.
+    crawl goes on until the k closest known nodes have all been asked (or
+    MAX_CRAWL_ROUNDS), passes each value to `accept` (which verifies it,
+    returns the record, None for a record that is valid but no longer useful,
+    or raises RecordError), and ignores every value of a node that sent
+    anything invalid.
     """
-
-    protocol: PeerdriveProtocol
 
     def __init__(
         self,
@@ -619,19 +950,18 @@ class RecordSpiderCrawl(ValueSpiderCrawl):
         alpha: int,
         accept: Callable[[bytes], Any],
     ) -> None:
-        super().__init__(protocol, node, peers, ksize, alpha)
+        ValueSpiderCrawl.__init__(self, protocol, node, peers, ksize, alpha)
+        self._bound(node, peers, ksize)
         self.accept = accept
-        self.rounds = 0
         self.first_value_round: int | None = None
         self.found: list[tuple[bytes, Any]] = []
         self.answered: set[bytes] = set()  # peers whose whole reply was valid
-        self.ignored: set[bytes] = set()  # peers that sent garbage: never asked or listed again
 
-    async def find(self) -> Any:
-        self.rounds += 1
-        return await self._find(self.protocol.call_find_value)
+    async def find(self) -> list[tuple[bytes, Any]]:
+        await self._crawl(self.protocol.call_find_value)
+        return self.found
 
-    async def _nodes_found(self, responses: dict[bytes, Any]) -> Any:
+    def _take(self, responses: dict[bytes, Any]) -> None:
         toremove = []
         for peerid, (answered, payload) in responses.items():
             parsed = self.protocol.parse_find_value(payload) if answered else None
@@ -653,9 +983,6 @@ class RecordSpiderCrawl(ValueSpiderCrawl):
             self.found.extend((peerid, r) for r in records)
             self.nearest.push([n for n in parsed[1] if n.id not in self.ignored])
         self.nearest.remove(toremove)
-        if self.nearest.have_contacted_all():
-            return self.found
-        return await self.find()
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,6 +44,7 @@ from .errors import (
     PeerIdentityError,
     PeerProtocolError,
     PeerRefusedError,
+    PeerStuckError,
 )
 from .frames import (
     MAX_BLOCK,
@@ -91,10 +92,18 @@ DRIVE_SECRET_LEN = 32
 HANDSHAKE_TIMEOUT = 10.0  # seconds for TCP connect + TLS + Challenge/Hello/Welcome
 DEFAULT_MAX_WANTS = 256  # outstanding wants a server accepts per connection
 DEFAULT_MAX_CONNECTIONS = 512
+DEFAULT_MAX_PER_ADDRESS = 64  # connections from one IP address (a host, or a NAT)
+# Connections still in their handshake: a server keeps at most this many (the oldest is
+# dropped for a newcomer, so a slow-handshake flood cannot lock honest clients out), at
+# most HANDSHAKING_PER_ADDRESS of them from one IP.
+MAX_HANDSHAKING = 64
+HANDSHAKING_PER_ADDRESS = 8
+SEND_TIMEOUT = 30.0  # seconds one frame may take to go out before the peer counts as stuck
 MAX_CONTROL_BACKLOG = 256  # queued Notice/Pong/HaveReply frames before a client counts as stuck
 MAX_HAVES_IN_FLIGHT = 16  # Have requests one client connection keeps outstanding
 GOODBYE_GRACE = 2.0  # seconds to flush a Goodbye/Refused before closing anyway
-RECEIVE_SIZE = 256 * 1024
+RECEIVE_SIZE = MAX_FRAME  # a client takes whatever a socket read decrypted (blocks are big)
+SERVER_RECEIVE_SIZE = 64 * 1024  # a server buffers at most this much of a client's frames
 HASH_IN_THREAD_MIN = 64 * 1024  # hash blocks at least this big off the event loop
 # Blocks a server connection reads from its source ahead of the one it is sending: a cold
 # store read is a disk wait, and reading the next block while this one goes out keeps both
@@ -162,11 +171,19 @@ def _set_keepalive(stream: trio.SocketStream) -> None:
 
 
 class _FrameStream:
-    """Messages over a byte stream: one task may receive while another sends."""
+    """Messages over a byte stream: one task may receive while another sends.
 
-    def __init__(self, stream: trio.abc.Stream, peer: str, max_frame: int = MAX_FRAME) -> None:
+    A send that cannot complete within `send_timeout` (the peer stopped reading
+    and its receive window is full) fails with PeerGoneError: a peer that never
+    reads must not hold our writer, and the memory queued for it, for ever.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, peer: str, max_frame: int = MAX_FRAME,
+                 send_timeout: float = SEND_TIMEOUT, receive_size: int = RECEIVE_SIZE) -> None:
         self.stream = stream
         self.peer = peer
+        self.send_timeout = send_timeout
+        self.receive_size = receive_size
         self._decoder = FrameDecoder(max_frame)
 
     async def receive(self) -> Message:
@@ -178,7 +195,7 @@ class _FrameStream:
             if msg is not None:
                 return msg
             try:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
+                data = await self.stream.receive_some(self.receive_size)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise PeerGoneError(f"connection to {self.peer} broke: {exc}") from None
             if not data:
@@ -196,7 +213,12 @@ class _FrameStream:
 
     async def send_bytes(self, frame: bytes) -> None:
         try:
-            await self.stream.send_all(frame)
+            with trio.fail_after(self.send_timeout):
+                await self.stream.send_all(frame)
+        except trio.TooSlowError:
+            raise PeerStuckError(
+                f"{self.peer} read nothing for {self.send_timeout:g}s; connection dropped"
+            ) from None
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise PeerGoneError(f"connection to {self.peer} broke: {exc}") from None
 
@@ -221,7 +243,9 @@ class ServerStats:
 
     connections_accepted: int = 0
     connections_active: int = 0
-    connections_rejected: int = 0  # over max_connections
+    connections_rejected: int = 0  # over max_connections or max_per_address
+    handshakes_evicted: int = 0  # dropped mid-handshake to make room (MAX_HANDSHAKING)
+    send_timeouts: int = 0  # clients dropped because they stopped reading
     handshakes_refused: int = 0
     handshakes_failed: int = 0  # timed out or broke before Welcome
     protocol_errors: int = 0
@@ -252,7 +276,9 @@ class PeerServer:
         *,
         max_wants: int = DEFAULT_MAX_WANTS,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_per_address: int = DEFAULT_MAX_PER_ADDRESS,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        send_timeout: float = SEND_TIMEOUT,
     ) -> None:
         if not 1 <= max_wants <= MAX_WANTS_LIMIT:
             raise ValueError(f"max_wants must be within 1..{MAX_WANTS_LIMIT}")
@@ -261,7 +287,9 @@ class PeerServer:
         self._secrets = secrets
         self.max_wants = max_wants
         self.max_connections = max_connections
+        self.max_per_address = max_per_address
         self.handshake_timeout = handshake_timeout
+        self.send_timeout = send_timeout
         self.stats = ServerStats()
         self.port: int | None = None
         self._ssl_context = server_context(identity)
@@ -270,6 +298,9 @@ class PeerServer:
         # the layer above takes it: on_push gets the running client connection.
         self.on_push: Callable[[PeerConnection], Awaitable[None]] | None = None
         self.push_notice: OnNotice | None = None  # notices arriving on push connections
+        self._per_address: dict[str, int] = {}  # open connections by client IP
+        # connections in their handshake, oldest first: (IP, the scope that ends it)
+        self._handshaking: dict[trio.CancelScope, str] = {}
 
     # ---- public -------------------------------------------------------------
 
@@ -356,22 +387,49 @@ class PeerServer:
             out.append(held)
         return out
 
+    def _admit(self, host: str) -> bool:
+        """Whether a new connection from `host` may have a slot; makes room among handshakes.
+
+        Limits: `max_connections` in all, `max_per_address` per IP, and of those
+        still in their handshake HANDSHAKING_PER_ADDRESS per IP and MAX_HANDSHAKING
+        in all, where the oldest handshake is dropped to admit a newcomer (an
+        honest handshake takes milliseconds; one that idles is what a flood is).
+        """
+        if self.stats.connections_active >= self.max_connections:
+            return False
+        if self._per_address.get(host, 0) >= self.max_per_address:
+            return False
+        if sum(1 for h in self._handshaking.values() if h == host) >= HANDSHAKING_PER_ADDRESS:
+            return False
+        if len(self._handshaking) >= MAX_HANDSHAKING:
+            oldest = next(iter(self._handshaking))
+            del self._handshaking[oldest]
+            oldest.cancel()
+            self.stats.handshakes_evicted += 1
+        return True
+
     async def _handle(self, tcp: trio.SocketStream) -> None:
         stats = self.stats
         stats.connections_accepted += 1
-        if stats.connections_active >= self.max_connections:
+        host = _peer_host(tcp)
+        if not self._admit(host):
             stats.connections_rejected += 1
             await trio.aclose_forcefully(tcp)
             return
         stats.connections_active += 1
+        self._per_address[host] = self._per_address.get(host, 0) + 1
         _set_keepalive(tcp)
         peer = _peer_name(tcp)
         ssl_stream = TlsStream(tcp, self._ssl_context, server_side=True)
         conn: _ServerConnection | None = None
         try:
             with trio.move_on_after(self.handshake_timeout) as scope:
-                conn = await self._handshake(ssl_stream, peer)
-            if scope.cancelled_caught:
+                self._handshaking[scope] = host
+                try:
+                    conn = await self._handshake(ssl_stream, peer)
+                finally:
+                    self._handshaking.pop(scope, None)
+            if scope.cancelled_caught:  # timed out, or evicted for a newer handshake
                 stats.handshakes_failed += 1
                 return
             if conn is None:
@@ -387,6 +445,11 @@ class PeerServer:
                 stats.handshakes_failed += 1
         finally:
             stats.connections_active -= 1
+            left = self._per_address.get(host, 1) - 1
+            if left:
+                self._per_address[host] = left
+            else:
+                self._per_address.pop(host, None)
             await _close_quietly(ssl_stream)
 
     async def serve_connection(self, conn: _ServerConnection) -> None:
@@ -429,7 +492,8 @@ class PeerServer:
             await ssl_stream.do_handshake()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise PeerGoneError(f"TLS handshake with {peer} failed: {exc}") from None
-        frames = _FrameStream(ssl_stream, peer, MAX_CLIENT_FRAME)
+        frames = _FrameStream(ssl_stream, peer, MAX_CLIENT_FRAME, self.send_timeout,
+                              SERVER_RECEIVE_SIZE)
         nonce = secrets.token_bytes(NONCE_LEN)
         server_id = self.identity.node_id
         await frames.send(Challenge(server_id, nonce))
@@ -489,6 +553,13 @@ class _PushAccepted:
     discovery_key: bytes
     client_pubkey: bytes
     client_id: bytes
+
+
+def _peer_host(stream: trio.SocketStream) -> str:
+    try:
+        return str(stream.socket.getpeername()[0])
+    except OSError:
+        return "?"
 
 
 def _peer_name(stream: trio.SocketStream) -> str:
@@ -597,7 +668,8 @@ class _ServerConnection:
                     self._load_wake.set()
             elif isinstance(msg, Cancel):
                 stats.cancels_received += 1
-                self._wants.pop(msg.req_id, None)
+                if self._wants.pop(msg.req_id, None) is not None:
+                    self._compact_queue()
             elif isinstance(msg, Have):
                 # answered at once, ahead of queued blocks: a presence check is cheap
                 stats.haves_received += 1
@@ -619,6 +691,20 @@ class _ServerConnection:
         else:
             # Wait for the writer to flush our Goodbye (bounded by the deadline).
             await trio.sleep_forever()
+
+    def _compact_queue(self) -> None:
+        """Drop cancelled entries from the heap once they outnumber the live ones.
+
+        A Cancel only forgets the want; its heap entry stays until popped, so
+        want-then-cancel pairs would otherwise grow the heap without bound
+        (`max_wants` bounds live wants only). Rebuilding when over half is stale
+        keeps the heap under 2 x max_wants + 16 entries at amortised O(1) each.
+        """
+        if len(self._queue) > 2 * len(self._wants) + 16:
+            wants = self._wants
+            self._queue = [e for e in self._queue
+                           if (w := wants.get(e[2])) is not None and w[0] == e[1]]
+            heapq.heapify(self._queue)
 
     def _next_want(self) -> tuple[int, int, bytes] | None:
         while self._queue:
@@ -692,7 +778,9 @@ class _ServerConnection:
                 if current is not None and current[0] == seq:
                     del self._wants[req_id]
                 await trio.lowlevel.checkpoint()
-        except PeerGoneError:
+        except PeerGoneError as exc:
+            if isinstance(exc, PeerStuckError):
+                stats.send_timeouts += 1
             assert self._scope is not None
             self._scope.cancel()
 
@@ -793,6 +881,7 @@ class PeerConnection:
         self._scope: trio.CancelScope | None = None
         self._finished = trio.Event()
         self._send_goodbye = False
+        self._pongs_queued = 0  # answers to the peer's pings not yet written (bounded)
 
     # ---- construction -------------------------------------------------------
 
@@ -1091,6 +1180,8 @@ class PeerConnection:
                         self.stats.wants_sent += 1
                     elif isinstance(msg, Cancel):
                         self.stats.cancels_sent += 1
+                    elif isinstance(msg, Pong):
+                        self._pongs_queued -= 1
                     frames.append(encode(msg))
                 if frames:
                     await self._frames.send_bytes(b"".join(frames))
@@ -1136,6 +1227,12 @@ class PeerConnection:
                     if self._on_notice is not None:
                         self._on_notice(msg.discovery_key, msg.record)
                 elif isinstance(msg, Ping):
+                    if self._pongs_queued >= MAX_CONTROL_BACKLOG:
+                        raise PeerProtocolError(
+                            f"{self.addr} sends pings faster than it reads the answers; "
+                            "connection dropped"
+                        )
+                    self._pongs_queued += 1
                     self._send(Pong(msg.token))
                 elif isinstance(msg, Pong):
                     event = self._pings.get(msg.token)

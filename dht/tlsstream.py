@@ -36,6 +36,9 @@ class TlsStream(trio.abc.Stream):
         self._ssl = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
                                      server_hostname=None)
         self._send_lock = trio.Lock()
+        # decrypted bytes a caller's max_bytes left for the next receive, from _plain_at on
+        self._plain = b""
+        self._plain_at = 0
         self._receiving = False
         self._closed = False
         self._broken: BaseException | None = None
@@ -107,42 +110,62 @@ class TlsStream(trio.abc.Stream):
         await self.transport.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        """Everything decrypted so far (at least one byte), or b"" at the end of the stream.
+        """Decrypted bytes (at least one, at most `max_bytes`), or b"" at the end of the stream.
 
-        `max_bytes` is ignored beyond being positive: callers here feed a
-        frame decoder that takes any amount.
+        Everything the socket brought is decrypted at once; what does not fit
+        `max_bytes` is kept for the next call, so a caller bounds what one call
+        hands it (and the socket is not read again while any is left).
         """
         self._check()
+        if max_bytes is not None and (type(max_bytes) is not int or max_bytes < 1):
+            raise ValueError("max_bytes must be a positive integer")
         if self._receiving:
             raise trio.BusyResourceError("another task is already receiving")
         self._receiving = True
         try:
-            at_eof = False
-            while True:
-                parts: list[bytes] = []
-                ended = False
-                try:
-                    while True:
-                        data = self._ssl.read(PLAINTEXT_READ)
-                        if not data:  # the peer's close_notify
-                            ended = True
-                            break
-                        parts.append(data)
-                except ssl.SSLWantReadError:
-                    pass
-                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                    ended = True
-                except ssl.SSLError as exc:
-                    raise self._fail(exc) from exc
-                if self._outgoing.pending:  # e.g. an answer to a key update
-                    await self._flush()
-                if parts:
-                    return parts[0] if len(parts) == 1 else b"".join(parts)
-                if ended or at_eof:
-                    return b""
-                at_eof = not await self._fill()  # at the end, the TLS object reports it next
+            if self._plain_at >= len(self._plain):
+                self._plain, self._plain_at = await self._receive_decrypted(), 0
+            start = self._plain_at
+            if start == 0 and (max_bytes is None or len(self._plain) <= max_bytes):
+                data, self._plain = self._plain, b""
+            else:
+                end = len(self._plain) if max_bytes is None else start + max_bytes
+                data = self._plain[start:end]
+                self._plain_at = start + len(data)
+                if self._plain_at >= len(self._plain):
+                    self._plain, self._plain_at = b"", 0
+            if not data:
+                await trio.lowlevel.checkpoint()
+            return data
         finally:
             self._receiving = False
+
+    async def _receive_decrypted(self) -> bytes:
+        """Everything decrypted so far (at least one byte), or b"" at the end of the stream."""
+        at_eof = False
+        while True:
+            parts: list[bytes] = []
+            ended = False
+            try:
+                while True:
+                    data = self._ssl.read(PLAINTEXT_READ)
+                    if not data:  # the peer's close_notify
+                        ended = True
+                        break
+                    parts.append(data)
+            except ssl.SSLWantReadError:
+                pass
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                ended = True
+            except ssl.SSLError as exc:
+                raise self._fail(exc) from exc
+            if self._outgoing.pending:  # e.g. an answer to a key update
+                await self._flush()
+            if parts:
+                return parts[0] if len(parts) == 1 else b"".join(parts)
+            if ended or at_eof:
+                return b""
+            at_eof = not await self._fill()  # at the end, the TLS object reports it next
 
     async def aclose(self) -> None:
         if self._closed:

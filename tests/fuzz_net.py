@@ -41,6 +41,7 @@ from dht.kad import (
     MAX_DATAGRAM,
     TAG_MUTABLE,
     TAG_PROVIDER,
+    UNVERIFIED_REPLY_MAX,
     PeerdriveProtocol,
     RecordStorage,
     provider_key,
@@ -185,6 +186,9 @@ async def _one_datagram(data: bytes) -> None:
     finally:
         protocol.fail_outstanding()
     assert all(len(d) <= MAX_DATAGRAM for d, _ in transport.sent), "an oversize datagram"
+    # SENDER never proved its address: nothing bigger than the cap goes back to it
+    assert all(len(d) <= UNVERIFIED_REPLY_MAX for d, a in transport.sent if a == SENDER)
+    assert len(transport.sent) <= 2, "more than a reply and a verification ping"
     # what the body would give a lookup, if this were a reply
     try:
         body = msgpack.unpackb(data[21:], raw=False, strict_map_key=True)

@@ -112,9 +112,7 @@ def test_find_value_reply_with_largest_provider_records_fits_a_datagram():
     # the asking node must also be known for a full contact list
     for _ in range(30):
         protocol.router.add_contact(Node(os.urandom(32), "127.0.0.1", 30000))
-    # the asker is already a contact: otherwise, when its random id happens to be
-    # close to stored keys, the node would "welcome" it by storing values to it,
-    # which needs a running event loop this unit test does not have
+    # the asker is a contact (so its address is verified and it gets a full reply)
     asker = os.urandom(32)
     protocol.router.add_contact(Node(asker, *SENDER))
     protocol._handle_datagram(request("find_value", [asker, key]), SENDER)
@@ -127,10 +125,14 @@ def test_find_value_reply_with_largest_provider_records_fits_a_datagram():
     assert len(body["nodes"]) == 20
 
 
-def test_a_valid_request_is_answered_and_its_sender_learned():
+def test_a_valid_request_is_answered_and_its_sender_learned_only_once_verified():
     protocol, transport = make_protocol()
     sender_id = os.urandom(32)
     protocol._handle_datagram(request("ping", [sender_id]), SENDER)
     (reply, _), = transport.sent
     assert msgpack.unpackb(reply[21:]) == protocol.source_node.id
+    # the source address of one datagram proves nothing: not a contact on its word
+    assert [n.id for b in protocol.router.buckets for n in b.get_nodes()] == []
+    protocol._mark_verified(SENDER)  # as when it answers one of our requests
+    protocol._handle_datagram(request("ping", [sender_id]), SENDER)
     assert [n.id for b in protocol.router.buckets for n in b.get_nodes()] == [sender_id]

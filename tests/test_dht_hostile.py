@@ -1,0 +1,284 @@
+"""Attacks on a DHT node, performed: forged sources, amplification, floods, endless lookups.
+
+A "victim" is a UDP socket of this test on 127.0.0.1. A datagram sent *from*
+the victim's socket is exactly what a node sees when an attacker forges the
+victim's address as the source (a spoofed datagram); the test then counts the
+bytes the node sends to the victim.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from unittest import mock
+
+import pytest
+import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from dht.errors import DhtError
+from dht.kad import (
+    MAX_CRAWL_ROUNDS,
+    REQUEST_BURST,
+    TAG_MUTABLE,
+    TAG_PROVIDER,
+    UNVERIFIED_BYTES_BURST,
+    UNVERIFIED_REPLY_MAX,
+    Dht,
+    RecordStorage,
+    provider_key,
+)
+from dht.records import MutableRecord, ProviderRecord, ProviderSet
+from tests.hostile import LOCAL, HostileDhtNode, dht_request, endless_contacts, parse_reply
+
+TEST_TIMEOUT = 60
+RPC_TIMEOUT = 5.0
+
+
+def run(async_fn) -> None:
+    async def main():
+        with trio.fail_after(TEST_TIMEOUT):
+            await async_fn()
+
+    trio.run(main)
+
+
+class Victim:
+    """A UDP socket that only counts what arrives (it never answers)."""
+
+    def __init__(self) -> None:
+        self.sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.bytes = 0
+        self.datagrams: list[bytes] = []
+
+    async def open(self) -> None:
+        await self.sock.bind((LOCAL, 0))
+
+    async def forge(self, port: int, datagram: bytes) -> None:
+        await self.sock.sendto(datagram, (LOCAL, port))
+
+    async def count(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            data, _ = await self.sock.recvfrom(65536)
+            self.bytes += len(data)
+            self.datagrams.append(data)
+
+
+def big_mutables(count: int) -> list[MutableRecord]:
+    """`count` mutable records of ~8 KiB each (the largest value a head may have)."""
+    out = []
+    for _ in range(count):
+        key = Ed25519PrivateKey.generate()
+        out.append(MutableRecord.create(key, 1, os.urandom(8000))[0])
+    return out
+
+
+def test_one_forged_datagram_does_not_make_a_node_send_megabytes_to_the_victim():
+    """Item 1: the welcome replay (kademlia's welcome_if_new) to an unverified address.
+
+    A node alone (no neighbours) holding 200 heads of 8 KiB would, before the
+    fix, store every one of them to any new node id that pings it: ~1.6 MB to
+    the forged source. Now the victim gets the ping's reply and at most one
+    verification ping, under UNVERIFIED_REPLY_MAX bytes each.
+    """
+    records = big_mutables(200)
+
+    async def main():
+        node = Dht(rpc_timeout=RPC_TIMEOUT)
+        for record in records:
+            assert node.storage.offer(record.key, bytes([TAG_MUTABLE]) + record.wire)
+        victim = Victim()
+        await victim.open()
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(node.run, LOCAL, 0, [])
+            await nursery.start(victim.count)
+            for name, args in (("ping", [os.urandom(32)]),
+                               ("store", [os.urandom(32), records[0].key,
+                                          bytes([TAG_MUTABLE]) + records[0].wire]),
+                               ("find_node", [os.urandom(32), os.urandom(32)])):
+                await victim.forge(port, dht_request(name, args))
+            await trio.sleep(2.0)
+            # three forged requests: three small replies and at most a verification ping each
+            assert len(victim.datagrams) <= 6, [d[:1] for d in victim.datagrams]
+            assert victim.bytes <= 3 * UNVERIFIED_REPLY_MAX
+            assert node.contacts() == []  # nobody joined the table on a forged word
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_find_value_reflection_is_capped_for_an_unverified_source_yet_honest_lookups_get_all():
+    """Item 1: a ~100-byte find_value drew up to 16 KiB toward a forged source (160x).
+
+    Now an unverified source gets at most UNVERIFIED_REPLY_MAX bytes and a
+    token; an honest node asks again with the token and gets every record.
+    """
+    dk = os.urandom(32)
+    now = time.time()
+    # ~330 bytes each: all 20 fit a full reply (12 KiB), not an unverified one
+    wires = [ProviderRecord.create(os.urandom(32), dk, [("h" * 250, 65000 + i)], now=now)[1]
+             for i in range(20)]
+
+    async def main():
+        holder = Dht(rpc_timeout=RPC_TIMEOUT)
+        for wire in wires:
+            assert holder.storage.offer(provider_key(dk), bytes([TAG_PROVIDER]) + wire)
+        victim = Victim()
+        await victim.open()
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(holder.run, LOCAL, 0, [])
+            await nursery.start(victim.count)
+            request = dht_request("find_value", [os.urandom(32), provider_key(dk)])
+            await victim.forge(port, request)
+            with trio.fail_after(10):
+                while not victim.datagrams:
+                    await trio.sleep(0.05)
+            await trio.sleep(0.5)
+            replies = [d for d in victim.datagrams if d[:1] == b"\x01"]
+            assert len(replies) == 1 and len(replies[0]) <= UNVERIFIED_REPLY_MAX
+            body = parse_reply(replies[0])
+            assert isinstance(body["token"], bytes) and len(body["values"]) < 20
+            assert victim.bytes <= 2 * UNVERIFIED_REPLY_MAX  # reply + a verification ping
+            assert victim.bytes / len(request) < 15  # was ~120x
+
+            seeker = Dht(rpc_timeout=RPC_TIMEOUT)
+            await nursery.start(seeker.run, LOCAL, 0, [(LOCAL, port)])
+            found = await seeker.find_providers(dk)
+            assert sorted(r.wire for r in found) == sorted(wires)
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_request_flood_from_one_address_is_rate_limited():
+    """Item 1: every request costs the node work; one source gets a bounded share."""
+
+    async def main():
+        node = Dht(rpc_timeout=RPC_TIMEOUT)
+        victim = Victim()
+        await victim.open()
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(node.run, LOCAL, 0, [])
+            await nursery.start(victim.count)
+            sender = os.urandom(32)
+            for i in range(2000):
+                await victim.forge(port, dht_request("find_node", [sender, os.urandom(32)]))
+                if i % 100 == 99:
+                    await trio.sleep(0.01)  # let the node read (the socket buffer is finite)
+            await trio.sleep(1.0)
+            replies = [d for d in victim.datagrams if d[:1] == b"\x01"]
+            protocol = node._server.protocol
+            assert protocol.rate_limited > 0
+            assert len(replies) < REQUEST_BURST + 400, len(replies)
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_unverified_reply_bytes_toward_one_ip_are_bounded_across_source_ports():
+    """Item 1: a spoofer varying the source port still draws a bounded total toward one IP."""
+    dk = os.urandom(32)
+    now = time.time()
+    wires = [ProviderRecord.create(os.urandom(32), dk, [("h" * 250, 1000 + i)] * 4, now=now)[1]
+             for i in range(20)]
+
+    async def main():
+        node = Dht(rpc_timeout=RPC_TIMEOUT)
+        for wire in wires:
+            assert node.storage.offer(provider_key(dk), bytes([TAG_PROVIDER]) + wire)
+        victims = [Victim() for _ in range(40)]
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(node.run, LOCAL, 0, [])
+            for v in victims:
+                await v.open()
+                await nursery.start(v.count)
+            for _ in range(30):
+                for v in victims:
+                    await v.forge(port, dht_request("find_value",
+                                                    [os.urandom(32), provider_key(dk)]))
+                await trio.sleep(0.005)
+            await trio.sleep(1.0)
+            total = sum(v.bytes for v in victims)
+            # 1,200 requests of ~100 bytes; without the budget, 1,200 x 1,280 bytes
+            assert total <= UNVERIFIED_BYTES_BURST + 2 * 64 * 1024 + 40 * 2 * UNVERIFIED_REPLY_MAX
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_find_value_culls_only_the_set_it_reads():
+    """Item 1: `values()` used to expire every provider set on every find_value."""
+    storage = RecordStorage()
+    now = time.time()
+    keys = []
+    for _ in range(300):
+        dk = os.urandom(32)
+        wire = ProviderRecord.create(os.urandom(32), dk, [("127.0.0.1", 1)], now=now)[1]
+        assert storage.offer(provider_key(dk), bytes([TAG_PROVIDER]) + wire)
+        keys.append(provider_key(dk))
+    calls = []
+    real = ProviderSet.expire
+
+    def counting(self, when):
+        calls.append(self.dk)
+        return real(self, when)
+
+    with mock.patch.object(ProviderSet, "expire", counting):
+        assert len(storage.values(keys[7])) == 1
+    assert len(calls) <= 1
+
+
+def test_a_lookup_fed_endless_fake_contacts_ends_within_the_round_limit():
+    """Item 14: a DHT node that answers every lookup with fresh contacts, each nearer the key.
+
+    The contacts all point back at the hostile node, so each answers at once:
+    the package's crawl recursed round after round (RecursionError or no end).
+    Now it stops after MAX_CRAWL_ROUNDS rounds, quickly, and its candidate heap
+    stays bounded.
+    """
+
+    async def main():
+        hostile = HostileDhtNode(lambda *a: None)
+        hostile.script = endless_contacts(lambda: hostile.port)
+        async with trio.open_nursery() as nursery:
+            hport = await nursery.start(hostile.run)
+            node = Dht(rpc_timeout=RPC_TIMEOUT)
+            await nursery.start(node.run, LOCAL, 0, [(LOCAL, hport)])
+            start = trio.current_time()
+            found = await node.find_providers(os.urandom(32))
+            assert found == []
+            assert node.lookup_stats.rounds <= MAX_CRAWL_ROUNDS
+            await node.announce(*_provider())
+            assert node.lookup_stats.rounds <= MAX_CRAWL_ROUNDS
+            assert await node.get_mutable(os.urandom(32)) is None
+            assert trio.current_time() - start < 40
+            assert hostile.requests["find_value"] >= MAX_CRAWL_ROUNDS
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def _provider():
+    dk = os.urandom(32)
+    return dk, ProviderRecord.create(os.urandom(32), dk, [("127.0.0.1", 9)], now=time.time())[1]
+
+
+@pytest.mark.parametrize("garbage", [b"", b"\x01" * 21, os.urandom(300)])
+def test_the_hostile_node_scripts_keep_a_real_node_alive(garbage):
+    """A node answering garbage to everything is ignored; the lookup ends cleanly."""
+
+    async def main():
+        hostile = HostileDhtNode(lambda name, args, addr: garbage)
+        async with trio.open_nursery() as nursery:
+            hport = await nursery.start(hostile.run)
+            node = Dht(rpc_timeout=RPC_TIMEOUT)
+            await nursery.start(node.run, LOCAL, 0, [(LOCAL, hport)])
+            try:
+                assert await node.find_providers(os.urandom(32)) == []
+            except DhtError:
+                pass
+            nursery.cancel_scope.cancel()
+
+    run(main)
