@@ -141,6 +141,8 @@ class HttpSource:
         return time.monotonic() - start
 
     async def aclose(self) -> None:
+        if self.closed:
+            return
         self.closed = True
         with trio.CancelScope(shield=True):
             await self._client.aclose()

@@ -310,8 +310,8 @@ class Swarm:
         return self._spawn(name, home, argv)
 
     def mount(self, name: str, home: Path, link: str, mountpoint: Path,
-              bootstrap: Iterable[str] = (), fetch_timeout: float | None = None
-              ) -> MountedReader:
+              bootstrap: Iterable[str] = (), fetch_timeout: float | None = None,
+              extra: Iterable[str] = ()) -> MountedReader:
         """`peerdrive mount` in the background, on 127.0.0.1 without LAN discovery."""
         mountpoint.mkdir(parents=True, exist_ok=True)
         self._pending_mounts.append((home, mountpoint))
@@ -321,6 +321,7 @@ class Swarm:
             args += ["--bootstrap", b]
         if fetch_timeout is not None:
             args += ["--fetch-timeout", str(fetch_timeout)]
+        args += list(extra)
         out = json.loads(peerdrive(home, *args, timeout=READY_TIMEOUT + 30).stdout)
         assert is_mounted(mountpoint), f"{name}: mount returned but nothing is mounted"
         info = json.loads(Home(home).mount_file(mountpoint).read_text())

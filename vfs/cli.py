@@ -26,8 +26,9 @@ from cache.errors import StoreError, StoreFull
 
 from .capability import ReadCap, StoreCap, WriteCap, parse_link, require_read
 from .errors import BlockUnavailable, NoSpaceError, PeerdriveError, UsageError, unwrap_group
-from .home import Home
-from .options import MountOptions, NodeOptions, ServeOptions
+from .head import MAX_HEAD_MIRRORS
+from .home import Home, checked_mirror_url
+from .options import MirrorOptions, MountOptions, NodeOptions, ServeOptions
 from .units import format_size
 
 EXIT_INTERRUPTED = 130
@@ -80,7 +81,9 @@ def _node_fields(args: argparse.Namespace) -> dict:
     """The NodeOptions fields from the flags `serve` and `mount` share."""
     return {"bootstrap": list(args.bootstrap or ()), "listen": args.listen,
             "cache_size": args.cache_size, "lan": not args.no_lan,
-            "fetch_timeout": args.fetch_timeout}
+            "fetch_timeout": args.fetch_timeout,
+            "mirrors": [checked_mirror_url(u, "--mirror: ") for u in getattr(args, "mirror",
+                                                                              None) or ()]}
 
 
 def mount_options(args: argparse.Namespace) -> MountOptions:
@@ -89,6 +92,10 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
 
 def serve_options(args: argparse.Namespace) -> ServeOptions:
     return ServeOptions(**_node_fields(args))
+
+
+def mirror_options(args: argparse.Namespace) -> MirrorOptions:
+    return MirrorOptions(**_node_fields(args))
 
 
 def node_flags(opts: NodeOptions) -> list[str]:
@@ -104,6 +111,8 @@ def node_flags(opts: NodeOptions) -> list[str]:
         argv.append("--no-lan")
     if opts.fetch_timeout:
         argv += ["--fetch-timeout", str(opts.fetch_timeout)]
+    for url in opts.mirrors:
+        argv += ["--mirror", url]
     return argv
 
 
@@ -115,14 +124,29 @@ def cmd_publish(args: argparse.Namespace) -> int:
     source = Path(args.folder).expanduser()
     if not source.is_dir():
         raise UsageError(f"{source} is not a folder")
+    mirrors = _publish_mirrors(args)  # checked before anything is locked or read
     cap = home.drive_of_source(source)
     lock = home.publish_lock(cap, on_wait=lambda: print(
         f"waiting for another publish of {source} to finish", file=sys.stderr))
     with lock:
-        return _publish_locked(args, home, cap, source)
+        return _publish_locked(args, home, cap, source, mirrors)
 
 
-def _publish_locked(args: argparse.Namespace, home: Home, cap: WriteCap, source: Path) -> int:
+def _publish_mirrors(args: argparse.Namespace) -> list[str] | None:
+    """The mirror URLs for the new head: --mirror-url, none, or None for the last version's."""
+    if args.no_mirror_url:
+        return []
+    if not args.mirror_url:
+        return None
+    mirrors = list(dict.fromkeys(checked_mirror_url(u, "--mirror-url: ")
+                                 for u in args.mirror_url))
+    if len(mirrors) > MAX_HEAD_MIRRORS:
+        raise UsageError(f"at most {MAX_HEAD_MIRRORS} --mirror-url")
+    return mirrors
+
+
+def _publish_locked(args: argparse.Namespace, home: Home, cap: WriteCap, source: Path,
+                    mirrors: list[str] | None) -> int:
     from .node import open_store
     from .publish import Publisher
     from .storage import DriveStorage
@@ -131,7 +155,8 @@ def _publish_locked(args: argparse.Namespace, home: Home, cap: WriteCap, source:
     bar = ProgressBar("publishing", sys.stdout.isatty() and not args.json)
     try:
         pub = Publisher(DriveStorage(store), cap, source, on_progress=bar.update,
-                        on_warning=lambda m: print(f"warning: {m}", file=sys.stderr))
+                        on_warning=lambda m: print(f"warning: {m}", file=sys.stderr),
+                        mirrors=mirrors)
         started = time.monotonic()
         result = trio.run(pub.run)
         elapsed = time.monotonic() - started
@@ -146,6 +171,7 @@ def _publish_locked(args: argparse.Namespace, home: Home, cap: WriteCap, source:
         "bytes": result.bytes,
         "new_blocks": result.new_blocks,
         "new_bytes": result.new_bytes,
+        "mirrors": list(result.head.mirrors),
         "seconds": round(elapsed, 3),
     }
     text = (f"published {result.files} files ({format_size(result.bytes)}) as version "
@@ -238,6 +264,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     run_serve(home, serve_options(args), ready)
+    return 0
+
+
+def cmd_mirror(args: argparse.Namespace) -> int:
+    from .mirror import run_mirror
+
+    home = _home(args)
+    cap = StoreCap(parse_link(args.link).pubkey)  # a read or store link: no read key needed
+    directory = Path(args.directory).expanduser().resolve()
+    bar = ProgressBar("mirroring", sys.stdout.isatty() and not args.json)
+    started = time.monotonic()
+    try:
+        result = run_mirror(home, cap, directory, mirror_options(args),
+                            on_progress=bar.update)
+    finally:
+        bar.finish()
+    elapsed = time.monotonic() - started
+    data = {"directory": str(directory), "drive": cap.drive_id, "seq": result.seq,
+            "blocks": result.blocks, "bytes": result.bytes, "written": result.written,
+            "written_bytes": result.written_bytes, "skipped": result.skipped,
+            "head_written": result.head_written, "seconds": round(elapsed, 3)}
+    _emit(args, data, (
+        f"mirrored version {result.seq} of {cap.drive_id[:16]} into {directory}: "
+        f"{result.written} blocks written ({format_size(result.written_bytes)}), "
+        f"{result.skipped} already there"
+        + ("" if result.head_written else "; the head was already current")))
     return 0
 
 
@@ -380,8 +432,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("publish", help="publish a folder as a new version of its drive")
     s.add_argument("folder")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--mirror-url", action="append", metavar="URL",
+                   help="a static HTTP mirror of the drive (see `peerdrive mirror`), recorded "
+                   "in the signed head so readers use it with no flag (repeatable, at most "
+                   f"{MAX_HEAD_MIRRORS}; default: the last version's)")
+    g.add_argument("--no-mirror-url", action="store_true",
+                   help="record no mirror in this version")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(func=cmd_publish)
+
+    s = sub.add_parser("mirror", help="write a drive's ciphertext into a directory that any "
+                       "static web server can serve as a mirror")
+    s.add_argument("link", help="a read or store link")
+    s.add_argument("directory")
+    s.add_argument("--bootstrap", action="append", metavar="HOST:PORT",
+                   help="a DHT node to join through when blocks are not on this node")
+    s.add_argument("--listen", metavar="HOST:PORT", help=argparse.SUPPRESS)
+    s.add_argument("--no-lan", action="store_true", help="no LAN discovery")
+    s.add_argument("--fetch-timeout", type=float, metavar="SECONDS",
+                   help="give up on a block no peer serves in this time")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=cmd_mirror, cache_size=None)
 
     s = sub.add_parser("mount", help="mount a drive from its read link")
     s.add_argument("link")
@@ -395,6 +467,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-lan", action="store_true", help="no LAN discovery")
     s.add_argument("--fetch-timeout", type=float, metavar="SECONDS",
                    help="fail a read with EIO when no peer serves a block in this time")
+    s.add_argument("--mirror", action="append", metavar="URL",
+                   help="a static HTTP mirror of the drive to read from too (repeatable; "
+                   "`mirrors = [...]` in config.toml; mirrors named in the head are used "
+                   "without it)")
     s.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_mount)

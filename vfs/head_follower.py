@@ -100,7 +100,7 @@ class HeadFollower:
         if self.tracker.current is None:
             raise DriveNotFound(f"no version of drive {self.cap.drive_id[:16]} was found locally "
                                 "or on the network; is a peer serving it, and is --bootstrap "
-                                "right?")
+                                "(or --mirror) right?")
         return self.tracker.current
 
     async def run(self, on_new: Callable[[Head], Awaitable[None]], *,

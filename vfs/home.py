@@ -28,10 +28,12 @@ import json
 import os
 import tomllib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import platformdirs
+
+from dht.mirror_layout import MirrorUrlError, check_base_url
 
 from .capability import WriteCap, parse_link
 from .errors import LinkError, UsageError
@@ -77,6 +79,14 @@ def exclusive_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Ite
         os.close(fd)
 
 
+def checked_mirror_url(url: str, where: str = "") -> str:
+    """A mirror base URL in canonical form, or UsageError saying what is wrong with it."""
+    try:
+        return check_base_url(url)
+    except MirrorUrlError as exc:
+        raise UsageError(f"{where}{exc}") from None
+
+
 @dataclass
 class Config:
     bootstrap: list[str]
@@ -84,6 +94,7 @@ class Config:
     listen: str | None
     lan: bool
     fetch_timeout: float
+    mirrors: list[str] = field(default_factory=list)  # mirror base URLs tried for every drive
 
 
 class Home:
@@ -133,12 +144,18 @@ class Home:
         boots = data.get("bootstrap", [])
         if isinstance(boots, str):
             boots = [boots]
+        mirrors = data.get("mirrors", [])
+        if isinstance(mirrors, str):
+            mirrors = [mirrors]
+        if not isinstance(mirrors, list) or not all(isinstance(m, str) for m in mirrors):
+            raise UsageError(f"{f}: mirrors must be a list of URLs")
         return Config(
             bootstrap=[str(b) for b in boots],
             cache_size=str(data["cache_size"]) if "cache_size" in data else None,
             listen=str(data["listen"]) if "listen" in data else None,
             lan=bool(data.get("lan", True)),
             fetch_timeout=float(data.get("fetch_timeout", 20.0)),
+            mirrors=[checked_mirror_url(m, f"{f}: ") for m in mirrors],
         )
 
     # -- drives this node publishes -------------------------------------------------

@@ -26,11 +26,13 @@ import trio
 from cache.store import BlockStore
 from dht.errors import DhtError
 from dht.fetch import FetchConfig, Fetcher
+from dht.http_source import HttpSource
 from dht.identity import NodeIdentity
 from dht.kad import Dht
 from dht.lan import DEFAULT_LAN_PORT, LanDiscovery
+from dht.mirror_layout import MirrorUrlError, check_base_url
 from dht.peer import PeerServer
-from dht.records import ProviderRecord
+from dht.records import MutableRecord, ProviderRecord
 from dht.types import PeerAddr, Priority
 
 from .capability import StoreCap
@@ -40,6 +42,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 4100
 HEAD_POLL_INTERVAL = 2.0
+# A mirror's head file is asked for at most this often (a conditional GET: a 304 when
+# unchanged); the DHT and peers' notices bring new heads sooner where there are any.
+MIRROR_HEAD_INTERVAL = 10.0
 
 
 def parse_hostport(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
@@ -70,6 +75,9 @@ class DriveServing:
     fetcher_starting: trio.Event | None = None  # set once a start in progress ends
     lan_peers: dict[bytes, tuple[PeerAddr, float]] = field(default_factory=dict)
     on_head: Callable[[bytes], None] | None = None
+    # static HTTP mirrors of the drive, by base URL: from its head, the config, --mirror
+    mirrors: dict[str, HttpSource] = field(default_factory=dict)
+    mirror_heads_checked: float = -1e9  # trio time of the last look at the mirrors' heads
 
 
 class NetworkNode:
@@ -104,12 +112,24 @@ class NetworkNode:
         for dk, d in self.drives.items():
             peers = []
             if d.fetcher is not None:
+                mirror_ids = {src.source_id for src in d.mirrors.values()}
                 for ps in d.fetcher.peer_stats():
+                    if ps.node_id in mirror_ids:
+                        continue
                     peers.append({"node_id": ps.node_id.hex(), "addr": ps.addr,
                                   "connected": ps.connected, "blocks": ps.blocks,
                                   "bytes": ps.bytes, "failures": ps.failures,
                                   "bad_blocks": ps.bad_blocks, "in_flight": ps.in_flight})
-            drives[d.cap.drive_id] = {"discovery_key": dk.hex(), "peers": peers}
+            stats = {ps.node_id: ps for ps in d.fetcher.peer_stats()} if d.fetcher else {}
+            mirrors = []
+            for url, src in d.mirrors.items():
+                ps = stats.get(src.source_id)
+                mirrors.append({"url": url, "requests": src.requests, "bytes": src.bytes,
+                                "blocks": ps.blocks if ps else 0,
+                                "failures": ps.failures if ps else 0,
+                                "bad_blocks": ps.bad_blocks if ps else 0})
+            drives[d.cap.drive_id] = {"discovery_key": dk.hex(), "peers": peers,
+                                      "mirrors": mirrors}
         st = self.server.stats
         return {
             "pid": os.getpid(),
@@ -154,7 +174,14 @@ class NetworkNode:
                 await nursery.start(self._lan.run)
             nursery.start_soon(self._write_snapshots)
             nursery.start_soon(self._join_lan_contacts)
-            task_status.started(self.port)
+            try:
+                task_status.started(self.port)
+                await trio.sleep_forever()
+            finally:
+                with trio.CancelScope(shield=True):
+                    for d in self.drives.values():
+                        for src in d.mirrors.values():
+                            await src.aclose()
 
     def addresses(self) -> list[tuple[str, int]]:
         """Where other nodes can reach this one, as announced in provider records."""
@@ -263,12 +290,85 @@ class NetworkNode:
         await self.server.notify(cap.discovery_key, wire)
 
     async def lookup_head(self, cap: StoreCap) -> bytes | None:
-        try:
-            rec = await self.dht.get_mutable(cap.discovery_key)
-        except DhtError as exc:
-            log.info("head lookup failed: %s", exc)
-            return None
-        return rec.wire if rec is not None else None
+        """The newest signed head found in the DHT or on the drive's mirrors (unchecked seq).
+
+        Mirrors are asked at most every MIRROR_HEAD_INTERVAL seconds. Only a
+        record signed by the drive's key counts; the caller's HeadTracker
+        refuses anything older than what it holds (a stale mirror never rolls
+        a reader back).
+        """
+        found: list[bytes] = []
+
+        async def from_dht() -> None:
+            try:
+                rec = await self.dht.get_mutable(cap.discovery_key)
+            except DhtError as exc:
+                log.info("head lookup failed: %s", exc)
+                return
+            if rec is not None:
+                found.append(rec.wire)
+
+        async def from_mirror(src: HttpSource) -> None:
+            try:
+                wire = await src.fetch_record()
+            except DhtError as exc:
+                log.info("no head from mirror %s: %s", src.base_url, exc)
+                return
+            if wire is not None:
+                found.append(wire)
+
+        d = self.drives.get(cap.discovery_key)
+        now = trio.current_time()
+        ask_mirrors = d is not None and d.mirrors and (
+            now - d.mirror_heads_checked >= MIRROR_HEAD_INTERVAL)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(from_dht)
+            if ask_mirrors:
+                d.mirror_heads_checked = now
+                for src in list(d.mirrors.values()):
+                    nursery.start_soon(from_mirror, src)
+        best: tuple[int, bytes] | None = None
+        for wire in found:
+            try:
+                rec = MutableRecord.decode(wire)
+            except DhtError as exc:
+                log.warning("ignored a head for drive %s: %s", cap.drive_id[:16], exc)
+                continue
+            if rec.pk == cap.pubkey and (best is None or rec.seq > best[0]):
+                best = (rec.seq, wire)
+        return best[1] if best is not None else None
+
+    # -- mirrors ---------------------------------------------------------------------
+
+    def set_mirrors(self, cap: StoreCap, urls: list[str] | tuple[str, ...]) -> None:
+        """Fetch drive `cap` from these static HTTP mirrors too (and only these).
+
+        Unusable URLs are logged and skipped; a mirror already in use keeps its
+        connections and its standing with the fetcher.
+        """
+        d = self.drives[cap.discovery_key]
+        wanted: dict[str, HttpSource] = {}
+        for url in urls:
+            try:
+                base = check_base_url(url)
+            except MirrorUrlError as exc:
+                log.warning("mirror ignored: %s", exc)
+                continue
+            wanted[base] = d.mirrors.get(base) or HttpSource(base)
+        if list(wanted) == list(d.mirrors):
+            return
+        dropped = [src for url, src in d.mirrors.items() if url not in wanted]
+        d.mirrors = wanted
+        d.mirror_heads_checked = -1e9  # ask the new set for its head at the next lookup
+        if d.fetcher is not None:
+            d.fetcher.set_sources(wanted.values())  # closes the dropped ones
+        elif self._nursery is not None:
+            for src in dropped:
+                self._nursery.start_soon(src.aclose)
+
+    def mirrors_of(self, cap: StoreCap) -> list[str]:
+        d = self.drives.get(cap.discovery_key)
+        return list(d.mirrors) if d is not None else []
 
     # -- fetching --------------------------------------------------------------------
 
@@ -291,6 +391,7 @@ class NetworkNode:
         d.fetcher_starting = starting = trio.Event()
         try:
             await self._nursery.start(fetcher.run)
+            fetcher.set_sources(d.mirrors.values())
             d.fetcher = fetcher
         finally:
             d.fetcher_starting = None

@@ -70,8 +70,15 @@ async def _mount_main(home: Home, cap: ReadCap, mountpoint: Path, opts: MountOpt
         await nursery.start(net.run)
         follower = HeadFollower(cap, storage, net)
         net.serve_drive(cap, on_head=follower.notice)
+
+        def use_mirrors(head: Head | None) -> None:
+            """The head's mirrors and the ones given by hand (--mirror, the config)."""
+            net.set_mirrors(cap, [*(head.mirrors if head else ()), *node_opts.mirrors])
+
+        use_mirrors(follower.tracker.current)  # a mirror can supply the first head too
         lonely = not net.bootstrap and not net.lan  # nobody to ask: do not wait
         head = await follower.first_head(0 if lonely else HEAD_WAIT)
+        use_mirrors(head)
         # A reader seeds the drive: it offers the head it holds as well as the blocks,
         # so a reader that finds only it (the publisher offline) can still mount.
         nursery.start_soon(net.publish_head, cap, head.wire)
@@ -80,6 +87,7 @@ async def _mount_main(home: Home, cap: ReadCap, mountpoint: Path, opts: MountOpt
         ops = DriveOperations(drive)
 
         async def on_new(new: Head) -> None:
+            use_mirrors(new)
             drive.set_head(new)
             nursery.start_soon(net.publish_head, cap, new.wire)
             await ops.new_version()
@@ -128,6 +136,7 @@ async def _serve_main(home: Home, opts: ServeOptions, node_opts: ResolvedNodeOpt
                 net.serve_drive(cap, on_head=follower.notice)
             if published.get(pubkey) != head.seq:
                 published[pubkey] = head.seq
+                net.set_mirrors(cap, [*head.mirrors, *node_opts.mirrors])
                 await net.publish_head(cap, head.wire)
 
     async with trio.open_nursery() as nursery:

@@ -29,6 +29,7 @@ class NodeOptions:
     cache_size: str | None = None  # e.g. "10G"; None: the config's, else the stored limit
     lan: bool = True  # False: --no-lan (the config can turn it off too)
     fetch_timeout: float | None = None  # seconds; None: the config's (default 20)
+    mirrors: list[str] = field(default_factory=list)  # static HTTP mirror base URLs (--mirror)
 
     def resolve(self, config: Config, default_listen: str) -> ResolvedNodeOptions:
         """These options over the config file over the defaults."""
@@ -38,6 +39,7 @@ class NodeOptions:
             cache_size=self.cache_size or config.cache_size,
             lan=self.lan and config.lan,
             fetch_timeout=self.fetch_timeout or config.fetch_timeout,
+            mirrors=list(dict.fromkeys([*self.mirrors, *config.mirrors])),
         )
 
 
@@ -50,6 +52,7 @@ class ResolvedNodeOptions:
     cache_size: str | None
     lan: bool
     fetch_timeout: float
+    mirrors: list[str] = field(default_factory=list)  # --mirror and the config's, for every drive
 
 
 @dataclass
@@ -63,3 +66,13 @@ class MountOptions(NodeOptions):
 @dataclass
 class ServeOptions(NodeOptions):
     """`peerdrive serve`: a node serving every drive whose head it holds."""
+
+
+@dataclass
+class MirrorOptions(NodeOptions):
+    """`peerdrive mirror`: write a drive's ciphertext into a directory as static files.
+
+    The node options are used only when the blocks or the head are not all on
+    this node: then it joins the network like a mount, for as long as it takes.
+    """
+
