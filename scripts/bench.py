@@ -59,6 +59,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tests.nginx_helpers import Nginx, NginxError  # noqa: E402 - needs ROOT on the path
+
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
@@ -483,13 +486,20 @@ class Bench:
             yield Mount(mnt, self._last_pid, "peerdrive")
 
     @contextlib.contextmanager
+    def mirror_mount(self, home: Path, mnt: Path, figure: str, link: str,
+                     url: str) -> Iterator[Mount]:
+        """Mount `link` on a fresh node whose only source is the HTTP mirror at `url`."""
+        with self._mounted(home, mnt, figure, link, None, ("--mirror", url)):
+            yield Mount(mnt, self._last_pid, "peerdrive")
+
+    @contextlib.contextmanager
     def _mounted(self, home: Path, mnt: Path, figure: str, link: str,
-                 port: int) -> Iterator[None]:
+                 port: int | None, extra: tuple[str, ...] = ()) -> Iterator[None]:
         pid: int | None = None
         try:
-            out = self.peerdrive(home, "mount", link, str(mnt), "--bootstrap",
-                                 f"127.0.0.1:{port}", *PEERDRIVE_MOUNT_FLAGS, "--json",
-                                 timeout=180)
+            boot = ("--bootstrap", f"127.0.0.1:{port}") if port is not None else ()
+            out = self.peerdrive(home, "mount", link, str(mnt), *boot, *extra,
+                                 *PEERDRIVE_MOUNT_FLAGS, "--json", timeout=180)
             pid = int(json.loads(out.stdout)["pid"])
             self.rss_watch.watch(pid)
             if not is_mounted(mnt):
@@ -511,56 +521,22 @@ class Bench:
     # -- nginx and rclone ---------------------------------------------------------------
 
     def nginx(self) -> int:
-        """nginx serving data/ on 127.0.0.1 (autoindex for rclone's listings); its port."""
+        """nginx serving data/ on 127.0.0.1 (autoindex for rclone's listings); its port.
+
+        The same private nginx the tests use (tests/nginx_helpers.py).
+        """
         if self._nginx is None:
             self.big()
             self.tree()
-            port = free_port()
-            prefix = self.workdir / "nginx"
-            prefix.mkdir()
-            conf = prefix / "nginx.conf"
-            conf.write_text(f"""\
-user root;
-worker_processes 1;
-daemon off;
-master_process on;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    sendfile on;
-    tcp_nopush on;
-    keepalive_requests 100000;
-    default_type application/octet-stream;
-    client_body_temp_path {prefix}/client;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    server {{
-        listen 127.0.0.1:{port};
-        root {self.data};
-        autoindex on;
-    }}
-}}
-""")
-            proc = subprocess.Popen(["nginx", "-p", str(prefix), "-c", str(conf),
-                                     "-e", str(prefix / "error.log")],
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=open(prefix / "stderr.log", "wb"))
-            self.stack.callback(stop_proc, proc)
-            deadline = time.monotonic() + 20
-            while True:
-                with contextlib.suppress(OSError), socket.create_connection(
-                        ("127.0.0.1", port), timeout=1):
-                    break
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise BenchError("nginx did not start: "
-                                     + (prefix / "stderr.log").read_text()[-1000:])
-                time.sleep(0.05)
-            log(f"nginx (pid {proc.pid}) on 127.0.0.1:{port}")
-            self._nginx = port
+            server = Nginx(self.data, self.workdir / "nginx", autoindex=True)
+            try:
+                server.start()
+            except NginxError as exc:
+                raise BenchError(str(exc)) from None
+            self.stack.callback(server.stop)
+            assert server.proc is not None
+            log(f"nginx (pid {server.proc.pid}) on 127.0.0.1:{server.port}")
+            self._nginx = server.port
         return self._nginx
 
     @contextlib.contextmanager
@@ -704,6 +680,49 @@ def figure_read_cold(bench: Bench) -> list[Row]:
             "`cat`; fresh mount and VFS cache, first read of nginx over HTTP"),
         Row(name, "curl from nginx", "MB/s", curl, True,
             "`curl -o /dev/null`: the loopback network's limit"),
+    ]
+
+
+def figure_read_mirror(bench: Bench) -> list[Row]:
+    """Sequential read of the big file through an HTTP mirror, nothing cached anywhere.
+
+    peerdrive: `peerdrive mirror` wrote the drive's ciphertext under data/
+    (once); a fresh reader node (empty cache, no peer, no DHT, no LAN) mounts
+    with `--mirror` pointing at it on the same nginx and fetches every block
+    over HTTP. rclone: first read through a fresh mount of the plain file on
+    that nginx, as in the cold read. Page cache dropped before each.
+    """
+    big = bench.big()
+    port = bench.nginx()
+    links = bench.links()
+    mirror = bench.data / "mirror-big"
+    if not mirror.exists():
+        out = json.loads(bench.peerdrive(bench.publisher_home, "mirror", links["big"],
+                                         str(mirror), "--json").stdout)
+        log(f"peerdrive mirror wrote {out['written']} blocks ({fmt_size(out['written_bytes'])})")
+    url = f"http://127.0.0.1:{port}/{mirror.name}"
+    name = f"cold read through an HTTP mirror, {fmt_size(bench.size)}"
+    pd, rc = [], []
+    for i in range(bench.runs):
+        home = bench.fresh("home-mirror-reader")
+        mnt = bench.fresh("mnt-peerdrive")
+        with bench.mirror_mount(home, mnt, name, links["big"], url) as m:
+            target = m.path / big.name
+            bench.drop_page_cache()
+            pd.append(mb_per_s(bench.size, timed(lambda t=target: cat_to_null(t))))
+            if not same_samples(target, big, bench.size):
+                raise BenchError("the mirror mount returned different bytes from the source")
+        with bench.rclone_mount(name) as m:
+            target = m.path / "big" / big.name
+            bench.drop_page_cache()
+            rc.append(mb_per_s(bench.size, timed(lambda t=target: cat_to_null(t))))
+        log(f"{name} run {i + 1}: peerdrive {pd[-1]:.0f}, rclone {rc[-1]:.0f} MB/s")
+    return [
+        Row(name, "peerdrive mount", "MB/s", pd, True,
+            "`cat`; fresh reader node, no peer: every block from `peerdrive mirror`'s "
+            "directory on nginx (`mount --mirror`)"),
+        Row(name, "rclone mount", "MB/s", rc, True,
+            "`cat`; fresh mount and VFS cache of the plain file on the same nginx"),
     ]
 
 
@@ -900,6 +919,7 @@ def figure_publish(bench: Bench) -> list[Row]:
 
 FIGURES: list[Callable[[Bench], list[Row]]] = [
     figure_read_cold,
+    figure_read_mirror,
     figure_read_hot,
     figure_first_byte,
     figure_random_reads,
@@ -934,6 +954,8 @@ GOALS: list[Goal | Limit] = [
          "rclone mount", 1.0),
     Goal("cold read >= 0.5x curl from nginx", "cold sequential read", "peerdrive mount",
          "curl from nginx", 0.5),
+    Goal("mirror read >= 0.5x rclone", "cold read through an HTTP mirror", "peerdrive mount",
+         "rclone mount", 0.5),
     Goal("hot read >= 1.0x rclone", "hot sequential read", "peerdrive mount", "rclone mount",
          1.0),
     Goal("hot read >= 0.5x native", "hot sequential read", "peerdrive mount", "native", 0.5),
