@@ -816,12 +816,13 @@ class Fetcher:
             request.excluded.add(peer.node_id)
             request.outcomes[peer.node_id] = "sent a corrupt block"
             self._drop_connection(peer, attempt.connection)
-            # A peer that lies is shunned. A static mirror serves files it cannot vouch for:
-            # one rotten or half-uploaded file must not cost every other block it holds, so
-            # it gets the ordinary backoff (growing while it fails) and is never asked for
-            # this block again; every block it serves is still checked.
-            self._penalise(peer, None if peer.source is not None
-                           else self.config.bad_block_backoff)
+            # A peer that lies is shunned (over a push connection too). A static mirror
+            # serves files it cannot vouch for: one rotten or half-uploaded file must not
+            # cost every other block it holds, so it gets the ordinary backoff (growing
+            # while it fails) and is never asked for this block again; every block it
+            # serves is still checked.
+            mirror = peer.source is not None and not peer.pushed
+            self._penalise(peer, None if mirror else self.config.bad_block_backoff)
         elif isinstance(error, PeerRefusedError | PeerIdentityError):
             request.excluded.add(peer.node_id)
             request.outcomes[peer.node_id] = f"refused: {error}"
