@@ -25,7 +25,14 @@ import trio
 from cache.errors import StoreError, StoreFull
 
 from .capability import ReadCap, StoreCap, WriteCap, parse_link, require_read
-from .errors import BlockUnavailable, NoSpaceError, PeerdriveError, UsageError, unwrap_group
+from .errors import (
+    BlockUnavailable,
+    MountError,
+    NoSpaceError,
+    PeerdriveError,
+    UsageError,
+    unwrap_group,
+)
 from .head import MAX_HEAD_MIRRORS
 from .home import Home, checked_mirror_url
 from .options import MirrorOptions, MountOptions, NodeOptions, ServeOptions
@@ -87,7 +94,14 @@ def _node_fields(args: argparse.Namespace) -> dict:
 
 
 def mount_options(args: argparse.Namespace) -> MountOptions:
-    return MountOptions(**_node_fields(args), ready_fd=args.ready_fd, verbose=args.verbose)
+    return MountOptions(**_node_fields(args), ready_fd=args.ready_fd, verbose=args.verbose,
+                        allow_other=args.allow_other, nonempty=args.nonempty)
+
+
+def mount_flags(opts: MountOptions) -> list[str]:
+    """node_flags plus the mount's own (for the background mount)."""
+    return [*node_flags(opts), *(["--allow-other"] if opts.allow_other else []),
+            *(["--nonempty"] if opts.nonempty else [])]
 
 
 def serve_options(args: argparse.Namespace) -> ServeOptions:
@@ -228,19 +242,31 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mount_link(args: argparse.Namespace) -> str:
+    """The link to mount: the argument, or with `-` what comes on --link-fd (the
+    background mount) or stdin (a user keeping it off every command line)."""
+    if args.link != "-":
+        return args.link
+    from .mount import read_secret
+
+    return read_secret(args.link_fd if args.link_fd is not None else 0)
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
     from .mount import check_mountpoint, python_argv, spawn_daemon
 
     home = _home(args)
-    cap = require_read(parse_link(args.link))
+    link = _mount_link(args)
+    cap = require_read(parse_link(link))
     mountpoint = Path(args.mountpoint).expanduser().resolve()
-    check_mountpoint(mountpoint)
     opts = mount_options(args)
+    check_mountpoint(mountpoint, opts.nonempty)
     if not args.foreground:
+        # the link goes by pipe: a command line is readable by every local user (ps)
         argv = [*python_argv(), "--home", str(home.path), *["-v"] * opts.verbose,
-                "mount", args.link, str(mountpoint), "--foreground", *node_flags(opts)]
+                "mount", "-", str(mountpoint), "--foreground", *mount_flags(opts)]
         log_path = home.mount_log_path(cap.drive_id)
-        pid = spawn_daemon(argv, log_path)
+        pid = spawn_daemon(argv, log_path, secret=cap.link())
         _emit(args, {"mountpoint": str(mountpoint), "pid": pid, "drive": cap.drive_id},
               f"mounted {cap.drive_id[:16]} at {mountpoint} (pid {pid})")
         return 0
@@ -295,14 +321,18 @@ def cmd_mirror(args: argparse.Namespace) -> int:
 
 def cmd_unmount(args: argparse.Namespace) -> int:
     from .mount import unmount
+    from .process import is_recorded_alive
 
     home = _home(args)
     mountpoint = Path(args.mountpoint).expanduser().resolve()
-    pid = None
-    for info in home.live_mounts():
-        if info.get("mountpoint") == str(mountpoint):
-            pid = int(info["pid"])
-    unmount(mountpoint, pid, lazy=args.lazy)
+    record = home.mount_record(mountpoint)
+    try:
+        unmount(mountpoint, record, lazy=args.lazy)
+    except MountError:
+        if record is not None and not is_recorded_alive(record.get("pid", 0),
+                                                        record.get("start")):
+            home.unregister_mount(mountpoint)  # a stale record goes even if nothing was mounted
+        raise
     home.unregister_mount(mountpoint)
     _emit(args, {"mountpoint": str(mountpoint)}, f"unmounted {mountpoint}")
     return 0
@@ -456,8 +486,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_mirror, cache_size=None)
 
     s = sub.add_parser("mount", help="mount a drive from its read link")
-    s.add_argument("link")
+    s.add_argument("link", help="the read link, or - to read it from stdin (keeps it out of "
+                   "the shell history and the process list)")
     s.add_argument("mountpoint")
+    s.add_argument("--allow-other", action="store_true",
+                   help="let every local user enter the mount (within the files' modes); "
+                   "by default only you can")
+    s.add_argument("--nonempty", action="store_true",
+                   help="mount over a folder that holds files (they are hidden meanwhile)")
+    s.add_argument("--link-fd", type=int, help=argparse.SUPPRESS)
     s.add_argument("--foreground", "-f", action="store_true",
                    help="serve in this process until unmounted")
     s.add_argument("--bootstrap", action="append", metavar="HOST:PORT",

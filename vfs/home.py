@@ -9,7 +9,8 @@
             write.cap       the write capability link (0600)
             source          the folder it publishes
             publish.lock    held (flock) by the one publish of this drive in progress
-        mounts/             one JSON file per live mount (pid, mountpoint, drive, port)
+        mounts/             one JSON file per live mount (pid and its start time, mountpoint,
+                            drive, port) and its .lock, held by the mount process
         run/                one JSON snapshot per running node process (<pid>.json)
         logs/               logs of background mounts
 
@@ -36,7 +37,8 @@ import platformdirs
 from dht.mirror_layout import MirrorUrlError, check_base_url
 
 from .capability import WriteCap, parse_link
-from .errors import LinkError, UsageError
+from .errors import LinkError, MountError, UsageError
+from .process import start_time
 
 
 def default_home() -> Path:
@@ -238,6 +240,36 @@ class Home:
         with contextlib.suppress(FileNotFoundError):
             self.mount_file(mountpoint).unlink()
 
+    def mount_record(self, mountpoint: Path) -> dict | None:
+        """The record of the mount at `mountpoint`, live or stale (None if there is none)."""
+        with contextlib.suppress(OSError, ValueError, json.JSONDecodeError):
+            info = json.loads(self.mount_file(mountpoint).read_text())
+            if isinstance(info, dict):
+                return info
+        return None
+
+    @contextlib.contextmanager
+    def mount_lock(self, mountpoint: Path) -> Iterator[None]:
+        """Held by the one process that mounts (and then serves) `mountpoint` from this home.
+
+        Two `peerdrive mount` of one path at once: the second finds the lock
+        held and fails with a clear error instead of stacking a second mount
+        and overwriting the first one's record.
+        """
+        lock = self.mount_file(mountpoint).with_suffix(".lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                other = self.mount_record(mountpoint) or {}
+                raise MountError(f"{mountpoint} is being mounted or served by another peerdrive "
+                                 f"process (pid {other.get('pid', '?')}); unmount it first "
+                                 f"(peerdrive unmount {mountpoint})") from None
+            yield
+        finally:
+            os.close(fd)
+
     def live_mounts(self) -> list[dict]:
         """`{pid, mountpoint, drive, port}` of every mount whose process is alive."""
         return live_records(self.mounts_dir)
@@ -259,6 +291,10 @@ def live_records(directory: Path) -> list[dict]:
             info = json.loads(f.read_text())
             os.kill(int(info["pid"]), 0)
         except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
+            continue
+        # a record with the process's start time names only that process: a pid reused
+        # by another process since is a stale record, not a live one
+        if "start" in info and start_time(int(info["pid"])) != info["start"]:
             continue
         out.append(info)
     return out

@@ -1,8 +1,9 @@
 """Running a mount: the FUSE session, its signals, and the background daemon.
 
 `peerdrive mount` without `--foreground` starts itself again as a detached
-process with `--foreground --ready-fd N`, waits until that process reports the
-mount is live (or failed, with its message), and returns, as sshfs does.
+process with `--foreground --ready-fd N --link-fd M` (the read link comes
+through a pipe, never on a command line), waits until that process reports
+the mount is live (or failed, with its message), and returns, as sshfs does.
 The mount process unmounts on SIGTERM and SIGINT; `peerdrive unmount` asks
 the kernel to unmount (which also clears a mount whose process was killed)
 and waits for the process to finish.
@@ -24,25 +25,42 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from . import process
 from .errors import MountError
 
 log = logging.getLogger(__name__)
 
 
-def fuse_options() -> set[str]:
+def fuse_options(allow_other: bool = False) -> set[str]:
+    """The FUSE mount options. Only the mounting user may enter the mount unless
+    `allow_other` (`mount --allow-other`): then every local user may, within the
+    files' modes (`default_permissions`), which for a root mount means everyone
+    on the machine reads the drive. Non-root users need `user_allow_other` in
+    /etc/fuse.conf for it."""
     opts = set(pyfuse3.default_options)
     opts |= {"fsname=peerdrive", "subtype=peerdrive", "noatime"}
-    if os.getuid() == 0:
+    if allow_other:
         opts.add("allow_other")
     return opts
 
 
-def check_mountpoint(mountpoint: Path) -> None:
+def check_mountpoint(mountpoint: Path, nonempty: bool = False) -> None:
+    """Refuse a mount point that is not a folder, is mounted, or (unless `nonempty`)
+    holds files a mount would hide."""
     if not mountpoint.is_dir():
         raise MountError(f"{mountpoint} is not a directory: create it first")
     if os.path.ismount(mountpoint):
         raise MountError(f"{mountpoint} is already a mount point: unmount it first "
                          f"(peerdrive unmount {mountpoint})")
+    if not nonempty:
+        try:
+            with os.scandir(mountpoint) as it:
+                hides = next(it, None) is not None
+        except OSError as exc:
+            raise MountError(f"cannot read {mountpoint}: {exc.strerror}") from exc
+        if hides:
+            raise MountError(f"{mountpoint} is not empty: a mount would hide its files; use an "
+                             "empty folder, or --nonempty to mount over them anyway")
 
 
 KERNEL_READAHEAD_KB = 8192
@@ -87,7 +105,8 @@ def widen_kernel_readahead(mountpoint: Path, kb: int = KERNEL_READAHEAD_KB) -> N
 
 async def serve_fuse(ops: pyfuse3.Operations, mountpoint: Path,
                      background: Callable[..., object] | None = None,
-                     on_ready: Callable[[], None] | None = None) -> None:
+                     on_ready: Callable[[], None] | None = None,
+                     allow_other: bool = False) -> None:
     """Mount `ops` at `mountpoint` and serve until unmounted or signalled.
 
     `background` is started in the same nursery (with nursery.start) before
@@ -95,7 +114,7 @@ async def serve_fuse(ops: pyfuse3.Operations, mountpoint: Path,
     request arrives.
     """
     try:
-        pyfuse3.init(ops, str(mountpoint), fuse_options())
+        pyfuse3.init(ops, str(mountpoint), fuse_options(allow_other))
     except RuntimeError as exc:
         raise MountError(f"could not mount at {mountpoint}: {exc} (is /dev/fuse available "
                          "and fuse3 installed?)") from exc
@@ -140,26 +159,41 @@ async def serve_fuse(ops: pyfuse3.Operations, mountpoint: Path,
                            capture_output=True, check=False)
 
 
-def spawn_daemon(argv: list[str], log_path: Path, timeout: float = 120.0) -> int:
+def spawn_daemon(argv: list[str], log_path: Path, secret: str | None = None,
+                 timeout: float = 120.0) -> int:
     """Start `argv` (a foreground mount) detached; wait for its readiness report.
 
-    Returns the daemon's pid. Raises MountError with the daemon's own message
-    if it fails before the mount is live.
+    `secret` (the read link) goes to the daemon through a pipe named by
+    `--link-fd N`, never on its command line or in its environment, which
+    every local user can read in /proc. Returns the daemon's pid. Raises
+    MountError with the daemon's own message if it fails before the mount is
+    live.
     """
     r, w = os.pipe()
+    fds = [w]
+    extra: list[str] = []
+    if secret is not None:
+        sr, sw = os.pipe()
+        os.write(sw, secret.encode() + b"\n")  # a link is far below the pipe's buffer
+        os.close(sw)
+        fds.append(sr)
+        extra = ["--link-fd", str(sr)]
     env = dict(os.environ)
     # glibc gives every thread that allocates its own malloc arena (up to 8 per core), and
     # each keeps the freed block buffers it once held: two arenas keep the mount's peak
     # anonymous memory about a third lower (cold 512 MiB read: 185-215 -> 135-155 MB)
     # at the same speed. A user's own setting wins.
     env.setdefault("MALLOC_ARENA_MAX", "2")
-    with open(log_path, "ab") as logf:
-        proc = subprocess.Popen(
-            [*argv, "--ready-fd", str(w)],
-            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=env,
-            pass_fds=(w,), start_new_session=True, close_fds=True,
-        )
-    os.close(w)
+    try:
+        with open(log_path, "ab") as logf:
+            proc = subprocess.Popen(
+                [*argv, *extra, "--ready-fd", str(w)],
+                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=env,
+                pass_fds=tuple(fds), start_new_session=True, close_fds=True,
+            )
+    finally:
+        for fd in fds:
+            os.close(fd)
     deadline = time.monotonic() + timeout
     chunks: list[bytes] = []
     with os.fdopen(r, "rb", buffering=0) as pipe:
@@ -190,6 +224,19 @@ def spawn_daemon(argv: list[str], log_path: Path, timeout: float = 120.0) -> int
     raise err
 
 
+def read_secret(fd: int, limit: int = 4096) -> str:
+    """The text sent by `spawn_daemon` (or piped to stdin by a user) on `fd`, up to EOF."""
+    data = b""
+    while len(data) <= limit:
+        part = os.read(fd, limit + 1 - len(data))
+        if not part:
+            break
+        data += part
+    if fd > 2:
+        os.close(fd)
+    return data.decode(errors="replace").strip()
+
+
 def report_ready(fd: int | None, message: str = "ready") -> None:
     if fd is None:
         return
@@ -198,30 +245,38 @@ def report_ready(fd: int | None, message: str = "ready") -> None:
         os.close(fd)
 
 
-def unmount(mountpoint: Path, pid: int | None, lazy: bool = False,
+def unmount(mountpoint: Path, record: dict | None, lazy: bool = False,
             timeout: float = 20.0) -> None:
-    """Unmount and wait for the serving process (if known) to exit."""
+    """Unmount and wait for the serving process to exit.
+
+    The serving process is the one `record` names by pid *and* start time
+    (see vfs/process.py): a record left by a killed mount whose pid now
+    belongs to another process names no process, and nothing is signalled.
+    """
     args = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [str(mountpoint)]
-    res = subprocess.run(args, capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        err = res.stderr.strip()
-        if "not mounted" in err or "not found in" in err:
-            raise MountError(f"{mountpoint} is not mounted")
-        if "busy" in err.lower():
-            raise MountError(f"{mountpoint} is busy (a process has a file open there); close it "
-                             "or use --lazy")
-        raise MountError(f"could not unmount {mountpoint}: {err}")
-    if pid is None:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
+    # opened before the unmount, while the mount process still lives
+    pidfd = None
+    if record is not None:
+        with contextlib.suppress(TypeError, ValueError, KeyError):
+            pidfd = process.open_recorded(int(record["pid"]), record.get("start"))
+    try:
+        res = subprocess.run(args, capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            err = res.stderr.strip()
+            if "not mounted" in err or "not found in" in err:
+                raise MountError(f"{mountpoint} is not mounted")
+            if "busy" in err.lower():
+                raise MountError(f"{mountpoint} is busy (a process has a file open there); "
+                                 "close it or use --lazy")
+            raise MountError(f"could not unmount {mountpoint}: {err}")
+    except BaseException:
+        if pidfd is not None:
+            os.close(pidfd)
+        raise
+    if pidfd is not None:
+        if not process.wait_then_terminate(pidfd, timeout):
+            log.warning("the mount process of %s did not exit in %.0f s: sent SIGTERM",
+                        mountpoint, timeout)
 
 
 def python_argv() -> list[str]:

@@ -24,6 +24,7 @@ from .home import Home
 from .mount import check_mountpoint, report_ready, serve_fuse
 from .network import HEAD_POLL_INTERVAL, NetworkNode, parse_hostport
 from .options import MOUNT_LISTEN, SERVE_LISTEN, MountOptions, ResolvedNodeOptions, ServeOptions
+from .process import start_time
 from .storage import DriveStorage
 from .units import parse_size
 
@@ -52,14 +53,16 @@ def network_for(home: Home, store: BlockStore, opts: ResolvedNodeOptions) -> Net
 
 
 def run_mount_foreground(home: Home, cap: ReadCap, mountpoint: Path, opts: MountOptions) -> None:
-    check_mountpoint(mountpoint)
-    node_opts = opts.resolve(home.config(), MOUNT_LISTEN)
-    store = open_store(home, node_opts.cache_size)
-    try:
-        trio.run(_mount_main, home, cap, mountpoint, opts, node_opts, store)
-    finally:
-        home.unregister_mount(mountpoint)
-        store.close()
+    # held while this process lives: a second mount of this path from this home is refused
+    with home.mount_lock(mountpoint):
+        check_mountpoint(mountpoint, opts.nonempty)
+        node_opts = opts.resolve(home.config(), MOUNT_LISTEN)
+        store = open_store(home, node_opts.cache_size)
+        try:
+            trio.run(_mount_main, home, cap, mountpoint, opts, node_opts, store)
+        finally:
+            home.unregister_mount(mountpoint)
+            store.close()
 
 
 async def _mount_main(home: Home, cap: ReadCap, mountpoint: Path, opts: MountOptions,
@@ -93,7 +96,9 @@ async def _mount_main(home: Home, cap: ReadCap, mountpoint: Path, opts: MountOpt
             await ops.new_version()
 
         def ready() -> None:
-            home.register_mount(mountpoint, {"pid": os.getpid(), "mountpoint": str(mountpoint),
+            # the start time makes the record name this process, not whatever gets its pid
+            home.register_mount(mountpoint, {"pid": os.getpid(), "start": start_time(os.getpid()),
+                                             "mountpoint": str(mountpoint),
                                              "drive": cap.drive_id, "port": net.port})
             report_ready(opts.ready_fd)
 
@@ -103,7 +108,7 @@ async def _mount_main(home: Home, cap: ReadCap, mountpoint: Path, opts: MountOpt
                 await inner.start(follower.run, on_new)
                 task_status.started()
 
-        await serve_fuse(ops, mountpoint, background, ready)
+        await serve_fuse(ops, mountpoint, background, ready, allow_other=opts.allow_other)
         nursery.cancel_scope.cancel()
 
 

@@ -61,6 +61,8 @@ class MountOptions(NodeOptions):
 
     ready_fd: int | None = None  # the background parent's pipe: "ready" or "error ..."
     verbose: int = 0  # -v count, handed on to the background mount process
+    allow_other: bool = False  # --allow-other: every local user may enter the mount
+    nonempty: bool = False  # --nonempty: mount over a folder that holds files
 
 
 @dataclass
