@@ -59,7 +59,7 @@ def test_eviction_keeps_the_store_within_the_limit_and_pins_whole(tmp_path: Path
     expected = {p.name: digest(p) for p in (src / "stream").iterdir()}
     pub, reader = node_home("pub"), node_home("reader")
     link = publish(pub, src)["read_link"]
-    keep_pin = pin_name(parse_link(link).drive_id, [b"keep"])
+    keep_pin = pin_name(parse_link(link), [b"keep"])
 
     with Nodes(tmp_path) as nodes:
         seeder = nodes.serve("pub", pub)
@@ -141,7 +141,7 @@ def test_total_pins_and_lru_order_survive_unmount_and_sigkill(tmp_path: Path,
     write_random(src / "keep" / "k.bin", 2 * MiB, seed=7)
     pub, reader = node_home("pub"), node_home("reader")
     link = publish(pub, src)["read_link"]
-    keep_pin = pin_name(parse_link(link).drive_id, [b"keep"])
+    keep_pin = pin_name(parse_link(link), [b"keep"])
     mnt_path = tmp_path / "mnt"
 
     with Nodes(tmp_path) as nodes:

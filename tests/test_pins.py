@@ -51,7 +51,7 @@ def test_pinned_folder_reads_offline_and_follows_new_versions(tmp_path: Path,
     write_random(src / "cloud.bin", 3 * MiB, seed=4)
     pub, reader = node_home("pub"), node_home("reader")
     link = publish(pub, src)["read_link"]
-    pin = pin_name(parse_link(link).drive_id, [b"pinned"])
+    pin = pin_name(parse_link(link), [b"pinned"])
     pinned_files = ["a.bin", "sub/b.bin", "changed.bin"]
 
     with Nodes(tmp_path) as nodes:
@@ -147,7 +147,7 @@ def test_status_xattrs_cli_and_copies_agree(tmp_path: Path, node_home) -> None:
     write_random(src / "big.bin", 3 * MiB, seed=13)
     pub, reader, second = node_home("pub"), node_home("reader"), node_home("second")
     link = publish(pub, src)["read_link"]
-    docs_pin = pin_name(parse_link(link).drive_id, [b"docs"])
+    docs_pin = pin_name(parse_link(link), [b"docs"])
     copies_seen: dict[str, int] = {}
 
     with Nodes(tmp_path) as nodes:

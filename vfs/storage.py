@@ -7,7 +7,9 @@ published version, which pin holds a mount's metadata. Pin names:
     publish:<pubkey hex>        every block of the version this node published last
     publish-pending:<pubkey>    blocks of a publish in progress (so eviction cannot take them)
     meta:<pubkey hex>           head root and directory nodes a mount has loaded
-    pin:<pubkey hex>:<path>     a user pin: every block under one path
+    pin:<pubkey hex>:<tag>      a user pin: every block under one path; the tag is an
+                                HMAC of the path, which is sealed in the record
+                                pinpath:<pubkey><tag> (vfs/pins.py): no path in clear
 """
 
 from __future__ import annotations
@@ -102,7 +104,3 @@ def publish_pin(pubkey: bytes) -> str:
 
 def meta_pin(pubkey: bytes) -> str:
     return f"meta:{pubkey.hex()}"
-
-
-def user_pin(pubkey: bytes, path: str) -> str:
-    return f"pin:{pubkey.hex()}:{path}"
