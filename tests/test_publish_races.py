@@ -9,11 +9,13 @@ so a crash or a race could leave the stored head's blocks evictable.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -173,3 +175,118 @@ def test_seq_is_taken_in_the_same_transaction_as_the_head(tmp_path: Path) -> Non
         assert storage.load_head(CAP).seq == 8
     finally:
         store.close()
+
+
+# ----------------------------------------------------------------------------- item 14: SIGBUS
+
+
+def test_windows_make_exactly_the_chunks_of_one_cut(tmp_path: Path, monkeypatch) -> None:
+    """Large files are read in windows; the carried last chunk makes the cut the same
+    as one FastCDC pass over the whole file (the blocks, so dedup, do not change)."""
+    import vfs.publish as publish_mod
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    rng = random.Random(7)
+    (folder / "random.bin").write_bytes(rng.randbytes(21 * MIB + 12345))
+    (folder / "runs.bin").write_bytes(bytes(9 * MIB) + rng.randbytes(5 * MIB) + bytes(3 * MIB))
+    roots = []
+    for window in (1 << 30, 3 * MIB, 2 * MIB + 1):  # one window = one cut over the file
+        monkeypatch.setattr(publish_mod, "READ_WINDOW", window)
+        with BlockStore(tmp_path / f"store-{window}") as store:
+            roots.append(publish(store, folder).storage.load_head(CAP).root_block)
+    assert roots[0] == roots[1] == roots[2]
+
+
+def test_a_file_truncated_while_it_is_read_is_read_again(tmp_path: Path, monkeypatch) -> None:
+    """Deterministic: the file is truncated right after the first window of it is read
+    (what another process may do at any moment). It is read again and published as
+    it now is; before, the mmap under the cut raised SIGBUS and killed publish."""
+    import vfs.publish as publish_mod
+    from tests.test_publish import read_back
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    big = folder / "big.bin"
+    big.write_bytes(random.Random(8).randbytes(40 * MIB))
+    real = publish_mod._read_and_cut
+    calls = []
+
+    def read_then_truncate(fd, offset, carry):
+        out = real(fd, offset, carry)
+        calls.append(offset)
+        if len(calls) == 1:
+            os.truncate(big, 5 * MIB + 7)
+        return out
+
+    monkeypatch.setattr(publish_mod, "_read_and_cut", read_then_truncate)
+    with BlockStore(tmp_path / "store") as store:
+        pub = Publisher(DriveStorage(store), CAP, folder)
+        result = trio.run(pub.run)
+        got = read_back(store, result)
+    assert got["big.bin"][3] == big.read_bytes()
+    assert len(got["big.bin"][3]) == 5 * MIB + 7
+    assert calls.count(0) == 2  # read once, changed, read again from the start
+
+
+def test_a_file_that_keeps_changing_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
+    import vfs.publish as publish_mod
+    from vfs.errors import UsageError, unwrap_group
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    big = folder / "log.bin"
+    big.write_bytes(random.Random(9).randbytes(20 * MIB))
+    real = publish_mod._read_and_cut
+
+    def read_then_append(fd, offset, carry):
+        out = real(fd, offset, carry)
+        with open(big, "ab") as f:
+            f.write(b"another line\n")
+        return out
+
+    monkeypatch.setattr(publish_mod, "_read_and_cut", read_then_append)
+    with BlockStore(tmp_path / "store") as store:
+        with pytest.raises(BaseException) as info:  # noqa: B017 - a group from trio.run
+            trio.run(Publisher(DriveStorage(store), CAP, folder).run)
+        err = unwrap_group(info.value)
+        assert isinstance(err, UsageError) and "kept changing" in str(err), err
+        assert DriveStorage(store).load_head(CAP) is None
+
+
+def test_truncating_a_big_file_during_a_real_publish(tmp_path: Path, node_home) -> None:
+    """The attack on the real command: truncate a large file as soon as `peerdrive
+    publish` has it open. Before: killed by SIGBUS (exit -7). Now: it publishes the
+    file as it is after the truncate."""
+    home = node_home("pub")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    big = folder / "big.bin"
+    with open(big, "wb") as f:
+        rng = random.Random(10)
+        for _ in range(48):
+            f.write(rng.randbytes(4 * MIB))
+    proc = subprocess.Popen([PYTHON, "-m", "vfs.cli", "publish", str(folder), "--json"],
+                            env=env_for(home), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        opened = False
+        while time.monotonic() < deadline and proc.poll() is None and not opened:
+            with contextlib.suppress(OSError):
+                opened = any(os.readlink(f"/proc/{proc.pid}/fd/{fd}") == str(big)
+                             for fd in os.listdir(f"/proc/{proc.pid}/fd"))
+            time.sleep(0.002)
+        assert opened, "publish never opened the file"
+        os.truncate(big, 3 * MIB)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, (proc.returncode, err)
+    assert json.loads(out)["bytes"] >= 3 * MIB
+    link = json.loads(out)["read_link"]
+    mnt = tmp_path / "mnt"
+    with mounted(home, link, mnt):
+        assert (mnt / "big.bin").read_bytes() == big.read_bytes()

@@ -3,7 +3,8 @@
 The walk (one pass of lstat over the tree) is cheap; the work is cutting,
 hashing, encrypting and storing the file contents. That runs in worker
 threads, a bounded number at a time so memory stays bounded, while the trio
-task only schedules. Large files are cut once (FastCDC over an mmap) and
+task only schedules. Large files are read in 16 MiB windows (pread, never an
+mmap, which a concurrent truncate turns into SIGBUS), cut with FastCDC, and
 their chunks are encrypted in batches on both cores (hashlib and AES-GCM
 release the GIL over big buffers). Small files are grouped so thousands of
 them do not pay one thread hop and one commit each; a group is read with the
@@ -19,7 +20,6 @@ A version shares every unchanged block with the last one: `new_blocks` and
 from __future__ import annotations
 
 import contextlib
-import mmap
 import os
 import stat
 import threading
@@ -60,6 +60,12 @@ WORKERS = max(1, min(4, os.cpu_count() or 1))
 # the one it reads: the disk then serves many small reads at once instead of one at a time
 # (20,000 files with the page cache dropped: 2.9 s -> 0.4 s to read them all, 2-core VM).
 READ_AHEAD_FILES = 32
+# Large files are read in windows of this size (pread, not mmap: see _large_file); at most
+# LARGE_WINDOWS of them, from all large files together, are in memory at once.
+READ_WINDOW = 16 * 1024 * 1024
+LARGE_WINDOWS = WORKERS + 2
+# Reads of a file that changed while it was read, before publish gives up on it.
+CHANGED_RETRIES = 3
 # Groups of small files read and not yet stored, at most (memory: BATCH_BYTES each).
 IN_FLIGHT_GROUPS = 4
 
@@ -109,6 +115,27 @@ class Progress:
             done = self.done
         if self._cb is not None:
             self._cb(done, self.total)
+
+
+def _read_and_cut(fd: int, offset: int, carry: bytes) -> tuple[bytes, int, list[tuple[int, int]]]:
+    """`carry` and the next READ_WINDOW bytes of the file from `offset` (fewer at its end):
+    the buffer, the bytes read, and the (offset, length) of its chunks."""
+    parts = [carry]
+    got = 0
+    while got < READ_WINDOW:
+        part = os.pread(fd, READ_WINDOW - got, offset + got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    buf = b"".join(parts) if len(parts) > 2 or carry else (parts[1] if got else b"")
+    bounds = [(c.offset, c.length) for c in make_chunker().cut_buf(buf)] if buf else []
+    return buf, got, bounds
+
+
+def _same_state(before: os.stat_result, after: os.stat_result) -> bool:
+    return (before.st_ino, before.st_size, before.st_mtime_ns, before.st_ctime_ns) == \
+        (after.st_ino, after.st_size, after.st_mtime_ns, after.st_ctime_ns)
 
 
 def _read_fd(fd: int, size: int, path: bytes) -> bytes:
@@ -192,6 +219,7 @@ class Publisher:
         self._pending_pin = f"publish-pending:{cap.pubkey.hex()}"
         self._emitted: list[tuple[Ref, bytes]] = []  # metadata blocks not yet stored
         self._emitted_bytes = 0
+        self._windows = trio.Semaphore(LARGE_WINDOWS)  # large-file windows in memory
 
     # -- walking -------------------------------------------------------------------
 
@@ -353,54 +381,100 @@ class Publisher:
 
     async def _large_file(self, job: _FileJob, progress: Progress,
                           limiter: trio.CapacityLimiter) -> None:
-        try:
-            f = open(job.path, "rb")  # noqa: SIM115 - closed below, after every view is gone
-        except OSError as exc:
-            raise UsageError(f"cannot read {os.fsdecode(job.path)}: {exc.strerror}") from exc
-        with f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
-                return
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            with contextlib.suppress(OSError):
-                mm.madvise(mmap.MADV_SEQUENTIAL)
-            view = memoryview(mm)
-            try:
-                await self._cut_and_encrypt(job, view, progress, limiter)
-            finally:  # also when cancelled: a view still exported would make close() fail
-                view.release()
-                mm.close()
+        """Cut and encrypt one large file, read in windows with pread.
 
-    async def _cut_and_encrypt(self, job: _FileJob, data: memoryview, progress: Progress,
-                               limiter: trio.CapacityLimiter) -> None:
-        """Cut in one thread, encrypt batches on every core, keep the chunk order."""
-        bounds: list[tuple[int, int]] = await trio.to_thread.run_sync(
-            lambda: [(c.offset, c.length) for c in make_chunker().cut_buf(data)],
-            limiter=limiter)
-        batches: list[list[tuple[int, int]]] = [[]]
-        acc = 0
-        for b in bounds:
-            if acc >= BATCH_BYTES:
-                batches.append([])
-                acc = 0
-            batches[-1].append(b)
-            acc += b[1]
-        results: list[list[Ref]] = [[] for _ in batches]
-
-        async def run_batch(i: int) -> None:
-            views = [data[o:o + n] for o, n in batches[i]]
+        Not an mmap: a file truncated by another process while it is mapped
+        kills the reader with SIGBUS, and a publish must survive any folder
+        being written to. A file whose size, mtime or inode changed while it
+        was read (or that read short) is read again, up to CHANGED_RETRIES
+        times, so its entry always describes one consistent state of it.
+        """
+        for _ in range(CHANGED_RETRIES + 1):
             try:
-                results[i] = await trio.to_thread.run_sync(self._encrypt_views, views,
-                                                           limiter=limiter)
+                fd = os.open(job.path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise UsageError(f"cannot read {os.fsdecode(job.path)}: {exc.strerror}") from exc
+            try:
+                before = os.fstat(fd)
+                with contextlib.suppress(OSError):
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                chunks, length = await self._cut_file(fd, job, progress, limiter)
+                after = os.fstat(fd)
             finally:
-                for v in views:
-                    v.release()
-            progress.add(sum(n for _, n in batches[i]))
+                os.close(fd)
+            if length == after.st_size and _same_state(before, after):
+                job.chunks = chunks
+                job.st = after
+                return
+        raise UsageError(f"{os.fsdecode(job.path)} kept changing while it was published "
+                         f"({CHANGED_RETRIES + 1} reads); publish again once nothing writes to it")
 
+    async def _cut_file(self, fd: int, job: _FileJob, progress: Progress,
+                        limiter: trio.CapacityLimiter) -> tuple[list[Ref], int]:
+        """(chunks, bytes read) of the open file: windows cut in one thread each, their chunks
+        encrypted in batches on every core while the next window is read.
+
+        FastCDC cuts a chunk from where it starts up to at most CDC_MAX bytes,
+        so a window's last chunk (cut short by the window's end) is carried
+        into the next window and cut again: the chunks are exactly those of
+        one cut over the whole file.
+        """
+        results: list[list[Ref]] = []
+        offset = 0
+        carry = b""
         async with trio.open_nursery() as nursery:
-            for i in range(len(batches)):
-                nursery.start_soon(run_batch, i)
-        job.chunks = [r for batch in results for r in batch]
+            while True:
+                await self._windows.acquire()  # released once the window's batches are stored
+                try:
+                    buf, got, bounds = await trio.to_thread.run_sync(
+                        _read_and_cut, fd, offset, carry, limiter=limiter)
+                except BaseException:
+                    self._windows.release()
+                    raise
+                offset += got
+                eof = got < READ_WINDOW
+                if not eof and len(bounds) > 1:
+                    keep = bounds[:-1]
+                    carry = buf[bounds[-1][0]:]
+                else:
+                    keep, carry = bounds, b""
+                batches: list[list[tuple[int, int]]] = [[]]
+                acc = 0
+                for b in keep:
+                    if acc >= BATCH_BYTES:
+                        batches.append([])
+                        acc = 0
+                    batches[-1].append(b)
+                    acc += b[1]
+                batches = [b for b in batches if b]
+                if not batches:
+                    self._windows.release()
+                left = [len(batches)]
+
+                async def run_batch(slot: int, buf: bytes, batch: list[tuple[int, int]],
+                                    left: list[int]) -> None:
+                    try:
+                        view = memoryview(buf)
+                        views = [view[o:o + n] for o, n in batch]
+                        try:
+                            results[slot] = await trio.to_thread.run_sync(
+                                self._encrypt_views, views, limiter=limiter)
+                        finally:
+                            for v in views:
+                                v.release()
+                            view.release()
+                        progress.add(sum(n for _, n in batch))
+                    finally:
+                        left[0] -= 1
+                        if left[0] == 0:
+                            self._windows.release()
+
+                for batch in batches:
+                    results.append([])
+                    nursery.start_soon(run_batch, len(results) - 1, buf, batch, left)
+                if eof:
+                    break
+        return [r for batch in results for r in batch], offset
 
     def _file_entry(self, job: _FileJob) -> Entry:
         size = sum(r.length for r in job.chunks)
