@@ -290,3 +290,49 @@ def test_truncating_a_big_file_during_a_real_publish(tmp_path: Path, node_home) 
     mnt = tmp_path / "mnt"
     with mounted(home, link, mnt):
         assert (mnt / "big.bin").read_bytes() == big.read_bytes()
+
+
+@pytest.mark.parametrize("which", ["small.txt", "large.bin"])
+def test_a_file_replaced_by_a_fifo_after_the_walk_is_an_error_not_a_hang(
+        tmp_path: Path, monkeypatch, which: str) -> None:
+    """Anyone who can write to the folder swaps a listed file for a FIFO: opening it
+    would block for ever (no writer). Publish must fail at once with a clear error."""
+    import threading
+
+    import vfs.publish as publish_mod
+    from vfs.errors import UsageError, unwrap_group
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "small.txt").write_bytes(b"small" * 100)
+    (folder / "large.bin").write_bytes(random.Random(11).randbytes(publish_mod.SMALL_FILE + 1))
+    walk = Publisher._walk
+
+    def walk_then_swap(self, path, *args):
+        job = walk(self, path, *args)
+        if path == os.fsencode(folder):
+            (folder / which).unlink()
+            os.mkfifo(folder / which)
+        return job
+
+    monkeypatch.setattr(Publisher, "_walk", walk_then_swap)
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        with BlockStore(tmp_path / "store") as store:
+            try:
+                trio.run(Publisher(DriveStorage(store), CAP, folder).run)
+                outcome.append(None)
+            except BaseException as exc:  # noqa: BLE001 - inspected below
+                outcome.append(unwrap_group(exc))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout=60)
+    if t.is_alive():  # unblock the hung open so the thread can end, then fail
+        fd = os.open(folder / which, os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+        t.join(timeout=30)
+        pytest.fail("publish hung opening a FIFO")
+    assert isinstance(outcome[0], UsageError), outcome
+    assert "no longer a regular file" in str(outcome[0])
