@@ -14,6 +14,7 @@ are big-endian so that LMDB's bytewise key order is numeric order.
                b"counters"              -> see `Counters`
                b"limit"                 -> u64 (absent: unlimited)
     records    key (1..511 bytes)       -> value (any bytes)
+    members    id(32) || tag(32)        -> b""      (the block was stored for that tag)
 """
 
 from __future__ import annotations
@@ -36,13 +37,16 @@ DB_PIN_NAMES = b"pin_names"
 DB_PINS = b"pins"
 DB_STATE = b"state"
 DB_RECORDS = b"records"
-ALL_DBS = (DB_BLOCKS, DB_META, DB_LRU, DB_PIN_REFS, DB_PIN_NAMES, DB_PINS, DB_STATE, DB_RECORDS)
+DB_MEMBERS = b"members"
+ALL_DBS = (DB_BLOCKS, DB_META, DB_LRU, DB_PIN_REFS, DB_PIN_NAMES, DB_PINS, DB_STATE, DB_RECORDS,
+           DB_MEMBERS)
 
 STATE_SCHEMA = b"schema"
 STATE_COUNTERS = b"counters"
 STATE_LIMIT = b"limit"
 
 ID_LEN = 32
+TAG_LEN = 32  # a member tag: opaque to the store (the node layer uses a discovery key)
 DIGEST_LEN = 8
 MAX_RECORD_KEY = 511  # LMDB's compiled-in maximum key size
 MAX_PIN_NAME = 65536  # bytes of UTF-8; pin names are hashed into keys, so long paths fit
@@ -66,6 +70,18 @@ def check_id(block_id: object) -> bytes:
     else:
         raise InvalidArgument(f"a block id is 32 bytes, not {type(block_id).__name__}")
     raise InvalidArgument(f"a block id is 32 bytes, not {len(block_id)}")
+
+
+def check_tag(tag: object) -> bytes:
+    """Return `tag` if it is a 32-byte member tag, else raise InvalidArgument."""
+    if not isinstance(tag, bytes) or len(tag) != TAG_LEN:
+        raise InvalidArgument(f"a member tag is {TAG_LEN} bytes")
+    return tag
+
+
+def member_key(block_id: bytes, tag: bytes) -> bytes:
+    """Key of "block `block_id` was stored for `tag`" in `members` (id first: per-block range)."""
+    return block_id + tag
 
 
 def block_id_of(data: bytes | bytearray | memoryview) -> bytes:

@@ -56,6 +56,7 @@ DEFAULT_TOUCH_BATCH = 4096
 # space than what the transaction wanted to write plus this margin.
 _DISK_FULL_MARGIN = 8 * MiB
 _MAX_RETRIES = 64
+_STATE_INDEX = schema.ALL_DBS.index(schema.DB_STATE)
 _READAHEAD_MIN = 64 * 1024  # reads of values this big drive StoreReadahead
 # Blocks evicted per transaction when evicting on request (evict, a lower limit,
 # a released pin). On a full disk the steps shrink to one block: each commit
@@ -207,7 +208,7 @@ class BlockStore:
             # ones), so a write transaction that writes nothing: it works on a full disk too.
             with env.begin(write=True) as txn:
                 handles = [env.open_db(name, txn=txn, create=False) for name in schema.ALL_DBS]
-                version = txn.get(schema.STATE_SCHEMA, db=handles[-2])
+                version = txn.get(schema.STATE_SCHEMA, db=handles[_STATE_INDEX])
         except (lmdb.NotFoundError, lmdb.ReadonlyError):
             handles = None
         except lmdb.Error as exc:
@@ -216,12 +217,12 @@ class BlockStore:
             try:
                 with env.begin(write=True) as txn:
                     handles = [env.open_db(name, txn=txn, create=True) for name in schema.ALL_DBS]
-                    version = txn.get(schema.STATE_SCHEMA, db=handles[-2])
+                    version = txn.get(schema.STATE_SCHEMA, db=handles[_STATE_INDEX])
                     if version is None:
                         txn.put(
                             schema.STATE_SCHEMA,
                             schema.encode_u32(schema.SCHEMA_VERSION),
-                            db=handles[-2],
+                            db=handles[_STATE_INDEX],
                         )
                         version = schema.encode_u32(schema.SCHEMA_VERSION)
             except (lmdb.MapFullError, lmdb.DiskError) as exc:
@@ -481,6 +482,7 @@ class BlockStore:
         items: Iterable[tuple[bytes, bytes | bytearray | memoryview]],
         *,
         ids_checked: bool = False,
+        tag: bytes | None = None,
     ) -> int:
         """Store several blocks in one transaction (all or none); returns how many were new.
 
@@ -491,7 +493,13 @@ class BlockStore:
         immutable `bytes` are accepted then, so the bytes cannot have changed
         since they were hashed; every block still gets its xxh3 checksum,
         checked on each read, and readers check what they decrypt.
+
+        `tag` (32 bytes, opaque here) records, in the same transaction, that
+        every block given was stored for it, new or already present (see
+        `is_member`).
         """
+        if tag is not None:
+            schema.check_tag(tag)
         prepared: list[tuple[bytes, bytes | bytearray | memoryview, int]] = []
         for block_id, data in items:
             block_id = schema.check_id(block_id)
@@ -515,7 +523,11 @@ class BlockStore:
         need = sum(len(data) for _, data, _ in prepared)
 
         def op(writer: Writer) -> int:
-            return sum(writer.insert(*item) for item in prepared)
+            new = sum(writer.insert(*item) for item in prepared)
+            if tag is not None:
+                for block_id, _, _ in prepared:
+                    writer.add_member(block_id, tag)
+            return new
 
         try:
             return self._write(op, need_bytes=need)
@@ -535,6 +547,7 @@ class BlockStore:
         items: Iterable[tuple[bytes, bytes | bytearray | memoryview]],
         *,
         ids_checked: bool = False,
+        tag: bytes | None = None,
     ) -> list[bytes]:
         """Add blocks to pin `pin` (created if new) and store them, in one transaction.
 
@@ -543,8 +556,10 @@ class BlockStore:
         fsync) instead of two and no eviction window between them, and the
         caller learns exactly which blocks it added (publish counts them).
         Pinned blocks never meet StoreFull; a full disk raises DiskFull with
-        nothing pinned or stored. `ids_checked` as in `put_many`.
+        nothing pinned or stored. `ids_checked` and `tag` as in `put_many`.
         """
+        if tag is not None:
+            schema.check_tag(tag)
         name_utf8 = schema.encode_pin_name(pin)
         prepared: dict[bytes, tuple[bytes, bytes | bytearray | memoryview, int]] = {}
         for block_id, data in items:
@@ -571,7 +586,11 @@ class BlockStore:
 
         def op(writer: Writer) -> list[bytes]:
             writer.add_to_pin(name_utf8, ids)  # first: the inserts then skip the LRU
-            return [item[0] for item in prepared.values() if writer.insert(*item)]
+            new = [item[0] for item in prepared.values() if writer.insert(*item)]
+            if tag is not None:
+                for block_id in ids:
+                    writer.add_member(block_id, tag)
+            return new
 
         try:
             return self._write(op, need_bytes=need)
@@ -675,6 +694,31 @@ class BlockStore:
         block_id = schema.check_id(block_id)
         with self._read() as txn:
             return txn.get(block_id, db=self._dbs.meta) is not None
+
+    def is_member(self, tag: bytes, block_id: bytes) -> bool:
+        """Whether the block is stored and was stored for `tag` (one read, O(1)).
+
+        The node layer tags each block with the discovery key of the drive it
+        was published, fetched or pinned for, and serves a connection for one
+        drive only its members (docs/cache.md, docs/security.md).
+        """
+        block_id = schema.check_id(block_id)
+        key = schema.member_key(block_id, schema.check_tag(tag))
+        with self._read() as txn:
+            return txn.get(key, db=self._dbs.members) is not None
+
+    def add_members(self, tag: bytes, ids: Iterable[bytes]) -> int:
+        """Tag blocks already stored (one transaction); returns how many were present."""
+        schema.check_tag(tag)
+        wanted = _unique(_ids(ids))
+
+        def op(writer: Writer) -> int:
+            present = [b for b in wanted if writer.meta(b) is not None]
+            for block_id in present:
+                writer.add_member(block_id, tag)
+            return len(present)
+
+        return self._write(op)
 
     def size_of(self, block_id: bytes) -> int | None:
         block_id = schema.check_id(block_id)

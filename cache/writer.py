@@ -6,7 +6,8 @@ so the invariants of docs/cache.md are kept in one place:
 
 * `lru` holds exactly the present, unpinned blocks, keyed by their tick;
 * `pin_refs` counts, for every id, the pins that name it;
-* the counters match the blocks (total, count, pinned bytes and count).
+* the counters match the blocks (total, count, pinned bytes and count);
+* `members` names only present blocks (deleting a block deletes its tags).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Dbs(NamedTuple):
     pins: Any
     state: Any
     records: Any
+    members: Any
 
 
 class Writer:
@@ -138,12 +140,25 @@ class Writer:
         self.c.count += 1
         return True
 
+    def add_member(self, block_id: bytes, tag: bytes) -> None:
+        """Record that a present block was stored for `tag` (idempotent)."""
+        self.txn.put(schema.member_key(block_id, tag), b"", db=self.dbs.members)
+
+    def _delete_members(self, block_id: bytes) -> None:
+        with self.txn.cursor(db=self.dbs.members) as cursor:
+            if not cursor.set_range(block_id):
+                return
+            while cursor.key()[: schema.ID_LEN] == block_id:
+                if not cursor.delete():
+                    break
+
     def delete(self, block_id: bytes) -> int:
-        """Remove a block whatever holds it; returns its size (0 if absent)."""
+        """Remove a block whatever holds it, with its member tags; returns its size (0 if absent)."""
         meta = self.meta(block_id)
         if meta is None:
             return 0
         tick, size = meta
+        self._delete_members(block_id)
         self.txn.delete(block_id, db=self.dbs.blocks)
         self.txn.delete(block_id, db=self.dbs.meta)
         if self.is_pinned(block_id):

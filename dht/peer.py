@@ -155,6 +155,8 @@ class BlockSource(Protocol):
 
 
 SecretLookup = Callable[[bytes], bytes | None] | Mapping[bytes, bytes]
+MayServe = Callable[[bytes, bytes], bool]
+"""(discovery key of the connection, block id) -> may that client have (or learn of) it?"""
 OnNotice = Callable[[bytes, bytes], None]
 
 
@@ -246,6 +248,7 @@ class ServerStats:
     connections_rejected: int = 0  # over max_connections or max_per_address
     handshakes_evicted: int = 0  # dropped mid-handshake to make room (MAX_HANDSHAKING)
     send_timeouts: int = 0  # clients dropped because they stopped reading
+    out_of_scope: int = 0  # wants for blocks not of the connection's drive (answered NotFound)
     handshakes_refused: int = 0
     handshakes_failed: int = 0  # timed out or broke before Welcome
     protocol_errors: int = 0
@@ -266,6 +269,10 @@ class PeerServer:
     `secrets` maps a discovery key to its 32-byte drive secret (a Mapping, or
     a callable returning None for keys this node does not serve); it is
     consulted at every handshake, so the set may change while serving.
+    `may_serve(discovery_key, block_id)`, if given, scopes every want and have
+    to the connection's drive: a block it refuses is answered exactly as a
+    block this node lacks, so a client of one drive can neither read another
+    drive's blocks by id nor learn which of them this node holds.
     """
 
     def __init__(
@@ -279,6 +286,7 @@ class PeerServer:
         max_per_address: int = DEFAULT_MAX_PER_ADDRESS,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         send_timeout: float = SEND_TIMEOUT,
+        may_serve: MayServe | None = None,
     ) -> None:
         if not 1 <= max_wants <= MAX_WANTS_LIMIT:
             raise ValueError(f"max_wants must be within 1..{MAX_WANTS_LIMIT}")
@@ -290,6 +298,7 @@ class PeerServer:
         self.max_per_address = max_per_address
         self.handshake_timeout = handshake_timeout
         self.send_timeout = send_timeout
+        self.may_serve = may_serve
         self.stats = ServerStats()
         self.port: int | None = None
         self._ssl_context = server_context(identity)
@@ -354,7 +363,21 @@ class PeerServer:
             return None
         return secret
 
-    def _lookup(self, block_id: bytes) -> bytes | None:
+    def _allowed(self, discovery_key: bytes, block_id: bytes) -> bool:
+        """Whether a client of `discovery_key` may learn of `block_id` (a failing check: no)."""
+        if self.may_serve is None:
+            return True
+        try:
+            return bool(self.may_serve(discovery_key, block_id))
+        except Exception:
+            self.stats.source_errors += 1
+            log.exception("may_serve failed on %s", block_id.hex()[:12])
+            return False
+
+    def _lookup(self, discovery_key: bytes, block_id: bytes) -> bytes | None:
+        if not self._allowed(discovery_key, block_id):
+            self.stats.out_of_scope += 1
+            return None  # the same NotFound as a block we lack: nothing to learn from it
         try:
             data = self.block_source.get(block_id)
         except Exception:
@@ -372,14 +395,15 @@ class PeerServer:
             return None
         return data
 
-    def _holds(self, block_ids: tuple[bytes, ...]) -> list[bool]:
-        """Which of these blocks the source holds (a failing source holds nothing)."""
+    def _holds(self, discovery_key: bytes, block_ids: tuple[bytes, ...]) -> list[bool]:
+        """Which of these blocks the source holds for this drive (a failing source: none)."""
         source = self.block_source
         has = getattr(source, "has", None)
         out = []
         for block_id in block_ids:
             try:
-                held = bool(has(block_id)) if has is not None else source.get(block_id) is not None
+                held = self._allowed(discovery_key, block_id) and (
+                    bool(has(block_id)) if has is not None else source.get(block_id) is not None)
             except Exception:
                 self.stats.source_errors += 1
                 log.exception("block source failed on %s", block_id.hex()[:12])
@@ -673,7 +697,7 @@ class _ServerConnection:
             elif isinstance(msg, Have):
                 # answered at once, ahead of queued blocks: a presence check is cheap
                 stats.haves_received += 1
-                bitmap = pack_bitmap(self.server._holds(msg.block_ids))
+                bitmap = pack_bitmap(self.server._holds(self.discovery_key, msg.block_ids))
                 self.push_control(HaveReply(msg.req_id, bitmap))
                 await trio.lowlevel.checkpoint()
             elif isinstance(msg, Ping):
@@ -737,7 +761,8 @@ class _ServerConnection:
             nursery.start_soon(self._look_up, lookup, block_id)
 
     async def _look_up(self, lookup: _Lookup, block_id: bytes) -> None:
-        lookup.data = await trio.to_thread.run_sync(self.server._lookup, block_id)
+        lookup.data = await trio.to_thread.run_sync(self.server._lookup, self.discovery_key,
+                                                     block_id)
         lookup.done = True
         self._wake.set()
 

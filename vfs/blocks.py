@@ -44,10 +44,14 @@ _THREAD_MIN = 64 * 1024
 
 class BlockReader:
     def __init__(self, store: BlockStore, read_key: bytes, fetch: Fetch | None = None,
-                 plaintext_cache_bytes: int = PLAINTEXT_CACHE_BYTES) -> None:
+                 plaintext_cache_bytes: int = PLAINTEXT_CACHE_BYTES, *,
+                 tag: bytes | None = None) -> None:
         self.store = store
         self.read_key = read_key
         self.fetch = fetch
+        # the drive's discovery key: fetched blocks are stored as members of it, so this
+        # node serves them to that drive's clients only (vfs/network.py)
+        self.tag = tag
         self._plain: OrderedDict[bytes, bytes] = OrderedDict()
         self._plain_bytes = 0
         self._plain_limit = plaintext_cache_bytes
@@ -184,7 +188,7 @@ class BlockReader:
         the blocks are tried one by one, so what fits is kept.
         """
         try:
-            self.store.put_many(batch)
+            self.store.put_many(batch, tag=self.tag)
             self.store.release_mapped_pages()
             self._evict_undecryptable(batch)
             return 0
@@ -197,7 +201,7 @@ class BlockReader:
         failed = 0
         for block_id, ct in batch:
             try:
-                self.store.put(block_id, ct)
+                self.store.put_many([(block_id, ct)], tag=self.tag)
             except StoreError:
                 failed += 1
         self._evict_undecryptable(batch)

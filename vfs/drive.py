@@ -67,7 +67,7 @@ class Drive:
         self.storage = storage
         self.head = head
         self.version = 1
-        self.blocks = BlockReader(storage.store, cap.read_key, fetch)
+        self.blocks = BlockReader(storage.store, cap.read_key, fetch, tag=cap.discovery_key)
         self.tree = Tree(self.blocks)
         self.holders = holders
         self._unavailable: dict[bytes, tuple[float, str]] = {}  # block id -> (when, why)

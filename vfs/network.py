@@ -95,7 +95,7 @@ class NetworkNode:
         self.lan_port = lan_port
         self.fetch_timeout = fetch_timeout
         self.dht = Dht(node_id=identity.node_id)
-        self.server = PeerServer(identity, store, self._secret)
+        self.server = PeerServer(identity, store, self._secret, may_serve=self._may_serve)
         self.drives: dict[bytes, DriveServing] = {}  # by discovery key
         self.port: int | None = None
         self._nursery: trio.Nursery | None = None
@@ -199,6 +199,18 @@ class NetworkNode:
         return [(a, self.port) for a in found]
 
     # -- drives ----------------------------------------------------------------------
+
+    def _may_serve(self, dk: bytes, block_id: bytes) -> bool:
+        """Serve a client of drive `dk` only blocks stored for that drive (issue 11 item 6).
+
+        The store tags every block with the discovery key it was published,
+        fetched or pinned for; without the tag a client that proved one drive
+        could read any drive's ciphertext here by id, and probe with `have`
+        which blocks of other drives this node holds. (A source without tags,
+        a test double, serves everything.)
+        """
+        is_member = getattr(self.store, "is_member", None)
+        return True if is_member is None else is_member(dk, block_id)
 
     def _secret(self, dk: bytes) -> bytes | None:
         d = self.drives.get(dk)

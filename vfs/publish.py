@@ -286,7 +286,7 @@ class Publisher:
         try:
             # encrypt_chunk hashed every block: the store need not hash them again
             new = self.storage.store.put_pinned(self._pending_pin, unique.items(),
-                                                ids_checked=True)
+                                                ids_checked=True, tag=self.cap.discovery_key)
         except self.storage.full_errors as exc:
             raise NoSpaceError(f"the device is full while publishing: {exc}") from exc
         new_bytes = sum(len(unique[block_id]) for block_id in new)
@@ -515,7 +515,8 @@ class Publisher:
         blocks: list[tuple[bytes, bytes]] = []
         ref = build_block_list(self._sizes, lambda block_id, data: blocks.append((block_id, data)))
         try:
-            self.storage.store.put_pinned(self._pending_pin, blocks, ids_checked=True)
+            self.storage.store.put_pinned(self._pending_pin, blocks, ids_checked=True,
+                                          tag=self.cap.discovery_key)
         except self.storage.full_errors as exc:
             raise NoSpaceError(f"the device is full while publishing: {exc}") from exc
         return ref, [block_id for block_id, _ in blocks]
