@@ -85,4 +85,10 @@ def find_problems(txn: lmdb.Transaction, dbs: Dbs, *, deep: bool = False) -> lis
             f"counters say {c.pinned_count} pinned blocks, {c.pinned_bytes} bytes; "
             f"found {pinned_count}, {pinned_bytes}"
         )
+    for key in txn.cursor(db=d.members).iternext(values=False):
+        key = bytes(key)
+        if len(key) != schema.ID_LEN + schema.TAG_LEN:
+            problems.append(f"member key of {len(key)} bytes")
+        elif txn.get(key[: schema.ID_LEN], db=d.meta) is None:
+            problems.append(f"member tag of absent block {key[: schema.ID_LEN].hex()}")
     return problems

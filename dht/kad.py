@@ -61,6 +61,7 @@ from dht.records import (
     RecordError,
     RecordExpired,
     newest_mutable,
+    source_group,
 )
 from dht.types import DISCOVERY_KEY_LEN
 
@@ -245,8 +246,12 @@ class RecordStorage(IStorage):
 
     # -- the door in
 
-    def offer(self, key: bytes, value: bytes) -> bool:
-        """Verify and store a tagged value under `key`; False (and nothing stored) if refused."""
+    def offer(self, key: bytes, value: bytes, source: str | None = None) -> bool:
+        """Verify and store a tagged value under `key`; False (and nothing stored) if refused.
+
+        `source` is the IP address the value came from (None: this node), which a
+        full provider set uses to spread its places over senders (`ProviderSet`).
+        """
         if not _is_key(key) or not isinstance(value, bytes) or len(value) < 2:
             return False
         tag, wire = value[0], value[1:]
@@ -255,7 +260,9 @@ class RecordStorage(IStorage):
                 return self._offer_mutable(key, MutableRecord.decode(wire))
             if tag == TAG_PROVIDER:
                 now = self._clock()
-                return self._offer_provider(key, ProviderRecord.decode(wire, now=now), now)
+                group = None if source is None else source_group(source)
+                return self._offer_provider(key, ProviderRecord.decode(wire, now=now), now,
+                                            group)
         except RecordError as exc:
             log.debug("refused a value for %s: %s", key.hex()[:16], exc)
         return False
@@ -281,7 +288,8 @@ class RecordStorage(IStorage):
         self._indexed(key)
         return True
 
-    def _offer_provider(self, key: bytes, record: ProviderRecord, now: float) -> bool:
+    def _offer_provider(self, key: bytes, record: ProviderRecord, now: float,
+                        group: str | None) -> bool:
         if provider_key(record.dk) != key:
             return False
         pset = self._providers.pop(key, None)
@@ -291,7 +299,7 @@ class RecordStorage(IStorage):
             if len(self._providers) >= self._max_keys:
                 self._unindexed(self._providers.popitem(last=False)[0])
             pset = ProviderSet(record.dk, self._providers_per_key)
-        accepted = pset.offer(record, now)
+        accepted = pset.offer(record, now, group)
         if len(pset):
             self._providers[key] = pset
             self._indexed(key)
@@ -556,7 +564,7 @@ class PeerdriveProtocol(KademliaProtocol):
         if name == "ping":
             response: Any = self.source_node.id
         elif name == "store":
-            response = self.storage.offer(args[1], args[2])
+            response = self.storage.offer(args[1], args[2], source=address[0])
         elif name == "find_node":
             response = self._contacts_for(args[1], address)
         else:
@@ -1366,8 +1374,8 @@ class Dht:
                                                              "providers"))
         self.lookup_stats = stats
         merged = ProviderSet(dk, max_size=MAX_LOOKUP_PROVIDERS)
-        for _, record in found:
-            merged.offer(record, now)
+        for holder, record in found:
+            merged.offer(record, now, holder)  # spread over the DHT nodes that answered
         return merged.records(now)
 
     async def put_mutable(self, wire: bytes) -> int:

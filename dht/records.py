@@ -22,8 +22,10 @@ not a well-formed, correctly signed record.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
+import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -350,27 +352,51 @@ class ProviderRecord:
         return [PeerAddr(node_id=node_id, host=h, port=p) for h, p in self.addrs]
 
 
+STALE_AFTER = 2 * PROVIDER_REPUBLISH_INTERVAL
+"""A provider record not refreshed for this long (two missed republishes) may be displaced."""
+
+MAX_SAME_SOURCE = 8
+"""Records of one source group a full set keeps before a newcomer from another group displaces one."""
+
+
 class ProviderSet:
     """The bounded set of provider records one DHT key holds (pure merge policy).
+
+    Records are signed by their node keys, but node keys are free: an attacker
+    can sign records for as many "nodes" as it likes. So the policy never
+    lets a newcomer win by a number it chose, and spreads a full set over the
+    sources the records came from (a source is what the caller knows of the
+    sender: an address prefix for a DHT store, see `source_group`).
 
     Rules, applied by `offer`:
 
     - only records for this set's discovery key are accepted;
     - expired records are dropped (on every offer and read);
+    - an expiry is counted at most `MAX_PROVIDER_TTL` from now (the clock-skew
+      allowance a decoder grants gives no advantage here);
     - one record per node id: a newer record (later expiry; equal expiry: larger
-      wire bytes) replaces that node's older one, an older one is refused;
-    - at most `max_size` nodes: when full, a new node displaces the record that
-      expires soonest, and only if the newcomer expires strictly later; otherwise
-      it is refused. Records that will stay valid longest are the most useful
-      answers, and an owner that keeps republishing keeps its place.
+      wire bytes) replaces that node's older one, an older one is refused; an
+      owner that keeps republishing keeps its place;
+    - at most `max_size` nodes; when full, a newcomer displaces
+      1. the stalest record, if one was not refreshed for `STALE_AFTER`
+         (its owner missed two republishes), else
+      2. a random record of the source group holding the most records, if that
+         group holds more than `MAX_SAME_SOURCE` and more than the newcomer's
+         group would with it (one source that filled the set gives way to
+         every other source, one record at a time), else
+      3. nothing: the newcomer is refused (newest-expiry-wins let twenty keys
+         re-signing far expiries keep every real seeder out).
     """
 
-    def __init__(self, dk: bytes, max_size: int = MAX_PROVIDERS_PER_KEY) -> None:
+    def __init__(self, dk: bytes, max_size: int = MAX_PROVIDERS_PER_KEY, *,
+                 rng: random.Random | None = None) -> None:
         self.dk = _check_dk(dk)
         if max_size < 1:
             raise ValueError("a provider set holds at least one record")
         self.max_size = max_size
         self._by_node: dict[bytes, ProviderRecord] = {}
+        self._source: dict[bytes, Hashable] = {}
+        self._rng = rng or random.Random()
 
     def __len__(self) -> int:
         return len(self._by_node)
@@ -379,9 +405,10 @@ class ProviderSet:
         """Drop every record whose expiry has passed."""
         for node_id in [n for n, r in self._by_node.items() if r.expires <= now]:
             del self._by_node[node_id]
+            self._source.pop(node_id, None)
 
-    def offer(self, record: ProviderRecord, now: float) -> bool:
-        """Merge one verified record; True if the set now holds it."""
+    def offer(self, record: ProviderRecord, now: float, source: Hashable = None) -> bool:
+        """Merge one verified record that came from `source`; True if the set now holds it."""
         if record.dk != self.dk:
             raise RecordError("provider record is for another discovery key")
         self.expire(now)
@@ -393,16 +420,48 @@ class ProviderSet:
             if record.sort_key() < current.sort_key():
                 return False
             self._by_node[node_id] = record
+            self._source[node_id] = source
             return True
         if len(self._by_node) >= self.max_size:
-            soonest_id, soonest = min(self._by_node.items(), key=lambda kv: kv[1].sort_key())
-            if record.expires <= soonest.expires:
+            victim = self._displaced_by(source, now)
+            if victim is None:
                 return False
-            del self._by_node[soonest_id]
+            del self._by_node[victim]
+            self._source.pop(victim, None)
         self._by_node[node_id] = record
+        self._source[node_id] = source
         return True
+
+    def _displaced_by(self, source: Hashable, now: float) -> bytes | None:
+        cap = now + MAX_PROVIDER_TTL
+        stalest_id, stalest = min(self._by_node.items(),
+                                  key=lambda kv: (min(kv[1].expires, cap), kv[1].wire))
+        if min(stalest.expires, cap) <= cap - STALE_AFTER:
+            return stalest_id
+        groups: dict[Hashable, list[bytes]] = {}
+        for node_id in self._by_node:
+            groups.setdefault(self._source.get(node_id), []).append(node_id)
+        heaviest = max(groups.values(), key=len)
+        mine = len(groups.get(source, ()))
+        if len(heaviest) > MAX_SAME_SOURCE and len(heaviest) > mine + 1:
+            return self._rng.choice(heaviest)
+        return None
 
     def records(self, now: float) -> list[ProviderRecord]:
         """Live records, those expiring latest first."""
         self.expire(now)
         return sorted(self._by_node.values(), key=lambda r: r.sort_key(), reverse=True)
+
+
+def source_group(ip: str) -> str:
+    """The group a DHT sender counts in for `ProviderSet`: its /24 (IPv4) or /48 (IPv6).
+
+    One machine, or one rented range, is one group: signing more node keys
+    does not make an attacker more sources.
+    """
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    prefix = 24 if address.version == 4 else 48
+    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))

@@ -282,3 +282,71 @@ def test_the_hostile_node_scripts_keep_a_real_node_alive(garbage):
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+def _far_expiry_record(dk: bytes, key: bytes, now: float) -> bytes:
+    """A provider record for `dk` signed by `key` expiring as late as nodes accept (+3900 s)."""
+    import msgpack
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    from dht.records import PROVIDER_SIGNATURE_PREFIX
+
+    private = Ed25519PrivateKey.from_private_bytes(key)
+    pk = private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    body = msgpack.packb({"v": 1, "dk": dk, "pk": pk, "addrs": [["10.66.0.1", 4100]],
+                          "expires": int(now) + 3600 + 300}, use_bin_type=True)
+    return msgpack.packb([body, private.sign(PROVIDER_SIGNATURE_PREFIX + body)],
+                         use_bin_type=True)
+
+
+def test_twenty_five_sybil_keys_flooding_a_provider_set_do_not_hide_the_real_seeder():
+    """Item 8: newer expiry won, and expiry could exceed what honest owners sign, so 20 keys
+    re-signing far expiries filled a provider set for good and refused every real seeder.
+
+    The attacker (on 127.0.2.1, another /24 than the honest nodes) stores 25 such
+    records on every node of a 5-node DHT, again after the seeder announced; a
+    reader still finds the seeder.
+    """
+    dk = os.urandom(32)
+    keys = [os.urandom(32) for _ in range(25)]
+
+    async def flood(ports: list[int], rounds: int) -> None:
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with sock:
+            await sock.bind(("127.0.2.1", 0))
+            for _ in range(rounds):
+                now = time.time()
+                for key in keys:
+                    value = bytes([TAG_PROVIDER]) + _far_expiry_record(dk, key, now)
+                    for port in ports:
+                        await sock.sendto(
+                            dht_request("store", [os.urandom(32), provider_key(dk), value]),
+                            (LOCAL, port))
+                await trio.sleep(0.3)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nodes = []
+            first = Dht(rpc_timeout=RPC_TIMEOUT)
+            port0 = await nursery.start(first.run, LOCAL, 0, [])
+            nodes.append(first)
+            for _ in range(4):
+                node = Dht(rpc_timeout=RPC_TIMEOUT)
+                await nursery.start(node.run, LOCAL, 0, [(LOCAL, port0)])
+                nodes.append(node)
+            ports = [n.port for n in nodes]
+            await flood(ports, 2)
+            for node in nodes:  # every set is full of Sybil records
+                assert len(node.storage.providers(provider_key(dk))) == 20
+            seeder_key = os.urandom(32)
+            record, wire = ProviderRecord.create(seeder_key, dk, [(LOCAL, 4100)], now=time.time())
+            assert await nodes[1].announce(dk, wire) >= 1
+            await flood(ports, 3)  # the flood goes on
+            found = await nodes[4].find_providers(dk)
+            assert record.node_id in {r.node_id for r in found}
+            holders = sum(record.node_id in {r.node_id for r in n.storage.providers(
+                provider_key(dk))} for n in nodes)
+            assert holders >= 3
+            nursery.cancel_scope.cancel()
+
+    run(main)

@@ -17,6 +17,7 @@ from dht.records import (
     MAX_MUTABLE_WIRE,
     MAX_PROVIDER_TTL,
     MAX_PROVIDER_WIRE,
+    MAX_SAME_SOURCE,
     MAX_SEQ,
     MUTABLE_SIGNATURE_PREFIX,
     PROVIDER_SIGNATURE_PREFIX,
@@ -288,20 +289,59 @@ def test_provider_set_never_overwrites_other_providers_and_drops_expired():
         pset.offer(make_provider(seed(3), dk=b"e" * 32)[0], NOW)
 
 
-def test_provider_set_full_prefers_latest_expiry():
+def forged_far_expiry(i: int, now: float = NOW) -> ProviderRecord:
+    """A record signed to expire as late as a decoder accepts (TTL cap + clock skew)."""
+    key = hashlib.sha256(b"sybil %d" % i).digest()
+    body = msgpack.packb({"v": 1, "dk": b"d" * 32, "pk": raw_pub(key),
+                          "addrs": [["10.9.9.9", 1]], "expires": int(now) + 3600 + 300},
+                         use_bin_type=True)
+    sig = Ed25519PrivateKey.from_private_bytes(key).sign(PROVIDER_SIGNATURE_PREFIX + body)
+    return ProviderRecord.decode(msgpack.packb([body, sig], use_bin_type=True), now=now)
+
+
+def test_provider_set_full_of_one_source_gives_way_to_other_sources_not_to_far_expiries():
+    """Issue 11 item 8: newest-expiry-wins let 20 Sybil keys keep every real seeder out."""
+    pset = ProviderSet(b"d" * 32, max_size=20)
+    for i in range(20):
+        assert pset.offer(forged_far_expiry(i), NOW, "sybil/24")
+    # more Sybil keys from that source, however far their expiry: refused
+    for i in range(20, 40):
+        assert not pset.offer(forged_far_expiry(i), NOW, "sybil/24")
+    # a real seeder from another source gets a place (a random Sybil record gives way)
+    real, _ = make_provider(seed(50))
+    assert pset.offer(real, NOW, "real/24")
+    assert real.node_id in {r.node_id for r in pset.records(NOW)}
+    # and keeps it while the flood goes on, and while it refreshes its record
+    for i in range(40, 80):
+        pset.offer(forged_far_expiry(i), NOW + 1, "sybil/24")
+    refreshed, _ = make_provider(seed(50), now=NOW + 1200)
+    assert pset.offer(refreshed, NOW + 1200, "real/24")
+    assert refreshed in pset.records(NOW + 1200)
+    # each further source takes a place, down to MAX_SAME_SOURCE records of the flood's
+    for j in range(15):
+        other, _ = make_provider(seed(100 + j))
+        pset.offer(other, NOW + 1200, f"other{j}/24")
+    sybils = sum(1 for r in pset.records(NOW + 1200) if r.addrs[0][0] == "10.9.9.9")
+    assert sybils == MAX_SAME_SOURCE and len(pset) == 20
+
+
+def test_provider_set_full_displaces_a_stale_record_and_keeps_refreshed_ones():
     pset = ProviderSet(b"d" * 32, max_size=3)
-    records = [make_provider(seed(i), ttl=1000 + i)[0] for i in range(3)]
-    for r in records:
-        assert pset.offer(r, NOW)
-    shorter, _ = make_provider(seed(10), ttl=500)
-    assert not pset.offer(shorter, NOW)
-    tie, _ = make_provider(seed(11), ttl=1000)
-    assert not pset.offer(tie, NOW)
-    longer, _ = make_provider(seed(12), ttl=2000)
-    assert pset.offer(longer, NOW)
-    held = {r.node_id for r in pset.records(NOW)}
-    assert held == {records[1].node_id, records[2].node_id, longer.node_id}
-    assert len(pset) == 3
+    fresh = [make_provider(seed(i))[0] for i in range(2)]
+    stale, _ = make_provider(seed(2), now=NOW - 2500)  # its owner missed two republishes
+    for r in [*fresh, stale]:
+        assert pset.offer(r, NOW, "a")
+    newcomer, _ = make_provider(seed(3))
+    assert pset.offer(newcomer, NOW, "a")  # same source, but the stale one goes
+    assert {r.node_id for r in pset.records(NOW)} == {*(r.node_id for r in fresh),
+                                                      newcomer.node_id}
+    another, _ = make_provider(seed(4))
+    assert not pset.offer(another, NOW, "a")  # everything fresh, no source over its share
+    # an owner's own refresh always replaces its record in place; an older one is refused
+    older, _ = make_provider(seed(0), now=NOW - 10)
+    assert not pset.offer(older, NOW, "a")
+    newer, _ = make_provider(seed(0), now=NOW + 10)
+    assert pset.offer(newer, NOW, "b")
 
 
 # ---------------------------------------------------------------- properties
