@@ -12,10 +12,8 @@ codes:
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,6 +22,7 @@ import trio
 
 from cache.errors import StoreError, StoreFull
 
+from . import flags
 from .capability import ReadCap, StoreCap, WriteCap, parse_link, require_read
 from .errors import (
     BlockUnavailable,
@@ -338,21 +337,12 @@ def cmd_unmount(args: argparse.Namespace) -> int:
     return 0
 
 
-def _set_flag(path: Path, name: str, value: bytes) -> None:
-    try:
-        os.setxattr(path, f"user.peerdrive.{name}", value)
-    except OSError as exc:
-        if exc.errno in (errno.ENOTSUP, errno.EROFS, errno.ENODATA):
-            raise UsageError(f"{path} is not inside a peerdrive mount") from exc
-        raise UsageError(f"{path}: {exc.strerror}") from exc
-
-
 def cmd_pin(args: argparse.Namespace) -> int:
     from .status import path_status
 
     paths = [Path(p).expanduser() for p in args.paths]
     for p in paths:
-        _set_flag(p, "pinned", b"1")
+        flags.pin(p)
     results = []
     if not args.no_wait:
         bar = ProgressBar("pinning", sys.stdout.isatty() and not args.json)
@@ -384,7 +374,7 @@ def cmd_pin(args: argparse.Namespace) -> int:
 
 def cmd_unpin(args: argparse.Namespace) -> int:
     for p in args.paths:
-        _set_flag(Path(p).expanduser(), "pinned", b"0")
+        flags.unpin(Path(p).expanduser())
     _emit(args, {"unpinned": args.paths}, "\n".join(f"unpinned {p}" for p in args.paths))
     return 0
 
@@ -395,7 +385,7 @@ def cmd_evict(args: argparse.Namespace) -> int:
     out = []
     for p in args.paths:
         path = Path(p).expanduser()
-        _set_flag(path, "evict", b"1")
+        flags.evict(path)
         out.append(path_status(path))
     _emit(args, {"evicted": out}, "\n".join(
         f"evicted {r['path']}: {format_size(r.get('cached_bytes', 0))} still on this device"
@@ -447,6 +437,19 @@ def render_node_status(data: dict) -> str:
                              f"got {p['blocks']} blocks ({format_size(p['bytes'])})"
                              f"{'  connected' if p['connected'] else ''}")
     return "\n".join(lines)
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from dashboard.server import DashboardOptions, run_dashboard
+
+    opts = DashboardOptions(listen=args.listen, open_browser=not args.no_open)
+
+    def ready(url: str) -> None:
+        _emit(args, {"url": url}, f"dashboard at {url} (Ctrl-C to stop)")
+        sys.stdout.flush()
+
+    run_dashboard(_home(args), opts, ready)
+    return 0
 
 
 # ----------------------------------------------------------------------------- parser
@@ -560,6 +563,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("paths", nargs="+", metavar="PATH")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_evict)
+
+    s = sub.add_parser("dashboard", help="a live web page of this node: drives, files, peers, "
+                       "cache")
+    s.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:0",
+                   help="where to serve it (default 127.0.0.1 on a free port); the URL it "
+                   "prints carries the access token")
+    s.add_argument("--no-open", action="store_true",
+                   help="do not open the page in a browser (xdg-open, when there is a display)")
+    s.add_argument("--json", action="store_true", help='print {"url": ...} on one line')
+    s.set_defaults(func=cmd_dashboard)
 
     s = sub.add_parser("status", help="the node, or a path inside a mount")
     s.add_argument("path", nargs="?")

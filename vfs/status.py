@@ -64,22 +64,30 @@ def cache_status(store) -> dict:
     return {"used_bytes": stats["total_bytes"], "limit_bytes": stats["limit_bytes"]}
 
 
-def node_status(home: Home) -> dict:
-    """The node: its home, cache, the drives it holds, live mounts, running node processes."""
-    from cache.store import BlockStore
+def node_status(home: Home, store=None) -> dict:
+    """The node: its home, cache, the drives it holds, live mounts, running node processes.
 
-    with BlockStore(home.store_path) as store:
-        cache = cache_status(store)
-        drives = known_drives(home, store)
-    return {"home": str(home.path), "cache": cache, "drives": drives,
-            "mounts": home.live_mounts(), "nodes": home.running_nodes()}
+    `store`: the node's store if this process has it open already (LMDB opens
+    an environment once per process), else it is opened for the call.
+    """
+    if store is None:
+        from cache.store import BlockStore
+
+        with BlockStore(home.store_path) as opened:
+            return node_status(home, opened)
+    return {"home": str(home.path), "cache": cache_status(store),
+            "drives": known_drives(home, store), "mounts": home.live_mounts(),
+            "nodes": home.running_nodes()}
 
 
-def path_status_with_cache(home: Home, path: Path) -> dict:
+def path_status_with_cache(home: Home, path: Path, store=None) -> dict:
     """One path inside a mount (`path_status`) and the node's cache beside it."""
-    from cache.store import BlockStore
-
     data = path_status(path)
-    with BlockStore(home.store_path) as store:
+    if store is None:
+        from cache.store import BlockStore
+
+        with BlockStore(home.store_path) as opened:
+            data["cache"] = cache_status(opened)
+    else:
         data["cache"] = cache_status(store)
     return data

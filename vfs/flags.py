@@ -1,0 +1,39 @@
+"""Pin, unpin and evict a path inside a mount: one extended attribute each.
+
+`peerdrive pin|unpin|evict` and the dashboard's buttons both call these, and
+they do exactly what `setfattr -n user.peerdrive.pinned -v 1 PATH` does: the
+mount process (vfs/fs.py) acts on the attribute, so every tool goes through
+one interface.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+from .errors import UsageError
+
+
+def _set_flag(path: Path, name: str, value: bytes) -> None:
+    try:
+        os.setxattr(path, f"user.peerdrive.{name}", value)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EROFS, errno.ENODATA):
+            raise UsageError(f"{path} is not inside a peerdrive mount") from exc
+        raise UsageError(f"{path}: {exc.strerror}") from exc
+
+
+def pin(path: Path) -> None:
+    """Pin `path`: the mount fetches it whole in the background and keeps it."""
+    _set_flag(path, "pinned", b"1")
+
+
+def unpin(path: Path) -> None:
+    """Unpin `path`: its blocks are evictable again."""
+    _set_flag(path, "pinned", b"0")
+
+
+def evict(path: Path) -> None:
+    """Drop the unpinned blocks under `path` from this device now."""
+    _set_flag(path, "evict", b"1")
