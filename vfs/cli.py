@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from .errors import (
 )
 from .head import MAX_HEAD_MIRRORS
 from .home import Home, checked_mirror_url
+from .logs import setup_logging
 from .options import MirrorOptions, MountOptions, NodeOptions, ServeOptions
 from .units import format_size
 
@@ -94,7 +94,8 @@ def _node_fields(args: argparse.Namespace) -> dict:
 
 def mount_options(args: argparse.Namespace) -> MountOptions:
     return MountOptions(**_node_fields(args), ready_fd=args.ready_fd, verbose=args.verbose,
-                        allow_other=args.allow_other, nonempty=args.nonempty)
+                        allow_other=args.allow_other, nonempty=args.nonempty,
+                        log_file=args.log_file)
 
 
 def mount_flags(opts: MountOptions) -> list[str]:
@@ -247,8 +248,10 @@ def _mount_link(args: argparse.Namespace) -> str:
     if args.link != "-":
         return args.link
     from .mount import read_secret
+    from .mount_helper import link_in_text
 
-    return read_secret(args.link_fd if args.link_fd is not None else 0)
+    text = read_secret(args.link_fd if args.link_fd is not None else 0)
+    return link_in_text(text) or text  # a link file may carry # comments (install-units)
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
@@ -262,9 +265,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
     check_mountpoint(mountpoint, opts.nonempty)
     if not args.foreground:
         # the link goes by pipe: a command line is readable by every local user (ps)
-        argv = [*python_argv(), "--home", str(home.path), *["-v"] * opts.verbose,
-                "mount", "-", str(mountpoint), "--foreground", *mount_flags(opts)]
         log_path = home.mount_log_path(cap.drive_id)
+        argv = [*python_argv(), "--home", str(home.path), *["-v"] * opts.verbose,
+                "--log-file", str(log_path),
+                "mount", "-", str(mountpoint), "--foreground", *mount_flags(opts)]
         pid = spawn_daemon(argv, log_path, secret=cap.link())
         _emit(args, {"mountpoint": str(mountpoint), "pid": pid, "drive": cap.drive_id},
               f"mounted {cap.drive_id[:16]} at {mountpoint} (pid {pid})")
@@ -426,7 +430,8 @@ def render_node_status(data: dict) -> str:
         lines.append(f"drive   {d['drive'][:16]}  version {d['seq']}"
                      f"{'  published here' if d['published_here'] else ''}")
     for m in data["mounts"]:
-        lines.append(f"mount   {m['mountpoint']}  drive {m['drive'][:16]}  pid {m['pid']}")
+        lines.append(f"mount   {m['mountpoint']}  drive {m['drive'][:16]}  pid {m['pid']}"
+                     + (f"  log {m['log']}" if m.get("log") else ""))
     for n in data["nodes"]:
         srv = n["server"]
         lines.append(f"node    pid {n['pid']} port {n['port']}  {n['dht_contacts']} DHT contacts, "
@@ -437,6 +442,33 @@ def render_node_status(data: dict) -> str:
                              f"got {p['blocks']} blocks ({format_size(p['bytes'])})"
                              f"{'  connected' if p['connected'] else ''}")
     return "\n".join(lines)
+
+
+def cmd_install_units(args: argparse.Namespace) -> int:
+    from .mount_helper import read_link_file
+    from .systemd_units import default_unit_dir, mount_unit, serve_unit
+
+    home = _home(args)
+    units = [serve_unit(home.path)]
+    for mountpoint, link_file in args.mount or ():
+        link_path = Path(link_file).expanduser().resolve()
+        require_read(parse_link(read_link_file(link_path)))  # a usable link, mode 600
+        units.append(mount_unit(home.path, Path(mountpoint).expanduser().resolve(), link_path))
+    unit_dir = Path(args.dir).expanduser() if args.dir else default_unit_dir()
+    unit_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for unit in units:
+        path = unit_dir / unit.name
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(unit.text)
+        tmp.replace(path)
+        written.append(str(path))
+    names = " ".join(u.name for u in units)
+    _emit(args, {"units": written, "dir": str(unit_dir)},
+          "\n".join([*(f"wrote {p}" for p in written),
+                      "enable them with: systemctl --user daemon-reload && "
+                      f"systemctl --user enable --now {names}"]))
+    return 0
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
@@ -461,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
         "stream on demand, pin what you need offline."))
     p.add_argument("--home", help="state directory (default: $PEERDRIVE_HOME or the user data dir)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    p.add_argument("--log-file", help=argparse.SUPPRESS)  # a background mount's rotated log
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("publish", help="publish a folder as a new version of its drive")
@@ -564,6 +597,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_evict)
 
+    s = sub.add_parser("install-units", help="write systemd user units for serve and mounts")
+    s.add_argument("--mount", nargs=2, action="append", metavar=("MOUNTPOINT", "LINK_FILE"),
+                   help="also a unit mounting the drive whose read link is in LINK_FILE (mode "
+                   "600) at MOUNTPOINT (repeatable)")
+    s.add_argument("--dir", help="where to write them (default ~/.config/systemd/user)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_install_units)
+
     s = sub.add_parser("dashboard", help="a live web page of this node: drives, files, peers, "
                        "cache")
     s.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:0",
@@ -584,10 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING - 10 * min(args.verbose, 2),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args.verbose, Path(args.log_file) if args.log_file else None)
     try:
         try:
             return int(args.func(args) or 0)

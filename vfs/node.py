@@ -99,7 +99,10 @@ async def _mount_main(home: Home, cap: ReadCap, mountpoint: Path, opts: MountOpt
             # the start time makes the record name this process, not whatever gets its pid
             home.register_mount(mountpoint, {"pid": os.getpid(), "start": start_time(os.getpid()),
                                              "mountpoint": str(mountpoint),
-                                             "drive": cap.drive_id, "port": net.port})
+                                             "drive": cap.drive_id, "port": net.port,
+                                             "log": opts.log_file})
+            log.info("mounted drive %s version %d at %s", cap.drive_id[:16], head.seq,
+                     mountpoint)
             report_ready(opts.ready_fd)
 
         async def background(task_status=trio.TASK_STATUS_IGNORED) -> None:

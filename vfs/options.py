@@ -63,6 +63,7 @@ class MountOptions(NodeOptions):
     verbose: int = 0  # -v count, handed on to the background mount process
     allow_other: bool = False  # --allow-other: every local user may enter the mount
     nonempty: bool = False  # --nonempty: mount over a folder that holds files
+    log_file: str | None = None  # where this mount process logs (registered for `status`)
 
 
 @dataclass
