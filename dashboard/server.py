@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -69,8 +70,8 @@ async def _open_browser(url: str) -> None:
         return
     with trio.move_on_after(OPEN_TIMEOUT):
         try:
-            await trio.run_process([opener, url], check=False, stdin=trio.DEVNULL,
-                                   stdout=trio.DEVNULL, stderr=trio.DEVNULL)
+            await trio.run_process([opener, url], check=False, stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         except OSError as exc:
             log.info("xdg-open failed: %s", exc)
 

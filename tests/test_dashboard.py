@@ -221,6 +221,7 @@ def test_browser_sees_the_tree_and_pins_a_folder(node, tmp_path: Path) -> None:
         wait.until(lambda d: state_of(str(mnt / "photos" / "a.jpg")) == ("device", "100"))
         wait.until(lambda d: "photos" in d.find_element(By.ID, "breadcrumb").text)
         driver.find_element(By.ID, "breadcrumb").find_element(By.TAG_NAME, "button").click()
+        # (the breadcrumb is rebuilt only on navigation: a live update never makes it stale)
         wait.until(lambda d: state_of(photos) == ("device", "100"))
         wait.until(lambda d: "min" in d.find_element(By.ID, "cache-chart").text
                    or d.find_elements(By.CSS_SELECTOR, "#cache-chart polyline"))
@@ -242,3 +243,42 @@ def test_browser_sees_the_tree_and_pins_a_folder(node, tmp_path: Path) -> None:
         assert _pinned(mnt / "videos") == "0"
     finally:
         driver.quit()
+
+
+def test_opens_the_browser_only_with_a_display_and_without_no_open(tmp_path: Path) -> None:
+    """xdg-open gets the URL when DISPLAY is set; --no-open and no display: never run."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    opened = tmp_path / "opened"
+    (bin_dir / "xdg-open").write_text(f'#!/bin/sh\necho "$@" >> {opened}\n')
+    (bin_dir / "xdg-open").chmod(0o755)
+    home = tmp_path / "home"
+    for extra, display, expect in (([], ":99", True), (["--no-open"], ":99", False),
+                                   ([], None, False)):
+        env = env_for(home)
+        env["PATH"] = f"{bin_dir}:{env['PATH']}"
+        env.pop("WAYLAND_DISPLAY", None)
+        env.pop("DISPLAY", None)
+        if display:
+            env["DISPLAY"] = display
+        log = tmp_path / "dashboard.log"
+        with open(log, "wb") as logf:
+            proc = subprocess.Popen([PYTHON, "-m", "vfs.cli", "dashboard", "--json", *extra],
+                                    env=env, cwd=ROOT, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=logf)
+        try:
+            url = read_ready_line(proc, log)["url"]
+            if expect:
+                deadline = time.monotonic() + 30
+                while not opened.exists() and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                assert opened.read_text().split() == [url]
+                opened.unlink()
+            else:
+                time.sleep(1)
+                assert not opened.exists()
+        finally:
+            stop_process(proc.pid, proc)
+            if proc.stdout is not None:
+                proc.stdout.close()
+        assert proc.returncode == 0, tail(log)  # SIGTERM: a clean stop

@@ -19,6 +19,7 @@ Options map to `peerdrive mount` flags:
     listen=HOST:PORT     where to serve blocks
     cache_size=SIZE      cache limit, e.g. 10G
     fetch_timeout=SECS   fail a read with EIO after this long without a source
+    mirror=URL           a static HTTP mirror of the drive (repeatable)
     nolan                no LAN discovery
     verbose              log more (as -v)
 
@@ -48,7 +49,8 @@ GENERIC = frozenset({"defaults", "auto", "noauto", "nofail", "_netdev", "user", 
                      "dev", "nodev", "sync", "async", "atime", "noatime", "relatime",
                      "nodiratime", "diratime", "silent", "loud"})
 VALUED = {"home": "--home", "bootstrap": "--bootstrap", "listen": "--listen",
-          "cache_size": "--cache-size", "fetch_timeout": "--fetch-timeout"}
+          "cache_size": "--cache-size", "fetch_timeout": "--fetch-timeout",
+          "mirror": "--mirror"}
 
 
 def read_link_file(path: Path) -> str:

@@ -203,8 +203,13 @@ function renderTree(tree) {
     crumbs.push(" / ", el("button", { class: "link", onclick: () => navigate(p) }, part));
   });
   const f = tree.folder;
-  crumbs.push(` — ${f.state}, ${size(f.cached_bytes)} of ${size(f.size_bytes)} on this device`);
-  $("breadcrumb").replaceChildren(...crumbs);
+  const summary = ` — ${f.state}, ${size(f.cached_bytes)} of ${size(f.size_bytes)} on this device`;
+  const bc = $("breadcrumb");
+  if (bc.dataset.path !== tree.path) {  // rebuilt only on navigation: focus stays put
+    bc.replaceChildren(...crumbs, el("span", { class: "summary" }));
+    bc.dataset.path = tree.path;
+  }
+  bc.querySelector(".summary").textContent = summary;
   const rows = [];
   if (tree.parent) {
     rows.push(keyed("parent", tree.parent, el("td", { colspan: 7 },
@@ -248,7 +253,11 @@ function navigate(path) {
   currentPath = path;
   copies = {};
   $("tree-error").hidden = true;
-  if (!path) { $("tree-body").replaceChildren(); $("breadcrumb").textContent = ""; }
+  if (!path) {
+    $("tree-body").replaceChildren();
+    $("breadcrumb").textContent = "";
+    delete $("breadcrumb").dataset.path;
+  }
   connect();
   if (path) loadCopies(path);
 }
