@@ -28,7 +28,7 @@ def test_options_become_peerdrive_flags(tmp_path: Path) -> None:
     spec, mnt, opts, flags = parse_args(
         ["peerdrive", "/srv/p", "-v", "-o", f"link={f},home=/var/lib/pd,bootstrap=h1:4100,"
          "bootstrap=h2:4100,listen=0.0.0.0:4101,cache_size=10G,fetch_timeout=30,nolan,"
-         "mirror=https://m.example/p,"
+         "mirror=https://m.example/p,allow_other,"
          "_netdev,nofail,defaults,x-systemd.requires=network-online.target,rw",
          "-t", "fuse.peerdrive"])
     argv, link = mount_argv(spec, mnt, opts, flags)
@@ -36,7 +36,7 @@ def test_options_become_peerdrive_flags(tmp_path: Path) -> None:
     assert argv == ["--home", "/var/lib/pd", "-v", "mount", LINK, "/srv/p",
                     "--bootstrap", "h1:4100", "--bootstrap", "h2:4100", "--listen",
                     "0.0.0.0:4101", "--cache-size", "10G", "--fetch-timeout", "30", "--no-lan",
-                    "--mirror", "https://m.example/p"]
+                    "--mirror", "https://m.example/p", "--allow-other"]
     assert parse_args(["x", "/m", "-sfn"])[3] == {"sloppy": True, "fake": True, "verbose": 0}
 
 

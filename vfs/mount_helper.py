@@ -21,6 +21,8 @@ Options map to `peerdrive mount` flags:
     fetch_timeout=SECS   fail a read with EIO after this long without a source
     mirror=URL           a static HTTP mirror of the drive (repeatable)
     nolan                no LAN discovery
+    allow_other          let every local user enter the mount (default: only its owner)
+    nonempty             mount over a folder that holds files
     verbose              log more (as -v)
 
 mount(8)'s own options (defaults, auto, noauto, nofail, _netdev, user, ro,
@@ -138,6 +140,8 @@ def mount_argv(spec: str, mountpoint: str, options: list[str], flags: dict
             (before if key == "home" else after).extend([VALUED[key], value])
         elif key in ("nolan", "no_lan") and not eq:
             after.append("--no-lan")
+        elif key in ("allow_other", "nonempty") and not eq:
+            after.append("--" + key.replace("_", "-"))
         elif key in ("verbose", "v") and not eq:
             verbose += 1
         elif name in GENERIC or name.startswith(("x-", "comment=")) or flags["sloppy"]:
