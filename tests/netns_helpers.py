@@ -355,6 +355,71 @@ class Lab:
             self.hosts.append(host)
         self._wait_linked()
 
+    def add_nat_host(self) -> Host:
+        """One more host, behind a NAT router of its own, like a laptop on a home network.
+
+        The router (namespace `<prefix>-rN`) has a port on the bridge with an
+        address of the lab's subnet (`.200 + N`) and a private /24 of its own
+        (10.78.<random>.0/24) towards the host, and masquerades (nftables) what
+        the host sends out to the bridge: the host reaches every lab address,
+        and nothing on the bridge can open a connection to it. The host's
+        `address` is its private one.
+        """
+        if shutil.which("nft") is None:
+            raise LabError("a NAT host needs nft (nftables)")
+        n = sum(1 for ns in self._namespaces if ns.startswith(f"{self.prefix}-r")) + 1
+        index = 200 + n
+        router = f"{self.prefix}-r{n}"
+        self._add_ns(router)
+        inner = f"10.78.{secrets.randbelow(256)}"
+        br = ["ip", "-n", self.bridge_ns]
+        port = f"p{index}"
+        _run(["ip", "link", "add", "eth0", "netns", router, "type", "veth",
+              "peer", "name", port, "netns", self.bridge_ns])
+        _run([*br, "link", "set", port, "master", "br0"])
+        _run([*br, "link", "set", port, "up"])
+        rt = ["ip", "-n", router]
+        _run([*rt, "addr", "add", f"{self.subnet}.{index}/24", "dev", "eth0"])
+        _run([*rt, "link", "set", "eth0", "up"])
+        ns = f"{self.prefix}-n{n}"
+        self._add_ns(ns)
+        _run(["ip", "link", "add", "lan0", "netns", router, "type", "veth",
+              "peer", "name", "eth0", "netns", ns])
+        _run([*rt, "addr", "add", f"{inner}.1/24", "dev", "lan0"])
+        _run([*rt, "link", "set", "lan0", "up"])
+        _run(["ip", "netns", "exec", router, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
+        rules = f"""\
+table ip nat {{
+    chain postrouting {{
+        type nat hook postrouting priority 100;
+        ip saddr {inner}.0/24 oifname "eth0" masquerade
+    }}
+}}
+table ip filter {{
+    chain forward {{
+        type filter hook forward priority 0; policy drop;
+        ct state established,related accept
+        iifname "lan0" oifname "eth0" accept
+    }}
+}}
+"""
+        res = subprocess.run(["ip", "netns", "exec", router, "nft", "-f", "-"], input=rules,
+                             capture_output=True, text=True, timeout=30, check=False)
+        if res.returncode != 0:
+            raise LabError(f"nft rules for the NAT router failed: {res.stderr.strip()}")
+        host = Host(self, index, ns, f"{inner}.2", self.workdir / f"home-n{n}")
+        host.home.mkdir(parents=True, exist_ok=True)
+        host.ip("addr", "add", f"{inner}.2/24", "dev", "eth0")
+        host.ip("link", "set", "eth0", "up")
+        host.ip("route", "add", "default", "via", f"{inner}.1")
+        deadline = time.monotonic() + 10
+        while "LOWER_UP" not in host.ip("link", "show", "dev", "eth0").stdout:
+            if time.monotonic() > deadline:
+                raise LabError("the NAT host's link did not come up")
+            time.sleep(0.05)
+        self.hosts.append(host)
+        return host
+
     def _wait_linked(self, timeout: float = 10.0) -> None:
         """Until every host's link is up (a bridge without STP forwards at once then)."""
         deadline = time.monotonic() + timeout
