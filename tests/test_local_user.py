@@ -240,3 +240,34 @@ def _other_user_reads(home: Path, info: dict, mnt: Path) -> None:
     with mounted(home, info["read_link"], mnt, "--allow-other"):
         res = _as_nobody("cat", str(mnt / "secret.txt"))
         assert res.returncode == 0 and res.stdout == "only for the owner\n", res
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to mount and to become another user")
+def test_a_setuid_file_in_a_drive_gives_no_one_root(tmp_path: Path, node_home) -> None:
+    """A malicious publisher ships a setuid copy of `id` (mode 4755). Mounted by root with
+    --allow-other, any local user running it would get euid 0: the mount is nosuid and
+    shows no setuid or setgid bit."""
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy("/usr/bin/id", src / "id")
+    (src / "id").chmod(0o6755)
+    home = node_home("pub")
+    info = publish(home, src)
+    base = Path(tempfile.mkdtemp(prefix="peerdrive-setuid-"))
+    try:
+        base.chmod(0o755)
+        mnt = base / "mnt"
+        mnt.mkdir()
+        with mounted(home, info["read_link"], mnt, "--allow-other"):
+            with open("/proc/mounts") as f:
+                opts = [line.split()[3] for line in f if line.split()[1] == str(mnt)][0]
+            assert "nosuid" in opts.split(",") and "nodev" in opts.split(","), opts
+            mode = os.stat(mnt / "id").st_mode
+            assert not mode & (0o4000 | 0o2000), oct(mode)
+            res = _as_nobody(str(mnt / "id"), "-u")
+            assert res.returncode == 0, res
+            assert res.stdout.strip() == str(NOBODY), f"ran as uid {res.stdout.strip()}"
+    finally:
+        if is_mounted(base / "mnt"):
+            subprocess.run(["fusermount3", "-u", "-z", str(base / "mnt")], check=False)
+        shutil.rmtree(base, ignore_errors=True)

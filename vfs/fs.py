@@ -18,6 +18,7 @@ import errno
 import functools
 import logging
 import os
+import stat
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -233,7 +234,9 @@ class DriveOperations(pyfuse3.Operations):
         a.generation = 0
         a.entry_timeout = ATTR_TIMEOUT
         a.attr_timeout = ATTR_TIMEOUT
-        a.st_mode = e.st_mode
+        # a drive's content is untrusted: no setuid/setgid bit is shown (and so none is
+        # kept by `cp -p` out of the mount); the mount is nosuid anyway (vfs/mount.py)
+        a.st_mode = e.st_mode & ~(stat.S_ISUID | stat.S_ISGID)
         a.st_nlink = 2 + e.nsubdirs if e.is_dir else 1
         a.st_uid = self.uid
         a.st_gid = self.gid

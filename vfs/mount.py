@@ -38,7 +38,9 @@ def fuse_options(allow_other: bool = False) -> set[str]:
     on the machine reads the drive. Non-root users need `user_allow_other` in
     /etc/fuse.conf for it."""
     opts = set(pyfuse3.default_options)
-    opts |= {"fsname=peerdrive", "subtype=peerdrive", "noatime"}
+    # nosuid, nodev: a publisher must never get a setuid program or a device onto this
+    # machine (libfuse adds them today; said here so no version can drop them)
+    opts |= {"fsname=peerdrive", "subtype=peerdrive", "noatime", "nosuid", "nodev"}
     if allow_other:
         opts.add("allow_other")
     return opts
