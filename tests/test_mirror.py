@@ -144,6 +144,8 @@ def test_mirror_writes_every_block_and_the_exact_head(with_url: Mirrored) -> Non
         store.close()
     assert (with_url.mirror / HEAD_PATH).read_bytes() == head.wire
     assert head.mirrors == (with_url.url,)
+    status = json.loads(peerdrive(with_url.home, "status", "--json").stdout)
+    assert [d["mirrors"] for d in status["drives"]] == [[with_url.url]]
     # nothing in the mirror is plaintext: no 64-byte run of a source file, no file name
     blob = b"".join(p.read_bytes() for p in with_url.mirror.rglob("*") if p.is_file())
     for rel in with_url.digests:

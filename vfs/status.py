@@ -54,7 +54,8 @@ def known_drives(home: Home, store) -> list[dict]:
         head = storage.load_head(StoreCap(pubkey))
         if head is not None:
             out.append({"drive": pubkey.hex(), "seq": head.seq, "created": head.created,
-                        "published_here": pubkey in published})
+                        "published_here": pubkey in published,
+                        "mirrors": list(head.mirrors)})  # named in its head
     return out
 
 
