@@ -129,6 +129,10 @@ REQUESTS_PER_SECOND = 100.0
 REQUEST_BURST = 400.0
 """Requests one source address (ip, port) may send: a sustained rate and a burst."""
 
+UNVERIFIED_REQUESTS_PER_SECOND = 200.0
+UNVERIFIED_REQUEST_BURST = 800.0
+"""Requests all unverified addresses of one IP may send (a spoofer varies the source port)."""
+
 UNVERIFIED_BYTES_PER_SECOND = 64 * 1024
 UNVERIFIED_BYTES_BURST = 256 * 1024
 """Reply bytes all unverified addresses of one IP may draw, so a spoofed flood stays small."""
@@ -475,6 +479,8 @@ class PeerdriveProtocol(KademliaProtocol):
         self._requests = _Buckets(REQUESTS_PER_SECOND, REQUEST_BURST, self._clock)
         self._unverified_bytes = _Buckets(UNVERIFIED_BYTES_PER_SECOND, UNVERIFIED_BYTES_BURST,
                                           self._clock)
+        self._unverified_requests = _Buckets(UNVERIFIED_REQUESTS_PER_SECOND,
+                                             UNVERIFIED_REQUEST_BURST, self._clock)
         self._verify_pings = _Buckets(VERIFY_PINGS_PER_SECOND, VERIFY_PINGS_PER_SECOND,
                                       self._clock, max_keys=1)
         self._verifying: set[tuple[str, int]] = set()
@@ -560,6 +566,10 @@ class PeerdriveProtocol(KademliaProtocol):
             verified = self._token_ok(address, args[2])
             if verified:
                 self._mark_verified(address)
+        if not verified and not self._unverified_requests.take(address[0]):
+            # each may cost a signature check (store); ports are free to a spoofer
+            self.rate_limited += 1
+            return
         self._note_sender(Node(nodeid, address[0], address[1]), verified)
         if name == "ping":
             response: Any = self.source_node.id

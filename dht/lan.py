@@ -58,6 +58,15 @@ LAN_RECORD_TTL = 120
 _NEWCOMER_REPLY_GAP = 1.0
 _MAX_SEEN = 1024
 
+LAN_DATAGRAMS_PER_SECOND = 10.0
+LAN_DATAGRAM_BURST = 40.0
+"""Datagrams one source address may have verified (each holds up to 32 signatures to check).
+
+An honest node sends one burst every 30 s (one datagram per 32 drives); a
+neighbour flooding the group must not turn our CPU into its signature checker.
+"""
+_MAX_SOURCES = 256
+
 
 class LanError(DhtError):
     """A LAN discovery datagram is malformed, or LAN discovery cannot start."""
@@ -218,6 +227,8 @@ class LanDiscovery:
         self.advertised_host: str | None = None
         self.refused_records = 0
         self.dropped_datagrams = 0
+        self.rate_limited = 0  # datagrams dropped unverified: their source sent too many
+        self._rates: dict[str, tuple[float, float]] = {}
 
     def announce_now(self) -> None:
         """Announce at once instead of at the next interval (e.g. after a drive was added)."""
@@ -297,21 +308,39 @@ class LanDiscovery:
             # woken early (a newcomer, announce_now): still at most one burst per gap
             await trio.sleep_until(self._last_announce + _NEWCOMER_REPLY_GAP)
 
+    def _within_rate(self, host: str) -> bool:
+        """Take one datagram from `host`'s token bucket (LRU-bounded table of sources)."""
+        now = trio.current_time()
+        level, last = self._rates.pop(host, (LAN_DATAGRAM_BURST, now))
+        level = min(LAN_DATAGRAM_BURST, level + (now - last) * LAN_DATAGRAMS_PER_SECOND)
+        ok = level >= 1
+        self._rates[host] = (level - 1 if ok else level, now)
+        if len(self._rates) > _MAX_SOURCES:
+            del self._rates[next(iter(self._rates))]
+        return ok
+
     async def _receive_forever(self, sock: trio.socket.SocketType) -> None:
         while True:
             data, source = await sock.recvfrom(MAX_LAN_DATAGRAM + 1)
-            try:
-                records, refused = decode_lan_datagram(data, now=self._clock())
-            except LanError as exc:
-                self.dropped_datagrams += 1
-                log.debug("dropped a LAN datagram from %s: %s", source, exc)
-                continue
-            self.refused_records += refused
-            for record in records:
-                if record.pk == self._pk:
-                    continue  # our own announcement, looped back
-                self._note_sender(record.node_id)
-                self._on_provider(record, peers_seen_from(record, source[0]))
+            self.receive(data, source[0])
+
+    def receive(self, data: bytes, source_host: str) -> None:
+        """Handle one datagram heard from `source_host` (the receive task's work, testable)."""
+        if not self._within_rate(source_host):
+            self.rate_limited += 1
+            return
+        try:
+            records, refused = decode_lan_datagram(data, now=self._clock())
+        except LanError as exc:
+            self.dropped_datagrams += 1
+            log.debug("dropped a LAN datagram from %s: %s", source_host, exc)
+            return
+        self.refused_records += refused
+        for record in records:
+            if record.pk == self._pk:
+                continue  # our own announcement, looped back
+            self._note_sender(record.node_id)
+            self._on_provider(record, peers_seen_from(record, source_host))
 
     def _note_sender(self, node_id: bytes) -> None:
         """Answer a node heard for the first time at once, so newcomers learn of us quickly."""

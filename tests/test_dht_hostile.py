@@ -26,6 +26,8 @@ from dht.kad import (
     UNVERIFIED_BYTES_BURST,
     UNVERIFIED_BYTES_PER_SECOND,
     UNVERIFIED_REPLY_MAX,
+    UNVERIFIED_REQUEST_BURST,
+    UNVERIFIED_REQUESTS_PER_SECOND,
     Dht,
     RecordStorage,
     provider_key,
@@ -355,3 +357,77 @@ def test_twenty_five_sybil_keys_flooding_a_provider_set_do_not_hide_the_real_see
             nursery.cancel_scope.cancel()
 
     run(main)
+
+
+def test_a_store_flood_from_many_ports_of_one_ip_is_rate_limited():
+    """Item 1: every store costs a signature check; a spoofer varying ports got no limit."""
+    dk = os.urandom(32)
+
+    async def main():
+        node = Dht(rpc_timeout=RPC_TIMEOUT)
+        value = bytes([TAG_PROVIDER]) + ProviderRecord.create(
+            os.urandom(32), dk, [("127.0.0.1", 9)], now=time.time())[1]
+        victims = [Victim() for _ in range(40)]
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(node.run, LOCAL, 0, [])
+            for v in victims:
+                await v.open()
+                await nursery.start(v.count)
+            start = trio.current_time()
+            for _ in range(100):  # 4,000 stores, paced so the socket buffer does not drop them
+                for v in victims:
+                    await v.forge(port, dht_request("store",
+                                                    [os.urandom(32), provider_key(dk), value]))
+                await trio.sleep(0.03)
+            await trio.sleep(1.0)
+            elapsed = trio.current_time() - start
+            replies = sum(1 for v in victims for d in v.datagrams if d[:1] == b"\x01")
+            assert node._server.protocol.rate_limited > 0, (replies, elapsed)
+            assert replies <= UNVERIFIED_REQUEST_BURST + UNVERIFIED_REQUESTS_PER_SECOND * elapsed
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_a_lan_neighbour_flooding_signed_datagrams_gets_a_bounded_share_of_verification():
+    """A LAN datagram carries up to 32 records, each a signature to check: a neighbour sending
+    them as fast as it can made the receiving node its signature checker. Now each source
+    address gets LAN_DATAGRAMS_PER_SECOND (burst LAN_DATAGRAM_BURST); others still get in.
+    (The receive task's handler, fed directly: the socket side is tests/test_lan.py's.)
+    """
+    from dht import lan as lan_module
+    from dht.lan import LanDiscovery, encode_lan_datagrams
+
+    dk = os.urandom(32)
+    now = time.time()
+    wires = [ProviderRecord.create(os.urandom(32), dk, [("10.0.0.9", 4100)], now=now,
+                                   ttl=120)[1] for _ in range(20)]
+    flood = encode_lan_datagrams(wires, max_size=4096)  # 20 signatures in one datagram
+    assert len(flood) == 1
+    honest = encode_lan_datagrams([ProviderRecord.create(os.urandom(32), dk, [("10.0.0.7", 1)],
+                                                         now=now, ttl=120)[1]])[0]
+    heard = []
+
+    async def main():
+        lan = LanDiscovery(os.urandom(32), 45777, lambda: [dk],
+                           lambda record, peers: heard.append(peers[0].host), block_port=4100)
+        decoded = 0
+        real = lan_module.decode_lan_datagram
+
+        def counting(data, *, now):
+            nonlocal decoded
+            decoded += 1
+            return real(data, now=now)
+
+        with mock.patch.object(lan_module, "decode_lan_datagram", counting):
+            start = trio.current_time()
+            for _ in range(500):
+                lan.receive(flood[0], "10.0.0.66")
+            lan.receive(honest, "10.0.0.7")
+            elapsed = trio.current_time() - start
+        assert lan.rate_limited > 0
+        assert decoded <= lan_module.LAN_DATAGRAM_BURST + 1 + (
+            lan_module.LAN_DATAGRAMS_PER_SECOND * elapsed)
+        assert "10.0.0.7" in heard  # the honest neighbour was heard
+
+    trio.run(main)
