@@ -279,8 +279,7 @@ def test_tracker_accepts_higher_ignores_equal_refuses_lower() -> None:
     assert tracker.current is None
     first = tracker.offer(wire_at(5))
     assert first is not None and first.seq == 5 and tracker.current == first
-    assert tracker.offer(wire_at(5)) is None  # same seq: nothing new
-    assert tracker.offer(first.wire) is None
+    assert tracker.offer(first.wire) is None  # the same head: nothing new
     with pytest.raises(RollbackError, match="already at seq 5"):
         tracker.offer(wire_at(4))
     with pytest.raises(RollbackError):
@@ -293,12 +292,27 @@ def test_tracker_accepts_higher_ignores_equal_refuses_lower() -> None:
         tracker.offer(wire_at(99))
 
 
+def test_two_heads_with_one_seq_every_tracker_ends_on_the_same() -> None:
+    """A forked writer signed two heads with seq 5: readers that saw them in either
+    order (and the DHT's newest_mutable) agree on the larger wire, never stay split."""
+    a, b = wire_at(5), wire_at(5)
+    assert a != b
+    winner = max(a, b)
+    for order in ((a, b), (b, a)):
+        tracker = HeadTracker(CAP.read_cap())
+        for w in order:
+            tracker.offer(w)
+        assert tracker.current.wire == winner
+    assert MutableRecord.decode(winner).sort_key() == max(
+        MutableRecord.decode(w).sort_key() for w in (a, b))
+
+
 def test_tracker_starts_from_a_known_head() -> None:
     known = open_head(wire_at(10), CAP.store_cap())
     tracker = HeadTracker(CAP.store_cap(), known)
     with pytest.raises(RollbackError):
         tracker.offer(wire_at(9))
-    assert tracker.offer(wire_at(10)) is None
+    assert tracker.offer(known.wire) is None
     assert tracker.offer(wire_at(11)).root is None  # type: ignore[union-attr]  # store cap
 
 

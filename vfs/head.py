@@ -188,6 +188,11 @@ class HeadTracker:
     def offer(self, wire: bytes) -> Head | None:
         """Verify `wire`; return it if it is newer than the current head, else None.
 
+        Two different heads with one seq (a writer that forked: two machines
+        publishing with one write link) are ordered as the DHT orders them
+        (`dht.records.newest_mutable`): the larger wire wins, so every reader
+        ends on the same one instead of staying split for good.
+
         Raises RollbackError for a lower seq and IntegrityError/FormatError
         for a head that does not verify.
         """
@@ -196,7 +201,7 @@ class HeadTracker:
             if head.seq < self.current.seq:
                 raise RollbackError(f"refused head seq {head.seq}: already at seq "
                                     f"{self.current.seq}")
-            if head.seq == self.current.seq:
-                return None
+            if head.seq == self.current.seq and head.wire <= self.current.wire:
+                return None  # the same head, or the losing one of two forks
         self.current = head
         return head

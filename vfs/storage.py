@@ -53,8 +53,8 @@ class DriveStorage:
                 current = open_head(old, StoreCap(head.pubkey))
                 if head.seq < current.seq:
                     raise RollbackError(f"refused head seq {head.seq}: already at {current.seq}")
-                if head.seq == current.seq:
-                    outcome.append(False)
+                if head.seq == current.seq and head.wire <= old:
+                    outcome.append(False)  # the same head, or the losing fork (HeadTracker)
                     return old
             outcome.append(True)
             return head.wire
