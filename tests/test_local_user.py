@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import PYTHON, ROOT, env_for, is_mounted, mounted, peerdrive, publish, stop_pid
+from tests.swarm_helpers import wait_exit
 from vfs.capability import parse_link
 from vfs.home import Home
 
@@ -56,17 +57,6 @@ def proc_bytes(pid: int, name: str) -> bytes:
 
 def mount_record(home: Path, mnt: Path) -> dict:
     return json.loads(Home(home).mount_file(mnt.resolve()).read_text())
-
-
-def wait_gone(pid: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"process {pid} still alive")
 
 
 # ----------------------------------------------------------------------------- item 3
@@ -132,7 +122,7 @@ def test_unmount_of_a_stale_record_never_signals_the_process_that_took_its_pid(
         peerdrive(home, "mount", info["read_link"], str(mnt), *LOOPBACK)
         record = mount_record(home, mnt)
         os.kill(record["pid"], 9)  # the mount dies; its FUSE mount stays, dead
-        wait_gone(record["pid"])
+        assert wait_exit(record["pid"], None, 10)
         assert is_mounted(mnt)
         # its pid goes to an unrelated process (we cannot choose pids: point the record
         # at a process of our own, as if the kernel had handed it the old pid)
