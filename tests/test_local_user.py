@@ -91,6 +91,18 @@ def test_the_read_key_is_not_in_the_daemons_command_line_or_environment(
                 assert secret not in log
 
 
+def test_mirror_takes_the_read_link_from_stdin(tmp_path: Path, node_home) -> None:
+    """`peerdrive mirror` runs for minutes: with `-` its read link is in no command line."""
+    home, info = published(tmp_path, node_home)
+    out = tmp_path / "mirror"
+    proc = subprocess.run([PYTHON, "-m", "vfs.cli", "mirror", "-", str(out), "--json"],
+                          input=info["read_link"] + "\n", env=env_for(home), cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["drive"] == info["drive"]
+    assert json.loads(proc.stdout)["written"] > 0
+
+
 class _already_mounted:  # noqa: N801 - used like `mounted`
     """Unmount (and stop the process) at the end, like tests.helpers.mounted."""
 

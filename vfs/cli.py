@@ -245,12 +245,18 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def _mount_link(args: argparse.Namespace) -> str:
     """The link to mount: the argument, or with `-` what comes on --link-fd (the
     background mount) or stdin (a user keeping it off every command line)."""
-    if args.link != "-":
-        return args.link
+    return _link_arg(args.link, getattr(args, "link_fd", None))
+
+
+def _link_arg(link: str, fd: int | None = None) -> str:
+    """A link argument; `-` reads it from `fd` (default stdin), so a read key stays out
+    of the process list, which every local user can read."""
+    if link != "-":
+        return link
     from .mount import read_secret
     from .mount_helper import link_in_text
 
-    text = read_secret(args.link_fd if args.link_fd is not None else 0)
+    text = read_secret(fd if fd is not None else 0)
     return link_in_text(text) or text  # a link file may carry # comments (install-units)
 
 
@@ -300,7 +306,8 @@ def cmd_mirror(args: argparse.Namespace) -> int:
     from .mirror import run_mirror
 
     home = _home(args)
-    cap = StoreCap(parse_link(args.link).pubkey)  # a read or store link: no read key needed
+    # a read or store link (no read key needed); `-` from stdin keeps it out of ps
+    cap = StoreCap(parse_link(_link_arg(args.link)).pubkey)
     directory = Path(args.directory).expanduser().resolve()
     bar = ProgressBar("mirroring", sys.stdout.isatty() and not args.json)
     started = time.monotonic()
@@ -510,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("mirror", help="write a drive's ciphertext into a directory that any "
                        "static web server can serve as a mirror")
-    s.add_argument("link", help="a read or store link")
+    s.add_argument("link", help="a read or store link, or - to read it from stdin")
     s.add_argument("directory")
     s.add_argument("--bootstrap", action="append", metavar="HOST:PORT",
                    help="a DHT node to join through when blocks are not on this node")
