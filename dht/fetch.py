@@ -38,6 +38,7 @@ import itertools
 import math
 import random
 import statistics
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -68,6 +69,11 @@ _DEFAULT_THROUGHPUT = 10e6  # bytes/s assumed for a peer never measured (optimis
 _DEFAULT_LATENCY = 0.05  # seconds assumed for a peer never measured
 _SOFT_FAILURE_PENALTY = 10.0  # seconds added to the estimate of a peer that failed this block
 _MAX_BLOCKED_SCAN = 64  # requests examined per dispatch pass that find all their peers busy
+_NOT_ANNOUNCED_PENALTY = 5.0  # seconds added for a peer that announces blocks but not this one
+_MAX_FORMER_PEERS = 64  # peers no longer listed as providers whose statistics are kept
+_MAX_ADDRS_PER_PEER = 8  # addresses kept per peer (LAN and DHT records together)
+_MAX_BACKGROUND_DIALS = 16  # providers dialled ahead of need at once
+HAPPY_EYEBALLS_DELAY = 0.25  # seconds before the next address of a peer is dialled too
 
 
 @dataclass
@@ -92,6 +98,9 @@ class FetchConfig:
     fetch_many_concurrency: int = 32
     holders_timeout: float = 5.0  # count_holders / have_map, when the caller gives none
     holders_refresh_interval: float = 10.0  # re-read providers first if older than this
+    recent_bytes: int = 32 * 1024 * 1024  # delivered blocks kept for other readers meanwhile
+    swarm_jitter: float = 0.1  # seconds: most a readahead waits for another reader to take it
+    holder_hedge_max: float = 1.0  # seconds before an attempt at an announcing reader is hedged
 
     def __post_init__(self) -> None:
         if self.max_in_flight_per_peer < 1:
@@ -157,12 +166,19 @@ class StaticSource(BlockSource, Protocol):
 
 
 class _Peer:
+    """What the fetcher knows of one provider (or one static source)."""
+
     def __init__(self, addr: PeerAddr | None, source: StaticSource | None = None) -> None:
-        self.addr = addr
+        self.addr = addr  # the address that worked last (else the first listed)
+        self.addrs: list[PeerAddr] = [addr] if addr is not None else []
+        # (host, port) -> when a dial there last failed: one bad address never
+        # makes the peer look failed while another works
+        self.addr_failed: dict[tuple[str, int], float] = {}
         self.source = source  # a source needing no connection (a mirror); addr is None
         self.node_id = source.source_id if source is not None else addr.node_id
         self.label = source.label if source is not None else str(addr)
         self.provider = True
+        self.left_at = math.inf  # when it stopped being listed as a provider
         self.pushed = False  # a source that is a peer's push connection (add_source)
         self.conn: PeerConnection | None = None
         self.connecting: trio.Event | None = None
@@ -191,6 +207,35 @@ class _Peer:
             return not self.source.closed
         return self.conn is not None and not self.conn.closed
 
+    def set_addrs(self, addrs: list[PeerAddr]) -> bool:
+        """Replace the address list (the working one stays first); True if it changed."""
+        ordered = list(dict.fromkeys(addrs))[:_MAX_ADDRS_PER_PEER]
+        if self.addr in ordered:
+            ordered.remove(self.addr)
+            ordered.insert(0, self.addr)
+        changed = set(ordered) != set(self.addrs)
+        self.addrs = ordered
+        if self.addr not in ordered:
+            self.addr = ordered[0]
+            self.label = str(self.addr)
+        known = {(a.host, a.port) for a in ordered}
+        for key in [k for k in self.addr_failed if k not in known]:
+            del self.addr_failed[key]
+        return changed
+
+    def dial_order(self) -> list[PeerAddr]:
+        """Addresses to dial: the one that worked, then those that never failed, then the rest."""
+        return sorted(self.addrs, key=lambda a: (a != self.addr,
+                                                 self.addr_failed.get((a.host, a.port),
+                                                                      -math.inf)))
+
+    def announced(self, block_id: bytes) -> bool | None:
+        """Whether the peer said it holds (or is fetching) the block; None: it announces nothing."""
+        holding = getattr(self.conn, "holding", None) if self.source is None else None
+        if not holding:
+            return None
+        return block_id in holding
+
 
 class _Request:
     _seq = itertools.count()
@@ -207,6 +252,11 @@ class _Request:
         self.heap_token = -1
         self.parked = False
         self.attempts: list[_Attempt] = []
+        self.ended = trio.Event()  # delivered or abandoned
+        self.announced = False  # on_holding was told of it
+        self.jittered = False  # held back once for another reader to take it from the seed
+        self.deferred = False
+        self.not_before = -math.inf
         self.excluded: set[bytes] = set()  # peers that cannot serve it (NotFound, bad block)
         self.soft_failed: set[bytes] = set()  # peers that failed it for a transient reason
         self.outcomes: dict[bytes, str] = {}  # node id -> what happened, for error messages
@@ -246,8 +296,12 @@ class Fetcher:
         *,
         connect: ConnectFn | None = None,
         on_notice: OnNotice | None = None,
+        on_holding: Callable[[bytes], None] | None = None,
         config: FetchConfig | None = None,
     ) -> None:
+        """`on_holding(block_id)` is told of every block this fetcher starts fetching from a
+        peer that did not announce it, and of every block delivered: the node announces
+        them to its own clients, so readers of one drive fetch from each other."""
         self.identity = identity
         self.discovery_key = discovery_key
         self.drive_secret = drive_secret
@@ -256,7 +310,14 @@ class Fetcher:
         self._providers_fn = providers
         self._connect: ConnectFn = connect or PeerConnection.connect
         self._on_notice = on_notice
+        self._on_holding = on_holding
         self._peers: dict[bytes, _Peer] = {}
+        self._dialling = 0  # background dials in progress
+        # blocks delivered lately, served to other readers until the store has them
+        self._recent: OrderedDict[bytes, bytes] = OrderedDict()
+        self._recent_bytes = 0
+        self._median_throughput: float | None = None
+        self._deferred: list[_Request] = []  # readahead held back a moment (swarm_jitter)
         self._requests: dict[bytes, _Request] = {}
         self._heap: list[tuple[int, int, int, _Request]] = []
         self._heap_tokens = itertools.count()
@@ -446,6 +507,31 @@ class Fetcher:
         answers = await self.have_map(block_ids, timeout=timeout)
         return sum(1 for flags in answers.values() if all(flags))
 
+    async def in_flight_block(self, block_id: bytes, *, timeout: float) -> bytes | None:
+        """The block, if this fetcher holds it lately or is fetching it now (waiting up to
+        `timeout` seconds); None otherwise.
+
+        The node's server answers other readers from here for blocks it has
+        announced (`on_holding`) but whose fetch is still running or whose
+        bytes are not yet in the store.
+        """
+        data = self._recent.get(block_id)
+        if data is not None:
+            return data
+        request = self._requests.get(block_id)
+        if request is None:
+            return None
+        with trio.move_on_after(timeout):
+            await request.ended.wait()
+        return request.result
+
+    def _remember(self, block_id: bytes, data: bytes) -> None:
+        self._recent[block_id] = data
+        self._recent_bytes += len(data)
+        while self._recent_bytes > self.config.recent_bytes and self._recent:
+            _, old = self._recent.popitem(last=False)
+            self._recent_bytes -= len(old)
+
     def peer_stats(self) -> list[PeerStats]:
         now = trio.current_time()
         return [
@@ -468,6 +554,11 @@ class Fetcher:
             )
             for peer in self._peers.values()
         ]
+
+    def knows(self, node_id: bytes) -> bool:
+        """Whether `node_id` is a provider this fetcher knows of now."""
+        peer = self._peers.get(node_id)
+        return peer is not None and peer.provider
 
     def request_provider_refresh(self) -> None:
         """Ask for the provider list to be re-read soon (rate limited)."""
@@ -559,32 +650,88 @@ class Fetcher:
             self._last_refresh = trio.current_time()
 
     def _apply_providers(self, addrs: list[PeerAddr]) -> None:
-        current: set[bytes] = set()
+        """Take a new provider list; a node listed at several addresses is one peer."""
+        by_node: dict[bytes, list[PeerAddr]] = {}
         for addr in addrs:
-            if addr.node_id == self.identity.node_id or addr.node_id in current:
-                continue
-            current.add(addr.node_id)
-            peer = self._peers.get(addr.node_id)
+            if addr.node_id != self.identity.node_id:
+                by_node.setdefault(addr.node_id, []).append(addr)
+        now = trio.current_time()
+        for node_id, listed in by_node.items():
+            peer = self._peers.get(node_id)
+            if peer is not None and peer.source is not None:
+                continue  # serving us over its push connection: no dialling
             if peer is None:
-                self._peers[addr.node_id] = _Peer(addr)
+                peer = self._peers[node_id] = _Peer(listed[0])
+                peer.set_addrs(listed)
                 self._providers_changed = True
             else:
-                if peer.addr != addr:
-                    # Moved: the next connect dials the new address, now.
-                    peer.addr = addr
+                if peer.set_addrs(listed) and not peer.connected:
+                    # Reachable somewhere new: dial it now, whatever failed before.
                     peer.backoff_until = -math.inf
                     peer.consecutive_failures = 0
                     self._providers_changed = True
                 if not peer.provider:
                     peer.provider = True
+                    peer.left_at = math.inf
                     self._providers_changed = True
         for peer in self._peers.values():
-            if peer.source is None and peer.node_id not in current and peer.provider:
+            if peer.source is None and peer.node_id not in by_node and peer.provider:
                 peer.provider = False
+                peer.left_at = now
                 if peer.in_flight == 0 and peer.conn is not None and self._nursery is not None:
                     self._nursery.start_soon(peer.conn.aclose)
                     peer.conn = None
+        self._forget_former_peers()
+        for peer in self._peers.values():
+            self._dial_ahead(peer)
         self._poke()
+
+    def _forget_former_peers(self) -> None:
+        """Keep the statistics of at most `_MAX_FORMER_PEERS` peers no longer listed.
+
+        Readers come and go; without this the table (and every dispatch pass
+        over it) would grow with every reader the drive ever had.
+        """
+        former = [p for p in self._peers.values()
+                  if not p.provider and p.source is None and p.in_flight == 0
+                  and p.connecting is None]
+        if len(former) <= _MAX_FORMER_PEERS:
+            return
+        former.sort(key=lambda p: p.left_at)
+        for peer in former[: len(former) - _MAX_FORMER_PEERS]:
+            del self._peers[peer.node_id]
+            if peer.conn is not None and self._nursery is not None:
+                self._nursery.start_soon(peer.conn.aclose)
+                peer.conn = None
+
+    def _dial_ahead(self, peer: _Peer) -> None:
+        """Connect to a provider before it is needed, so no read waits on a dial.
+
+        A provider that cannot be reached is then skipped (it is not
+        connected, and requests prefer connected peers) instead of being
+        waited on by a read.
+        """
+        if (
+            self._nursery is None
+            or peer.source is not None
+            or not peer.provider
+            or peer.connected
+            or peer.connecting is not None
+            or peer.backoff_until > trio.current_time()
+            or self._dialling >= _MAX_BACKGROUND_DIALS
+        ):
+            return
+        self._dialling += 1
+        self._nursery.start_soon(self._dial_in_background, peer)
+
+    async def _dial_in_background(self, peer: _Peer) -> None:
+        try:
+            await self._connection(peer)
+        except DhtError:
+            pass  # penalised in _connection; requests go elsewhere
+        finally:
+            self._dialling -= 1
+            self._poke()
 
     # ---- dispatching --------------------------------------------------------
 
@@ -593,6 +740,7 @@ class Fetcher:
 
     def _enqueue(self, request: _Request) -> None:
         request.queued = True
+        request.deferred = False
         request.heap_token = next(self._heap_tokens)
         heapq.heappush(
             self._heap, (int(request.priority), request.seq, request.heap_token, request)
@@ -610,6 +758,7 @@ class Fetcher:
 
     def _abandon(self, request: _Request) -> None:
         request.abandoned = True
+        request.ended.set()
         request.queued = False
         self._parked.discard(request)
         for attempt in request.attempts:
@@ -644,6 +793,8 @@ class Fetcher:
                     (p.backoff_until for p in self._peers.values() if p.backoff_until > now),
                     default=math.inf,
                 )
+            if self._deferred:
+                wake_at = min(wake_at, min(r.not_before for r in self._deferred))
             with trio.move_on_at(wake_at):
                 await self._wake.wait()
 
@@ -656,7 +807,15 @@ class Fetcher:
         return True
 
     def _dispatch(self, now: float) -> None:
+        if self._deferred:
+            due = [r for r in self._deferred if r.not_before <= now]
+            self._deferred = [r for r in self._deferred if r.not_before > now]
+            for request in due:
+                if request.deferred and not request.finished:
+                    self._enqueue(request)
         usable = [p for p in self._peers.values() if p.provider and p.backoff_until <= now]
+        measured = [p.throughput for p in usable if p.throughput is not None]
+        self._median_throughput = statistics.median(measured) if measured else None
         blocked: list[_Request] = []
         while self._heap and len(blocked) < _MAX_BLOCKED_SCAN:
             prio, _seq, token, request = self._heap[0]
@@ -688,6 +847,43 @@ class Fetcher:
                     self._refresh_wanted.set()
                 continue
             free = [p for p in candidates if self._has_slot(p, priority)]
+            holders = [p for p in candidates if p.announced(request.block_id)]
+            if holders and not request.attempts:
+                # Peers that said they hold (or are fetching) it go first: readers
+                # of one drive serve each other and spare the seed. A hedge (the
+                # holder is late: it may be waiting on a slow seed itself) may go
+                # to anyone.
+                free = [p for p in holders if self._has_slot(p, priority)]
+            elif (
+                priority >= Priority.READAHEAD
+                and not request.jittered
+                and not request.attempts
+                and self.config.swarm_jitter > 0
+                and sum(1 for p in usable if p.connected and p.source is None) >= 2
+            ):
+                # Several readers, nobody announced it: hold it back a random
+                # moment, so that of readers wanting the same block one takes it
+                # from the seed and the others, hearing its Holding, from it
+                # (a randomised rarest-first; an urgent READ never waits).
+                request.jittered = True
+                request.deferred = True
+                request.not_before = now + random.uniform(0, self.config.swarm_jitter)
+                self._deferred.append(request)
+                continue
+            elif any(p.connected for p in free):
+                # A dial in progress is never waited on while a connected peer
+                # can serve; the others connect in the background meanwhile.
+                for p in free:
+                    if not p.connected:
+                        self._dial_ahead(p)
+                free = [p for p in free if p.connected]
+            elif any(p.connecting is not None for p in candidates):
+                # Nobody connected yet: the first dial to succeed takes it
+                # (dead providers never hold a read up).
+                for p in candidates:
+                    self._dial_ahead(p)
+                blocked.append(request)
+                continue
             if not free:
                 blocked.append(request)
                 continue
@@ -698,16 +894,15 @@ class Fetcher:
 
     def _estimate(self, peer: _Peer, request: _Request) -> float:
         """Seconds until `peer` would deliver one more block, by its measured speed."""
-        known = [p for p in self._peers.values() if p.throughput is not None]
-        throughput = peer.throughput or (
-            statistics.median(p.throughput for p in known) if known else _DEFAULT_THROUGHPUT
-        )
+        throughput = peer.throughput or self._median_throughput or _DEFAULT_THROUGHPUT
         latency = peer.idle_latency or peer.latency or _DEFAULT_LATENCY
         estimate = (peer.in_flight_bytes + self._size_guess) / throughput + latency
         if not peer.connected:
             estimate += 2 * latency  # TCP + TLS handshakes first
         if peer.node_id in request.soft_failed:
             estimate += _SOFT_FAILURE_PENALTY
+        if peer.announced(request.block_id) is False:
+            estimate += _NOT_ANNOUNCED_PENALTY  # it tells what it has, and not this one
         return estimate
 
     def _choose(self, free: list[_Peer], request: _Request, now: float) -> _Peer:
@@ -728,6 +923,13 @@ class Fetcher:
         peer.in_flight_bytes += size
         if priority >= _BACKGROUND:
             peer.in_flight_bg += 1
+        if self._on_holding is not None and not request.announced and not peer.announced(
+            request.block_id
+        ):
+            # Fetching it from a seed: tell our own clients to ask us for it
+            # (our server waits for this fetch), not the seed again.
+            request.announced = True
+            self._on_holding(request.block_id)
         self._nursery.start_soon(self._run_attempt, attempt)
 
     # ---- one attempt at one peer --------------------------------------------
@@ -785,6 +987,11 @@ class Fetcher:
             if not request.finished:
                 request.result = data
                 request.done.set()
+                request.ended.set()
+                self._remember(request.block_id, data)
+                if self._on_holding is not None and not request.announced:
+                    request.announced = True
+                    self._on_holding(request.block_id)
                 self.stats.completed += 1
                 for other in request.attempts:
                     other.scope.cancel()
@@ -843,7 +1050,12 @@ class Fetcher:
         usual = peer.latency if peer.latency is not None else _DEFAULT_LATENCY
         if not peer.connected:
             usual += 2 * (peer.idle_latency or usual)
-        hedge_at = attempt.start + max(config.hedge_floor, config.hedge_factor * usual)
+        hedge_after = max(config.hedge_floor, config.hedge_factor * usual)
+        if peer.announced(request.block_id):
+            # A reader asked for a block it announced may be waiting on its own fetch
+            # of it (from a seed as busy as ours): no longer than this before the seed.
+            hedge_after = min(hedge_after, max(config.hedge_floor, config.holder_hedge_max))
+        hedge_at = attempt.start + hedge_after
         await trio.sleep_until(hedge_at)
         attempt.late = True
         peer.late += 1
@@ -881,16 +1093,8 @@ class Fetcher:
             assert self._nursery is not None
             event = peer.connecting = trio.Event()
             try:
-                conn = await self._connect(
-                    peer.addr,
-                    self.identity,
-                    self.discovery_key,
-                    self.drive_secret,
-                    nursery=self._nursery,
-                    on_notice=self._on_notice,
-                    timeout=self.config.connect_timeout,
-                )
-            except (PeerRefusedError, PeerIdentityError) as exc:
+                conn = await self._dial(peer)
+            except PeerRefusedError as exc:
                 self._connect_failed(peer, exc, self.config.bad_block_backoff)
                 raise
             except DhtError as exc:
@@ -898,9 +1102,68 @@ class Fetcher:
                 raise
             else:
                 peer.conn = conn
+                peer.consecutive_failures = 0
             finally:
                 peer.connecting = None
                 event.set()
+
+    async def _dial(self, peer: _Peer) -> PeerConnection:
+        """Connect to the first of the peer's addresses that answers (happy eyeballs).
+
+        Addresses are dialled in `dial_order`, the next one starting when the
+        previous failed or after `HAPPY_EYEBALLS_DELAY`; the first connection
+        made wins and the others are cancelled. A failing address is
+        remembered against the address, never the peer; the peer has failed
+        only when every address has. A refusal (the right node said no) ends
+        the race at once.
+        """
+        assert self._nursery is not None
+        nursery = self._nursery
+        won: list[PeerConnection] = []
+        errors: list[DhtError] = []
+
+        async def attempt(addr: PeerAddr, failed: trio.Event, race: trio.CancelScope) -> None:
+            try:
+                conn = await self._connect(
+                    addr, self.identity, self.discovery_key, self.drive_secret,
+                    nursery=nursery, on_notice=self._on_notice,
+                    timeout=self.config.connect_timeout,
+                )
+            except DhtError as exc:
+                peer.addr_failed[(addr.host, addr.port)] = trio.current_time()
+                errors.append(exc)
+                failed.set()
+                if isinstance(exc, PeerRefusedError):
+                    race.cancel()
+                return
+            if won:
+                nursery.start_soon(conn.aclose)  # another address was quicker
+                return
+            won.append(conn)
+            peer.addr_failed.pop((addr.host, addr.port), None)
+            if peer.addr != addr:
+                peer.addr = addr
+                peer.label = str(addr)
+            race.cancel()
+
+        addrs = peer.dial_order()
+        async with trio.open_nursery() as race:
+            for addr in addrs:
+                failed = trio.Event()
+                race.start_soon(attempt, addr, failed, race.cancel_scope)
+                with trio.move_on_after(HAPPY_EYEBALLS_DELAY):
+                    await failed.wait()
+        if won:
+            return won[0]
+        refused = [e for e in errors if isinstance(e, PeerRefusedError)]
+        if refused:
+            raise refused[0]
+        if len(errors) == 1:
+            raise errors[0]
+        if errors and all(isinstance(e, PeerIdentityError) for e in errors):
+            raise errors[0]
+        detail = "; ".join(str(e) for e in errors) or "no address"
+        raise PeerGoneError(f"none of {len(addrs)} addresses of {peer.label} answered: {detail}")
 
     def _connect_failed(self, peer: _Peer, error: DhtError, backoff: float | None) -> None:
         peer.connect_error = error

@@ -143,7 +143,6 @@ def unpack_bitmap(bitmap: bytes, count: int) -> list[bool]:
     return [bool(bitmap[i >> 3] & (0x80 >> (i & 7))) for i in range(count)]
 
 
-_ID = _exact_bytes(32)
 _REQ_ID = _bounded_uint(0, MAX_REQ_ID)
 _REASON = _bounded_str(MAX_REASON)
 _TOKEN = _bounded_uint(0, MAX_TOKEN)
@@ -322,6 +321,22 @@ class Notice(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Holding(Message):
+    """Server -> client: "ask me for these blocks": the server's node holds them or is
+    fetching them now (and answers a Want for one when its fetch lands).
+
+    Readers of one drive push these to each other so a block crosses from the
+    seed once and then spreads among readers. A hint, never a promise: a
+    Want for an announced block may still be answered NotFound.
+    """
+
+    block_ids: tuple[bytes, ...]
+    TYPE: ClassVar[str] = "holding"
+    CHECKS: ClassVar[dict[str, Callable[[Any], Any]]] = {"block_ids": _ids_from_wire}
+    ENCODERS: ClassVar[dict[str, Callable[[Any], Any]]] = {"block_ids": _ids_to_wire}
+
+
+@dataclass(frozen=True, slots=True)
 class Ping(Message):
     """Either side: liveness / round-trip probe; answered by Pong with the same token."""
 
@@ -361,6 +376,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Have,
         HaveReply,
         Notice,
+        Holding,
         Ping,
         Pong,
         Goodbye,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import hashlib
 import heapq
 import hmac
@@ -105,6 +106,22 @@ REFRESH_INTERVAL = 15 * 60
 
 BOOTSTRAP_RETRY_INTERVAL = 30
 """How often a node with an empty routing table tries its bootstrap contacts again."""
+
+DEAD_CONTACT_MEMORY = 120.0
+"""Seconds an address that did not answer stays skipped by lookups (unless it speaks first)."""
+
+DEAD_AFTER_SILENCE = 10.0
+"""A timeout marks an address dead only if nothing came from it for this long: a node that
+answered a moment ago and missed one reply is slow (a loaded machine), not gone."""
+
+MAX_DEAD_CONTACTS = 1024
+"""Addresses remembered as dead, at most (oldest forgotten first)."""
+
+MAX_LIVENESS_CHECKS = 16
+"""Liveness pings outstanding at once, at most."""
+
+MAX_HEARD = 4096
+"""Addresses whose last datagram time is remembered, at most."""
 
 UNVERIFIED_REPLY_MAX = 1280
 """Largest reply sent to an address that has not shown it receives our datagrams.
@@ -470,7 +487,8 @@ class PeerdriveProtocol(KademliaProtocol):
         self.dropped_datagrams = 0
         self.rate_limited = 0  # requests dropped by a per-address or per-IP limit
         self.truncated_replies = 0  # replies cut for an unverified address
-        self._arity = {"ping": (1,), "store": (3,), "find_node": (2,), "find_value": (2, 3)}
+        self._arity = {"ping": (1,), "store": (3,), "find_node": (2,), "find_value": (2, 3),
+                       "bye": (1,)}
         self._clock = time.monotonic
         self._secrets = [os.urandom(32), os.urandom(32)]
         self._secret_since = self._clock()
@@ -485,6 +503,12 @@ class PeerdriveProtocol(KademliaProtocol):
                                       self._clock, max_keys=1)
         self._verifying: set[tuple[str, int]] = set()
         self._tasks: set[asyncio.Future] = set()
+        # (ip, port) -> when it last failed to answer; such contacts are not asked again
+        # for DEAD_CONTACT_MEMORY seconds: one dead node costs a lookup one timeout at most
+        self.dead: OrderedDict[tuple[str, int], float] = OrderedDict()
+        # (ip, port) -> when a valid datagram last came from it
+        self.heard: OrderedDict[tuple[str, int], float] = OrderedDict()
+        self._liveness_checks: set[tuple[str, int]] = set()
 
     # -- transport events
 
@@ -526,6 +550,8 @@ class PeerdriveProtocol(KademliaProtocol):
         except Exception:
             self._drop(addr, "not msgpack")
             return
+        if kind in (_REQUEST, _RESPONSE):
+            self._heard_from(addr)
         if kind == _REQUEST:
             self._handle_request(msg_id, body, addr)
         elif kind == _RESPONSE:
@@ -560,6 +586,9 @@ class PeerdriveProtocol(KademliaProtocol):
         address = (addr[0], addr[1])
         if not self._requests.take(address):
             self.rate_limited += 1
+            return
+        if name == "bye":
+            self._bye(nodeid, address)  # no answer: the sender has gone
             return
         verified = self.is_verified(address) or self._is_contact(nodeid, address)
         if not verified and name == "find_value" and len(args) == 3:
@@ -714,8 +743,105 @@ class PeerdriveProtocol(KademliaProtocol):
 
     def _timeout(self, msg_id: bytes) -> None:
         entry = self._outstanding.pop(msg_id, None)
-        if entry is not None and not entry[0].done():
-            entry[0].set_result((False, None))
+        if entry is not None:
+            address = (entry[2][0], entry[2][1])
+            heard = self.heard.get(address)
+            if heard is None or time.monotonic() - heard > DEAD_AFTER_SILENCE:
+                # silent for a while, not merely slow on a busy machine: skip it from now on
+                self._mark_dead(address)
+            if not entry[0].done():
+                entry[0].set_result((False, None))
+
+    # -- liveness: a dead contact costs one timeout, a departed one nothing
+
+    def _heard_from(self, addr: Any) -> None:
+        key = (addr[0], addr[1])
+        self.dead.pop(key, None)
+        self.heard.pop(key, None)
+        self.heard[key] = time.monotonic()
+        while len(self.heard) > MAX_HEARD:
+            self.heard.popitem(last=False)
+
+    def _mark_dead(self, addr: Any) -> None:
+        key = (addr[0], addr[1])
+        self.dead.pop(key, None)
+        self.dead[key] = time.monotonic()
+        while len(self.dead) > MAX_DEAD_CONTACTS:
+            self.dead.popitem(last=False)
+
+    def is_dead(self, ip: str, port: int) -> bool:
+        """True if (ip, port) failed to answer within DEAD_CONTACT_MEMORY and was not heard since."""
+        when = self.dead.get((ip, port))
+        if when is None:
+            return False
+        if time.monotonic() - when > DEAD_CONTACT_MEMORY:
+            del self.dead[(ip, port)]
+            return False
+        return True
+
+    def handle_call_response(self, result: Any, node: Node) -> Any:
+        """The package's, without a warning per timeout (a departed node is normal)."""
+        if not result[0]:
+            log.debug("no response from %s, removing it from the routing table", node)
+            self.router.remove_contact(node)
+            return result
+        self.welcome_if_new(node)
+        return result
+
+    def _bye(self, node_id: bytes, address: tuple[str, int]) -> None:
+        """A contact is leaving: forget it, if it is the one at that address."""
+        if self._is_contact(node_id, address):
+            self.router.remove_contact(Node(node_id, address[0], address[1]))
+            self._mark_dead(address)
+
+    def check_contact(self, node_id: bytes) -> bool:
+        """Ping the contact with this id now (its node may have died); False if unknown."""
+        for bucket in self.router.buckets:
+            node = bucket.nodes.get(node_id)
+            if node is not None:
+                self.heard.pop((node.ip, node.port), None)  # a timeout now marks it dead
+                self._check_stale([node])
+                return True
+        return False
+
+    def _check_stale(self, nodes: Iterable[Node]) -> None:
+        """Ping these contacts now (bounded); one that does not answer leaves the table."""
+        for node in nodes:
+            key = (node.ip, node.port)
+            if key in self._liveness_checks or len(self._liveness_checks) >= MAX_LIVENESS_CHECKS:
+                continue
+            self._liveness_checks.add(key)
+            try:
+                task = asyncio.ensure_future(self._liveness_check(node, key))
+            except RuntimeError:  # no running loop (a unit test driving the handler directly)
+                self._liveness_checks.discard(key)
+                return
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _liveness_check(self, node: Node, key: tuple[str, int]) -> None:
+        try:
+            await self.call_ping(node)
+        finally:
+            self._liveness_checks.discard(key)
+
+    def say_bye(self) -> int:
+        """Tell every contact this node is leaving (one datagram each, no answer awaited)."""
+        if self.transport is None or self.transport.is_closing():
+            return 0
+        sent = 0
+        body = msgpack.packb(["bye", [self.source_node.id]], use_bin_type=True)
+        for bucket in self.router.buckets:
+            for node in bucket.get_nodes():
+                data = bytes([_REQUEST]) + os.urandom(_MSG_ID_LEN) + body
+                with contextlib.suppress(OSError):
+                    self.transport.sendto(data, (node.ip, node.port))
+                    sent += 1
+        return sent
+
+    def cancel_tasks(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
 
     # -- outgoing requests (these replace rpcudp's __getattr__ magic)
 
@@ -828,7 +954,7 @@ class PeerdriveProtocol(KademliaProtocol):
             node = _parse_contact(item)
             if node is None:
                 return None
-            if node.id != self.source_node.id:
+            if node.id != self.source_node.id and not self.is_dead(node.ip, node.port):
                 nodes.append(node)
         return nodes
 
@@ -1065,6 +1191,7 @@ class DhtServer(Server):
         super().stop()
         if self.protocol is not None:
             self.protocol.fail_outstanding()
+            self.protocol.cancel_tasks()
 
     @property
     def bound_port(self) -> int:
@@ -1251,6 +1378,8 @@ class Dht:
                     nursery.start_soon(self._republish_forever)
             finally:
                 self._loop = self._server = None
+                with contextlib.suppress(Exception):
+                    server.protocol.say_bye()  # a clean stop: contacts forget us now
                 server.stop()
 
     async def _aio(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -1328,6 +1457,18 @@ class Dht:
             await trio.sleep(interval)
 
     # -- operations
+
+    def check_contact(self, node_id: bytes) -> bool:
+        """Ping the routing-table contact with this id soon: another layer saw it vanish.
+
+        If it does not answer within the RPC timeout it leaves the routing
+        table, so it is not handed to newcomers. False if the node is not running.
+        """
+        if self._server is None or self._loop is None:
+            return False
+        # run on the asyncio side, where the ping's task belongs
+        self._loop.call_soon(self._server.protocol.check_contact, node_id)
+        return True
 
     async def wait_started(self) -> None:
         """Return once `run` listens and has tried its bootstrap contacts."""

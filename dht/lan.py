@@ -140,20 +140,20 @@ def decode_lan_datagram(data: bytes, *, now: float) -> tuple[list[ProviderRecord
 
 
 def peers_seen_from(record: ProviderRecord, source_host: str) -> list[PeerAddr]:
-    """Where to dial the provider of a LAN record: the address it was heard from first.
+    """Where to dial the provider of a LAN record: what it advertises, then where it was heard.
 
-    The datagram's source address is the provider's address on this link, so it
-    is tried first with each advertised port; the advertised addresses follow.
-    TLS key pinning (to `record.node_id`) makes a wrong address a failed dial,
-    never a wrong peer.
+    The advertised addresses are where its block server listens (a server
+    bound to one address advertises that one); the datagram's source address,
+    with each advertised port, follows as a fallback for a provider whose
+    advertised address is not reachable from this link. Every address is
+    dialled (the fetcher keeps the one that answers): a wrong one is a failed
+    dial of that address, never a failed peer, and TLS key pinning (to
+    `record.node_id`) makes it never a wrong peer.
     """
     node_id = record.node_id
-    out: list[PeerAddr] = []
+    out: list[PeerAddr] = list(dict.fromkeys(record.to_peer_addrs()))
     for _, port in record.addrs:
         candidate = PeerAddr(node_id, source_host, port)
-        if candidate not in out:
-            out.append(candidate)
-    for candidate in record.to_peer_addrs():
         if candidate not in out:
             out.append(candidate)
     return out
@@ -182,6 +182,9 @@ class LanDiscovery:
       task) for every valid record of another node; `peers` lists where to dial
       it, the datagram's source address first.
     - `block_port`: the TCP port of this node's block server, advertised.
+    - `block_host`: the address the block server listens on, when it listens
+      on one address (say 127.0.0.1): advertised instead of the interface's,
+      which would be refused there. None: it listens on every address.
     - `interface`: the IPv4 address of the interface to use ("0.0.0.0": the one
       the routing table picks for the group).
     """
@@ -194,6 +197,7 @@ class LanDiscovery:
         on_provider: Callable[[ProviderRecord, list[PeerAddr]], Any],
         *,
         block_port: int,
+        block_host: str | None = None,
         interface: str = "0.0.0.0",
         group: str = DEFAULT_GROUP,
         interval: float = LAN_ANNOUNCE_INTERVAL,
@@ -216,6 +220,7 @@ class LanDiscovery:
         self._get_discovery_keys = get_discovery_keys
         self._on_provider = on_provider
         self._block_port = block_port
+        self._block_host = block_host
         self._interface = interface
         self._group = group
         self._interval = interval
@@ -236,7 +241,7 @@ class LanDiscovery:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Join the group, then announce and listen until cancelled."""
-        self.advertised_host = await self._local_address()
+        self.advertised_host = self._block_host or await self._local_address()
         sock = await self._open_socket()
         with sock:
             async with trio.open_nursery() as nursery:

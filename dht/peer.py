@@ -27,7 +27,7 @@ import hmac
 import logging
 import secrets
 import socket
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -64,6 +64,7 @@ from .frames import (
     Have,
     HaveReply,
     Hello,
+    Holding,
     Message,
     NotFound,
     Notice,
@@ -101,6 +102,8 @@ HANDSHAKING_PER_ADDRESS = 8
 SEND_TIMEOUT = 30.0  # seconds one frame may take to go out before the peer counts as stuck
 MAX_CONTROL_BACKLOG = 256  # queued Notice/Pong/HaveReply frames before a client counts as stuck
 MAX_HAVES_IN_FLIGHT = 16  # Have requests one client connection keeps outstanding
+MAX_HOLDING_REMEMBERED = 65536  # block ids a client remembers a server announced (Holding)
+HOLDING_WAIT = 10.0  # seconds a server waits for its node's own fetch of an announced block
 GOODBYE_GRACE = 2.0  # seconds to flush a Goodbye/Refused before closing anyway
 RECEIVE_SIZE = MAX_FRAME  # a client takes whatever a socket read decrypted (blocks are big)
 SERVER_RECEIVE_SIZE = 64 * 1024  # a server buffers at most this much of a client's frames
@@ -158,6 +161,7 @@ SecretLookup = Callable[[bytes], bytes | None] | Mapping[bytes, bytes]
 MayServe = Callable[[bytes, bytes], bool]
 """(discovery key of the connection, block id) -> may that client have (or learn of) it?"""
 OnNotice = Callable[[bytes, bytes], None]
+InFlightLookup = Callable[[bytes, bytes, float], Awaitable[bytes | None]]
 
 
 def _set_keepalive(stream: trio.SocketStream) -> None:
@@ -261,6 +265,8 @@ class ServerStats:
     source_errors: int = 0
     notices_sent: int = 0
     pushes_accepted: int = 0  # push connections: the dialer serves, we fetch (see dht/push.py)
+    holdings_sent: int = 0  # Holding frames pushed (one per client per announcement)
+    served_in_flight: int = 0  # blocks served once the node's own fetch of them landed
 
 
 class PeerServer:
@@ -287,7 +293,17 @@ class PeerServer:
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         send_timeout: float = SEND_TIMEOUT,
         may_serve: MayServe | None = None,
+        in_flight: InFlightLookup | None = None,
+        on_client_lost: Callable[[bytes], None] | None = None,
+        on_client_joined: Callable[[bytes, bytes], None] | None = None,
     ) -> None:
+        """`in_flight(discovery_key, block_id, timeout)`, if given, is asked for a block the
+        source lacks: the node may be fetching it right now (it announced it with
+        `announce_holding`), and its answer, bytes or None, is what the client gets.
+        `on_client_lost(client node id)` is told of a client whose connection broke
+        without a Goodbye: its node may be gone (the DHT then checks its contact).
+        `on_client_joined(discovery_key, client node id)` is told of every client past
+        the handshake: another reader of the drive, which may serve it too."""
         if not 1 <= max_wants <= MAX_WANTS_LIMIT:
             raise ValueError(f"max_wants must be within 1..{MAX_WANTS_LIMIT}")
         self.identity = identity
@@ -310,6 +326,9 @@ class PeerServer:
         self._per_address: dict[str, int] = {}  # open connections by client IP
         # connections in their handshake, oldest first: (IP, the scope that ends it)
         self._handshaking: dict[trio.CancelScope, str] = {}
+        self._in_flight = in_flight
+        self._on_client_lost = on_client_lost
+        self._on_client_joined = on_client_joined
 
     # ---- public -------------------------------------------------------------
 
@@ -345,6 +364,38 @@ class PeerServer:
         self.stats.notices_sent += sent
         await trio.lowlevel.checkpoint()
         return sent
+
+    def announce_holding(self, discovery_key: bytes, block_ids: Sequence[bytes]) -> int:
+        """Push Holding(block_ids) to every client of that key; returns how many got it.
+
+        A hint: a client whose control queue is half full is skipped rather
+        than dropped for it.
+        """
+        sent = 0
+        clients = self._clients.get(discovery_key)
+        if not clients or not block_ids:
+            return 0
+        ids = list(block_ids)
+        frames = [encode(Holding(tuple(ids[i : i + MAX_HAVE_IDS])))
+                  for i in range(0, len(ids), MAX_HAVE_IDS)]
+        for conn in list(clients):
+            if conn.control_backlog + len(frames) > MAX_CONTROL_BACKLOG // 2:
+                continue
+            for frame in frames:
+                conn.push_control(None, frame)
+            sent += 1
+        self.stats.holdings_sent += sent
+        return sent
+
+    async def say_goodbye(self) -> None:
+        """Tell every client this node is leaving (Goodbye), so none waits on it; a clean
+        stop calls this before cancelling the server."""
+        for clients in list(self._clients.values()):
+            for conn in list(clients):
+                conn.leave("the node is shutting down")
+        with trio.move_on_after(GOODBYE_GRACE):
+            while any(self._clients.values()):
+                await trio.sleep(0.01)
 
     def connected_clients(self, discovery_key: bytes | None = None) -> int:
         """Clients past the handshake, for one discovery key or all."""
@@ -479,6 +530,8 @@ class PeerServer:
     async def serve_connection(self, conn: _ServerConnection) -> None:
         """Serve one client past its handshake (accepted, or dialled by a push) until it ends."""
         self._clients.setdefault(conn.discovery_key, set()).add(conn)
+        if self._on_client_joined is not None:
+            self._on_client_joined(conn.discovery_key, conn.client_id)
         try:
             await conn.run()
         finally:
@@ -487,6 +540,8 @@ class PeerServer:
                 clients.discard(conn)
                 if not clients:
                     del self._clients[conn.discovery_key]
+            if not conn.client_left and self._on_client_lost is not None:
+                self._on_client_lost(conn.client_id)
 
     async def _run_pushed(self, accepted: _PushAccepted, tcp: trio.SocketStream) -> None:
         """A dialer serves us a drive over its connection: be its client until it ends."""
@@ -636,17 +691,36 @@ class _ServerConnection:
         self._load_wake = trio.Event()  # the loader: a new want, or room in `_ready`
         self._scope: trio.CancelScope | None = None
         self._goodbye_sent = False
+        self.client_left = False  # the client said Goodbye
 
-    def push_control(self, msg: Message, frame: bytes | None = None) -> bool:
+    @property
+    def control_backlog(self) -> int:
+        return len(self._control)
+
+    def push_control(self, msg: Message | None, frame: bytes | None = None) -> bool:
         """Queue a control frame ahead of blocks; a client that never reads them is dropped."""
         if self._goodbye_sent:
             return False
         if len(self._control) >= MAX_CONTROL_BACKLOG:
             self._protocol_violation("not reading control frames")
             return False
-        self._control.append(frame if frame is not None else encode(msg))
+        if frame is None:
+            assert msg is not None
+            frame = encode(msg)
+        self._control.append(frame)
         self._wake.set()
         return True
+
+    def leave(self, reason: str) -> None:
+        """Say Goodbye(reason) and close, after a short grace for the frame to go out."""
+        if self._goodbye_sent:
+            return
+        self._control.clear()
+        self._control.append(encode(Goodbye(reason[:MAX_REASON])))
+        self._goodbye_sent = True
+        self._wake.set()
+        if self._scope is not None:
+            self._scope.deadline = min(self._scope.deadline, trio.current_time() + GOODBYE_GRACE)
 
     def _protocol_violation(self, reason: str) -> None:
         """Say Goodbye(reason) and close, giving the writer a short grace to flush it."""
@@ -705,6 +779,7 @@ class _ServerConnection:
             elif isinstance(msg, Pong):
                 pass
             elif isinstance(msg, Goodbye):
+                self.client_left = True
                 break
             else:
                 self._protocol_violation(f"unexpected {msg.TYPE} frame")
@@ -763,6 +838,16 @@ class _ServerConnection:
     async def _look_up(self, lookup: _Lookup, block_id: bytes) -> None:
         lookup.data = await trio.to_thread.run_sync(self.server._lookup, self.discovery_key,
                                                      block_id)
+        in_flight = self.server._in_flight
+        if lookup.data is None and in_flight is not None:
+            # Perhaps announced by our node and still on its way here: wait for it,
+            # out of the send queue, so the blocks wanted after it go out meanwhile.
+            self._ready.remove(lookup)
+            self._load_wake.set()
+            lookup.data = await in_flight(self.discovery_key, block_id, HOLDING_WAIT)
+            if lookup.data is not None:
+                self.server.stats.served_in_flight += 1
+            self._ready.append(lookup)
         lookup.done = True
         self._wake.set()
 
@@ -825,6 +910,7 @@ class ConnectionStats:
     unsolicited: int = 0  # answers to wants we had already cancelled
     notices: int = 0
     haves_sent: int = 0
+    holdings: int = 0  # Holding frames received
 
 
 class _Pending:
@@ -907,6 +993,8 @@ class PeerConnection:
         self._finished = trio.Event()
         self._send_goodbye = False
         self._pongs_queued = 0  # answers to the peer's pings not yet written (bounded)
+        # blocks the server announced (Holding), oldest first; a bounded set
+        self.holding: OrderedDict[bytes, None] = OrderedDict()
 
     # ---- construction -------------------------------------------------------
 
@@ -1251,6 +1339,14 @@ class PeerConnection:
                     self.stats.notices += 1
                     if self._on_notice is not None:
                         self._on_notice(msg.discovery_key, msg.record)
+                elif isinstance(msg, Holding):
+                    self.stats.holdings += 1
+                    holding = self.holding
+                    for block_id in msg.block_ids:
+                        holding[block_id] = None
+                        holding.move_to_end(block_id)
+                    while len(holding) > MAX_HOLDING_REMEMBERED:
+                        holding.popitem(last=False)
                 elif isinstance(msg, Ping):
                     if self._pongs_queued >= MAX_CONTROL_BACKLOG:
                         raise PeerProtocolError(

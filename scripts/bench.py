@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -54,7 +55,9 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,7 +94,7 @@ class Row:
 
     figure: str
     system: str
-    unit: str  # "MB/s" (10^6 bytes/s), "files/s", "ms" or "MB" (10^6 bytes)
+    unit: str  # "MB/s" (10^6 bytes/s), "files/s", "ms", "s" or "MB" (10^6 bytes)
     runs: list[float]
     higher_is_better: bool
     note: str = ""
@@ -336,6 +339,7 @@ class Bench:
     _links: dict[str, str] | None = None
     _last_pid: int = 0
     _nginx: int | None = None
+    _serve: tuple[subprocess.Popen, int] | None = None
 
     # -- names ------------------------------------------------------------------------
 
@@ -428,11 +432,19 @@ class Bench:
 
     def links(self) -> dict[str, str]:
         """The publisher node's read links of data/big and data/tree (published once)."""
-        if self._links is None:
-            home = self.publisher_home
-            self._links = {"big": self.publish(home, self.big().parent)["read_link"],
-                           "tree": self.publish(home, self.tree())["read_link"]}
+        self.link("big")
+        self.link("tree")
+        assert self._links is not None
         return self._links
+
+    def link(self, which: str) -> str:
+        """The read link of data/big ("big") or data/tree ("tree"), published on first use."""
+        if self._links is None:
+            self._links = {}
+        if which not in self._links:
+            folder = self.big().parent if which == "big" else self.tree()
+            self._links[which] = self.publish(self.publisher_home, folder)["read_link"]
+        return self._links[which]
 
     @property
     def publisher_home(self) -> Path:
@@ -440,34 +452,56 @@ class Bench:
 
     @contextlib.contextmanager
     def serving(self) -> Iterator[int]:
-        """`peerdrive serve` of the publisher node on 127.0.0.1, started afresh; its port.
+        """The port of the publisher's `peerdrive serve` on 127.0.0.1.
 
-        A fresh serve process per measurement: readers of earlier runs are
-        gone, but they announced themselves as providers and DHT contacts
-        to the publisher, and a fresh reader would otherwise spend time on
-        them; the publisher's own mapped store pages are dropped with it too.
+        One serve process for the whole run, as users keep one: every reader
+        of every figure mounts next to the readers that came and went before
+        it (issue 9: departed readers must cost a newcomer nothing).
         """
-        links = self.links()
-        assert links
+        yield self.serve_port()
+
+    def serve_port(self) -> int:
+        """Start the publisher's long-lived serve process (once; stopped at the end)."""
+        if self._serve is not None:
+            return self._serve[1]
+        self.link("big")  # something to serve; later publishes are picked up as they land
         port = free_port()
         with open(self.workdir / "serve.log", "ab") as logf:
             proc = subprocess.Popen(
                 [*self.peerdrive_argv, "serve", "--listen", f"127.0.0.1:{port}", "--no-lan",
                  "--json"], env=self.env_for(self.publisher_home), cwd=ROOT,
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=logf)
-        try:
-            line = read_line(proc, 60, "peerdrive serve")
-            try:
-                info = json.loads(line)
-            except ValueError:
-                raise BenchError(f"peerdrive serve said {line!r}, not JSON") from None
-            if info.get("port") != port:
-                raise BenchError(f"peerdrive serve listens on {info.get('port')}, not {port}")
-            yield port
-        finally:
+
+        def stop() -> None:
             stop_proc(proc)
             if proc.stdout is not None:
                 proc.stdout.close()
+
+        self.stack.callback(stop)
+        line = read_line(proc, 60, "peerdrive serve")
+        try:
+            info = json.loads(line)
+        except ValueError:
+            raise BenchError(f"peerdrive serve said {line!r}, not JSON") from None
+        if info.get("port") != port:
+            raise BenchError(f"peerdrive serve listens on {info.get('port')}, not {port}")
+        self._serve = (proc, port)
+        return port
+
+    def serve_bytes_sent(self) -> int:
+        """Bytes of blocks the publisher's serve has sent so far (its status snapshot)."""
+        assert self._serve is not None
+        pid = self._serve[0].pid
+        path = self.publisher_home / "run" / f"{pid}.json"
+        after = time.time() + 0.05
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError):
+                snap = json.loads(path.read_text())
+                if snap.get("time", 0) > after:
+                    return int(snap["server"]["bytes_served"])
+            time.sleep(0.1)
+        raise BenchError(f"the publisher's serve wrote no status snapshot to {path}")
 
     @contextlib.contextmanager
     def peerdrive_mount(self, which: str, figure: str,
@@ -859,6 +893,199 @@ def figure_metadata(bench: Bench) -> list[Row]:
     return rows
 
 
+def figure_churn(bench: Bench) -> list[Row]:
+    """Readers 2-5 of one long-lived publisher, each earlier one stopped (half with SIGKILL):
+    time to mount and to the first 64 KiB of the big file."""
+    big = bench.big()
+    link = bench.link("big")
+    port = bench.serve_port()
+    mount_name = "mount, fresh reader 2-5 after departed ones"
+    first_name = "first 64 KiB, fresh reader 2-5 after departed ones"
+    ready_name = "mount ready (node start to ready), fresh reader 2-5"
+    mounts, firsts, readies = [], [], []
+    for i in range(5):
+        home = bench.fresh("home-churn")
+        mnt = bench.fresh("mnt-churn")
+        started = time.perf_counter()
+        out = bench.peerdrive(home, "mount", link, str(mnt), "--bootstrap",
+                              f"127.0.0.1:{port}", *PEERDRIVE_MOUNT_FLAGS, "--json",
+                              timeout=180)
+        mount_ms = (time.perf_counter() - started) * 1000
+        pid = int(json.loads(out.stdout)["pid"])
+        try:
+            if not is_mounted(mnt):
+                raise BenchError(f"peerdrive mount returned but nothing is mounted at {mnt}")
+            first = first_bytes_ms(mnt / big.name)
+            ready = mount_ready_ms(home, pid)
+        finally:
+            killed = i % 2 == 1
+            if killed:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                stop_pid(pid)
+                unmount_quietly(mnt)
+            else:
+                unmount_quietly(mnt)
+                stop_pid(pid)
+        shown = "?" if ready is None else f"{ready:.0f}"
+        log(f"churn reader {i + 1}: mount {mount_ms:.0f} ms (ready {shown} ms after its "
+            f"node started), first 64 KiB {first:.1f} ms, then "
+            f"{'SIGKILL' if killed else 'SIGTERM'}")
+        if i > 0:
+            mounts.append(mount_ms)
+            firsts.append(first)
+            if ready is not None:
+                readies.append(ready)
+    rows = [
+        Row(mount_name, "peerdrive mount", "ms", mounts, False,
+            "`peerdrive mount` command, start to return (two interpreter starts included)"),
+        Row(first_name, "peerdrive mount", "ms", firsts, False,
+            "open + read of 64 KiB of the big file, empty cache"),
+    ]
+    if readies:
+        rows.insert(1, Row(ready_name, "peerdrive mount", "ms", readies, False,
+                           "the mount's own clock: node start to mount ready"))
+    return rows
+
+
+def mount_ready_ms(home: Path, pid: int) -> float | None:
+    """`timings.ready` of a mount's status snapshot, in ms (None: a version without it)."""
+    path = home / "run" / f"{pid}.json"
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            return float(json.loads(path.read_text())["timings"]["ready"]) * 1000
+        time.sleep(0.1)
+    return None
+
+
+SWARM_SIZE = 256 * MiB
+SWARM_READERS = 4
+
+
+def figure_swarm(bench: Bench) -> list[Row]:
+    """Four fresh readers of one 256 MiB file at once, from the one publisher: time until
+    the last has every byte, and what the publisher sent; libtorrent's swarm beside it."""
+    folder = bench.data / "swarm"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "swarm.bin"
+    if not path.exists():
+        with open(path, "wb") as f:
+            for _ in range(SWARM_SIZE // (4 * MiB)):
+                f.write(os.urandom(4 * MiB))
+        sync()
+    want = hashlib.sha256(path.read_bytes()).hexdigest()
+    link = bench.publish(bench.publisher_home, folder)["read_link"]
+    port = bench.serve_port()
+    name = f"{SWARM_READERS} readers of one {fmt_size(SWARM_SIZE)} file at once"
+    sent_name = f"publisher sent, {SWARM_READERS} readers at once"
+    times, sent, lt_times, lt_sent = [], [], [], []
+    for run in range(bench.runs):
+        mounts: list[tuple[Path, int]] = []
+        try:
+            for _ in range(SWARM_READERS):
+                home = bench.fresh("home-swarm")
+                mnt = bench.fresh("mnt-swarm")
+                out = bench.peerdrive(home, "mount", link, str(mnt), "--bootstrap",
+                                      f"127.0.0.1:{port}", *PEERDRIVE_MOUNT_FLAGS, "--json",
+                                      timeout=180)
+                mounts.append((mnt, int(json.loads(out.stdout)["pid"])))
+            before = bench.serve_bytes_sent()
+            started = time.perf_counter()
+            with ThreadPoolExecutor(SWARM_READERS) as pool:
+                digests = list(pool.map(lambda m: sha256_of(m[0] / path.name), mounts))
+            times.append(time.perf_counter() - started)
+            if digests != [want] * SWARM_READERS:
+                raise BenchError("a swarm reader read wrong bytes")
+            sent.append((bench.serve_bytes_sent() - before) / 1e6)
+        finally:
+            for mnt, pid in mounts:
+                unmount_quietly(mnt)
+                stop_pid(pid)
+        seconds, mb = libtorrent_swarm(bench, path)
+        lt_times.append(seconds)
+        lt_sent.append(mb)
+        log(f"{name} run {run + 1}: peerdrive {times[-1]:.1f} s, publisher sent "
+            f"{sent[-1]:.0f} MB; libtorrent {seconds:.1f} s, seeder sent {mb:.0f} MB")
+    return [
+        Row(name, "peerdrive mount", "s", times, False,
+            "4 fresh mounts read the file at once; until the last has every byte"),
+        Row(name, "libtorrent", "s", lt_times, False,
+            "1 seeder + 4 leechers (libtorrent 2.1 sessions, TCP on 127.0.0.1)"),
+        Row(sent_name, "peerdrive mount", "MB", sent, False,
+            f"bytes of blocks the publisher sent (the file is {SWARM_SIZE / 1e6:.0f} MB)"),
+        Row(sent_name, "libtorrent", "MB", lt_sent, False,
+            "payload bytes the seeder uploaded"),
+    ]
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(MiB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def libtorrent_swarm(bench: Bench, path: Path) -> tuple[float, float]:
+    """One seeder and SWARM_READERS leechers of `path` over TCP on 127.0.0.1 (libtorrent
+    sessions in this process; its work runs in its own threads): seconds until every
+    leecher has every piece, and MB of payload the seeder uploaded."""
+    try:
+        import libtorrent as lt
+    except ImportError:
+        raise BenchError("the libtorrent package is missing: run scripts/bench "
+                         "(it installs requirements-bench.lock)") from None
+    with warnings.catch_warnings():  # the 2.x bindings deprecate these, without a successor
+        warnings.simplefilter("ignore", DeprecationWarning)
+        fs = lt.file_storage()
+        lt.add_files(fs, str(path))
+        torrent = lt.create_torrent(fs)
+    lt.set_piece_hashes(torrent, str(path.parent))
+    info = lt.torrent_info(lt.bencode(torrent.generate()))
+
+    def params(save_path: Path, seed: bool = False) -> lt.add_torrent_params:
+        atp = lt.add_torrent_params()
+        atp.ti = info
+        atp.save_path = str(save_path)
+        if seed:
+            atp.flags |= lt.torrent_flags.seed_mode
+        return atp
+
+    def session() -> lt.session:
+        return lt.session({
+            "listen_interfaces": "127.0.0.1:0",
+            "enable_dht": False, "enable_lsd": False, "enable_upnp": False,
+            "enable_natpmp": False, "enable_incoming_utp": False,
+            "enable_outgoing_utp": False, "allow_multiple_connections_per_ip": True,
+            "alert_mask": 0,
+        })
+
+    seeder = session()
+    seed = seeder.add_torrent(params(path.parent, seed=True))
+    leechers, handles = [], []
+    for _ in range(SWARM_READERS):
+        s = session()
+        target = bench.fresh("lt-leecher")
+        handles.append(s.add_torrent(params(target)))
+        leechers.append(s)
+    ports = [s.listen_port() for s in (seeder, *leechers)]
+    started = time.perf_counter()
+    for h in handles:
+        for p in ports:
+            h.connect_peer(("127.0.0.1", p))
+    deadline = time.monotonic() + 600
+    while not all(h.status().is_seeding for h in handles):
+        if time.monotonic() > deadline:
+            raise BenchError("the libtorrent swarm did not finish within 10 minutes")
+        time.sleep(0.02)
+    seconds = time.perf_counter() - started
+    uploaded = seed.status().total_payload_upload / 1e6
+    for s in (seeder, *leechers):
+        del s
+    return seconds, uploaded
+
+
 def figure_publish(bench: Bench) -> list[Row]:
     """`peerdrive publish` into a fresh home beside `borg create` into a fresh repository."""
     big = bench.big()
@@ -925,6 +1152,8 @@ FIGURES: list[Callable[[Bench], list[Row]]] = [
     figure_random_reads,
     figure_metadata,
     figure_publish,
+    figure_churn,
+    figure_swarm,
 ]
 
 
@@ -1325,7 +1554,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the temporary directory goes (default: $TMPDIR or /tmp)")
     p.add_argument("--only", action="append", metavar="FIGURE",
                    help="run only this figure (read_cold, read_hot, first_byte, random_reads, "
-                        "metadata, publish; repeatable)")
+                        "metadata, publish, churn, swarm; repeatable)")
     return p
 
 
@@ -1338,9 +1567,14 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # run the cleanup in `main`'s finally blocks
 
 
-def missing_tools() -> list[str]:
-    return [t for t in ("rclone", "nginx", "borg", "curl", "fusermount3")
-            if shutil.which(t) is None]
+def missing_tools(figures: list[Callable[[Bench], list[Row]]]) -> list[str]:
+    """The tools the chosen figures need that are not installed (the churn and swarm
+    figures measure peerdrive, and libtorrent from Python, only)."""
+    needed = {"fusermount3"}
+    for fig in figures:
+        if fig not in (figure_churn, figure_swarm):
+            needed |= {"rclone", "nginx", "borg", "curl"}
+    return sorted(t for t in needed if shutil.which(t) is None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1365,7 +1599,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         figures = [known[n] for n in args.only]
-    missing = missing_tools()
+    missing = missing_tools(figures)
     if missing:
         print(f"bench: missing {', '.join(missing)}: run scripts/bench (it installs them)",
               file=sys.stderr)

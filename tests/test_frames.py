@@ -30,6 +30,7 @@ from dht.frames import (
     Have,
     HaveReply,
     Hello,
+    Holding,
     Message,
     NotFound,
     Notice,
@@ -79,6 +80,7 @@ EXAMPLES: list[Message] = [
     Ping(MAX_TOKEN),
     Pong(0),
     Goodbye("bye \u00e9\u4e16"),
+    Holding((ID, bytes(range(32)))),
 ]
 
 
@@ -355,6 +357,7 @@ messages = st.one_of(
     st.builds(Ping, tokens),
     st.builds(Pong, tokens),
     st.builds(Goodbye, reasons),
+    st.builds(Holding, st.lists(ids, min_size=1, max_size=MAX_HAVE_IDS).map(tuple)),
 )
 
 

@@ -103,17 +103,23 @@ def test_malformed_datagrams_raise_lan_error(datagram):
     assert issubclass(LanError, DhtError)
 
 
-def test_peers_seen_from_puts_the_source_address_first():
+def test_peers_seen_from_lists_the_advertised_addresses_then_the_source():
+    # a server bound to one address advertises it; the datagram's source (the
+    # interface multicast went out of) is only a fallback: issue 9
     r = ProviderRecord.create(b"\x05" * 32, b"d" * 32, [("10.0.0.5", 4000), ("10.9.9.9", 4001)],
                               now=NOW)[0]
     peers = peers_seen_from(r, "192.168.1.20")
     assert peers == [
-        PeerAddr(r.node_id, "192.168.1.20", 4000),
-        PeerAddr(r.node_id, "192.168.1.20", 4001),
         PeerAddr(r.node_id, "10.0.0.5", 4000),
         PeerAddr(r.node_id, "10.9.9.9", 4001),
+        PeerAddr(r.node_id, "192.168.1.20", 4000),
+        PeerAddr(r.node_id, "192.168.1.20", 4001),
     ]
-    assert peers_seen_from(r, "10.0.0.5")[0] == PeerAddr(r.node_id, "10.0.0.5", 4000)
+    assert peers_seen_from(r, "10.0.0.5") == [
+        PeerAddr(r.node_id, "10.0.0.5", 4000),
+        PeerAddr(r.node_id, "10.9.9.9", 4001),
+        PeerAddr(r.node_id, "10.0.0.5", 4001),
+    ]
 
 
 def test_constructor_checks_arguments():

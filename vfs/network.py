@@ -45,6 +45,8 @@ HEAD_POLL_INTERVAL = 2.0
 # A mirror's head file is asked for at most this often (a conditional GET: a 304 when
 # unchanged); the DHT and peers' notices bring new heads sooner where there are any.
 MIRROR_HEAD_INTERVAL = 10.0
+DHT_RPC_TIMEOUT = 1.0  # seconds: a dead DHT contact costs a lookup this once, then is skipped
+MAX_LAN_PEERS = 256  # LAN neighbours remembered per drive (soonest-expiring dropped first)
 
 
 def parse_hostport(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
@@ -73,7 +75,8 @@ class DriveServing:
     cap: StoreCap
     fetcher: Fetcher | None = None
     fetcher_starting: trio.Event | None = None  # set once a start in progress ends
-    lan_peers: dict[bytes, tuple[PeerAddr, float]] = field(default_factory=dict)
+    # node id -> (every address heard for it, when its record expires)
+    lan_peers: dict[bytes, tuple[list[PeerAddr], float]] = field(default_factory=dict)
     on_head: Callable[[bytes], None] | None = None
     # static HTTP mirrors of the drive, by base URL: from its head, the config, --mirror
     mirrors: dict[str, HttpSource] = field(default_factory=dict)
@@ -94,17 +97,31 @@ class NetworkNode:
         self.lan = lan
         self.lan_port = lan_port
         self.fetch_timeout = fetch_timeout
-        self.dht = Dht(node_id=identity.node_id)
-        self.server = PeerServer(identity, store, self._secret, may_serve=self._may_serve)
+        self.dht = Dht(node_id=identity.node_id, rpc_timeout=DHT_RPC_TIMEOUT)
+        # our DHT routing id is our node id, so a client whose connection broke is
+        # also a DHT contact to check: a killed reader leaves routing tables at once
+        self.server = PeerServer(identity, store, self._secret, may_serve=self._may_serve,
+                                 in_flight=self._in_flight_block,
+                                 on_client_lost=self.dht.check_contact,
+                                 on_client_joined=self._client_joined)
         self.drives: dict[bytes, DriveServing] = {}  # by discovery key
         self.port: int | None = None
         self._nursery: trio.Nursery | None = None
         self._lan: LanDiscovery | None = None
+        self._started_at: float | None = None
+        # milestone -> seconds since `run` began (network up, DHT joined, head found, ready):
+        # where a slow start went, in the status snapshot
+        self.timings: dict[str, float] = {}
         self._announce_now = trio.Event()
         self._lan_contacts_send, self._lan_contacts = trio.open_memory_channel[
             tuple[str, int]](64)
 
     # -- lifecycle -------------------------------------------------------------------
+
+    def mark(self, milestone: str) -> None:
+        """Note when a start-up milestone was reached (the first time only)."""
+        if self._started_at is not None and milestone not in self.timings:
+            self.timings[milestone] = round(time.monotonic() - self._started_at, 3)
 
     def snapshot(self) -> dict:
         """What this node is doing, for `peerdrive status` and tests (plain JSON types)."""
@@ -139,6 +156,7 @@ class NetworkNode:
                        "connections_active": st.connections_active,
                        "not_found": st.not_found},
             "dht_contacts": len(self.dht.contacts()),
+            "timings": dict(self.timings),
             "drives": drives,
             "time": time.time(),
         }
@@ -160,28 +178,50 @@ class NetworkNode:
                 path.unlink()
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve, join the DHT and the LAN until cancelled.
+
+        Call `leave` first for a clean stop; the DHT's contacts get a "bye"
+        as it ends (they drop it from their routing tables instead of handing
+        it out to newcomers).
+        """
         host, port = self.listen
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            self.port = await nursery.start(self.server.serve, host, port)
-            dht_host = host if host not in ("", "::") else "0.0.0.0"
-            await nursery.start(self.dht.run, dht_host, self.port, self.bootstrap)
-            await nursery.start(self._announcer)
-            if self.lan:
-                self._lan = LanDiscovery(self.identity.private_key, self.lan_port,
-                                         lambda: list(self.drives), self._on_lan_provider,
-                                         block_port=self.port)
-                await nursery.start(self._lan.run)
-            nursery.start_soon(self._write_snapshots)
-            nursery.start_soon(self._join_lan_contacts)
-            try:
-                task_status.started(self.port)
-                await trio.sleep_forever()
-            finally:
-                with trio.CancelScope(shield=True):
-                    for d in self.drives.values():
-                        for src in d.mirrors.values():
-                            await src.aclose()
+        self._started_at = time.monotonic()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self.port = await nursery.start(self.server.serve, host, port)
+                dht_host = host if host not in ("", "::") else "0.0.0.0"
+                self.mark("serving")
+                await nursery.start(self.dht.run, dht_host, self.port, self.bootstrap)
+                self.mark("dht_joined")
+                await nursery.start(self._announcer)
+                if self.lan:
+                    block_host = host if host not in ("", "0.0.0.0", "::") else None
+                    self._lan = LanDiscovery(self.identity.private_key, self.lan_port,
+                                             lambda: list(self.drives), self._on_lan_provider,
+                                             block_port=self.port, block_host=block_host)
+                    await nursery.start(self._lan.run)
+                nursery.start_soon(self._write_snapshots)
+                nursery.start_soon(self._join_lan_contacts)
+                try:
+                    task_status.started(self.port)
+                    await trio.sleep_forever()
+                finally:
+                    with trio.CancelScope(shield=True):
+                        for d in self.drives.values():
+                            for src in d.mirrors.values():
+                                await src.aclose()
+        finally:
+            self._nursery = None
+
+    async def leave(self, grace: float = 1.0) -> None:
+        """Say Goodbye to every client before the node is cancelled (a clean stop).
+
+        Their fetchers turn to other peers at once instead of finding out by a
+        broken read; the DHT says "bye" to its contacts by itself as `run` ends.
+        """
+        with trio.move_on_after(grace):
+            await self.server.say_goodbye()
 
     def addresses(self) -> list[tuple[str, int]]:
         """Where other nodes can reach this one, as announced in provider records."""
@@ -211,6 +251,20 @@ class NetworkNode:
         """
         is_member = getattr(self.store, "is_member", None)
         return True if is_member is None else is_member(dk, block_id)
+
+    async def _in_flight_block(self, dk: bytes, block_id: bytes, timeout: float) -> bytes | None:
+        """A block of drive `dk` our fetcher for it announced (Holding) and is still fetching
+        or just got: only that drive's fetcher is asked, so the drive scoping above holds."""
+        d = self.drives.get(dk)
+        if d is None or d.fetcher is None:
+            return None
+        return await d.fetcher.in_flight_block(block_id, timeout=timeout)
+
+    def _client_joined(self, dk: bytes, node_id: bytes) -> None:
+        """A reader we did not know of connected: it provides the drive too; look again."""
+        d = self.drives.get(dk)
+        if d is not None and d.fetcher is not None and not d.fetcher.knows(node_id):
+            d.fetcher.request_provider_refresh()
 
     def _secret(self, dk: bytes) -> bytes | None:
         d = self.drives.get(dk)
@@ -258,8 +312,13 @@ class NetworkNode:
             # so heads and other providers are found without any bootstrap address
             with contextlib.suppress(trio.WouldBlock):
                 self._lan_contacts_send.send_nowait((peers[0].host, peers[0].port))
-            d.lan_peers[record.node_id] = (peers[0], float(record.expires))
-            if d.fetcher is not None:
+            known = d.lan_peers.get(record.node_id)
+            d.lan_peers[record.node_id] = (peers, float(record.expires))
+            if known is None and len(d.lan_peers) > MAX_LAN_PEERS:
+                # bounded: the neighbour whose record expires soonest goes
+                soonest = min(d.lan_peers, key=lambda n: d.lan_peers[n][1])
+                del d.lan_peers[soonest]
+            if d.fetcher is not None and (known is None or known[0] != peers):
                 d.fetcher.request_provider_refresh()
 
     async def _join_lan_contacts(self) -> None:
@@ -271,25 +330,29 @@ class NetworkNode:
                 log.info("could not join the DHT through LAN peer %s:%d: %s", host, port, exc)
 
     async def providers(self, dk: bytes) -> list[PeerAddr]:
-        """Every known peer holding drive `dk`: DHT providers and LAN neighbours, minus us."""
-        out: dict[bytes, PeerAddr] = {}
+        """Every known peer holding drive `dk`: DHT providers and LAN neighbours, minus us.
+
+        A node heard of in several ways is listed with every address heard
+        (LAN first, then its DHT record's): the fetcher dials them all and
+        keeps the one that answers, so one wrong address never hides a peer.
+        """
+        out: dict[bytes, list[PeerAddr]] = {}
         d = self.drives.get(dk)
         now = time.time()
         if d is not None:
-            for node_id, (addr, expires) in list(d.lan_peers.items()):
+            for node_id, (addrs, expires) in list(d.lan_peers.items()):
                 if expires < now:
                     del d.lan_peers[node_id]
                 else:
-                    out[node_id] = addr
+                    out[node_id] = list(addrs)
         try:
             for rec in await self.dht.find_providers(dk):
-                addrs = rec.to_peer_addrs()
-                if addrs and rec.node_id not in out:
-                    out[rec.node_id] = addrs[0]
+                listed = out.setdefault(rec.node_id, [])
+                listed.extend(a for a in rec.to_peer_addrs() if a not in listed)
         except DhtError as exc:
             log.info("provider lookup failed: %s", exc)
         out.pop(self.identity.node_id, None)
-        return list(out.values())
+        return [addr for addrs in out.values() for addr in addrs]
 
     # -- heads -----------------------------------------------------------------------
 
@@ -396,8 +459,12 @@ class NetworkNode:
             if d.on_head is not None:
                 d.on_head(record)
 
+        def holding(block_id: bytes) -> None:
+            self.server.announce_holding(cap.discovery_key, [block_id])
+
         fetcher = Fetcher(self.identity, cap.discovery_key, cap.pubkey,
                           lambda: self.providers(cap.discovery_key), on_notice=notice,
+                          on_holding=holding,
                           config=FetchConfig(default_timeout=self.fetch_timeout))
         assert self._nursery is not None
         d.fetcher_starting = starting = trio.Event()

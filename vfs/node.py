@@ -82,6 +82,7 @@ async def _mount_main(home: Home, cap: ReadCap, mountpoint: Path, opts: MountOpt
         lonely = not net.bootstrap and not net.lan  # nobody to ask: do not wait
         head = await follower.first_head(0 if lonely else HEAD_WAIT)
         use_mirrors(head)
+        net.mark("head")
         # A reader seeds the drive: it offers the head it holds as well as the blocks,
         # so a reader that finds only it (the publisher offline) can still mount.
         nursery.start_soon(net.publish_head, cap, head.wire)
@@ -103,6 +104,7 @@ async def _mount_main(home: Home, cap: ReadCap, mountpoint: Path, opts: MountOpt
                                              "log": opts.log_file})
             log.info("mounted drive %s version %d at %s", cap.drive_id[:16], head.seq,
                      mountpoint)
+            net.mark("ready")
             report_ready(opts.ready_fd)
 
         async def background(task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -112,6 +114,7 @@ async def _mount_main(home: Home, cap: ReadCap, mountpoint: Path, opts: MountOpt
                 task_status.started()
 
         await serve_fuse(ops, mountpoint, background, ready, allow_other=opts.allow_other)
+        await net.leave()
         nursery.cancel_scope.cancel()
 
 
@@ -154,6 +157,7 @@ async def _serve_main(home: Home, opts: ServeOptions, node_opts: ResolvedNodeOpt
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async def stop_on_signal() -> None:
                 async for _ in signals:
+                    await net.leave()
                     nursery.cancel_scope.cancel()
                     return
 
