@@ -100,7 +100,7 @@ class FetchConfig:
     holders_refresh_interval: float = 10.0  # re-read providers first if older than this
     recent_bytes: int = 32 * 1024 * 1024  # delivered blocks kept for other readers meanwhile
     swarm_jitter: float = 0.1  # seconds: most a readahead waits for another reader to take it
-    holder_hedge_max: float = 1.0  # seconds before an attempt at an announcing reader is hedged
+    holder_hedge_max: float = 2.0  # seconds before an attempt at an announcing reader is hedged
 
     def __post_init__(self) -> None:
         if self.max_in_flight_per_peer < 1:

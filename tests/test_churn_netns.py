@@ -58,7 +58,7 @@ CHURNERS = 8
 # Seconds between two successive 1 MiB reads of the streaming reader. The goal is
 # 2 s; measured here 3.4 s at a load average of 18 on 2 shared cores (the publisher
 # serving nine readers), while a read held by a departed peer waited out a 10 s connect
-# or stall timeout (9.5 s measured before holders were hedged within 1 s). The bound
+# or stall timeout (9.5 s measured before holders were hedged within 2 s). The bound
 # is what only such a stall breaks; the figure is printed.
 MAX_GAP = 8.0
 SELF = Path(__file__).resolve()
