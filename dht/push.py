@@ -195,6 +195,7 @@ async def push_once(server: PeerServer, target: PushTarget, discovery_key: bytes
 
 async def keep_pushing(server: PeerServer, status: PushStatus, discovery_key: bytes,
                        drive_secret: bytes, *, notice: Callable[[], bytes | None] | None = None,
+                       on_connected: Callable[[bytes], None] | None = None,
                        backoff_first: float = BACKOFF_FIRST, backoff_max: float = BACKOFF_MAX,
                        ) -> None:
     """Keep a push connection to `status.target` open until cancelled; redial with backoff."""
@@ -207,6 +208,8 @@ async def keep_pushing(server: PeerServer, status: PushStatus, discovery_key: by
             status.node_id = node_id
             status.sessions += 1
             status.last_error = None
+            if on_connected is not None:
+                on_connected(node_id)
 
         try:
             await push_once(server, status.target, discovery_key, drive_secret, notice=notice,

@@ -292,10 +292,11 @@ class Swarm:
         placeholder.ready = ready
         return placeholder
 
-    def serve(self, name: str, home: Path, bootstrap: Iterable[str] = ()) -> NodeProcess:
-        """`peerdrive serve --listen 127.0.0.1:0 --no-lan --json`, returned once it serves."""
+    def serve(self, name: str, home: Path, bootstrap: Iterable[str] = (),
+              extra: Iterable[str] = ()) -> NodeProcess:
+        """`peerdrive serve --listen 127.0.0.1:0 --no-lan --json [extra]`, once it serves."""
         argv = [PYTHON, "-m", "vfs.cli", "serve", "--listen", f"{LOOPBACK}:0", "--no-lan",
-                "--json"]
+                "--json", *extra]
         for b in bootstrap:
             argv += ["--bootstrap", b]
         return self._spawn(name, home, argv)

@@ -89,7 +89,8 @@ def _node_fields(args: argparse.Namespace) -> dict:
             "cache_size": args.cache_size, "lan": not args.no_lan,
             "fetch_timeout": args.fetch_timeout,
             "mirrors": [checked_mirror_url(u, "--mirror: ") for u in getattr(args, "mirror",
-                                                                              None) or ()]}
+                                                                              None) or ()],
+            "push": list(getattr(args, "push", None) or ())}
 
 
 def mount_options(args: argparse.Namespace) -> MountOptions:
@@ -127,6 +128,8 @@ def node_flags(opts: NodeOptions) -> list[str]:
         argv += ["--fetch-timeout", str(opts.fetch_timeout)]
     for url in opts.mirrors:
         argv += ["--mirror", url]
+    for target in opts.push:
+        argv += ["--push", target]
     return argv
 
 
@@ -139,6 +142,14 @@ def cmd_publish(args: argparse.Namespace) -> int:
     if not source.is_dir():
         raise UsageError(f"{source} is not a folder")
     mirrors = _publish_mirrors(args)  # checked before anything is locked or read
+    if args.wait_copies is not None:
+        from .host import serving_snapshots
+
+        if args.wait_copies < 1:
+            raise UsageError("--wait-copies takes a number of hosts, 1 or more")
+        if not serving_snapshots(home.running_nodes(), "copies"):
+            raise UsageError("--wait-copies needs `peerdrive serve` running with this home: "
+                             "hosts fetch the new version from it")
     cap = home.drive_of_source(source)
     lock = home.publish_lock(cap, on_wait=lambda: print(
         f"waiting for another publish of {source} to finish", file=sys.stderr))
@@ -191,8 +202,36 @@ def _publish_locked(args: argparse.Namespace, home: Home, cap: WriteCap, source:
     text = (f"published {result.files} files ({format_size(result.bytes)}) as version "
             f"{result.head.seq}; {result.new_blocks} new blocks ({format_size(result.new_bytes)}) "
             f"in {elapsed:.1f} s\n{cap.read_cap().link()}")
+    if args.wait_copies is not None:
+        data["copies"] = _wait_copies(args, home, cap, result.head.seq)
+        text += f"\n{data['copies']} host(s) hold version {result.head.seq} whole"
     _emit(args, data, text)
     return 0
+
+
+def _wait_copies(args: argparse.Namespace, home: Home, cap: StoreCap, seq: int) -> int:
+    """Wait until `args.wait_copies` other nodes hold version `seq` whole (serve counts them)."""
+    from .host import copies_in, serving_snapshots
+
+    want = args.wait_copies
+    bar = ProgressBar(f"waiting for {want} copies", sys.stdout.isatty() and not args.json)
+    deadline = None if args.wait_timeout is None else time.monotonic() + args.wait_timeout
+    try:
+        while True:
+            snaps = serving_snapshots(home.running_nodes(), "copies")
+            if not snaps:
+                raise UsageError("`peerdrive serve` stopped: nothing counts the copies any more")
+            have = copies_in(snaps, cap.pubkey, seq) or 0
+            bar.update(min(have, want), want)
+            if have >= want:
+                return have
+            if deadline is not None and time.monotonic() > deadline:
+                raise BlockUnavailable(
+                    f"version {seq} is whole on {have} of the {want} host(s) asked for after "
+                    f"{args.wait_timeout:g} s; hosts keep fetching it while serve runs")
+            time.sleep(0.25)
+    finally:
+        bar.finish()
 
 
 def cmd_share(args: argparse.Namespace) -> int:
@@ -329,6 +368,124 @@ def cmd_mirror(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_host(args: argparse.Namespace) -> int:
+    from .host import HostEntry, HostList, hosted_versions, stop_hosting
+    from .node import open_store
+    from .units import parse_size
+
+    home = _home(args)
+    hosts = HostList(home.hosts_dir)
+    if args.list:
+        if args.link or args.remove:
+            raise UsageError("--list takes no link")
+        return _host_list(args, home, hosts)
+    if not args.link:
+        raise UsageError("give the drive's store link (peerdrive share LINK --store prints it)")
+    cap = StoreCap(parse_link(args.link).pubkey)  # only the store capability is ever kept
+    if args.remove:
+        removed = hosts.remove(cap)
+        store = open_store(home, None)
+        try:
+            freed = stop_hosting(store, cap)
+        finally:
+            store.close()
+        _emit(args, {"drive": cap.drive_id, "removed": removed, "freed_bytes": freed},
+              f"{'no longer hosting' if removed else 'was not hosting'} {cap.drive_id[:16]}; "
+              f"freed {format_size(freed)}")
+        return 0
+    quota = parse_size(args.quota) if args.quota is not None else None
+    entry = HostEntry(cap, quota, args.keep_versions)
+    registered = time.time()
+    new = hosts.add(entry)
+    note = "" if args.link.strip().lower().startswith("peerdrive:s1:") else \
+        " (from that link only the store capability is kept: this node cannot read the drive)"
+    if args.no_wait or not _serving(home):
+        store = open_store(home, None)
+        try:
+            versions = hosted_versions(store, cap.pubkey)
+        finally:
+            store.close()
+        later = "" if _serving(home) else "; `peerdrive serve` fetches and serves it"
+        _emit(args, {"drive": cap.drive_id, "new": new, "quota": quota,
+                     "keep_versions": entry.keep_versions,
+                     "hosted_seq": versions[-1] if versions else None, "state": "registered"},
+              f"hosting {cap.drive_id[:16]}{note}{later}")
+        return 0
+    state = _wait_hosted(args, home, entry, registered)
+    _emit(args, {"drive": cap.drive_id, "new": new, "quota": quota,
+                 "keep_versions": entry.keep_versions, **state},
+          f"hosting {cap.drive_id[:16]}{note}: {state['message']}")
+    return 0
+
+
+def _serving(home: Home) -> bool:
+    from .host import serving_snapshots
+
+    return bool(serving_snapshots(home.running_nodes(), "hosting"))
+
+
+def _wait_hosted(args: argparse.Namespace, home: Home, entry, registered: float) -> dict:
+    """Follow the running serve's hosting of `entry` until its newest version is complete."""
+    from .host import NotHostable, QuotaExceeded, host_state_in, serving_snapshots
+
+    bar = ProgressBar("hosting", sys.stdout.isatty() and not args.json)
+    last, last_change = None, time.monotonic()
+    try:
+        while True:
+            snaps = serving_snapshots(home.running_nodes(), "hosting")
+            if not snaps:
+                raise UsageError("`peerdrive serve` stopped before the drive was hosted; "
+                                 "it fetches it when it runs again")
+            state, when = host_state_in(snaps, entry.cap)
+            current = (state is not None and when > registered
+                       and state["quota"] == entry.quota
+                       and state["keep_versions"] == entry.keep_versions)
+            if current:
+                if state["state"] == "complete":
+                    bar.update(state["bytes_total"], state["bytes_total"])
+                    return state
+                if state["state"] == "refused":
+                    error = QuotaExceeded if "quota" in state["message"] else NotHostable
+                    raise error(state["message"])
+                bar.update(state["bytes_have"], max(state["bytes_total"], 1))
+                progress = (state["state"], state["seq"], state["bytes_have"])
+                if progress != last:
+                    last, last_change = progress, time.monotonic()
+            if time.monotonic() - last_change > args.stall_timeout:
+                why = state["message"] if current and state else "serve has not taken it up"
+                raise BlockUnavailable(f"hosting made no progress for {args.stall_timeout:g} s "
+                                       f"({why}); serve keeps trying in the background")
+            time.sleep(0.25)
+    finally:
+        bar.finish()
+
+
+def _host_list(args: argparse.Namespace, home: Home, hosts) -> int:
+    from .host import host_state_in, hosted_versions, serving_snapshots
+    from .node import open_store
+
+    snaps = serving_snapshots(home.running_nodes(), "hosting")
+    out = []
+    store = open_store(home, None)
+    try:
+        for entry in hosts.entries():
+            versions = hosted_versions(store, entry.cap.pubkey)
+            state, _ = host_state_in(snaps, entry.cap)
+            out.append({"drive": entry.cap.drive_id, "link": entry.cap.link(),
+                        "quota": entry.quota, "keep_versions": entry.keep_versions,
+                        "hosted_versions": versions,
+                        "state": state["state"] if state else "not served (serve is not running)",
+                        "message": state["message"] if state else None,
+                        "refused_blocks": state["refused_blocks"] if state else 0})
+    finally:
+        store.close()
+    lines = [f"{d['drive'][:16]}  versions {d['hosted_versions'] or '-'}  quota "
+             f"{format_size(d['quota'])}  keep {d['keep_versions']}  {d['state']}"
+             + (f": {d['message']}" if d["message"] else "") for d in out]
+    _emit(args, {"hosts": out}, "\n".join(lines) or "this node hosts no drive")
+    return 0
+
+
 def cmd_unmount(args: argparse.Namespace) -> int:
     from .mount import unmount
     from .process import is_recorded_alive
@@ -435,7 +592,13 @@ def render_node_status(data: dict) -> str:
              f"{format_size(cache['limit_bytes'])}"]
     for d in data["drives"]:
         lines.append(f"drive   {d['drive'][:16]}  version {d['seq']}"
-                     f"{'  published here' if d['published_here'] else ''}")
+                     f"{'  published here' if d['published_here'] else ''}"
+                     f"{'  hosted' if d.get('hosted') else ''}"
+                     + ("" if d.get("complete") is None else
+                        "  complete" if d["complete"] else
+                        f"  {d['missing_blocks']} blocks missing")
+                     + f"  copies {d.get('copies', 0)}"
+                     + ("" if d.get("copies_checked") else " (this device only)"))
     for m in data["mounts"]:
         lines.append(f"mount   {m['mountpoint']}  drive {m['drive'][:16]}  pid {m['pid']}"
                      + (f"  log {m['log']}" if m.get("log") else ""))
@@ -512,6 +675,10 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{MAX_HEAD_MIRRORS}; default: the last version's)")
     g.add_argument("--no-mirror-url", action="store_true",
                    help="record no mirror in this version")
+    s.add_argument("--wait-copies", type=int, metavar="N",
+                   help="return once N hosts hold the whole new version (needs serve running)")
+    s.add_argument("--wait-timeout", type=float, metavar="SECONDS",
+                   help="with --wait-copies: give up (exit 4) after this long")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(func=cmd_publish)
 
@@ -551,6 +718,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a static HTTP mirror of the drive to read from too (repeatable; "
                    "`mirrors = [...]` in config.toml; mirrors named in the head are used "
                    "without it)")
+    s.add_argument("--push", action="append", metavar="[NODEID@]HOST:PORT",
+                   help="keep a connection to this node and let it fetch over it (repeatable)")
     s.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_mount)
@@ -563,8 +732,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache-size", metavar="SIZE", help="cache limit, e.g. 500M or 10G")
     s.add_argument("--no-lan", action="store_true", help="no LAN discovery")
     s.add_argument("--fetch-timeout", type=float, metavar="SECONDS", help=argparse.SUPPRESS)
+    s.add_argument("--push", action="append", metavar="[NODEID@]HOST:PORT",
+                   help="keep a connection to this node (a host) and let it fetch every drive "
+                   "served here over it, from behind NAT (repeatable)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("host", help="keep and serve a drive from its store link (cannot read it)")
+    s.add_argument("link", nargs="?", metavar="STORE_LINK")
+    s.add_argument("--quota", metavar="SIZE",
+                   help="refuse a version bigger than this, e.g. 50G (default: no limit)")
+    s.add_argument("--keep-versions", type=int, default=1, metavar="N",
+                   help="complete versions kept (default 1: older ones are released)")
+    s.add_argument("--remove", action="store_true", help="stop hosting the drive, free its blocks")
+    s.add_argument("--list", action="store_true", help="the drives this node hosts")
+    s.add_argument("--no-wait", action="store_true",
+                   help="return at once; serve fetches the drive in the background")
+    s.add_argument("--stall-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="give up waiting when nothing arrives for this long (default 60)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_host)
 
     s = sub.add_parser("unmount", help="unmount a drive (also clears a crashed mount)")
     s.add_argument("mountpoint")

@@ -11,6 +11,7 @@
             publish.lock    held (flock) by the one publish of this drive in progress
         mounts/             one JSON file per live mount (pid and its start time, mountpoint,
                             drive, port) and its .lock, held by the mount process
+        hosts/<pubkey>.json one per drive this node hosts: store link, quota, versions kept
         run/                one JSON snapshot per running node process (<pid>.json)
         logs/               logs of background mounts
 
@@ -97,6 +98,7 @@ class Config:
     lan: bool
     fetch_timeout: float
     mirrors: list[str] = field(default_factory=list)  # mirror base URLs tried for every drive
+    push: list[str] = field(default_factory=list)  # HOST:PORT targets serve/mount push to
 
 
 class Home:
@@ -127,6 +129,11 @@ class Home:
         return d
 
     @property
+    def hosts_dir(self) -> Path:
+        """One `<drive pubkey hex>.json` per drive this node hosts (`vfs/host.py`)."""
+        return self.path / "hosts"
+
+    @property
     def run_dir(self) -> Path:
         """Where running node processes keep `<pid>.json` snapshots (NetworkNode writes them)."""
         return self.path / "run"
@@ -151,6 +158,9 @@ class Home:
             mirrors = [mirrors]
         if not isinstance(mirrors, list) or not all(isinstance(m, str) for m in mirrors):
             raise UsageError(f"{f}: mirrors must be a list of URLs")
+        pushes = data.get("push", [])
+        if isinstance(pushes, str):
+            pushes = [pushes]
         return Config(
             bootstrap=[str(b) for b in boots],
             cache_size=str(data["cache_size"]) if "cache_size" in data else None,
@@ -158,6 +168,7 @@ class Home:
             lan=bool(data.get("lan", True)),
             fetch_timeout=float(data.get("fetch_timeout", 20.0)),
             mirrors=[checked_mirror_url(m, f"{f}: ") for m in mirrors],
+            push=[str(p) for p in pushes],
         )
 
     # -- drives this node publishes -------------------------------------------------

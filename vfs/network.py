@@ -31,7 +31,8 @@ from dht.identity import NodeIdentity
 from dht.kad import Dht
 from dht.lan import DEFAULT_LAN_PORT, LanDiscovery
 from dht.mirror_layout import MirrorUrlError, check_base_url
-from dht.peer import PeerServer
+from dht.peer import PeerConnection, PeerServer
+from dht.push import PushedSource
 from dht.records import MutableRecord, ProviderRecord
 from dht.types import PeerAddr, Priority
 
@@ -115,6 +116,15 @@ class NetworkNode:
         self._announce_now = trio.Event()
         self._lan_contacts_send, self._lan_contacts = trio.open_memory_channel[
             tuple[str, int]](64)
+        # A peer that dials us and serves a drive over its connection (dht/push.py): taken
+        # as one more source of that drive; its notices are heads, as from any peer.
+        self.server.on_push = self._on_push
+        self.server.push_notice = self._on_notice
+        # Nodes we push to (their ids learnt on connecting): asked like providers, so this
+        # node can count the copies they hold even if the DHT does not list them.
+        self.push_peers: dict[bytes, PeerAddr] = {}
+        # More sections for the status snapshot (hosting, pushes): name -> () -> JSON data
+        self.snapshot_extra: dict[str, Callable[[], object]] = {}
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -159,6 +169,7 @@ class NetworkNode:
             "timings": dict(self.timings),
             "drives": drives,
             "time": time.time(),
+            **{name: section() for name, section in self.snapshot_extra.items()},
         }
 
     async def _write_snapshots(self) -> None:
@@ -351,8 +362,26 @@ class NetworkNode:
                 listed.extend(a for a in rec.to_peer_addrs() if a not in listed)
         except DhtError as exc:
             log.info("provider lookup failed: %s", exc)
+        for node_id, addr in self.push_peers.items():
+            out.setdefault(node_id, addr)
         out.pop(self.identity.node_id, None)
         return [addr for addrs in out.values() for addr in addrs]
+
+    async def _on_push(self, conn: PeerConnection) -> None:
+        """A peer serves us a drive over the connection it dialled: fetch from it too."""
+        d = self.drives.get(conn.discovery_key)
+        if d is None:  # stopped serving it since the handshake
+            await conn.aclose()
+            return
+        fetcher = await self.start_fetcher(d.cap)
+        source = PushedSource(conn)
+        fetcher.add_source(source, source.wait_closed)
+        log.info("drive %s: %s pushes to us", d.cap.drive_id[:16], conn.addr)
+
+    def _on_notice(self, dk: bytes, record: bytes) -> None:
+        d = self.drives.get(dk)
+        if d is not None and d.on_head is not None:
+            d.on_head(record)
 
     # -- heads -----------------------------------------------------------------------
 

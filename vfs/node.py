@@ -16,15 +16,18 @@ from cache.store import BlockStore
 from dht.identity import NodeIdentity
 
 from .capability import ReadCap, StoreCap
+from .copies import CopyCounter
 from .drive import Drive
 from .fs import DriveOperations
 from .head import Head
 from .head_follower import HeadFollower
 from .home import Home
+from .host import HostManager
 from .mount import check_mountpoint, report_ready, serve_fuse
 from .network import HEAD_POLL_INTERVAL, NetworkNode, parse_hostport
 from .options import MOUNT_LISTEN, SERVE_LISTEN, MountOptions, ResolvedNodeOptions, ServeOptions
 from .process import start_time
+from .pushes import Pushes, parse_push_target
 from .storage import DriveStorage
 from .units import parse_size
 
@@ -69,6 +72,8 @@ async def _mount_main(home: Home, cap: ReadCap, mountpoint: Path, opts: MountOpt
                       node_opts: ResolvedNodeOptions, store: BlockStore) -> None:
     storage = DriveStorage(store)
     net = network_for(home, store, node_opts)
+    pushes = Pushes(net, storage, [parse_push_target(t) for t in node_opts.push])
+    net.snapshot_extra["pushes"] = pushes.snapshot
     async with trio.open_nursery() as nursery:
         await nursery.start(net.run)
         follower = HeadFollower(cap, storage, net)
@@ -79,6 +84,8 @@ async def _mount_main(home: Home, cap: ReadCap, mountpoint: Path, opts: MountOpt
             net.set_mirrors(cap, [*(head.mirrors if head else ()), *node_opts.mirrors])
 
         use_mirrors(follower.tracker.current)  # a mirror can supply the first head too
+        await nursery.start(pushes.run)
+        pushes.add_drive(cap)
         lonely = not net.bootstrap and not net.lan  # nobody to ask: do not wait
         head = await follower.first_head(0 if lonely else HEAD_WAIT)
         use_mirrors(head)
@@ -120,6 +127,8 @@ async def _mount_main(home: Home, cap: ReadCap, mountpoint: Path, opts: MountOpt
 
 def run_serve(home: Home, opts: ServeOptions, on_ready) -> None:
     node_opts = opts.resolve(home.config(), SERVE_LISTEN)
+    for target in node_opts.push:
+        parse_push_target(target)  # a mistyped target is an error now, not a log line later
     store = open_store(home, node_opts.cache_size)
     try:
         trio.run(_serve_main, home, opts, node_opts, store, on_ready)
@@ -129,11 +138,17 @@ def run_serve(home: Home, opts: ServeOptions, on_ready) -> None:
 
 async def _serve_main(home: Home, opts: ServeOptions, node_opts: ResolvedNodeOptions,
                       store: BlockStore, on_ready) -> None:
-    """Serve every drive this node holds; publish new heads as they appear."""
+    """Serve every drive this node holds and hosts; publish new heads as they appear;
+    push them to the --push targets; count the copies other nodes hold."""
     import signal
 
     storage = DriveStorage(store)
     net = network_for(home, store, node_opts)
+    hosts = HostManager(home.hosts_dir, storage, net)
+    pushes = Pushes(net, storage, [parse_push_target(t) for t in node_opts.push])
+    copies = CopyCounter(net, storage)
+    net.snapshot_extra.update(hosting=hosts.snapshot, pushes=pushes.snapshot,
+                              copies=copies.snapshot)
     published: dict[bytes, int] = {}
 
     async def sync_drives() -> None:
@@ -142,9 +157,9 @@ async def _serve_main(home: Home, opts: ServeOptions, node_opts: ResolvedNodeOpt
             head = storage.load_head(cap)
             if head is None:
                 continue
-            if pubkey not in published:
-                follower = HeadFollower(cap, storage, net)
-                net.serve_drive(cap, on_head=follower.notice)
+            if cap.discovery_key not in net.drives:  # a hosted drive is served by its host
+                net.serve_drive(cap)
+            pushes.add_drive(cap)
             if published.get(pubkey) != head.seq:
                 published[pubkey] = head.seq
                 net.set_mirrors(cap, [*head.mirrors, *node_opts.mirrors])
@@ -152,7 +167,10 @@ async def _serve_main(home: Home, opts: ServeOptions, node_opts: ResolvedNodeOpt
 
     async with trio.open_nursery() as nursery:
         port = await nursery.start(net.run)
+        await nursery.start(hosts.run)  # hosted drives follow their heads from the start
+        await nursery.start(pushes.run)
         await sync_drives()
+        await nursery.start(copies.run, lambda: [StoreCap(p) for p in published])
         on_ready(net, port, [StoreCap(p) for p in published])
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async def stop_on_signal() -> None:

@@ -30,6 +30,7 @@ class NodeOptions:
     lan: bool = True  # False: --no-lan (the config can turn it off too)
     fetch_timeout: float | None = None  # seconds; None: the config's (default 20)
     mirrors: list[str] = field(default_factory=list)  # static HTTP mirror base URLs (--mirror)
+    push: list[str] = field(default_factory=list)  # [NODEID@]HOST:PORT; empty: the config's
 
     def resolve(self, config: Config, default_listen: str) -> ResolvedNodeOptions:
         """These options over the config file over the defaults."""
@@ -40,6 +41,7 @@ class NodeOptions:
             lan=self.lan and config.lan,
             fetch_timeout=self.fetch_timeout or config.fetch_timeout,
             mirrors=list(dict.fromkeys([*self.mirrors, *config.mirrors])),
+            push=list(self.push) or list(config.push),
         )
 
 
@@ -53,6 +55,7 @@ class ResolvedNodeOptions:
     lan: bool
     fetch_timeout: float
     mirrors: list[str] = field(default_factory=list)  # --mirror and the config's, for every drive
+    push: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -42,20 +42,41 @@ def path_status(path: Path, only: tuple[str, ...] | None = None) -> dict:
     return out
 
 
-def known_drives(home: Home, store) -> list[dict]:
-    """Every drive this node holds a verified head of: what it can serve."""
+def known_drives(home: Home, store, running: list[dict] | None = None) -> list[dict]:
+    """Every drive this node holds a verified head of (or hosts): what it can serve.
+
+    Per drive: `seq`; `hosted` (this node hosts it, `peerdrive host`);
+    `complete` and `missing_blocks` (every block of the newest version here,
+    counted from its block list); `copies`: the devices known to hold that
+    version whole, this one included — the other nodes are counted by a
+    running `serve` of this home (`copies_checked` says whether one did).
+    """
     from .capability import StoreCap
+    from .host import HostList, copies_in, serving_snapshots, version_presence
     from .storage import DriveStorage
 
     storage = DriveStorage(store)
     published = {cap.pubkey for cap in home.published_drives()}
+    hosted = {e.cap.pubkey for e in HostList(home.hosts_dir).entries()}
+    counting = serving_snapshots(running if running is not None else home.running_nodes(),
+                                 "copies")
     out = []
-    for pubkey in storage.known_drives():
+    for pubkey in dict.fromkeys([*storage.known_drives(), *sorted(hosted)]):
         head = storage.load_head(StoreCap(pubkey))
-        if head is not None:
-            out.append({"drive": pubkey.hex(), "seq": head.seq, "created": head.created,
-                        "published_here": pubkey in published,
-                        "mirrors": list(head.mirrors)})  # named in its head
+        if head is None:
+            out.append({"drive": pubkey.hex(), "seq": None, "created": None,
+                        "published_here": pubkey in published, "hosted": pubkey in hosted,
+                        "complete": False, "missing_blocks": None, "copies": 0,
+                        "copies_checked": False, "mirrors": []})
+            continue
+        presence = version_presence(store, head)
+        others = copies_in(counting, pubkey, head.seq)
+        out.append({"drive": pubkey.hex(), "seq": head.seq, "created": head.created,
+                    "published_here": pubkey in published, "hosted": pubkey in hosted,
+                    **presence,
+                    "copies": (others or 0) + (1 if presence["complete"] else 0),
+                    "copies_checked": others is not None,
+                    "mirrors": list(head.mirrors)})  # named in its head
     return out
 
 
@@ -76,9 +97,10 @@ def node_status(home: Home, store=None) -> dict:
 
         with BlockStore(home.store_path) as opened:
             return node_status(home, opened)
+    running = home.running_nodes()
     return {"home": str(home.path), "cache": cache_status(store),
-            "drives": known_drives(home, store), "mounts": home.live_mounts(),
-            "nodes": home.running_nodes()}
+            "drives": known_drives(home, store, running), "mounts": home.live_mounts(),
+            "nodes": running}
 
 
 def path_status_with_cache(home: Home, path: Path, store=None) -> dict:
