@@ -381,6 +381,7 @@ class HostedDrive:
         missing = set(await trio.to_thread.run_sync(self.store.missing, list(blocks)))
         present = [i for i in blocks if i not in missing]
         await trio.to_thread.run_sync(self.store.add_to_pin, pending, present)
+        await trio.to_thread.run_sync(self.store.add_members, self.cap.discovery_key, present)
         st.blocks_have = len(present)
         st.bytes_have = sum(blocks[i] for i in present)
         self._wanted = blocks
@@ -451,7 +452,8 @@ class HostedDrive:
 
     def _store(self, pin: str, blocks: list[tuple[bytes, bytes]]) -> None:
         try:
-            self.store.put_pinned(pin, blocks, ids_checked=True)
+            # tagged with the drive, so this node serves them to that drive's clients only
+            self.store.put_pinned(pin, blocks, ids_checked=True, tag=self.cap.discovery_key)
         except self.storage.full_errors as exc:
             raise NoSpaceError(f"the device is full: {exc}") from exc
 
