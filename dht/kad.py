@@ -37,7 +37,7 @@ import random
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -215,6 +215,39 @@ def _is_key(value: Any) -> bool:
 # --------------------------------------------------------------------------- storage
 
 
+class _KeysBySource:
+    """Which source group stored each key, so a full table evicts from the group holding most.
+
+    Node keys and drive keys are free: a sender signing thousands of junk records
+    must not flush everyone else's (the table used to evict the oldest key, whoever
+    stored it). Each key counts for the group (/24, /48; None: this node) that
+    stored it last; the victim is the oldest key of the largest group, so a
+    flooder churns its own keys. O(groups) per eviction, O(1) otherwise.
+    """
+
+    def __init__(self) -> None:
+        self._group: dict[bytes, Hashable] = {}
+        self._keys: dict[Hashable, OrderedDict[bytes, None]] = {}
+
+    def stored(self, key: bytes, group: Hashable) -> None:
+        self.forget(key)
+        self._group[key] = group
+        self._keys.setdefault(group, OrderedDict())[key] = None
+
+    def forget(self, key: bytes) -> None:
+        if key in self._group:
+            group = self._group.pop(key)
+            keys = self._keys[group]
+            del keys[key]
+            if not keys:
+                del self._keys[group]
+
+    def victim(self) -> bytes | None:
+        if not self._keys:
+            return None
+        return next(iter(max(self._keys.values(), key=len)))
+
+
 class RecordStorage(IStorage):
     """What one DHT node holds for others: verified records only, bounded, expiring.
 
@@ -242,6 +275,8 @@ class RecordStorage(IStorage):
         self._providers: OrderedDict[bytes, ProviderSet] = OrderedDict()
         # every key held, sorted: the keys XOR-closest to an id sit around its position
         self._index: list[bytes] = []
+        self._mutable_from = _KeysBySource()
+        self._providers_from = _KeysBySource()
 
     def _indexed(self, key: bytes) -> None:
         i = bisect.bisect_left(self._index, key)
@@ -249,6 +284,10 @@ class RecordStorage(IStorage):
             self._index.insert(i, key)
 
     def _unindexed(self, key: bytes) -> None:
+        if key not in self._mutable:
+            self._mutable_from.forget(key)
+        if key not in self._providers:
+            self._providers_from.forget(key)
         if key in self._mutable or key in self._providers:
             return
         i = bisect.bisect_left(self._index, key)
@@ -276,19 +315,19 @@ class RecordStorage(IStorage):
         if not _is_key(key) or not isinstance(value, bytes) or len(value) < 2:
             return False
         tag, wire = value[0], value[1:]
+        group = None if source is None else source_group(source)
         try:
             if tag == TAG_MUTABLE:
-                return self._offer_mutable(key, MutableRecord.decode(wire))
+                return self._offer_mutable(key, MutableRecord.decode(wire), group)
             if tag == TAG_PROVIDER:
                 now = self._clock()
-                group = None if source is None else source_group(source)
                 return self._offer_provider(key, ProviderRecord.decode(wire, now=now), now,
                                             group)
         except RecordError as exc:
             log.debug("refused a value for %s: %s", key.hex()[:16], exc)
         return False
 
-    def _offer_mutable(self, key: bytes, record: MutableRecord) -> bool:
+    def _offer_mutable(self, key: bytes, record: MutableRecord, group: str | None) -> bool:
         if record.key != key:
             return False
         now = self._clock()
@@ -304,8 +343,11 @@ class RecordStorage(IStorage):
                 record = held
             del self._mutable[key]
         elif len(self._mutable) >= self._max_keys:
-            self._unindexed(self._mutable.popitem(last=False)[0])
+            victim = self._mutable_from.victim()
+            del self._mutable[victim]
+            self._unindexed(victim)
         self._mutable[key] = (now, record)
+        self._mutable_from.stored(key, group)
         self._indexed(key)
         return True
 
@@ -318,11 +360,15 @@ class RecordStorage(IStorage):
             if len(self._providers) >= self._max_keys:
                 self.cull()
             if len(self._providers) >= self._max_keys:
-                self._unindexed(self._providers.popitem(last=False)[0])
+                victim = self._providers_from.victim()
+                del self._providers[victim]
+                self._unindexed(victim)
             pset = ProviderSet(record.dk, self._providers_per_key)
         accepted = pset.offer(record, now, group)
         if len(pset):
             self._providers[key] = pset
+            if accepted:
+                self._providers_from.stored(key, group)
             self._indexed(key)
         else:
             self._unindexed(key)
