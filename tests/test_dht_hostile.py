@@ -62,11 +62,13 @@ class Victim:
         await self.sock.sendto(datagram, (LOCAL, port))
 
     async def count(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        while True:
-            data, _ = await self.sock.recvfrom(65536)
-            self.bytes += len(data)
-            self.datagrams.append(data)
+        """Count what arrives until cancelled; closes the socket then."""
+        with self.sock:
+            task_status.started()
+            while True:
+                data, _ = await self.sock.recvfrom(65536)
+                self.bytes += len(data)
+                self.datagrams.append(data)
 
 
 def big_mutables(count: int) -> list[MutableRecord]:
