@@ -15,14 +15,16 @@
 
 Every request passes `security.TokenGate` first. Blocking work (extended
 attributes go through the mount process, the store is LMDB) runs in worker
-threads, one at a time per kind of work, so a busy browser cannot pile up
-threads.
+threads, at most four at a time, so a busy browser cannot pile up threads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -43,32 +45,57 @@ log = logging.getLogger(__name__)
 
 STATIC = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 MAX_BODY = 64 * 1024
+FOLDER_INTERVAL = 1.0  # seconds between two listings of a watched folder
 
 
 def static_text(name: str) -> str:
     return resources.files("dashboard").joinpath("static", name).read_text(encoding="utf-8")
 
 
+@dataclass
+class FolderWatch:
+    """The latest listing of one folder that at least one page is looking at."""
+
+    watchers: int = 0
+    listing: dict | None = None
+    version: int = 0
+
+
 class DashboardState:
-    """The latest snapshot, refreshed by `run`; readers wait for the next one."""
+    """The latest snapshot and the watched folders' listings, refreshed in the background.
+
+    Pages wait on one event that is set at every new snapshot or listing, so a
+    slow listing (a big folder, a busy mount) never holds back the snapshot,
+    and pages looking at the same folder share one listing loop.
+    """
 
     def __init__(self, collector: Collector) -> None:
         self.collector = collector
         self.snapshot: dict | None = None
         self.version = 0
+        self.folders: dict[str, FolderWatch] = {}
         self._changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
         self.limiter = trio.CapacityLimiter(4)  # worker threads for requests
 
     async def run(self, interval: float, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         from .collect import COPIES_INTERVAL
 
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             await self._sample()
             nursery.start_soon(self._copies_loop, COPIES_INTERVAL)
             task_status.started()
             while True:
                 await trio.sleep(interval)
                 await self._sample()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_change(self) -> None:
+        await self._changed.wait()
 
     async def _sample(self) -> None:
         try:
@@ -78,18 +105,47 @@ class DashboardState:
             return
         self.snapshot = snap
         self.version += 1
-        self._changed.set()
-        self._changed = trio.Event()
+        self._notify()
 
     async def _copies_loop(self, interval: float) -> None:
         while True:
             await trio.to_thread.run_sync(self.collector.refresh_copies)
             await trio.sleep(interval)
 
+    @contextlib.contextmanager
+    def watching(self, path: str) -> Iterator[FolderWatch]:
+        """Keep `path`'s listing fresh while the caller (a page's stream) looks at it."""
+        assert self._nursery is not None
+        watch = self.folders.get(path)
+        if watch is None:
+            watch = self.folders[path] = FolderWatch()
+            self._nursery.start_soon(self._list_loop, path, watch)
+        watch.watchers += 1
+        try:
+            yield watch
+        finally:
+            watch.watchers -= 1
+
+    async def _list_loop(self, path: str, watch: FolderWatch) -> None:
+        try:
+            while watch.watchers > 0:
+                try:
+                    listing = await self.in_thread(list_folder, path,
+                                                   self.collector.home.live_mounts())
+                except PeerdriveError as exc:
+                    listing = {"path": path, "error": str(exc)}
+                watch.listing = listing
+                watch.version += 1
+                self._notify()
+                await trio.sleep(FOLDER_INTERVAL)
+        finally:
+            if self.folders.get(path) is watch:
+                del self.folders[path]
+
     async def next_snapshot(self, seen: int) -> tuple[int, dict]:
         """The first snapshot newer than version `seen` (waits for it)."""
         while self.version <= seen or self.snapshot is None:
-            await self._changed.wait()
+            await self.wait_change()
         return self.version, self.snapshot
 
     async def in_thread(self, fn, *args):
@@ -147,17 +203,22 @@ def build_app(state: DashboardState, token: str) -> TokenGate:
         path = request.query_params.get("path")
 
         async def stream():
-            seen = 0
+            seen_snapshot = seen_folder = 0
             yield "retry: 2000\n\n"
-            while True:
-                seen, snap = await state.next_snapshot(seen)
-                yield f"event: dashboard\ndata: {json.dumps(snap)}\n\n"
-                if path:
-                    try:
-                        tree = await state.in_thread(list_folder, path, home.live_mounts())
-                    except PeerdriveError as exc:
-                        tree = {"path": path, "error": str(exc)}
-                    yield f"event: tree\ndata: {json.dumps(tree)}\n\n"
+            with state.watching(path) if path else contextlib.nullcontext() as watch:
+                while True:
+                    sent = False
+                    if state.snapshot is not None and state.version > seen_snapshot:
+                        seen_snapshot = state.version
+                        yield f"event: dashboard\ndata: {json.dumps(state.snapshot)}\n\n"
+                        sent = True
+                    if watch is not None and watch.listing is not None \
+                            and watch.version > seen_folder:
+                        seen_folder = watch.version
+                        yield f"event: tree\ndata: {json.dumps(watch.listing)}\n\n"
+                        sent = True
+                    if not sent:
+                        await state.wait_change()
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 

@@ -81,16 +81,22 @@ def mount_of(path: str, mounts: list[dict]) -> dict:
     raise UsageError(f"{path} is not inside a live peerdrive mount of this node")
 
 
-def entry_status(path: Path, with_copies: bool = False) -> dict:
+def entry_status(path: Path, kind: str, with_copies: bool = False) -> dict:
     """One entry of a listing: the mount's answer for it plus its kind and percent."""
-    if path.is_symlink():
+    if kind == "link":
         return {"path": str(path), "name": path.name, "kind": "link",
                 "target": os.readlink(path)}
-    st = path_status(path, only=None if with_copies else CHEAP)
+    st = path_status(path, only=(*CHEAP, "copies") if with_copies else CHEAP)
     st["name"] = path.name
-    st["kind"] = "dir" if path.is_dir() else "file"
+    st["kind"] = kind
     st["percent"] = percent(st.get("cached_bytes", 0), st.get("size_bytes", 0))
     return st
+
+
+def _kind(e: os.DirEntry) -> str:
+    if e.is_symlink():
+        return "link"
+    return "dir" if e.is_dir(follow_symlinks=False) else "file"
 
 
 def list_folder(path: str, mounts: list[dict], with_copies: bool = False) -> dict:
@@ -112,12 +118,12 @@ def list_folder(path: str, mounts: list[dict], with_copies: bool = False) -> dic
     entries = []
     for i, e in enumerate(shown):
         try:
-            entries.append(entry_status(Path(e.path),
+            entries.append(entry_status(Path(e.path), _kind(e),
                                         with_copies and i < MAX_COPIES_ENTRIES))
         except (UsageError, OSError) as exc:  # gone in a new version meanwhile
             entries.append({"path": e.path, "name": e.name, "kind": "unknown",
                             "error": str(exc)})
-    folder = entry_status(real, with_copies)
+    folder = entry_status(real, "dir", with_copies)
     mp = mount["mountpoint"]
     parent = None if str(real) == mp else str(real.parent)
     return {"path": str(real), "mountpoint": mp, "drive": mount.get("drive"),

@@ -8,6 +8,7 @@ or as text) and the dashboard serves the same shapes at `/api/...`.
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -18,18 +19,27 @@ XATTRS = ("state", "cached", "size", "pinned", "copies")
 
 
 def path_status(path: Path, only: tuple[str, ...] | None = None) -> dict:
-    """The status of one path from its xattrs; `only` reads just those (copies asks peers)."""
-    try:
-        names = [n for n in os.listxattr(path) if n.startswith("user.peerdrive.")]
-    except OSError as exc:
-        raise UsageError(f"{path}: {exc.strerror}") from exc
-    if not names:
-        raise UsageError(f"{path} is not inside a peerdrive mount")
-    if only is not None:
-        names = [n for n in names if n[len("user.peerdrive."):] in only]
+    """The status of one path from its xattrs; `only` reads just those (copies asks peers).
+
+    With `only`, the names are read directly, without listing them first: one
+    request to the mount per name (a dashboard lists a folder this way).
+    """
+    if only is None:
+        try:
+            names = [n for n in os.listxattr(path) if n.startswith("user.peerdrive.")]
+        except OSError as exc:
+            raise UsageError(f"{path}: {exc.strerror}") from exc
+    else:
+        names = [f"user.peerdrive.{n}" for n in only]
     raw = {}
     for n in names:
-        raw[n[len("user.peerdrive."):]] = os.getxattr(path, n).decode()
+        try:
+            raw[n[len("user.peerdrive."):]] = os.getxattr(path, n).decode()
+        except OSError as exc:
+            if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
+                raise UsageError(f"{path}: {exc.strerror}") from exc
+    if not raw:
+        raise UsageError(f"{path} is not inside a peerdrive mount")
     out: dict = {"path": str(path), "state": raw.get("state")}
     if "cached" in raw:
         out["cached_bytes"] = int(raw["cached"])
