@@ -645,6 +645,10 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     from dashboard.server import DashboardOptions, run_dashboard
 
     opts = DashboardOptions(listen=args.listen, open_browser=not args.no_open)
+    host = args.listen.rpartition(":")[0].strip("[]")
+    if host not in ("127.0.0.1", "::1", "localhost") and not host.startswith("127."):
+        print(f"warning: the dashboard listens on {host}, beyond this machine, over plain "
+              "HTTP: whoever sees its URL (with the token) can use it", file=sys.stderr)
 
     def ready(url: str) -> None:
         _emit(args, {"url": url}, f"dashboard at {url} (Ctrl-C to stop)")
