@@ -40,6 +40,7 @@ SAMPLE_INTERVAL = 1.0
 HISTORY_INTERVAL = 5.0
 HISTORY_POINTS = 720  # an hour at one point per 5 s
 COPIES_INTERVAL = 30.0
+DRIVES_INTERVAL = 10.0  # known_drives (heads, versions' completeness) is re-read this often
 MAX_ENTRIES = 500  # a folder listing shows this many entries; the rest are counted
 MAX_COPIES_ENTRIES = 100  # entries whose copies one request asks peers for
 CHEAP = ("state", "cached", "size", "pinned")
@@ -144,6 +145,7 @@ class Collector:
         self._peer_seen: dict[tuple[str, str], float] = {}  # (drive, node id) -> last seen
         self._prev_bytes: dict[tuple, tuple[float, int]] = {}  # counter key -> (time, bytes)
         self._rates: dict[tuple, float] = {}
+        self._known: tuple[float, list[dict]] | None = None  # (when, known_drives)
 
     # -- counters to rates --------------------------------------------------------
 
@@ -183,7 +185,11 @@ class Collector:
         from vfs.storage import DriveStorage
 
         storage = DriveStorage(self.store)
-        by_id = {d["drive"]: d for d in known_drives(self.home, self.store)}
+        now = self.clock()
+        if self._known is None or now - self._known[0] >= DRIVES_INTERVAL:
+            # known_drives counts each version's blocks on this device: not every second
+            self._known = (now, known_drives(self.home, self.store))
+        by_id = {d["drive"]: d for d in self._known[1]}
         for m in mounts:  # a mount whose head is not in this store yet still shows
             by_id.setdefault(m["drive"], {"drive": m["drive"], "seq": None, "created": None,
                                           "published_here": False})
@@ -209,15 +215,17 @@ class Collector:
                         row[k] = st[k]
                 if "size_bytes" in row:
                     row["percent"] = percent(row.get("cached_bytes", 0), row["size_bytes"])
-                row["copies"] = self._root_copies.get(mount["mountpoint"])
-            elif row.get("published_here"):
-                # the publisher's store holds every block of what it published (pinned)
+                asked = self._root_copies.get(mount["mountpoint"])  # peers asked, per file
+                if asked is not None:
+                    row["copies"] = asked
+            elif row.get("complete") or (row.get("published_here") and "complete" not in row):
+                # every block of the newest version is here (a publisher's are pinned)
                 row["state"] = "device"
                 row["percent"] = 100.0
-            if "copies" not in row:
-                row["copies"] = None
+            row.setdefault("copies", None)
             here_whole = row.get("state") == "device"
-            always_on = bool(row["mirrors"]) or bool(row["hosts"]) or bool(row.get("hosted"))
+            # always on: an HTTP mirror, or a host holding it (the node's own copy is "here")
+            always_on = bool(row["mirrors"]) or bool(row["hosts"])
             row["safety"] = safety(row["copies"], here_whole, always_on)
             out.append(row)
         return out

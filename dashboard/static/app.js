@@ -82,10 +82,12 @@ function renderDrives(snap) {
     el("td", {}, d.mountpoint || "not mounted"),
     el("td", { class: "num" }, size(d.size_bytes)),
     el("td", { class: "num" }, d.cached_bytes !== undefined
-      ? `${size(d.cached_bytes)} (${d.percent}%)` : (d.state === "device" ? "all" : "—")),
+      ? `${size(d.cached_bytes)} (${d.percent}%)` : (d.state === "device" ? "all"
+        : (d.missing_blocks != null ? `${d.missing_blocks} blocks missing` : "—"))),
     el("td", {}, d.pinned === undefined ? "—" : (d.pinned ? "yes" : "no")),
     el("td", { class: "num" }, d.copies ?? "…"),
-    el("td", {}, d.hosts.length ? d.hosts.map((h) => h.addr || h.node_id || h).join(", ") : "none"),
+    el("td", {}, [...(d.hosted ? ["this node"] : []),
+                  ...d.hosts.map((h) => h.addr || h.node_id || h)].join(", ") || "none"),
     el("td", {}, d.mirrors.length ? d.mirrors.join(", ") : "none")));
   replaceRows($("drives-body"), rows, "no drives yet: publish or mount one", 10);
 }
