@@ -359,6 +359,9 @@ MAX_SAME_SOURCE = 8
 """Records of one source group a full set keeps before a newcomer from another group displaces one."""
 
 
+_RNG = random.Random()
+
+
 class ProviderSet:
     """The bounded set of provider records one DHT key holds (pure merge policy).
 
@@ -396,7 +399,7 @@ class ProviderSet:
         self.max_size = max_size
         self._by_node: dict[bytes, ProviderRecord] = {}
         self._source: dict[bytes, Hashable] = {}
-        self._rng = rng or random.Random()
+        self._rng = rng or _RNG  # one shared generator: a node holds thousands of sets
 
     def __len__(self) -> int:
         return len(self._by_node)
