@@ -117,7 +117,10 @@ def test_a_host_serves_the_drive_when_the_publisher_is_gone(tmp_path: Path) -> N
         assert os.getxattr(mnt / name, "user.peerdrive.copies") == b"1"
         assert tree_digests(mnt) == {rel: hashlib.sha256(d).hexdigest()
                                      for rel, d in files.items()}, sw.diagnostics()
-        assert os.getxattr(mnt / name, "user.peerdrive.copies") == b"2"  # and now the reader
+        # and now the reader too, once its store writer has committed what it fetched
+        assert wait_until(lambda: os.getxattr(mnt / name, "user.peerdrive.copies") == b"2", 20), \
+            (os.getxattr(mnt / name, "user.peerdrive.copies"),
+             os.getxattr(mnt / name, "user.peerdrive.state"))
         served = host.snapshot(after=time.time())["server"]["blocks_served"]
         assert served >= len(files)
         sw.unmount(reader)
