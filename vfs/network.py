@@ -164,7 +164,7 @@ class NetworkNode:
             "port": self.port,
             "server": {"blocks_served": st.blocks_served, "bytes_served": st.bytes_served,
                        "connections_active": st.connections_active,
-                       "not_found": st.not_found},
+                       "not_found": st.not_found, "pushes_accepted": st.pushes_accepted},
             "dht_contacts": len(self.dht.contacts()),
             "timings": dict(self.timings),
             "drives": drives,
