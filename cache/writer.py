@@ -200,6 +200,7 @@ class Writer:
             meta = self.meta(block_id)
             if meta is not None:
                 size = meta[1]
+                self._delete_members(block_id)  # its tags go with it, as in delete()
                 self.txn.delete(block_id, db=self.dbs.blocks)
                 self.txn.delete(block_id, db=self.dbs.meta)
                 self.c.total_bytes -= size

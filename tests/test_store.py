@@ -682,3 +682,17 @@ def test_put_takes_any_bytes_like(store: BlockStore) -> None:
     assert store.get(block_id) == words.tobytes()
     with pytest.raises(InvalidArgument):
         store.put(block_id, "text")  # type: ignore[arg-type]
+
+
+def test_eviction_drops_the_member_tags_of_what_it_evicts(store: BlockStore) -> None:
+    """LRU eviction removed a block but left its member tags (found by
+    tests/test_publish_races.py): the members table grew with every block ever
+    evicted and check_consistency reported 'member tag of absent block'."""
+    tag = bytes(range(32))
+    blocks = [make_block(f"tagged {i}", 1000) for i in range(20)]
+    store.put_many(blocks, tag=tag)
+    assert all(store.is_member(tag, bid) for bid, _ in blocks)
+    store.evict_to(0)
+    assert store.count == 0
+    assert not any(store.is_member(tag, bid) for bid, _ in blocks)
+    assert store.check_consistency() == []
