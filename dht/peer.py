@@ -601,7 +601,6 @@ class PeerServer:
         await frames.send(Refused(reason))
         return None
 
-
     async def _push_handshake(self, frames: _FrameStream, push: Push, nonce: bytes
                               ) -> _PushAccepted | None:
         """Check a Push as a Hello (own signature context); accept it only if on_push is set."""

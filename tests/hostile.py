@@ -21,7 +21,6 @@ received, memory a queue grew to, connections a server kept).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -224,7 +223,3 @@ class HostilePeerServer:
             pass
         finally:
             await trio.aclose_forcefully(tls)
-
-
-def node_id_of(identity: NodeIdentity) -> bytes:
-    return hashlib.sha256(identity.public_bytes).digest()

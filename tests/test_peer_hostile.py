@@ -15,7 +15,7 @@ import trio.testing
 
 from dht.errors import FetchTimeout, PeerProtocolError
 from dht.fetch import FetchConfig, Fetcher
-from dht.frames import Cancel, Have, NotFound, Ping, Want
+from dht.frames import Cancel, Have, NotFound, Ping, Want, encode
 from dht.identity import NodeIdentity
 from dht.peer import (
     HANDSHAKING_PER_ADDRESS,
@@ -27,6 +27,7 @@ from dht.peer import (
 from dht.tls import client_context, server_context
 from dht.tlsstream import TlsStream
 from dht.types import PeerAddr, Priority
+from tests.helpers import run_trio
 from tests.hostile import LOCAL, FrameConn, HostilePeerServer, hostile_client
 from tests.test_peer_support import make_blocks, new_drive, random_id
 
@@ -34,13 +35,7 @@ TEST_DEADLINE = 60.0
 
 
 def run(test) -> None:
-    async def main() -> None:
-        with trio.fail_after(TEST_DEADLINE):
-            async with trio.open_nursery() as nursery:
-                await test(nursery)
-                nursery.cancel_scope.cancel()
-
-    trio.run(main)
+    run_trio(test, TEST_DEADLINE)
 
 
 async def serve(nursery, source, secrets, **kwargs) -> tuple[PeerServer, int]:
@@ -211,7 +206,7 @@ def test_a_ping_flood_from_a_server_that_never_reads_is_dropped_not_queued() -> 
     ping = Ping(7)
 
     async def flood(conn: FrameConn) -> None:
-        frame = b"".join([conn_encode(ping)] * 10_000)
+        frame = b"".join([encode(ping)] * 10_000)
         try:
             for _ in range(400):  # up to 4 M pings (~60 MB); never reads a byte
                 await conn.stream.send_all(frame)
@@ -235,12 +230,6 @@ def test_a_ping_flood_from_a_server_that_never_reads_is_dropped_not_queued() -> 
         assert most <= MAX_CONTROL_BACKLOG + 1
 
     run(test)
-
-
-def conn_encode(msg) -> bytes:
-    from dht.frames import encode
-
-    return encode(msg)
 
 
 def test_a_server_answering_decoys_with_not_found_is_still_caught_stalling() -> None:
