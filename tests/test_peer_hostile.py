@@ -173,6 +173,36 @@ def test_a_slow_handshake_flood_does_not_lock_out_an_honest_client() -> None:
     run(test)
 
 
+def test_a_have_flood_is_answered_at_the_connection_rate_not_at_line_rate() -> None:
+    """Each Have is up to 240 store reads on the server's event loop (which also serves FUSE);
+    a client reading the answers could ask for them as fast as the link carries 4 KiB frames."""
+    blocks = make_blocks(4)
+    dk, secret = new_drive()
+    ids = tuple(random_id() for _ in range(120))
+
+    async def test(nursery) -> None:
+        server, port = await serve(nursery, blocks, {dk: secret}, have_rate=50.0,
+                                   have_burst=20)
+        ident = NodeIdentity.generate()
+        async with hostile_client(port, server.identity.node_id, ident, dk, secret) as (_, conn):
+            start = trio.current_time()
+
+            async def flood() -> None:
+                for i in range(120):
+                    await conn.send(Have(i, ids))
+
+            async with trio.open_nursery() as inner:
+                inner.start_soon(flood)
+                for _ in range(120):
+                    assert (await conn.receive()).TYPE == "have_reply"
+            elapsed = trio.current_time() - start
+        # 20 at once, then 50 a second: 100 more take at least 2 s
+        assert elapsed >= (120 - 20) / 50.0 * 0.9, elapsed
+        assert server.stats.haves_delayed > 0
+
+    run(test)
+
+
 def test_tls_receive_some_honours_max_bytes() -> None:
     """`TlsStream.receive_some` ignored max_bytes: a server took whatever a read decrypted."""
     payload = bytes(range(256)) * 4096  # 1 MiB
