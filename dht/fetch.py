@@ -32,13 +32,14 @@ peers to ask.
 
 from __future__ import annotations
 
+import enum
 import heapq
 import inspect
 import itertools
 import math
 import random
 import statistics
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -165,6 +166,19 @@ class StaticSource(BlockSource, Protocol):
     label: str
 
 
+class Outcome(enum.Enum):
+    """What one peer did with one request; a FetchTimeout counts them by kind."""
+
+    IN_PROGRESS = "in progress"
+    DELIVERED = "delivered"
+    TOO_SLOW = "too slow"  # lost a hedge without delivering anything meanwhile
+    STALLED = "stalled"  # no answer at all for stall_timeout
+    NOT_FOUND = "does not have it"
+    CORRUPT = "sent a corrupt block"
+    REFUSED = "refused"  # the handshake said no, or the node is not who it should be
+    FAILED = "failed"  # the connection could not be made or broke
+
+
 class _Peer:
     """What the fetcher knows of one provider (or one static source)."""
 
@@ -259,7 +273,7 @@ class _Request:
         self.not_before = -math.inf
         self.excluded: set[bytes] = set()  # peers that cannot serve it (NotFound, bad block)
         self.soft_failed: set[bytes] = set()  # peers that failed it for a transient reason
-        self.outcomes: dict[bytes, str] = {}  # node id -> what happened, for error messages
+        self.outcomes: dict[bytes, Outcome] = {}  # node id -> what happened, for error messages
 
     @property
     def finished(self) -> bool:
@@ -915,7 +929,7 @@ class Fetcher:
             request, peer, priority, size, trio.current_time(), idle_start=peer.in_flight == 0
         )
         request.attempts.append(attempt)
-        request.outcomes[peer.node_id] = "in progress"
+        request.outcomes[peer.node_id] = Outcome.IN_PROGRESS
         if len(request.attempts) > 1:
             self.stats.hedges += 1
         self.stats.attempts += 1
@@ -983,7 +997,7 @@ class Fetcher:
             if service > 0:
                 peer.throughput = _ewma(peer.throughput, len(data) / service, alpha)
             self._size_guess = _ewma(self._size_guess, float(max(len(data), 1)), alpha)
-            request.outcomes[peer.node_id] = "delivered"
+            request.outcomes[peer.node_id] = Outcome.DELIVERED
             if not request.finished:
                 request.result = data
                 request.done.set()
@@ -1007,8 +1021,8 @@ class Fetcher:
                     # Nothing at all from this peer while we waited: a stall.
                     peer.stalls += 1
                     self._penalise(peer)
-                request.outcomes[peer.node_id] = "too slow"
-            elif request.outcomes.get(peer.node_id) == "in progress":
+                request.outcomes[peer.node_id] = Outcome.TOO_SLOW
+            elif request.outcomes.get(peer.node_id) is Outcome.IN_PROGRESS:
                 del request.outcomes[peer.node_id]
             return
 
@@ -1017,11 +1031,11 @@ class Fetcher:
             # the wants it was asked must still count as stalled on those.
             peer.not_found += 1
             request.excluded.add(peer.node_id)
-            request.outcomes[peer.node_id] = "does not have it"
+            request.outcomes[peer.node_id] = Outcome.NOT_FOUND
         elif isinstance(error, BadBlockError):
             peer.bad_blocks += 1
             request.excluded.add(peer.node_id)
-            request.outcomes[peer.node_id] = "sent a corrupt block"
+            request.outcomes[peer.node_id] = Outcome.CORRUPT
             self._drop_connection(peer, attempt.connection)
             # A peer that lies is shunned (over a push connection too). A static mirror
             # serves files it cannot vouch for: one rotten or half-uploaded file must not
@@ -1032,11 +1046,11 @@ class Fetcher:
             self._penalise(peer, None if mirror else self.config.bad_block_backoff)
         elif isinstance(error, PeerRefusedError | PeerIdentityError):
             request.excluded.add(peer.node_id)
-            request.outcomes[peer.node_id] = f"refused: {error}"
+            request.outcomes[peer.node_id] = Outcome.REFUSED
         else:
             # The connection broke or could not be made.
             request.soft_failed.add(peer.node_id)
-            request.outcomes[peer.node_id] = f"failed: {error}"
+            request.outcomes[peer.node_id] = Outcome.FAILED
             if attempt.connection is not None and self._drop_connection(peer, attempt.connection):
                 self._penalise(peer)
         if not request.finished and not request.queued and not request.parked:
@@ -1069,7 +1083,7 @@ class Fetcher:
         await trio.sleep_until(max(hedge_at, attempt.start + config.stall_timeout))
         if peer.last_delivery < attempt.start:
             peer.stalls += 1
-            request.outcomes[peer.node_id] = "stalled"
+            request.outcomes[peer.node_id] = Outcome.STALLED
             if self._drop_connection(peer, attempt.connection):
                 self._penalise(peer)
 
@@ -1203,11 +1217,9 @@ class Fetcher:
             else:
                 why = f"none of {known} known peer(s) could be asked (all failing or backing off)"
         else:
-            counts: dict[str, int] = {}
-            for outcome in request.outcomes.values():
-                kind = outcome.split(":", 1)[0]
-                counts[kind] = counts.get(kind, 0) + 1
-            detail = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
+            counts = Counter(request.outcomes.values())
+            detail = ", ".join(f"{n} {outcome.value}" for outcome, n in
+                               sorted(counts.items(), key=lambda item: item[0].value))
             why = f"tried {tried} of {known} known peer(s): {detail}"
         return FetchTimeout(
             f"block {block}… not fetched within {timeout:g}s: {why}", tried=tried, known=known
