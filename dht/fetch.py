@@ -100,7 +100,7 @@ class FetchConfig:
     holders_timeout: float = 5.0  # count_holders / have_map, when the caller gives none
     holders_refresh_interval: float = 10.0  # re-read providers first if older than this
     recent_bytes: int = 32 * 1024 * 1024  # delivered blocks kept for other readers meanwhile
-    swarm_jitter: float = 0.1  # seconds: most a readahead waits for another reader to take it
+    swarm_jitter: float = 0.25  # seconds: most a readahead waits for another reader to take it
     holder_hedge_max: float = 2.0  # seconds before an attempt at an announcing reader is hedged
 
     def __post_init__(self) -> None:
@@ -862,11 +862,11 @@ class Fetcher:
                 continue
             free = [p for p in candidates if self._has_slot(p, priority)]
             holders = [p for p in candidates if p.announced(request.block_id)]
-            if holders and not request.attempts:
+            if holders and (not request.attempts or any(p.connected for p in holders)):
                 # Peers that said they hold (or are fetching) it go first: readers
                 # of one drive serve each other and spare the seed. A hedge (the
-                # holder is late: it may be waiting on a slow seed itself) may go
-                # to anyone.
+                # holder is late: it may be waiting on a slow seed itself) goes to
+                # another holder if there is one, else to anyone.
                 free = [p for p in holders if self._has_slot(p, priority)]
             elif (
                 priority >= Priority.READAHEAD
