@@ -1019,6 +1019,57 @@ def figure_swarm(bench: Bench) -> list[Row]:
     ]
 
 
+def figure_host(bench: Bench) -> list[Row]:
+    """A host (`peerdrive host`, store link only) completes a 1 GiB version that the
+    publisher pushes to it (`serve --push`): from the publisher's serve starting to the
+    host's status saying the version is complete (every block fetched, checked, pinned)."""
+    big = bench.big()
+    publisher = bench.fresh("home-host-publisher")
+    link = bench.publish(publisher, big.parent)["read_link"]
+    store_link = json.loads(bench.peerdrive(publisher, "share", link, "--store",
+                                            "--json").stdout)["link"]
+    name = f"host completes a {fmt_size(bench.size)} version pushed from the publisher"
+    times = []
+    for run in range(bench.runs):
+        host = bench.fresh("home-host")
+        procs: list[subprocess.Popen] = []
+        try:
+            port = free_port()
+            procs.append(subprocess.Popen(
+                [*bench.peerdrive_argv, "serve", "--listen", f"127.0.0.1:{port}", "--no-lan",
+                 "--json"], env=bench.env_for(host), cwd=ROOT, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL))
+            read_line(procs[-1], 60, "the host's serve")
+            bench.peerdrive(host, "host", store_link, "--no-wait")
+            started = time.perf_counter()
+            procs.append(subprocess.Popen(
+                [*bench.peerdrive_argv, "serve", "--listen", f"127.0.0.1:{free_port()}",
+                 "--no-lan", "--json", "--push", f"127.0.0.1:{port}"],
+                env=bench.env_for(publisher), cwd=ROOT, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL))
+            snapshot = host / "run" / f"{procs[0].pid}.json"
+            deadline = time.monotonic() + 600
+            while True:
+                with contextlib.suppress(OSError, ValueError):
+                    states = json.loads(snapshot.read_text()).get("hosting", [])
+                    if states and states[0]["state"] == "complete":
+                        break
+                if time.monotonic() > deadline:
+                    raise BenchError("the host did not complete the version in 600 s")
+                time.sleep(0.05)
+            times.append(time.perf_counter() - started)
+            log(f"{name} run {run + 1}: {times[-1]:.1f} s "
+                f"({mb_per_s(bench.size, times[-1]):.0f} MB/s)")
+        finally:
+            for proc in reversed(procs):
+                stop_proc(proc)
+                if proc.stdout is not None:
+                    proc.stdout.close()
+    return [Row(name, "peerdrive host", "s", times, False,
+                "store link only; every block over the publisher's push connection on "
+                "127.0.0.1, checked against the signed block list and pinned")]
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
@@ -1154,6 +1205,7 @@ FIGURES: list[Callable[[Bench], list[Row]]] = [
     figure_publish,
     figure_churn,
     figure_swarm,
+    figure_host,
 ]
 
 
@@ -1554,7 +1606,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the temporary directory goes (default: $TMPDIR or /tmp)")
     p.add_argument("--only", action="append", metavar="FIGURE",
                    help="run only this figure (read_cold, read_hot, first_byte, random_reads, "
-                        "metadata, publish, churn, swarm; repeatable)")
+                        "metadata, publish, churn, swarm, host; repeatable)")
     return p
 
 
@@ -1572,7 +1624,7 @@ def missing_tools(figures: list[Callable[[Bench], list[Row]]]) -> list[str]:
     figures measure peerdrive, and libtorrent from Python, only)."""
     needed = {"fusermount3"}
     for fig in figures:
-        if fig not in (figure_churn, figure_swarm):
+        if fig not in (figure_churn, figure_swarm, figure_host):
             needed |= {"rclone", "nginx", "borg", "curl"}
     return sorted(t for t in needed if shutil.which(t) is None)
 

@@ -245,25 +245,3 @@ def test_publish_waits_for_copies_pushed_to_a_host(tmp_path: Path) -> None:
         hsnap = host.snapshot(after=time.time())
         peers = hsnap["drives"][v1["drive"]]["peers"]
         assert sum(p["blocks"] for p in peers) >= state["blocks_total"] - 20
-
-
-def test_a_block_the_signed_version_does_not_list_is_refused_and_counted(
-        tmp_path: Path) -> None:
-    from vfs.host import HostedDrive
-
-    class NoNetwork:
-        async def lookup_head(self, cap):  # pragma: no cover - never awaited here
-            return None
-
-    with BlockStore(tmp_path / "store") as store:
-        cap = StoreCap(b"\x07" * 32)
-        hosted = HostedDrive(HostEntry(cap), DriveStorage(store), NoNetwork())  # type: ignore
-        good = b"listed block" * 10
-        good_id = hashlib.sha256(good).digest()
-        hosted._wanted = {good_id: len(good)}
-        assert hosted.accept(good_id, good)
-        stranger = b"not in the version" * 10
-        assert not hosted.accept(hashlib.sha256(stranger).digest(), stranger)
-        assert not hosted.accept(good_id, good + b"!")  # listed, but not with this size
-        assert hosted.state.refused_blocks == 2
-        assert hosted.state.as_json()["refused_blocks"] == 2  # what status shows
