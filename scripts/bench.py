@@ -676,6 +676,15 @@ def walk_seconds(argv: list[str]) -> float:
 # ----------------------------------------------------------------------------- figures
 
 
+def cold_cat(bench: Bench, target: Path, source: Path | None = None) -> float:
+    """MB/s of `cat target` with the page cache dropped first; checked against `source`."""
+    bench.drop_page_cache()
+    speed = mb_per_s(bench.size, timed(lambda: cat_to_null(target)))
+    if source is not None and not same_samples(target, source, bench.size):
+        raise BenchError(f"{target} holds different bytes from {source}")
+    return speed
+
+
 def figure_read_cold(bench: Bench) -> list[Row]:
     """Sequential read of the big file, nothing cached anywhere.
 
@@ -692,15 +701,9 @@ def figure_read_cold(bench: Bench) -> list[Row]:
     pd, rc, curl = [], [], []
     for i in range(bench.runs):
         with bench.peerdrive_mount("big", name) as m:
-            target = m.path / big.name
-            bench.drop_page_cache()
-            pd.append(mb_per_s(bench.size, timed(lambda t=target: cat_to_null(t))))
-            if not same_samples(target, big, bench.size):
-                raise BenchError("the peerdrive mount returned different bytes from the source")
+            pd.append(cold_cat(bench, m.path / big.name, big))
         with bench.rclone_mount(name) as m:
-            target = m.path / "big" / big.name
-            bench.drop_page_cache()
-            rc.append(mb_per_s(bench.size, timed(lambda t=target: cat_to_null(t))))
+            rc.append(cold_cat(bench, m.path / "big" / big.name))
         bench.drop_page_cache()
         curl.append(mb_per_s(bench.size, timed(lambda: run_quiet(
             ["curl", "-sS", "-o", "/dev/null", f"http://127.0.0.1:{port}/big/{big.name}"],
@@ -741,15 +744,9 @@ def figure_read_mirror(bench: Bench) -> list[Row]:
         home = bench.fresh("home-mirror-reader")
         mnt = bench.fresh("mnt-peerdrive")
         with bench.mirror_mount(home, mnt, name, links["big"], url) as m:
-            target = m.path / big.name
-            bench.drop_page_cache()
-            pd.append(mb_per_s(bench.size, timed(lambda t=target: cat_to_null(t))))
-            if not same_samples(target, big, bench.size):
-                raise BenchError("the mirror mount returned different bytes from the source")
+            pd.append(cold_cat(bench, m.path / big.name, big))
         with bench.rclone_mount(name) as m:
-            target = m.path / "big" / big.name
-            bench.drop_page_cache()
-            rc.append(mb_per_s(bench.size, timed(lambda t=target: cat_to_null(t))))
+            rc.append(cold_cat(bench, m.path / "big" / big.name))
         log(f"{name} run {i + 1}: peerdrive {pd[-1]:.0f}, rclone {rc[-1]:.0f} MB/s")
     return [
         Row(name, "peerdrive mount", "MB/s", pd, True,
