@@ -42,8 +42,13 @@ def test_node_status_json_lists_the_live_mount_and_node_with_their_values(
         after = time.time()
         data = status(reader)
         assert data["home"] == str(reader.resolve())
-        assert data["mounts"] == [{"pid": m.pid, "mountpoint": str(m.path.resolve()),
-                                   "drive": info["drive"], "port": m.port}]
+        [mount] = data["mounts"]
+        assert {k: mount[k] for k in ("pid", "mountpoint", "drive", "port")} == {
+            "pid": m.pid, "mountpoint": str(m.path.resolve()), "drive": info["drive"],
+            "port": m.port}
+        # the background mount's log, where `status` says it is; `start` names the process
+        assert mount["log"] == str(Home(reader).mount_log_path(info["drive"]))
+        assert Path(mount["log"]).exists() and isinstance(mount["start"], int)
         # the mount's own node snapshot, fresh and saying what it fetched from whom
         for _ in range(100):
             [node] = status(reader)["nodes"]
