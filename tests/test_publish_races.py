@@ -335,4 +335,39 @@ def test_a_file_replaced_by_a_fifo_after_the_walk_is_an_error_not_a_hang(
         t.join(timeout=30)
         pytest.fail("publish hung opening a FIFO")
     assert isinstance(outcome[0], UsageError), outcome
-    assert "no longer a regular file" in str(outcome[0])
+    assert "no longer the file that was listed" in str(outcome[0])
+
+
+@pytest.mark.parametrize("which", ["small.txt", "large.bin"])
+def test_a_folder_swapped_for_a_symlink_after_the_walk_publishes_nothing_from_elsewhere(
+        tmp_path: Path, monkeypatch, which: str) -> None:
+    """Someone who can write to the published folder swaps a listed subfolder for a
+    symlink to a folder of the publisher's that holds a file of the same name: the
+    publish would read that one and put it in the drive. It must refuse (small files
+    and large files are read by different code)."""
+    import vfs.publish as publish_mod
+    from vfs.errors import UsageError, unwrap_group
+
+    folder = tmp_path / "folder"
+    (folder / "sub").mkdir(parents=True)
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    size = 700 if which == "small.txt" else publish_mod.SMALL_FILE + 1
+    (folder / "sub" / which).write_bytes(b"p" * size)
+    (secret / which).write_bytes(b"S" * size)
+    walk = Publisher._walk
+
+    def walk_then_swap(self, path, *args):
+        job = walk(self, path, *args)
+        if path == os.fsencode(folder):
+            (folder / "sub").rename(folder / "sub.orig")
+            (folder / "sub").symlink_to(secret)
+        return job
+
+    monkeypatch.setattr(Publisher, "_walk", walk_then_swap)
+    with BlockStore(tmp_path / "store") as store:
+        with pytest.raises(BaseException) as info:  # noqa: B017 - a group from trio.run
+            trio.run(Publisher(DriveStorage(store), CAP, folder).run)
+        err = unwrap_group(info.value)
+        assert isinstance(err, UsageError) and "no longer the file that was listed" in str(err)
+        assert DriveStorage(store).load_head(CAP) is None

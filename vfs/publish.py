@@ -154,27 +154,32 @@ def _read_fd(fd: int, size: int, path: bytes) -> bytes:
     return b"".join(parts)
 
 
-def _open_regular(path: bytes) -> int:
-    """Open a file the walk listed as regular, refusing whatever replaced it since.
+def _open_regular(path: bytes, listed: os.stat_result) -> int:
+    """Open the file the walk listed at `path`, refusing whatever replaced it since.
 
     Without O_NONBLOCK a FIFO put in its place (by anyone who can write to the
     folder) would block the open for ever and hang the publish; without
-    O_NOFOLLOW a symlink would publish what it points to.
+    O_NOFOLLOW a symlink would publish what it points to. And the file opened
+    must be the very file listed (same device and inode): a folder above it
+    swapped for a symlink would otherwise publish a file from elsewhere on
+    the machine under a name of the drive.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
     except OSError as exc:
         raise UsageError(f"cannot read {os.fsdecode(path)}: {exc.strerror}") from exc
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (listed.st_dev,
+                                                                   listed.st_ino):
         os.close(fd)
-        raise UsageError(f"{os.fsdecode(path)} is no longer a regular file (it was replaced "
-                         "while publishing); publish again")
+        raise UsageError(f"{os.fsdecode(path)} is no longer the file that was listed (it or a "
+                         "folder above it was replaced while publishing); publish again")
     return fd
 
 
 def _open_ahead(job: _FileJob) -> int:
     """Open a small file and ask the kernel to start reading it (returns at once)."""
-    fd = _open_regular(job.path)
+    fd = _open_regular(job.path, job.st)
     if job.st.st_size:
         try:
             os.posix_fadvise(fd, 0, job.st.st_size, os.POSIX_FADV_WILLNEED)
@@ -405,7 +410,7 @@ class Publisher:
         times, so its entry always describes one consistent state of it.
         """
         for _ in range(CHANGED_RETRIES + 1):
-            fd = _open_regular(job.path)
+            fd = _open_regular(job.path, job.st)
             try:
                 before = os.fstat(fd)
                 with contextlib.suppress(OSError):
