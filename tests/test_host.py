@@ -159,6 +159,16 @@ def test_a_version_over_the_quota_is_refused_and_nothing_counts_as_hosted(
         out = peerdrive(H, "host", link, "--quota", "10M", "--json", check=False)
         assert out.returncode == 0, out.stderr + sw.diagnostics()
         assert json.loads(out.stdout)["hosted_seq"] == 1
+        # a serve started again knows the version is hosted without fetching anything
+        host.stop()
+        host = sw.serve("host again", H, bootstrap=[publisher.addr])
+        out = peerdrive(H, "host", link, "--quota", "10M", "--json", "--stall-timeout", "30",
+                        check=False)
+        assert out.returncode == 0, out.stderr + sw.diagnostics()
+        again = json.loads(out.stdout)
+        assert (again["state"], again["hosted_seq"]) == ("complete", 1)
+        assert host.snapshot(after=time.time())["drives"][pub["drive"]]["peers"] == [] or all(
+            p["blocks"] == 0 for p in host.snapshot()["drives"][pub["drive"]]["peers"])
         # removing it releases every block
         removed = json.loads(peerdrive(H, "host", "--remove", link, "--json").stdout)
         assert removed["removed"] and removed["freed_bytes"] > 2_000_000

@@ -20,19 +20,14 @@ from dht.identity import NodeIdentity
 from dht.peer import PeerConnection, PeerServer
 from dht.push import PushedSource, PushStatus, PushTarget, keep_pushing, push_once
 from dht.types import Priority
+from tests.helpers import run_trio
 from tests.test_peer_support import HOST, make_blocks, new_drive, start_server
 
 TEST_DEADLINE = 30.0
 
 
 def run(test: Callable[[trio.Nursery], Awaitable[None]]) -> None:
-    async def main() -> None:
-        with trio.fail_after(TEST_DEADLINE):
-            async with trio.open_nursery() as nursery:
-                await test(nursery)
-                nursery.cancel_scope.cancel()
-
-    trio.run(main)
+    run_trio(test, TEST_DEADLINE)
 
 
 class Listener:

@@ -301,6 +301,8 @@ class HostedDrive:
                     retry_at = await self._attempt(head)
                     continue
             elif head is not None:
+                if st.state != "complete" and head.seq == st.hosted_seq:
+                    self._held_already(head)  # hosted before this serve started
                 await trio.to_thread.run_sync(self._release)  # the limits may have changed
             with trio.move_on_at(retry_at):
                 await self._changed.wait()
@@ -340,6 +342,13 @@ class HostedDrive:
                     return trio.current_time() + 6 * RETRY_AFTER
                 raise
         return float("inf")
+
+    def _held_already(self, head: Head) -> None:
+        st = self.state
+        if head.block_list is not None:
+            st.blocks_total = st.blocks_have = head.block_list.nblocks
+            st.bytes_total = st.bytes_have = head.block_list.nbytes
+        self._set(head.seq, "complete", f"version {head.seq} hosted")
 
     def _set(self, seq: int, state: str, message: str) -> None:
         self.state.seq, self.state.state, self.state.message = seq, state, message
