@@ -1031,19 +1031,21 @@ def figure_host(bench: Bench) -> list[Row]:
         host = bench.fresh("home-host")
         procs: list[subprocess.Popen] = []
         try:
-            port = free_port()
-            procs.append(subprocess.Popen(
-                [*bench.peerdrive_argv, "serve", "--listen", f"127.0.0.1:{port}", "--no-lan",
-                 "--json"], env=bench.env_for(host), cwd=ROOT, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL))
-            read_line(procs[-1], 60, "the host's serve")
+            with open(bench.workdir / "host-serve.log", "ab") as logf:
+                procs.append(subprocess.Popen(
+                    [*bench.peerdrive_argv, "serve", "--listen", "127.0.0.1:0", "--no-lan",
+                     "--json"], env=bench.env_for(host), cwd=ROOT, stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=logf))
+            port = int(json.loads(read_line(procs[-1], 60, "the host's serve"))["port"])
             bench.peerdrive(host, "host", store_link, "--no-wait")
             started = time.perf_counter()
-            procs.append(subprocess.Popen(
-                [*bench.peerdrive_argv, "serve", "--listen", f"127.0.0.1:{free_port()}",
-                 "--no-lan", "--json", "--push", f"127.0.0.1:{port}"],
-                env=bench.env_for(publisher), cwd=ROOT, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL))
+            with open(bench.workdir / "host-publisher-serve.log", "ab") as logf:
+                procs.append(subprocess.Popen(
+                    [*bench.peerdrive_argv, "serve", "--listen", "127.0.0.1:0", "--no-lan",
+                     "--json", "--push", f"127.0.0.1:{port}"],
+                    env=bench.env_for(publisher), cwd=ROOT, stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=logf))
+            read_line(procs[-1], 60, "the publisher's serve")
             snapshot = host / "run" / f"{procs[0].pid}.json"
             deadline = time.monotonic() + 600
             while True:
@@ -1051,8 +1053,9 @@ def figure_host(bench: Bench) -> list[Row]:
                     states = json.loads(snapshot.read_text()).get("hosting", [])
                     if states and states[0]["state"] == "complete":
                         break
-                if time.monotonic() > deadline:
-                    raise BenchError("the host did not complete the version in 600 s")
+                if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                    raise BenchError("the host did not complete the version (see "
+                                     "host-serve.log and host-publisher-serve.log)")
                 time.sleep(0.05)
             times.append(time.perf_counter() - started)
             log(f"{name} run {run + 1}: {times[-1]:.1f} s "
