@@ -1607,6 +1607,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", metavar="FIGURE",
                    help="run only this figure (read_cold, read_hot, first_byte, random_reads, "
                         "metadata, publish, churn, swarm, host; repeatable)")
+    p.add_argument("--growth", metavar="COUNTS",
+                   help="instead of the figures: the growth table (issue 17) for these file "
+                        "counts, e.g. 1000,10000,100000; written into docs/benchmarks.md "
+                        "unless --md says where")
+    p.add_argument("--step-timeout", type=float, default=3600,
+                   help="growth table: seconds a step may take before it is cut and shown "
+                        "as '> N' (default 3600)")
     return p
 
 
@@ -1632,6 +1639,10 @@ def missing_tools(figures: list[Callable[[Bench], list[Row]]]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if args.growth:
+        counts = [int(c) for c in args.growth.split(",")]
+        return growth_main(counts, args.md or ROOT / "docs" / "benchmarks.md", args.workdir,
+                           args.step_timeout)
     size = args.size or (256 * MiB if args.quick else GiB)
     files = args.files or (2000 if args.quick else 20000)
     runs = args.runs or (1 if args.quick else 3)
@@ -1695,6 +1706,189 @@ def main(argv: list[str] | None = None) -> int:
     if png_path is not None:
         plot(results, png_path)
         log(f"wrote {png_path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- growth
+#
+# `scripts/bench --growth 1000,10000,100000`: how each step's cost grows with
+# the number of files (issue 17). Small random files (64 bytes) in folders of
+# 100; a publisher node and one fresh reader on loopback (--no-lan), as the
+# figures above. Written into docs/benchmarks.md between the growth markers.
+
+GROWTH_FILE_BYTES = 64
+GROWTH_PER_FOLDER = 100
+GROWTH_STEPS = ("publish", "borg create", "mount", "find cold", "find warm",
+                "rclone find cold", "rclone ls -lR cold", "status root", "pin root",
+                "cat every file", "evict root", "mount peak RSS MB", "mount peak anon MB")
+
+
+def growth_tree(root: Path, files: int) -> int:
+    """`files` random files of GROWTH_FILE_BYTES in folders of GROWTH_PER_FOLDER; bytes."""
+    rng = random.Random(files)
+    folder = None
+    for i in range(files):
+        if i % GROWTH_PER_FOLDER == 0:
+            folder = root / f"d{i // GROWTH_PER_FOLDER:05d}"
+            folder.mkdir(parents=True)
+        fd = os.open(folder / f"f{i % GROWTH_PER_FOLDER:03d}", os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, rng.randbytes(GROWTH_FILE_BYTES))
+        os.close(fd)
+    sync()
+    return files * GROWTH_FILE_BYTES
+
+
+def growth_row(bench: Bench, files: int, step_timeout: float) -> dict[str, float | str]:
+    """One line of the growth table: seconds per step (MB for memory)."""
+    out: dict[str, float | str] = {}
+    base = bench.fresh(f"growth-{files}")
+    bench.data.mkdir(exist_ok=True)
+    tree = bench.data / f"growth-{files}"
+    log(f"growth {files:,}: writing the tree")
+    growth_tree(tree, files)
+    home = bench.publisher_home
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir()
+    started = time.perf_counter()
+    link = bench.publish(home, tree)["read_link"]
+    out["publish"] = time.perf_counter() - started
+    bench._links = {"growth": link}
+    borg_env = dict(os.environ, BORG_PASSPHRASE="peerdrive-bench",
+                    BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
+                    BORG_BASE_DIR=str(base / "borg-base"))
+    if shutil.which("borg"):
+        repo = base / "borg-repo"
+        run_quiet(["borg", "init", "--encryption", "repokey-blake2", str(repo)],
+                  env=borg_env, what="borg init")
+        out["borg create"] = timed(lambda: subprocess.run(
+            ["borg", "create", f"{repo}::g", tree.name], env=borg_env, cwd=tree.parent,
+            capture_output=True, check=True, timeout=step_timeout))
+        shutil.rmtree(repo)
+    peaks: list[dict[str, int]] = []
+
+    def timed_cmd(step: str, argv: list[str], env_home: Path | None = None) -> None:
+        try:
+            out[step] = timed(lambda: subprocess.run(
+                argv, env=bench.env_for(env_home) if env_home else None, cwd=ROOT,
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=True,
+                timeout=step_timeout))
+        except subprocess.TimeoutExpired:
+            out[step] = f"> {step_timeout:.0f}"
+            log(f"growth {files:,}: {step} still running after {step_timeout:.0f} s")
+        log(f"growth {files:,}: {step}: {out[step]}")
+
+    try:
+        with bench.serving() as port:
+            reader = base / "reader"
+            reader.mkdir()
+            mnt = base / "mnt"
+            mnt.mkdir()
+            started = time.perf_counter()
+            res = bench.peerdrive(reader, "mount", link, str(mnt), "--bootstrap",
+                                  f"127.0.0.1:{port}", *PEERDRIVE_MOUNT_FLAGS, "--json",
+                                  timeout=180)
+            out["mount"] = time.perf_counter() - started
+            pid = int(json.loads(res.stdout)["pid"])
+            bench.rss_watch.watch(pid)
+            try:
+                bench.drop_page_cache()
+                timed_cmd("find cold", ["find", str(mnt), "-type", "f"])
+                timed_cmd("find warm", ["find", str(mnt), "-type", "f"])
+                pd = [*bench.peerdrive_argv]
+                timed_cmd("status root", [*pd, "status", str(mnt), "--json"], reader)
+                timed_cmd("pin root", [*pd, "pin", str(mnt), "--json"], reader)
+                timed_cmd("status root pinned", [*pd, "status", str(mnt), "--json"], reader)
+                subprocess.run([*pd, "unpin", str(mnt)], env=bench.env_for(reader),
+                               cwd=ROOT, capture_output=True, check=False, timeout=step_timeout)
+                timed_cmd("evict root", [*pd, "evict", str(mnt), "--json"], reader)
+            finally:
+                subprocess.run([*bench.peerdrive_argv, "unmount", str(mnt)],
+                               env=bench.env_for(reader), cwd=ROOT, capture_output=True,
+                               check=False, timeout=120)
+                unmount_quietly(mnt)
+                stop_pid(pid)
+                peaks.append(bench.rss_watch.done(pid))
+            # a second fresh reader reads every file with cat: what the pin is measured against
+            reader2 = base / "reader2"
+            reader2.mkdir()
+            mnt2 = base / "mnt2"
+            mnt2.mkdir()
+            res = bench.peerdrive(reader2, "mount", link, str(mnt2), "--bootstrap",
+                                  f"127.0.0.1:{port}", *PEERDRIVE_MOUNT_FLAGS, "--json",
+                                  timeout=180)
+            pid = int(json.loads(res.stdout)["pid"])
+            bench.rss_watch.watch(pid)
+            try:
+                timed_cmd("cat every file", ["sh", "-c", f"find {mnt2} -type f -print0 | "
+                                             "xargs -0 cat > /dev/null"])
+            finally:
+                subprocess.run([*bench.peerdrive_argv, "unmount", str(mnt2)],
+                               env=bench.env_for(reader2), cwd=ROOT, capture_output=True,
+                               check=False, timeout=120)
+                unmount_quietly(mnt2)
+                stop_pid(pid)
+                peaks.append(bench.rss_watch.done(pid))
+    finally:
+        bench._links = None
+    out["mount peak RSS MB"] = max(p.get("VmHWM", 0) for p in peaks) / 1e6
+    out["mount peak anon MB"] = max(p.get("RssAnon", 0) for p in peaks) / 1e6
+    if shutil.which("rclone") and shutil.which("nginx"):
+        bench._big = bench._tree = tree  # nginx serves data/ as it is: nothing else to write
+        with bench.rclone_mount("growth") as m:
+            bench.drop_page_cache()
+            timed_cmd("rclone find cold", ["find", str(m.path / tree.name), "-type", "f"])
+        with bench.rclone_mount("growth") as m:
+            bench.drop_page_cache()
+            timed_cmd("rclone ls -lR cold", ["ls", "-lR", str(m.path / tree.name)])
+    shutil.rmtree(base, ignore_errors=True)
+    return out
+
+
+def growth_markdown(rows: dict[int, dict[str, float | str]]) -> str:
+    counts = sorted(rows)
+    steps = [s for s in (*GROWTH_STEPS, "status root pinned")
+             if any(s in rows[n] for n in counts)]
+    lines = ["| step | " + " | ".join(f"{n:,} files" for n in counts) + " |",
+             "|---" * (len(counts) + 1) + "|"]
+    for s in steps:
+        cells = []
+        for n in counts:
+            v = rows[n].get(s, "")
+            cells.append(v if isinstance(v, str) else (f"{v:.0f}" if "MB" in s else f"{v:.2f}"))
+        unit = "" if "MB" in s else " (s)"
+        lines.append(f"| {s}{unit} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def growth_main(counts: list[int], md_path: Path | None, workdir: Path | None,
+                step_timeout: float) -> int:
+    """Run the growth table for `counts` files; print it, and write it into `md_path`."""
+    work = Path(tempfile.mkdtemp(prefix="peerdrive-bench-growth-", dir=workdir))
+    rows: dict[int, dict[str, float | str]] = {}
+    with contextlib.ExitStack() as stack:
+        bench = Bench(size=0, files=0, folders=1, runs=1, quick=True, workdir=work,
+                      peerdrive_argv=peerdrive_argv(), stack=stack)
+        stack.callback(cleanup, work)
+        stack.callback(bench.rss_watch.stop)
+        try:
+            for n in counts:
+                rows[n] = growth_row(bench, n, step_timeout)
+                print(json.dumps({n: rows[n]}), flush=True)
+        except BenchError as exc:
+            print(f"bench: error: {exc}", file=sys.stderr)
+            return 1
+    text = growth_markdown(rows)
+    print(text)
+    if md_path is not None:
+        md = md_path.read_text() if md_path.exists() else ""
+        start, end = "<!-- growth -->", "<!-- /growth -->"
+        block = f"{start}\n{text}\n{end}"
+        if start in md and end in md:
+            md = md[:md.index(start)] + block + md[md.index(end) + len(end):]
+        else:
+            md += "\n## Growth with the number of files\n\n" + block + "\n"
+        md_path.write_text(md)
+        log(f"wrote the growth table into {md_path}")
     return 0
 
 

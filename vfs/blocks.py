@@ -67,6 +67,14 @@ class BlockReader:
         self.fetched_blocks = 0
         self.fetched_bytes = 0
         self.uncached_blocks = 0
+        # called on the event loop after each commit of fetched blocks, with True when the
+        # store changed in more ways than taking them (a block refused, or evictions made
+        # room): the drive's folder figures then recount (vfs.figures)
+        self.on_stored: Callable[[bool], None] | None = None
+
+    def is_unstored(self, block_id: bytes) -> bool:
+        """Fetched and verified, waiting for the store writer: as good as on the device."""
+        return block_id in self._unstored
 
     def _remember(self, block_id: bytes, plain: bytes) -> None:
         if len(plain) > self._plain_limit:
@@ -118,28 +126,39 @@ class BlockReader:
         it is stored, except at PIN and PREFETCH priority, whose callers want
         it on the device when this returns.
         """
-        ct = self._unstored.get(ref.block_id)
+        return await self.ciphertext_of(ref.block_id, priority)
+
+    async def ciphertext_of(self, block_id: bytes, priority: Priority, *,
+                            local: bool = True) -> bytes | None:
+        """`ciphertext` by block id. With `local=False` a block found in the store is
+        not read (None is returned): a pin only wants it on the device."""
+        ct = self._unstored.get(block_id)
         if ct is None:
-            ct = self.store.get(ref.block_id)
+            if not local and self.store.has(block_id):
+                return None
+            ct = self.store.get(block_id)
         if ct is not None:
             return ct
         if self.fetch is None:
-            raise BlockUnavailable(f"block {ref.block_id.hex()[:16]} is not on this device "
+            raise BlockUnavailable(f"block {block_id.hex()[:16]} is not on this device "
                                    "and this mount has no network")
-        ct = await self.fetch(ref.block_id, priority)
+        ct = await self.fetch(block_id, priority)
         self.fetched_blocks += 1
         self.fetched_bytes += len(ct)
         if not self._writer_running:
             # a put hashes the block and commits (fsync): worker thread, not the event loop
-            self.uncached_blocks += await trio.to_thread.run_sync(
-                self._store_batch, [(ref.block_id, ct)])
+            failed, changed = await trio.to_thread.run_sync(self._store_batch,
+                                                            [(block_id, ct)])
+            self.uncached_blocks += failed
+            if self.on_stored is not None:
+                self.on_stored(changed)
             return ct
-        if ref.block_id not in self._unstored:
-            self._unstored[ref.block_id] = ct
+        if block_id not in self._unstored:
+            self._unstored[block_id] = ct
             self._unstored_bytes += len(ct)
             self._unstored_added.set()
         if priority >= Priority.PIN:
-            while ref.block_id in self._unstored and self._writer_running:
+            while block_id in self._unstored and self._writer_running:
                 await self._stored.wait()
         # bounded memory: a disk slower than the network slows the fetches down
         while self._unstored_bytes > UNSTORED_LIMIT_BYTES and self._writer_running:
@@ -171,33 +190,42 @@ class BlockReader:
             # Only a batch the store took leaves `_unstored`: a cancellation can land
             # before the worker thread starts, and the blocks must then wait for the
             # writer's shielded last round (they used to be dropped, unstored).
-            self.uncached_blocks += await trio.to_thread.run_sync(self._store_batch, batch)
+            failed, changed = await trio.to_thread.run_sync(self._store_batch, batch)
+            self.uncached_blocks += failed
             for block_id, ct in batch:
                 if self._unstored.get(block_id) is ct:
                     del self._unstored[block_id]
                     self._unstored_bytes -= len(ct)
             self._stored.set()
             self._stored = trio.Event()
+            if self.on_stored is not None:
+                self.on_stored(changed)
 
-    def _store_batch(self, batch: list[tuple[bytes, bytes]]) -> int:
-        """Put fetched blocks in one transaction (worker thread); returns how many were not.
+    def _store_batch(self, batch: list[tuple[bytes, bytes]]) -> tuple[int, bool]:
+        """Put fetched blocks in one transaction (worker thread).
 
-        A store that cannot take them (the limit is taken by pinned blocks, the
-        disk is full, any store error) only means "uncached": a full disk never
-        fails a read the network served. If the batch as a whole does not fit,
-        the blocks are tried one by one, so what fits is kept.
+        Returns how many were not stored, and whether the store changed in
+        more ways than taking the batch (blocks refused, or others evicted to
+        make room; seen in its block count). A store that cannot take them
+        (the limit is taken by pinned blocks, the disk is full, any store
+        error) only means "uncached": a full disk never fails a read the
+        network served. If the batch as a whole does not fit, the blocks are
+        tried one by one, so what fits is kept.
         """
         try:
-            self.store.put_many(batch, tag=self.tag)
+            before = self.store.count
+            new = self.store.put_many(batch, tag=self.tag)
+            after = self.store.count
             self.store.release_mapped_pages()
-            self._evict_undecryptable(batch)
-            return 0
+            if self._evict_undecryptable(batch):
+                return 0, True
+            return 0, after != before + new
         except StoreFull:
             if len(batch) == 1:
-                return 1
+                return 1, True
         except StoreError as exc:
             log.warning("%d block(s) not cached: %s", len(batch), exc)
-            return len(batch)
+            return len(batch), True
         failed = 0
         for block_id, ct in batch:
             try:
@@ -205,14 +233,16 @@ class BlockReader:
             except StoreError:
                 failed += 1
         self._evict_undecryptable(batch)
-        return failed
+        return failed, True
 
-    def _evict_undecryptable(self, batch: list[tuple[bytes, bytes]]) -> None:
-        """Evict what failed to decrypt while its batch was being stored (worker thread)."""
+    def _evict_undecryptable(self, batch: list[tuple[bytes, bytes]]) -> bool:
+        """Evict what failed to decrypt while its batch was being stored (worker thread);
+        True if there was any."""
         bad = [block_id for block_id, _ in batch if block_id in self._undecryptable]
         if bad:
             self._undecryptable.difference_update(bad)
             self.store.evict(bad)
+        return bool(bad)
 
     def _open_local(self, ref: Ref) -> bytes | None:
         """Read and decrypt a block from the store, in a worker thread.

@@ -21,7 +21,7 @@ import trio
 
 from cache.errors import StoreError, StoreFull
 
-from . import flags
+from . import flags, xattrs
 from .capability import ReadCap, StoreCap, WriteCap, parse_link, require_read
 from .errors import (
     BlockUnavailable,
@@ -506,34 +506,35 @@ def cmd_unmount(args: argparse.Namespace) -> int:
 
 
 def cmd_pin(args: argparse.Namespace) -> int:
-    from .status import path_status
+    from .status import path_status, pin_progress
 
     paths = [Path(p).expanduser() for p in args.paths]
     for p in paths:
         flags.pin(p)
-    results = []
     if not args.no_wait:
         bar = ProgressBar("pinning", sys.stdout.isatty() and not args.json)
         last_change = time.monotonic()
-        last_have = -1
+        last_done = -1
         while True:
-            # not `copies`: that asks every peer, too much for a poll four times a second
-            stats = [path_status(p, only=("state", "cached", "size")) for p in paths]
-            have = sum(s.get("cached_bytes", 0) for s in stats)
-            total = sum(s.get("size_bytes", 0) for s in stats)
-            bar.update(have, total)
-            if have >= total:
+            # the pins' own counters: cheap to poll, whatever the size of the folder
+            progress = [pin_progress(p) for p in paths]
+            done = sum(p.blocks for p in progress if p is not None)
+            bar.update(sum(p.bytes for p in progress if p is not None),
+                       sum(p.total_bytes for p in progress if p is not None))
+            if all(p is not None and p.complete for p in progress):
                 break
-            if have != last_have:
-                last_have, last_change = have, time.monotonic()
+            if done != last_done:
+                last_done, last_change = done, time.monotonic()
             elif time.monotonic() - last_change > args.stall_timeout:
                 bar.finish()
+                why = next((p.error for p in progress if p is not None and p.error), "")
                 raise BlockUnavailable(
-                    f"pinning stalled at {format_size(have)} of {format_size(total)}: no peer "
-                    "serves the missing blocks; the pin stays and completes when one does")
+                    f"pinning stalled at {done} blocks: no peer serves the missing ones; the "
+                    "pin stays and completes when one does" + (f" ({why})" if why else ""))
             time.sleep(0.25)
         bar.finish()
-    results = [path_status(p) for p in paths]
+    # not `copies`: that asks every peer about every block below the path
+    results = [path_status(p, only=xattrs.LOCAL) for p in paths]
     _emit(args, {"pinned": results},
           "\n".join(f"pinned {r['path']}: {r['state']}, {format_size(r.get('cached_bytes', 0))}"
                     f" of {format_size(r.get('size_bytes', 0))} on this device" for r in results))
@@ -554,7 +555,7 @@ def cmd_evict(args: argparse.Namespace) -> int:
     for p in args.paths:
         path = Path(p).expanduser()
         flags.evict(path)
-        out.append(path_status(path))
+        out.append(path_status(path, only=xattrs.LOCAL))
     _emit(args, {"evicted": out}, "\n".join(
         f"evicted {r['path']}: {format_size(r.get('cached_bytes', 0))} still on this device"
         + (" (pinned)" if r.get("pinned") else "") for r in out))

@@ -1,9 +1,11 @@
-"""A mounted drive: the tree of its current version, the read path, its status.
+"""A mounted drive: the tree of its current version and the read path.
 
 The FUSE layer (`vfs.fs`) calls this with entries and byte ranges; this
-module turns them into block reads through the `Tree` and the `BlockReader`,
-and answers the status questions (`user.peerdrive.*`). It raises the drive
-layer's own errors; only `vfs.fs` turns them into errno.
+module turns them into block reads through the `Tree` and the `BlockReader`.
+Status and pin questions (`user.peerdrive.*`) are answered by `vfs.answers`
+from the folder figures (`vfs.figures`) this drive keeps current as blocks
+arrive. It raises the drive layer's own errors; only `vfs.fs` turns them
+into errno.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ import trio
 
 from dht.types import Priority
 
+from .answers import Answers
 from .blocks import BlockReader, Fetch
 from .capability import ReadCap
 from .crypto import Ref
-from .errors import BlockUnavailable, FormatError, PeerdriveError, UsageError
+from .errors import BlockUnavailable, FormatError, PeerdriveError
+from .figures import Figures
 from .formats import Entry
 from .head import Head
 from .storage import DriveStorage
@@ -36,12 +40,13 @@ CHUNK_LIST_PREFETCH_BYTES = 4 * 1024 * 1024
 # Directories whose chunk lists were fetched ahead, remembered so a re-listing does not
 # look through them again; bounded, since a drive may hold millions of directories.
 LISTS_PREFETCHED_REMEMBERED = 65536
-COPIES_TIMEOUT = 5.0  # seconds the peers get to say which blocks they hold
 # After a block could not be fetched within the fetch timeout, reads of it fail at once
 # for this long: the kernel follows a failed readahead with a read of the same page,
 # which would otherwise wait out the whole timeout a second time.
 UNAVAILABLE_MEMORY = 2.0
 
+# Seconds between two looks at the store's counters for changes other processes made.
+STORE_CHECK_SECONDS = 5
 # holders(block_ids, timeout) -> {peer node id: [holds id i]} for every peer that answered
 Holders = Callable[[list[bytes], float], Awaitable[dict[bytes, list[bool]]]]
 
@@ -52,6 +57,7 @@ class OpenFile:
 
     entry: Entry
     map: ChunkMap
+    folder: bytes | None = None  # node id of the directory holding it (for its figures)
     next_offset: int = 0
     sequential: int = 0
     readahead_until: int = 0
@@ -69,6 +75,9 @@ class Drive:
         self.version = 1
         self.blocks = BlockReader(storage.store, cap.read_key, fetch, tag=cap.discovery_key)
         self.tree = Tree(self.blocks)
+        self.figures = Figures(self.tree, storage.store, unstored=self.blocks.is_unstored)
+        self.blocks.on_stored = self._stored
+        self.answers = Answers(self)
         self.holders = holders
         self._unavailable: dict[bytes, tuple[float, str]] = {}  # block id -> (when, why)
         self._nursery: trio.Nursery | None = None
@@ -86,10 +95,12 @@ class Drive:
             await nursery.start(self.pins.run)
             nursery.start_soon(self._warm_up)
             task_status.started()
+            self.figures.noted()
             while True:
                 # recency of reads is batched in memory by the store: persist it now and then
-                await trio.sleep(5)
+                await trio.sleep(STORE_CHECK_SECONDS)
                 await trio.to_thread.run_sync(self.storage.store.flush)
+                self.figures.check_store()
 
     async def _warm_up(self) -> None:
         """Load the root directory as the mount starts, before anyone asks.
@@ -163,8 +174,9 @@ class Drive:
 
     # -- reading -------------------------------------------------------------------
 
-    async def open(self, entry: Entry) -> OpenFile:
-        return OpenFile(entry, await self.tree.chunk_map(entry))
+    async def open(self, entry: Entry, folder: bytes | None = None) -> OpenFile:
+        """Open a file; `folder` is the node id of its directory, whose figures its reads change."""
+        return OpenFile(entry, await self.tree.chunk_map(entry), folder)
 
     def close(self, of: OpenFile) -> None:
         of.pending.clear()
@@ -185,7 +197,7 @@ class Drive:
         end = off + size
         if len(span) == 1:
             i = span[0]
-            plain = await self._read_chunk(chunks[i], Priority.READ)
+            plain = await self._read_chunk(chunks[i], Priority.READ, of)
             # a view, not a copy: pyfuse3 hands any buffer to the kernel as it is
             return memoryview(plain)[off - starts[i]:end - starts[i]]
         parts: list[memoryview] = [memoryview(b"")] * len(span)
@@ -195,7 +207,7 @@ class Drive:
             # a failed chunk does not cancel the others: each ends bounded by the fetch
             # timeout, and every chunk found unavailable is remembered as such
             try:
-                plain = await self._read_chunk(chunks[i], Priority.READ)
+                plain = await self._read_chunk(chunks[i], Priority.READ, of)
             except PeerdriveError as exc:
                 errors.append(exc)
                 return
@@ -209,8 +221,20 @@ class Drive:
             raise errors[0]
         return b"".join(parts)  # the one copy: only the bytes asked for
 
-    async def _read_chunk(self, ref: Ref, priority: Priority) -> bytes:
-        """A chunk's plaintext; fails at once if no peer could serve it moments ago."""
+    async def _read_chunk(self, ref: Ref, priority: Priority,
+                          of: OpenFile | None = None) -> bytes:
+        """A chunk's plaintext; fails at once if no peer could serve it moments ago.
+
+        A chunk fetched for `of` changes its folder's figures: they are marked.
+        """
+        fetched = self.blocks.fetched_blocks
+        try:
+            return await self._read_chunk_once(ref, priority)
+        finally:
+            if of is not None and self.blocks.fetched_blocks != fetched:
+                self.figures.fetched(ref.block_id, of.folder)
+
+    async def _read_chunk_once(self, ref: Ref, priority: Priority) -> bytes:
         now = trio.current_time()
         failed = self._unavailable.get(ref.block_id)
         if failed is not None:
@@ -266,117 +290,20 @@ class Drive:
                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()  # and on into the read at once, before the next chunk's task
         try:
-            await self._read_chunk(of.map.chunks[i], Priority.READAHEAD)
+            await self._read_chunk(of.map.chunks[i], Priority.READAHEAD, of)
         except PeerdriveError:
             pass  # readahead is a hint: the real read reports the error
         finally:
             of.pending.discard(i)
 
-    # -- status --------------------------------------------------------------------
+    # -- the store as the node sees it -------------------------------------------------
 
     def cache_usage(self) -> tuple[int, int | None]:
         st = self.storage.store
         return st.total_bytes, st.limit_bytes
 
-    def xattr_names(self) -> list[str]:
-        return ["state", "cached", "size", "pinned", "copies"]
-
-    async def file_chunks(self, entry: Entry) -> tuple:
-        return (await self.tree.chunk_map(entry, Priority.PREFETCH)).chunks
-
-    async def usage(self, entry: Entry) -> tuple[int, int]:
-        """(bytes on this device, total bytes) of a file or a whole folder."""
-        store = self.storage.store
-        if entry.is_file:
-            chunks = await self.file_chunks(entry)
-            present = set(store.missing([r.block_id for r in chunks]))
-            have = sum(r.length for r in chunks if r.block_id not in present)
-            return have, entry.size
-        if entry.is_dir:
-            have = total = 0
-            async for _, child in self.entries(entry, 0):
-                h, t = await self.usage(child)
-                have += h
-                total += t
-            return have, total
-        return 0, 0
-
-    async def file_block_sets(self, entry: Entry) -> list[list[bytes]]:
-        """For every file at or below `entry`: the ids of its chunk-list and chunk blocks."""
-        if entry.is_file:
-            ids = [cl.ref.block_id for cl in entry.chunk_lists or ()]
-            ids.extend(r.block_id for r in await self.file_chunks(entry))
-            return [ids]
-        out: list[list[bytes]] = []
-        if entry.is_dir:
-            async for _, child in self.entries(entry, 0):
-                out.extend(await self.file_block_sets(child))
-        return out
-
-    async def copies(self, entry: Entry) -> int:
-        """How many copies of `entry` are known: devices that hold it whole.
-
-        For a file: the reachable peers serving this drive that hold every
-        block of it (chunk lists and chunks), asked now with Have, plus one
-        if this device holds it whole. For a folder: the least of that over
-        every file below it (0 for a folder with no files): how many devices
-        could vanish before some file of it is lost. A peer that does not
-        answer within COPIES_TIMEOUT does not count.
-        """
-        files = await self.file_block_sets(entry)
-        if not files:
-            return 0
-        union = list(dict.fromkeys(i for ids in files for i in ids))
-        answers: dict[bytes, list[bool]] = {}
-        if self.holders is not None:
-            answers = await self.holders(union, COPIES_TIMEOUT)
-        where = {block_id: k for k, block_id in enumerate(union)}
-        local = set(union).difference(self.storage.store.missing(union))
-        least: int | None = None
-        for ids in files:
-            count = sum(1 for flags in answers.values() if all(flags[where[i]] for i in ids))
-            if local.issuperset(ids):
-                count += 1
-            least = count if least is None else min(least, count)
-        return least or 0
-
-    async def get_xattr(self, path: list[bytes], entry: Entry, name: str) -> bytes | None:
-        if name not in self.xattr_names():
-            return None
-        if name == "pinned":
-            return b"1" if self.pins is not None and self.pins.is_pinned(path) else b"0"
-        if name == "copies":
-            return str(await self.copies(entry)).encode()
-        have, total = await self.usage(entry)
-        if name == "cached":
-            return str(have).encode()
-        if name == "size":
-            return str(total).encode()
-        return state_of(have, total).encode()
-
-    async def set_xattr(self, path: list[bytes], entry: Entry, name: str, value: bytes) -> bool:
-        """`pinned` = 1/0 pins or unpins; `evict` = 1 frees the path's unpinned blocks now."""
-        flag = value.strip()
-        if flag not in (b"0", b"1"):
-            raise UsageError(f"user.peerdrive.{name} takes 0 or 1")
-        if name == "pinned" and self.pins is not None:
-            if flag == b"1":
-                self.pins.pin(path)
-            else:
-                self.pins.unpin(path)
-            return True
-        if name == "evict" and flag == b"1" and self.pins is not None:
-            refs = await self.pins.blocks_under(entry)
-            ids = [r.block_id for r in refs]
-            self.storage.store.evict(ids)
-            for i in ids:
-                self.blocks.forget(i)
-            return True
-        return False
-
-
-def state_of(have: int, total: int) -> str:
-    """The Kindle-model state: nothing local, some, or everything."""
-    if total == 0 or have >= total:
-        return "device"
-    return "cloud" if have == 0 else "partial"
+    def _stored(self, changed: bool) -> None:
+        """The store writer committed fetched blocks (see BlockReader.on_stored)."""
+        if changed:
+            self.figures.changed(None)
+        self.figures.noted()

@@ -12,12 +12,13 @@ import errno
 import os
 from pathlib import Path
 
+from . import xattrs
 from .errors import UsageError
 
 
 def _set_flag(path: Path, name: str, value: bytes) -> None:
     try:
-        os.setxattr(path, f"user.peerdrive.{name}", value)
+        os.setxattr(path, xattrs.full_name(name), value)
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.EROFS, errno.ENODATA):
             raise UsageError(f"{path} is not inside a peerdrive mount") from exc
@@ -26,14 +27,14 @@ def _set_flag(path: Path, name: str, value: bytes) -> None:
 
 def pin(path: Path) -> None:
     """Pin `path`: the mount fetches it whole in the background and keeps it."""
-    _set_flag(path, "pinned", b"1")
+    _set_flag(path, xattrs.PINNED, xattrs.encode_flag(True))
 
 
 def unpin(path: Path) -> None:
     """Unpin `path`: its blocks are evictable again."""
-    _set_flag(path, "pinned", b"0")
+    _set_flag(path, xattrs.PINNED, xattrs.encode_flag(False))
 
 
 def evict(path: Path) -> None:
     """Drop the unpinned blocks under `path` from this device now."""
-    _set_flag(path, "evict", b"1")
+    _set_flag(path, xattrs.EVICT, xattrs.encode_flag(True))

@@ -28,7 +28,6 @@ FORMAT_VERSION = 1
 KIND_FILE = 0
 KIND_DIR = 1
 KIND_LINK = 2
-_KINDS = (KIND_FILE, KIND_DIR, KIND_LINK)
 
 MAX_NAME = 255
 MAX_LINK_TARGET = 4095
@@ -36,6 +35,9 @@ MAX_FILE_SIZE = 1 << 50
 MAX_ENTRIES_PER_NODE = 200_000
 MAX_PARTS_PER_NODE = 200_000
 MAX_DIR_DEPTH_OF_NODES = 6  # interior levels of one directory's node tree
+# Entries of one directory, at most: a listing's offsets hold the index in 40 bits
+# (vfs/fs.py), and no real folder comes near this.
+MAX_DIR_ENTRIES = 1 << 32
 MAX_INLINE_CHUNKS = 256  # more than this and a file's chunk list moves to blocks
 CHUNKS_PER_LIST_BLOCK = 8192
 MAX_CHUNKS_PER_LIST = 50_000
@@ -285,7 +287,7 @@ def decode_entry(obj: object) -> Entry:
     if kind == KIND_DIR:
         _only_keys(m, {"n", "t", "m", "mt", "r", "nd", "ne"}, "directory entry")
         node = decode_ref(m.get("r"), "directory node")
-        ne = _int(m.get("ne"), "directory entry count", 0, 1 << 40)
+        ne = _int(m.get("ne"), "directory entry count", 0, MAX_DIR_ENTRIES)
         nd = _int(m.get("nd"), "subdirectory count", 0, ne)
         return Entry(name, kind, mode, mtime, node=node, nsubdirs=nd, nentries=ne)
     _only_keys(m, {"n", "t", "m", "mt", "l"}, "symlink entry")
@@ -361,8 +363,10 @@ def decode_dir_node(data: bytes) -> DirLeaf | DirInterior:
         if len(it) != 3:
             raise FormatError("a directory part must have 3 items")
         first = check_name(_bytes(it[0], "part name", max_len=MAX_NAME))
-        n = _int(it[2], "part entry count", 1, 1 << 40)
+        n = _int(it[2], "part entry count", 1, MAX_DIR_ENTRIES)
         total += n
+        if total > MAX_DIR_ENTRIES:
+            raise FormatError(f"a directory holds more than {MAX_DIR_ENTRIES} entries")
         parts.append(DirPart(first, decode_ref(it[1], "part"), n))
     if not parts:
         raise FormatError("an interior directory node has no parts")

@@ -29,6 +29,7 @@ import trio
 
 from cache.errors import StoreFull
 
+from . import xattrs
 from .drive import Drive, OpenFile
 from .errors import (
     BlockUnavailable,
@@ -43,7 +44,6 @@ from .formats import Entry
 log = logging.getLogger(__name__)
 
 ATTR_TIMEOUT = 3600.0
-XATTR_PREFIX = b"user.peerdrive."
 
 T = TypeVar("T")
 
@@ -141,7 +141,12 @@ def listing_offset(dir_entry: Entry, index: int) -> int:
     recognises by offset. The tag (22 bits of the directory node's id: the
     same listing, the same tag) keeps a handle still reading an older listing
     from ever continuing a cache being filled with a newer one. Below 2**62.
+    A directory holds at most formats.MAX_DIR_ENTRIES (2**32) entries, so the
+    index never reaches the tag's bits; a listing that claims more is refused
+    rather than handed out offsets that would wrap and list it for ever.
     """
+    if not 0 <= index < LISTING_INDEX_MASK:
+        raise FormatError(f"directory listing index {index} is past what offsets can hold")
     return (listing_tag(dir_entry) << LISTING_TAG_SHIFT) | (index + 1)
 
 
@@ -421,7 +426,7 @@ class DriveOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)
         fh = self._next_fh
         self._next_fh += 1
-        self._files[fh] = await self.drive.open(node.entry)
+        self._files[fh] = await self.drive.open(node.entry, self._folder_of(node))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
 
     @fuse_errors
@@ -438,18 +443,25 @@ class DriveOperations(pyfuse3.Operations):
 
     # -- extended attributes: status and pinning -----------------------------------
 
+    def _folder_of(self, node: Inode) -> bytes | None:
+        """The node id of the directory holding `node` (whose figures its blocks change)."""
+        parent = self.inodes.get(node.parent)
+        if parent is None or parent.entry.node is None or node.ino == pyfuse3.ROOT_INODE:
+            return None
+        return parent.entry.node.block_id
+
     @fuse_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         await self._current(inode)
-        return [XATTR_PREFIX + n.encode() for n in self.drive.xattr_names()]
+        return [xattrs.full_name(n).encode() for n in self.drive.answers.names()]
 
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         node = await self._current(inode)
-        if not name.startswith(XATTR_PREFIX):
+        short = xattrs.short_name(name)
+        if short is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-        value = await self.drive.get_xattr(self._path(node), node.entry,
-                                           name[len(XATTR_PREFIX):].decode("ascii", "replace"))
+        value = await self.drive.answers.get(self._path(node), node.entry, short)
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value
@@ -458,12 +470,13 @@ class DriveOperations(pyfuse3.Operations):
     async def setxattr(self, inode: int, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
         node = await self._current(inode)
-        if not name.startswith(XATTR_PREFIX):
+        short = xattrs.short_name(name)
+        if short is None:
             raise pyfuse3.FUSEError(errno.EROFS)
-        key = name[len(XATTR_PREFIX):].decode("ascii", "replace")
-        if not await self.drive.set_xattr(self._path(node), node.entry, key, value):
+        if not await self.drive.answers.set(self._path(node), node.entry, short, value,
+                                            self._folder_of(node)):
             raise pyfuse3.FUSEError(errno.EROFS)
-        if key == "evict":
+        if short == xattrs.EVICT:
             await self._drop_kernel_pages(node)
 
     async def _drop_kernel_pages(self, top: Inode) -> None:

@@ -14,7 +14,10 @@ to a new version the set is recomputed and replaced atomically: new blocks
 are fetched, blocks no longer referenced are released.
 
 Fetching runs in the background at PIN priority, so a read of another file
-always goes first (the fetcher serves READ before PIN).
+always goes first (the fetcher serves READ before PIN). The set is streamed
+from the folder figures a directory at a time, many blocks in flight, and
+each pin keeps its own counters (`progress`), which is what `peerdrive pin`
+polls: no poll ever walks the tree.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import hashlib
 import hmac
 import logging
 import os
+from collections.abc import AsyncIterator
 from urllib.parse import unquote_to_bytes
 
 import msgpack
@@ -33,14 +37,19 @@ from cache.errors import StoreError
 from dht.types import Priority
 
 from .capability import ReadCap
-from .crypto import Ref
+from .crypto import HASH_LEN, Ref
 from .drive import Drive
 from .errors import BlockUnavailable, PeerdriveError, UsageError
 from .formats import Entry
+from .xattrs import PIN_COMPLETE, PIN_FETCHING, PIN_LISTING, PIN_RETRYING, PinProgress
 
 log = logging.getLogger(__name__)
 
-PIN_FETCH_CONCURRENCY = 16
+# Blocks of a pin fetched at once: many small files want many requests in flight (the
+# fetcher spreads them over peers, the store writer commits them in batches).
+PIN_FETCH_CONCURRENCY = 128
+# Store lookups made on the event loop at most; a larger batch goes to a worker thread.
+LOOP_BLOCKS = 1024
 
 
 _PATH_RECORD = b"pinpath:"
@@ -102,6 +111,7 @@ class Pins:
         self.drive_id = drive.cap.drive_id
         self._wake = trio.Event()
         self.errors: dict[str, str] = {}
+        self.progress: dict[str, PinProgress] = {}  # by pin name: the pin's own counters
         self.migrate()
 
     def migrate(self) -> int:
@@ -147,6 +157,10 @@ class Pins:
             # the sealed path first: a pin never exists without a way back to its path
             self.store.put_record(_record_key(self.cap, name), seal_path(self.cap, name, path))
             self.store.set_pin(name, [])
+        progress = self.progress.get(name)
+        if progress is None or progress.complete:
+            # complete for this version, perhaps, but a poll must wait for a fresh look
+            self.progress[name] = PinProgress()
         self._wake.set()
 
     def unpin(self, path: list[bytes]) -> None:
@@ -157,57 +171,85 @@ class Pins:
                                  "folder instead")
         self.store.delete_record(_record_key(self.cap, name))
         self.errors.pop(name, None)
+        self.progress.pop(name, None)
 
     def refresh(self) -> None:
         """A new version arrived: recompute every pin's block set."""
         self._wake.set()
 
+    def progress_of(self, path: list[bytes]) -> PinProgress | None:
+        """The progress of the pin holding `path` (its own, else the nearest folder's)."""
+        for k in range(len(path), -1, -1):
+            progress = self.progress.get(pin_name(self.cap, path[:k]))
+            if progress is not None:
+                return progress
+        return None
+
     # -- the blocks a path needs -----------------------------------------------------
 
-    async def _resolve(self, path: list[bytes]) -> tuple[Entry, list[Ref]]:
-        """The entry at `path` and the directory nodes on the way to it."""
+    async def _resolve(self, path: list[bytes]) -> tuple[Entry, list[Ref], bytes | None]:
+        """The entry at `path`, the directory nodes on the way to it, its folder's node id."""
         tree = self.drive.tree
         entry = self.drive.root_entry()
         refs: list[Ref] = []
+        folder = None
         for name in path:
             if not entry.is_dir or entry.node is None:
                 raise UsageError(f"{b'/'.join(path)!r} no longer exists in this version")
+            folder = entry.node.block_id
             refs.extend(await tree.node_refs(entry.node, Priority.PIN))
             child = await tree.lookup(entry.node, name)
             if child is None:
                 raise UsageError(f"{b'/'.join(path)!r} no longer exists in this version")
             entry = child
-        return entry, refs
+        return entry, refs, folder
 
-    async def blocks_under(self, entry: Entry) -> list[Ref]:
-        """Every block needed to read `entry` whole (metadata and content)."""
-        tree = self.drive.tree
+    async def _batches(self, entry: Entry, on_way: list[Ref], folder: bytes | None
+                       ) -> AsyncIterator[tuple[list[tuple[bytes, int]], bytes | None]]:
+        """The blocks `entry` needs, streamed a directory at a time: ([(id, length)], folder).
+
+        Built from the folder figures (each directory read once, iteratively,
+        each shared subtree once), never from one list of the whole tree.
+        """
+        yield [(r.block_id, r.length) for r in on_way], None
         if entry.is_file:
-            refs = [cl.ref for cl in entry.chunk_lists or ()]
-            refs.extend((await tree.chunk_map(entry, Priority.PIN)).chunks)
-            return refs
-        if entry.is_dir and entry.node is not None:
-            refs = await tree.node_refs(entry.node, Priority.PIN)
-            async for _, child in tree.entries(entry.node, 0, Priority.PIN):
-                refs.extend(await self.blocks_under(child))
-            return refs
-        return []
+            pairs = [(cl.ref.block_id, cl.ref.length) for cl in entry.chunk_lists or ()]
+            chunks = (await self.drive.tree.chunk_map(entry, Priority.PIN)).chunks
+            pairs.extend((r.block_id, r.length) for r in chunks)
+            yield pairs, folder
+        elif entry.is_dir and entry.node is not None:
+            async for d in self.drive.figures.subtree(entry.node, Priority.PIN):
+                pairs = [(r.block_id, r.length) for r in d.nodes]
+                ids, lengths = d.ids, d.lengths
+                pairs.extend((ids[k * HASH_LEN:(k + 1) * HASH_LEN], max(lengths[k], 1))
+                             for k in range(len(lengths)))
+                yield pairs, d.node_id
 
     async def sync_one(self, path: list[bytes]) -> None:
+        """Make the pin of `path` hold exactly what `path` needs now, and fetch what is missing.
+
+        Streamed: the blocks of each directory are added to the pin and their
+        missing ones fetched (PIN_FETCH_CONCURRENCY in flight, stored in
+        batches by the store writer) while the walk goes on; the pin's own
+        counters say how far it is. At the end the pin is set to exactly the
+        blocks seen, which releases what an older version needed.
+        """
         name = pin_name(self.cap, path)
-        entry, refs = await self._resolve(path)
-        # metadata first: hold it, then walk below it (which fetches it)
-        self.store.add_to_pin(name, [r.block_id for r in refs])
-        refs.extend(await self.blocks_under(entry))
-        self.store.set_pin(name, [r.block_id for r in refs])
-        missing = set(self.store.missing([r.block_id for r in refs]))
-        todo = list({r.block_id: r for r in refs if r.block_id in missing}.values())
+        progress = self.progress[name] = PinProgress(phase=PIN_LISTING)
+        entry, on_way, folder = await self._resolve(path)
+        wanted: dict[bytes, None] = {}
         limiter = trio.Semaphore(PIN_FETCH_CONCURRENCY)
         failures: list[str] = []
+        blocks = self.drive.blocks
+        figures = self.drive.figures
 
-        async def get(ref: Ref, nursery: trio.Nursery) -> None:
+        async def get(block_id: bytes, length: int, folder: bytes | None,
+                      nursery: trio.Nursery) -> None:
             try:
-                await self.drive.blocks.ciphertext(ref, Priority.PIN)
+                await blocks.ciphertext_of(block_id, Priority.PIN, local=False)
+                progress.blocks += 1
+                progress.bytes += length
+                figures.fetched(block_id, folder)
             except (PeerdriveError, StoreError) as exc:
                 # a block no peer serves now: stop this round (the rest would most likely
                 # wait out the same timeout) and let `run` try again soon
@@ -217,32 +259,73 @@ class Pins:
                 limiter.release()
 
         async with trio.open_nursery() as nursery:
-            for ref in todo:
-                await limiter.acquire()
-                nursery.start_soon(get, ref, nursery)
+            async for pairs, changes in self._batches(entry, on_way, folder):
+                fresh = [(i, n) for i, n in pairs if i not in wanted]
+                if not fresh:
+                    continue
+                wanted.update((i, None) for i, _ in fresh)
+                ids = [i for i, _ in fresh]
+                missing = set(await self._in_thread_if_many(self._hold, name, ids))
+                progress.total_blocks += len(fresh)
+                progress.total_bytes += sum(n for _, n in fresh)
+                for i, n in fresh:
+                    if i not in missing:
+                        progress.blocks += 1
+                        progress.bytes += n
+                        continue
+                    await limiter.acquire()
+                    nursery.start_soon(get, i, n, changes, nursery)
+            if not failures:
+                progress.phase = PIN_FETCHING
         if failures:
-            still = len(self.store.missing([r.block_id for r in todo]))
-            total = len({r.block_id for r in refs})
+            still = progress.total_blocks - progress.blocks
             raise BlockUnavailable(
-                f"{still} of {total} blocks still missing; the pin stays and completes when "
-                f"a peer serves them ({failures[0]})")
+                f"{still} of {progress.total_blocks} blocks still missing; the pin stays and "
+                f"completes when a peer serves them ({failures[0]})")
+        await self._in_thread_if_many(self.store.set_pin, name, list(wanted))
+        progress.phase = PIN_COMPLETE
+
+    def _hold(self, name: str, ids: list[bytes]) -> list[bytes]:
+        """Add `ids` to the pin (so nothing evicts them from now on); the ones missing."""
+        self.store.add_to_pin(name, ids)
+        return self.store.missing(ids)
+
+    @staticmethod
+    async def _in_thread_if_many(fn, name: str, ids: list[bytes]):
+        if len(ids) > LOOP_BLOCKS:
+            return await trio.to_thread.run_sync(fn, name, ids)
+        return fn(name, ids)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Keep every pin complete: at start, when pins change, on new versions, on retry."""
+        """Keep every pin complete: at start, when pins change, on new versions, on retry.
+
+        Nothing a drive holds can end this task: a pin that fails for any
+        reason is reported in its progress and the mount log, and retried.
+        """
         task_status.started()
         while True:
             self._wake = trio.Event()
             failed = False
-            for name, path in self.pinned():
+            pinned = self.pinned()
+            names = {name for name, _ in pinned}
+            for gone in [n for n in self.progress if n not in names]:
+                del self.progress[gone]
+            for name, path in pinned:
                 try:
                     await self.sync_one(path)
                     self.errors.pop(name, None)
-                except (PeerdriveError, StoreError) as exc:
+                except Exception as exc:  # noqa: BLE001 - a hostile drive must not end the mount
                     failed = True
-                    self.errors[name] = str(exc)
+                    self.errors[name] = str(exc) or type(exc).__name__
+                    progress = self.progress.setdefault(name, PinProgress())
+                    progress.phase = PIN_RETRYING
+                    progress.error = self.errors[name]
                     # the message may name the path: only with -v (the log is on disk)
                     log.warning("pin %s incomplete (%s)", name.rsplit(":", 1)[1][:8],
                                 type(exc).__name__)
-                    log.debug("pin %s: %s", name, exc)
+                    if isinstance(exc, PeerdriveError | StoreError):
+                        log.debug("pin %s: %s", name, exc)
+                    else:
+                        log.exception("pin %s failed", name.rsplit(":", 1)[1][:8])
             with trio.move_on_after(10 if failed else 300):
                 await self._wake.wait()

@@ -249,39 +249,46 @@ class Publisher:
         also goes to `found`, in walk order (the files of a folder together, as a disk tends
         to hold them).
 
-        Paths are bytes: names come back as the bytes the entries store, with no
-        encoding per name.
+        Iterative, not recursive: a folder nested a thousand deep is as good as any
+        (Python's recursion limit stopped a recursive walk near 600). Paths are
+        bytes: names come back as the bytes the entries store, with no encoding
+        per name.
         """
-        job = _DirJob(path, st, name)
-        try:
-            with os.scandir(path) as it:
-                listing = sorted(it, key=_name_of)
-        except OSError as exc:
-            raise UsageError(f"cannot read folder {os.fsdecode(path)}: {exc.strerror}") from exc
-        for de in listing:
-            bname = de.name
+        top = _DirJob(path, st, name)
+        stack = [top]
+        while stack:
+            job = stack.pop()
             try:
-                check_name(bname)
-                cst = de.stat(follow_symlinks=False)
-                mode = cst.st_mode
-                if stat.S_ISLNK(mode):
-                    target = os.readlink(de.path)
-            except Exception as exc:  # a name we cannot represent or a file that vanished
-                skipped.append(f"{os.fsdecode(de.path)}: {exc}")
-                continue
-            if stat.S_ISREG(mode):
-                file_job = _FileJob(de.path, bname, cst)
-                job.files.append(file_job)
-                found(file_job)
-            elif stat.S_ISDIR(mode):
-                job.subdirs.append(self._walk(de.path, bname, cst, skipped, found))
-            elif stat.S_ISLNK(mode):
-                job.links.append(Entry(bname, KIND_LINK, stat.S_IMODE(mode), cst.st_mtime_ns,
-                                       size=len(target), target=target))
-            else:
-                skipped.append(f"{os.fsdecode(de.path)}: not a regular file, folder or symlink "
-                               "(skipped)")
-        return job
+                with os.scandir(job.path) as it:
+                    listing = sorted(it, key=_name_of)
+            except OSError as exc:
+                raise UsageError(f"cannot read folder {os.fsdecode(job.path)}: "
+                                 f"{exc.strerror}") from exc
+            for de in listing:
+                bname = de.name
+                try:
+                    check_name(bname)
+                    cst = de.stat(follow_symlinks=False)
+                    mode = cst.st_mode
+                    if stat.S_ISLNK(mode):
+                        target = os.readlink(de.path)
+                except Exception as exc:  # a name we cannot represent or a file that vanished
+                    skipped.append(f"{os.fsdecode(de.path)}: {exc}")
+                    continue
+                if stat.S_ISREG(mode):
+                    file_job = _FileJob(de.path, bname, cst)
+                    job.files.append(file_job)
+                    found(file_job)
+                elif stat.S_ISDIR(mode):
+                    job.subdirs.append(_DirJob(de.path, cst, bname))
+                elif stat.S_ISLNK(mode):
+                    job.links.append(Entry(bname, KIND_LINK, stat.S_IMODE(mode),
+                                           cst.st_mtime_ns, size=len(target), target=target))
+                else:
+                    skipped.append(f"{os.fsdecode(de.path)}: not a regular file, folder or "
+                                   "symlink (skipped)")
+            stack.extend(reversed(job.subdirs))
+        return top
 
     # -- storing -------------------------------------------------------------------
 
@@ -506,14 +513,30 @@ class Publisher:
         return Entry(job.name, KIND_FILE, mode, job.st.st_mtime_ns,
                      size=size, chunk_lists=tuple(lists))
 
-    def _dir_entry(self, job: _DirJob, result: PublishResult) -> Entry:
-        entries = [self._file_entry(f) for f in job.files] + list(job.links)
-        entries += [self._dir_entry(d, result) for d in job.subdirs]
-        result.files += len(job.files)
-        result.dirs += 1
-        ref = build_directory(entries, self._emit)
-        return Entry(job.name, KIND_DIR, stat.S_IMODE(job.st.st_mode), job.st.st_mtime_ns,
-                     node=ref, nsubdirs=len(job.subdirs), nentries=len(entries))
+    def _dir_entry(self, top: _DirJob, result: PublishResult) -> Entry:
+        """The entry of folder `top`, its directory nodes built bottom up (subfolders first).
+
+        Iterative (an explicit stack, each folder visited twice: once to push its
+        subfolders, once to build it from their entries), so depth is not bounded
+        by Python's recursion limit.
+        """
+        built: dict[int, Entry] = {}
+        stack: list[tuple[_DirJob, bool]] = [(top, False)]
+        while stack:
+            job, ready = stack.pop()
+            if not ready:
+                stack.append((job, True))
+                stack.extend((d, False) for d in job.subdirs)
+                continue
+            entries = [self._file_entry(f) for f in job.files] + list(job.links)
+            entries += [built.pop(id(d)) for d in job.subdirs]
+            result.files += len(job.files)
+            result.dirs += 1
+            ref = build_directory(entries, self._emit)
+            built[id(job)] = Entry(job.name, KIND_DIR, stat.S_IMODE(job.st.st_mode),
+                                   job.st.st_mtime_ns, node=ref, nsubdirs=len(job.subdirs),
+                                   nentries=len(entries))
+        return built[id(top)]
 
     def _block_list(self) -> tuple[ListRef, list[bytes]]:
         """Write the version's block list (plaintext ids and sizes, for hosts) under the pin."""

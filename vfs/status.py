@@ -12,10 +12,9 @@ import errno
 import os
 from pathlib import Path
 
+from . import xattrs
 from .errors import UsageError
 from .home import Home
-
-XATTRS = ("state", "cached", "size", "pinned", "copies")
 
 
 def path_status(path: Path, only: tuple[str, ...] | None = None) -> dict:
@@ -26,30 +25,41 @@ def path_status(path: Path, only: tuple[str, ...] | None = None) -> dict:
     """
     if only is None:
         try:
-            names = [n for n in os.listxattr(path) if n.startswith("user.peerdrive.")]
+            names = [s for n in os.listxattr(path) if (s := xattrs.short_name(n)) is not None]
         except OSError as exc:
             raise UsageError(f"{path}: {exc.strerror}") from exc
     else:
-        names = [f"user.peerdrive.{n}" for n in only]
+        names = list(only)
     raw = {}
     for n in names:
         try:
-            raw[n[len("user.peerdrive."):]] = os.getxattr(path, n).decode()
+            raw[n] = os.getxattr(path, xattrs.full_name(n))
         except OSError as exc:
             if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
                 raise UsageError(f"{path}: {exc.strerror}") from exc
     if not raw:
         raise UsageError(f"{path} is not inside a peerdrive mount")
-    out: dict = {"path": str(path), "state": raw.get("state")}
-    if "cached" in raw:
-        out["cached_bytes"] = int(raw["cached"])
-    if "size" in raw:
-        out["size_bytes"] = int(raw["size"])
-    if "pinned" in raw:
-        out["pinned"] = raw["pinned"] == "1"
-    if "copies" in raw:
-        out["copies"] = int(raw["copies"])
+    out: dict = {"path": str(path),
+                 "state": raw[xattrs.STATE].decode() if xattrs.STATE in raw else None}
+    if xattrs.CACHED in raw:
+        out["cached_bytes"] = xattrs.decode_int(raw[xattrs.CACHED], "cached")
+    if xattrs.SIZE in raw:
+        out["size_bytes"] = xattrs.decode_int(raw[xattrs.SIZE], "size")
+    if xattrs.PINNED in raw:
+        out["pinned"] = raw[xattrs.PINNED].strip() == xattrs.encode_flag(True)
+    if xattrs.COPIES in raw:
+        out["copies"] = xattrs.decode_int(raw[xattrs.COPIES], "copies")
     return out
+
+
+def pin_progress(path: Path) -> xattrs.PinProgress | None:
+    """The progress of the pin holding `path` (its own counters), None if it has none yet."""
+    try:
+        return xattrs.PinProgress.decode(os.getxattr(path, xattrs.full_name(xattrs.PROGRESS)))
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+            return None
+        raise UsageError(f"{path}: {exc.strerror}") from exc
 
 
 def known_drives(home: Home, store, running: list[dict] | None = None) -> list[dict]:

@@ -6,7 +6,6 @@ published version, which pin holds a mount's metadata. Pin names:
 
     publish:<pubkey hex>        every block of the version this node published last
     publish-pending:<pubkey>    blocks of a publish in progress (so eviction cannot take them)
-    meta:<pubkey hex>           head root and directory nodes a mount has loaded
     pin:<pubkey hex>:<tag>      a user pin: every block under one path; the tag is an
                                 HMAC of the path, which is sealed in the record
                                 pinpath:<pubkey><tag> (vfs/pins.py): no path in clear
@@ -101,6 +100,3 @@ class DriveStorage:
 def publish_pin(pubkey: bytes) -> str:
     return f"publish:{pubkey.hex()}"
 
-
-def meta_pin(pubkey: bytes) -> str:
-    return f"meta:{pubkey.hex()}"

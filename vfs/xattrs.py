@@ -1,0 +1,132 @@
+"""The extended-attribute vocabulary of a mount: names, values, encodings (pure code).
+
+Status and pinning are spoken through extended attributes on every path of
+a mount (`user.peerdrive.*`), so any tool (`getfattr`, a file manager, a
+script) and the `peerdrive` command see the same thing. The FUSE layer
+(`vfs.fs`), the drive's answers (`vfs.answers`), `peerdrive status` and the
+CLI all take the names and encodings from here, so they cannot drift apart.
+
+Read on every path:
+
+    state     cloud | partial | device       (nothing, some, all bytes on this device)
+    cached    decimal bytes on this device    (a folder: everything below it)
+    size      decimal bytes in all            (a folder: everything below it)
+    pinned    1 | 0                           (1 if it or a folder above it is pinned)
+    copies    decimal count of devices holding it whole (asks peers: slow)
+
+Read on a pinned path (and below it): `progress`, the pin's own counters as
+JSON (see PinProgress), cheap enough to poll. Set: `pinned` 1|0 pins or
+unpins, `evict` 1 frees the path's unpinned blocks now.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+from .errors import UsageError
+
+PREFIX = "user.peerdrive."
+PREFIX_BYTES = PREFIX.encode()
+
+STATE = "state"
+CACHED = "cached"
+SIZE = "size"
+PINNED = "pinned"
+COPIES = "copies"
+PROGRESS = "progress"
+EVICT = "evict"
+
+# what `listxattr` shows on every path, in this order
+LISTED = (STATE, CACHED, SIZE, PINNED, COPIES)
+# cheap to read: no question to a peer (what a poll may ask for)
+LOCAL = (STATE, CACHED, SIZE, PINNED)
+SETTABLE = (PINNED, EVICT)
+
+CLOUD = "cloud"
+PARTIAL = "partial"
+DEVICE = "device"
+
+
+def full_name(name: str) -> str:
+    """`state` -> `user.peerdrive.state`."""
+    return PREFIX + name
+
+
+def short_name(name: bytes | str) -> str | None:
+    """`user.peerdrive.state` -> `state`; None for a name outside our prefix."""
+    text = name.decode("ascii", "replace") if isinstance(name, bytes) else name
+    return text[len(PREFIX):] if text.startswith(PREFIX) else None
+
+
+def state_of(have: int, total: int) -> str:
+    """The Kindle-model state: nothing local, some, or everything."""
+    if total == 0 or have >= total:
+        return DEVICE
+    return CLOUD if have == 0 else PARTIAL
+
+
+def encode_int(n: int) -> bytes:
+    return str(n).encode()
+
+
+def decode_int(raw: bytes | str, what: str) -> int:
+    text = raw.decode("ascii", "replace") if isinstance(raw, bytes) else raw
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"{what} is not a number: {text!r}") from None
+
+
+def encode_flag(on: bool) -> bytes:
+    return b"1" if on else b"0"
+
+
+def decode_flag(raw: bytes, name: str) -> bool:
+    """`1` or `0` (surrounding whitespace allowed, as `echo` adds a newline)."""
+    flag = raw.strip()
+    if flag not in (b"0", b"1"):
+        raise UsageError(f"{full_name(name)} takes 0 or 1")
+    return flag == b"1"
+
+
+# The phases of a pin, as `progress` reports them.
+PIN_WAITING = "waiting"  # set, not yet looked at (another pin is being worked on)
+PIN_LISTING = "listing"  # walking the tree for the blocks it needs
+PIN_FETCHING = "fetching"
+PIN_COMPLETE = "complete"
+PIN_RETRYING = "retrying"  # a block no peer served; tried again soon
+
+
+@dataclass
+class PinProgress:
+    """How far one pin is: its own counters, kept as its blocks arrive.
+
+    `blocks`/`bytes` are on this device out of `total_blocks`/`total_bytes`
+    (plaintext lengths, metadata included) of the blocks known so far; while
+    `phase` is `listing` the totals still grow.
+    """
+
+    phase: str = PIN_WAITING
+    blocks: int = 0
+    total_blocks: int = 0
+    bytes: int = 0
+    total_bytes: int = 0
+    error: str = ""
+
+    @property
+    def complete(self) -> bool:
+        return self.phase == PIN_COMPLETE
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> PinProgress:
+        try:
+            obj = json.loads(raw)
+            return cls(phase=str(obj["phase"]), blocks=int(obj["blocks"]),
+                       total_blocks=int(obj["total_blocks"]), bytes=int(obj["bytes"]),
+                       total_bytes=int(obj["total_bytes"]), error=str(obj.get("error", "")))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"{full_name(PROGRESS)} is malformed: {raw[:80]!r}") from exc
