@@ -1777,57 +1777,46 @@ def growth_row(bench: Bench, files: int, step_timeout: float) -> dict[str, float
             log(f"growth {files:,}: {step} still running after {step_timeout:.0f} s")
         log(f"growth {files:,}: {step}: {out[step]}")
 
+    @contextlib.contextmanager
+    def fresh_reader(name: str, port: int) -> Iterator[tuple[Path, Path]]:
+        """A fresh reader node mounting the drive; (home, mountpoint); its peaks noted."""
+        home, mnt = base / name, base / f"mnt-{name}"
+        home.mkdir()
+        mnt.mkdir()
+        started = time.perf_counter()
+        res = bench.peerdrive(home, "mount", link, str(mnt), "--bootstrap",
+                              f"127.0.0.1:{port}", *PEERDRIVE_MOUNT_FLAGS, "--json",
+                              timeout=180)
+        out.setdefault("mount", time.perf_counter() - started)
+        pid = int(json.loads(res.stdout)["pid"])
+        bench.rss_watch.watch(pid)
+        try:
+            yield home, mnt
+        finally:
+            subprocess.run([*bench.peerdrive_argv, "unmount", str(mnt)],
+                           env=bench.env_for(home), cwd=ROOT, capture_output=True,
+                           check=False, timeout=120)
+            unmount_quietly(mnt)
+            stop_pid(pid)
+            peaks.append(bench.rss_watch.done(pid))
+
     try:
         with bench.serving() as port:
-            reader = base / "reader"
-            reader.mkdir()
-            mnt = base / "mnt"
-            mnt.mkdir()
-            started = time.perf_counter()
-            res = bench.peerdrive(reader, "mount", link, str(mnt), "--bootstrap",
-                                  f"127.0.0.1:{port}", *PEERDRIVE_MOUNT_FLAGS, "--json",
-                                  timeout=180)
-            out["mount"] = time.perf_counter() - started
-            pid = int(json.loads(res.stdout)["pid"])
-            bench.rss_watch.watch(pid)
-            try:
+            pd = [*bench.peerdrive_argv]
+            with fresh_reader("reader", port) as (reader, mnt):
                 bench.drop_page_cache()
                 timed_cmd("find cold", ["find", str(mnt), "-type", "f"])
                 timed_cmd("find warm", ["find", str(mnt), "-type", "f"])
-                pd = [*bench.peerdrive_argv]
                 timed_cmd("status root", [*pd, "status", str(mnt), "--json"], reader)
                 timed_cmd("pin root", [*pd, "pin", str(mnt), "--json"], reader)
                 timed_cmd("status root pinned", [*pd, "status", str(mnt), "--json"], reader)
                 subprocess.run([*pd, "unpin", str(mnt)], env=bench.env_for(reader),
                                cwd=ROOT, capture_output=True, check=False, timeout=step_timeout)
                 timed_cmd("evict root", [*pd, "evict", str(mnt), "--json"], reader)
-            finally:
-                subprocess.run([*bench.peerdrive_argv, "unmount", str(mnt)],
-                               env=bench.env_for(reader), cwd=ROOT, capture_output=True,
-                               check=False, timeout=120)
-                unmount_quietly(mnt)
-                stop_pid(pid)
-                peaks.append(bench.rss_watch.done(pid))
             # a second fresh reader reads every file with cat: what the pin is measured against
-            reader2 = base / "reader2"
-            reader2.mkdir()
-            mnt2 = base / "mnt2"
-            mnt2.mkdir()
-            res = bench.peerdrive(reader2, "mount", link, str(mnt2), "--bootstrap",
-                                  f"127.0.0.1:{port}", *PEERDRIVE_MOUNT_FLAGS, "--json",
-                                  timeout=180)
-            pid = int(json.loads(res.stdout)["pid"])
-            bench.rss_watch.watch(pid)
-            try:
+            with fresh_reader("reader2", port) as (_, mnt2):
                 timed_cmd("cat every file", ["sh", "-c", f"find {mnt2} -type f -print0 | "
                                              "xargs -0 cat > /dev/null"])
-            finally:
-                subprocess.run([*bench.peerdrive_argv, "unmount", str(mnt2)],
-                               env=bench.env_for(reader2), cwd=ROOT, capture_output=True,
-                               check=False, timeout=120)
-                unmount_quietly(mnt2)
-                stop_pid(pid)
-                peaks.append(bench.rss_watch.done(pid))
     finally:
         bench._links = None
     out["mount peak RSS MB"] = max(p.get("VmHWM", 0) for p in peaks) / 1e6

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from cache.store import BlockStore
+from vfs.blocklist import build_block_list
 from vfs.capability import WriteCap
 from vfs.crypto import Ref, encrypt_chunk
 from vfs.formats import (
@@ -30,7 +31,7 @@ from vfs.formats import (
 )
 from vfs.head import Head, make_head
 from vfs.home import Home
-from vfs.storage import DriveStorage, publish_pin
+from vfs.storage import DriveStorage
 
 MTIME = 1_700_000_000_000_000_000
 
@@ -69,15 +70,18 @@ class DriveBuilder:
     def interior(self, parts: list[DirPart]) -> Ref:
         return self.emit(encode_dir_interior(parts))
 
-    def commit(self, store: BlockStore, root: Entry, seq: int | None = None) -> Head:
-        """Store every block, pin them as this node's published version, save the head."""
+    def commit(self, store: BlockStore, root: Entry) -> Head:
+        """Store every block and the version's block list, then save the next head the way
+        a publish does (`DriveStorage.commit_publish`)."""
         storage = DriveStorage(store)
-        store.put_many(list(self.blocks.items()), ids_checked=True)
-        head = make_head(self.cap, seq if seq is not None else storage.next_seq(self.cap),
-                         root)
-        store.set_pin(publish_pin(self.cap.pubkey), list(self.blocks))
-        storage.save_head(head)
-        return head
+        pending = f"publish-pending:{self.cap.pubkey.hex()}"
+        listed: list[tuple[bytes, bytes]] = []
+        block_list = build_block_list({i: len(ct) for i, ct in self.blocks.items()},
+                                      lambda block_id, data: listed.append((block_id, data)))
+        store.put_pinned(pending, [*self.blocks.items(), *listed], ids_checked=True)
+        return storage.commit_publish(
+            self.cap, lambda seq, _last: make_head(self.cap, seq, root, block_list),
+            [*self.blocks, *(i for i, _ in listed)], pending)
 
 
 def root_entry(builder: DriveBuilder, entries: list[Entry]) -> Entry:

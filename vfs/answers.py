@@ -38,9 +38,14 @@ class Answers:
         return self.drive.storage.store
 
     async def _missing(self, ids: list[bytes]) -> set[bytes]:
+        """The ids not on this device (fetched blocks waiting for the store writer count
+        as on it, as in the folder figures)."""
         if len(ids) > LOOP_LOOKUPS:
-            return set(await trio.to_thread.run_sync(self.store.missing, ids))
-        return set(self.store.missing(ids))
+            missing = await trio.to_thread.run_sync(self.store.missing, ids)
+        else:
+            missing = self.store.missing(ids)
+        unstored = self.drive.blocks.is_unstored
+        return {i for i in missing if not unstored(i)}
 
     # -- figures ---------------------------------------------------------------------
 
@@ -49,9 +54,7 @@ class Answers:
         if entry.is_file:
             chunks = (await self.drive.tree.chunk_map(entry, Priority.PREFETCH)).chunks
             gone = await self._missing([r.block_id for r in chunks])
-            unstored = self.drive.blocks.is_unstored
-            have = sum(r.length for r in chunks
-                       if r.block_id not in gone or unstored(r.block_id))
+            have = sum(r.length for r in chunks if r.block_id not in gone)
             return have, entry.size
         if entry.is_dir and entry.node is not None:
             root = self.drive.root_entry().node

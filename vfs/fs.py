@@ -82,7 +82,7 @@ def fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     return wrapper
 
 
-@dataclass
+@dataclass(slots=True)
 class Inode:
     ino: int
     parent: int
