@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
+from vfs import xattrs
 from vfs.errors import UsageError
 from vfs.home import Home
 from vfs.status import cache_status, known_drives, path_status
@@ -43,7 +44,7 @@ COPIES_INTERVAL = 30.0
 DRIVES_INTERVAL = 10.0  # known_drives (heads, versions' completeness) is re-read this often
 MAX_ENTRIES = 500  # a folder listing shows this many entries; the rest are counted
 MAX_COPIES_ENTRIES = 100  # entries whose copies one request asks peers for
-CHEAP = ("state", "cached", "size", "pinned")
+CHEAP = xattrs.LOCAL
 
 
 def safety(copies: int | None, here_whole: bool, always_on: bool) -> str:
