@@ -1719,7 +1719,8 @@ def main(argv: list[str] | None = None) -> int:
 GROWTH_FILE_BYTES = 64
 GROWTH_PER_FOLDER = 100
 GROWTH_STEPS = ("publish", "borg create", "mount", "find cold", "find warm",
-                "rclone find cold", "rclone ls -lR cold", "status root", "pin root",
+                "rclone find cold", "rclone ls -lR cold", "status root", "status root xattrs",
+                "pin root",
                 "cat every file", "evict root", "mount peak RSS MB", "mount peak anon MB")
 
 
@@ -1808,6 +1809,8 @@ def growth_row(bench: Bench, files: int, step_timeout: float) -> dict[str, float
                 timed_cmd("find cold", ["find", str(mnt), "-type", "f"])
                 timed_cmd("find warm", ["find", str(mnt), "-type", "f"])
                 timed_cmd("status root", [*pd, "status", str(mnt), "--json"], reader)
+                out["status root xattrs"] = timed(lambda: [
+                    os.getxattr(mnt, f"user.peerdrive.{n}") for n in ("state", "cached", "size")])
                 timed_cmd("pin root", [*pd, "pin", str(mnt), "--json"], reader)
                 timed_cmd("status root pinned", [*pd, "status", str(mnt), "--json"], reader)
                 subprocess.run([*pd, "unpin", str(mnt)], env=bench.env_for(reader),
