@@ -223,7 +223,7 @@ def test_browser_sees_the_tree_and_pins_a_folder(node, tmp_path: Path) -> None:
         driver.find_element(By.ID, "breadcrumb").find_element(By.TAG_NAME, "button").click()
         # (the breadcrumb is rebuilt only on navigation: a live update never makes it stale)
         wait.until(lambda d: state_of(photos) == ("device", "100"))
-        wait.until(lambda d: "min" in d.find_element(By.ID, "cache-chart").text
+        wait.until(lambda d: "last" in d.find_element(By.ID, "cache-chart").text
                    or d.find_elements(By.CSS_SELECTOR, "#cache-chart polyline"))
         time.sleep(1.5)  # one more live update, so the screenshot shows settled rates
         shot = tmp_path / "dashboard.png"

@@ -151,7 +151,8 @@ function renderCache(snap) {
       points: `${x(t0).toFixed(1)},${H - B} ${line} ${x(t1).toFixed(1)},${H - B}` }),
       svg("polyline", { class: "use", points: line }));
     const span = svg("text", { x: W - 10, y: H - 4, "text-anchor": "end" });
-    span.textContent = `${Math.round((t1 - t0) / 60)} min`;
+    const secs = Math.round(t1 - t0);
+    span.textContent = secs < 120 ? `last ${secs} s` : `last ${Math.round(secs / 60)} min`;
     chart.append(span);
   }
   $("cache-chart").replaceChildren(chart);
