@@ -286,3 +286,41 @@ def test_second_version_adds_only_new_blocks_and_a_stale_head_does_not_roll_back
                              extra=["--mirror", m.url])
         assert (reader.mountpoint / "docs" / "new.txt").exists()
         assert_digests(reader.mountpoint, digests_v2)
+
+
+def test_runs_into_one_directory_take_turns_and_clean_up_after_a_killed_one(
+        plain: Mirrored, tmp_path: Path) -> None:
+    import fcntl
+    import select
+    import subprocess
+
+    from tests.helpers import PYTHON, ROOT, env_for
+
+    out = tmp_path / "turns"
+    stale = out / BLOCKS_DIR / "ab" / ".tmp-abcdef.12345"  # as a killed run leaves it
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half a block")
+    fd = os.open(out / ".peerdrive-mirror.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another run holds the directory
+        proc = subprocess.Popen([PYTHON, "-m", "vfs.cli", "mirror", plain.link, str(out),
+                                 "--json"], env=env_for(plain.home), cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stderr is not None
+            ready, _, _ = select.select([proc.stderr], [], [], 120)
+            assert ready, "peerdrive mirror neither waited nor ended"
+            said = proc.stderr.readline()
+            assert "waiting for another peerdrive mirror" in said, said  # it waits ...
+            time.sleep(1)
+            assert proc.poll() is None and not (out / HEAD_PATH).exists()
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)  # ... and goes on once the other run ends
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        os.close(fd)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert json.loads(stdout)["written"] == plain.result["blocks"]
+    assert not stale.exists() and not list(out.rglob(".tmp-*"))

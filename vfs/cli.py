@@ -352,7 +352,9 @@ def cmd_mirror(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         result = run_mirror(home, cap, directory, mirror_options(args),
-                            on_progress=bar.update)
+                            on_progress=bar.update, on_wait=lambda: print(
+                                f"waiting for another peerdrive mirror into {directory} to "
+                                "finish", file=sys.stderr))
     finally:
         bar.finish()
     elapsed = time.monotonic() - started

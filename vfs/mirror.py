@@ -26,6 +26,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import hashlib
 import os
 from collections.abc import Awaitable, Callable
@@ -52,6 +53,8 @@ GetBlock = Callable[[bytes], Awaitable[bytes]]
 
 CONCURRENCY = 16  # blocks fetched and written at once
 _TMP_PREFIX = ".tmp-"
+# held (flock) by a run for its whole length: two runs never write one directory at once
+LOCK_NAME = ".peerdrive-mirror.lock"
 
 
 @dataclass
@@ -71,12 +74,14 @@ class MirrorWriter:
 
     def __init__(self, directory: Path, cap: StoreCap, get_block: GetBlock,
                  on_progress: Callable[[int, int], None] | None = None,
-                 concurrency: int = CONCURRENCY) -> None:
+                 concurrency: int = CONCURRENCY,
+                 on_wait: Callable[[], None] | None = None) -> None:
         self.directory = directory
         self.cap = cap
         self.get_block = get_block
         self._progress = on_progress or (lambda done, total: None)
         self.concurrency = concurrency
+        self._on_wait = on_wait  # another run holds the directory: we wait for it
 
     # -- the head already there ------------------------------------------------------
 
@@ -105,12 +110,20 @@ class MirrorWriter:
         if head.block_list is None:
             raise UsageError(f"version {head.seq} of drive {self.cap.drive_id[:16]} has no "
                              "block list (published by an older peerdrive): publish it again")
-        current = self.current_head()
-        if current is not None and current.seq > head.seq:
-            raise UsageError(f"{self.directory} already serves version {current.seq}, newer than "
-                             f"version {head.seq} here: refusing to roll the mirror back")
+        self.current_head()  # another drive's mirror: refused before anything is written
         self.directory.mkdir(parents=True, exist_ok=True)
         (self.directory / BLOCKS_DIR).mkdir(exist_ok=True)
+        async with _directory_lock(self.directory / LOCK_NAME, self._on_wait):
+            # under the lock: another run may have moved the mirror on meanwhile
+            current = self.current_head()
+            if current is not None and current.seq > head.seq:
+                raise UsageError(f"{self.directory} already serves version {current.seq}, "
+                                 f"newer than version {head.seq} here: refusing to roll the "
+                                 "mirror back")
+            await trio.to_thread.run_sync(self._remove_stale_temporaries)
+            return await self._run_locked(head, current)
+
+    async def _run_locked(self, head: Head, current: Head | None) -> MirrorResult:
         result = MirrorResult(self.directory, head.seq)
 
         # the block list itself, from the signed head down, checked block by block
@@ -153,6 +166,15 @@ class MirrorWriter:
 
     # -- files (worker threads) ------------------------------------------------------
 
+    def _remove_stale_temporaries(self) -> None:
+        """Temporary files a run that was killed left behind (no other run holds the lock)."""
+        for folder in (self.directory, *(self.directory / BLOCKS_DIR).iterdir()):
+            if not folder.is_dir():
+                continue
+            for path in folder.glob(f"{_TMP_PREFIX}*"):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
     def _missing(self, sizes: dict[bytes, int]) -> list[bytes]:
         """Blocks not in the mirror yet (a file of the right size counts as there)."""
         out = []
@@ -176,6 +198,30 @@ class MirrorWriter:
         # every block written so far reaches the disk before the head that names them
         _sync_filesystem(self.directory)
         _write_atomically(self.directory / HEAD_PATH, head.wire, sync=True)
+
+
+@contextlib.asynccontextmanager
+async def _directory_lock(path: Path, on_wait: Callable[[], None] | None):
+    """flock(2) on `path` for the block, waited for without blocking the event loop.
+
+    The kernel drops it when the holder exits however it exits, so a killed
+    run never leaves the directory locked.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        told = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not told and on_wait is not None:
+                    on_wait()
+                told = True
+                await trio.sleep(0.5)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _write_atomically(path: Path, data: bytes, *, sync: bool) -> None:
@@ -246,7 +292,8 @@ def _checked(store_get: Callable[[bytes], bytes | None], block_id: bytes) -> byt
 
 
 def run_mirror(home: Home, cap: StoreCap, directory: Path, opts: MirrorOptions,
-               on_progress: Callable[[int, int], None] | None = None) -> MirrorResult:
+               on_progress: Callable[[int, int], None] | None = None,
+               on_wait: Callable[[], None] | None = None) -> MirrorResult:
     """`peerdrive mirror`: bring `directory` to the newest version this node can find.
 
     From this node's store alone when it holds the head and every block (the
@@ -259,17 +306,18 @@ def run_mirror(home: Home, cap: StoreCap, directory: Path, opts: MirrorOptions,
     store = open_store(home, None)
     try:
         return trio.run(_mirror_main, home, cap, directory, node_opts, store, on_progress,
-                        network_for)
+                        on_wait, network_for)
     finally:
         store.close()
 
 
-async def _mirror_main(home, cap, directory, node_opts, store, on_progress,
+async def _mirror_main(home, cap, directory, node_opts, store, on_progress, on_wait,
                        network_for) -> MirrorResult:
     storage = DriveStorage(store)
     head = storage.load_head(cap)
     if head is not None:
-        writer = MirrorWriter(directory, cap, local_then_network(store.get, None), on_progress)
+        writer = MirrorWriter(directory, cap, local_then_network(store.get, None), on_progress,
+                              on_wait=on_wait)
         try:
             return await writer.run(head)
         except BlockUnavailable:
@@ -292,7 +340,7 @@ async def _mirror_main(home, cap, directory, node_opts, store, on_progress,
                 raise BlockUnavailable(str(exc)) from exc
 
         writer = MirrorWriter(directory, cap, local_then_network(store.get, from_network),
-                              on_progress)
+                              on_progress, on_wait=on_wait)
         result = await writer.run(head)
         nursery.cancel_scope.cancel()
     return result
