@@ -54,6 +54,9 @@ class HeadFollower:
         """
         try:
             head = self.tracker.offer(wire)
+        except RollbackError as exc:  # a stale copy (a mirror, the DHT): expected, refused
+            log.info("kept the newer head of drive %s: %s", self.cap.drive_id[:16], exc)
+            return None
         except (IntegrityError, FormatError) as exc:
             log.warning("ignored a head for drive %s: %s", self.cap.drive_id[:16], exc)
             return None
