@@ -371,3 +371,36 @@ def test_a_folder_swapped_for_a_symlink_after_the_walk_publishes_nothing_from_el
         err = unwrap_group(info.value)
         assert isinstance(err, UsageError) and "no longer the file that was listed" in str(err)
         assert DriveStorage(store).load_head(CAP) is None
+
+
+def test_a_folder_swapped_for_a_symlink_while_it_is_walked_is_refused(
+        tmp_path: Path, monkeypatch) -> None:
+    """The same swap during the walk: between the parent's listing (which saw a folder)
+    and the listing of that folder. Listing by path followed the symlink and published
+    the other folder's files; the walk now lists through an O_NOFOLLOW descriptor
+    checked against the parent's listing."""
+    import vfs.publish as publish_mod
+    from vfs.errors import UsageError, unwrap_group
+
+    folder = tmp_path / "folder"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "public.txt").write_bytes(b"public")
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "id_ed25519").write_bytes(b"SECRET KEY")
+    real = publish_mod._list_dir
+
+    def list_after_swap(path, listed, follow=False):
+        if path.endswith(b"/sub"):
+            (folder / "sub").rename(folder / "sub.orig")
+            (folder / "sub").symlink_to(secret)
+        return real(path, listed, follow)
+
+    monkeypatch.setattr(publish_mod, "_list_dir", list_after_swap)
+    with BlockStore(tmp_path / "store") as store:
+        with pytest.raises(BaseException) as info:  # noqa: B017 - a group from trio.run
+            trio.run(Publisher(DriveStorage(store), CAP, folder).run)
+        err = unwrap_group(info.value)
+        assert isinstance(err, UsageError), err
+        assert "sub" in str(err) and "no longer the folder that was listed" in str(err)
+        assert DriveStorage(store).load_head(CAP) is None

@@ -20,6 +20,7 @@ A version shares every unchanged block with the last one: `new_blocks` and
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import threading
@@ -177,6 +178,40 @@ def _open_regular(path: bytes, listed: os.stat_result) -> int:
     return fd
 
 
+def _list_dir(path: bytes, listed: os.stat_result,
+              follow: bool = False) -> tuple[int, list[os.DirEntry[str]]]:
+    """(descriptor, entries by name) of the folder the walk listed at `path`.
+
+    Opened with O_NOFOLLOW (`follow` only for the folder the user named) and
+    checked against the parent's listing (device and inode), so a folder
+    swapped for a symlink while publishing is an error, not a way to publish
+    another folder of the machine. The entries' stat and readlink go
+    through the descriptor; the caller closes it.
+    """
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    replaced = UsageError(f"{os.fsdecode(path)} is no longer the folder that was listed (it "
+                          "was replaced while publishing); publish again")
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # now a symlink or not a folder
+            raise replaced from exc
+        raise UsageError(f"cannot read folder {os.fsdecode(path)}: {exc.strerror}") from exc
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (listed.st_dev, listed.st_ino):
+            raise replaced
+        with os.scandir(fd) as it:  # by descriptor, names come as str: keep their bytes
+            listing = sorted(it, key=_fsname_of)
+    except OSError as exc:
+        os.close(fd)
+        raise UsageError(f"cannot read folder {os.fsdecode(path)}: {exc.strerror}") from exc
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, listing
+
+
 def _open_ahead(job: _FileJob) -> int:
     """Open a small file and ask the kernel to start reading it (returns at once)."""
     fd = _open_regular(job.path, job.st)
@@ -258,35 +293,36 @@ class Publisher:
         stack = [top]
         while stack:
             job = stack.pop()
+            # listed through a descriptor of the very folder its parent listed: a folder
+            # swapped for a symlink meanwhile is refused, never followed elsewhere
+            fd, listing = _list_dir(job.path, job.st, follow=job is top)
             try:
-                with os.scandir(job.path) as it:
-                    listing = sorted(it, key=_name_of)
-            except OSError as exc:
-                raise UsageError(f"cannot read folder {os.fsdecode(job.path)}: "
-                                 f"{exc.strerror}") from exc
-            for de in listing:
-                bname = de.name
-                try:
-                    check_name(bname)
-                    cst = de.stat(follow_symlinks=False)
-                    mode = cst.st_mode
-                    if stat.S_ISLNK(mode):
-                        target = os.readlink(de.path)
-                except Exception as exc:  # a name we cannot represent or a file that vanished
-                    skipped.append(f"{os.fsdecode(de.path)}: {exc}")
-                    continue
-                if stat.S_ISREG(mode):
-                    file_job = _FileJob(de.path, bname, cst)
-                    job.files.append(file_job)
-                    found(file_job)
-                elif stat.S_ISDIR(mode):
-                    job.subdirs.append(_DirJob(de.path, cst, bname))
-                elif stat.S_ISLNK(mode):
-                    job.links.append(Entry(bname, KIND_LINK, stat.S_IMODE(mode),
-                                           cst.st_mtime_ns, size=len(target), target=target))
-                else:
-                    skipped.append(f"{os.fsdecode(de.path)}: not a regular file, folder or "
-                                   "symlink (skipped)")
+                for de in listing:
+                    bname = os.fsencode(de.name)
+                    epath = job.path + b"/" + bname
+                    try:
+                        check_name(bname)
+                        cst = de.stat(follow_symlinks=False)
+                        mode = cst.st_mode
+                        if stat.S_ISLNK(mode):
+                            target = os.readlink(bname, dir_fd=fd)
+                    except Exception as exc:  # a name we cannot represent or a file that vanished
+                        skipped.append(f"{os.fsdecode(epath)}: {exc}")
+                        continue
+                    if stat.S_ISREG(mode):
+                        file_job = _FileJob(epath, bname, cst)
+                        job.files.append(file_job)
+                        found(file_job)
+                    elif stat.S_ISDIR(mode):
+                        job.subdirs.append(_DirJob(epath, cst, bname))
+                    elif stat.S_ISLNK(mode):
+                        job.links.append(Entry(bname, KIND_LINK, stat.S_IMODE(mode),
+                                               cst.st_mtime_ns, size=len(target), target=target))
+                    else:
+                        skipped.append(f"{os.fsdecode(epath)}: not a regular file, folder or "
+                                       "symlink (skipped)")
+            finally:
+                os.close(fd)
             stack.extend(reversed(job.subdirs))
         return top
 
@@ -615,5 +651,5 @@ class Publisher:
         return result
 
 
-def _name_of(entry: os.DirEntry[bytes]) -> bytes:
-    return entry.name
+def _fsname_of(entry: os.DirEntry) -> bytes:
+    return os.fsencode(entry.name)
