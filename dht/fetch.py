@@ -729,7 +729,7 @@ class Fetcher:
             self._nursery is None
             or peer.source is not None
             or not peer.provider
-            or peer.connected
+            or peer.conn is not None  # connected, or its failure is still being handled
             or peer.connecting is not None
             or peer.backoff_until > trio.current_time()
             or self._dialling >= _MAX_BACKGROUND_DIALS

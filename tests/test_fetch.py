@@ -121,6 +121,9 @@ def test_corrupt_peer_never_yields_wrong_bytes_and_is_penalised() -> None:
         config = FetchConfig(**{**FAST.__dict__, "bad_block_backoff": 60.0})
         addrs = [liar_addr, honest_addr]
         async with Fetcher(NodeIdentity.generate(), dk, secret, fixed(addrs), config=config) as f:
+            # both connected first: requests go to connected peers, and a liar whose
+            # dial finished last might otherwise never be asked at all
+            await f.have_map([], timeout=10)
             got = await fetch_all(f, list(blocks), Priority.READ)
             stats = {s.node_id: s for s in f.peer_stats()}
         assert got == blocks  # every byte verified
