@@ -594,7 +594,8 @@ def render_node_status(data: dict) -> str:
              f"cache   {format_size(cache['used_bytes'])} used of "
              f"{format_size(cache['limit_bytes'])}"]
     for d in data["drives"]:
-        lines.append(f"drive   {d['drive'][:16]}  version {d['seq']}"
+        version = f"version {d['seq']}" if d["seq"] is not None else "no version yet"
+        lines.append(f"drive   {d['drive'][:16]}  {version}"
                      f"{'  published here' if d['published_here'] else ''}"
                      f"{'  hosted' if d.get('hosted') else ''}"
                      + ("" if d.get("complete") is None else

@@ -362,8 +362,10 @@ class NetworkNode:
                 listed.extend(a for a in rec.to_peer_addrs() if a not in listed)
         except DhtError as exc:
             log.info("provider lookup failed: %s", exc)
-        for node_id, addr in self.push_peers.items():
-            out.setdefault(node_id, addr)
+        for node_id, addr in self.push_peers.items():  # hosts this node pushes to
+            listed = out.setdefault(node_id, [])
+            if addr not in listed:
+                listed.append(addr)
         out.pop(self.identity.node_id, None)
         return [addr for addrs in out.values() for addr in addrs]
 
