@@ -238,7 +238,8 @@ def test_publish_waits_for_copies_pushed_to_a_host(tmp_path: Path) -> None:
         HostList(Home(H).hosts_dir).add(HostEntry(StoreCap(parse_link(link).pubkey)))
         no_serve = peerdrive(P, "publish", str(src), "--wait-copies", "1", check=False)
         assert no_serve.returncode == 2 and "serve" in no_serve.stderr
-        publisher = sw.serve("publisher", P, bootstrap=[host.addr], extra=["--push", host.addr])
+        # no bootstrap: the host is known only as the push target (not from the DHT)
+        publisher = sw.serve("publisher", P, extra=["--push", host.addr])
         (src / "more.bin").write_bytes(os.urandom(200 * KIB))
         started = time.monotonic()
         out = peerdrive(P, "publish", str(src), "--wait-copies", "1", "--wait-timeout", "90",
@@ -246,6 +247,10 @@ def test_publish_waits_for_copies_pushed_to_a_host(tmp_path: Path) -> None:
         assert out.returncode == 0, out.stderr + sw.diagnostics()
         v3 = json.loads(out.stdout)
         assert v3["copies"] >= 1 and time.monotonic() - started < 90
+        # the pushing serve lives on: its drive's provider list, re-read within about 10 s
+        # once copies are counted, now includes the host it pushes to
+        time.sleep(12)
+        assert publisher.alive(), publisher.log_tail()
         snap = publisher.snapshot(after=time.time())
         assert [p["connected"] for p in snap["pushes"]] == [True]
         assert snap["pushes"][0]["node_id"] == host.node_id
