@@ -61,6 +61,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.processes import stop_pid  # noqa: E402  (shared with the tests)
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from tests.nginx_helpers import Nginx, NginxError  # noqa: E402 - needs ROOT on the path
@@ -134,35 +137,6 @@ class Limit:
 
 def sync() -> None:
     subprocess.run(["sync"], check=False)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie child of ours counts as gone
-    with contextlib.suppress(OSError):
-        if Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z"):
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
-            return False
-    return True
-
-
-def stop_pid(pid: int, timeout: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL if the process is still there after `timeout`."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not alive(pid):
-            return
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
 
 
 def stop_proc(proc: subprocess.Popen, timeout: float = 10.0) -> None:
@@ -1604,6 +1578,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", type=Path, help="plot output (default docs/benchmarks.png)")
     p.add_argument("--workdir", type=Path,
                    help="where the temporary directory goes (default: $TMPDIR or /tmp)")
+    p.add_argument("--swarm", action="store_true",
+                   help="only the swarm goals in network namespaces (scripts/bench_swarm.py)")
     p.add_argument("--only", action="append", metavar="FIGURE",
                    help="run only this figure (read_cold, read_hot, first_byte, random_reads, "
                         "metadata, publish, churn, swarm, host; repeatable)")
@@ -1643,6 +1619,10 @@ def main(argv: list[str] | None = None) -> int:
         counts = [int(c) for c in args.growth.split(",")]
         return growth_main(counts, args.md or ROOT / "docs" / "benchmarks.md", args.workdir,
                            args.step_timeout)
+    if args.swarm:
+        from bench_swarm import run_swarm_goals
+
+        return run_swarm_goals(args.workdir)
     size = args.size or (256 * MiB if args.quick else GiB)
     files = args.files or (2000 if args.quick else 20000)
     runs = args.runs or (1 if args.quick else 3)

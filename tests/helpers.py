@@ -7,16 +7,18 @@ mount is unmounted (lazily if it must be) even when the test fails.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
-import signal
+import random
 import subprocess
 import sys
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import trio
+
+from tests.processes import stop_pid
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -100,20 +102,6 @@ def force_unmount(home: Path, mountpoint: Path) -> None:
         stop_pid(pid)
 
 
-def stop_pid(pid: int, timeout: float = 10.0) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-
-
 @contextlib.contextmanager
 def mounted(home: Path, link: str, mountpoint: Path, *extra: str) -> Iterator[Path]:
     """`peerdrive mount LINK MNT` (background daemon), unmounted on exit whatever happens."""
@@ -144,3 +132,28 @@ def drop_caches() -> bool:
         return True
     except OSError:
         return False
+
+
+def write_random(path: Path, size: int, seed: int | None = None) -> str:
+    """A file of `size` random bytes (reproducible with `seed`); returns its SHA-256 (hex)."""
+    rng = random.Random(seed) if seed is not None else None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 4 << 20)
+            piece = rng.randbytes(n) if rng is not None else os.urandom(n)
+            h.update(piece)
+            f.write(piece)
+            left -= n
+    return h.hexdigest()
+
+
+def digest(path: Path) -> str:
+    """SHA-256 (hex) of a file's bytes, read 1 MiB at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()

@@ -37,7 +37,6 @@ import os
 import secrets
 import select
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -91,32 +90,6 @@ def _run(argv: list[str], *, timeout: float = 30.0, check: bool = True,
         raise LabError(f"{' '.join(argv)} exited {proc.returncode}\n"
                        f"stdout: {proc.stdout}\nstderr: {proc.stderr}")
     return proc
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def stop_pid(pid: int, timeout: float = 10.0) -> None:
-    """SIGTERM, wait, then SIGKILL one process we started (reaping it if it is our child)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(ChildProcessError):
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return
-        if not _alive(pid):
-            return
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, 0)
 
 
 def read_json_line(proc: subprocess.Popen[bytes], timeout: float) -> dict:
@@ -431,6 +404,8 @@ table ip filter {{
 
     def close(self) -> None:
         """Stop every process started here (by PID), then delete every namespace."""
+        from tests.processes import stop_pid  # not at the top: the reader runs as a script
+
         for pid in reversed(self._pids):
             stop_pid(pid)
         self._pids.clear()

@@ -10,10 +10,8 @@ one whatever state the test left it in (killed, busy, half started).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import random
 import signal
 import subprocess
 import time
@@ -23,7 +21,8 @@ from pathlib import Path
 
 from cache.store import BlockStore
 from tests.helpers import is_mounted, peerdrive
-from tests.swarm_helpers import NodeProcess, Swarm, stop_process, wait_exit
+from tests.processes import stop_pid, wait_exit
+from tests.swarm_helpers import NodeProcess, Swarm
 from vfs.home import Home
 
 LOOPBACK = "127.0.0.1"
@@ -92,7 +91,7 @@ class Nodes:
                     subprocess.run(["fusermount3", "-u", "-z", str(m.path)],
                                    capture_output=True, check=False)
         finally:
-            stop_process(m.pid)
+            stop_pid(m.pid)
             if m in self.mounts:
                 self.mounts.remove(m)
 
@@ -120,7 +119,7 @@ class Nodes:
                                    check=False)
                 with contextlib.suppress(OSError, ValueError, KeyError):
                     info = json.loads(Home(home).mount_file(path.resolve()).read_text())
-                    stop_process(int(info["pid"]))
+                    stop_pid(int(info["pid"]))
         self._mountpoints.clear()
         self.swarm.close()
 
@@ -184,25 +183,6 @@ def open_store(home: Path) -> Iterator[BlockStore]:
 
 
 # ----------------------------------------------------------------------------- content
-
-
-def write_random(path: Path, size: int, seed: int) -> None:
-    rng = random.Random(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(left, 4 * MiB)
-            f.write(rng.randbytes(n))
-            left -= n
-
-
-def digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(MiB):
-            h.update(block)
-    return h.hexdigest()
 
 
 def drop_page_cache(path: Path) -> None:

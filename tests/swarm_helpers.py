@@ -17,7 +17,6 @@ wait until every seeder has announced itself before a reader starts.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import select
@@ -33,7 +32,8 @@ import trio
 
 from dht.identity import NodeIdentity
 from dht.kad import Dht
-from tests.helpers import PYTHON, ROOT, env_for, is_mounted, peerdrive
+from tests.helpers import PYTHON, ROOT, digest, env_for, is_mounted, peerdrive
+from tests.processes import stop_pid
 from vfs.capability import parse_link
 from vfs.home import Home
 
@@ -42,34 +42,6 @@ READY_TIMEOUT = 60.0
 
 
 # ----------------------------------------------------------------------------- processes
-
-
-def wait_exit(pid: int, proc: subprocess.Popen | None, timeout: float) -> bool:
-    """Wait until `pid` is gone (reaping it if it is our child); True if it went."""
-    if proc is not None:
-        try:
-            proc.wait(timeout=timeout)
-            return True
-        except subprocess.TimeoutExpired:
-            return False
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def stop_process(pid: int, proc: subprocess.Popen | None = None, timeout: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL if it has not gone within `timeout` seconds."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    if not wait_exit(pid, proc, timeout):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        wait_exit(pid, proc, timeout)
 
 
 def node_id_of(home: Path) -> str:
@@ -102,7 +74,7 @@ class NodeProcess:
 
     def stop(self) -> None:
         """SIGTERM by PID (a clean shutdown), SIGKILL if it does not go."""
-        stop_process(self.pid, self.proc)
+        stop_pid(self.pid, self.proc)
 
     def kill(self) -> None:
         """SIGKILL by PID: the process dies at once, mid-whatever it was doing."""
@@ -221,14 +193,6 @@ def blocks_from(snap: dict) -> dict[str, int]:
 # ----------------------------------------------------------------------------- content
 
 
-def file_digest(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def tree_files(root: Path) -> list[str]:
     """Relative paths of every regular file under `root`, sorted."""
     out = []
@@ -242,7 +206,7 @@ def tree_files(root: Path) -> list[str]:
 
 def tree_digests(root: Path, only: Iterable[str] | None = None) -> dict[str, str]:
     names = tree_files(root) if only is None else list(only)
-    return {rel: file_digest(root / rel) for rel in names}
+    return {rel: digest(root / rel) for rel in names}
 
 
 def evict_page_cache(path: Path) -> None:
@@ -359,7 +323,7 @@ class Swarm:
                     subprocess.run(["fusermount3", "-u", "-z", str(m.mountpoint)],
                                    capture_output=True, check=False)
         finally:
-            stop_process(m.pid)
+            stop_pid(m.pid)
             if m in self.mounts:
                 self.mounts.remove(m)
 
@@ -375,11 +339,11 @@ class Swarm:
                                    capture_output=True, check=False)
                 with contextlib.suppress(OSError, ValueError, KeyError):
                     info = json.loads(Home(home).mount_file(mountpoint).read_text())
-                    stop_process(int(info["pid"]))
+                    stop_pid(int(info["pid"]))
         self._pending_mounts.clear()
         for node in reversed(self.nodes):
             with contextlib.suppress(Exception):
-                stop_process(node.pid, node.proc)
+                stop_pid(node.pid, node.proc)
             with contextlib.suppress(Exception):
                 if node.proc.stdout is not None:
                     node.proc.stdout.close()

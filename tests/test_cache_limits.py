@@ -18,17 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import peerdrive, publish
+from tests.helpers import digest, peerdrive, publish, write_random
 from tests.pin_helpers import (
     MiB,
     Nodes,
-    digest,
     drop_page_cache,
     open_store,
     poll,
     status,
     store_state,
-    write_random,
     xattrs,
 )
 from vfs.capability import parse_link

@@ -8,19 +8,24 @@ in tests/test_cli_inprocess.py.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import json
 import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from cache.store import BlockStore
-from tests.helpers import is_mounted, peerdrive, publish
+from tests.helpers import PYTHON, ROOT, digest, env_for, is_mounted, peerdrive, publish
 from tests.inprocess import publish_folder, wrong_key_chunks
-from tests.pin_helpers import MiB, Nodes, digest, open_store, status, xattr
+from tests.pin_helpers import MiB, Nodes, open_store, status, xattr
+from tests.processes import stop_pid, wait_exit
 from tests.swarm_helpers import node_id_of
-from vfs.capability import parse_link
+from vfs.capability import WriteCap, parse_link
 from vfs.home import Home
 
 pytestmark = pytest.mark.fuse
@@ -133,3 +138,297 @@ def test_forged_head_in_the_store_exits_3(tmp_path: Path, node_home) -> None:
     assert not is_mounted(tmp_path / "mnt")
     res = peerdrive(home, "publish", str(src), check=False)
     assert res.returncode == 3, res.stderr
+
+
+def small_tree(tmp_path: Path) -> Path:
+    src = tmp_path / "src"
+    (src / "folder" / "sub").mkdir(parents=True)
+    (src / "folder" / "a.bin").write_bytes(os.urandom(3 * MiB))
+    (src / "folder" / "sub" / "b.bin").write_bytes(os.urandom(MiB))
+    (src / "other.txt").write_text("other\n")
+    return src
+
+
+def test_exit_codes_of_real_commands(tmp_path: Path, node_home) -> None:
+    """0, 1, 2, 5 and 6 from the processes a user runs (3: test_forged_head_..., 4 below)."""
+    home = node_home("a")
+    src = small_tree(tmp_path)
+    assert peerdrive(home, "publish", str(src)).returncode == 0
+    not_a_dir = tmp_path / "home-is-a-file"
+    not_a_dir.write_text("")
+    res = peerdrive(not_a_dir, "keys", check=False)
+    assert res.returncode == 1 and "peerdrive: error:" in res.stderr
+    res = peerdrive(home, "share", "peerdrive:r1:not-a-link", check=False)
+    assert res.returncode == 2 and "link" in res.stderr
+    res = peerdrive(home, "mount", publish(home, src)["read_link"], str(tmp_path / "nowhere"),
+                    check=False)
+    assert res.returncode == 6 and "not a directory" in res.stderr
+    res = peerdrive(home, "unmount", str(tmp_path), check=False)
+    assert res.returncode == 6 and "not mounted" in res.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 16 MiB tmpfs, mounted for the test and unmounted after it."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    where = tmp_path / "small"
+    where.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill(filler: Path) -> None:
+    """Grow `filler` (made beforehand) until its disk is full to the last byte."""
+    with open(filler, "ab", buffering=0) as f:
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 512)
+
+
+def test_publish_on_a_full_disk_exits_5(tmp_path: Path, small_disk: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big.bin").write_bytes(os.urandom(24 * MiB))  # more than the 16 MiB disk
+    home = small_disk / "home"
+    res = peerdrive(home, "publish", str(src), check=False)
+    assert res.returncode == 5, res.stderr
+    assert "full" in res.stderr or "no space" in res.stderr
+    with BlockStore(Home(home).store_path) as store:
+        assert store.check_consistency() == []  # nothing half-written
+
+
+def test_pin_on_a_full_disk_is_enospc_and_exits_5_and_reads_still_work(
+        tmp_path: Path, node_home, small_disk: Path) -> None:
+    """ENOSPC through FUSE: a pin on a home whose disk filled up; reads are served uncached."""
+    src = small_tree(tmp_path)
+    pub = node_home("pub")
+    reader = small_disk / "home"
+    link = publish(pub, src)["read_link"]
+    with Nodes(tmp_path) as nodes:
+        seeder = nodes.serve("pub", pub)
+        filler = small_disk / "filler"
+        filler.touch()
+        m = nodes.mount(reader, link, tmp_path / "mnt", "--bootstrap", seeder.addr)
+        assert (m.path / "other.txt").read_text() == "other\n"
+        fill(filler)
+        try:
+            with pytest.raises(OSError) as exc:
+                os.setxattr(m.path / "folder", "user.peerdrive.pinned", b"1")
+            assert exc.value.errno == errno.ENOSPC
+            res = peerdrive(reader, "pin", str(m.path / "folder"), check=False, timeout=120)
+            assert res.returncode == 5, res.stderr + m.log_tail()
+            assert "full" in res.stderr
+            # a read the network can serve never fails for a full disk
+            assert digest(m.path / "folder" / "a.bin") == digest(src / "folder" / "a.bin")
+        finally:
+            filler.unlink()
+        peerdrive(reader, "pin", str(m.path / "folder"), timeout=120)
+        assert xattr(m.path / "folder", "state") == "device"
+
+
+def test_keys_show_write_prints_the_write_link_only_when_asked(tmp_path: Path,
+                                                               node_home) -> None:
+    home = node_home("a")
+    src = small_tree(tmp_path)
+    info = publish(home, src)
+    plain = json.loads(peerdrive(home, "keys", "--json").stdout)
+    assert plain["node_id"] == node_id_of(home) and plain["home"] == str(home.resolve())
+    [drive] = plain["drives"]
+    assert drive == {"drive": info["drive"], "read_link": info["read_link"],
+                     "source": str(src.resolve())}
+    shown = json.loads(peerdrive(home, "keys", "--show-write", "--json").stdout)
+    write_link = shown["drives"][0]["write_link"]
+    assert write_link == peerdrive(home, "share", str(src), "--write").stdout.strip()
+    write = parse_link(write_link)
+    assert type(write) is WriteCap and write.read_cap().link() == info["read_link"]
+    assert write_link not in peerdrive(home, "keys").stdout
+    assert f"  write  {write_link}" in peerdrive(home, "keys", "--show-write").stdout
+
+
+def test_unmount_busy_lazy_and_not_mounted(tmp_path: Path, node_home) -> None:
+    home = node_home("pub")
+    src = small_tree(tmp_path)
+    link = publish(home, src)["read_link"]
+    with Nodes(tmp_path) as nodes:
+        m = nodes.mount(home, link, tmp_path / "mnt")
+        held = open(m.path / "other.txt", "rb")  # noqa: SIM115 - held open across unmounts
+        try:
+            res = peerdrive(home, "unmount", str(m.path), check=False)
+            assert res.returncode == 6
+            assert "busy" in res.stderr and "--lazy" in res.stderr
+            assert is_mounted(m.path.resolve())
+            peerdrive(home, "unmount", "--lazy", str(m.path))
+            assert not is_mounted(m.path.resolve())
+            assert held.read() == b"other\n"  # an open file goes on reading after --lazy
+        finally:
+            held.close()
+        assert wait_exit(m.pid, None, 30), "the mount process did not end after the last close"
+        res = peerdrive(home, "unmount", str(m.path), check=False)
+        assert res.returncode == 6 and "is not mounted" in res.stderr
+
+
+def start(home: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([PYTHON, "-m", "vfs.cli", *args], env=env_for(home), cwd=ROOT,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGHUP, 0),
+                                           (signal.SIGTERM, 0)])
+def test_a_signal_stops_serve_cleanly(tmp_path: Path, node_home, sig: int, code: int) -> None:
+    home = node_home("pub")
+    publish(home, small_tree(tmp_path))
+    proc = start(home, "serve", "--listen", "127.0.0.1:0", "--no-lan", "--json")
+    try:
+        ready = json.loads(proc.stdout.readline())
+        assert wait_for(lambda: (home / "run" / f"{proc.pid}.json").exists())
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == code, err
+        assert ("interrupted" in err) == (code == 130)
+        assert not (home / "run" / f"{proc.pid}.json").exists()  # its snapshot went with it
+        assert ready["port"] > 0
+    finally:
+        if proc.poll() is None:
+            stop_pid(proc.pid, proc)
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGHUP, 0)])
+def test_a_signal_unmounts_a_foreground_mount(tmp_path: Path, node_home, sig: int,
+                                              code: int) -> None:
+    home = node_home("pub")
+    link = publish(home, small_tree(tmp_path))["read_link"]
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = start(home, "mount", link, str(mnt), "--foreground", "--listen", "127.0.0.1:0",
+                 "--no-lan")
+    try:
+        assert wait_for(lambda: Home(home).mount_file(mnt).exists() or proc.poll() is not None,
+                        timeout=60)
+        assert is_mounted(mnt) and (mnt / "other.txt").read_text() == "other\n"
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == code, err
+        assert not is_mounted(mnt)
+        assert not Home(home).mount_file(mnt).exists()
+        assert status(home)["mounts"] == []
+    finally:
+        if proc.poll() is None:
+            stop_pid(proc.pid, proc)
+        if is_mounted(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+
+
+def test_a_signal_unmounts_a_background_mount(tmp_path: Path, node_home) -> None:
+    home = node_home("pub")
+    link = publish(home, small_tree(tmp_path))["read_link"]
+    with Nodes(tmp_path) as nodes:
+        for sig in (signal.SIGINT, signal.SIGHUP):
+            m = nodes.mount(home, link, tmp_path / "mnt")
+            os.kill(m.pid, sig)
+            assert wait_exit(m.pid, None, 60), f"signal {sig} did not end the mount"
+            assert not is_mounted(m.path.resolve())
+            assert status(home)["mounts"] == []
+            nodes.mounts.remove(m)
+
+
+def test_interrupted_pin_exits_130_and_the_pin_stays(tmp_path: Path, node_home) -> None:
+    src = small_tree(tmp_path)
+    pub, reader = node_home("pub"), node_home("reader")
+    link = publish(pub, src)["read_link"]
+    with Nodes(tmp_path) as nodes:
+        seeder = nodes.serve("pub", pub)
+        m = nodes.mount(reader, link, tmp_path / "mnt", "--bootstrap", seeder.addr,
+                        "--fetch-timeout", "3")
+        seeder.stop()  # nobody serves the blocks: the pin waits
+        proc = start(reader, "pin", str(m.path / "folder"))
+        try:
+            assert wait_for(lambda: xattr(m.path / "folder", "pinned") == "1")
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=30)
+            assert proc.returncode == 130 and "interrupted" in err
+        finally:
+            if proc.poll() is None:
+                stop_pid(proc.pid, proc)
+        assert xattr(m.path / "folder", "pinned") == "1"  # the pin stays, to complete later
+
+
+def test_no_peer_exits_4(tmp_path: Path, node_home) -> None:
+    src = small_tree(tmp_path)
+    pub, reader = node_home("pub"), node_home("reader")
+    link = publish(pub, src)["read_link"]
+    with Nodes(tmp_path) as nodes:
+        seeder = nodes.serve("pub", pub)
+        m = nodes.mount(reader, link, tmp_path / "mnt", "--bootstrap", seeder.addr,
+                        "--fetch-timeout", "3")
+        seeder.stop()
+        res = peerdrive(reader, "pin", str(m.path / "folder"), "--stall-timeout", "5",
+                        check=False, timeout=120)
+        assert res.returncode == 4 and "no peer" in res.stderr
+
+
+def test_evict_of_a_folder_drops_its_blocks_and_the_kernels_pages(tmp_path: Path,
+                                                                  node_home) -> None:
+    src = small_tree(tmp_path)
+    pub, reader = node_home("pub"), node_home("reader")
+    link = publish(pub, src)["read_link"]
+    with Nodes(tmp_path) as nodes:
+        seeder = nodes.serve("pub", pub)
+        m = nodes.mount(reader, link, tmp_path / "mnt", "--bootstrap", seeder.addr,
+                        "--fetch-timeout", "3")
+        folder = m.path / "folder"
+        files = [folder / "a.bin", folder / "sub" / "b.bin"]
+        for f in files:  # read whole: on the device, and in the kernel's page cache
+            assert digest(f) == digest(src / f.relative_to(m.path))
+        assert (m.path / "other.txt").read_text() == "other\n"
+        assert wait_for(lambda: xattr(folder, "state") == "device")
+        assert wait_for(lambda: xattr(m.path / "other.txt", "state") == "device")
+        out = json.loads(peerdrive(reader, "evict", str(folder), "--json").stdout)
+        assert out["evicted"][0]["cached_bytes"] == 0
+        assert [xattr(f, "state") for f in files] == ["cloud", "cloud"]
+        assert xattr(m.path / "other.txt", "state") == "device"  # outside the folder: kept
+        # with every peer gone, an evicted file cannot be read: not even from the kernel
+        seeder.stop()
+        for f in files:
+            with pytest.raises(OSError) as exc:
+                f.read_bytes()
+            assert exc.value.errno == errno.EIO
+        assert (m.path / "other.txt").read_text() == "other\n"
+
+
+def test_unpin_below_a_pinned_folder_is_refused_with_the_reason(tmp_path: Path,
+                                                                node_home) -> None:
+    src = small_tree(tmp_path)
+    pub, reader = node_home("pub"), node_home("reader")
+    link = publish(pub, src)["read_link"]
+    with Nodes(tmp_path) as nodes:
+        seeder = nodes.serve("pub", pub)
+        m = nodes.mount(reader, link, tmp_path / "mnt", "--bootstrap", seeder.addr)
+        peerdrive(reader, "pin", str(m.path / "folder"), timeout=120)
+        child = m.path / "folder" / "sub" / "b.bin"
+        res = peerdrive(reader, "unpin", str(child), check=False)
+        assert res.returncode == 2
+        assert "pinned through a folder above it" in res.stderr
+        assert xattr(child, "pinned") == "1"
+        peerdrive(reader, "unpin", str(m.path / "folder"))
+        assert xattr(child, "pinned") == "0"
+
+
+def wait_for(predicate, timeout: float = 30.0) -> bool:
+    """Poll `predicate` until it holds; False if `timeout` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True

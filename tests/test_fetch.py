@@ -6,6 +6,7 @@ are generous upper bounds that turn a hang into a failure.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
@@ -17,6 +18,7 @@ from dht.frames import Cancel, Want
 from dht.identity import NodeIdentity
 from dht.peer import PeerConnection
 from dht.types import PeerAddr, Priority
+from tests.helpers import run_trio
 from tests.test_peer_support import (
     CorruptSource,
     make_blocks,
@@ -41,14 +43,7 @@ FAST = FetchConfig(
 )
 
 
-def run(test: Callable[[trio.Nursery], Awaitable[None]]) -> None:
-    async def main() -> None:
-        with trio.fail_after(TEST_DEADLINE):
-            async with trio.open_nursery() as nursery:
-                await test(nursery)
-                nursery.cancel_scope.cancel()
-
-    trio.run(main)
+run = functools.partial(run_trio, deadline=TEST_DEADLINE)  # run(test): test(nursery)
 
 
 def fixed(addrs: Sequence[PeerAddr]) -> Callable[[], Awaitable[list[PeerAddr]]]:

@@ -6,6 +6,7 @@ deadlines turn a hang into a failure).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
@@ -17,6 +18,7 @@ from dht.frames import MAX_HAVE_IDS, Have, HaveReply, encode
 from dht.identity import NodeIdentity
 from dht.peer import PeerConnection
 from dht.types import PeerAddr
+from tests.helpers import run_trio
 from tests.test_peer_support import (
     CorruptSource,
     RawServer,
@@ -36,14 +38,7 @@ FAST = FetchConfig(connect_timeout=2.0, backoff_base=0.1, backoff_max=1.0,
                    max_in_flight_per_peer=4, foreground_reserve=2)
 
 
-def run(test: Callable[[trio.Nursery], Awaitable[None]]) -> None:
-    async def main() -> None:
-        with trio.fail_after(TEST_DEADLINE):
-            async with trio.open_nursery() as nursery:
-                await test(nursery)
-                nursery.cancel_scope.cancel()
-
-    trio.run(main)
+run = functools.partial(run_trio, deadline=TEST_DEADLINE)  # run(test): test(nursery)
 
 
 def fixed(addrs: Sequence[PeerAddr]) -> Callable[[], Awaitable[list[PeerAddr]]]:

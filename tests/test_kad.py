@@ -34,6 +34,7 @@ from dht.records import (
     RecordError,
     discovery_key,
 )
+from tests.helpers import run_trio
 
 LOCAL = "127.0.0.1"
 TEST_TIMEOUT = 25
@@ -72,11 +73,7 @@ def forged_mutable(victim: bytes, signer: bytes, seq: int) -> bytes:
 
 
 def run(async_fn) -> None:
-    async def main():
-        with trio.fail_after(TEST_TIMEOUT):
-            await async_fn()
-
-    trio.run(main)
+    run_trio(lambda _nursery: async_fn(), TEST_TIMEOUT)
 
 
 @asynccontextmanager

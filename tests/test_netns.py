@@ -5,10 +5,9 @@ one Linux bridge, addresses in a private 10.77.x.0/24 that exists only inside
 them, every process stopped by PID and every namespace deleted afterwards.
 
 * Many sources: three seeders, each capped at R by a token bucket on its
-  link, stream one file to a fresh reader at well over R. The same run
-  measures the same file from one seeder under the same cap as a baseline.
-  Nothing here asserts an absolute speed: the figure checked is the reader's
-  throughput as a multiple of the cap its seeders were given.
+  link, all serve one file to a fresh reader. The same run measures the
+  file from one seeder under the same cap as a baseline; the speed-up is
+  checked by `scripts/bench --swarm` (three_seeders), never by the test.
 * LAN discovery: a reader with no bootstrap finds the publisher by multicast
   across the bridge and reads a file.
 
@@ -17,21 +16,20 @@ Both print one JSON line of figures (run pytest with -s to see them).
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import write_random
 from tests.netns_helpers import Host, Lab, Mount, netns_unavailable_reason
 
 pytestmark = [pytest.mark.netns, pytest.mark.fuse, pytest.mark.timeout(240)]
 
 RATE_MBIT = 40  # R: each seeder's egress cap
 FILE_MIB = 64  # about 14 s at R from one seeder
-MIN_RATIO = 2.4  # three seeders at R must give the reader at least this many R
+MIN_RATIO = 2.4  # the goal `scripts/bench --swarm` checks: three seeders at R give >= this R
 
 
 @pytest.fixture(scope="module")
@@ -39,19 +37,6 @@ def labs_possible() -> None:
     reason = netns_unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
-
-
-def write_random_file(path: Path, size: int) -> str:
-    """A file of random bytes (so no chunk dedups); returns its SHA-256."""
-    digest = hashlib.sha256()
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            piece = os.urandom(min(left, 4 << 20))
-            digest.update(piece)
-            f.write(piece)
-            left -= len(piece)
-    return digest.hexdigest()
 
 
 def fetched_from(mount: Mount, after: float) -> dict[str, int]:
@@ -68,11 +53,25 @@ def blocks_served(host: Host, pid: int, after: float = 0.0) -> int:
     return int(host.snapshot(pid, after)["server"]["blocks_served"])
 
 
-def test_three_capped_seeders_serve_a_reader_faster_than_one(labs_possible, tmp_path: Path):
+def test_three_capped_seeders_all_serve_one_reader(labs_possible, tmp_path: Path):
+    """Every seeder serves a fresh reader, and the bytes are right.
+
+    How much faster three seeders make it (the goal: at least MIN_RATIO times
+    the cap) is a benchmark, not a test: `scripts/bench --swarm`.
+    """
+    three_seeders(tmp_path)
+
+
+def three_seeders(tmp_path: Path) -> dict:
+    """One file read from one, two, then three seeders capped at RATE_MBIT; the figures.
+
+    Asserts what must happen whatever the machine's speed (right bytes, every
+    seeder used); `scripts/bench --swarm` checks the speed against MIN_RATIO.
+    """
     rate = RATE_MBIT * 1e6 / 8  # bytes per second on the wire
     src = tmp_path / "src"
     src.mkdir()
-    want = write_random_file(src / "big.bin", FILE_MIB << 20)
+    want = write_random(src / "big.bin", FILE_MIB << 20)
     with Lab(tmp_path, 4) as lab:
         h1, h2, h3, h4 = lab.hosts
         info = h1.publish(src)
@@ -129,16 +128,14 @@ def test_three_capped_seeders_serve_a_reader_faster_than_one(labs_possible, tmp_
         assert {addr.rsplit(":", 1)[0] for addr in per_peer} == set(seeders), per_peer
         assert all(n > 0 for n in per_peer.values()), f"an idle seeder: {per_peer}"
         assert all(n > 0 for n in served.values()), f"an idle seeder: {served}"
-        assert speed(three) >= MIN_RATIO * rate, (
-            f"three seeders capped at {RATE_MBIT} Mbit/s gave the reader "
-            f"{speed(three) / rate:.2f} R (one seeder: {speed(one) / rate:.2f} R): {figures}")
+    return figures
 
 
 def test_reader_finds_the_publisher_by_lan_multicast_without_bootstrap(labs_possible,
                                                                          tmp_path: Path):
     src = tmp_path / "src"
     src.mkdir()
-    want = write_random_file(src / "movie.bin", 6 << 20)
+    want = write_random(src / "movie.bin", 6 << 20)
     (src / "notes.txt").write_text("found on the LAN\n")
     with Lab(tmp_path, 2) as lab:
         h1, h2 = lab.hosts

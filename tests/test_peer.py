@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
-from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
@@ -20,6 +20,7 @@ from dht.frames import Block, Cancel, Goodbye, Refused, Want, Welcome, encode
 from dht.identity import NodeIdentity
 from dht.peer import PeerConnection
 from dht.types import PeerAddr, Priority
+from tests.helpers import run_trio
 from tests.test_peer_support import (
     HOST,
     CorruptSource,
@@ -38,14 +39,7 @@ from tests.test_peer_support import (
 TEST_DEADLINE = 20.0  # no test may hang: each runs under this bound
 
 
-def run(test: Callable[[trio.Nursery], Awaitable[None]]) -> None:
-    async def main() -> None:
-        with trio.fail_after(TEST_DEADLINE):
-            async with trio.open_nursery() as nursery:
-                await test(nursery)
-                nursery.cancel_scope.cancel()
-
-    trio.run(main)
+run = functools.partial(run_trio, deadline=TEST_DEADLINE)  # run(test): test(nursery)
 
 
 def test_handshake_ping_and_fetch() -> None:

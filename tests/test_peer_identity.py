@@ -7,6 +7,9 @@ import functools
 import hashlib
 import os
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -133,8 +136,22 @@ def test_tls13_handshake_with_trio_and_pinning() -> None:
 
 
 def test_concurrent_creation_yields_one_identity(tmp_path: Path) -> None:
-    """Two creators racing on one path end up with the same key (link never replaces)."""
-    path = tmp_path / "node.key"
-    a = NodeIdentity._create(path)
-    b = NodeIdentity._create(path)  # finds the file already there and loads it
-    assert a.node_id == b.node_id
+    """Many processes creating one node's key at the same moment all end up with one key.
+
+    Each process finds no key file and creates one (link() never replaces an
+    existing file, so the first link wins and every other creator loads it).
+    """
+    path = tmp_path / "home" / "node.key"
+    racers = 8
+    start = time.time() + 1.0  # every process past its imports, then all at once
+    code = ("import sys, time; from pathlib import Path; from dht.identity import NodeIdentity;"
+            "time.sleep(max(0.0, float(sys.argv[2]) - time.time()));"
+            "print(NodeIdentity.load_or_create(Path(sys.argv[1])).node_id.hex())")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(path), repr(start)],
+                              cwd=Path(__file__).resolve().parent.parent,
+                              stdout=subprocess.PIPE, text=True) for _ in range(racers)]
+    ids = [p.communicate(timeout=60)[0].strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert len(set(ids)) == 1 and len(ids[0]) == 64
+    assert NodeIdentity.load_or_create(path).node_id.hex() == ids[0]
+    assert sorted(os.listdir(path.parent)) == ["node.key"]  # no temporary file left behind

@@ -3,9 +3,9 @@
 `peerdrive serve` publishers and seeders and `peerdrive mount` readers are
 separate processes on 127.0.0.1 (no LAN); the priority test runs its two
 nodes in network namespaces it creates, with a rate-limited link between
-them. Nothing asserts on speed except generous bounds that tell "served
-ahead of the pin" from "served after it"; the figures are printed
-(`pytest -s`).
+them. Nothing asserts on speed: the priority test checks that the read
+finished while the pin was still under way, and prints its figures (`pytest
+-s`); how fast is checked by `scripts/bench --swarm`.
 """
 
 from __future__ import annotations
@@ -19,17 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import PYTHON, peerdrive, publish
+from tests.helpers import PYTHON, digest, peerdrive, publish, write_random
 from tests.pin_helpers import (
     MiB,
     Nodes,
-    digest,
     drop_page_cache,
     open_store,
     poll,
     status,
     status_table,
-    write_random,
     xattr,
     xattrs,
 )
@@ -239,9 +237,22 @@ def _netns_reason() -> str | None:
 
 
 def test_a_read_is_served_ahead_of_a_large_pin(tmp_path: Path) -> None:
+    """A read of another file completes, right, while a large pin is still under way.
+
+    How soon it completes (the goal: its first 64 KiB within FIRST_64K_GOAL
+    block-times of the capped link) is a benchmark: `scripts/bench --swarm`.
+    """
     reason = _netns_reason()
     if reason is not None:
         pytest.skip(reason)
+    read_behind_pin(tmp_path)
+
+
+FIRST_64K_GOAL = 20  # block-times: the goal `scripts/bench --swarm` checks
+
+
+def read_behind_pin(tmp_path: Path) -> dict:
+    """The first 64 KiB of a file read while a 256 MiB pin crosses a capped link; figures."""
     from tests.netns_helpers import Lab
 
     src = tmp_path / "src"
@@ -292,11 +303,12 @@ def test_a_read_is_served_ahead_of_a_large_pin(tmp_path: Path) -> None:
             "pin_cached_before": pin_before, "pin_cached_after": pin_after,
         }
         print(json.dumps(figures))
-        assert pin_after < PIN_SIZE, "the pin finished before the read: nothing was measured"
-        assert dd_seconds < 20 * block_seconds, figures
+        # the event that matters: the read overtook the pin (it finished while the pin ran)
+        assert pin_after < PIN_SIZE, "the pin finished before the read: the read waited for it"
         # and the bytes are right
         with open(src / "wanted.bin", "rb") as f:
             expected = f.read(65536)
         got = mount.run(PYTHON, "-c", "import sys;sys.stdout.write(open(sys.argv[1],'rb')"
                         ".read(65536).hex())", str(wanted)).stdout
         assert bytes.fromhex(got) == expected
+    return figures

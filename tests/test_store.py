@@ -6,6 +6,7 @@ import array
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -638,7 +639,12 @@ def test_a_resize_waits_for_views_in_other_threads(store_dir: Path) -> None:
         with store.get_view(first_id) as view:
             worker = threading.Thread(target=grow)
             worker.start()
-            assert not grown.wait(0.3)  # the resize waits for this view
+            # wait for the event itself: the resize queued at the gate, behind this view
+            deadline = time.monotonic() + 30
+            while store._gate._waiting_exclusive == 0 and not grown.is_set():
+                assert time.monotonic() < deadline, "the resize never reached the gate"
+                time.sleep(0.01)
+            assert not grown.is_set()  # it waits for this view to end
             assert view is not None and bytes(view) == first
         worker.join(timeout=60)
         assert grown.is_set() and errors == []

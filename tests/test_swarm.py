@@ -18,7 +18,6 @@ import contextlib
 import errno
 import hashlib
 import os
-import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,13 +26,12 @@ from pathlib import Path
 import pytest
 
 from cache.store import BlockStore
-from tests.helpers import is_mounted, publish
+from tests.helpers import digest, is_mounted, publish, write_random
 from tests.swarm_helpers import (
     Swarm,
     blocks_from,
     blocks_served,
     evict_page_cache,
-    file_digest,
     peer_stats,
     tree_digests,
     tree_files,
@@ -54,15 +52,6 @@ MID_SIZE = 4_000_000
 FETCH_TIMEOUT = 5.0
 
 
-def write_random(path: Path, size: int, rng: random.Random) -> None:
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(left, 4 << 20)
-            f.write(rng.randbytes(n))
-            left -= n
-
-
 @dataclass
 class Published:
     src: Path
@@ -77,13 +66,12 @@ def drive(tmp_path_factory: pytest.TempPathFactory) -> Published:
     base = tmp_path_factory.mktemp("swarm-drive")
     src = base / "src"
     (src / "docs" / "notes").mkdir(parents=True)
-    rng = random.Random(3)
-    write_random(src / BIG, BIG_SIZE, rng)
-    write_random(src / MID, MID_SIZE, rng)
+    write_random(src / BIG, BIG_SIZE, seed=31)
+    write_random(src / MID, MID_SIZE, seed=32)
     for i in range(12):
         (src / "docs" / f"page{i:02d}.txt").write_bytes(f"page {i}\n".encode() * (50 * i + 1))
     (src / "docs" / "notes" / "todo.txt").write_text("read the swarm tests\n")
-    write_random(src / "docs" / "notes" / "photo.jpg", 700_000, rng)
+    write_random(src / "docs" / "notes" / "photo.jpg", 700_000, seed=33)
     (src / "empty").write_bytes(b"")
     home = base / "home-publisher"
     home.mkdir()
@@ -162,7 +150,7 @@ def test_reader_streams_every_byte_from_the_publisher(drive: Published, tmp_path
         assert os.getxattr(mnt / MID, "user.peerdrive.state") == b"cloud"
 
         started = time.monotonic()
-        assert file_digest(mnt / BIG) == drive.digests[BIG]
+        assert digest(mnt / BIG) == drive.digests[BIG]
         cold = BIG_SIZE / (time.monotonic() - started) / 1e6
         print(f"\nfigures: first 64 KiB of an uncached file {first_64k * 1000:.0f} ms; "
               f"cold read from one peer {cold:.1f} MB/s")
@@ -337,7 +325,7 @@ def test_a_lying_peer_never_yields_wrong_bytes(drive: Published, cached: list[Pa
         def read_big() -> bool:
             nonlocal got
             try:
-                got = file_digest(mnt / BIG)
+                got = digest(mnt / BIG)
             except OSError as e:
                 assert e.errno == errno.EIO, e
                 return False
@@ -375,14 +363,13 @@ def test_fresh_reader_gets_everything_with_the_publisher_offline(drive: Publishe
 
 
 def test_new_version_shows_in_a_live_mount(tmp_path: Path) -> None:
-    rng = random.Random(7)
     src = tmp_path / "src"
     src.mkdir()
     (src / "notes.txt").write_text("version 1\n")
     (src / "same.txt").write_text("unchanged\n")
     (src / "gone.txt").write_text("only in version 1\n" * 1000)
-    write_random(src / "grows.bin", 3_000_000, rng)
-    write_random(src / "shrinks.bin", 2_000_000, rng)
+    write_random(src / "grows.bin", 3_000_000, seed=34)
+    write_random(src / "shrinks.bin", 2_000_000, seed=35)
     held_names = ["grows.bin", "shrinks.bin", "gone.txt"]
     old = {name: (src / name).read_bytes() for name in held_names}
     home = new_home(tmp_path, "publisher")
@@ -407,8 +394,8 @@ def test_new_version_shows_in_a_live_mount(tmp_path: Path) -> None:
         (src / "notes.txt").write_text("version 2, longer than the first\n")
         (src / "added.txt").write_text("new in version 2\n")
         (src / "gone.txt").unlink()
-        write_random(src / "grows.bin", 3_500_000, rng)
-        write_random(src / "shrinks.bin", 500_000, rng)
+        write_random(src / "grows.bin", 3_500_000, seed=36)
+        write_random(src / "shrinks.bin", 500_000, seed=37)
         info2 = publish(home, src)
         assert info2["seq"] == 2
         started = time.monotonic()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 
@@ -11,6 +12,7 @@ import trio
 from dht.identity import NodeIdentity
 from dht.tls import client_context, pinned_public_key, server_context
 from dht.tlsstream import TlsStream
+from tests.helpers import run_trio
 
 DEADLINE = 20
 
@@ -44,14 +46,7 @@ async def _pair(nursery: trio.Nursery, server_kind: str, client_kind: str):
     return server, client
 
 
-def run(test) -> None:
-    async def main() -> None:
-        with trio.fail_after(DEADLINE):
-            async with trio.open_nursery() as nursery:
-                await test(nursery)
-                nursery.cancel_scope.cancel()
-
-    trio.run(main)
+run = functools.partial(run_trio, deadline=DEADLINE)  # run(test): test(nursery)
 
 
 async def _receive_exactly(stream, n: int) -> bytes:

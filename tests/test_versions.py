@@ -9,13 +9,12 @@ not already hold, so each edit is published on its own to measure it alone.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import is_mounted, mounted, publish
+from tests.helpers import digest, is_mounted, mounted, publish, write_random
 
 pytestmark = pytest.mark.fuse
 
@@ -24,24 +23,6 @@ BIG = 100 * MiB
 SECOND = 40 * MiB
 # the mount process joins no network beyond loopback: every block is already on this node
 LOCAL_ONLY = ("--listen", "127.0.0.1:0", "--no-lan")
-
-
-def write_random(path: Path, size: int) -> None:
-    """`size` random bytes, written in 4 MiB pieces (fast, incompressible, unique)."""
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(left, 4 * MiB)
-            f.write(os.urandom(n))
-            left -= n
-
-
-def digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(4 * MiB):
-            h.update(block)
-    return h.hexdigest()
 
 
 def source_digests(root: Path) -> dict[str, str]:

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from . import xattrs
-from .errors import UsageError
+from .errors import NoSpaceError, UsageError
 
 
 def _set_flag(path: Path, name: str, value: bytes) -> None:
@@ -22,7 +22,22 @@ def _set_flag(path: Path, name: str, value: bytes) -> None:
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.EROFS, errno.ENODATA):
             raise UsageError(f"{path} is not inside a peerdrive mount") from exc
+        if exc.errno == errno.ENOSPC:
+            raise NoSpaceError(f"{path}: the device holding this node's store is full; "
+                               "free some space (peerdrive evict) and try again") from exc
+        if (name == xattrs.PINNED and value == xattrs.encode_flag(False)
+                and exc.errno == errno.EINVAL and _is_pinned(path)):
+            raise UsageError(f"{path} is pinned through a folder above it; unpin that folder "
+                             "instead") from exc
         raise UsageError(f"{path}: {exc.strerror}") from exc
+
+
+def _is_pinned(path: Path) -> bool:
+    try:
+        return os.getxattr(path, xattrs.full_name(xattrs.PINNED)).strip() == \
+            xattrs.encode_flag(True)
+    except OSError:
+        return False
 
 
 def pin(path: Path) -> None:

@@ -121,6 +121,7 @@ async def serve_fuse(ops: pyfuse3.Operations, mountpoint: Path,
         raise MountError(f"could not mount at {mountpoint}: {exc} (is /dev/fuse available "
                          "and fuse3 installed?)") from exc
     unmounted = False
+    stopped_by: list[int] = []
     try:
         async with trio.open_nursery() as nursery:
             if background is not None:
@@ -130,6 +131,7 @@ async def serve_fuse(ops: pyfuse3.Operations, mountpoint: Path,
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as s:
                     async for signum in s:
                         log.info("signal %d: unmounting", signum)
+                        stopped_by.append(signum)
                         pyfuse3.terminate()
                         return
 
@@ -159,6 +161,8 @@ async def serve_fuse(ops: pyfuse3.Operations, mountpoint: Path,
         if not unmounted:
             subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)],
                            capture_output=True, check=False)
+    if stopped_by == [signal.SIGINT]:
+        raise KeyboardInterrupt  # unmounted cleanly; Ctrl-C still exits 130 (interrupted)
 
 
 def spawn_daemon(argv: list[str], log_path: Path, secret: str | None = None,
@@ -254,11 +258,16 @@ def unmount(mountpoint: Path, record: dict | None, lazy: bool = False,
     The serving process is the one `record` names by pid *and* start time
     (see vfs/process.py): a record left by a killed mount whose pid now
     belongs to another process names no process, and nothing is signalled.
+    With `lazy` the mount is detached at once and the process is left to end
+    by itself when the last file open in the mount is closed: stopping it
+    would fail those reads (ENOTCONN), which is what --lazy must not do.
     """
+    if _mount_device(mountpoint) is None:  # fusermount3 would only say "Invalid argument"
+        raise MountError(f"{mountpoint} is not mounted")
     args = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [str(mountpoint)]
     # opened before the unmount, while the mount process still lives
     pidfd = None
-    if record is not None:
+    if record is not None and not lazy:
         with contextlib.suppress(TypeError, ValueError, KeyError):
             pidfd = process.open_recorded(int(record["pid"]), record.get("start"))
     try:

@@ -181,8 +181,13 @@ class NetworkNode:
         try:
             while True:
                 tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(self.snapshot()))
-                tmp.replace(path)
+                try:
+                    tmp.write_text(json.dumps(self.snapshot()))
+                    tmp.replace(path)
+                except OSError as exc:
+                    # a full disk (or a read-only home) costs the status its freshness,
+                    # never the node: a mount must keep serving reads then
+                    log.warning("status snapshot %s not written: %s", path, exc)
                 await trio.sleep(1.0)
         finally:
             with contextlib.suppress(OSError):

@@ -165,22 +165,32 @@ async def _serve_main(home: Home, opts: ServeOptions, node_opts: ResolvedNodeOpt
                 net.set_mirrors(cap, [*head.mirrors, *node_opts.mirrors])
                 await net.publish_head(cap, head.wire)
 
-    async with trio.open_nursery() as nursery:
-        port = await nursery.start(net.run)
-        await nursery.start(hosts.run)  # hosted drives follow their heads from the start
-        await nursery.start(pushes.run)
-        await sync_drives()
-        await nursery.start(copies.run, lambda: [StoreCap(p) for p in published])
-        on_ready(net, port, [StoreCap(p) for p in published])
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    stopped_by: list[int] = []
+    # SIGHUP too: a closed terminal stops the node cleanly, as a mount does. The receiver
+    # is open before the node starts, so a signal that comes at once is not lost either.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
+            ready = trio.Event()
+
             async def stop_on_signal() -> None:
-                async for _ in signals:
-                    await net.leave()
+                async for signum in signals:
+                    stopped_by.append(signum)
+                    if ready.is_set():
+                        await net.leave()
                     nursery.cancel_scope.cancel()
                     return
 
             nursery.start_soon(stop_on_signal)
+            port = await nursery.start(net.run)
+            await nursery.start(hosts.run)  # hosted drives follow their heads from the start
+            await nursery.start(pushes.run)
+            await sync_drives()
+            await nursery.start(copies.run, lambda: [StoreCap(p) for p in published])
+            on_ready(net, port, [StoreCap(p) for p in published])
+            ready.set()
             while True:
                 await trio.sleep(HEAD_POLL_INTERVAL)
                 await sync_drives()
                 await trio.to_thread.run_sync(store.flush)  # persist batched read recency
+    if stopped_by == [signal.SIGINT]:
+        raise KeyboardInterrupt  # stopped cleanly; Ctrl-C still exits 130 (interrupted)

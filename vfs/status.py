@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from . import xattrs
-from .errors import UsageError
+from .errors import BlockUnavailable, UsageError
 from .home import Home
 
 
@@ -35,6 +35,9 @@ def path_status(path: Path, only: tuple[str, ...] | None = None) -> dict:
         try:
             raw[n] = os.getxattr(path, xattrs.full_name(n))
         except OSError as exc:
+            if exc.errno == errno.EIO:  # the mount could not load what the answer needs
+                raise BlockUnavailable(f"{path}: its status needs data that is not on this "
+                                       "device and no peer served it in time") from exc
             if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
                 raise UsageError(f"{path}: {exc.strerror}") from exc
     if not raw:
