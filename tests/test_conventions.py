@@ -27,7 +27,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import PYTHON, ROOT, env_for, is_mounted, peerdrive, publish
-from tests.swarm_helpers import Swarm, read_ready_line, stop_process, tail, wait_until
+from tests.processes import stop_pid
+from tests.swarm_helpers import Swarm, read_ready_line, tail, wait_until
 from vfs.home import Home
 from vfs.systemd_units import escape_path, exec_lines
 
@@ -123,7 +124,7 @@ def test_fstab_line_mounts_at_mount_a_and_unmounts(tmp_path: Path) -> None:
             assert "INFO vfs.node: mounted drive" in Path(record["log"]).read_text()
         finally:
             if pid is not None and _alive(pid):
-                stop_process(pid)
+                stop_pid(pid)
     assert not is_mounted(mnt)  # never in this namespace's table
 
 
@@ -208,8 +209,8 @@ def test_systemd_units_start_and_stop(tmp_path: Path) -> None:
         if mount_proc is not None and mount_proc.poll() is None:
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True,
                            check=False)
-            stop_process(mount_proc.pid, mount_proc)
-        stop_process(serve.pid, serve)
+            stop_pid(mount_proc.pid, mount_proc)
+        stop_pid(serve.pid, serve)
         if serve.stdout is not None:
             serve.stdout.close()
 
@@ -234,7 +235,7 @@ def test_verbose_reaches_the_background_mount_and_status_names_its_log(tmp_path:
         finally:
             peerdrive(reader, "unmount", str(mnt), check=False)
             if _alive(pid):
-                stop_process(pid)
+                stop_pid(pid)
 
 
 def test_log_file_rotates_and_stderr_follows(tmp_path: Path) -> None:

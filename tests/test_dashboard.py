@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import PYTHON, ROOT, env_for, peerdrive, publish
-from tests.pin_helpers import write_random
-from tests.swarm_helpers import Swarm, read_ready_line, stop_process, tail
+from tests.helpers import PYTHON, ROOT, env_for, peerdrive, publish, write_random
+from tests.processes import stop_pid
+from tests.swarm_helpers import Swarm, read_ready_line, tail
 
 pytestmark = pytest.mark.fuse
 
@@ -90,7 +90,7 @@ def node(tmp_path: Path) -> Iterator[tuple[Swarm, Path, Path, Dashboard]]:
             assert url.startswith("http://127.0.0.1:") and "token=" in url  # loopback
             yield swarm, reader, mnt, Dashboard(url, proc, log)
         finally:
-            stop_process(proc.pid, proc)
+            stop_pid(proc.pid, proc)
             if proc.stdout is not None:
                 proc.stdout.close()
 
@@ -278,7 +278,7 @@ def test_opens_the_browser_only_with_a_display_and_without_no_open(tmp_path: Pat
                 time.sleep(1)
                 assert not opened.exists()
         finally:
-            stop_process(proc.pid, proc)
+            stop_pid(proc.pid, proc)
             if proc.stdout is not None:
                 proc.stdout.close()
         assert proc.returncode == 0, tail(log)  # SIGTERM: a clean stop

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import PYTHON, ROOT, env_for, is_mounted, mounted, peerdrive, publish, stop_pid
-from tests.swarm_helpers import wait_exit
+from tests.processes import wait_exit
 from vfs.capability import parse_link
 from vfs.home import Home
 
