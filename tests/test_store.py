@@ -702,3 +702,15 @@ def test_eviction_drops_the_member_tags_of_what_it_evicts(store: BlockStore) -> 
     assert store.count == 0
     assert not any(store.is_member(tag, bid) for bid, _ in blocks)
     assert store.check_consistency() == []
+
+
+def test_has_pin_and_records_from_a_prefix_with_keys_before_it(store: BlockStore) -> None:
+    """Mutation survivors (docs/testing.md): has_pin of a pin that exists, and a prefix
+    scan that must seek to its prefix, not start at the first key."""
+    store.set_pin("p", fill(store, range(2), 10))
+    assert store.has_pin("p") and not store.has_pin("q")
+    store.put_record(b"aaa", b"0")
+    store.put_record(b"head:x", b"1")
+    store.put_record(b"zzz", b"2")
+    assert store.records(b"head:") == [(b"head:x", b"1")]
+    assert [k for k, _ in store.records()] == [b"aaa", b"head:x", b"zzz"]
