@@ -37,8 +37,9 @@ from dht.kad import Dht
 from dht.peer import PeerServer
 from dht.records import MutableRecord
 from dht.types import PeerAddr, Priority
+from tests.helpers import digest as file_digest
 from tests.helpers import is_mounted, publish
-from tests.swarm_helpers import Swarm, file_digest, read_snapshot, wait_until
+from tests.swarm_helpers import Swarm, read_snapshot, wait_until
 
 FILE = "data.bin"
 SERIAL_SIZE = 64 << 20

@@ -24,9 +24,10 @@ from cache.store import BlockStore
 from tests.helpers import run_trio
 from tests.inprocess import FakeNetwork, new_cap, publish_folder, running_drive, wrong_key_chunks
 from vfs.drive import Drive
-from vfs.fs import ATTR_TIMEOUT, XATTR_PREFIX, DriveOperations
+from vfs.fs import ATTR_TIMEOUT, DriveOperations
 from vfs.pins import pin_name
 from vfs.storage import DriveStorage
+from vfs.xattrs import PREFIX_BYTES as XATTR_PREFIX
 
 MiB = 1 << 20
 DEADLINE = 120.0  # seconds: generous, only a hang reaches it on a loaded machine
@@ -206,7 +207,7 @@ def test_status_attributes_follow_the_device(ops_world) -> None:
             assert await fuse_errno(ops.getxattr(a.st_ino, b"security.selinux", None)) \
                 == pyfuse3.ENOATTR
             # evict (what `peerdrive evict` sets, minus the kernel's pages: no kernel here)
-            assert await drive.set_xattr([b"docs"], docs_entry(drive, docs), "evict", b"1")
+            await drive.answers.evict(docs_entry(drive, docs))
             assert (await xattrs(a.st_ino))["state"] == "cloud"
 
     def docs_entry(drive: Drive, attrs):
@@ -232,12 +233,14 @@ def test_pins_fetch_everything_below_and_refuse_a_partial_unpin(ops_world) -> No
             assert await ops.getxattr(b.st_ino, name, None) == b"1"  # through the folder
             assert await ops.getxattr(top.st_ino, name, None) == b"0"
             entry = ops.inodes[docs.st_ino].entry
-            assert drive.pins is not None
-            want = {r.block_id for r in await drive.pins.blocks_under(entry)}
+            want = set()
+            for rel in ("docs/a.bin", "docs/deep/b.txt"):
+                f = ops.inodes[(await walk(ops, rel)).st_ino].entry
+                want |= {r.block_id for r in (await drive.tree.chunk_map(f)).chunks}
             assert not reader.missing(list(want))
             assert want <= set(reader.pin_ids(pin))  # held by the pin: never evicted
             # pinned blocks survive an evict of the folder
-            await drive.set_xattr([b"docs"], entry, "evict", b"1")
+            await drive.answers.evict(entry)
             assert not reader.missing(list(want))
             assert await fuse_errno(ops.setxattr(b.st_ino, name, b"0", None)) == errno.EINVAL
             assert await ops.getxattr(b.st_ino, name, None) == b"1"

@@ -253,7 +253,7 @@ def test_an_evicted_block_is_fetched_again_not_served_from_memory(world) -> None
             assert bytes(await drive.read(of, 0, 100)) == b"small\n"
             await drive.blocks._store_unstored()
             assert reader.has(block)
-            assert await drive.set_xattr([b"small.txt"], entry, "evict", b"1")
+            await drive.answers.evict(entry)
             assert not reader.has(block) and drive.blocks.cached_plain(block) is None
             asked = net.asked().count(block)
             assert bytes(await drive.read(of, 0, 100)) == b"small\n"
