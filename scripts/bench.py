@@ -11,11 +11,14 @@ Run it as `scripts/bench` (which installs what is missing first):
 Everything runs as separate processes, the way a user runs them, all on
 127.0.0.1 and in one temporary directory removed at the end:
 
-* peerdrive: a publisher node (`peerdrive publish`, then `peerdrive serve
-  --listen 127.0.0.1:PORT --no-lan`) and, for each measurement, a reader node
-  with an empty cache (a fresh PEERDRIVE_HOME) that mounts the drive with
-  `--bootstrap 127.0.0.1:PORT --listen 127.0.0.1:0 --no-lan`: every block
-  crosses a real TLS connection from ONE peer.
+* peerdrive: a publisher node (`peerdrive publish`, then ONE `peerdrive serve
+  --listen 127.0.0.1:PORT --no-lan` kept for the whole run, as users keep
+  one) and, for each measurement, a reader node with an empty cache (a fresh
+  PEERDRIVE_HOME) that mounts the drive with `--bootstrap 127.0.0.1:PORT
+  --listen 127.0.0.1:0 --no-lan`: every block crosses a real TLS connection,
+  and every reader mounts next to the readers that came and went before it.
+  The `churn` figure times readers 2-5 after departed ones (half killed); the
+  `swarm` figure has four readers of one file at once, beside libtorrent.
 * rclone: `rclone mount` of an `:http:` remote served by nginx on 127.0.0.1
   (`--vfs-cache-mode full`, its own cache directory per measurement).
 * nginx + curl: the same file over HTTP on loopback, the network's limit.
