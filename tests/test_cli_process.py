@@ -343,14 +343,22 @@ def test_a_signal_unmounts_a_background_mount(tmp_path: Path, node_home) -> None
             nodes.mounts.remove(m)
 
 
-def test_interrupted_pin_exits_130_and_the_pin_stays(tmp_path: Path, node_home) -> None:
+@contextlib.contextmanager
+def reader_of_a_seeder(tmp_path: Path, node_home, *extra: str):
+    """small_tree published, its publisher serving, a reader's mount of it: (src, reader
+    home, seeder, mount); everything stopped on exit."""
     src = small_tree(tmp_path)
     pub, reader = node_home("pub"), node_home("reader")
     link = publish(pub, src)["read_link"]
     with Nodes(tmp_path) as nodes:
         seeder = nodes.serve("pub", pub)
-        m = nodes.mount(reader, link, tmp_path / "mnt", "--bootstrap", seeder.addr,
-                        "--fetch-timeout", "3")
+        yield src, reader, seeder, nodes.mount(reader, link, tmp_path / "mnt", "--bootstrap",
+                                               seeder.addr, *extra)
+
+
+def test_interrupted_pin_exits_130_and_the_pin_stays(tmp_path: Path, node_home) -> None:
+    with reader_of_a_seeder(tmp_path, node_home, "--fetch-timeout", "3") as (src, reader,
+                                                                          seeder, m):
         seeder.stop()  # nobody serves the blocks: the pin waits
         proc = start(reader, "pin", str(m.path / "folder"))
         try:
@@ -365,13 +373,8 @@ def test_interrupted_pin_exits_130_and_the_pin_stays(tmp_path: Path, node_home) 
 
 
 def test_no_peer_exits_4(tmp_path: Path, node_home) -> None:
-    src = small_tree(tmp_path)
-    pub, reader = node_home("pub"), node_home("reader")
-    link = publish(pub, src)["read_link"]
-    with Nodes(tmp_path) as nodes:
-        seeder = nodes.serve("pub", pub)
-        m = nodes.mount(reader, link, tmp_path / "mnt", "--bootstrap", seeder.addr,
-                        "--fetch-timeout", "3")
+    with reader_of_a_seeder(tmp_path, node_home, "--fetch-timeout", "3") as (src, reader,
+                                                                          seeder, m):
         seeder.stop()
         res = peerdrive(reader, "pin", str(m.path / "folder"), "--stall-timeout", "5",
                         check=False, timeout=120)
@@ -380,13 +383,8 @@ def test_no_peer_exits_4(tmp_path: Path, node_home) -> None:
 
 def test_evict_of_a_folder_drops_its_blocks_and_the_kernels_pages(tmp_path: Path,
                                                                   node_home) -> None:
-    src = small_tree(tmp_path)
-    pub, reader = node_home("pub"), node_home("reader")
-    link = publish(pub, src)["read_link"]
-    with Nodes(tmp_path) as nodes:
-        seeder = nodes.serve("pub", pub)
-        m = nodes.mount(reader, link, tmp_path / "mnt", "--bootstrap", seeder.addr,
-                        "--fetch-timeout", "3")
+    with reader_of_a_seeder(tmp_path, node_home, "--fetch-timeout", "3") as (src, reader,
+                                                                          seeder, m):
         folder = m.path / "folder"
         files = [folder / "a.bin", folder / "sub" / "b.bin"]
         for f in files:  # read whole: on the device, and in the kernel's page cache
@@ -409,12 +407,7 @@ def test_evict_of_a_folder_drops_its_blocks_and_the_kernels_pages(tmp_path: Path
 
 def test_unpin_below_a_pinned_folder_is_refused_with_the_reason(tmp_path: Path,
                                                                 node_home) -> None:
-    src = small_tree(tmp_path)
-    pub, reader = node_home("pub"), node_home("reader")
-    link = publish(pub, src)["read_link"]
-    with Nodes(tmp_path) as nodes:
-        seeder = nodes.serve("pub", pub)
-        m = nodes.mount(reader, link, tmp_path / "mnt", "--bootstrap", seeder.addr)
+    with reader_of_a_seeder(tmp_path, node_home) as (src, reader, seeder, m):
         peerdrive(reader, "pin", str(m.path / "folder"), timeout=120)
         child = m.path / "folder" / "sub" / "b.bin"
         res = peerdrive(reader, "unpin", str(child), check=False)
