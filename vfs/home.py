@@ -213,12 +213,6 @@ class Home:
         (d / "source").write_text(str(source.resolve()))
         return cap
 
-    def write_cap_for(self, pubkey: bytes) -> WriteCap | None:
-        d = self._drive_dir(pubkey)
-        if (d / "write.cap").exists():
-            return self._load_write_cap(d)
-        return None
-
     def drive_source(self, pubkey: bytes) -> str | None:
         """The folder this node publishes a drive from, or None if it publishes no such drive."""
         try:
