@@ -22,7 +22,7 @@ from vfs.blocklist import ListRef
 from vfs.capability import ReadCap, StoreCap, WriteCap
 from vfs.crypto import Ref
 from vfs.errors import FormatError, IntegrityError, RollbackError
-from vfs.formats import KIND_DIR, KIND_FILE, MAX_NAME, Entry, encode_entry
+from vfs.formats import KIND_DIR, KIND_FILE, MAX_DIR_ENTRIES, MAX_NAME, Entry, encode_entry
 from vfs.head import HEAD_VERSION, Head, HeadTracker, _aad, _box_key, make_head, open_head
 
 LIST = ListRef(hashlib.sha256(b"list").digest(), 0, 3, 3000)
@@ -108,7 +108,7 @@ def test_boxes_are_fresh_per_head() -> None:
 @given(st.integers(0, MAX_SEQ), st.integers(0, (1 << 40) - 1), st.binary(min_size=1,
        max_size=MAX_NAME).filter(lambda n: b"/" not in n and b"\x00" not in n
                                  and n not in (b".", b"..")),
-       st.integers(-(1 << 63), (1 << 63) - 1), st.integers(0, 1 << 40))
+       st.integers(-(1 << 63), (1 << 63) - 1), st.integers(0, MAX_DIR_ENTRIES))
 def test_round_trip_over_the_whole_range(seq: int, created: int, name: bytes, mtime: int,
                                          nentries: int) -> None:
     h = hashlib.sha256(name).digest()
