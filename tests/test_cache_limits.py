@@ -70,9 +70,12 @@ def test_eviction_keeps_the_store_within_the_limit_and_pins_whole(tmp_path: Path
         fine_samples: list[int] = []  # from the store itself, every few milliseconds
         done = threading.Event()
 
+        first_sample = threading.Event()
+
         def watch() -> None:
             while not done.is_set():
                 samples.append(status(reader)["cache"]["used_bytes"])
+                first_sample.set()
 
         def watch_closely() -> None:
             with open_store(reader) as store:
@@ -89,6 +92,10 @@ def test_eviction_keeps_the_store_within_the_limit_and_pins_whole(tmp_path: Path
         for t in watchers:
             t.start()
         try:
+            # the reads start once the status poller answered, so its next call
+            # overlaps them however fast they are (a fixed count of samples
+            # measured the machine's speed, not the cache)
+            assert first_sample.wait(timeout=120), "status --json never answered"
             for t in readers:
                 t.start()
             for t in readers:
@@ -106,7 +113,7 @@ def test_eviction_keeps_the_store_within_the_limit_and_pins_whole(tmp_path: Path
                           "store_samples": len(fine_samples), "max_used": max(samples),
                           "max_used_store": max(fine_samples), "final_used": samples[-1]}))
         assert final["cache"]["limit_bytes"] == LIMIT
-        assert len(samples) >= 3, "the status poller never ran while reading"
+        assert len(samples) >= 3, "the status poller never ran while reading"  # first, during, final
         assert max(samples) <= LIMIT + BLOCK_MAX, f"status saw {max(samples)} bytes"
         assert max(fine_samples) <= LIMIT + BLOCK_MAX, f"the store held {max(fine_samples)}"
 
