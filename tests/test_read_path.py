@@ -10,6 +10,7 @@ reads), what lands in the store, and what a block that does not decrypt does
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -258,6 +259,51 @@ def test_an_evicted_block_is_fetched_again_not_served_from_memory(world) -> None
             asked = net.asked().count(block)
             assert bytes(await drive.read(of, 0, 100)) == b"small\n"
             assert net.asked().count(block) == asked + 1
+
+    run_trio(main, DEADLINE)
+
+
+def test_an_evict_while_the_writer_stores_a_batch_is_not_undone(world) -> None:
+    """The store writer took a batch of fetched blocks and is putting it in a worker
+    thread when `evict` runs: the blocks must end up evicted, not stored again by the
+    batch committing after the evict (seen as a folder reading 'partial' right after
+    `peerdrive evict`)."""
+    drive, _, _, reader, _ = world
+    blocks = drive.blocks
+    in_thread = threading.Event()
+    release = threading.Event()
+    store_batch = blocks._store_batch
+    target: list[bytes] = []
+
+    def slow_store_batch(batch):
+        if target and any(block_id == target[0] for block_id, _ in batch):
+            in_thread.set()
+            assert release.wait(60), "the test never released the batch"
+        return store_batch(batch)
+
+    blocks._store_batch = slow_store_batch
+
+    async def main(nursery: trio.Nursery) -> None:
+        async with running_drive(drive):
+            entry = await drive.lookup(drive.root_entry(), b"small.txt")
+            of = await drive.open(entry)
+            target.append(of.map.chunks[0].block_id)
+            assert bytes(await drive.read(of, 0, 100)) == b"small\n"
+            await trio.to_thread.run_sync(in_thread.wait, 60)  # the writer holds its batch
+            evicted = trio.Event()
+
+            async def evict() -> None:
+                await drive.answers.evict(entry)
+                evicted.set()
+
+            nursery.start_soon(evict)
+            # the evict either finished (and the batch would undo it) or waits its turn
+            while not evicted.is_set() and not blocks._store_lock.statistics().tasks_waiting:
+                await trio.sleep(0.005)
+            release.set()
+            await evicted.wait()
+            assert not reader.has(target[0]), "the batch stored the evicted block again"
+            assert blocks.cached_plain(target[0]) is None
 
     run_trio(main, DEADLINE)
 

@@ -170,9 +170,7 @@ class Answers:
         else:
             return
         ids = list(dict.fromkeys(ids))
-        for i in ids:
-            drive.blocks.forget(i)
-        await trio.to_thread.run_sync(self.store.evict, ids)
+        await drive.blocks.evict(ids)
         if entry.is_file:
             dirs = [folder] if folder is not None else []
         # a file whose folder is not known here: any folder may have changed

@@ -58,6 +58,9 @@ class BlockReader:
         self._inflight: dict[bytes, trio.Event] = {}
         # fetched, verified, not yet in the store (oldest first); only with a store writer
         self._unstored: dict[bytes, bytes] = {}
+        # held while a batch goes to the store, and by evict: a batch committed just
+        # after an evict would bring the evicted blocks back
+        self._store_lock = trio.Lock()
         self._unstored_bytes = 0
         self._writer_running = False
         self._unstored_added = trio.Event()
@@ -93,6 +96,14 @@ class BlockReader:
         ct = self._unstored.pop(block_id, None)
         if ct is not None:
             self._unstored_bytes -= len(ct)
+
+    async def evict(self, ids: list[bytes]) -> int:
+        """Drop blocks from memory and from the store (the unpinned ones), in turn
+        with the store writer so that no batch it took before stores them again."""
+        async with self._store_lock:
+            for block_id in ids:
+                self.forget(block_id)
+            return await trio.to_thread.run_sync(self.store.evict, ids)
 
     def cached_plain(self, block_id: bytes) -> bytes | None:
         plain = self._plain.get(block_id)
@@ -147,8 +158,9 @@ class BlockReader:
         self.fetched_bytes += len(ct)
         if not self._writer_running:
             # a put hashes the block and commits (fsync): worker thread, not the event loop
-            failed, changed = await trio.to_thread.run_sync(self._store_batch,
-                                                            [(block_id, ct)])
+            async with self._store_lock:
+                failed, changed = await trio.to_thread.run_sync(self._store_batch,
+                                                                [(block_id, ct)])
             self.uncached_blocks += failed
             if self.on_stored is not None:
                 self.on_stored(changed)
@@ -186,11 +198,14 @@ class BlockReader:
 
     async def _store_unstored(self) -> None:
         while self._unstored:
-            batch = list(self._unstored.items())
-            # Only a batch the store took leaves `_unstored`: a cancellation can land
-            # before the worker thread starts, and the blocks must then wait for the
-            # writer's shielded last round (they used to be dropped, unstored).
-            failed, changed = await trio.to_thread.run_sync(self._store_batch, batch)
+            async with self._store_lock:
+                batch = list(self._unstored.items())
+                if not batch:  # an evict took them while we waited for the lock
+                    break
+                # Only a batch the store took leaves `_unstored`: a cancellation can land
+                # before the worker thread starts, and the blocks must then wait for the
+                # writer's shielded last round (they used to be dropped, unstored).
+                failed, changed = await trio.to_thread.run_sync(self._store_batch, batch)
             self.uncached_blocks += failed
             for block_id, ct in batch:
                 if self._unstored.get(block_id) is ct:
