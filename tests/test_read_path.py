@@ -193,7 +193,11 @@ def test_wrong_key_block_from_the_network_fails_and_is_not_kept(world) -> None:
                         await drive.read(of, 0, 100)
         # the drive stopped, so its store writer stored everything it was still holding
         assert reader.missing(bad_ids) == bad_ids
-        assert sum(1 for b in net.asked() if b in bad_ids) == 4  # fetched afresh each time
+        # fetched afresh, never served from memory: a second read may instead find the
+        # block a writer batch in flight stored just before its own check evicted it, and
+        # refuses it from the store the same way (IntegrityError above, gone below)
+        asked = sum(1 for b in net.asked() if b in bad_ids)
+        assert len(bad_ids) <= asked <= 4, asked
 
     run_trio(main, DEADLINE)
 
