@@ -44,6 +44,10 @@ class BadBlockError(DhtError):
     """A peer sent bytes whose SHA-256 is not the block id asked for; the peer lied."""
 
 
+class NodeStoppedError(DhtError):
+    """The node is not running (it stopped, or has yet to start): nothing can be fetched."""
+
+
 class BlockNotFound(DhtError):
     """A peer answered that it does not hold the requested block."""
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import trio
 
 from cache.store import BlockStore
-from dht.errors import DhtError
+from dht.errors import DhtError, NodeStoppedError
 from dht.fetch import FetchConfig, Fetcher
 from dht.http_source import HttpSource
 from dht.identity import NodeIdentity
@@ -484,6 +484,9 @@ class NetworkNode:
     # -- fetching --------------------------------------------------------------------
 
     async def start_fetcher(self, cap: StoreCap) -> Fetcher:
+        # A checkpoint first: a caller cancelled by the node's own stop (its last
+        # thread call ignored the cancel) sees Cancelled here, not a stopped node.
+        await trio.lowlevel.checkpoint()
         d = self.drives[cap.discovery_key]
         # concurrent first fetches wait for one fetcher instead of each starting their own
         while d.fetcher is None and d.fetcher_starting is not None:
@@ -502,7 +505,8 @@ class NetworkNode:
                           lambda: self.providers(cap.discovery_key), on_notice=notice,
                           on_holding=holding,
                           config=FetchConfig(default_timeout=self.fetch_timeout))
-        assert self._nursery is not None
+        if self._nursery is None:
+            raise NodeStoppedError("the node is not running: start it before fetching")
         d.fetcher_starting = starting = trio.Event()
         try:
             await self._nursery.start(fetcher.run)
