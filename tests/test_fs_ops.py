@@ -204,8 +204,9 @@ def test_status_attributes_follow_the_device(ops_world) -> None:
                               "pinned": "0", "copies": "0"}  # b.txt: on no device known
             assert await fuse_errno(ops.getxattr(a.st_ino, b"user.peerdrive.nope", None)) \
                 == pyfuse3.ENOATTR
-            assert await fuse_errno(ops.getxattr(a.st_ino, b"security.selinux", None)) \
-                == pyfuse3.ENOATTR
+            # no labels, no ACLs: "not supported", which tools remember per file system
+            for foreign in (b"security.selinux", b"system.posix_acl_access", b"trusted.x"):
+                assert await fuse_errno(ops.getxattr(a.st_ino, foreign, None)) == errno.EOPNOTSUPP
             # evict (what `peerdrive evict` sets, minus the kernel's pages: no kernel here)
             await drive.answers.evict(docs_entry(drive, docs))
             assert (await xattrs(a.st_ino))["state"] == "cloud"

@@ -139,6 +139,15 @@ def test_round_trip_through_mount(tmp_path: Path, node_home) -> None:
         # status through extended attributes
         assert os.getxattr(mnt / "big.bin", "user.peerdrive.state") == b"device"
         assert int(os.getxattr(mnt / "big.bin", "user.peerdrive.size")) == BIG
+        # no security labels, no ACLs: "not supported" (what `ls -l` remembers for the
+        # whole file system instead of asking every file twice), other names "no data"
+        for foreign in ("security.selinux", "system.posix_acl_access", "trusted.x"):
+            with pytest.raises(OSError) as exc:
+                os.getxattr(mnt / "a" / "top.bin", foreign)
+            assert exc.value.errno == errno.EOPNOTSUPP, foreign
+        with pytest.raises(OSError) as exc:
+            os.getxattr(mnt / "a" / "top.bin", "user.other")
+        assert exc.value.errno == errno.ENODATA
     assert not is_mounted(mnt)
 
 

@@ -460,7 +460,8 @@ class DriveOperations(pyfuse3.Operations):
         node = await self._current(inode)
         short = xattrs.short_name(name)
         if short is None:
-            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP if xattrs.foreign_namespace(name)
+                                    else pyfuse3.ENOATTR)
         value = await self.drive.answers.get(self._path(node), node.entry, short)
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)

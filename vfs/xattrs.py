@@ -59,6 +59,20 @@ def short_name(name: bytes | str) -> str | None:
     return text[len(PREFIX):] if text.startswith(PREFIX) else None
 
 
+def foreign_namespace(name: bytes | str) -> bool:
+    """Whether `name` lies outside the `user.` namespace (`security.`, `system.`,
+    `trusted.`): attributes a drive never holds (no ACLs, no security labels).
+
+    Such a question is answered "not supported" (EOPNOTSUPP), not "no such
+    attribute": `ls -l`, `cp -a` and others then remember that for the whole
+    file system (coreutils keeps it per device) instead of asking each file for
+    its SELinux label and ACL, two round trips through the mount per file that
+    the kernel never caches (`ls -lR` warm: docs/benchmarks.md).
+    """
+    text = name.decode("ascii", "replace") if isinstance(name, bytes) else name
+    return not text.startswith("user.")
+
+
 def state_of(have: int, total: int) -> str:
     """The Kindle-model state: nothing local, some, or everything."""
     if total == 0 or have >= total:
