@@ -96,13 +96,21 @@ def _node_fields(args: argparse.Namespace) -> dict:
 def mount_options(args: argparse.Namespace) -> MountOptions:
     return MountOptions(**_node_fields(args), ready_fd=args.ready_fd, verbose=args.verbose,
                         allow_other=args.allow_other, nonempty=args.nonempty,
-                        log_file=args.log_file)
+                        log_file=args.log_file, publish_delay=_publish_delay(args))
+
+
+def _publish_delay(args: argparse.Namespace) -> float:
+    delay = args.publish_delay
+    if not 0 <= delay <= 86400:
+        raise UsageError("--publish-delay takes 0 to 86400 seconds")
+    return float(delay)
 
 
 def mount_flags(opts: MountOptions) -> list[str]:
     """node_flags plus the mount's own (for the background mount)."""
     return [*node_flags(opts), *(["--allow-other"] if opts.allow_other else []),
-            *(["--nonempty"] if opts.nonempty else [])]
+            *(["--nonempty"] if opts.nonempty else []),
+            "--publish-delay", repr(opts.publish_delay)]
 
 
 def serve_options(args: argparse.Namespace) -> ServeOptions:
@@ -703,9 +711,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(func=cmd_mirror, cache_size=None)
 
-    s = sub.add_parser("mount", help="mount a drive from its read link")
-    s.add_argument("link", help="the read link, or - to read it from stdin (keeps it out of "
-                   "the shell history and the process list)")
+    s = sub.add_parser("mount", help="mount a drive from its read link (read-only) or its "
+                       "write link (read-write: changes are published as new versions)")
+    s.add_argument("link", help="the read or write link, or - to read it from stdin (keeps it "
+                   "out of the shell history and the process list)")
+    s.add_argument("--publish-delay", type=float, default=2.0, metavar="SECONDS",
+                   help="with a write link: publish a new version once nothing has changed "
+                   "for this long (default 2; fsync publishes at once)")
     s.add_argument("mountpoint")
     s.add_argument("--allow-other", action="store_true",
                    help="let every local user enter the mount (within the files' modes); "

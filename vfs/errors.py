@@ -75,3 +75,43 @@ def unwrap_group(exc: BaseException) -> BaseException:
             return exc
         exc = leaves[0]
     return exc
+
+
+class PathError(PeerdriveError):
+    """A change to a writable mount's tree that a filesystem refuses.
+
+    Each subclass is one reason; `vfs/fs.py` (`fuse_errors`) turns it into
+    its errno, the command line never sees these.
+    """
+
+
+class NoSuchEntry(PathError):
+    """The name is not in the folder."""
+
+
+class EntryExists(PathError):
+    """The name is taken and the operation may not replace it."""
+
+
+class DirectoryNotEmpty(PathError):
+    """A folder that still holds names cannot be removed or replaced."""
+
+
+class NotADirectory(PathError):
+    """A folder was expected."""
+
+
+class IsADirectory(PathError):
+    """A file was expected, this is a folder."""
+
+
+class NotPermitted(PathError):
+    """Something drives cannot hold (hard links, devices, FIFOs)."""
+
+
+class InvalidChange(PathError):
+    """A change that makes no sense (a folder moved into itself, an unknown flag)."""
+
+
+class NameTooLong(PathError):
+    """A name longer than a drive holds (255 bytes)."""

@@ -33,19 +33,41 @@ from . import xattrs
 from .drive import Drive, OpenFile
 from .errors import (
     BlockUnavailable,
+    DirectoryNotEmpty,
+    EntryExists,
     FormatError,
     IntegrityError,
+    InvalidChange,
+    IsADirectory,
+    NameTooLong,
     NoSpaceError,
+    NoSuchEntry,
+    NotADirectory,
+    NotPermitted,
+    PathError,
     PeerdriveError,
     UsageError,
 )
-from .formats import Entry
+from .formats import KIND_DIR, KIND_FILE, KIND_LINK, Entry
+from .worktree import WNode, WorkTree
+from .writer import WriteSession
 
 log = logging.getLogger(__name__)
 
 ATTR_TIMEOUT = 3600.0
 
 T = TypeVar("T")
+
+_PATH_ERRNO = {
+    NoSuchEntry: errno.ENOENT,
+    EntryExists: errno.EEXIST,
+    DirectoryNotEmpty: errno.ENOTEMPTY,
+    NotADirectory: errno.ENOTDIR,
+    IsADirectory: errno.EISDIR,
+    NotPermitted: errno.EPERM,
+    InvalidChange: errno.EINVAL,
+    NameTooLong: errno.ENAMETOOLONG,
+}
 
 
 def fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -57,6 +79,8 @@ def fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             return await fn(*args)
         except pyfuse3.FUSEError:
             raise
+        except PathError as exc:  # a writable mount refusing a change: the caller's doing
+            raise pyfuse3.FUSEError(_PATH_ERRNO.get(type(exc), errno.EINVAL)) from None
         except (BlockUnavailable, IntegrityError) as exc:  # messages name blocks, not paths
             log.warning("%s: %s", fn.__name__, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
@@ -175,6 +199,7 @@ class DriveOperations(pyfuse3.Operations):
         self._next_fh = 1
         # set once the kernel's INIT has been answered (see vfs.mount.serve_fuse)
         self.initialized = trio.Event()
+        self._switching = trio.Lock()  # one version switch at a time
         if not KERNEL_CACHES_LISTINGS:
             log.warning("this pyfuse3 lacks patches/pyfuse3-*-cache-readdir.patch (run "
                         "scripts/setup): every directory listing will reach this process")
@@ -185,31 +210,42 @@ class DriveOperations(pyfuse3.Operations):
 
     # -- inode table ---------------------------------------------------------------
 
-    async def _current(self, ino: int, *, retire: bool = False) -> Inode:
+    async def _current(self, ino: int) -> Inode:
         """The inode, its entry brought up to the drive's current version.
 
-        With `retire` (only `new_version` asks, since it then invalidates the
-        name in the kernel), a file whose bytes changed or that is gone is
-        frozen at its old version instead, and its name will get a new inode.
+        A file whose bytes changed or that is gone is frozen at its old
+        version instead (whoever asks: a lookup, a getattr or an open racing
+        `new_version` as much as `new_version` itself), and its name will get
+        a new inode: an inode never holds the bytes of two versions, so a
+        handle opened on the old one never sees the new size or pages
+        (issue 13 part 5). The entry is looked up in the parent of the very
+        version it is tagged with: if a newer version arrives during the
+        lookup, it is looked up again.
         """
         node = self.inodes.get(ino)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        if node.version != self.drive.version and not node.frozen:
+        while node.version != self.drive.version and not node.frozen:
+            version = self.drive.version
             if ino == pyfuse3.ROOT_INODE:
                 node.entry = self.drive.root_entry()
-            else:
-                parent = await self._current(node.parent)
-                fresh = None
-                if parent.entry.is_dir:
-                    fresh = await self.drive.lookup(parent.entry, node.name)
-                if retire and needs_new_inode(node.entry, fresh):
-                    self._freeze(node)
-                    return node
-                if fresh is None:
-                    raise pyfuse3.FUSEError(errno.ENOENT)  # gone in the new version
-                node.entry = fresh
-            node.version = self.drive.version
+                node.version = version
+                break
+            parent = await self._current(node.parent)
+            fresh = None
+            if parent.entry.is_dir:
+                fresh = await self.drive.lookup(parent.entry, node.name)
+            if self.drive.version != version or parent.version != version:
+                continue  # a newer version came while we looked: look again
+            if node.frozen or node.version == version:
+                break  # another request brought it up to date meanwhile
+            if needs_new_inode(node.entry, fresh):
+                self._freeze(node)
+                break
+            if fresh is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)  # gone in the new version
+            node.entry = fresh
+            node.version = version
         return node
 
     def _freeze(self, node: Inode) -> None:
@@ -269,14 +305,25 @@ class DriveOperations(pyfuse3.Operations):
         elif name == b"..":
             node = await self._current(parent.parent)
         else:
+            entry, version = await self._lookup_in_version(parent_inode, name)
+            if entry is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            node = self._remember(parent_inode, entry, version)
+        node.lookups += 1
+        return self._attrs(node)
+
+    async def _lookup_in_version(self, parent_inode: int, name: bytes
+                                 ) -> tuple[Entry | None, int]:
+        """`name` in its parent, and the version it was found in (one version: a switch
+        during the lookup means looking again, never an old entry tagged as new)."""
+        while True:
+            version = self.drive.version
+            parent = await self._current(parent_inode)
             if not parent.entry.is_dir:
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
             entry = await self.drive.lookup(parent.entry, name)
-            if entry is None:
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            node = self._remember(parent_inode, entry, self.drive.version)
-        node.lookups += 1
-        return self._attrs(node)
+            if self.drive.version == version and parent.version == version:
+                return entry, version
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         for ino, n in inode_list:
@@ -574,6 +621,10 @@ class DriveOperations(pyfuse3.Operations):
         notifications run in a worker thread: they are system calls into the
         kernel, which may wait on requests this event loop has to answer.
         """
+        async with self._switching:
+            await self._new_version()
+
+    async def _new_version(self) -> None:
         data_changed: list[int] = []
         attr_changed: list[int] = []
         names: list[tuple[int, bytes]] = []
@@ -583,7 +634,7 @@ class DriveOperations(pyfuse3.Operations):
         for ino, node, old, was_frozen in before:
             named = ino != pyfuse3.ROOT_INODE
             try:
-                fresh = (await self._current(ino, retire=True)).entry
+                fresh = (await self._current(ino)).entry
             except (pyfuse3.FUSEError, PeerdriveError) as exc:
                 if isinstance(exc, PeerdriveError):
                     log.warning("could not refresh inode %d: %s", ino, exc)
@@ -609,5 +660,366 @@ class DriveOperations(pyfuse3.Operations):
             for parent, name in names:
                 with contextlib.suppress(OSError):
                     pyfuse3.invalidate_entry(parent, name)
+
+        await trio.to_thread.run_sync(notify)
+
+
+# ----------------------------------------------------------------------------- writable
+
+# A writable mount's attributes change with every write; the kernel learns of its own
+# changes, but asks again soon so nothing it caches is ever long out of date.
+WRITABLE_ATTR_TIMEOUT = 1.0
+
+
+@dataclass(slots=True)
+class WritableHandle:
+    """An open file of a writable mount: its node, and the drive's read handle while the
+    file has no unpublished bytes (reads then take the drive's read path, readahead and all).
+    """
+
+    node: WNode
+    clean: OpenFile | None = None
+
+
+class WritableOperations(DriveOperations):
+    """The operations of a mount of a write link: the drive's tree, changed in place.
+
+    The tree is the session's `WorkTree` (vfs/worktree.py); bytes and
+    versions are the `WriteSession`'s (vfs/writer.py). Inodes are the work
+    tree's nodes, which keep their number across renames and versions this
+    mount makes. Listings are by cookie (see vfs/worktree.py), so a directory
+    changed while it is listed neither skips nor repeats a name that stayed.
+    """
+
+    def __init__(self, drive: Drive, session: WriteSession) -> None:
+        super().__init__(drive)
+        self.session = session
+        self._handles: dict[int, WritableHandle] = {}
+        self._dir_handles: dict[int, int] = {}
+
+    @property
+    def tree(self) -> WorkTree:
+        return self.session.tree
+
+    def _wattrs(self, node: WNode) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.ino
+        a.generation = 0
+        a.entry_timeout = WRITABLE_ATTR_TIMEOUT
+        a.attr_timeout = WRITABLE_ATTR_TIMEOUT
+        a.st_mode = node.st_mode & ~(stat.S_ISUID | stat.S_ISGID)
+        a.st_nlink = 2 + node.nsubdirs if node.is_dir else 1
+        a.st_uid = self.uid
+        a.st_gid = self.gid
+        a.st_rdev = 0
+        a.st_size = node.size
+        a.st_blksize = 128 * 1024
+        a.st_blocks = (a.st_size + 511) // 512
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = node.mtime_ns
+        return a
+
+    def _looked_up(self, node: WNode) -> pyfuse3.EntryAttributes:
+        node.lookups += 1
+        return self._wattrs(node)
+
+    async def _dir(self, ino: int) -> WNode:
+        node = self.tree.node(ino)
+        if not node.is_dir:
+            raise NotADirectory("not a folder")
+        return node
+
+    # -- names ---------------------------------------------------------------------------
+
+    @fuse_errors
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = await self._dir(parent_inode)
+        if name == b".":
+            return self._looked_up(parent)
+        if name == b"..":
+            return self._looked_up(parent.parent or parent)
+        node = await self.tree.lookup(parent, name)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._looked_up(node)
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for ino, n in inode_list:
+            self.tree.forget(ino, n)
+
+    @fuse_errors
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._wattrs(self.tree.node(inode))
+
+    @fuse_errors
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self.tree.node(inode)
+        if not node.is_link or node.target is None:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return node.target
+
+    @fuse_errors
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        st = os.statvfs(self.session.store.path)
+        used, limit = self.drive.cache_usage()
+        free = st.f_bavail * st.f_frsize
+        if limit is not None:
+            free = min(free, max(0, limit - self.session.store.pinned_bytes))
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = (used + free) // 4096
+        s.f_bfree = s.f_bavail = free // 4096
+        s.f_files = len(self.tree.nodes) + 1_000_000
+        s.f_ffree = s.f_favail = 1_000_000
+        s.f_namemax = 255
+        return s
+
+    @fuse_errors
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo | int:
+        if LISTINGS_BY_INODE:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+        await self._dir(inode)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._dir_handles[fh] = inode
+        if not KERNEL_CACHES_LISTINGS:
+            return fh
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, cache_readdir=True)
+
+    @fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        """List by cookie: each reply's offset is the entry's cookie in its folder."""
+        ino = fh if LISTINGS_BY_INODE else self._dir_handles.get(fh)
+        if ino is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        d = await self._dir(ino)
+        kids = sorted((k for k in (await self.tree.children(d)).values()
+                       if k.cookie > start_id), key=lambda k: k.cookie)
+        for kid in kids:
+            if not pyfuse3.readdir_reply(token, kid.name, self._wattrs(kid), kid.cookie):
+                return
+            kid.lookups += 1
+
+    async def releasedir(self, fh: int) -> None:
+        self._dir_handles.pop(fh, None)
+
+    # -- changes to names ------------------------------------------------------------------
+
+    async def _change(self, fn: Callable[[], Awaitable[T]]) -> T:
+        async with self.session.lock:
+            out = await fn()
+        self.session.changed()
+        return out
+
+    @fuse_errors
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = await self._dir(parent_inode)
+        node = await self._change(lambda: self.tree.create(parent, name, KIND_DIR, mode))
+        return self._looked_up(node)
+
+    @fuse_errors
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if not stat.S_ISREG(mode):
+            raise NotPermitted("a drive holds files, folders and symlinks only")
+        parent = await self._dir(parent_inode)
+        node = await self._change(lambda: self.tree.create(parent, name, KIND_FILE, mode))
+        return self._looked_up(node)
+
+    @fuse_errors
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = await self._dir(parent_inode)
+        node = await self._change(lambda: self.tree.create(parent, name, KIND_LINK, 0o777,
+                                                            target=target))
+        return self._looked_up(node)
+
+    @fuse_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = await self._dir(parent_inode)
+        await self._change(lambda: self.tree.unlink(parent, name, want_dir=False))
+
+    @fuse_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = await self._dir(parent_inode)
+        await self._change(lambda: self.tree.unlink(parent, name, want_dir=True))
+
+    @fuse_errors
+    async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
+                     flags: int, ctx: pyfuse3.RequestContext) -> None:
+        d1 = await self._dir(old_parent)
+        d2 = await self._dir(new_parent)
+        await self._change(lambda: self.tree.rename(d1, old_name, d2, new_name, flags))
+
+    @fuse_errors
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise NotPermitted("a drive holds no hard links")
+
+    @fuse_errors
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self.tree.node(inode)
+        if fields.update_size:
+            if not node.is_file:
+                raise IsADirectory("only a file has a size to set")
+            await self.session.truncate(node, attr.st_size)
+        if fields.update_mode or fields.update_mtime:
+            async def meta() -> None:
+                if fields.update_mode:
+                    self.tree.set_mode(node, attr.st_mode)
+                if fields.update_mtime:
+                    self.tree.set_mtime(node, attr.st_mtime_ns)
+            await self._change(meta)
+        # owners are not part of a drive: chown changes nothing and is not refused
+        return self._wattrs(node)
+
+    # -- files -----------------------------------------------------------------------------
+
+    async def _handle(self, node: WNode) -> int:
+        handle = WritableHandle(node)
+        if node.content is None and node.base is not None:
+            handle.clean = await self.drive.open(node.base)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = handle
+        return fh
+
+    @fuse_errors
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self.tree.node(inode)
+        if node.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if not node.is_file:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        if flags & os.O_TRUNC and flags & (os.O_WRONLY | os.O_RDWR):
+            await self.session.truncate(node, 0)
+        fh = await self._handle(node)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+
+    @fuse_errors
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo,
+                                                           pyfuse3.EntryAttributes]:
+        parent = await self._dir(parent_inode)
+        node = await self._change(lambda: self.tree.create(parent, name, KIND_FILE, mode))
+        fh = await self._handle(node)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False), self._looked_up(node)
+
+    def _handle_of(self, fh: int) -> WritableHandle:
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return handle
+
+    @fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+        handle = self._handle_of(fh)
+        node = handle.node
+        if node.content is None:
+            if handle.clean is None or handle.clean.entry is not node.base:
+                # published since it was opened (or new and published empty): read that
+                if node.base is None:
+                    return b""
+                handle.clean = await self.drive.open(node.base)
+            return await self.drive.read(handle.clean, off, size)
+        return await self.session.read(node, off, size)
+
+    @fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self._handle_of(fh)
+        return await self.session.write(handle.node, off, buf)
+
+    @fuse_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.session.sync()
+
+    @fuse_errors
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        await self.session.sync()
+
+    async def flush(self, fh: int) -> None:
+        pass
+
+    async def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if handle is not None and handle.clean is not None:
+            self.drive.close(handle.clean)
+
+    # -- status attributes -----------------------------------------------------------------
+
+    def _status_entry(self, node: WNode) -> Entry | None:
+        """The entry status questions are answered from: only a name as published."""
+        return None if node.changed else node.base
+
+    @fuse_errors
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        if self._status_entry(self.tree.node(inode)) is None:
+            return []
+        return [xattrs.full_name(n).encode() for n in self.drive.answers.names()]
+
+    @fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self.tree.node(inode)
+        entry = self._status_entry(node)
+        short = xattrs.short_name(name)
+        if short is None or entry is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        value = await self.drive.answers.get(self.tree.path_of(node), entry, short)
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    @fuse_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        node = self.tree.node(inode)
+        entry = self._status_entry(node)
+        short = xattrs.short_name(name)
+        if short is None:
+            raise pyfuse3.FUSEError(errno.ENOTSUP)  # a drive keeps no other attributes
+        if entry is None:
+            raise pyfuse3.FUSEError(errno.EBUSY)  # not published yet: pin it once it is
+        parent = node.parent
+        folder = parent.base.node.block_id if parent is not None and parent.base is not None \
+            and parent.base.node is not None and not parent.changed else None
+        if not await self.drive.answers.set(self.tree.path_of(node), entry, short, value,
+                                            folder):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+
+    @fuse_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(errno.ENOTSUP)
+
+    # -- versions --------------------------------------------------------------------------
+
+    async def new_version(self) -> None:
+        """A head this mount did not make (another writer of the drive) was taken.
+
+        Merging two writers' changes is the commit step's job (issue 13 part 4);
+        until then a mount with no unpublished change starts over from the new
+        version (every name the kernel knows is dropped), and one with changes
+        keeps them: its next version is made from its own tree.
+        """
+        head = self.drive.head
+        if head.root_block == self.session.head.root_block:
+            return  # our own version, come back from the network
+        if self.tree.has_changes or self.session.has_pending:
+            log.warning("drive %s: version %d came from another writer while this mount has "
+                        "unpublished changes; its next version is made from this mount's tree",
+                        self.session.cap.drive_id[:16], head.seq)
+            return
+        old = list(self.tree.nodes.values())
+        self.session.restart_from(head)
+        names = [(n.parent.ino, n.name) for n in old if n.parent is not None]
+
+        def notify() -> None:
+            for parent, name in names:
+                with contextlib.suppress(OSError):
+                    pyfuse3.invalidate_entry(parent, name)
+            with contextlib.suppress(OSError):
+                pyfuse3.invalidate_inode(pyfuse3.ROOT_INODE, attr_only=False)
 
         await trio.to_thread.run_sync(notify)

@@ -15,10 +15,11 @@ import trio
 from cache.store import BlockStore
 from dht.identity import NodeIdentity
 
-from .capability import ReadCap, StoreCap
+from .capability import ReadCap, StoreCap, WriteCap
 from .copies import CopyCounter
 from .drive import Drive
-from .fs import DriveOperations
+from .errors import PeerdriveError
+from .fs import DriveOperations, WritableOperations
 from .head import Head
 from .head_follower import HeadFollower
 from .home import Home
@@ -30,10 +31,13 @@ from .process import start_time
 from .pushes import Pushes, parse_push_target
 from .storage import DriveStorage
 from .units import parse_size
+from .writer import WriteSession
 
 log = logging.getLogger(__name__)
 
 HEAD_WAIT = 20.0
+# An unmounted writable mount's last version is made within this time, or left to the journal.
+LAST_VERSION_SECONDS = 120.0
 
 
 def open_store(home: Home, cache_size: str | None) -> BlockStore:
@@ -95,7 +99,23 @@ async def _mount_main(home: Home, cap: ReadCap, mountpoint: Path, opts: MountOpt
         nursery.start_soon(net.publish_head, cap, head.wire)
         drive = Drive(cap, storage, head, fetch=net.fetch_function(cap),
                       holders=net.holders_function(cap))
-        ops = DriveOperations(drive)
+        session: WriteSession | None = None
+        if isinstance(cap, WriteCap):
+            async def on_version(new: Head) -> None:
+                """This mount made version `new`: readers, pins and the DHT follow."""
+                if follower.tracker.current is None or new.seq > follower.tracker.current.seq:
+                    follower.tracker.current = new
+                use_mirrors(new)
+                drive.set_head(new)
+                nursery.start_soon(net.publish_head, cap, new.wire)
+
+            session = WriteSession(cap, storage, drive.tree, head, opts.publish_delay,
+                                   on_version=on_version)
+            await session.recover()  # what an fsync made durable before a crash goes first
+            head = session.head
+            ops: DriveOperations = WritableOperations(drive, session)
+        else:
+            ops = DriveOperations(drive)
 
         async def on_new(new: Head) -> None:
             use_mirrors(new)
@@ -118,11 +138,31 @@ async def _mount_main(home: Home, cap: ReadCap, mountpoint: Path, opts: MountOpt
             async with trio.open_nursery() as inner:
                 await inner.start(drive.run)
                 await inner.start(follower.run, on_new)
+                if session is not None:
+                    await inner.start(session.run)
                 task_status.started()
 
-        await serve_fuse(ops, mountpoint, background, ready, allow_other=opts.allow_other)
+        try:
+            await serve_fuse(ops, mountpoint, background, ready, allow_other=opts.allow_other)
+        finally:
+            if session is not None:  # also after Ctrl-C: the changes are not left behind
+                await _last_version(session)
         await net.leave()
         nursery.cancel_scope.cancel()
+
+
+async def _last_version(session: WriteSession) -> None:
+    """An unmounted writable mount publishes what changed since its last version."""
+    with trio.move_on_after(LAST_VERSION_SECONDS) as scope:
+        scope.shield = True
+        try:
+            head = await session.publish_now()
+        except PeerdriveError as exc:
+            log.warning("the last changes were not published: %s (the journal keeps what "
+                        "fsync made durable; it is published at the next mount)", exc)
+            return
+        if head is not None:
+            log.info("published version %d as the mount ended", head.seq)
 
 
 def run_serve(home: Home, opts: ServeOptions, on_ready) -> None:

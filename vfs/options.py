@@ -67,6 +67,8 @@ class MountOptions(NodeOptions):
     allow_other: bool = False  # --allow-other: every local user may enter the mount
     nonempty: bool = False  # --nonempty: mount over a folder that holds files
     log_file: str | None = None  # where this mount process logs (registered for `status`)
+    # a write link's mount: seconds without a change before a new version is published
+    publish_delay: float = 2.0
 
 
 @dataclass

@@ -1,0 +1,373 @@
+"""A writable drive at work: the working tree, its bytes in the store, versions made of it.
+
+A `WriteSession` is what a writable mount (and `publish --watch`) changes.
+It owns the `WorkTree` (vfs/worktree.py) and turns its changes into blocks
+and versions:
+
+* Bytes written are kept in memory as dirty segments; past DIRTY_LIMIT bytes
+  over all files, the largest files are cut (`write_buffer.settle`, same
+  FastCDC parameters as `publish`), encrypted and stored under the drive's
+  write pin (`write:<pubkey>`), so memory stays bounded and no plaintext
+  ever reaches the disk. A store that cannot take them (the disk full, or the
+  cache limit taken by pinned blocks) fails the write with NoSpaceError
+  (ENOSPC) before the write is applied.
+* A checkpoint cuts every dirty file, builds new directory nodes for changed
+  folders only, stores them, and commits the journal (vfs/write_journal.py):
+  from then on the tree survives a SIGKILL. fsync asks for one and is
+  answered once it is committed.
+* A version is published after `publish_delay` seconds without a change, at
+  once after an fsync, and when the mount ends: the checkpoint's root goes
+  through `commit_version` (the one place a root becomes a signed head),
+  and `on_version` tells the node (readers, pins, the DHT).
+
+All changes to the tree take `lock`, so a checkpoint sees one state.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from cache.errors import StoreError, StoreFull
+
+from .blocklist import build_block_list
+from .capability import WriteCap
+from .crypto import Ref, encrypt_chunk
+from .errors import NoSpaceError, PeerdriveError
+from .formats import Entry
+from .head import Head, make_head
+from .storage import DriveStorage
+from .tree import Tree
+from .version_blocks import VersionBlocks
+from .worktree import WNode, WorkTree
+from .write_buffer import DIRTY, STORED, FileContent, settle
+from .write_journal import journal_key, open_journal, seal_journal
+
+log = logging.getLogger(__name__)
+
+# Dirty bytes in memory over all files, at most; past it a write first spills.
+DIRTY_LIMIT = 64 * 1024 * 1024
+# After a failed publish (a full disk), the next try waits this long.
+RETRY_SECONDS = 5.0
+DEFAULT_PUBLISH_DELAY = 2.0
+
+
+def write_pin(pubkey: bytes) -> str:
+    return f"write:{pubkey.hex()}"
+
+
+def commit_version(storage: DriveStorage, cap: WriteCap, root: Entry,
+                   sizes: dict[bytes, int], pin: str) -> Head:
+    """Make `root` the drive's next version: block list, signed head, publish pin.
+
+    The one call that turns a root directory node into a head; the blocks
+    `sizes` names are all stored (under `pin`) before it is called. Runs in a
+    worker thread.
+    """
+    list_blocks: list[tuple[bytes, bytes]] = []
+    block_list = build_block_list(sizes, lambda block_id, data: list_blocks.append(
+        (block_id, data)))
+    try:
+        storage.store.put_pinned(pin, list_blocks, ids_checked=True, tag=cap.discovery_key)
+    except StoreFull as exc:
+        raise NoSpaceError(f"the device is full while publishing: {exc}") from exc
+
+    def sign(seq: int, last: Head | None) -> Head:
+        mirrors = list(last.mirrors) if last is not None else []
+        return make_head(cap, seq, root, block_list, mirrors=mirrors)
+
+    ids = [*sizes, *(block_id for block_id, _ in list_blocks)]
+    # the blocks stay under `pin` meanwhile: a pending pin of its own is not needed
+    return storage.commit_publish(cap, sign, ids, f"write-commit:{cap.pubkey.hex()}")
+
+
+class DriveBase:
+    """What a working tree reads of the version it starts from (vfs.worktree.Base)."""
+
+    def __init__(self, tree: Tree) -> None:
+        self.tree = tree
+
+    async def directory(self, entry: Entry) -> list[Entry]:
+        assert entry.node is not None
+        _, entries = await self.tree.read_directory(entry.node)
+        return entries
+
+    async def chunks(self, entry: Entry) -> tuple[Ref, ...]:
+        return (await self.tree.chunk_map(entry)).chunks
+
+
+class WriteSession:
+    def __init__(self, cap: WriteCap, storage: DriveStorage, tree: Tree, head: Head,
+                 publish_delay: float = DEFAULT_PUBLISH_DELAY,
+                 on_version: Callable[[Head], Awaitable[None]] | None = None,
+                 root_ino: int = 1) -> None:
+        assert head.root is not None
+        self.cap = cap
+        self.storage = storage
+        self.store = storage.store
+        self.reader = tree
+        self.head = head
+        self.publish_delay = publish_delay
+        self.on_version = on_version
+        self.pin = write_pin(cap.pubkey)
+        self.tree = WorkTree(head.root, DriveBase(tree), root_ino)
+        self.blocks = VersionBlocks(tree)
+        self.lock = trio.Lock()
+        self._publishing = trio.Lock()
+        self._stored: set[bytes] = set()  # ids put under the write pin since the last build
+        self._pending: tuple[Entry, set[bytes]] | None = None  # checkpointed, not published
+        self._wake = trio.Event()
+        self._urgent = False
+        self._last_change = 0.0
+        self.versions = 0
+        self.failure: str | None = None
+
+    # -- blocks ------------------------------------------------------------------------
+
+    def _put(self, blocks: list[tuple[Ref, bytes]]) -> None:
+        """Store encrypted blocks under the write pin (worker thread)."""
+        if not blocks:
+            return
+        need = sum(len(ct) for _, ct in blocks)
+        limit = self.store.limit_bytes
+        if limit is not None and self.store.pinned_bytes + need > limit:
+            raise NoSpaceError(
+                f"the cache limit ({limit:,} bytes) is taken by pinned and unpublished data: "
+                "raise --cache-size, or unpin something")
+        try:
+            self.store.put_pinned(self.pin, [(r.block_id, ct) for r, ct in blocks],
+                                  ids_checked=True, tag=self.cap.discovery_key)
+        except StoreFull as exc:
+            raise NoSpaceError(f"the device is full: {exc}") from exc
+        except StoreError as exc:
+            raise NoSpaceError(f"the store cannot take new blocks: {exc}") from exc
+
+    def _encrypt_and_put(self, views: list[memoryview]) -> list[tuple[Ref, bytes]]:
+        blocks = [encrypt_chunk(self.cap.read_key, v) for v in views]
+        self._put(blocks)
+        return blocks
+
+    async def store_chunks(self, views: list[memoryview]) -> list[Ref]:
+        blocks = await trio.to_thread.run_sync(self._encrypt_and_put, views)
+        self._stored.update(r.block_id for r, _ in blocks)
+        return [r for r, _ in blocks]
+
+    async def load(self, ref: Ref) -> bytes:
+        return await self.reader.blocks.read(ref)
+
+    # -- changes -----------------------------------------------------------------------
+
+    def changed(self) -> None:
+        """A change was made: a version follows after the quiet period."""
+        self._last_change = trio.current_time()
+        self._wake.set()
+
+    def dirty_bytes(self) -> int:
+        return sum(n.content.dirty_bytes for n in self.tree.dirty_files if n.content)
+
+    async def _spill(self, want: int) -> None:
+        """Cut and store dirty bytes until `want` more fit under DIRTY_LIMIT."""
+        for node in sorted(self.tree.dirty_files, key=lambda n: -(n.content.dirty_bytes
+                                                                   if n.content else 0)):
+            if self.dirty_bytes() + want <= DIRTY_LIMIT // 2:
+                return
+            if node.content is not None:
+                await settle(node.content, self.load, self.store_chunks, final=False)
+                if not node.content.dirty_bytes:
+                    self.tree.dirty_files.discard(node)
+
+    async def _prepare(self, content: FileContent, off: int, length: int) -> None:
+        for seg in content.needs(off, length):
+            assert seg.ref is not None
+            content.fill(seg, await self.load(seg.ref))
+
+    async def write(self, node: WNode, off: int, data: bytes) -> int:
+        async with self.lock:
+            content = await self.tree.content(node)
+            if self.dirty_bytes() + len(data) > DIRTY_LIMIT:
+                await self._spill(len(data))
+            await self._prepare(content, off, len(data))
+            content.write(off, data)
+            self.tree.wrote(node)
+        self.changed()
+        return len(data)
+
+    async def truncate(self, node: WNode, size: int) -> None:
+        async with self.lock:
+            content = await self.tree.content(node)
+            if size == content.size:
+                return
+            await self._prepare(content, size, 0)
+            content.truncate(size)
+            self.tree.wrote(node)
+        self.changed()
+
+    async def read(self, node: WNode, off: int, size: int) -> bytes:
+        """Bytes of a file with unpublished changes (a clean one reads through the drive)."""
+        content = node.content
+        assert content is not None
+        # take what the segments hold now: a write may change them while a chunk loads
+        plan = [(seg.kind, seg.ref, bytes(seg.data[lo:hi]) if seg.kind == DIRTY else None,
+                 lo, hi) for seg, lo, hi in content.read_plan(off, size)]  # type: ignore[index]
+        parts: list[bytes] = []
+        for kind, ref, data, lo, hi in plan:
+            if kind == STORED:
+                assert ref is not None
+                parts.append((await self.load(ref))[lo:hi])
+            elif kind == DIRTY:
+                assert data is not None
+                parts.append(data)
+            else:
+                parts.append(bytes(hi - lo))
+        return b"".join(parts)
+
+    # -- versions ----------------------------------------------------------------------
+
+    async def checkpoint(self) -> Entry | None:
+        """Make the tree durable: cut, build, store, journal. Its root, or None if unchanged."""
+        async with self.lock:
+            if not self.tree.has_changes:
+                return self._pending[0] if self._pending is not None else None
+            emitted: list[tuple[Ref, bytes]] = []
+
+            def emit(payload: bytes) -> Ref:
+                ref, ct = encrypt_chunk(self.cap.read_key, payload)
+                emitted.append((ref, ct))
+                return ref
+
+            async def settle_file(node: WNode) -> tuple[Ref, ...]:
+                assert node.content is not None
+                await settle(node.content, self.load, self.store_chunks, final=True)
+                return node.content.refs()
+
+            root = await self.tree.build(settle_file, emit)
+            await trio.to_thread.run_sync(self._put, emitted)
+            self._stored.update(r.block_id for r, _ in emitted)
+            journal = seal_journal(self.cap, self.head.seq, root)
+            await trio.to_thread.run_sync(self.store.put_record, journal_key(self.cap.pubkey),
+                                          journal)
+            stored, self._stored = self._stored, set()
+            if self._pending is not None:
+                stored |= self._pending[1]
+            self._pending = (root, stored)
+            return root
+
+    async def sync(self) -> None:
+        """fsync: the tree is durable on return; its version follows at once."""
+        await self.checkpoint()
+        self._urgent = True
+        self._wake.set()
+
+    async def publish_now(self) -> Head | None:
+        """Checkpoint and publish whatever changed; the new head, or None if nothing did."""
+        async with self._publishing:
+            root = await self.checkpoint()
+            if root is None or self._pending is None:
+                return None
+            return await self._publish(*self._pending)
+
+    async def _publish(self, root: Entry, stored: set[bytes]) -> Head:
+        sizes = await self.blocks.sizes(root)
+        head = await trio.to_thread.run_sync(commit_version, self.storage, self.cap, root,
+                                             sizes, self.pin)
+        self.head = head
+        self._pending = None
+        self.versions += 1
+        await trio.to_thread.run_sync(self._forget_journal, root)
+        # the version's blocks are under the publish pin now; what was written since stays
+        keep = self._stored
+        release = [b for b in stored if b not in keep]
+        if release:
+            await trio.to_thread.run_sync(self._release, release)
+        log.info("published version %d of drive %s", head.seq, self.cap.drive_id[:16])
+        if self.on_version is not None:
+            await self.on_version(head)
+        return head
+
+    def _release(self, ids: list[bytes]) -> None:
+        try:
+            self.store.remove_from_pin(self.pin, ids)
+        except StoreError as exc:  # the pin is only bookkeeping: the next start clears it
+            log.info("could not release written blocks: %s", exc)
+
+    def _forget_journal(self, root: Entry) -> None:
+        """Delete the journal if it still names `root` (a newer checkpoint keeps its own)."""
+        assert root.node is not None
+        key = journal_key(self.cap.pubkey)
+        block_id = root.node.block_id
+
+        def drop(old: bytes | None) -> bytes | None:
+            if old is None:
+                return None
+            try:
+                if open_journal(self.cap, old).root.node.block_id == block_id:  # type: ignore
+                    return None
+            except PeerdriveError:
+                return None
+            return old
+
+        self.store.update_record(key, drop)
+
+    async def recover(self) -> Head | None:
+        """At start: publish the tree an fsync made durable if no version holds it yet."""
+        data = await trio.to_thread.run_sync(self.store.get_record, journal_key(self.cap.pubkey))
+        if data is None:
+            await trio.to_thread.run_sync(self.store.unpin, self.pin)
+            return None
+        try:
+            journal = open_journal(self.cap, data)
+        except PeerdriveError as exc:
+            log.warning("ignored the write journal of drive %s: %s", self.cap.drive_id[:16], exc)
+            await trio.to_thread.run_sync(self.store.delete_record, journal_key(self.cap.pubkey))
+            return None
+        assert journal.root.node is not None
+        if journal.root.node.block_id == self.head.root_block:
+            await trio.to_thread.run_sync(self._forget_journal, journal.root)
+            await trio.to_thread.run_sync(self.store.unpin, self.pin)
+            return None
+        if self.head.seq > journal.base_seq:
+            log.warning("drive %s: version %d was published elsewhere after this mount's last "
+                        "fsync-ed tree (built on version %d); publishing that tree on top",
+                        self.cap.drive_id[:16], self.head.seq, journal.base_seq)
+        head = await self._publish(journal.root, set())
+        await trio.to_thread.run_sync(self.store.unpin, self.pin)
+        self.restart_from(head)
+        return head
+
+    @property
+    def has_pending(self) -> bool:
+        """A checkpoint not published yet."""
+        return self._pending is not None
+
+    def restart_from(self, head: Head) -> None:
+        """Drop the (unchanged) tree and start from `head`, another writer's version."""
+        assert head.root is not None
+        self.head = head
+        self.tree = WorkTree(head.root, self.tree.base, self.tree.root.ino, self.tree.next_ino)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Publish after each quiet period (or at once after an fsync), until cancelled."""
+        task_status.started()
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while not self._urgent:
+                quiet = trio.current_time() - self._last_change
+                if quiet >= self.publish_delay:
+                    break
+                with trio.move_on_after(self.publish_delay - quiet):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+            self._urgent = False
+            try:
+                await self.publish_now()
+                self.failure = None
+            except PeerdriveError as exc:
+                self.failure = str(exc)
+                log.warning("drive %s: could not publish: %s (trying again in %.0f s)",
+                            self.cap.drive_id[:16], exc, RETRY_SECONDS)
+                await trio.sleep(RETRY_SECONDS)
+                self._wake.set()
