@@ -47,6 +47,7 @@ from typing import Any, Protocol
 
 import trio
 
+from .client import OnNotice, PeerConnection
 from .errors import (
     BadBlockError,
     BlockNotFound,
@@ -57,7 +58,7 @@ from .errors import (
     PeerRefusedError,
 )
 from .identity import NodeIdentity
-from .peer import OnNotice, PeerConnection, open_task_nursery
+from .streams import open_task_nursery
 from .types import BLOCK_ID_LEN, PeerAddr, Priority
 
 ProvidersFn = Callable[[], Awaitable[Sequence[PeerAddr]] | Sequence[PeerAddr]]

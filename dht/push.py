@@ -17,7 +17,7 @@ push turns one outbound connection around:
 neither can be replayed as the other; the proof is the same proof of the
 drive secret, and the listener accepts a push only for a drive it serves and
 only if the layer above asked for pushes. After the swap each side runs the
-ordinary code of its new role (`_ServerConnection` here, `PeerConnection`
+ordinary code of its new role (`ServerConnection` here, `PeerConnection`
 at the listener) with the frame limits of that role, so every rule of the
 peer protocol holds unchanged; see docs/protocol.md, "Push connections".
 
@@ -29,7 +29,6 @@ here waits on anything but the network: publishing never blocks on a push.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -37,23 +36,14 @@ from dataclasses import dataclass
 
 import trio
 
-from .errors import DhtError, PeerGoneError, PeerIdentityError, PeerProtocolError, PeerRefusedError
-from .frames import MAX_CLIENT_FRAME, Challenge, Goodbye, Notice, Push, Refused, Welcome
-from .identity import NodeIdentity
-from .peer import (
-    DRIVE_SECRET_LEN,
-    HANDSHAKE_TIMEOUT,
-    PeerConnection,
-    PeerServer,
-    _close_quietly,
-    _FrameStream,
-    _ServerConnection,
-    _set_keepalive,
-    make_proof,
-    push_signed_bytes,
-)
-from .tls import client_context, pinned_public_key
-from .tlsstream import TlsStream
+from .client import PeerConnection
+from .dial import dial
+from .errors import DhtError, PeerGoneError
+from .frames import Notice
+from .handshake import DRIVE_SECRET_LEN
+from .server import PeerServer
+from .server_connection import ServerConnection
+from .streams import HANDSHAKE_TIMEOUT, close_quietly
 from .types import Priority
 
 log = logging.getLogger(__name__)
@@ -134,53 +124,12 @@ async def push_once(server: PeerServer, target: PushTarget, discovery_key: bytes
     """
     if len(drive_secret) != DRIVE_SECRET_LEN:
         raise DhtError("the drive secret must be 32 bytes")
-    identity: NodeIdentity = server.identity
     name = str(target)
-    stream: trio.abc.Stream | None = None
-    try:
-        with trio.fail_after(timeout):
-            tcp = await trio.open_tcp_stream(target.host, target.port)
-            stream = tcp
-            _set_keepalive(tcp)
-            tls = TlsStream(tcp, client_context())
-            stream = tls
-            await tls.do_handshake()
-            key = pinned_public_key(tls.getpeercert(binary_form=True), target.node_id)
-            node_id = hashlib.sha256(key).digest()
-            frames = _FrameStream(tls, name)
-            challenge = await frames.receive()
-            if not isinstance(challenge, Challenge):
-                raise PeerProtocolError(f"{name} sent {challenge.TYPE} instead of a challenge")
-            if challenge.server_id != node_id:
-                raise PeerIdentityError(f"{name} names another node in its challenge")
-            proof = make_proof(drive_secret, node_id, challenge.nonce)
-            signed = push_signed_bytes(node_id, challenge.nonce, discovery_key, proof)
-            await frames.send(Push(identity.public_bytes, discovery_key, proof,
-                                   identity.sign(signed)))
-            reply = await frames.receive()
-            if isinstance(reply, Refused | Goodbye):
-                raise PeerRefusedError(f"{name} refused the push: {reply.reason}")
-            if not isinstance(reply, Welcome):
-                raise PeerProtocolError(f"{name} sent {reply.TYPE} instead of welcome")
-            # roles reverse: we serve, so the listener's frames are a client's (small)
-            frames.set_max_frame(MAX_CLIENT_FRAME)
-            await frames.send(Welcome(server.max_wants))
-    except trio.TooSlowError:
-        if stream is not None:
-            await trio.aclose_forcefully(stream)
-        raise PeerGoneError(f"push handshake with {name} timed out after {timeout:g}s") from None
-    except OSError as exc:
-        if stream is not None:
-            await trio.aclose_forcefully(stream)
-        raise PeerGoneError(f"cannot connect to {name}: {exc.strerror or exc}") from None
-    except trio.BrokenResourceError as exc:
-        await trio.aclose_forcefully(tls)
-        raise PeerGoneError(f"TLS handshake with {name} failed: {exc}") from None
-    except BaseException:
-        if stream is not None:
-            await trio.aclose_forcefully(stream)
-        raise
-    conn = _ServerConnection(server, frames, discovery_key, node_id)
+    dialled = await dial(target.host, target.port, target.node_id, server.identity,
+                         discovery_key, drive_secret, peer=name, timeout=timeout,
+                         push_max_wants=server.max_wants)
+    node_id = dialled.node_id
+    conn = ServerConnection(server, dialled.frames, discovery_key, node_id)
     try:
         record = notice() if notice is not None else None
         if record is not None:
@@ -189,7 +138,7 @@ async def push_once(server: PeerServer, target: PushTarget, discovery_key: bytes
             on_connected(node_id)
         await server.serve_connection(conn)
     finally:
-        await _close_quietly(tls)
+        await close_quietly(dialled.frames.stream)
     raise PeerGoneError(f"{name} ended the push connection")
 
 

@@ -39,8 +39,8 @@ from dht.frames import (
     Welcome,
     encode,
 )
+from dht.handshake import hello_signed_bytes, make_proof
 from dht.identity import NodeIdentity
-from dht.peer import hello_signed_bytes, make_proof
 from dht.tls import client_context, server_context
 from dht.tlsstream import TlsStream
 from dht.types import PeerAddr

@@ -34,8 +34,8 @@ import trio
 from dht.fetch import FetchConfig, Fetcher
 from dht.identity import NodeIdentity
 from dht.kad import Dht
-from dht.peer import PeerServer
 from dht.records import MutableRecord
+from dht.server import PeerServer
 from dht.types import PeerAddr, Priority
 from tests.helpers import digest as file_digest
 from tests.helpers import is_mounted, publish

@@ -16,9 +16,9 @@ import pytest
 import trio
 
 from cache.store import BlockStore
+from dht.client import PeerConnection
 from dht.errors import BlockNotFound
 from dht.identity import NodeIdentity
-from dht.peer import PeerConnection
 from dht.types import PeerAddr, Priority
 from tests.helpers import publish
 from vfs.blocks import BlockReader

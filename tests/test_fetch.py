@@ -12,11 +12,11 @@ from collections.abc import Awaitable, Callable, Sequence
 import pytest
 import trio
 
+from dht.client import PeerConnection
 from dht.errors import DhtError, FetchTimeout
 from dht.fetch import FetchConfig, Fetcher
 from dht.frames import Cancel, Want
 from dht.identity import NodeIdentity
-from dht.peer import PeerConnection
 from dht.types import PeerAddr, Priority
 from tests.helpers import run_trio
 from tests.test_peer_support import (

@@ -12,11 +12,11 @@ from collections.abc import Awaitable, Callable, Sequence
 import pytest
 import trio
 
+from dht.client import PeerConnection
 from dht.errors import DhtError, PeerGoneError, PeerProtocolError
 from dht.fetch import FetchConfig, Fetcher
 from dht.frames import MAX_HAVE_IDS, Have, HaveReply, encode
 from dht.identity import NodeIdentity
-from dht.peer import PeerConnection
 from dht.types import PeerAddr
 from tests.helpers import run_trio
 from tests.test_peer_support import (

@@ -9,6 +9,7 @@ import os
 import pytest
 import trio
 
+from dht.client import PeerConnection
 from dht.errors import (
     BadBlockError,
     BlockNotFound,
@@ -18,7 +19,6 @@ from dht.errors import (
 )
 from dht.frames import Block, Cancel, Goodbye, Refused, Want, Welcome, encode
 from dht.identity import NodeIdentity
-from dht.peer import PeerConnection
 from dht.types import PeerAddr, Priority
 from tests.helpers import run_trio
 from tests.test_peer_support import (

@@ -13,17 +13,13 @@ import threading
 import trio
 import trio.testing
 
+from dht.client import PeerConnection
 from dht.errors import FetchTimeout, PeerProtocolError
 from dht.fetch import FetchConfig, Fetcher
 from dht.frames import Cancel, Have, NotFound, Ping, Want, encode
 from dht.identity import NodeIdentity
-from dht.peer import (
-    HANDSHAKING_PER_ADDRESS,
-    MAX_CONTROL_BACKLOG,
-    MAX_HANDSHAKING,
-    PeerConnection,
-    PeerServer,
-)
+from dht.server import HANDSHAKING_PER_ADDRESS, MAX_HANDSHAKING, PeerServer
+from dht.streams import MAX_CONTROL_BACKLOG
 from dht.tls import client_context, server_context
 from dht.tlsstream import TlsStream
 from dht.types import PeerAddr, Priority

@@ -24,8 +24,9 @@ from dht.frames import (
     Welcome,
     encode,
 )
+from dht.handshake import hello_signed_bytes, make_proof
 from dht.identity import NodeIdentity
-from dht.peer import PeerServer, hello_signed_bytes, make_proof
+from dht.server import PeerServer
 from dht.tls import client_context, pinned_public_key, server_context
 from dht.types import PeerAddr
 

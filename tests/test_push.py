@@ -14,11 +14,12 @@ from collections.abc import Awaitable, Callable
 import pytest
 import trio
 
+from dht.client import PeerConnection
 from dht.errors import PeerIdentityError, PeerRefusedError
 from dht.fetch import FetchConfig, Fetcher
 from dht.identity import NodeIdentity
-from dht.peer import PeerConnection, PeerServer
 from dht.push import PushedSource, PushStatus, PushTarget, keep_pushing, push_once
+from dht.server import PeerServer
 from dht.types import Priority
 from tests.helpers import run_trio
 from tests.test_peer_support import HOST, make_blocks, new_drive, start_server

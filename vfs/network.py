@@ -24,6 +24,7 @@ from pathlib import Path
 import trio
 
 from cache.store import BlockStore
+from dht.client import PeerConnection
 from dht.errors import DhtError, NodeStoppedError
 from dht.fetch import FetchConfig, Fetcher
 from dht.http_source import HttpSource
@@ -31,9 +32,9 @@ from dht.identity import NodeIdentity
 from dht.kad import Dht
 from dht.lan import DEFAULT_LAN_PORT, LanDiscovery
 from dht.mirror_layout import MirrorUrlError, check_base_url
-from dht.peer import PeerConnection, PeerServer
 from dht.push import PushedSource
 from dht.records import MutableRecord, ProviderRecord
+from dht.server import PeerServer
 from dht.types import PeerAddr, Priority
 
 from .capability import StoreCap

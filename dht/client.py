@@ -1,0 +1,566 @@
+"""The peer client: one connection to one peer for one drive, with pipelined requests.
+
+`PeerConnection.connect` / `open` dial a peer (dial.py: TCP, TLS pinned to the
+node id we meant to reach, handshake.py's `ClientHandshake`); then three tasks
+run per connection:
+
+- the writer sends everything queued so far in one write (Want, Cancel, Have,
+  Ping, Pong), so a sequential reader's readahead is one TLS record;
+- the reader routes each answer to the request awaiting it, by request id
+  (Block/NotFound to a Want, HaveReply to a Have, Pong to a Ping), and takes
+  Notice, Holding, Ping and Goodbye as they come;
+- the verifier hashes large blocks in worker threads, a batch per thread call,
+  so the reader goes straight back to the socket.
+
+Rules: every block is checked against its id (a mismatch closes the
+connection: the peer lied); at most the server's `max_wants` wants are
+outstanding (more queue locally); a cancelled fetch sends Cancel only if its
+Want went out; when the connection ends every request still waiting fails
+with the reason. Every request waits on one `PendingReply`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import trio
+
+from .dial import dial
+from .errors import (
+    BadBlockError,
+    BlockNotFound,
+    DhtError,
+    FrameError,
+    PeerGoneError,
+    PeerProtocolError,
+)
+from .frames import (
+    MAX_HAVE_IDS,
+    MAX_REQ_ID,
+    MAX_TOKEN,
+    Block,
+    Cancel,
+    Goodbye,
+    Have,
+    HaveReply,
+    Holding,
+    Message,
+    NotFound,
+    Notice,
+    Ping,
+    Pong,
+    Want,
+    encode,
+    unpack_bitmap,
+)
+from .handshake import DRIVE_SECRET_LEN
+from .identity import NodeIdentity
+from .streams import (
+    GOODBYE_GRACE,
+    HANDSHAKE_TIMEOUT,
+    MAX_CONTROL_BACKLOG,
+    FrameStream,
+    open_task_nursery,
+)
+from .types import BLOCK_ID_LEN, DISCOVERY_KEY_LEN, PeerAddr, Priority
+
+OnNotice = Callable[[bytes, bytes], None]
+
+MAX_HAVES_IN_FLIGHT = 16  # Have requests one client connection keeps outstanding
+MAX_HOLDING_REMEMBERED = 65536  # block ids a client remembers a server announced (Holding)
+HASH_IN_THREAD_MIN = 64 * 1024  # hash blocks at least this big off the event loop
+
+T = TypeVar("T")
+
+
+class PendingReply(Generic[T]):
+    """One request awaiting its answer: `request` is the frame sent, `done` is set with the
+    result or the error (the first of them wins)."""
+
+    __slots__ = ("request", "done", "result", "error", "sent")
+
+    def __init__(self, request: Message) -> None:
+        self.request = request
+        self.done = trio.Event()
+        self.result: T | None = None
+        self.error: DhtError | None = None
+        self.sent = False  # the request went out (a cancelled one that did not owes nothing)
+
+    def succeed(self, result: T) -> None:
+        if not self.done.is_set():
+            self.result = result
+            self.done.set()
+
+    def fail(self, error: DhtError) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self.done.set()
+
+    async def wait(self) -> T:
+        """The result, or the error raised."""
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.result  # type: ignore[return-value]
+
+
+def _sha256_each(blocks: list[bytes]) -> list[bytes]:
+    return [hashlib.sha256(b).digest() for b in blocks]
+
+
+@dataclass
+class ConnectionStats:
+    """Counters for one PeerConnection."""
+
+    wants_sent: int = 0
+    cancels_sent: int = 0
+    blocks: int = 0
+    bytes: int = 0
+    not_found: int = 0
+    unsolicited: int = 0  # answers to wants we had already cancelled
+    notices: int = 0
+    haves_sent: int = 0
+    holdings: int = 0  # Holding frames received
+
+class PeerConnection:
+    """A client connection to one peer for one discovery key, with pipelined fetches.
+
+    Make one with `connect` (its tasks run in a nursery you pass) or `open`
+    (an async context manager owning its tasks). Every `fetch` awaits its own
+    answer; any number may be in flight (up to the server's announced limit,
+    beyond which fetches queue locally). Each block is checked against its id.
+    """
+
+    def __init__(
+        self,
+        addr: PeerAddr,
+        discovery_key: bytes,
+        frames: FrameStream,
+        peer_public_key: bytes,
+        max_wants: int,
+        on_notice: OnNotice | None,
+    ) -> None:
+        self.addr = addr
+        self.discovery_key = discovery_key
+        self.peer_public_key = peer_public_key
+        self.max_wants = max_wants
+        self.stats = ConnectionStats()
+        self._frames = frames
+        self._on_notice = on_notice
+        self._slots = trio.Semaphore(max_wants)
+        # requests awaiting answers, by request id (Want, Have) or token (Ping)
+        self._pending: dict[int, PendingReply[bytes]] = {}
+        self._haves: dict[int, PendingReply[list[bool]]] = {}
+        self._pings: dict[int, PendingReply[None]] = {}
+        self._have_slots = trio.Semaphore(MAX_HAVES_IN_FLIGHT)
+        self._next_id = secrets.randbelow(MAX_REQ_ID + 1)
+        self._outgoing: deque[Message] = deque()
+        self._wake = trio.Event()
+        # large blocks received and waiting for their hash check (see _verifier)
+        self._unverified: deque[tuple[PendingReply[bytes], bytes]] = deque()
+        self._unverified_added = trio.Event()
+        self._error: DhtError | None = None
+        self._scope: trio.CancelScope | None = None
+        self._finished = trio.Event()
+        self._send_goodbye = False
+        self._pongs_queued = 0  # answers to the peer's pings not yet written (bounded)
+        # blocks the server announced (Holding), oldest first; a bounded set
+        self.holding: OrderedDict[bytes, None] = OrderedDict()
+
+    # ---- construction -------------------------------------------------------
+
+    @classmethod
+    async def connect(
+        cls,
+        addr: PeerAddr,
+        identity: NodeIdentity,
+        discovery_key: bytes,
+        drive_secret: bytes,
+        *,
+        nursery: trio.Nursery,
+        on_notice: OnNotice | None = None,
+        timeout: float = HANDSHAKE_TIMEOUT,
+    ) -> PeerConnection:
+        """Dial `addr`, pin its key, prove the drive secret; the reader/writer run in `nursery`.
+
+        Raises PeerGoneError (unreachable, broke, timed out), PeerIdentityError
+        (not the node we pinned) or PeerRefusedError (the peer said no).
+        """
+        if len(discovery_key) != DISCOVERY_KEY_LEN or len(drive_secret) != DRIVE_SECRET_LEN:
+            raise DhtError("discovery key and drive secret must be 32 bytes each")
+        conn = await cls._establish(addr, identity, discovery_key, drive_secret, on_notice, timeout)
+        await nursery.start(conn.run)
+        return conn
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        addr: PeerAddr,
+        identity: NodeIdentity,
+        discovery_key: bytes,
+        drive_secret: bytes,
+        *,
+        on_notice: OnNotice | None = None,
+        timeout: float = HANDSHAKE_TIMEOUT,
+    ) -> AsyncIterator[PeerConnection]:
+        """`async with PeerConnection.open(...) as conn:` — closed on exit."""
+        if len(discovery_key) != DISCOVERY_KEY_LEN or len(drive_secret) != DRIVE_SECRET_LEN:
+            raise DhtError("discovery key and drive secret must be 32 bytes each")
+        conn = await cls._establish(addr, identity, discovery_key, drive_secret, on_notice, timeout)
+        async with open_task_nursery() as nursery:
+            await nursery.start(conn.run)
+            try:
+                yield conn
+            finally:
+                await conn.aclose()
+
+    @classmethod
+    async def _establish(
+        cls,
+        addr: PeerAddr,
+        identity: NodeIdentity,
+        discovery_key: bytes,
+        drive_secret: bytes,
+        on_notice: OnNotice | None,
+        timeout: float,
+    ) -> PeerConnection:
+        dialled = await dial(addr.host, addr.port, addr.node_id, identity, discovery_key,
+                             drive_secret, peer=str(addr), timeout=timeout)
+        return cls(addr, discovery_key, dialled.frames, dialled.peer_public_key,
+                   dialled.max_wants, on_notice)
+
+    # ---- public -------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._error is not None
+
+    @property
+    def in_flight(self) -> int:
+        """Fetches awaiting an answer on this connection."""
+        return len(self._pending)
+
+    async def fetch(self, block_id: bytes, priority: Priority = Priority.READ) -> bytes:
+        """The block's bytes, verified against `block_id`.
+
+        Raises BlockNotFound, BadBlockError (the connection is then closed),
+        or PeerGoneError. Cancelling the caller sends Cancel to the peer.
+        """
+        if len(block_id) != BLOCK_ID_LEN:
+            raise DhtError(f"block id must be {BLOCK_ID_LEN} bytes, got {len(block_id)}")
+        priority = Priority(priority)
+        self._raise_if_closed()
+        async with self._slots:
+            self._raise_if_closed()
+            req_id = self._allocate(self._pending, MAX_REQ_ID)
+            want = Want(req_id, block_id, priority)
+            pending = self._pending[req_id] = PendingReply[bytes](want)
+            self._send(want)
+            try:
+                await pending.done.wait()
+            except BaseException:
+                if self._pending.pop(req_id, None) is not None and pending.sent:
+                    if not self.closed:
+                        self._send(Cancel(req_id))
+                raise
+        return await pending.wait()
+
+    async def have(self, block_ids: Sequence[bytes]) -> list[bool]:
+        """Which of `block_ids` the peer holds, in order (it reads no block to answer).
+
+        Asked `MAX_HAVE_IDS` ids per Have frame, at most `MAX_HAVES_IN_FLIGHT`
+        frames outstanding. Raises PeerGoneError if the connection dies first
+        (PeerProtocolError if the peer answers with a malformed bitmap).
+        """
+        ids = list(block_ids)
+        for block_id in ids:
+            if type(block_id) is not bytes or len(block_id) != BLOCK_ID_LEN:
+                raise DhtError(f"block ids must be {BLOCK_ID_LEN} bytes")
+        self._raise_if_closed()
+        flags = [False] * len(ids)
+        starts = iter(range(0, len(ids), MAX_HAVE_IDS))
+        errors: list[DhtError] = []
+
+        async def worker() -> None:
+            for start in starts:
+                part = tuple(ids[start : start + MAX_HAVE_IDS])
+                try:
+                    flags[start : start + len(part)] = await self._have_one(part)
+                except DhtError as exc:
+                    errors.append(exc)
+                    return
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(min(MAX_HAVES_IN_FLIGHT, -(-len(ids) // MAX_HAVE_IDS))):
+                nursery.start_soon(worker)
+        if errors:
+            raise errors[0]
+        return flags
+
+    async def _have_one(self, part: tuple[bytes, ...]) -> list[bool]:
+        async with self._have_slots:
+            self._raise_if_closed()
+            req_id = self._allocate(self._haves, MAX_REQ_ID)
+            have = Have(req_id, part)
+            pending = self._haves[req_id] = PendingReply[list[bool]](have)
+            self.stats.haves_sent += 1
+            self._send(have)
+            try:
+                await pending.done.wait()
+            finally:
+                self._haves.pop(req_id, None)
+        return await pending.wait()
+
+    async def ping(self) -> float:
+        """Round-trip time to the peer in seconds (PeerGoneError if the connection dies)."""
+        self._raise_if_closed()
+        token = self._allocate(self._pings, MAX_TOKEN)
+        ping = Ping(token)
+        pending = self._pings[token] = PendingReply[None](ping)
+        start = trio.current_time()
+        self._send(ping)
+        try:
+            await pending.wait()
+        finally:
+            self._pings.pop(token, None)
+        return trio.current_time() - start
+
+    async def aclose(self) -> None:
+        """Say goodbye, close, and fail anything still pending with PeerGoneError."""
+        if self._error is None:
+            self._error = PeerGoneError(f"connection to {self.addr} was closed")
+            self._send_goodbye = True
+            if self._scope is not None:
+                self._scope.cancel()
+        await self._finished.wait()
+
+    async def wait_closed(self) -> DhtError:
+        """Wait until the connection ends; returns why."""
+        await self._finished.wait()
+        assert self._error is not None
+        return self._error
+
+    # ---- internals ----------------------------------------------------------
+
+    def _raise_if_closed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _allocate(self, in_use: Mapping[int, Any], limit: int) -> int:
+        while True:
+            value = self._next_id
+            self._next_id = 0 if value >= limit else value + 1
+            if value not in in_use:
+                return value
+
+    def _send(self, msg: Message) -> None:
+        self._outgoing.append(msg)
+        self._wake.set()
+
+    def _fail(self, error: DhtError) -> None:
+        if self._error is None:
+            self._error = error
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
+                nursery.start_soon(self._writer)
+                nursery.start_soon(self._reader)
+                nursery.start_soon(self._verifier)
+                task_status.started()
+        finally:
+            if self._error is None:
+                self._error = PeerGoneError(f"connection to {self.addr} ended")
+            waiting: list[PendingReply[Any]] = [
+                *self._pending.values(), *(p for p, _ in self._unverified),
+                *self._haves.values(), *self._pings.values()]
+            for pending in waiting:
+                pending.fail(self._error)
+            for table in (self._pending, self._haves, self._pings):
+                table.clear()
+            self._unverified.clear()
+            stream = self._frames.stream
+            if self._send_goodbye:
+                with trio.CancelScope(shield=True), trio.move_on_after(GOODBYE_GRACE / 4):
+                    try:
+                        await self._frames.send(Goodbye("closing"))
+                    except (DhtError, trio.BusyResourceError):
+                        pass
+            await trio.aclose_forcefully(stream)
+            self._finished.set()
+
+    async def _writer(self) -> None:
+        """Send queued requests, everything queued so far in one write.
+
+        A sequential reader asks for several blocks at once (its readahead):
+        one TLS record and one system call for all of them, not one each.
+        """
+        try:
+            while True:
+                if not self._outgoing:
+                    self._wake = trio.Event()
+                    await self._wake.wait()
+                    continue
+                frames: list[bytes] = []
+                while self._outgoing:
+                    msg = self._outgoing.popleft()
+                    if isinstance(msg, Want):
+                        pending = self._pending.get(msg.req_id)
+                        if pending is None:
+                            continue  # cancelled before it left: nothing to tell the peer
+                        pending.sent = True
+                        self.stats.wants_sent += 1
+                    elif isinstance(msg, Cancel):
+                        self.stats.cancels_sent += 1
+                    elif isinstance(msg, Pong):
+                        self._pongs_queued -= 1
+                    frames.append(encode(msg))
+                if frames:
+                    await self._frames.send_bytes(b"".join(frames))
+        except DhtError as exc:
+            self._fail(exc)
+
+    async def _reader(self) -> None:
+        try:
+            while True:
+                msg = await self._frames.receive()
+                if isinstance(msg, Block):
+                    await self._on_block(msg)
+                elif isinstance(msg, NotFound):
+                    pending = self._pending.pop(msg.req_id, None)
+                    if pending is None:
+                        self.stats.unsolicited += 1
+                    else:
+                        self.stats.not_found += 1
+                        pending.fail(BlockNotFound(
+                            f"{self.addr} does not have block {_block_id(pending).hex()}"))
+                elif isinstance(msg, HaveReply):
+                    have = self._haves.pop(msg.req_id, None)
+                    if have is None:
+                        self.stats.unsolicited += 1  # its asker left
+                    else:
+                        try:
+                            flags = unpack_bitmap(msg.bitmap, len(_block_ids(have)))
+                        except FrameError as exc:
+                            error = PeerProtocolError(
+                                f"{self.addr} answered have with a bad bitmap: {exc}; "
+                                "connection dropped"
+                            )
+                            have.fail(error)
+                            raise error from None
+                        have.succeed(flags)
+                elif isinstance(msg, Notice):
+                    if msg.discovery_key != self.discovery_key:
+                        raise PeerProtocolError(f"{self.addr} sent a notice for another drive")
+                    self.stats.notices += 1
+                    if self._on_notice is not None:
+                        self._on_notice(msg.discovery_key, msg.record)
+                elif isinstance(msg, Holding):
+                    self.stats.holdings += 1
+                    holding = self.holding
+                    for block_id in msg.block_ids:
+                        holding[block_id] = None
+                        holding.move_to_end(block_id)
+                    while len(holding) > MAX_HOLDING_REMEMBERED:
+                        holding.popitem(last=False)
+                elif isinstance(msg, Ping):
+                    if self._pongs_queued >= MAX_CONTROL_BACKLOG:
+                        raise PeerProtocolError(
+                            f"{self.addr} sends pings faster than it reads the answers; "
+                            "connection dropped"
+                        )
+                    self._pongs_queued += 1
+                    self._send(Pong(msg.token))
+                elif isinstance(msg, Pong):
+                    ping = self._pings.get(msg.token)
+                    if ping is not None:
+                        ping.succeed(None)
+                elif isinstance(msg, Goodbye):
+                    raise PeerGoneError(f"{self.addr} closed the connection: {msg.reason}")
+                else:
+                    raise PeerProtocolError(f"{self.addr} sent an unexpected {msg.TYPE} frame")
+        except DhtError as exc:
+            self._fail(exc)
+
+    async def _on_block(self, msg: Block) -> None:
+        pending = self._pending.pop(msg.req_id, None)
+        if pending is None:
+            self.stats.unsolicited += 1
+            return
+        data = msg.data
+        if len(data) < HASH_IN_THREAD_MIN:
+            if hashlib.sha256(data).digest() != _block_id(pending):
+                raise self._bad_block(pending)
+            self._delivered(pending, data)
+        else:
+            # hashed by the verifier: this loop goes straight back to reading the socket
+            self._unverified.append((pending, data))
+            self._unverified_added.set()
+        await trio.lowlevel.checkpoint()
+
+    async def _verifier(self) -> None:
+        """Check large blocks against their ids in worker threads, a batch per thread call.
+
+        Hashing in the reader's own loop would leave the socket unread
+        while a thread hashes each block; queued here, what arrived
+        meanwhile is hashed together in the next call.
+        """
+        batch: list[tuple[PendingReply[bytes], bytes]] = []
+        try:
+            while True:
+                if not self._unverified:
+                    self._unverified_added = trio.Event()
+                    await self._unverified_added.wait()
+                    continue
+                batch = list(self._unverified)
+                self._unverified.clear()
+                digests = await trio.to_thread.run_sync(_sha256_each, [d for _, d in batch])
+                for (pending, data), digest in zip(batch, digests, strict=True):
+                    if digest != _block_id(pending):
+                        raise self._bad_block(pending)
+                    self._delivered(pending, data)
+                batch = []
+        except DhtError as exc:
+            self._fail(exc)
+        finally:
+            # a bad block or the connection's end: what this batch did not deliver fails
+            for pending, _ in batch:
+                pending.fail(self._error or PeerGoneError(f"connection to {self.addr} ended"))
+
+    def _bad_block(self, pending: PendingReply[bytes]) -> PeerProtocolError:
+        pending.fail(BadBlockError(
+            f"{self.addr} sent bytes that do not hash to block {_block_id(pending).hex()}: "
+            "the peer is faulty or lying; connection dropped"
+        ))
+        return PeerProtocolError(f"{self.addr} sent a corrupt block; connection dropped")
+
+    def _delivered(self, pending: PendingReply[bytes], data: bytes) -> None:
+        self.stats.blocks += 1
+        self.stats.bytes += len(data)
+        pending.succeed(data)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{self.in_flight} in flight"
+        return f"PeerConnection({self.addr}, {state})"
+
+
+def _block_id(pending: PendingReply[bytes]) -> bytes:
+    """The block a pending Want asked for."""
+    assert isinstance(pending.request, Want)
+    return pending.request.block_id
+
+
+def _block_ids(pending: PendingReply[list[bool]]) -> tuple[bytes, ...]:
+    """The blocks a pending Have asked about."""
+    assert isinstance(pending.request, Have)
+    return pending.request.block_ids

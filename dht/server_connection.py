@@ -1,0 +1,315 @@
+"""One client of the peer server, past its handshake: its wants, its haves, its control frames.
+
+Rules (docs/protocol.md, "After the handshake"):
+
+1. Wants are served most urgent priority first, in arrival order within a
+   priority; a Cancel forgets a want (a block already being read is dropped
+   before it is sent). A duplicate request id, or more than the server's
+   `max_wants` outstanding, is a protocol violation.
+2. Control frames (Notice, Holding, HaveReply, Pong, Goodbye) go out ahead of
+   blocks; a client that lets MAX_CONTROL_BACKLOG of them pile up is not
+   reading and is dropped.
+3. Have frames are answered from a token bucket (the server's `have_rate`,
+   `have_burst`); past it the connection stops being read, so TCP pushes back.
+4. A protocol violation is answered with Goodbye(reason) and the connection
+   closes after GOODBYE_GRACE; errors end the connection, never the server.
+
+The server (server.py) owns the block source and the drive scope; this
+connection asks it through its public lookups (`lookup`, `holds`,
+`in_flight`). A push dialer (push.py) runs the same class over a connection
+it opened.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from typing import TYPE_CHECKING
+
+import trio
+
+from .errors import PeerGoneError, PeerProtocolError, PeerStuckError
+from .frames import (
+    MAX_REASON,
+    Block,
+    Cancel,
+    Goodbye,
+    Have,
+    HaveReply,
+    Message,
+    NotFound,
+    Ping,
+    Pong,
+    Want,
+    encode,
+    pack_bitmap,
+)
+from .streams import GOODBYE_GRACE, MAX_CONTROL_BACKLOG, FrameStream
+
+if TYPE_CHECKING:
+    from .server import PeerServer
+
+HOLDING_WAIT = 2.0  # seconds a server waits for its node's own fetch of an announced block
+# Blocks a server connection reads from its source ahead of the one it is sending: a cold
+# store read is a disk wait, and reading the next block while this one goes out keeps both
+# the disk and the connection busy. Small, so a READ that arrives behind a PIN backlog waits
+# for at most this many blocks.
+LOOKAHEAD_BLOCKS = 2
+
+
+class _Lookup:
+    """One wanted block on its way from the source to the wire."""
+
+    __slots__ = ("req_id", "seq", "data", "done")
+
+    def __init__(self, req_id: int, seq: int) -> None:
+        self.req_id = req_id
+        self.seq = seq
+        self.data: bytes | None = None
+        self.done = False
+
+
+class ServerConnection:
+    """One client past its handshake: a priority queue of wants and a queue of control frames.
+
+    `server.serve_connection(conn)` runs it and keeps it in the server's client
+    table (so `notify`, `announce_holding` and `say_goodbye` reach it).
+    """
+
+    def __init__(
+        self,
+        server: PeerServer,
+        frames: FrameStream,
+        discovery_key: bytes,
+        client_id: bytes,
+    ) -> None:
+        self.server = server
+        self.frames = frames
+        self.discovery_key = discovery_key
+        self.client_id = client_id
+        # heap of (priority, seq, req_id); `wants` maps req_id -> (seq, block_id)
+        # and is the truth: heap entries whose seq no longer matches are stale.
+        self._queue: list[tuple[int, int, int]] = []
+        self._wants: dict[int, tuple[int, bytes]] = {}
+        self._seq = 0
+        self._control: deque[bytes] = deque()
+        # blocks being read from the source or read, in the order they go out
+        self._ready: deque[_Lookup] = deque()
+        self._wake = trio.Event()  # the writer: a control frame or a looked-up block is ready
+        self._load_wake = trio.Event()  # the loader: a new want, or room in `_ready`
+        self._scope: trio.CancelScope | None = None
+        self._goodbye_sent = False
+        self._have_tokens = float(server.have_burst)
+        self._have_at = trio.current_time()
+        self.client_left = False  # the client said Goodbye
+
+    @property
+    def control_backlog(self) -> int:
+        return len(self._control)
+
+    def push_control(self, msg: Message | None, frame: bytes | None = None) -> bool:
+        """Queue a control frame ahead of blocks; a client that never reads them is dropped."""
+        if self._goodbye_sent:
+            return False
+        if len(self._control) >= MAX_CONTROL_BACKLOG:
+            self._protocol_violation("not reading control frames")
+            return False
+        if frame is None:
+            assert msg is not None
+            frame = encode(msg)
+        self._control.append(frame)
+        self._wake.set()
+        return True
+
+    def leave(self, reason: str) -> None:
+        """Say Goodbye(reason) and close, after a short grace for the frame to go out."""
+        if self._goodbye_sent:
+            return
+        self._control.clear()
+        self._control.append(encode(Goodbye(reason[:MAX_REASON])))
+        self._goodbye_sent = True
+        self._wake.set()
+        if self._scope is not None:
+            self._scope.deadline = min(self._scope.deadline, trio.current_time() + GOODBYE_GRACE)
+
+    def _protocol_violation(self, reason: str) -> None:
+        """Count a broken rule, then leave with Goodbye(reason) (once: later ones are moot)."""
+        if self._goodbye_sent:
+            return
+        self.server.stats.protocol_errors += 1
+        self.leave(reason)
+
+    async def run(self) -> None:
+        """Serve until the client leaves or misbehaves; errors end the connection, not the server."""
+        async with trio.open_nursery() as nursery:
+            self._scope = nursery.cancel_scope
+            nursery.start_soon(self._writer)
+            nursery.start_soon(self._loader, nursery)
+            try:
+                await self._reader()
+            except PeerProtocolError as exc:
+                self._protocol_violation(str(exc))
+                await trio.sleep_forever()  # until the Goodbye is flushed or the grace ends
+            except PeerGoneError:
+                nursery.cancel_scope.cancel()
+
+    async def _reader(self) -> None:
+        stats = self.server.stats
+        max_wants = self.server.max_wants
+        while not self._goodbye_sent:
+            msg = await self.frames.receive()
+            if isinstance(msg, Want):
+                if msg.req_id in self._wants:
+                    self._protocol_violation(f"duplicate request id {msg.req_id}")
+                elif len(self._wants) >= max_wants:
+                    self._protocol_violation(f"more than {max_wants} outstanding wants")
+                else:
+                    stats.wants_received += 1
+                    self._seq += 1
+                    self._wants[msg.req_id] = (self._seq, msg.block_id)
+                    heapq.heappush(self._queue, (int(msg.priority), self._seq, msg.req_id))
+                    self._load_wake.set()
+            elif isinstance(msg, Cancel):
+                stats.cancels_received += 1
+                if self._wants.pop(msg.req_id, None) is not None:
+                    self._compact_queue()
+            elif isinstance(msg, Have):
+                # answered at once, ahead of queued blocks: a presence check is cheap, but
+                # 240 store reads per 4 KiB frame on the event loop are not free, so a
+                # client past its rate waits (we stop reading it: TCP pushes back)
+                await self._have_budget()
+                stats.haves_received += 1
+                bitmap = pack_bitmap(self.server.holds(self.discovery_key, msg.block_ids))
+                self.push_control(HaveReply(msg.req_id, bitmap))
+                await trio.lowlevel.checkpoint()
+            elif isinstance(msg, Ping):
+                self.push_control(Pong(msg.token))
+            elif isinstance(msg, Pong):
+                pass
+            elif isinstance(msg, Goodbye):
+                self.client_left = True
+                break
+            else:
+                self._protocol_violation(f"unexpected {msg.TYPE} frame")
+        if not self._goodbye_sent:
+            # The client said goodbye: nothing more to send.
+            assert self._scope is not None
+            self._scope.cancel()
+        else:
+            # Wait for the writer to flush our Goodbye (bounded by the deadline).
+            await trio.sleep_forever()
+
+    async def _have_budget(self) -> None:
+        """Take one Have from this connection's token bucket, sleeping until there is one."""
+        rate, burst = self.server.have_rate, self.server.have_burst
+        now = trio.current_time()
+        self._have_tokens = min(burst, self._have_tokens + (now - self._have_at) * rate)
+        self._have_at = now
+        if self._have_tokens < 1:
+            self.server.stats.haves_delayed += 1
+            await trio.sleep((1 - self._have_tokens) / rate)
+            self._have_tokens, self._have_at = 1.0, trio.current_time()
+        self._have_tokens -= 1
+
+    def _compact_queue(self) -> None:
+        """Drop cancelled entries from the heap once they outnumber the live ones.
+
+        A Cancel only forgets the want; its heap entry stays until popped, so
+        want-then-cancel pairs would otherwise grow the heap without bound
+        (`max_wants` bounds live wants only). Rebuilding when over half is stale
+        keeps the heap under 2 x max_wants + 16 entries at amortised O(1) each.
+        """
+        if len(self._queue) > 2 * len(self._wants) + 16:
+            wants = self._wants
+            self._queue = [e for e in self._queue
+                           if (w := wants.get(e[2])) is not None and w[0] == e[1]]
+            heapq.heapify(self._queue)
+
+    def _next_want(self) -> tuple[int, int, bytes] | None:
+        while self._queue:
+            _prio, seq, req_id = heapq.heappop(self._queue)
+            want = self._wants.get(req_id)
+            if want is not None and want[0] == seq:
+                return req_id, seq, want[1]
+        return None
+
+    async def _loader(self, nursery: trio.Nursery) -> None:
+        """Read wanted blocks from the source in worker threads, most urgent first.
+
+        A store read can wait on the disk; in a thread it neither stalls the
+        event loop (every other connection, the DHT) nor this connection's
+        sends. Up to LOOKAHEAD_BLOCKS reads run at once, so the disk works on
+        the next blocks while this one goes out; they are sent in the order
+        they were taken.
+        """
+        while True:
+            want = None
+            if not self._goodbye_sent and len(self._ready) < LOOKAHEAD_BLOCKS:
+                want = self._next_want()
+            if want is None:
+                self._load_wake = trio.Event()
+                await self._load_wake.wait()
+                continue
+            req_id, seq, block_id = want
+            lookup = _Lookup(req_id, seq)
+            self._ready.append(lookup)
+            nursery.start_soon(self._look_up, lookup, block_id)
+
+    async def _look_up(self, lookup: _Lookup, block_id: bytes) -> None:
+        lookup.data = await trio.to_thread.run_sync(self.server.lookup, self.discovery_key,
+                                                     block_id)
+        in_flight = self.server.in_flight
+        if lookup.data is None and in_flight is not None:
+            # Perhaps announced by our node and still on its way here: wait for it,
+            # out of the send queue, so the blocks wanted after it go out meanwhile.
+            self._ready.remove(lookup)
+            self._load_wake.set()
+            lookup.data = await in_flight(self.discovery_key, block_id, HOLDING_WAIT)
+            if lookup.data is not None:
+                self.server.stats.served_in_flight += 1
+            self._ready.append(lookup)
+        lookup.done = True
+        self._wake.set()
+
+    async def _writer(self) -> None:
+        stats = self.server.stats
+        try:
+            while True:
+                if self._control:
+                    frame = self._control.popleft()
+                    await self.frames.send_bytes(frame)
+                    if self._goodbye_sent and not self._control:
+                        assert self._scope is not None
+                        self._scope.cancel()
+                        return
+                    continue
+                if self._goodbye_sent or not self._ready or not self._ready[0].done:
+                    self._wake = trio.Event()
+                    await self._wake.wait()
+                    continue
+                lookup = self._ready.popleft()
+                req_id, seq, data = lookup.req_id, lookup.seq, lookup.data
+                self._load_wake.set()
+                current = self._wants.get(req_id)
+                if current is None or current[0] != seq:
+                    continue  # cancelled (or its id re-used) while it was being read
+                if data is None:
+                    stats.not_found += 1
+                    reply: Message = NotFound(req_id)
+                else:
+                    reply = Block(req_id, data)
+                await self.frames.send(reply)
+                if data is not None:
+                    stats.blocks_served += 1
+                    stats.bytes_served += len(data)
+                # Still outstanding until sent; a Cancel meanwhile already
+                # removed it, and a re-used req_id has a newer seq.
+                current = self._wants.get(req_id)
+                if current is not None and current[0] == seq:
+                    del self._wants[req_id]
+                await trio.lowlevel.checkpoint()
+        except PeerGoneError as exc:
+            if isinstance(exc, PeerStuckError):
+                stats.send_timeouts += 1
+            assert self._scope is not None
+            self._scope.cancel()
