@@ -109,6 +109,14 @@ def block_value_data(value: bytes | memoryview) -> memoryview | None:
     return data
 
 
+def block_value_unchecked(value: bytes | memoryview) -> memoryview | None:
+    """The block bytes inside a stored value, unchecked (None if too short to hold any):
+    for a reader that authenticates them itself (`BlockStore.get_decoded`)."""
+    if len(value) < DIGEST_LEN:
+        return None
+    return memoryview(value)[DIGEST_LEN:]
+
+
 def block_value_size(value: bytes | memoryview) -> int:
     return max(0, len(value) - DIGEST_LEN)
 

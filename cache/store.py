@@ -23,6 +23,7 @@ Two things are deliberately per process:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections import Counter
@@ -631,6 +632,51 @@ class BlockStore:
         finally:
             self._end_read(txn)
         if result is None:
+            self._drop_rotten(block_id)
+            return None
+        if self._note_access(block_id):
+            self._flush_quietly()
+        return result
+
+    def get_decoded(self, block_id: bytes, decode: Callable[[memoryview], T]) -> T | None:
+        """`decode` of the block's bytes read in place (no copy); None if the block is absent.
+
+        For a caller whose `decode` authenticates what it reads (AES-GCM does:
+        vfs/blocks.py) the bytes are not checked against their xxh3 first:
+        one check proves them. Should `decode` raise, the xxh3 check tells rot
+        (the block is dropped and None returned, as `get` does) from intact
+        bytes (the exception propagates). `decode` runs inside a read
+        transaction, in the calling thread: keep it synchronous, and keep
+        nothing of the view it is given.
+        """
+        block_id = schema.check_id(block_id)
+        rotten = False
+        txn = self._begin_read()
+        try:
+            value = txn.get(block_id, db=self._dbs.blocks)
+            if value is None:
+                return None
+            readahead = self._readahead
+            if readahead is not None and len(value) >= _READAHEAD_MIN:
+                readahead.note_read(value)
+            data = schema.block_value_unchecked(value)
+            if data is None:
+                rotten = True
+            else:
+                try:
+                    result = decode(data)
+                except Exception:
+                    if schema.block_value_data(value) is not None:
+                        raise
+                    rotten = True
+                finally:
+                    with contextlib.suppress(BufferError):  # an export kept: txn end still ends it
+                        data.release()
+        except lmdb.Error as exc:
+            raise StoreError(f"cannot read the block store at {self.path}: {exc}") from exc
+        finally:
+            self._end_read(txn)
+        if rotten:
             self._drop_rotten(block_id)
             return None
         if self._note_access(block_id):

@@ -178,6 +178,43 @@ def test_rotten_block_is_missing_not_wrong(store: BlockStore, store_dir: Path) -
     assert store.get(bad_id) == bad
 
 
+def test_get_decoded_reads_in_place_and_checks_only_when_decode_fails(
+        store: BlockStore, store_dir: Path) -> None:
+    """The read path decrypts where a block lies (GCM is the check); a decode that
+    fails on rot sees the block dropped (None), on intact bytes its error raised."""
+    block_id, data = make_block("dec", 300 * KIB)
+    rot_id, rot = make_block("dec-rot", 40 * KIB)
+    store.put_many([(block_id, data), (rot_id, rot)])
+    seen: list[memoryview] = []
+
+    def keep_view(view: memoryview) -> bytes:
+        assert view.readonly
+        seen.append(view)
+        return hashlib.sha256(view).digest()
+
+    assert store.get_decoded(block_id, keep_view) == block_id
+    with pytest.raises(ValueError):
+        bytes(seen[0])  # released with its transaction: nothing keeps a view of the map
+    assert store.get_decoded(make_block("absent", 5)[0], keep_view) is None
+
+    def refuse(view: memoryview) -> bytes:
+        raise KeyError("not what I wanted")
+
+    with pytest.raises(KeyError):
+        store.get_decoded(block_id, refuse)  # intact bytes: the caller's error
+    assert store.get(block_id) == data  # and the block stays
+    assert corrupt_on_disk(store_dir, rot) >= 1
+
+    def authenticate(view: memoryview) -> bytes:
+        if hashlib.sha256(view).digest() != rot_id:
+            raise ValueError("tag mismatch")
+        return bytes(view)
+
+    assert store.get_decoded(rot_id, authenticate) is None  # rot: missing, not wrong
+    assert not store.has(rot_id)
+    assert store.check_consistency(deep=True) == []
+
+
 def test_put_replaces_a_rotten_copy(store: BlockStore, store_dir: Path) -> None:
     block_id, data = make_block("rot", 10 * KIB)
     store.put(block_id, data)

@@ -18,6 +18,7 @@ what the network gave it.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -30,6 +31,7 @@ from dht.types import Priority
 
 from .crypto import Ref, decrypt_block
 from .errors import BlockUnavailable, IntegrityError
+from .threadbatch import ThreadBatches
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,9 @@ class BlockReader:
         self._plain_bytes = 0
         self._plain_limit = plaintext_cache_bytes
         self._inflight: dict[bytes, trio.Event] = {}
+        # reads and decryptions of large blocks; batched while `workers.run` runs (the
+        # drive starts it), one thread call per block otherwise
+        self.workers = ThreadBatches()
         # fetched, verified, not yet in the store (oldest first); only with a store writer
         self._unstored: dict[bytes, bytes] = {}
         # held while a batch goes to the store, and by evict: a batch committed just
@@ -265,28 +270,40 @@ class BlockReader:
         Both halves can be slow: a cold LMDB page is a disk read (a page fault
         in the map) and AES-GCM of a large block is CPU work. Off the event
         loop they overlap with other reads and with the kernel's requests.
+        The ciphertext is decrypted where it lies in the store's map, without
+        a copy and without its xxh3 check: the GCM tag proves it (a block
+        that fails it is checked then, and dropped as rot if it is).
         """
-        ct = self.store.get(ref.block_id)
-        if ct is None:
-            return None
-        return self._decrypt(ref, ct)
+        try:
+            return self.store.get_decoded(ref.block_id,
+                                          functools.partial(decrypt_block, self.read_key, ref))
+        except IntegrityError:
+            self._undecryptable_block(ref)
+            raise
 
     def _decrypt(self, ref: Ref, ct: bytes) -> bytes:
         try:
             return decrypt_block(self.read_key, ref, ct)
         except IntegrityError:
-            # the id matched, so the publisher encrypted garbage under this ref, or the
-            # ref itself is wrong: drop the block so it is not served again, and fail.
-            # A block just fetched may still wait for the store writer (dropped from
-            # there) or be in the batch it is storing now (evicted once that is stored).
-            self._undecryptable.add(ref.block_id)
-            self.forget(ref.block_id)
-            self.store.evict([ref.block_id])
+            self._undecryptable_block(ref)
             raise
 
+    def _undecryptable_block(self, ref: Ref) -> None:
+        """The id matched, so the publisher encrypted garbage under this ref, or the ref
+        itself is wrong: drop the block so it is not served again (the caller fails).
+
+        A block just fetched may still wait for the store writer (dropped from
+        there) or be in the batch it is storing now (evicted once that is stored).
+        """
+        self._undecryptable.add(ref.block_id)
+        self.forget(ref.block_id)
+        self.store.evict([ref.block_id])
+
     async def _load(self, ref: Ref, priority: Priority) -> bytes:
+        # large blocks in worker threads, in batches (vfs/threadbatch.py): what the kernel's
+        # requests and the readahead ask for meanwhile goes in one thread call
         if ref.length >= _THREAD_MIN:
-            plain = await trio.to_thread.run_sync(self._open_local, ref)
+            plain = await self.workers.call(self._open_local, ref, cost=ref.length)
         else:
             plain = self._open_local(ref)
         if plain is not None:
@@ -295,5 +312,5 @@ class BlockReader:
         if len(ct) >= _THREAD_MIN:
             # AES-GCM is fast here (~8 GB/s), but checking the plaintext's SHA-256 is not
             # (~1.7 GB/s): for a large block, a worker thread costs the event loop less
-            return await trio.to_thread.run_sync(self._decrypt, ref, ct)
+            return await self.workers.call(self._decrypt, ref, ct, cost=len(ct))
         return self._decrypt(ref, ct)

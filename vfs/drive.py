@@ -91,6 +91,7 @@ class Drive:
         self.pins = Pins(self)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            await nursery.start(self.blocks.workers.run)
             await nursery.start(self.blocks.run_store_writer)
             await nursery.start(self.pins.run)
             nursery.start_soon(self._warm_up)
