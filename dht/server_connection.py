@@ -276,8 +276,12 @@ class ServerConnection:
         try:
             while True:
                 if self._control:
-                    frame = self._control.popleft()
-                    await self.frames.send_bytes(frame)
+                    # everything queued in one write: a reader announcing what it fetches
+                    # (Holding) queues a frame per batch of blocks, each a TLS record and
+                    # a system call of its own otherwise
+                    frames = list(self._control)
+                    self._control.clear()
+                    await self.frames.send_bytes(b"".join(frames))
                     if self._goodbye_sent and not self._control:
                         assert self._scope is not None
                         self._scope.cancel()
