@@ -1,6 +1,6 @@
 """The peer handshake as sans-io decisions: no sockets, no clocks, no tasks.
 
-Rules (docs/protocol.md, "Handshake"; the server speaks first):
+Rules (docs/protocol.md, "The handshake, byte by byte"; the server speaks first):
 
     server -> Challenge(server_id, nonce)
     client -> Hello(client_pubkey, discovery_key, proof, sig)      (or Push)
@@ -25,8 +25,8 @@ Rules (docs/protocol.md, "Handshake"; the server speaks first):
 4. Each side's steps run once, in order; calling one out of turn is a bug in
    the caller (HandshakeMisuse), never something a peer can cause.
 
-`ServerHandshake` and `ClientHandshake` hold these decisions; server.py,
-client.py and push.py move the frames (tests/test_handshake.py drives them
+`ServerHandshake` and `ClientHandshake` hold these decisions; server.py and
+dial.py move the frames (tests/test_handshake.py drives them
 with no network at all).
 """
 
