@@ -1,0 +1,47 @@
+"""What a node fetches is announced to its clients in gathered Holding frames, not one per block.
+
+A sequential reader fetches a block every few milliseconds; a frame per
+block was a TLS record and a send per block on the reader's event loop.
+"""
+
+from __future__ import annotations
+
+import os
+
+import trio
+
+from cache.store import BlockStore
+from dht.identity import NodeIdentity
+from vfs.capability import StoreCap
+from vfs.network import HOLDING_GATHER, NetworkNode
+
+
+def test_blocks_fetched_together_are_announced_in_one_call_per_drive(tmp_path) -> None:
+    store = BlockStore(tmp_path / "store")
+    node = NetworkNode(NodeIdentity.generate(), store, listen=("127.0.0.1", 0), lan=False)
+    caps = [StoreCap(NodeIdentity.generate().public_bytes) for _ in range(2)]
+    for cap in caps:
+        node.serve_drive(cap)
+    announced: list[tuple[bytes, list[bytes]]] = []
+    node.server.announce_holding = lambda dk, ids: announced.append((dk, list(ids))) or 1
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            fetchers = [await node.start_fetcher(cap) for cap in caps]
+            ids = [os.urandom(32) for _ in range(50)]
+            for block_id in ids:
+                fetchers[0]._on_holding(block_id)
+            fetchers[0]._on_holding(ids[0])  # told twice: announced once
+            fetchers[1]._on_holding(ids[1])
+            await trio.sleep(HOLDING_GATHER * 10)
+            assert sorted(announced) == sorted([(caps[0].discovery_key, ids),
+                                                (caps[1].discovery_key, [ids[1]])])
+            announced.clear()
+            fetchers[0]._on_holding(ids[2])  # later ones: a later frame
+            await trio.sleep(HOLDING_GATHER * 10)
+            assert announced == [(caps[0].discovery_key, [ids[2]])]
+            nursery.cancel_scope.cancel()
+
+    with store:
+        trio.run(main)
