@@ -7,10 +7,10 @@ which peer is asked for which block and when:
 * **Urgent first.** Requests wait in a local priority queue (lowest
   `Priority` value first, FIFO within a priority) and each peer gets only a
   bounded number in flight, so the queue, not the network, holds a big pin
-  backlog. Background priorities (PIN, PREFETCH) may never fill a peer's last
-  `foreground_reserve` slots, so a READ always finds a slot at once; on the
-  wire it carries its priority and the server answers it ahead of anything
-  queued there.
+  backlog. Nothing but a READ may fill a peer's last `foreground_reserve`
+  slots (not even READAHEAD, which a streaming reader keeps at the limit),
+  so a READ always finds a slot at once; on the wire it carries its priority
+  and the server answers it ahead of anything queued there.
 * **Spread by speed.** A block goes to the eligible peer with the lowest
   estimated completion time, (bytes in flight + this block) / throughput EWMA
   + latency EWMA, so every provider gets work and faster ones get more.
@@ -36,6 +36,7 @@ import enum
 import heapq
 import inspect
 import itertools
+import logging
 import math
 import random
 import statistics
@@ -61,11 +62,12 @@ from .identity import NodeIdentity
 from .streams import open_task_nursery
 from .types import BLOCK_ID_LEN, PeerAddr, Priority
 
+log = logging.getLogger(__name__)
+
 ProvidersFn = Callable[[], Awaitable[Sequence[PeerAddr]] | Sequence[PeerAddr]]
 ConnectFn = Callable[..., Awaitable[PeerConnection]]
 """Called as connect(addr, identity, discovery_key, drive_secret, *, nursery, on_notice, timeout)."""
 
-_BACKGROUND = Priority.PIN  # this priority and less urgent ones are background work
 _INITIAL_BLOCK_SIZE = 256 * 1024
 _DEFAULT_THROUGHPUT = 10e6  # bytes/s assumed for a peer never measured (optimistic)
 _DEFAULT_LATENCY = 0.05  # seconds assumed for a peer never measured
@@ -76,6 +78,8 @@ _MAX_FORMER_PEERS = 64  # peers no longer listed as providers whose statistics a
 _MAX_ADDRS_PER_PEER = 8  # addresses kept per peer (LAN and DHT records together)
 _MAX_BACKGROUND_DIALS = 16  # providers dialled ahead of need at once
 HAPPY_EYEBALLS_DELAY = 0.25  # seconds before the next address of a peer is dialled too
+SLOW_READ = 1.0  # seconds a READ may wait before its block's history is logged (INFO, -v)
+_MAX_TRACE = 24  # events kept per request for that log
 
 
 @dataclass
@@ -83,7 +87,7 @@ class FetchConfig:
     """Tuning knobs; the defaults suit a WAN swarm, tests shrink the times."""
 
     max_in_flight_per_peer: int = 16
-    foreground_reserve: int = 2  # slots per peer that PIN/PREFETCH never take
+    foreground_reserve: int = 2  # slots per peer that only a READ may take
     max_parallel_attempts: int = 2  # one attempt + one hedge per block at a time
     hedge_factor: float = 3.0
     hedge_floor: float = 0.5  # seconds: never hedge sooner than this
@@ -193,6 +197,7 @@ class _Peer:
         self.node_id = source.source_id if source is not None else addr.node_id
         self.label = source.label if source is not None else str(addr)
         self.provider = True
+        self.partial = False  # answered NotFound: holds part of the drive (see `announced`)
         self.left_at = math.inf  # when it stopped being listed as a provider
         self.pushed = False  # a source that is a peer's push connection (add_source)
         self.conn: PeerConnection | None = None
@@ -200,7 +205,7 @@ class _Peer:
         self.last_connect_failure = -math.inf
         self.connect_error: DhtError | None = None
         self.in_flight = 0
-        self.in_flight_bg = 0
+        self.in_flight_lazy = 0  # attempts at a priority other than READ
         self.in_flight_bytes = 0
         self.latency: float | None = None  # EWMA of whole-request time
         self.idle_latency: float | None = None  # EWMA of request time when nothing else queued
@@ -245,11 +250,22 @@ class _Peer:
                                                                       -math.inf)))
 
     def announced(self, block_id: bytes) -> bool | None:
-        """Whether the peer said it holds (or is fetching) the block; None: it announces nothing."""
-        holding = getattr(self.conn, "holding", None) if self.source is None else None
-        if not holding:
-            return None
-        return block_id in holding
+        """Whether the peer is expected to have the block.
+
+        True: it said it holds (or is fetching) it, on the connection open now.
+        False: it tells what it holds, or has answered NotFound (it holds only
+        part of the drive, a reader like us), and did not announce this one; a
+        reader whose connection broke (it may have been killed) is no holder
+        until it says so again. None: nothing says it lacks anything (a seed,
+        as far as we know).
+        """
+        conn = self.conn if self.source is None else None
+        holding = getattr(conn, "holding", None)
+        if holding:
+            if conn is not None and not conn.closed and block_id in holding:
+                return True
+            self.partial = True  # it announces: a reader, after this connection too
+        return False if self.partial else None
 
 
 class _Request:
@@ -275,6 +291,17 @@ class _Request:
         self.excluded: set[bytes] = set()  # peers that cannot serve it (NotFound, bad block)
         self.soft_failed: set[bytes] = set()  # peers that failed it for a transient reason
         self.outcomes: dict[bytes, Outcome] = {}  # node id -> what happened, for error messages
+        self.created = trio.current_time()
+        self.blocked = False  # its last dispatch pass found every candidate busy or dialling
+        # (seconds since created, what happened): why a slow read was slow (SLOW_READ)
+        self.trace: list[tuple[float, str]] = []
+
+    def note(self, what: str) -> None:
+        if len(self.trace) < _MAX_TRACE:
+            self.trace.append((trio.current_time() - self.created, what))
+
+    def history(self) -> str:
+        return "; ".join(f"{t:.2f}s {what}" for t, what in self.trace)
 
     @property
     def finished(self) -> bool:
@@ -405,12 +432,15 @@ class Fetcher:
         request = self._requests.get(block_id)
         if request is None:
             request = _Request(block_id, priority)
+            request.note(f"wanted at {priority.name}")
             self._requests[block_id] = request
             self.stats.requests += 1
             self._enqueue(request)
         elif priority < request.priority:
+            request.note(f"wanted at {priority.name}")
             self._upgrade(request, priority)
         request.waiters += 1
+        waiting_since = trio.current_time()
         try:
             with trio.move_on_after(timeout):
                 await request.done.wait()
@@ -421,6 +451,10 @@ class Fetcher:
             request.waiters -= 1
             if request.waiters == 0 and not request.done.is_set():
                 self._abandon(request)
+            waited = trio.current_time() - waiting_since
+            if priority == Priority.READ and waited >= SLOW_READ:
+                log.info("a read waited %.2fs for block %s…: %s", waited,
+                         block_id.hex()[:16], request.history())
         assert request.result is not None
         return request.result
 
@@ -771,6 +805,26 @@ class Fetcher:
             # (possibly of the same peer, which will serve it first).
             self._enqueue(request)
 
+    def _park(self, request: _Request, why: str) -> None:
+        """Set aside a request nobody can take now.
+
+        A parked request is queued again when that may have changed (new
+        providers, a backoff ended) and when its last attempt fails; one with
+        no attempt at all also asks for the provider list to be re-read.
+        """
+        request.queued = False
+        if not request.parked:
+            request.note(f"parked: {why}")
+            request.parked = True
+            self._parked.add(request)
+        if not request.attempts:
+            self._refresh_wanted.set()
+
+    def _unpark(self, request: _Request) -> None:
+        if request.parked:
+            request.parked = False
+            self._parked.discard(request)
+
     def _abandon(self, request: _Request) -> None:
         request.abandoned = True
         request.ended.set()
@@ -817,8 +871,8 @@ class Fetcher:
         config = self.config
         if peer.in_flight >= config.max_in_flight_per_peer:
             return False
-        if priority >= _BACKGROUND:
-            return peer.in_flight_bg < config.max_in_flight_per_peer - config.foreground_reserve
+        if priority > Priority.READ:
+            return peer.in_flight_lazy < config.max_in_flight_per_peer - config.foreground_reserve
         return True
 
     def _dispatch(self, now: float) -> None:
@@ -854,12 +908,20 @@ class Fetcher:
                 )
             ]
             if not candidates:
-                request.queued = False
-                if not request.attempts:
-                    # Nobody left to ask: wait for new providers or a backoff to end.
-                    request.parked = True
-                    self._parked.add(request)
-                    self._refresh_wanted.set()
+                # Nobody (else) to ask: wait for new providers or a backoff to end,
+                # or for the attempt running to end.
+                self._park(request, "nobody else to ask")
+                continue
+            likely = [p for p in candidates if p.announced(request.block_id) is not False]
+            if likely:
+                # A reader that tells what it holds and did not name this block
+                # would only answer NotFound (one round trip at a busy peer,
+                # repeated over every such reader): the seed is waited on
+                # instead, and they are asked only when nobody else is left.
+                candidates = likely
+            elif request.attempts:
+                # No hedge at them either: the attempt running is the better bet.
+                self._park(request, "no hedge: only readers that lack it are free")
                 continue
             free = [p for p in candidates if self._has_slot(p, priority)]
             holders = [p for p in candidates if p.announced(request.block_id)]
@@ -883,6 +945,7 @@ class Fetcher:
                 request.jittered = True
                 request.deferred = True
                 request.not_before = now + random.uniform(0, self.config.swarm_jitter)
+                request.note(f"held back {request.not_before - now:.2f}s")
                 self._deferred.append(request)
                 continue
             elif any(p.connected for p in free):
@@ -897,11 +960,18 @@ class Fetcher:
                 # (dead providers never hold a read up).
                 for p in candidates:
                     self._dial_ahead(p)
+                if not request.blocked:
+                    request.blocked = True
+                    request.note(f"waits: {len(candidates)} peer(s) dialling")
                 blocked.append(request)
                 continue
             if not free:
+                if not request.blocked:
+                    request.blocked = True
+                    request.note(f"waits: {len(candidates)} candidate(s) busy")
                 blocked.append(request)
                 continue
+            request.blocked = False
             request.queued = False
             self._start_attempt(request, self._choose(free, request, now), priority)
         for request in blocked:
@@ -931,13 +1001,17 @@ class Fetcher:
         )
         request.attempts.append(attempt)
         request.outcomes[peer.node_id] = Outcome.IN_PROGRESS
+        kind = {True: "holder", False: "not announced", None: "seed"}[peer.announced(request.block_id)]
+        request.note(f"asks {peer.label} ({kind}"
+                     f"{'' if peer.connected else ', dialling'}, {peer.in_flight} in flight"
+                     f"{', a hedge' if request.attempts[:-1] else ''})")
         if len(request.attempts) > 1:
             self.stats.hedges += 1
         self.stats.attempts += 1
         peer.in_flight += 1
         peer.in_flight_bytes += size
-        if priority >= _BACKGROUND:
-            peer.in_flight_bg += 1
+        if priority > Priority.READ:
+            peer.in_flight_lazy += 1
         if self._on_holding is not None and not request.announced and not peer.announced(
             request.block_id
         ):
@@ -979,11 +1053,14 @@ class Fetcher:
         elapsed = now - attempt.start
         peer.in_flight -= 1
         peer.in_flight_bytes -= attempt.size_guess
-        if attempt.priority >= _BACKGROUND:
-            peer.in_flight_bg -= 1
+        if attempt.priority > Priority.READ:
+            peer.in_flight_lazy -= 1
         request.attempts.remove(attempt)
         self._poke()
         alpha = self.config.ewma_alpha
+        request.note(f"{peer.label}: " + ("delivered" if data is not None else
+                                          "cancelled" if error is None else
+                                          type(error).__name__) + f" after {elapsed:.2f}s")
 
         if data is not None:
             took = now - attempt.sent
@@ -1008,6 +1085,7 @@ class Fetcher:
                     request.announced = True
                     self._on_holding(request.block_id)
                 self.stats.completed += 1
+                self._unpark(request)
                 for other in request.attempts:
                     other.scope.cancel()
                 if self._requests.get(request.block_id) is request:
@@ -1031,6 +1109,8 @@ class Fetcher:
             # Not a delivery: a peer that answers NotFound to decoys while it sits on
             # the wants it was asked must still count as stalled on those.
             peer.not_found += 1
+            if peer.source is None:
+                peer.partial = True
             request.excluded.add(peer.node_id)
             request.outcomes[peer.node_id] = Outcome.NOT_FOUND
         elif isinstance(error, BadBlockError):
@@ -1054,8 +1134,9 @@ class Fetcher:
             request.outcomes[peer.node_id] = Outcome.FAILED
             if attempt.connection is not None and self._drop_connection(peer, attempt.connection):
                 self._penalise(peer)
-        if not request.finished and not request.queued and not request.parked:
+        if not request.finished and not request.queued:
             if not any(not a.late for a in request.attempts):
+                self._unpark(request)
                 self._enqueue(request)
 
     async def _watch_attempt(self, attempt: _Attempt) -> None:
@@ -1074,6 +1155,7 @@ class Fetcher:
         await trio.sleep_until(hedge_at)
         attempt.late = True
         peer.late += 1
+        request.note(f"{peer.label} late ({hedge_after:.2f}s)")
         if (
             not request.finished
             and not request.queued

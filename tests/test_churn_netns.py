@@ -11,7 +11,9 @@ Every node is a real `peerdrive` process inside a namespace the test builds
 * Churn: one publisher, eight readers that join, read a random part and leave
   (SIGTERM or SIGKILL, at random) for two minutes, while one more reader
   streams a 256 MiB file: bytes equal, no EIO, and the longest wait between two
-  successive 1 MiB reads is printed (it must stay under `MAX_GAP`).
+  successive 1 MiB reads is printed (it must stay under `MAX_GAP`, a bound only
+  a hang breaks). Every mount runs with `-v`: a slow read's history is in the
+  logs a failure prints.
 
 This file is also the small reader program those reads run inside a mount
 namespace (`python test_churn_netns.py stream PATH` / `part PATH OFF SIZE`).
@@ -56,12 +58,15 @@ FOUR_SIZE = 64 << 20
 STREAM_SIZE = 256 << 20
 CHURN_SECONDS = 120.0
 CHURNERS = 8
-# Seconds between two successive 1 MiB reads of the streaming reader. The goal is
-# 2 s; on this 2-core machine shared with other work it measured 3.4 s at a load average
-# of 18 and 9.2 s at 25 (the publisher serving nine readers). A read held by a departed or
-# stalled peer waits out a 10 s connect or stall timeout: that is what the bound catches.
-# The figure is printed.
-MAX_GAP = 10.0
+# Seconds between two successive 1 MiB reads of the streaming reader: a bound only a hang
+# breaks (a read that waits out the 20 s fetch timeout). The goal is 2 s, a speed
+# goal this test does not assert: on the shared 2-core machine, at a load average of 18-27,
+# the longest gap measured 5.8-11.2 s, with the publisher's process waiting for a CPU
+# (runnable, not running) 175 s of its 182 s (/proc/PID/task/*/schedstat): every reader's
+# blocks then wait in line for that share. Each slow read is logged with its history
+# (which peers were asked, what each said, how long each took) at INFO (`-v`); the
+# figures and the distribution of the gaps are printed.
+MAX_GAP = 15.0
 SELF = Path(__file__).resolve()
 
 
@@ -71,9 +76,10 @@ def reader_host(lab: Lab, index: int, home: Path, address: str) -> Host:
     return Host(lab, index, lab.hosts[index - 1].ns, address, home)
 
 
-def mount_in(host: Host, link: str, mountpoint: Path, *extra: str) -> Mount:
+def mount_in(host: Host, link: str, mountpoint: Path, *extra: str, verbose: bool = False
+             ) -> Mount:
     mountpoint.mkdir(parents=True, exist_ok=True)
-    res = host.peerdrive("mount", link, str(mountpoint), "--json", *extra)
+    res = host.peerdrive(*["-v"] * verbose, "mount", link, str(mountpoint), "--json", *extra)
     pid = int(json.loads(res.stdout)["pid"])
     host.lab.track(pid)
     return Mount(host, pid, mountpoint)
@@ -136,7 +142,8 @@ def test_readers_come_and_go_while_one_streams(tmp_path: Path) -> None:
                 m = None
                 try:
                     m = mount_in(host, link, tmp_path / f"mnt-c{index}-{turn}",
-                                 "--listen", host.endpoint, "--bootstrap", pub.endpoint)
+                                 "--listen", host.endpoint, "--bootstrap", pub.endpoint,
+                                 verbose=True)
                     offset = rng.randrange(0, STREAM_SIZE - (8 << 20))
                     size = rng.randrange(1 << 20, 24 << 20)
                     got = run_reader(m, "part", str(m.path / FILE), str(offset), str(size),
@@ -166,7 +173,7 @@ def test_readers_come_and_go_while_one_streams(tmp_path: Path) -> None:
             streamer = reader_host(lab, CHURNERS + 2, lab.hosts[-1].home,
                                    lab.hosts[-1].address)
             m = mount_in(streamer, link, tmp_path / "mnt-stream", "--listen",
-                         streamer.endpoint, "--bootstrap", pub.endpoint)
+                         streamer.endpoint, "--bootstrap", pub.endpoint, verbose=True)
             stream = run_reader(m, "stream", str(m.path / FILE), timeout=900)
             peers = m.snapshot()["drives"]
             for f in futures:
@@ -174,7 +181,9 @@ def test_readers_come_and_go_while_one_streams(tmp_path: Path) -> None:
         print(f"\nchurn: {len(cycles)} readers joined and left in {CHURN_SECONDS:.0f} s "
               f"({sum('SIGKILL' in c for c in cycles)} killed); the streamer read "
               f"{stream['bytes'] >> 20} MiB in {stream['seconds']:.1f} s, longest gap between "
-              f"1 MiB reads {stream['max_gap']:.2f} s at {stream['max_gap_at']:.1f} s")
+              f"1 MiB reads {stream['max_gap']:.2f} s at {stream['max_gap_at']:.1f} s; "
+              f"gaps: median {stream['median_gap']:.2f} s, 90th percentile "
+              f"{stream['p90_gap']:.2f} s, {stream['gaps_over_2s']} of {stream['gaps']} over 2 s")
         for drive in peers.values():
             for peer in drive["peers"]:
                 print(f"  streamer's peer {peer['addr']}: {peer['blocks']} blocks, "
@@ -182,7 +191,7 @@ def test_readers_come_and_go_while_one_streams(tmp_path: Path) -> None:
         assert not failures, "\n".join(failures)
         assert stream["sha256"] == digest
         assert len(cycles) >= CHURNERS
-        assert stream["max_gap"] < MAX_GAP, stream
+        assert stream["max_gap"] < MAX_GAP, f"{stream}\n{m.host.logs()}"
 
 
 def wait_gone(pid: int, timeout: float = 15.0) -> None:
@@ -209,6 +218,7 @@ def _stream(path: str) -> None:
     digest = hashlib.sha256()
     total = 0
     max_gap = max_gap_at = 0.0
+    gaps: list[float] = []
     first: float | None = None
     started = last = time.monotonic()
     with open(path, "rb", buffering=0) as f:
@@ -216,14 +226,20 @@ def _stream(path: str) -> None:
             now = time.monotonic()
             if first is None:
                 first = now - started  # opening and the first MiB: not a gap between reads
-            elif now - last > max_gap:
-                max_gap, max_gap_at = now - last, now - started
+            else:
+                gaps.append(now - last)
+                if now - last > max_gap:
+                    max_gap, max_gap_at = now - last, now - started
             last = now
             digest.update(chunk)
             total += len(chunk)
+    gaps.sort()
     print(json.dumps({"bytes": total, "sha256": digest.hexdigest(),
                       "seconds": time.monotonic() - started, "max_gap": max_gap,
-                      "first_mib_seconds": first, "max_gap_at": max_gap_at}))
+                      "first_mib_seconds": first, "max_gap_at": max_gap_at,
+                      "gaps": len(gaps), "gaps_over_2s": sum(g > 2.0 for g in gaps),
+                      "median_gap": gaps[len(gaps) // 2] if gaps else 0.0,
+                      "p90_gap": gaps[int(len(gaps) * 0.9)] if gaps else 0.0}))
 
 
 def _part(path: str, offset: int, size: int) -> None:
