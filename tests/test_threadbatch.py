@@ -115,3 +115,21 @@ def test_a_cancelled_caller_gets_cancelled_and_the_service_goes_on() -> None:
 def test_lanes_must_be_positive() -> None:
     with pytest.raises(ValueError):
         ThreadBatches(lanes=0)
+
+
+def test_a_few_jobs_with_idle_lanes_run_in_parallel_one_a_thread() -> None:
+    """Batches form only behind busy lanes: four jobs and four idle lanes meet at a barrier,
+    which four jobs run one after another in one thread would never pass."""
+    barrier = threading.Barrier(4, timeout=10)
+
+    async def main() -> None:
+        tb = ThreadBatches(lanes=4, batch_cost=10**9)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(tb.run)
+            async with trio.open_nursery() as callers:
+                for _ in range(4):
+                    callers.start_soon(functools.partial(tb.call, barrier.wait, cost=1))
+            nursery.cancel_scope.cancel()
+        assert (tb.batches, tb.jobs) == (4, 4)
+
+    trio.run(main)

@@ -14,8 +14,11 @@ Rules:
 - `call(fn, *args, cost=n)` queues a job and waits for its outcome (its
   value, or its exception raised in the caller). Until `run` is started (or
   after it ended) a job runs in a thread call of its own, as before.
-- `lanes` batches run at once (one per core), each at most `batch_cost`
-  worth of jobs (at least one job), taken oldest first.
+- `lanes` batches run at once, each at most `batch_cost` worth of jobs (at
+  least one job), taken oldest first. Waiting jobs are shared out among the
+  idle lanes: a few jobs and many idle lanes run one job a thread, in
+  parallel, as separate thread calls would; batches form only when jobs
+  queue up behind busy lanes, where they save the hand-offs.
 - A caller cancelled while its job waits or runs gets Cancelled; the job
   still runs if it was taken (its result is dropped), so a job must leave
   nothing half-done when nobody reads its result.
@@ -66,6 +69,7 @@ class ThreadBatches:
         self._queue: deque[_Job[Any]] = deque()
         self._added = trio.Event()
         self._running = False
+        self._busy = 0  # lanes running a batch
         self.batches = 0  # thread calls made (for tests and profiles)
         self.jobs = 0
 
@@ -95,9 +99,12 @@ class ThreadBatches:
         return job.result.unwrap()
 
     def _take(self) -> list[_Job[Any]]:
+        idle = max(1, self.lanes - self._busy)  # this lane included
+        share = -(-len(self._queue) // idle)
         batch: list[_Job[Any]] = []
         cost = 0
-        while self._queue and (not batch or cost + self._queue[0].cost <= self.batch_cost):
+        while self._queue and (not batch or (len(batch) < share
+                                             and cost + self._queue[0].cost <= self.batch_cost)):
             job = self._queue.popleft()
             batch.append(job)
             cost += job.cost
@@ -110,10 +117,12 @@ class ThreadBatches:
                     self._added = trio.Event()
                 await self._added.wait()
             batch = self._take()
+            self._busy += 1
             try:
                 # not abandoned on cancel: the jobs run to their end either way
                 await trio.to_thread.run_sync(_run_jobs, batch)
             finally:
+                self._busy -= 1
                 self.batches += 1
                 self.jobs += len(batch)
                 for job in batch:
