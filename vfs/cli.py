@@ -158,11 +158,62 @@ def cmd_publish(args: argparse.Namespace) -> int:
         if not serving_snapshots(home.running_nodes(), "copies"):
             raise UsageError("--wait-copies needs `peerdrive serve` running with this home: "
                              "hosts fetch the new version from it")
+    if args.watch and args.wait_copies is not None:
+        raise UsageError("--watch publishes for as long as it runs: --wait-copies is for one "
+                         "publish")
     cap = home.drive_of_source(source)
     lock = home.publish_lock(cap, on_wait=lambda: print(
         f"waiting for another publish of {source} to finish", file=sys.stderr))
     with lock:
-        return _publish_locked(args, home, cap, source, mirrors)
+        if not args.watch or not _has_version(home, cap):
+            code = _publish_locked(args, home, cap, source, mirrors)
+            if not args.watch:
+                return code
+        # a folder published before: the watch's first round re-reads only what changed
+        return _watch(args, home, cap, source)
+
+
+def _has_version(home: Home, cap: WriteCap) -> bool:
+    from .node import open_store
+    from .storage import DriveStorage
+
+    store = open_store(home, None)
+    try:
+        return DriveStorage(store).head_wire(cap.pubkey) is not None
+    finally:
+        store.close()
+
+
+def _watch(args: argparse.Namespace, home: Home, cap: WriteCap, source: Path) -> int:
+    """`publish DIR --watch`: serve, and publish each burst of changes (one line each)."""
+    from .node import run_watch
+
+    def ready(net, port: int, caps: list) -> None:
+        data = {"event": "watching", "folder": str(source), "node_id":
+                net.identity.node_id.hex(), "port": port, "drive": cap.drive_id}
+        _emit(args, data, f"watching {source}; serving as node {data['node_id'][:16]} on port "
+                          f"{port} (Ctrl-C to stop)")
+        sys.stdout.flush()
+
+    def published(report) -> None:
+        changes = [*(f"+{p}" for p in report.added), *(f"~{p}" for p in report.modified),
+                   *(f"-{p}" for p in report.removed)]
+        data = {"event": "published", "seq": report.head.seq, "added": report.added,
+                "modified": report.modified, "removed": report.removed,
+                "bytes_read": report.bytes_read}
+        shown = " ".join(changes[:8]) + (f" (+{len(changes) - 8} more)" if len(changes) > 8
+                                         else "")
+        _emit(args, data, f"published version {report.head.seq}: {len(report.added)} added, "
+                          f"{len(report.modified)} modified, {len(report.removed)} removed "
+                          f"({format_size(report.bytes_read)} read) {shown}".rstrip())
+        sys.stdout.flush()
+
+    def warn(message: str) -> None:
+        print(f"warning: {message}", file=sys.stderr)
+
+    run_watch(home, cap, source, serve_options(args), _publish_delay(args), ready, published,
+              warn)
+    return 0
 
 
 def _publish_mirrors(args: argparse.Namespace) -> list[str] | None:
@@ -695,8 +746,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="return once N hosts hold the whole new version (needs serve running)")
     s.add_argument("--wait-timeout", type=float, metavar="SECONDS",
                    help="with --wait-copies: give up (exit 4) after this long")
-    s.add_argument("--json", action="store_true", help="print one JSON object")
-    s.set_defaults(func=cmd_publish)
+    s.add_argument("--watch", action="store_true",
+                   help="keep running: publish the folder again as it changes (inotify), and "
+                   "serve the drive meanwhile, like `serve`")
+    s.add_argument("--publish-delay", type=float, default=2.0, metavar="SECONDS",
+                   help="with --watch: publish once nothing has changed for this long "
+                   "(default 2)")
+    s.add_argument("--listen", metavar="HOST:PORT", help="with --watch: address to serve on "
+                   "(default 0.0.0.0:4100)")
+    s.add_argument("--bootstrap", action="append", metavar="HOST:PORT",
+                   help="with --watch: a DHT node to join through (repeatable)")
+    s.add_argument("--no-lan", action="store_true", help="with --watch: no LAN discovery")
+    s.add_argument("--json", action="store_true", help="print one JSON object (with --watch: "
+                   "one per line, per version)")
+    s.set_defaults(func=cmd_publish, cache_size=None, fetch_timeout=None)
 
     s = sub.add_parser("mirror", help="write a drive's ciphertext into a directory that any "
                        "static web server can serve as a mirror")

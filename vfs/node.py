@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
@@ -15,6 +16,7 @@ import trio
 from cache.store import BlockStore
 from dht.identity import NodeIdentity
 
+from .blocks import BlockReader
 from .capability import ReadCap, StoreCap, WriteCap
 from .copies import CopyCounter
 from .drive import Drive
@@ -30,7 +32,9 @@ from .options import MOUNT_LISTEN, SERVE_LISTEN, MountOptions, ResolvedNodeOptio
 from .process import start_time
 from .pushes import Pushes, parse_push_target
 from .storage import DriveStorage
+from .tree import Tree
 from .units import parse_size
+from .watch import FolderWatch, Published
 from .writer import WriteSession
 
 log = logging.getLogger(__name__)
@@ -165,19 +169,49 @@ async def _last_version(session: WriteSession) -> None:
             log.info("published version %d as the mount ended", head.seq)
 
 
-def run_serve(home: Home, opts: ServeOptions, on_ready) -> None:
+def run_serve(home: Home, opts: ServeOptions, on_ready,
+              also: Callable[[NetworkNode, DriveStorage], Awaitable[None]] | None = None
+              ) -> None:
+    """Serve every drive of this node until a signal; `also(net, storage)` runs beside
+    (`publish --watch`), and the node stops if it fails."""
     node_opts = opts.resolve(home.config(), SERVE_LISTEN)
     for target in node_opts.push:
         parse_push_target(target)  # a mistyped target is an error now, not a log line later
     store = open_store(home, node_opts.cache_size)
     try:
-        trio.run(_serve_main, home, opts, node_opts, store, on_ready)
+        trio.run(_serve_main, home, opts, node_opts, store, on_ready, also)
     finally:
         store.close()
 
 
+def run_watch(home: Home, cap: WriteCap, source: Path, opts: ServeOptions, publish_delay: float,
+              on_ready, on_published: Callable[[Published], None],
+              on_warning: Callable[[str], None]) -> None:
+    """`publish DIR --watch`: serve like `serve`, and publish the folder as it changes."""
+
+    async def watch(net: NetworkNode, storage: DriveStorage) -> None:
+        head = storage.load_head(cap)
+        assert head is not None  # the command line published the folder first
+        tree = Tree(BlockReader(storage.store, cap.read_key, tag=cap.discovery_key))
+
+        async def on_version(new: Head) -> None:
+            await net.publish_head(cap, new.wire)
+
+        session = WriteSession(cap, storage, tree, head, publish_delay, on_version=on_version)
+        await session.recover()
+
+        async def published(report: Published) -> None:
+            on_published(report)
+
+        await FolderWatch(source, session, publish_delay, published, on_warning).run()
+
+    run_serve(home, opts, on_ready, watch)
+
+
 async def _serve_main(home: Home, opts: ServeOptions, node_opts: ResolvedNodeOptions,
-                      store: BlockStore, on_ready) -> None:
+                      store: BlockStore, on_ready,
+                      also: Callable[[NetworkNode, DriveStorage], Awaitable[None]] | None
+                      ) -> None:
     """Serve every drive this node holds and hosts; publish new heads as they appear;
     push them to the --push targets; count the copies other nodes hold."""
     import signal
@@ -228,6 +262,8 @@ async def _serve_main(home: Home, opts: ServeOptions, node_opts: ResolvedNodeOpt
             await nursery.start(copies.run, lambda: [StoreCap(p) for p in published])
             on_ready(net, port, [StoreCap(p) for p in published])
             ready.set()
+            if also is not None:
+                nursery.start_soon(also, net, storage)
             while True:
                 await trio.sleep(HEAD_POLL_INTERVAL)
                 await sync_drives()

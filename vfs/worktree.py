@@ -323,6 +323,21 @@ class WorkTree:
             d.subdirs -= 1
         self.touch(d, mtime=True)
 
+    async def unlink_any(self, d: WNode, name: bytes) -> None:
+        """Remove `name` from `d`, a folder with everything below it (a watched folder's
+        name that is gone)."""
+        node = (await self.children(d)).get(name)
+        if node is not None:
+            self._detach(d, node)
+
+    def set_chunks(self, node: WNode, chunks: list[Ref], mode: int, mtime_ns: int) -> None:
+        """The file's bytes are now these stored chunks (a watched folder's file read again)."""
+        node.content = FileContent(chunks)
+        node.mode = mode & 0o7777
+        node.mtime_ns = mtime_ns
+        self.dirty_files.discard(node)
+        self.touch(node)
+
     async def content(self, node: WNode) -> FileContent:
         """The file's bytes as a FileContent (made from its chunk list the first time)."""
         if not node.is_file:
