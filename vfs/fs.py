@@ -965,6 +965,8 @@ class WritableOperations(DriveOperations):
         node = self.tree.node(inode)
         entry = self._status_entry(node)
         short = xattrs.short_name(name)
+        if short is None and xattrs.foreign_namespace(name):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)  # as a read-only mount: no labels, no ACLs
         if short is None or entry is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         value = await self.drive.answers.get(self.tree.path_of(node), entry, short)
