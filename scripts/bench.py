@@ -551,17 +551,22 @@ class Bench:
         return self._nginx
 
     @contextlib.contextmanager
-    def rclone_mount(self, figure: str, cache: Path | None = None) -> Iterator[Mount]:
-        """`rclone mount :http: MNT` of nginx's data/, with its own VFS cache directory."""
-        port = self.nginx()
+    def rclone_mount(self, figure: str, cache: Path | None = None,
+                     local: Path | None = None) -> Iterator[Mount]:
+        """`rclone mount :http: MNT` of nginx's data/, with its own VFS cache directory; or,
+        with `local`, a writable `rclone mount :local:DIR --vfs-cache-mode writes`."""
         cache = cache or self.fresh("rclone-cache")
         mnt = self.fresh("mnt-rclone")
         conf = self.workdir / "rclone.conf"
         conf.touch()
         logf = self.workdir / f"{mnt.name}.log"
+        if local is None:
+            remote = [":http:", str(mnt), "--http-url", f"http://127.0.0.1:{self.nginx()}/",
+                      *RCLONE_FLAGS]
+        else:
+            remote = [f":local:{local}", str(mnt), "--vfs-cache-mode", "writes"]
         proc = subprocess.Popen(
-            ["rclone", "mount", ":http:", str(mnt), "--http-url", f"http://127.0.0.1:{port}/",
-             *RCLONE_FLAGS, "--cache-dir", str(cache), "--config", str(conf),
+            ["rclone", "mount", *remote, "--cache-dir", str(cache), "--config", str(conf),
              "--log-file", str(logf)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.rss_watch.watch(proc.pid)
@@ -1172,6 +1177,96 @@ def figure_publish(bench: Bench) -> list[Row]:
     ]
 
 
+def _mount_port(home: Path, mnt: Path) -> int:
+    for f in (home / "mounts").glob("*.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            info = json.loads(f.read_text())
+            if info["mountpoint"] == str(mnt):
+                return int(info["port"])
+    raise BenchError(f"no mount record for {mnt} under {home}")
+
+
+def _wait_visible(path: Path, size: int, timeout: float = 600) -> float:
+    """Seconds until `path` exists with `size` bytes (a reader's mount following versions)."""
+    started = time.perf_counter()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if path.stat().st_size == size:
+                return time.perf_counter() - started
+        time.sleep(0.02)
+    raise BenchError(f"{path} did not appear with {size} bytes in {timeout:.0f} s")
+
+
+def figure_write(bench: Bench) -> list[Row]:
+    """Writing a file through a writable mount (issue 13), beside `cp` to the local disk and
+    through `rclone mount --vfs-cache-mode writes`; and how long a save takes to show in a
+    reader's mount on another node.
+
+    Each copy is `cp` then an fsync of the copy (`sync FILE`): for peerdrive that is when
+    the bytes are cut, encrypted, stored and journalled (the version follows at once);
+    for rclone when its cache file is written (it uploads on close); native, on the disk.
+    """
+    big = bench.big()
+    name_write = f"write {fmt_size(bench.size)} file"
+    name_big_visible = f"{fmt_size(bench.size)} save to visible in a reader's mount"
+    name_small_visible = "small save to visible in a reader's mount"
+    pd, rc, native, big_visible, small_visible = [], [], [], [], []
+
+    def copy(target: Path) -> float:
+        bench.drop_page_cache()
+        started = time.perf_counter()
+        run_quiet(["cp", str(big), str(target)], what="cp")
+        run_quiet(["sync", str(target)], what="sync FILE")
+        return time.perf_counter() - started
+
+    for i in range(bench.runs):
+        dest = bench.fresh("write-native")
+        native.append(mb_per_s(bench.size, copy(dest / "copy.bin")))
+        shutil.rmtree(dest)
+
+        writer = bench.fresh("home-writer")
+        empty = bench.fresh("empty-drive")
+        info = bench.publish(writer, empty)
+        write_link = bench.peerdrive(writer, "share", str(empty), "--write").stdout.strip()
+        wmnt = bench.fresh("mnt-writable")
+        with bench._mounted(writer, wmnt, name_write, write_link, None):
+            rmnt = bench.fresh("mnt-reader")
+            port = _mount_port(writer, wmnt)
+            with bench._mounted(bench.fresh("home-reader"), rmnt, name_big_visible,
+                                info["read_link"], port):
+                pd.append(mb_per_s(bench.size, copy(wmnt / "copy.bin")))
+                big_visible.append(_wait_visible(rmnt / "copy.bin", bench.size))
+                if not same_samples(big, rmnt / "copy.bin", bench.size):
+                    raise BenchError("the reader's copy differs from the file written")
+                note = wmnt / "note.txt"
+                saved = time.perf_counter()
+                note.write_bytes(b"a small save\n" * 100)  # no fsync: the quiet period
+                _wait_visible(rmnt / "note.txt", 1300)
+                small_visible.append(time.perf_counter() - saved)
+        shutil.rmtree(writer)
+
+        rdest = bench.fresh("rclone-local")
+        with bench.rclone_mount(name_write, local=rdest) as m:
+            rc.append(mb_per_s(bench.size, copy(m.path / "copy.bin")))
+        shutil.rmtree(rdest, ignore_errors=True)
+        log(f"write run {i + 1}: peerdrive {pd[-1]:.0f}, rclone {rc[-1]:.0f}, native "
+            f"{native[-1]:.0f} MB/s; visible in a reader {big_visible[-1]:.2f} s (big, after "
+            f"fsync), {small_visible[-1]:.2f} s (small save)")
+    return [
+        Row(name_write, "peerdrive mount", "MB/s", pd, True,
+            "`cp` + fsync into a write link's mount (cut, encrypted, stored, journalled)"),
+        Row(name_write, "rclone mount", "MB/s", rc, True,
+            "`cp` + fsync into `rclone mount :local:DIR --vfs-cache-mode writes`"),
+        Row(name_write, "native", "MB/s", native, True, "`cp` + fsync on the local disk"),
+        Row(name_big_visible, "peerdrive mount", "s", big_visible, False,
+            "from the writer's fsync to the whole file in a reader's mount on another node"),
+        Row(name_small_visible, "peerdrive mount", "s", small_visible, False,
+            "a 1.3 kB save without fsync (published after the default 2 s quiet period) "
+            "until a reader's mount shows it"),
+    ]
+
+
 FIGURES: list[Callable[[Bench], list[Row]]] = [
     figure_read_cold,
     figure_read_mirror,
@@ -1180,6 +1275,7 @@ FIGURES: list[Callable[[Bench], list[Row]]] = [
     figure_random_reads,
     figure_metadata,
     figure_publish,
+    figure_write,
     figure_churn,
     figure_swarm,
     figure_host,
@@ -1585,7 +1681,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only the swarm goals in network namespaces (scripts/bench_swarm.py)")
     p.add_argument("--only", action="append", metavar="FIGURE",
                    help="run only this figure (read_cold, read_hot, first_byte, random_reads, "
-                        "metadata, publish, churn, swarm, host; repeatable)")
+                        "metadata, publish, write, churn, swarm, host; repeatable)")
     p.add_argument("--growth", metavar="COUNTS",
                    help="instead of the figures: the growth table (issue 17) for these file "
                         "counts, e.g. 1000,10000,100000; written into docs/benchmarks.md "

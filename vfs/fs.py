@@ -1006,14 +1006,17 @@ class WritableOperations(DriveOperations):
         keeps them: its next version is made from its own tree.
         """
         head = self.drive.head
-        if head.root_block == self.session.head.root_block:
-            return  # our own version, come back from the network
+        if head.root_block == self.session.head.root_block or head.seq <= self.session.head.seq:
+            return  # our own version (or an older one) come back from the network
         if self.tree.has_changes or self.session.has_pending:
             log.warning("drive %s: version %d came from another writer while this mount has "
                         "unpublished changes; its next version is made from this mount's tree",
                         self.session.cap.drive_id[:16], head.seq)
             return
         old = list(self.tree.nodes.values())
+        log.warning("drive %s: version %d came from another writer; this mount starts over "
+                    "from it (it had no unpublished change)", self.session.cap.drive_id[:16],
+                    head.seq)
         self.session.restart_from(head)
         names = [(n.parent.ino, n.name) for n in old if n.parent is not None]
 

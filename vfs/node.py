@@ -122,6 +122,8 @@ async def _mount_main(home: Home, cap: ReadCap, mountpoint: Path, opts: MountOpt
             ops = DriveOperations(drive)
 
         async def on_new(new: Head) -> None:
+            if session is not None and new.seq <= session.head.seq:
+                return  # this mount's own version, back from the network
             use_mirrors(new)
             drive.set_head(new)
             nursery.start_soon(net.publish_head, cap, new.wire)
