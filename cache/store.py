@@ -493,7 +493,8 @@ class BlockStore:
         not hash them a second time (SHA-256 is most of a put's CPU). Only
         immutable `bytes` are accepted then, so the bytes cannot have changed
         since they were hashed; every block still gets its xxh3 checksum,
-        checked on each read, and readers check what they decrypt.
+        checked on each read (by `get_decoded` when its decode fails), and
+        readers check what they decrypt.
 
         `tag` (32 bytes, opaque here) records, in the same transaction, that
         every block given was stored for it, new or already present (see
