@@ -1,0 +1,80 @@
+"""Lab for the read path: one publisher and one reader mount, the reader's CPU per read.
+
+    .venv/bin/python scripts/read_lab.py [--size 128M] [--hot N] [--py-spy PATH]
+
+Publishes a file of random bytes (scripts/bench.py's data and helpers), then
+reads it with `cat` through a fresh reader mount with an empty cache (cold:
+every block from the publisher over TLS on loopback), then `--hot` more
+times through fresh mounts of the same reader home (every block in its
+store), the page cache dropped before each read. Prints MB/s and the mount
+process's CPU seconds (user + system, from /proc/PID/stat) per read: on a
+shared machine the CPU per byte is the steadier figure. With `--py-spy`,
+each read is profiled (`py-spy record --threads -f raw`) into
+read-lab-<n>.txt in the current directory. To compare two versions, run it
+from two checkouts in turn. Measures; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench as B  # noqa: E402
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", default="128M", help="file size (default 128M)")
+    p.add_argument("--hot", type=int, default=2, help="hot reads after the cold one")
+    p.add_argument("--py-spy", default=None, help="path of a py-spy binary: profile each read")
+    p.add_argument("--workdir", default=None, help="where the temporary directory goes")
+    args = p.parse_args()
+    size = B.parse_size(args.size)
+    workdir = Path(tempfile.mkdtemp(prefix="read-lab-", dir=args.workdir))
+    tick = os.sysconf("SC_CLK_TCK")
+    with contextlib.ExitStack() as stack:
+        bench = B.Bench(size=size, files=10, folders=1, runs=1, quick=True, workdir=workdir,
+                        peerdrive_argv=B.peerdrive_argv(), stack=stack)
+        stack.callback(B.cleanup, workdir)
+        big = bench.big()
+        bench.links()
+        home = bench.fresh("home-reader")
+        for n in range(1 + args.hot):
+            with bench.peerdrive_mount("big", "read lab", home=home) as m:
+                bench.drop_page_cache()
+                spy = None
+                if args.py_spy:
+                    spy = subprocess.Popen(
+                        [args.py_spy, "record", "-p", str(m.pid), "-o", f"read-lab-{n}.txt",
+                         "-f", "raw", "--threads", "-r", "200", "--nonblocking"],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    time.sleep(1)
+                before = _cpu_ticks(m.pid)
+                started = time.perf_counter()
+                B.cat_to_null(m.path / big.name)
+                took = time.perf_counter() - started
+                cpu = (_cpu_ticks(m.pid) - before) / tick
+                if spy is not None:
+                    spy.send_signal(2)
+                    spy.wait()
+                what = "cold" if n == 0 else f"hot {n}"
+                print(f"{what}: {size / took / 1e6:.0f} MB/s, mount CPU {cpu:.2f} s, "
+                      f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
