@@ -115,7 +115,7 @@ class ServerStats:
     notices_sent: int = 0
     pushes_accepted: int = 0  # push connections: the dialer serves, we fetch (see dht/push.py)
     holdings_sent: int = 0  # Holding frames pushed (one per client per announcement)
-    served_in_flight: int = 0  # blocks served once the node's own fetch of them landed
+    served_in_flight: int = 0  # blocks served from the node's own fetch (in flight or just landed)
 
 
 class PeerServer:

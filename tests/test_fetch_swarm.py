@@ -11,6 +11,9 @@ its slow-read log (`dht.fetch` at INFO, `peerdrive -v mount`):
   came back (its backoff over, a new address) nothing asked it again and the
   read waited for the late attempt to end or for its timeout.
 
+And what a reader relays to the readers beside it comes from its fetcher's
+memory, not a store read in a worker thread.
+
 Real peer servers on 127.0.0.1; counts and order only, with generous upper
 bounds that turn a hang into a failure.
 """
@@ -23,6 +26,7 @@ import time
 
 import trio
 
+from dht.client import PeerConnection
 from dht.fetch import FetchConfig, Fetcher
 from dht.frames import Want
 from dht.identity import NodeIdentity
@@ -30,6 +34,7 @@ from dht.types import PeerAddr, Priority
 from tests.helpers import run_trio
 from tests.test_peer_support import (
     HOST,
+    RecordingSource,
     make_blocks,
     new_drive,
     stall,
@@ -174,5 +179,29 @@ def test_a_parked_hedge_asks_the_seed_once_it_is_back() -> None:
             took = trio.current_time() - started
         assert got == [data]
         assert took < 20.0, took  # not the 60 s stall timeout nor the fetch timeout
+
+    run(test)
+
+
+def test_a_block_the_node_just_fetched_is_relayed_from_memory() -> None:
+    """A reader serving the readers beside it answers a block its own fetcher holds from
+    that memory (the server's `in_flight` lookup), without reading its store."""
+    blocks = make_blocks(2, 4096)
+    (fresh, fresh_data), (stored, stored_data) = blocks.items()
+    dk, secret = new_drive()
+
+    async def in_flight(discovery_key: bytes, block_id: bytes, timeout: float) -> bytes | None:
+        return fresh_data if (discovery_key, block_id) == (dk, fresh) else None
+
+    async def test(nursery: trio.Nursery) -> None:
+        source = RecordingSource({stored: stored_data})
+        server, addr = await start_server(nursery, source, {dk: secret}, in_flight=in_flight)
+        conn = await PeerConnection.connect(addr, NodeIdentity.generate(), dk, secret,
+                                            nursery=nursery)
+        assert await conn.fetch(fresh, Priority.READ) == fresh_data
+        assert await conn.fetch(stored, Priority.READ) == stored_data
+        await conn.aclose()
+        assert source.order == [stored]  # the fresh block never touched the store
+        assert server.stats.served_in_flight == 1
 
     run(test)
