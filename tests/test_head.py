@@ -207,7 +207,7 @@ def good_value(seq: int = 1) -> dict:
 
 
 @pytest.mark.parametrize("change", [
-    {"v": 3}, {"v": 0}, {"v": True}, {"v": "1"}, {"v": None},
+    {"v": 4}, {"v": 0}, {"v": True}, {"v": "1"}, {"v": None},
 ])
 def test_unknown_head_versions_are_refused(change: dict) -> None:
     with pytest.raises(FormatError, match="version"):
@@ -222,6 +222,8 @@ def test_unknown_head_versions_are_refused(change: dict) -> None:
     {"bl": None}, {"bl": [b"x" * 32, 0, 1]}, {"bl": [b"x" * 31, 0, 1, 100]},
     {"bl": [b"x" * 32, 4, 1, 100]}, {"bl": [b"x" * 32, 0, 0, 100]},
     {"bl": [b"x" * 32, 0, 1, 3]}, {"bl": [b"x" * 32, True, 1, 100]},
+    {"prev": b"x" * 31}, {"prev": b"x" * 33}, {"prev": "x" * 32}, {"prev": None},
+    {"prev": 1},
 ])
 def test_malformed_head_fields_are_refused(change: dict) -> None:
     wire = signed_value(CAP, 1, {**good_value(), **change})
@@ -244,6 +246,34 @@ def test_a_version_1_head_still_opens_without_a_block_list() -> None:
     # a version 1 head with a block list, or a version 2 head without one, is refused
     with pytest.raises(FormatError, match="fields"):
         open_head(signed_value(CAP, 1, {**good_value(), "v": 1}), CAP.read_cap())
+
+
+def test_prev_round_trips_and_names_the_previous_heads_bytes() -> None:
+    first = make_head(CAP, 1, root_entry(), LIST, created=1)
+    assert first.prev is None and "prev" not in value_of(first.wire)
+    second = make_head(CAP, 2, root_entry(b"v2"), LIST, created=2, prev=first.id)
+    assert first.id == hashlib.sha256(first.wire).digest()
+    for cap in (CAP.read_cap(), CAP.store_cap()):
+        opened = open_head(second.wire, cap)
+        assert opened.prev == first.id and opened.version == HEAD_VERSION == 3
+    with pytest.raises(ValueError):
+        make_head(CAP, 2, root_entry(), LIST, prev=b"short")
+
+
+@given(st.binary(min_size=32, max_size=32), st.integers(1, MAX_SEQ))
+@settings(max_examples=50)
+def test_any_prev_id_round_trips(prev: bytes, seq: int) -> None:
+    head = make_head(CAP, seq, root_entry(), LIST, created=3, prev=prev)
+    assert open_head(head.wire, CAP.store_cap()).prev == prev
+
+
+def test_a_version_2_head_without_prev_still_opens() -> None:
+    value = {**good_value(5), "v": 2}
+    opened = open_head(signed_value(CAP, 5, value), CAP.read_cap())
+    assert opened.prev is None and opened.version == 2 and opened.block_list == LIST
+    # prev is a version 3 field: a version 2 head carrying one is refused
+    with pytest.raises(FormatError, match="fields"):
+        open_head(signed_value(CAP, 5, {**value, "prev": b"p" * 32}), CAP.read_cap())
 
 
 def test_head_values_that_are_not_maps_are_refused() -> None:

@@ -15,6 +15,7 @@ import pytest
 from tests.helpers import is_mounted, mount_pid, mounted, peerdrive, publish, stop_pid
 from tests.processes import wait_exit
 from vfs.mount import KERNEL_READAHEAD_KB
+from vfs.storage import publish_pin
 
 pytestmark = pytest.mark.fuse
 
@@ -186,7 +187,7 @@ def test_missing_block_with_no_peer_gives_eio_and_mount_survives(tmp_path: Path,
             return [r.block_id for r in (await tree.chunk_map(entry)).chunks]
 
         ids = trio.run(find)
-        store.unpin(f"publish:{cap.pubkey.hex()}")
+        store.unpin(publish_pin(cap.pubkey, head.seq))
         assert store.evict(ids[:1]) > 0
     mnt = tmp_path / "mnt"
     with mounted(home, info["read_link"], mnt, "--fetch-timeout", "3"):

@@ -19,6 +19,7 @@ from tests.helpers import peerdrive, publish
 from tests.pin_helpers import Nodes, open_store, xattr
 from vfs.capability import parse_link
 from vfs.pins import pin_name
+from vfs.storage import publish_pin
 
 pytestmark = pytest.mark.fuse
 
@@ -91,7 +92,7 @@ def test_pins_named_by_path_are_renamed_on_mount(tmp_path: Path, node_home) -> N
     link = publish(home, src)["read_link"]
     cap = parse_link(link)
     with open_store(home) as store:
-        ids = [i for i in store.pin_ids(f"publish:{cap.drive_id}")][:5]
+        ids = [i for i in store.pin_ids(publish_pin(cap.pubkey, 1))][:5]
         store.set_pin(f"pin:{cap.drive_id}:/{KEPT}", ids)  # the old naming
     with Nodes(tmp_path) as nodes:
         m = nodes.mount(home, link, tmp_path / "mnt")

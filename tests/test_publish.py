@@ -110,7 +110,7 @@ def block_set_digest(store: BlockStore) -> tuple[int, str]:
     assert head is not None and head.block_list is not None
     listed = read_block_list(head.block_list, store.get)
     assert listed.missing_list_blocks == 0
-    pinned = set(store.pin_ids(publish_pin(CAP.pubkey)))
+    pinned = set(store.pin_ids(publish_pin(CAP.pubkey, head.seq)))
     assert set(listed.list_blocks) <= pinned
     ids = sorted(pinned - set(listed.list_blocks))
     assert ids == sorted(listed.blocks)
@@ -235,7 +235,7 @@ def test_a_file_gone_before_it_is_read_is_an_error_and_leaks_nothing(
     assert isinstance(error, UsageError)
     assert "cannot read" in str(error) and "file-00500" in str(error)
     assert fd_count() == before
-    assert not store.has_pin(publish_pin(CAP.pubkey))  # no version was made
+    assert not store.has_pin(publish_pin(CAP.pubkey, 1))  # no version was made
 
 
 def test_read_fd_reads_to_the_end_whatever_the_listed_size(tmp_path: Path) -> None:

@@ -143,38 +143,71 @@ def test_a_crash_at_any_step_of_the_commit_keeps_the_stored_versions_blocks(
             done = publish(store, folder)
             ids_by_seq[done.storage.load_head(CAP).seq] = set(done._sizes)
             assert [n for n in store.pin_names() if n.startswith("publish-pending:")] == []
-            assert set(store.pin_ids(publish_pin(CAP.pubkey))) >= set(done._sizes)
+            assert set(store.pin_ids(publish_pin(CAP.pubkey, done.storage.load_head(CAP).seq))) >= set(
+                done._sizes)
         assert store.check_consistency() == []
     finally:
         store.close()
 
 
-def test_seq_is_taken_in_the_same_transaction_as_the_head(tmp_path: Path) -> None:
-    """Another process stored seq 7 after this publish started: it becomes 8, not 2."""
-    from tests.test_head_follower import SAVE_IN_ANOTHER_PROCESS, head
+PUBLISH_IN_ANOTHER_PROCESS = """
+import sys, trio
+from pathlib import Path
+from cache.store import BlockStore
+from vfs.capability import parse_link
+from vfs.publish import Publisher
+from vfs.storage import DriveStorage
 
+store = BlockStore(sys.argv[1])
+pub = Publisher(DriveStorage(store), parse_link(sys.argv[2]), Path(sys.argv[3]), device="other")
+trio.run(pub.run)
+store.close()
+"""
+
+
+def test_seq_is_taken_in_the_same_transaction_as_the_head(tmp_path: Path) -> None:
+    """Another process committed version 2 after this publish read the head: this
+    publish merges onto it and becomes 3 (prev: 2's id), keeping both folders' files."""
     folder = tmp_path / "folder"
     make_folder(folder, 3, files=1, size=MIB)
     store = BlockStore(tmp_path / "store")
     try:
         publish(store, folder)
+        (folder / "ours.txt").write_bytes(b"ours")
+        other = tmp_path / "other"
+        other.mkdir()
+        (other / "theirs.txt").write_bytes(b"theirs")
         storage = DriveStorage(store)
         pub = Publisher(storage, CAP, folder)
         real_commit = storage.commit_publish
+        calls = []
 
-        def commit_after_another_save(cap, sign, ids, pending):
-            subprocess.run([PYTHON, "-c", SAVE_IN_ANOTHER_PROCESS, str(tmp_path / "store"),
-                            head(7).wire.hex(), CAP.pubkey.hex()],
-                           cwd=ROOT, check=True, timeout=60, env=dict(os.environ,
-                                                                      PYTHONPATH=str(ROOT)))
-            return real_commit(cap, sign, ids, pending)
+        def commit_after_another_publish(cap, sign, ids, pending, **kw):
+            if not calls:
+                subprocess.run([PYTHON, "-c", PUBLISH_IN_ANOTHER_PROCESS, str(tmp_path / "store"),
+                                CAP.link(), str(other)], cwd=ROOT, check=True, timeout=120,
+                               env=dict(os.environ, PYTHONPATH=str(ROOT)))
+            calls.append(kw)
+            return real_commit(cap, sign, ids, pending, **kw)
 
-        storage.commit_publish = commit_after_another_save
+        storage.commit_publish = commit_after_another_publish
         result = trio.run(pub.run)
-        assert result.head.seq == 8
-        assert storage.load_head(CAP).seq == 8
+        assert len(calls) == 2  # the first signing found version 2 stored and merged again
+        assert result.head.seq == 3 and result.merged_with == 2
+        stored = storage.load_head(CAP)
+        assert stored.seq == 3 and stored.prev == calls[1]["expect"]
+        names = {e.name for e in trio.run(_root_entries, store, stored)}
+        assert {b"ours.txt", b"theirs.txt"} <= names
     finally:
         store.close()
+
+
+async def _root_entries(store: BlockStore, head) -> list:
+    from vfs.blocks import BlockReader
+    from vfs.tree import Tree
+
+    tree = Tree(BlockReader(store, CAP.read_key))
+    return (await tree.read_directory(head.root.node))[1]
 
 
 # ----------------------------------------------------------------------------- item 14: SIGBUS

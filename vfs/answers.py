@@ -110,6 +110,16 @@ class Answers:
 
     # -- the attributes --------------------------------------------------------------
 
+    async def versions(self) -> bytes:
+        """The drive's versions from the mounted one back (`peerdrive log MNT`)."""
+        from .history import version_log
+        from .versions import VERSIONS_XATTR, XATTR_PATHS, block_getter, encode_xattr
+
+        drive = self.drive
+        infos = await version_log(drive.head, drive.cap, drive.tree, block_getter(drive.blocks),
+                                  versions=VERSIONS_XATTR, paths=XATTR_PATHS)
+        return encode_xattr(infos)
+
     def names(self) -> tuple[str, ...]:
         return xattrs.LISTED
 
@@ -123,6 +133,8 @@ class Answers:
             return progress.encode() if progress is not None else None
         if name == xattrs.COPIES:
             return xattrs.encode_int(await self.copies(entry))
+        if name == xattrs.VERSIONS:
+            return await self.versions() if not path else None
         if name not in (xattrs.STATE, xattrs.CACHED, xattrs.SIZE):
             return None
         have, total = await self.usage(entry)

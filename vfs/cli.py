@@ -114,7 +114,8 @@ def mount_flags(opts: MountOptions) -> list[str]:
 
 
 def serve_options(args: argparse.Namespace) -> ServeOptions:
-    return ServeOptions(**_node_fields(args))
+    _check_keep(args.keep_versions)
+    return ServeOptions(**_node_fields(args), keep_versions=args.keep_versions)
 
 
 def mirror_options(args: argparse.Namespace) -> MirrorOptions:
@@ -161,7 +162,14 @@ def cmd_publish(args: argparse.Namespace) -> int:
     if args.watch and args.wait_copies is not None:
         raise UsageError("--watch publishes for as long as it runs: --wait-copies is for one "
                          "publish")
-    cap = home.drive_of_source(source)
+    _check_keep(args.keep_versions)
+    if args.into:
+        into = parse_link(_link_arg(args.into))
+        if not isinstance(into, WriteCap):
+            raise UsageError("--into takes the drive's write link (peerdrive share --write)")
+        cap = home.adopt_drive(source, into)
+    else:
+        cap = home.drive_of_source(source)
     lock = home.publish_lock(cap, on_wait=lambda: print(
         f"waiting for another publish of {source} to finish", file=sys.stderr))
     with lock:
@@ -216,6 +224,22 @@ def _watch(args: argparse.Namespace, home: Home, cap: WriteCap, source: Path) ->
     return 0
 
 
+def _check_keep(keep: int) -> None:
+    from .storage import MAX_KEEP_VERSIONS
+
+    if not 1 <= keep <= MAX_KEEP_VERSIONS:
+        raise UsageError(f"--keep-versions takes 1 to {MAX_KEEP_VERSIONS}")
+
+
+def _device(home: Home) -> str:
+    """This node's short name in conflict copies' names."""
+    from dht.identity import NodeIdentity
+
+    from .merge import device_name
+
+    return device_name(NodeIdentity.load_or_create(home.node_key_path).node_id)
+
+
 def _publish_mirrors(args: argparse.Namespace) -> list[str] | None:
     """The mirror URLs for the new head: --mirror-url, none, or None for the last version's."""
     if args.no_mirror_url:
@@ -240,7 +264,8 @@ def _publish_locked(args: argparse.Namespace, home: Home, cap: WriteCap, source:
     try:
         pub = Publisher(DriveStorage(store), cap, source, on_progress=bar.update,
                         on_warning=lambda m: print(f"warning: {m}", file=sys.stderr),
-                        mirrors=mirrors)
+                        mirrors=mirrors, device=_device(home),
+                        keep_versions=args.keep_versions)
         started = time.monotonic()
         result = trio.run(pub.run)
         elapsed = time.monotonic() - started
@@ -257,10 +282,16 @@ def _publish_locked(args: argparse.Namespace, home: Home, cap: WriteCap, source:
         "new_bytes": result.new_bytes,
         "mirrors": list(result.head.mirrors),
         "seconds": round(elapsed, 3),
+        "merged_with": result.merged_with,
+        "conflicts": result.conflicts,
     }
     text = (f"published {result.files} files ({format_size(result.bytes)}) as version "
             f"{result.head.seq}; {result.new_blocks} new blocks ({format_size(result.new_bytes)}) "
             f"in {elapsed:.1f} s\n{cap.read_cap().link()}")
+    if result.merged_with is not None:
+        text += (f"\nanother writer published version {result.merged_with} meanwhile: both "
+                 f"sets of changes are in version {result.head.seq}"
+                 + "".join(f"\n  conflict copy: {c}" for c in result.conflicts))
     if args.wait_copies is not None:
         data["copies"] = _wait_copies(args, home, cap, result.head.seq)
         text += f"\n{data['copies']} host(s) hold version {result.head.seq} whole"
@@ -291,6 +322,82 @@ def _wait_copies(args: argparse.Namespace, home: Home, cap: StoreCap, seq: int) 
             time.sleep(0.25)
     finally:
         bar.finish()
+
+
+def cmd_new(args: argparse.Namespace) -> int:
+    from .node import open_store
+    from .publish import commit_empty
+    from .storage import DriveStorage
+
+    home = _home(args)
+    cap = home.create_drive(None)
+    store = open_store(home, None)
+    try:
+        committed = trio.run(commit_empty, DriveStorage(store), cap, _device(home))
+    finally:
+        store.close()
+    data = {"drive": cap.drive_id, "seq": committed.head.seq,
+            "read_link": cap.read_cap().link(), "write_link": cap.link()}
+    _emit(args, data, f"new drive {cap.drive_id[:16]} (version {committed.head.seq}, empty)\n"
+                      f"read   {data['read_link']}\nwrite  {data['write_link']}  (keep it secret)")
+    return 0
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    if args.limit < 1 or args.paths < 0:
+        raise UsageError("--limit takes 1 or more, --paths 0 or more")
+    target = args.target
+    if target == "-" or target.startswith("peerdrive:"):
+        from .options import NodeOptions
+        from .versions import run_log
+
+        cap = require_read(parse_link(_link_arg(target)))
+        opts = NodeOptions(**_node_fields(args))
+        items = [i.as_json() for i in run_log(_home(args), cap, opts, args.limit, args.paths)]
+    else:
+        import errno
+        import os
+
+        from .versions import decode_xattr
+
+        path = Path(target).expanduser()
+        try:
+            raw = os.getxattr(path, xattrs.full_name(xattrs.VERSIONS))
+        except OSError as exc:
+            if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.ENOENT):
+                raise UsageError(f"{target} is neither a link nor the folder a drive is "
+                                 "mounted at") from None
+            raise
+        items = decode_xattr(raw)[:args.limit]
+        for item in items:
+            changes = item.get("changes")
+            if isinstance(changes, dict):
+                for kind in ("added", "removed", "modified"):
+                    changes[kind] = changes.get(kind, [])[:args.paths]
+    _emit(args, {"versions": items}, render_log(items))
+    return 0
+
+
+def render_log(items: list[dict]) -> str:
+    lines = []
+    for v in items:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v["time"]))
+        changes = v.get("changes")
+        summary = "" if changes is None else (
+            f"  +{changes['counts']['added']} -{changes['counts']['removed']} "
+            f"~{changes['counts']['modified']}")
+        lines.append(f"version {v['seq']}  {when}  {v['files']} files  "
+                     f"{format_size(v['bytes'])}{summary}")
+        if changes is None:
+            lines.append("  (what changed is unknown: the version before it is not in the "
+                         "history)")
+            continue
+        for kind, mark in (("added", "+"), ("removed", "-"), ("modified", "~")):
+            lines.extend(f"  {mark} {p}" for p in changes[kind])
+            more = changes["counts"][kind] - len(changes[kind])
+            if more > 0 and changes[kind]:
+                lines.append(f"  {mark} ... {more} more")
+    return "\n".join(lines) or "no versions"
 
 
 def cmd_share(args: argparse.Namespace) -> int:
@@ -360,19 +467,24 @@ def _link_arg(link: str, fd: int | None = None) -> str:
 
 def cmd_mount(args: argparse.Namespace) -> int:
     from .mount import check_mountpoint, python_argv, spawn_daemon
+    from .versions import split_version
 
     home = _home(args)
-    link = _mount_link(args)
+    link, at_seq = split_version(_mount_link(args))
+    if args.at is not None:
+        at_seq = args.at
     cap = require_read(parse_link(link))
     mountpoint = Path(args.mountpoint).expanduser().resolve()
     opts = mount_options(args)
+    opts.at_seq = at_seq
     check_mountpoint(mountpoint, opts.nonempty)
     if not args.foreground:
         # the link goes by pipe: a command line is readable by every local user (ps)
         log_path = home.mount_log_path(cap.drive_id)
         argv = [*python_argv(), "--home", str(home.path), *["-v"] * opts.verbose,
                 "--log-file", str(log_path),
-                "mount", "-", str(mountpoint), "--foreground", *mount_flags(opts)]
+                "mount", "-", str(mountpoint), "--foreground", *mount_flags(opts),
+                *(["--at", str(at_seq)] if at_seq is not None else [])]
         pid = spawn_daemon(argv, log_path, secret=cap.link())
         _emit(args, {"mountpoint": str(mountpoint), "pid": pid, "drive": cap.drive_id},
               f"mounted {cap.drive_id[:16]} at {mountpoint} (pid {pid})")
@@ -757,9 +869,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bootstrap", action="append", metavar="HOST:PORT",
                    help="with --watch: a DHT node to join through (repeatable)")
     s.add_argument("--no-lan", action="store_true", help="with --watch: no LAN discovery")
+    s.add_argument("--into", metavar="WRITE_LINK",
+                   help="publish the folder into this existing drive (another device of its "
+                   "owner; `-` reads the link from stdin); changes made elsewhere are merged, "
+                   "never lost")
+    s.add_argument("--keep-versions", type=int, default=10, metavar="N",
+                   help="keep the blocks of this node's last N versions (default 10); older "
+                   "ones are released (readers fetch them from peers that still hold them)")
     s.add_argument("--json", action="store_true", help="print one JSON object (with --watch: "
                    "one per line, per version)")
     s.set_defaults(func=cmd_publish, cache_size=None, fetch_timeout=None)
+
+    s = sub.add_parser("new", help="create an empty drive and print its links")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=cmd_new)
+
+    s = sub.add_parser("log", help="a drive's versions: when, how big, what changed")
+    s.add_argument("target", metavar="LINK|MNT", help="a read or write link (`-`: from stdin), "
+                   "or the folder a drive is mounted at")
+    s.add_argument("--limit", type=int, default=20, metavar="N",
+                   help="the newest N versions (default 20)")
+    s.add_argument("--paths", type=int, default=20, metavar="N",
+                   help="changed paths listed per kind and version (default 20)")
+    s.add_argument("--bootstrap", action="append", metavar="HOST:PORT",
+                   help="a DHT node to join through when the versions are not on this node")
+    s.add_argument("--listen", metavar="HOST:PORT", help=argparse.SUPPRESS)
+    s.add_argument("--no-lan", action="store_true", help="no LAN discovery")
+    s.add_argument("--fetch-timeout", type=float, metavar="SECONDS",
+                   help="give up on a block no peer serves in this time")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=cmd_log, cache_size=None)
 
     s = sub.add_parser("mirror", help="write a drive's ciphertext into a directory that any "
                        "static web server can serve as a mirror")
@@ -777,7 +916,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("mount", help="mount a drive from its read link (read-only) or its "
                        "write link (read-write: changes are published as new versions)")
     s.add_argument("link", help="the read or write link, or - to read it from stdin (keeps it "
-                   "out of the shell history and the process list)")
+                   "out of the shell history and the process list); LINK@SEQ mounts version "
+                   "SEQ read-only, as it was (see `peerdrive log`)")
+    s.add_argument("--at", type=int, help=argparse.SUPPRESS)  # the background mount's @SEQ
     s.add_argument("--publish-delay", type=float, default=2.0, metavar="SECONDS",
                    help="with a write link: publish a new version once nothing has changed "
                    "for this long (default 2; fsync publishes at once)")
@@ -818,6 +959,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--push", action="append", metavar="[NODEID@]HOST:PORT",
                    help="keep a connection to this node (a host) and let it fetch every drive "
                    "served here over it, from behind NAT (repeatable)")
+    s.add_argument("--keep-versions", type=int, default=10, metavar="N",
+                   help="of drives this node publishes: keep the blocks of the last N versions "
+                   "(default 10), including versions other writers of the drive published")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_serve)
 

@@ -3,8 +3,9 @@
 A head is a `dht.records.MutableRecord` signed by the drive key, with the
 drive public key, a sequence number and a value that this module defines:
 
-    value = msgpack {v: 2, root: <root node block id>, box: nonce || AES-GCM(...),
+    value = msgpack {v: 3, root: <root node block id>, box: nonce || AES-GCM(...),
                      created: unix seconds, bl: [block list id, depth, nblocks, nbytes]
+                     [, prev: <id of the previous version's head>]
                      [, mirrors: [base URL, ...]]}
 
 The root node's block id is public (any store node can check the head and
@@ -24,6 +25,14 @@ MAX_HEAD_MIRRORS, each checked like `dht.mirror_layout.check_base_url`
 id of the version, readable without the read key, so a host holding only
 the store capability knows what to fetch and refuses anything else. Version
 1 heads (no `bl`) still open; they cannot be hosted.
+
+`prev` chains the versions: the id (SHA-256 of the signed wire bytes, which
+is also the id of the block holding them) of the head this version was
+committed on top of, absent only in a drive's first version. The publisher
+stores that previous head as a block of the new version (it is in the block
+list), so `peerdrive log` walks the history back and fetches old heads
+lazily like any block; each is verified like the newest one. Version 2 heads
+(no `prev`) still open: a walk ends there.
 
 Readers keep the highest seq they have verified and refuse anything lower
 (`HeadTracker`): a peer replaying an old head cannot roll a mount back.
@@ -52,11 +61,12 @@ from .crypto import HASH_LEN
 from .errors import FormatError, IntegrityError, RollbackError
 from .formats import Entry, decode_entry, encode_entry
 
-HEAD_VERSION = 2
+HEAD_VERSION = 3
 # per head version this code reads: (fields it must have, fields it may have)
 _HEAD_FIELDS = {
     1: ({"v", "root", "box", "created"}, {"mirrors"}),
     2: ({"v", "root", "box", "created", "bl"}, {"mirrors"}),
+    3: ({"v", "root", "box", "created", "bl"}, {"mirrors", "prev"}),
 }
 _BOX_NONCE = 12
 MAX_HEAD_MIRRORS = 8
@@ -74,6 +84,17 @@ class Head:
     root: Entry | None = None
     mirrors: tuple[str, ...] = ()
     block_list: ListRef | None = None  # None only in a version 1 head
+    prev: bytes | None = None  # the previous version's head id; None in a first version
+    version: int = HEAD_VERSION  # of the head format: below 3, no `prev` was written
+
+    @property
+    def id(self) -> bytes:
+        """The version's id: SHA-256 of the signed bytes (the id of the block holding them)."""
+        return head_id(self.wire)
+
+
+def head_id(wire: bytes) -> bytes:
+    return hashlib.sha256(wire).digest()
 
 
 def _box_key(read_key: bytes) -> bytes:
@@ -105,11 +126,15 @@ def check_mirrors(urls: object) -> tuple[str, ...]:
 
 
 def make_head(cap: WriteCap, seq: int, root: Entry, block_list: ListRef,
-              created: int | None = None, mirrors: tuple[str, ...] | list[str] = ()) -> Head:
+              created: int | None = None, mirrors: tuple[str, ...] | list[str] = (),
+              prev: bytes | None = None) -> Head:
     """Sign a new head whose root directory is `root` (a directory entry) at `seq`.
 
-    `mirrors` are base URLs of static mirrors (checked; duplicates dropped).
+    `mirrors` are base URLs of static mirrors (checked; duplicates dropped);
+    `prev` is the id of the head this version follows (None for a first version).
     """
+    if prev is not None and len(prev) != HASH_LEN:
+        raise ValueError("prev must be a 32-byte head id")
     assert root.node is not None
     mirrors = check_mirrors(list(dict.fromkeys(check_base_url(u) for u in mirrors))) \
         if mirrors else ()
@@ -122,9 +147,12 @@ def make_head(cap: WriteCap, seq: int, root: Entry, block_list: ListRef,
               "created": created, "bl": block_list.encode()}
     if mirrors:
         fields["mirrors"] = list(mirrors)
+    if prev is not None:
+        fields["prev"] = prev
     value = msgpack.packb(fields)
     record, wire = MutableRecord.create(cap.signing_key(), seq, value)
-    return Head(cap.pubkey, seq, root.node.block_id, created, wire, root, mirrors, block_list)
+    return Head(cap.pubkey, seq, root.node.block_id, created, wire, root, mirrors, block_list,
+                prev)
 
 
 def open_head(wire: bytes, cap: StoreCap) -> Head:
@@ -153,6 +181,9 @@ def open_head(wire: bytes, cap: StoreCap) -> Head:
         raise FormatError("head value has missing or unknown fields")
     block_list = decode_list_ref(value["bl"]) if "bl" in value else None
     mirrors = check_mirrors(value["mirrors"]) if "mirrors" in value else ()
+    prev = value["prev"] if "prev" in value else None
+    if "prev" in value and (type(prev) is not bytes or len(prev) != HASH_LEN):
+        raise FormatError("head prev must be a 32-byte head id")
     root_block, box, created = value["root"], value["box"], value["created"]
     if type(root_block) is not bytes or len(root_block) != HASH_LEN:
         raise FormatError("head root must be a 32-byte block id")
@@ -175,7 +206,7 @@ def open_head(wire: bytes, cap: StoreCap) -> Head:
         if not root.is_dir or root.node is None or root.node.block_id != root_block:
             raise FormatError("head box does not describe the root directory it names")
     return Head(record.pk, record.seq, root_block, created, bytes(wire), root, mirrors,
-                block_list)
+                block_list, prev, value["v"])
 
 
 class HeadTracker:

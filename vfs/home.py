@@ -205,12 +205,31 @@ class Home:
             raise LinkError(f"{d / 'write.cap'} does not hold a write capability")
         return cap
 
-    def create_drive(self, source: Path) -> WriteCap:
+    def create_drive(self, source: Path | None) -> WriteCap:
+        """A new drive published from `source` (None: `peerdrive new`, no folder)."""
         cap = WriteCap.generate()
         d = self._drive_dir(cap.pubkey)
         d.mkdir(parents=True, exist_ok=False)
         write_private(d / "write.cap", (cap.link() + "\n").encode())
-        (d / "source").write_text(str(source.resolve()))
+        if source is not None:
+            (d / "source").write_text(str(source.resolve()))
+        return cap
+
+    def adopt_drive(self, source: Path, cap: WriteCap) -> WriteCap:
+        """`publish FOLDER --into WRITE_LINK`: from now on `source` publishes that drive
+        (a second device of the drive's owner). Refused if the folder already publishes
+        another drive, or this node publishes the drive from another folder."""
+        with exclusive_lock(self.path / "drives" / ".lock"):
+            current = self.drive_for_source(source)
+            if current is not None and current.pubkey != cap.pubkey:
+                raise UsageError(f"{source} already publishes drive {current.drive_id[:16]}")
+            other = self.drive_source(cap.pubkey)
+            if other is not None and other != str(source.resolve()):
+                raise UsageError(f"this node publishes drive {cap.drive_id[:16]} from {other}")
+            d = self._drive_dir(cap.pubkey)
+            d.mkdir(parents=True, exist_ok=True)
+            write_private(d / "write.cap", (cap.link() + "\n").encode())
+            (d / "source").write_text(str(source.resolve()))
         return cap
 
     def drive_source(self, pubkey: bytes) -> str | None:

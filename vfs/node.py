@@ -26,6 +26,7 @@ from .head import Head
 from .head_follower import HeadFollower
 from .home import Home
 from .host import HostManager
+from .merge import device_name
 from .mount import check_mountpoint, report_ready, serve_fuse
 from .network import HEAD_POLL_INTERVAL, NetworkNode, parse_hostport
 from .options import MOUNT_LISTEN, SERVE_LISTEN, MountOptions, ResolvedNodeOptions, ServeOptions
@@ -36,6 +37,7 @@ from .tree import Tree
 from .units import parse_size
 from .watch import FolderWatch, Published
 from .writer import WriteSession
+from .writers import WrittenDrive
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +103,17 @@ async def _mount_main(home: Home, cap: ReadCap, mountpoint: Path, opts: MountOpt
         # A reader seeds the drive: it offers the head it holds as well as the blocks,
         # so a reader that finds only it (the publisher offline) can still mount.
         nursery.start_soon(net.publish_head, cap, head.wire)
+        if opts.at_seq is not None:  # LINK@SEQ: that version, its old heads fetched lazily
+            from .history import find_version
+            from .versions import block_getter
+
+            reader = BlockReader(store, cap.read_key, net.fetch_function(cap),
+                                 tag=cap.discovery_key)
+            head = await find_version(head, opts.at_seq, cap, block_getter(reader))
         drive = Drive(cap, storage, head, fetch=net.fetch_function(cap),
                       holders=net.holders_function(cap))
         session: WriteSession | None = None
-        if isinstance(cap, WriteCap):
+        if isinstance(cap, WriteCap) and opts.at_seq is None:  # LINK@SEQ: read-only
             async def on_version(new: Head) -> None:
                 """This mount made version `new`: readers, pins and the DHT follow."""
                 if follower.tracker.current is None or new.seq > follower.tracker.current.seq:
@@ -134,7 +143,7 @@ async def _mount_main(home: Home, cap: ReadCap, mountpoint: Path, opts: MountOpt
             home.register_mount(mountpoint, {"pid": os.getpid(), "start": start_time(os.getpid()),
                                              "mountpoint": str(mountpoint),
                                              "drive": cap.drive_id, "port": net.port,
-                                             "log": opts.log_file})
+                                             "log": opts.log_file, "seq": opts.at_seq})
             log.info("mounted drive %s version %d at %s", cap.drive_id[:16], head.seq,
                      mountpoint)
             net.mark("ready")
@@ -143,7 +152,8 @@ async def _mount_main(home: Home, cap: ReadCap, mountpoint: Path, opts: MountOpt
         async def background(task_status=trio.TASK_STATUS_IGNORED) -> None:
             async with trio.open_nursery() as inner:
                 await inner.start(drive.run)
-                await inner.start(follower.run, on_new)
+                if opts.at_seq is None:  # an old version stays what it is
+                    await inner.start(follower.run, on_new)
                 if session is not None:
                     await inner.start(session.run)
                 task_status.started()
@@ -226,6 +236,20 @@ async def _serve_main(home: Home, opts: ServeOptions, node_opts: ResolvedNodeOpt
     net.snapshot_extra.update(hosting=hosts.snapshot, pushes=pushes.snapshot,
                               copies=copies.snapshot)
     published: dict[bytes, int] = {}
+    written: dict[bytes, WrittenDrive] = {}
+    net.snapshot_extra["writing"] = lambda: [
+        {**w.state.as_json(), "rejoined": w.rejoined} for w in written.values()]
+
+    def sync_written(nursery: trio.Nursery) -> None:
+        """Follow every drive this node can write (a new one as soon as it appears)."""
+        hosted = {e.cap.pubkey for e in hosts.hosts.entries()}
+        for cap in home.published_drives():
+            if cap.pubkey in written or cap.pubkey in hosted:
+                continue
+            drive = written[cap.pubkey] = WrittenDrive(
+                cap, storage, net, keep_versions=opts.keep_versions,
+                device=device_name(net.identity.node_id))
+            nursery.start_soon(drive.run)
 
     async def sync_drives() -> None:
         for pubkey in storage.known_drives():
@@ -261,6 +285,7 @@ async def _serve_main(home: Home, opts: ServeOptions, node_opts: ResolvedNodeOpt
             await nursery.start(hosts.run)  # hosted drives follow their heads from the start
             await nursery.start(pushes.run)
             await sync_drives()
+            sync_written(nursery)
             await nursery.start(copies.run, lambda: [StoreCap(p) for p in published])
             on_ready(net, port, [StoreCap(p) for p in published])
             ready.set()
@@ -269,6 +294,7 @@ async def _serve_main(home: Home, opts: ServeOptions, node_opts: ResolvedNodeOpt
             while True:
                 await trio.sleep(HEAD_POLL_INTERVAL)
                 await sync_drives()
+                sync_written(nursery)
                 await trio.to_thread.run_sync(store.flush)  # persist batched read recency
     if stopped_by == [signal.SIGINT]:
         raise KeyboardInterrupt  # stopped cleanly; Ctrl-C still exits 130 (interrupted)

@@ -69,11 +69,14 @@ class MountOptions(NodeOptions):
     log_file: str | None = None  # where this mount process logs (registered for `status`)
     # a write link's mount: seconds without a change before a new version is published
     publish_delay: float = 2.0
+    at_seq: int | None = None  # LINK@SEQ: mount that old version, read-only, never switched
 
 
 @dataclass
 class ServeOptions(NodeOptions):
     """`peerdrive serve`: a node serving every drive whose head it holds."""
+
+    keep_versions: int = 10  # of drives this node writes: versions kept whole (vfs/writers.py)
 
 
 @dataclass

@@ -15,27 +15,38 @@ Every block of the new version goes into the node's store under the drive's
 publish pin, so the publisher keeps seeding it and eviction never removes it.
 A version shares every unchanged block with the last one: `new_blocks` and
 `new_bytes` count what this publish actually added.
+
+Every new version, whoever builds its tree (this folder walk, a writable
+mount, a watched folder), becomes a signed head through `commit_version`:
+it finds the newest head this node can see, rebases the new tree onto it
+when another writer got there first (`vfs.history.merge_trees`), chains the
+head to the one before (`prev`), writes the block list and pins the version,
+releasing versions older than the newest `keep_versions`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
+import logging
 import os
 import stat
 import threading
+import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
 from .blocklist import ListRef, build_block_list
+from .blocks import BlockReader
 from .capability import WriteCap
 from .chunker import CDC_MIN, make_chunker
 from .crypto import Ref, encrypt_chunk
-from .errors import NoSpaceError, UsageError
+from .errors import FormatError, IntegrityError, NoSpaceError, RollbackError, UsageError
 from .formats import (
     KIND_DIR,
     KIND_FILE,
@@ -46,10 +57,15 @@ from .formats import (
     build_directory,
     check_name,
     encode_chunk_list,
+    encode_dir_leaf,
     split_chunk_list,
 )
-from .head import Head, make_head
-from .storage import DriveStorage
+from .head import Head, make_head, open_head
+from .history import merge_trees, version_blocks
+from .storage import DEFAULT_KEEP_VERSIONS, DriveStorage, HeadMoved
+from .tree import Tree
+
+log = logging.getLogger(__name__)
 
 BATCH_BYTES = 16 * 1024 * 1024
 SMALL_FILE = 4 * 1024 * 1024
@@ -69,6 +85,8 @@ LARGE_WINDOWS = WORKERS + 2
 CHANGED_RETRIES = 3
 # Groups of small files read and not yet stored, at most (memory: BATCH_BYTES each).
 IN_FLIGHT_GROUPS = 4
+# Merges a commit redoes when yet another version lands while it merges, before it gives up.
+COMMIT_TRIES = 8
 
 
 @dataclass
@@ -81,6 +99,132 @@ class PublishResult:
     new_blocks: int = 0
     new_bytes: int = 0
     skipped: list[str] = field(default_factory=list)
+    merged_with: int | None = None  # seq of another writer's version the changes joined
+    conflicts: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- the commit step
+
+
+async def commit_empty(storage: DriveStorage, cap: WriteCap, device: str) -> Commit:
+    """`peerdrive new`: the drive's first version, an empty folder."""
+    pending = f"publish-pending:{cap.pubkey.hex()}"
+    ref, ct = encrypt_chunk(cap.read_key, encode_dir_leaf([]))
+    storage.store.put_pinned(pending, [(ref.block_id, ct)], ids_checked=True,
+                             tag=cap.discovery_key)
+    root = Entry(b"root", KIND_DIR, 0o755, time.time_ns(), node=ref, nsubdirs=0, nentries=0)
+    return await commit_version(storage, cap, root, None, device=device,
+                                blocks={ref.block_id: len(ct)}, pending_pin=pending)
+
+
+@dataclass
+class Commit:
+    """A committed version: its head, and whether it had to join another writer's."""
+
+    head: Head
+    merged_with: Head | None = None  # the newer version the tree was rebased onto
+    conflicts: list[str] = field(default_factory=list)  # conflict copies made, as paths
+
+
+async def commit_version(
+        storage: DriveStorage, cap: WriteCap, root: Entry, base: Entry | None, *,
+        device: str, blocks: dict[bytes, int] | None = None, pending_pin: str | None = None,
+        mirrors: list[str] | tuple[str, ...] | None = None,
+        keep_versions: int = DEFAULT_KEEP_VERSIONS,
+        fetch: Callable[..., Awaitable[bytes]] | None = None,
+        lookup: Callable[[], Awaitable[bytes | None]] | None = None) -> Commit:
+    """Make the tree under `root` the drive's next version; THE one way a version is made.
+
+    - `root`: the root directory entry of the new tree, every block of which
+      (directory nodes, chunk lists, chunks) is already in the store, held
+      by `pending_pin` (default `publish-pending:<drive>`), tagged with the
+      drive's discovery key.
+    - `base`: the root entry of the version this tree was derived from (what
+      the writer last saw), or None when unknown (then nothing is removed
+      from the newest version: a union).
+    - `blocks`: every block of `root`'s tree with its ciphertext size, if the
+      caller knows them (a folder publish does); else the tree is walked.
+    - `device`: `vfs.merge.device_name` of this node, for conflict names.
+    - `lookup`/`fetch`: when the node is on the network, how to ask for the
+      drive's newest head and for blocks of another writer's version;
+      without them only what the store holds is seen (serve keeps the store
+      at the newest head it hears of).
+
+    If the newest head seen is not `base`'s version, another writer
+    published meanwhile: the changes base -> root are rebased onto it per
+    file (`vfs.history.merge_trees`; a file changed on both sides keeps
+    both), and the merged tree is committed. The new head's seq is the
+    newest's plus one and its `prev` the newest's id, checked again inside
+    the store transaction that saves it: if yet another version arrived in
+    between, the merge is redone. `mirrors` None keeps the newest head's.
+    Raises BlockUnavailable when a block of the other version cannot be had.
+    """
+    pending = pending_pin or f"publish-pending:{cap.pubkey.hex()}"
+    reader = BlockReader(storage.store, cap.read_key, fetch, tag=cap.discovery_key)
+    tree = Tree(reader)
+    if lookup is not None:
+        wire = await lookup()
+        if wire is not None:
+            with contextlib.suppress(RollbackError, IntegrityError, FormatError):
+                storage.save_head(open_head(wire, cap))
+
+    def store(pairs: list[tuple[bytes, bytes]]) -> None:
+        try:
+            storage.store.put_pinned(pending, pairs, ids_checked=True, tag=cap.discovery_key)
+        except storage.full_errors as exc:
+            raise NoSpaceError(f"the device is full while committing a version: {exc}") from exc
+
+    for _ in range(COMMIT_TRIES):
+        theirs = storage.load_head(cap)
+        merged_root, conflicts, merged_with = root, [], None
+        if theirs is not None and theirs.root is not None:
+            emitted: list[tuple[bytes, bytes]] = []
+
+            def emit(payload: bytes, emitted: list = emitted) -> Ref:
+                ref, ct = encrypt_chunk(cap.read_key, payload)
+                emitted.append((ref.block_id, ct))
+                return ref
+
+            date = time.strftime("%Y-%m-%d")  # a label in conflict names; orders nothing
+            merged = await merge_trees(tree, base, root, theirs.root, emit, device, date)
+            if emitted:
+                await trio.to_thread.run_sync(store, emitted)
+            if merged.root.node != root.node:
+                merged_root, conflicts, merged_with = merged.root, merged.conflicts, theirs
+        if merged_root is root and blocks is not None:
+            sizes = dict(blocks)
+        else:
+            sizes = await version_blocks(tree, merged_root)
+        extra: list[tuple[bytes, bytes]] = []
+        if theirs is not None:  # the previous head is a block of the version: `log` walks it
+            extra.append((theirs.id, theirs.wire))
+            sizes[theirs.id] = len(theirs.wire)
+        block_list = build_block_list(sizes, lambda block_id, data, extra=extra: extra.append(
+            (block_id, data)))
+        await trio.to_thread.run_sync(store, extra)
+
+        def sign(seq: int, last: Head | None, merged_root: Entry = merged_root,
+                 block_list: ListRef = block_list) -> Head:
+            chosen = mirrors
+            if chosen is None:
+                chosen = list(last.mirrors) if last is not None else []
+            return make_head(cap, seq, merged_root, block_list, mirrors=chosen,
+                             prev=None if last is None else last.id)
+
+        try:
+            head = await trio.to_thread.run_sync(functools.partial(
+                storage.commit_publish, cap, sign, [*sizes, *(i for i, _ in extra)], pending,
+                expect=None if theirs is None else theirs.id, keep_versions=keep_versions))
+        except HeadMoved:
+            log.info("drive %s: another version arrived while committing; merging again",
+                     cap.drive_id[:16])
+            continue
+        if merged_with is not None:
+            log.info("drive %s: version %d joins another writer's version %d (%d conflict "
+                     "copies)", cap.drive_id[:16], head.seq, merged_with.seq, len(conflicts))
+        return Commit(head, merged_with, conflicts)
+    raise UsageError(f"drive {cap.drive_id[:16]}: other writers kept publishing while this "
+                     f"version was merged ({COMMIT_TRIES} tries); commit again")
 
 
 @dataclass(slots=True)
@@ -259,10 +403,13 @@ class Publisher:
     def __init__(self, storage: DriveStorage, cap: WriteCap, source: Path,
                  on_progress: Callable[[int, int], None] | None = None,
                  on_warning: Callable[[str], None] | None = None,
-                 mirrors: list[str] | None = None) -> None:
+                 mirrors: list[str] | None = None, *, device: str = "unknown",
+                 keep_versions: int = DEFAULT_KEEP_VERSIONS) -> None:
         self.storage = storage
         self.cap = cap
         self.source = source
+        self.device = device
+        self.keep_versions = keep_versions
         # base URLs of static mirrors for the head; None keeps the last version's
         self.mirrors = mirrors
         self._on_progress = on_progress
@@ -574,17 +721,6 @@ class Publisher:
                                    nentries=len(entries))
         return built[id(top)]
 
-    def _block_list(self) -> tuple[ListRef, list[bytes]]:
-        """Write the version's block list (plaintext ids and sizes, for hosts) under the pin."""
-        blocks: list[tuple[bytes, bytes]] = []
-        ref = build_block_list(self._sizes, lambda block_id, data: blocks.append((block_id, data)))
-        try:
-            self.storage.store.put_pinned(self._pending_pin, blocks, ids_checked=True,
-                                          tag=self.cap.discovery_key)
-        except self.storage.full_errors as exc:
-            raise NoSpaceError(f"the device is full while publishing: {exc}") from exc
-        return ref, [block_id for block_id, _ in blocks]
-
     # -- the whole publish -----------------------------------------------------------
 
     async def run(self) -> PublishResult:
@@ -635,20 +771,33 @@ class Publisher:
             root_entry = await trio.to_thread.run_sync(self._root_entry, root, result)
         result.bytes = progress.done
         result.skipped = skipped
-        block_list, list_ids = await trio.to_thread.run_sync(self._block_list)
-
-        def sign(seq: int, last: Head | None) -> Head:
-            mirrors = self.mirrors
-            if mirrors is None:
-                mirrors = list(last.mirrors) if last is not None else []
-            return make_head(self.cap, seq, root_entry, block_list, mirrors=mirrors)
-
-        head = self.storage.commit_publish(self.cap, sign, [*self._sizes, *list_ids],
-                                           self._pending_pin)
-        result.head = head
+        committed = await commit_version(
+            self.storage, self.cap, root_entry, self._folder_base(), device=self.device,
+            blocks=self._sizes, pending_pin=self._pending_pin, mirrors=self.mirrors,
+            keep_versions=self.keep_versions)
+        assert root_entry.node is not None
+        # the next publish of this folder rebases from this tree, merged or not; a merged
+        # version does not hold it, so its own pin keeps it then
+        self.storage.set_folder_base(self.cap.pubkey, root_entry.node,
+                                     list(self._sizes) if committed.merged_with else None)
+        result.head = committed.head
+        result.merged_with = committed.merged_with.seq if committed.merged_with else None
+        result.conflicts = committed.conflicts
         result.new_blocks = self._new_blocks
         result.new_bytes = self._new_bytes
         return result
+
+    def _folder_base(self) -> Entry | None:
+        """The tree this folder had when it was last published: what its changes are
+        relative to. A drive from before version history (its head names no previous
+        version and the folder no base) was only ever published from here: its head."""
+        ref = self.storage.folder_base(self.cap.pubkey)
+        if ref is not None:
+            return Entry(b"root", KIND_DIR, 0o755, 0, node=ref)
+        local = self.storage.load_head(self.cap)
+        if local is not None and local.version < 3:
+            return local.root
+        return None
 
 
 def _fsname_of(entry: os.DirEntry) -> bytes:

@@ -76,7 +76,9 @@ def commit_version(storage: DriveStorage, cap: WriteCap, root: Entry,
 
     def sign(seq: int, last: Head | None) -> Head:
         mirrors = list(last.mirrors) if last is not None else []
-        return make_head(cap, seq, root, block_list, mirrors=mirrors)
+        # chained to the head it follows, so `peerdrive log` walks through it
+        return make_head(cap, seq, root, block_list, mirrors=mirrors,
+                         prev=None if last is None else last.id)
 
     ids = [*sizes, *(block_id for block_id, _ in list_blocks)]
     # the blocks stay under `pin` meanwhile: a pending pin of its own is not needed

@@ -15,7 +15,9 @@ Read on every path:
     copies    decimal count of devices holding it whole (asks peers: slow)
 
 Read on a pinned path (and below it): `progress`, the pin's own counters as
-JSON (see PinProgress), cheap enough to poll. Set: `pinned` 1|0 pins or
+JSON (see PinProgress), cheap enough to poll. Read on the root only:
+`versions`, the drive's versions as JSON (`peerdrive log MNT`, vfs/versions.py;
+walks old heads: slow). Set: `pinned` 1|0 pins or
 unpins, `evict` 1 frees the path's unpinned blocks now.
 """
 
@@ -36,6 +38,7 @@ PINNED = "pinned"
 COPIES = "copies"
 PROGRESS = "progress"
 EVICT = "evict"
+VERSIONS = "versions"
 
 # what `listxattr` shows on every path, in this order
 LISTED = (STATE, CACHED, SIZE, PINNED, COPIES)
