@@ -23,9 +23,10 @@ from vfs.blocks import BlockReader
 from vfs.capability import WriteCap
 from vfs.crypto import encrypt_chunk
 from vfs.formats import KIND_DIR, KIND_FILE, KIND_LINK, MAX_NAME, Entry, build_directory
-from vfs.history import changes_between, merge_trees, version_blocks
-from vfs.merge import conflict_name, merge_dir, same
+from vfs.history import changes_between, merge_trees
+from vfs.merge import Recurse, conflict_name, merge_dir, same
 from vfs.tree import Tree
+from vfs.version_blocks import VersionBlocks
 
 CAP = WriteCap.from_secrets(bytes(range(32)), bytes(range(32, 64)))
 DEV = "ab12cd34"
@@ -68,9 +69,15 @@ def test_a_folder_changed_on_both_sides_is_merged_further() -> None:
                   for t in (b"1", b"2", b"3"))
     dm = merge_dir([d1], [d2], [d3], DEV, DATE)
     assert dm.entries == [] and [r.name for r in dm.recurse] == [b"d"]
-    # a folder against a file: both kept, ours renamed
+    # a folder against a file: both kept, ours' folder renamed, keeping what ours changed
     dm = merge_dir([d1], [d2], [f(b"d", b"file")], DEV, DATE)
-    assert {e.name for e in dm.entries} == {b"d", b"d (conflict ab12cd34 2026-12-02)"}
+    assert [e.name for e in dm.entries] == [b"d"] and not dm.entries[0].is_dir
+    assert dm.recurse == [Recurse(b"d (conflict ab12cd34 2026-12-02)", d1, d2, None,
+                                  conflict_of=b"d")]
+    # and the other way round: theirs' folder keeps the name, less what ours removed
+    dm = merge_dir([d1], [f(b"d", b"file")], [d3], DEV, DATE)
+    assert dm.recurse == [Recurse(b"d", d1, None, d3)]
+    assert [e.name for e in dm.entries] == [b"d (conflict ab12cd34 2026-12-02)"]
 
 
 def test_conflict_names() -> None:
@@ -198,7 +205,7 @@ def merged_model(trees: Trees, base: Model | None, ours: Model, theirs: Model) -
     return trio.run(run)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
 @given(models(), st.data())
 def test_no_change_is_lost(trees: Trees, base: Model, data: st.DataObject) -> None:
@@ -255,7 +262,7 @@ def test_changes_and_blocks_of_a_version(trees: Trees) -> None:
     async def run():
         return (await changes_between(trees.tree, old, new, limit=10),
                 await changes_between(trees.tree, None, old, limit=1),
-                await version_blocks(trees.tree, new))
+                await VersionBlocks(trees.tree).sizes(new))
     changes, first, blocks = trio.run(run)
     assert changes.added == ["d/z", "new/"] and changes.removed == ["d/y", "gone"]
     assert changes.modified == ["a"]

@@ -836,6 +836,17 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
+def _visiting_node_flags(s: argparse.ArgumentParser, what: str) -> None:
+    """The flags of a command that joins the network only for what this node lacks."""
+    s.add_argument("--bootstrap", action="append", metavar="HOST:PORT",
+                   help=f"a DHT node to join through when {what} are not on this node")
+    s.add_argument("--listen", metavar="HOST:PORT", help=argparse.SUPPRESS)
+    s.add_argument("--no-lan", action="store_true", help="no LAN discovery")
+    s.add_argument("--fetch-timeout", type=float, metavar="SECONDS",
+                   help="give up on a block no peer serves in this time")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="peerdrive", description=(
         "A peer-to-peer cloud drive: publish a folder, mount it anywhere, "
@@ -891,26 +902,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the newest N versions (default 20)")
     s.add_argument("--paths", type=int, default=20, metavar="N",
                    help="changed paths listed per kind and version (default 20)")
-    s.add_argument("--bootstrap", action="append", metavar="HOST:PORT",
-                   help="a DHT node to join through when the versions are not on this node")
-    s.add_argument("--listen", metavar="HOST:PORT", help=argparse.SUPPRESS)
-    s.add_argument("--no-lan", action="store_true", help="no LAN discovery")
-    s.add_argument("--fetch-timeout", type=float, metavar="SECONDS",
-                   help="give up on a block no peer serves in this time")
-    s.add_argument("--json", action="store_true", help="print one JSON object")
+    _visiting_node_flags(s, "the versions")
     s.set_defaults(func=cmd_log, cache_size=None)
 
     s = sub.add_parser("mirror", help="write a drive's ciphertext into a directory that any "
                        "static web server can serve as a mirror")
     s.add_argument("link", help="a read or store link, or - to read it from stdin")
     s.add_argument("directory")
-    s.add_argument("--bootstrap", action="append", metavar="HOST:PORT",
-                   help="a DHT node to join through when blocks are not on this node")
-    s.add_argument("--listen", metavar="HOST:PORT", help=argparse.SUPPRESS)
-    s.add_argument("--no-lan", action="store_true", help="no LAN discovery")
-    s.add_argument("--fetch-timeout", type=float, metavar="SECONDS",
-                   help="give up on a block no peer serves in this time")
-    s.add_argument("--json", action="store_true", help="print one JSON object")
+    _visiting_node_flags(s, "blocks")
     s.set_defaults(func=cmd_mirror, cache_size=None)
 
     s = sub.add_parser("mount", help="mount a drive from its read link (read-only) or its "

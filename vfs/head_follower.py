@@ -26,6 +26,20 @@ from .storage import DriveStorage
 log = logging.getLogger(__name__)
 
 
+async def join_for_head(net, cap: StoreCap, storage: DriveStorage, known: Head | None,
+                        mirrors: list[str], wait: float = 20.0) -> Head:
+    """A short-lived node (`mirror`, `log`) on the network: serve the drive, follow its
+    heads and return the newest found (DriveNotFound if none within `wait`, or at once
+    with nobody to ask). `mirrors` are the ones given by hand; the head's own are added."""
+    follower = HeadFollower(cap, storage, net)
+    net.serve_drive(cap, on_head=follower.notice)
+    net.set_mirrors(cap, [*(known.mirrors if known else ()), *mirrors])
+    lonely = not net.bootstrap and not net.lan
+    head = await follower.first_head(0 if lonely else wait)
+    net.set_mirrors(cap, [*head.mirrors, *mirrors])
+    return head
+
+
 class HeadSource(Protocol):
     """Where heads are looked up: `vfs.network.NetworkNode` in practice."""
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from dht.types import Priority
 
 from .capability import StoreCap
-from .crypto import TAG_LEN, Ref
+from .crypto import Ref
 from .errors import FormatError, IntegrityError, UsageError
 from .formats import KIND_DIR, Entry, build_directory
 from .head import Head, open_head
@@ -137,7 +137,7 @@ async def _postorder(tree: Tree, root: Entry, memo: dict, combine) -> tuple[int,
         if key in memo:
             continue
         if entries is None:
-            _, listed = await tree.read_directory(entry.node, Priority.PREFETCH)
+            _, listed = await tree.read_directory(entry.node, Priority.READ)
             stack.append((entry, listed))
             stack.extend((e, None) for e in listed if e.is_dir
                          and e.node is not None and e.node.block_id not in memo)
@@ -145,34 +145,6 @@ async def _postorder(tree: Tree, root: Entry, memo: dict, combine) -> tuple[int,
         memo[key] = combine(entries, [memo[e.node.block_id] for e in entries
                                       if e.is_dir and e.node is not None])
     return memo[root.node.block_id]
-
-
-async def version_blocks(tree: Tree, root: Entry) -> dict[bytes, int]:
-    """Every block of the tree under `root` (directory nodes, chunk lists, chunks) with its
-    ciphertext size: what a version's block list names."""
-    out: dict[bytes, int] = {}
-    seen: set[bytes] = set()
-    stack = [root]
-    while stack:
-        entry = stack.pop()
-        assert entry.node is not None
-        if entry.node.block_id in seen:
-            continue
-        seen.add(entry.node.block_id)
-        refs, entries = await tree.read_directory(entry.node, Priority.PREFETCH)
-        for r in refs:
-            out[r.block_id] = r.length + TAG_LEN
-        for e in entries:
-            if e.is_dir:
-                stack.append(e)
-            elif e.is_file:
-                for cl in e.chunk_lists or ():
-                    out[cl.ref.block_id] = cl.ref.length + TAG_LEN
-                chunks = (await tree.chunk_map(e, Priority.PREFETCH)).chunks \
-                    if e.chunk_lists else e.chunks or ()
-                for c in chunks:
-                    out[c.block_id] = c.length + TAG_LEN
-    return out
 
 
 # ----------------------------------------------------------------------------- what changed
@@ -236,7 +208,7 @@ async def changes_between(tree: Tree, old: Entry | None, new: Entry,
 async def _listing(tree: Tree, entry: Entry | None) -> list[Entry]:
     if entry is None or entry.node is None:
         return []
-    _, entries = await tree.read_directory(entry.node, Priority.PREFETCH)
+    _, entries = await tree.read_directory(entry.node, Priority.READ)
     return entries
 
 
@@ -272,9 +244,8 @@ async def merge_trees(tree: Tree, base: Entry | None, ours: Entry, theirs: Entry
         if kids is None:
             dm = merge_dir(await _listing(tree, job.base), await _listing(tree, job.ours),
                            await _listing(tree, job.theirs), device, date)
-            for old, new in dm.conflicts:
-                conflicts.append((path + new).decode("utf-8", "backslashreplace"))
-                del old
+            conflicts.extend((path + new).decode("utf-8", "backslashreplace")
+                             for _, new in dm.conflicts)
             stack.append((job, path, dm.recurse, dm.entries))
             stack.extend((r, path + r.name + b"/", None, []) for r in dm.recurse)
             continue
@@ -283,6 +254,8 @@ async def merge_trees(tree: Tree, base: Entry | None, ours: Entry, theirs: Entry
             merged = built.pop(id(r))
             if merged is not None:
                 entries.append(merged)
+                if r.conflict_of is not None:
+                    conflicts.append((path + r.name).decode("utf-8", "backslashreplace"))
         one_side = job.ours is None or job.theirs is None
         if job is not root_job and one_side and not entries:
             built[id(job)] = None  # removed on one side, nothing changed in it on the other
@@ -290,7 +263,7 @@ async def merge_trees(tree: Tree, base: Entry | None, ours: Entry, theirs: Entry
         entries.sort(key=lambda e: e.name)
         ref = build_directory(entries, emit)
         meta = _dir_meta(job)
-        built[id(job)] = Entry(job.name if job is not root_job else (ours.name),
+        built[id(job)] = Entry(job.name if job is not root_job else ours.name,
                                KIND_DIR, meta[0], meta[1], node=ref,
                                nsubdirs=sum(1 for e in entries if e.is_dir),
                                nentries=len(entries))

@@ -12,7 +12,8 @@ entries compared whole (kind, mode, mtime, content refs):
 * removed on one side, changed on the other    -> the change stays (a folder:
   merged against an empty side, so what the other side did not touch goes)
 * changed differently on both sides            -> theirs keeps NAME, ours is
-  kept beside it as `NAME (conflict DEVICE YYYY-MM-DD).EXT`
+  kept beside it as `NAME (conflict DEVICE YYYY-MM-DD).EXT`; a folder that
+  the other side replaced by a file keeps only what changed inside it
 
 DEVICE is a short name of the device whose change was renamed (the first 8
 hex digits of its node id, as `peerdrive keys` prints it); the date is that
@@ -39,6 +40,7 @@ class Recurse:
     base: Entry | None
     ours: Entry | None  # None: ours removed it (merged against an empty folder)
     theirs: Entry | None  # None: theirs removed it
+    conflict_of: bytes | None = None  # ours' folder kept beside theirs' file under `name`
 
 
 @dataclass(slots=True)
@@ -107,15 +109,24 @@ def merge_dir(base: list[Entry] | None, ours: list[Entry], theirs: list[Entry],
             else:
                 out[name] = kept
         else:
-            out[name] = te
-            renamed.append(oe)
+            # changed both ways and not both folders: theirs keeps the name. A folder that
+            # the other side replaced by a file keeps only the changes made inside it
+            # (merged against an empty side), as a one-sided removal would.
+            if _is_dir(te) and _is_dir(be):
+                recurse.append(Recurse(name, be, None, te))
+            else:
+                out[name] = te
+            renamed.append((oe, be))
     taken = set(out) | {r.name for r in recurse}
     conflicts = []
-    for e in renamed:
+    for e, be in renamed:
         new = conflict_name(e.name, device, date, taken)
         taken.add(new)
-        conflicts.append((e.name, new))
-        out[new] = _renamed(e, new)
+        if e.is_dir and _is_dir(be):
+            recurse.append(Recurse(new, be, e, None, conflict_of=e.name))
+        else:
+            conflicts.append((e.name, new))
+            out[new] = _renamed(e, new)
     return DirMerge([out[n] for n in sorted(out)], recurse, conflicts)
 
 

@@ -43,7 +43,7 @@ from .blocklist import BlockListWalk
 from .capability import StoreCap
 from .errors import BlockUnavailable, FormatError, IntegrityError, NoSpaceError, UsageError
 from .head import Head, open_head
-from .head_follower import HeadFollower
+from .head_follower import join_for_head
 from .home import Home
 from .options import MOUNT_LISTEN, MirrorOptions
 from .storage import DriveStorage
@@ -325,12 +325,7 @@ async def _mirror_main(home, cap, directory, node_opts, store, on_progress, on_w
     net = network_for(home, store, node_opts)
     async with trio.open_nursery() as nursery:
         await nursery.start(net.run)
-        follower = HeadFollower(cap, storage, net)
-        net.serve_drive(cap, on_head=follower.notice)
-        net.set_mirrors(cap, [*(head.mirrors if head else ()), *node_opts.mirrors])
-        lonely = not net.bootstrap and not net.lan
-        head = await follower.first_head(0 if lonely else 20.0)
-        net.set_mirrors(cap, [*head.mirrors, *node_opts.mirrors])
+        head = await join_for_head(net, cap, storage, head, node_opts.mirrors)
         fetch = net.fetch_function(cap)
 
         async def from_network(block_id: bytes) -> bytes:

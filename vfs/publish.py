@@ -61,9 +61,10 @@ from .formats import (
     split_chunk_list,
 )
 from .head import Head, make_head, open_head
-from .history import merge_trees, version_blocks
+from .history import merge_trees
 from .storage import DEFAULT_KEEP_VERSIONS, DriveStorage, HeadMoved
 from .tree import Tree
+from .version_blocks import VersionBlocks
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +195,7 @@ async def commit_version(
         if merged_root is root and blocks is not None:
             sizes = dict(blocks)
         else:
-            sizes = await version_blocks(tree, merged_root)
+            sizes = await VersionBlocks(tree).sizes(merged_root)
         extra: list[tuple[bytes, bytes]] = []
         if theirs is not None:  # the previous head is a block of the version: `log` walks it
             extra.append((theirs.id, theirs.wire))

@@ -2,7 +2,15 @@
 
 `cache/` knows block ids, bytes, pins and small records; this module gives
 them drive meaning: where a drive's verified head is kept, which pin holds a
-published version, which pin holds a mount's metadata. Pin names:
+published version, which pin holds a mount's metadata. Records:
+
+    head:<pubkey>               the newest verified head (its signed bytes)
+    own:<pubkey>                the last head this node committed (`vfs/writers.py` checks
+                                it is still in the drive's history)
+    folderbase:<pubkey>         the Ref of the root node of the folder's tree as last
+                                published: the base its next publish merges from
+
+Pin names:
 
     publish:<pubkey hex>:<seq>  every block of one version this node committed (seq zero-
                                 padded to 20 digits, so names sort by version); the newest

@@ -25,8 +25,8 @@ from dht.types import Priority
 
 from .blocks import BlockReader
 from .capability import ReadCap
-from .errors import BlockUnavailable, DriveNotFound, UsageError
-from .head_follower import HeadFollower
+from .errors import BlockUnavailable, UsageError
+from .head_follower import join_for_head
 from .history import GetBlock, VersionInfo, version_log
 from .home import Home
 from .options import MOUNT_LISTEN, NodeOptions
@@ -97,15 +97,7 @@ async def _log_main(home, cap: ReadCap, node_opts, store, versions: int, paths: 
     net = network_for(home, store, node_opts)
     async with trio.open_nursery() as nursery:
         await nursery.start(net.run)
-        follower = HeadFollower(cap, storage, net)
-        net.serve_drive(cap, on_head=follower.notice)
-        net.set_mirrors(cap, [*(head.mirrors if head else ()), *node_opts.mirrors])
-        lonely = not net.bootstrap and not net.lan
-        try:
-            head = await follower.first_head(0 if lonely else 20.0)
-        except DriveNotFound:
-            raise
-        net.set_mirrors(cap, [*head.mirrors, *node_opts.mirrors])
+        head = await join_for_head(net, cap, storage, head, node_opts.mirrors)
         blocks = BlockReader(store, cap.read_key, net.fetch_function(cap),
                              tag=cap.discovery_key)
         result = await version_log(head, cap, Tree(blocks), block_getter(blocks),
