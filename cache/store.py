@@ -936,6 +936,18 @@ class BlockStore:
         self._evict_to_limit()
         return existed
 
+    def replace_pin(self, name: str, source: str) -> None:
+        """Make pin `name` hold exactly what pin `source` holds, and drop `source`, atomically.
+
+        How a pin built a batch at a time (into `source`) replaces the old set
+        without either set ever being in memory; raises UnknownPin if there is
+        no `source`.
+        """
+        name_utf8 = schema.encode_pin_name(name)
+        source_utf8 = schema.encode_pin_name(source)
+        self._write(lambda writer: writer.replace_pin(name_utf8, source_utf8))
+        self._evict_to_limit()
+
     def pin_names(self) -> list[str]:
         with self._read() as txn:
             cursor = txn.cursor(db=self._dbs.pin_names)

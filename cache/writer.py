@@ -12,6 +12,7 @@ so the invariants of docs/cache.md are kept in one place:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
@@ -306,12 +307,38 @@ class Writer:
         head = self.pin_head(name_utf8)
         if head is None:
             return False
-        number, _ = head
-        for block_id in list(pin_members(self.txn, self.dbs, number)):
-            self.txn.delete(schema.pin_member_key(number, block_id), db=self.dbs.pins)
-            self._ref(block_id, -1)
+        self._drop_members(head[0])
         self.txn.delete(schema.pin_name_key(name_utf8), db=self.dbs.pin_names)
         return True
+
+    def replace_pin(self, name_utf8: bytes, source_utf8: bytes) -> None:
+        """Pin `name` holds exactly what pin `source` holds; `source` is gone.
+
+        The source's members become the pin's as they are (its number moves
+        to the name), then the old members are released: a block in both is
+        never unpinned on the way. Nothing is held in memory but a chunk of
+        ids, whatever the pins' sizes.
+        """
+        source = self.pin_head(source_utf8)
+        if source is None:
+            raise UnknownPin(f"no pin named {show_name(source_utf8)}")
+        if source_utf8 == name_utf8:
+            return
+        old = self.pin_head(name_utf8)
+        self.txn.delete(schema.pin_name_key(source_utf8), db=self.dbs.pin_names)
+        self._save_pin_head(name_utf8, *source)
+        if old is not None:
+            self._drop_members(old[0])
+
+    def _drop_members(self, number: int) -> None:
+        """Release every member of pin `number`, a chunk at a time."""
+        while True:
+            chunk = list(itertools.islice(pin_members(self.txn, self.dbs, number), 4096))
+            if not chunk:
+                return
+            for block_id in chunk:
+                self.txn.delete(schema.pin_member_key(number, block_id), db=self.dbs.pins)
+                self._ref(block_id, -1)
 
 
 def pin_members(txn: lmdb.Transaction, dbs: Dbs, number: int) -> Iterator[bytes]:

@@ -394,6 +394,30 @@ def test_set_pin_replaces_the_set_and_follows_versions(store: BlockStore) -> Non
     assert store.check_consistency() == []
 
 
+def test_replace_pin_takes_the_built_set_and_releases_only_what_it_lacks(
+        store: BlockStore) -> None:
+    ids = fill(store, range(6), KIB)
+    store.set_pin("drive", ids[:4])
+    store.add_to_pin("drive~next", ids[2:6])  # built a batch at a time, beside the old set
+    store.replace_pin("drive", "drive~next")
+    assert [store.is_pinned(b) for b in ids] == [False, False, True, True, True, True]
+    assert store.pin_names() == ["drive"]
+    assert store.pin_ids("drive") == sorted(ids[2:6])
+    assert store.eviction_order() == ids[:2]
+    with pytest.raises(UnknownPin):
+        store.replace_pin("drive", "drive~next")
+    store.replace_pin("drive", "drive")  # onto itself: nothing changes
+    assert store.pin_ids("drive") == sorted(ids[2:6])
+    # members are released a chunk at a time: more than one chunk's worth
+    many = [hashlib.sha256(b"%d" % i).digest() for i in range(9000)]
+    store.set_pin("big", many)
+    store.set_pin("small~next", many[:10])
+    store.replace_pin("big", "small~next")
+    assert store.pin_ids("big") == sorted(many[:10])
+    assert store.stats()["pins"] == {"big": 10, "drive": 4}
+    assert store.check_consistency() == []
+
+
 def test_overlapping_pins_keep_a_block_until_the_last_goes(store: BlockStore) -> None:
     ids = fill(store, range(3), KIB)
     store.set_pin("a", ids[:2])

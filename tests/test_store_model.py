@@ -25,7 +25,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from cache.errors import StoreFull
+from cache.errors import StoreFull, UnknownPin
 from cache.store import BlockStore, PinProgress
 from tests.test_store import corrupt_on_disk, make_block
 
@@ -212,6 +212,17 @@ class StoreModel(RuleBasedStateMachine):
         self.pins[name] -= ids
         self.evict_to_limit()
         self.s.remove_from_pin(name, [POOL[i][0] for i in ids])
+        self.check_limit_after_write()
+
+    @rule(name=PIN_NAMES, source=PIN_NAMES)
+    def replace_pin(self, name: str, source: str) -> None:
+        if source not in self.pins:
+            with pytest.raises(UnknownPin):
+                self.s.replace_pin(name, source)
+            return
+        self.pins[name] = self.pins.pop(source)
+        self.evict_to_limit()
+        self.s.replace_pin(name, source)
         self.check_limit_after_write()
 
     @rule(name=PIN_NAMES)

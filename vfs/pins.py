@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 PIN_FETCH_CONCURRENCY = 128
 # Store lookups made on the event loop at most; a larger batch goes to a worker thread.
 LOOP_BLOCKS = 1024
+# The pin being built for a new round is this pin's name with this suffix (see sync_one).
+BUILDING = "~next"
 
 
 _PATH_RECORD = b"pinpath:"
@@ -165,6 +167,7 @@ class Pins:
 
     def unpin(self, path: list[bytes]) -> None:
         name = pin_name(self.cap, path)
+        self.store.unpin(name + BUILDING)
         if not self.store.unpin(name):
             if self.is_pinned(path):
                 raise UsageError("this path is pinned through a folder above it; unpin that "
@@ -228,16 +231,22 @@ class Pins:
     async def sync_one(self, path: list[bytes]) -> None:
         """Make the pin of `path` hold exactly what `path` needs now, and fetch what is missing.
 
-        Streamed: the blocks of each directory are added to the pin and their
-        missing ones fetched (PIN_FETCH_CONCURRENCY in flight, stored in
-        batches by the store writer) while the walk goes on; the pin's own
-        counters say how far it is. At the end the pin is set to exactly the
-        blocks seen, which releases what an older version needed.
+        Streamed: the blocks of each directory are added to a pin being built
+        (`<name>~next`, so nothing the old set holds is released meanwhile)
+        and their missing ones fetched (PIN_FETCH_CONCURRENCY in flight,
+        stored in batches by the store writer) while the walk goes on; the
+        pin's own counters say how far it is. At the end the pin built
+        replaces the old one in one step, which releases what an older
+        version needed. No set of the pin's ids is ever held in memory: a
+        block two directories share is counted (and looked up) once per
+        directory.
         """
         name = pin_name(self.cap, path)
+        building = name + BUILDING
         progress = self.progress[name] = PinProgress(phase=PIN_LISTING)
         entry, on_way, folder = await self._resolve(path)
-        wanted: dict[bytes, None] = {}
+        # a round cut short left its partial set: it may name blocks of an older version
+        await trio.to_thread.run_sync(self.store.unpin, building)
         limiter = trio.Semaphore(PIN_FETCH_CONCURRENCY)
         failures: list[str] = []
         blocks = self.drive.blocks
@@ -260,12 +269,11 @@ class Pins:
 
         async with trio.open_nursery() as nursery:
             async for pairs, changes in self._batches(entry, on_way, folder):
-                fresh = [(i, n) for i, n in pairs if i not in wanted]
+                fresh = list(dict(pairs).items())  # one directory's blocks, each once
                 if not fresh:
                     continue
-                wanted.update((i, None) for i, _ in fresh)
                 ids = [i for i, _ in fresh]
-                missing = set(await self._in_thread_if_many(self._hold, name, ids))
+                missing = set(await self._in_thread_if_many(self._hold, building, ids))
                 progress.total_blocks += len(fresh)
                 progress.total_bytes += sum(n for _, n in fresh)
                 for i, n in fresh:
@@ -282,8 +290,17 @@ class Pins:
             raise BlockUnavailable(
                 f"{still} of {progress.total_blocks} blocks still missing; the pin stays and "
                 f"completes when a peer serves them ({failures[0]})")
-        await self._in_thread_if_many(self.store.set_pin, name, list(wanted))
+        await trio.to_thread.run_sync(self._finish, name, building)
         progress.phase = PIN_COMPLETE
+
+    def _finish(self, name: str, building: str) -> None:
+        """The pin built replaces the pin (worker thread); unless it was unpinned meanwhile."""
+        if not self.store.has_pin(name):
+            self.store.unpin(building)
+        elif self.store.has_pin(building):
+            self.store.replace_pin(name, building)
+        else:  # nothing below the path: no block was ever added
+            self.store.set_pin(name, [])
 
     def _hold(self, name: str, ids: list[bytes]) -> list[bytes]:
         """Add `ids` to the pin (so nothing evicts them from now on); the ones missing."""
