@@ -31,6 +31,7 @@ from .errors import (
     UsageError,
     unwrap_group,
 )
+from .fs import MIN_INODES
 from .head import MAX_HEAD_MIRRORS
 from .home import Home, checked_mirror_url
 from .logs import setup_logging
@@ -94,9 +95,13 @@ def _node_fields(args: argparse.Namespace) -> dict:
 
 
 def mount_options(args: argparse.Namespace) -> MountOptions:
+    if args.max_inodes is not None and args.max_inodes < MIN_INODES:
+        raise UsageError(f"--max-inodes: at least {MIN_INODES} (the kernel holds every "
+                         "folder on the way to what it uses)")
     return MountOptions(**_node_fields(args), ready_fd=args.ready_fd, verbose=args.verbose,
                         allow_other=args.allow_other, nonempty=args.nonempty,
-                        log_file=args.log_file, publish_delay=_publish_delay(args))
+                        log_file=args.log_file, publish_delay=_publish_delay(args),
+                        max_inodes=args.max_inodes)
 
 
 def _publish_delay(args: argparse.Namespace) -> float:
@@ -110,7 +115,8 @@ def mount_flags(opts: MountOptions) -> list[str]:
     """node_flags plus the mount's own (for the background mount)."""
     return [*node_flags(opts), *(["--allow-other"] if opts.allow_other else []),
             *(["--nonempty"] if opts.nonempty else []),
-            "--publish-delay", repr(opts.publish_delay)]
+            "--publish-delay", repr(opts.publish_delay),
+            *(["--max-inodes", str(opts.max_inodes)] if opts.max_inodes is not None else [])]
 
 
 def serve_options(args: argparse.Namespace) -> ServeOptions:
@@ -927,6 +933,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "by default only you can")
     s.add_argument("--nonempty", action="store_true",
                    help="mount over a folder that holds files (they are hidden meanwhile)")
+    s.add_argument("--max-inodes", type=int, metavar="N",
+                   help="inodes the mount keeps before it asks the kernel to forget the "
+                   "oldest names (memory against lookups again; default 65536)")
     s.add_argument("--link-fd", type=int, help=argparse.SUPPRESS)
     s.add_argument("--foreground", "-f", action="store_true",
                    help="serve in this process until unmounted")

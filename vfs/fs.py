@@ -118,6 +118,8 @@ class Inode:
     # (open handles, its size and page cache), so it keeps its entry for good and
     # the name gets a new inode. Forgotten when the kernel forgets it.
     frozen: bool = False
+    # we asked the kernel to forget its name (trim_inodes); it has not yet
+    asked: bool = False
 
 
 def needs_new_inode(old: Entry, new: Entry | None) -> bool:
@@ -145,6 +147,14 @@ LISTINGS_BY_INODE = KERNEL_CACHES_LISTINGS and hasattr(pyfuse3.Operations, "read
 # Listings remembered by (inode, tag), so a reader still going through an older version's
 # listing of a directory goes on with that listing (see DriveOperations._listing_of).
 LISTINGS_REMEMBERED = 4096
+
+# Inodes the kernel may hold us to before we ask it to let the oldest go: it holds an
+# inode (and so do we: its entry, name and parent) for as long as it keeps the dentry,
+# which after a `find` over a million files is every one of them (FORGET comes only
+# under memory pressure). Past INODES_HIGH the oldest names are invalidated down to
+# three quarters of it; the kernel then forgets what nobody uses, and looks it up again if asked.
+INODES_HIGH = 65536  # `mount --max-inodes`
+MIN_INODES = 64
 
 # A readdir offset is (listing tag << LISTING_TAG_SHIFT) | (index + 1).
 LISTING_TAG_SHIFT = 40
@@ -182,7 +192,7 @@ class DriveOperations(pyfuse3.Operations):
     enable_acl = False
     readdir_by_inode = LISTINGS_BY_INODE
 
-    def __init__(self, drive: Drive) -> None:
+    def __init__(self, drive: Drive, max_inodes: int = INODES_HIGH) -> None:
         super().__init__()
         self.drive = drive
         self.uid = os.getuid()
@@ -197,6 +207,10 @@ class DriveOperations(pyfuse3.Operations):
         self._dirs: dict[int, Inode] = {}
         self._listings: OrderedDict[tuple[int, int], Inode] = OrderedDict()
         self._next_fh = 1
+        self._table_full = trio.Event()
+        self.max_inodes = max_inodes
+        self._asked = 0  # inodes asked to be forgotten and still here
+        self.trimmed = 0  # names we asked the kernel to forget (what the tests look at)
         # set once the kernel's INIT has been answered (see vfs.mount.serve_fuse)
         self.initialized = trio.Event()
         self._switching = trio.Lock()  # one version switch at a time
@@ -272,7 +286,53 @@ class DriveOperations(pyfuse3.Operations):
         self._next_ino += 1
         self.by_name[key] = ino
         node = self.inodes[ino] = Inode(ino, parent, entry.name, entry, version)
+        if len(self.inodes) > self.max_inodes:
+            self._table_full.set()
         return node
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Keep the inode table bounded (`max_inodes`) for as long as the mount runs."""
+        task_status.started()
+        while True:
+            await self._table_full.wait()
+            self._table_full = trio.Event()
+            await self.trim_inodes(self.max_inodes * 3 // 4)
+
+    async def trim_inodes(self, keep: int) -> int:
+        """Ask the kernel to forget the oldest names until about `keep` inodes are left.
+
+        Oldest by when we made them (the table's order): a walk has long left
+        them behind; directories after the files in them, never the root.
+        The kernel answers with FORGET for each inode nobody uses (an open
+        file or a process's working directory stays in the kernel, and so
+        here, under its name); a later lookup makes a fresh inode. The
+        notifications run in a worker thread: the kernel may wait on a
+        request this event loop has to answer first.
+        """
+        excess = len(self.inodes) - self._asked - keep
+        if excess <= 0:
+            return 0
+        names: list[tuple[int, bytes]] = []
+        dirs: list[tuple[int, bytes]] = []
+        for ino, node in self.inodes.items():
+            if len(names) + len(dirs) >= excess:
+                break
+            if ino == pyfuse3.ROOT_INODE or node.frozen or node.asked:
+                continue
+            node.asked = True
+            (dirs if node.entry.is_dir else names).append((node.parent, node.name))
+        names.extend(reversed(dirs))  # the deepest directories first
+
+        def notify() -> None:
+            for parent, name in names:
+                with contextlib.suppress(OSError):
+                    pyfuse3.invalidate_entry(parent, name)
+
+        self._asked += len(names)
+        await trio.to_thread.run_sync(notify)
+        self.trimmed += len(names)
+        return len(names)
 
     def _attrs(self, node: Inode) -> pyfuse3.EntryAttributes:
         e = node.entry
@@ -309,8 +369,15 @@ class DriveOperations(pyfuse3.Operations):
             if entry is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             node = self._remember(parent_inode, entry, version)
-        node.lookups += 1
+        self._looked_up(node)
         return self._attrs(node)
+
+    def _looked_up(self, node: Inode) -> None:
+        """The kernel holds `node` once more (a LOOKUP, or an entry of READDIRPLUS)."""
+        if node.asked:  # it kept the inode, and holds it under a fresh name now
+            node.asked = False
+            self._asked -= 1
+        node.lookups += 1
 
     async def _lookup_in_version(self, parent_inode: int, name: bytes
                                  ) -> tuple[Entry | None, int]:
@@ -333,6 +400,8 @@ class DriveOperations(pyfuse3.Operations):
             node.lookups -= n
             if node.lookups <= 0:
                 del self.inodes[ino]
+                if node.asked:
+                    self._asked -= 1
                 if self.by_name.get((node.parent, node.name)) == ino:
                     del self.by_name[(node.parent, node.name)]
 
@@ -404,7 +473,7 @@ class DriveOperations(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, entry.name, self._attrs(node),
                                          listing_offset(snap.entry, index)):
                 return
-            node.lookups += 1
+            self._looked_up(node)
 
     async def _listing_of(self, ino: int, start_id: int) -> Inode:
         """The listing a READDIR of directory `ino` from `start_id` continues.

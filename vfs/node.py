@@ -129,6 +129,8 @@ async def _mount_main(home: Home, cap: ReadCap, mountpoint: Path, opts: MountOpt
             ops: DriveOperations = WritableOperations(drive, session)
         else:
             ops = DriveOperations(drive)
+        if opts.max_inodes:
+            ops.max_inodes = opts.max_inodes
 
         async def on_new(new: Head) -> None:
             if session is not None and new.seq <= session.head.seq:
@@ -156,6 +158,7 @@ async def _mount_main(home: Home, cap: ReadCap, mountpoint: Path, opts: MountOpt
                     await inner.start(follower.run, on_new)
                 if session is not None:
                     await inner.start(session.run)
+                await inner.start(ops.run)  # keeps the inode table bounded
                 task_status.started()
 
         try:

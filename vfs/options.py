@@ -70,6 +70,7 @@ class MountOptions(NodeOptions):
     # a write link's mount: seconds without a change before a new version is published
     publish_delay: float = 2.0
     at_seq: int | None = None  # LINK@SEQ: mount that old version, read-only, never switched
+    max_inodes: int | None = None  # --max-inodes: the inode table's bound (vfs/fs.py)
 
 
 @dataclass
