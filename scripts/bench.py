@@ -1689,6 +1689,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step-timeout", type=float, default=3600,
                    help="growth table: seconds a step may take before it is cut and shown "
                         "as '> N' (default 3600)")
+    p.add_argument("--growth-skip", action="append", default=[], metavar="STEP",
+                   choices=GROWTH_OPTIONAL,
+                   help="growth table: leave out this comparison step (shown as 'not run'; "
+                        f"repeatable; one of {', '.join(GROWTH_OPTIONAL)})")
     return p
 
 
@@ -1717,7 +1721,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.growth:
         counts = [int(c) for c in args.growth.split(",")]
         return growth_main(counts, args.md or ROOT / "docs" / "benchmarks.md", args.workdir,
-                           args.step_timeout)
+                           args.step_timeout, frozenset(args.growth_skip))
     if args.swarm:
         from bench_swarm import run_swarm_goals
 
@@ -1801,6 +1805,8 @@ GROWTH_STEPS = ("publish", "borg create", "mount", "find cold", "find warm",
                 "rclone find cold", "rclone ls -lR cold", "status root", "status root xattrs",
                 "pin root",
                 "cat every file", "evict root", "mount peak RSS MB", "mount peak anon MB")
+# the comparisons `--growth-skip` may leave out (at 10^6 files they take hours)
+GROWTH_OPTIONAL = ("borg create", "cat every file", "rclone")
 
 
 def growth_tree(root: Path, files: int) -> int:
@@ -1818,9 +1824,12 @@ def growth_tree(root: Path, files: int) -> int:
     return files * GROWTH_FILE_BYTES
 
 
-def growth_row(bench: Bench, files: int, step_timeout: float) -> dict[str, float | str]:
-    """One line of the growth table: seconds per step (MB for memory)."""
-    out: dict[str, float | str] = {}
+def growth_row(bench: Bench, files: int, step_timeout: float,
+               skip: frozenset[str] = frozenset()) -> dict[str, float | str]:
+    """One line of the growth table: seconds per step (MB for memory); `skip`: see
+    GROWTH_OPTIONAL."""
+    out: dict[str, float | str] = {step: "not run" for step in GROWTH_STEPS
+                                   if step in skip or step.startswith("rclone") and "rclone" in skip}
     base = bench.fresh(f"growth-{files}")
     bench.data.mkdir(exist_ok=True)
     tree = bench.data / f"growth-{files}"
@@ -1836,7 +1845,7 @@ def growth_row(bench: Bench, files: int, step_timeout: float) -> dict[str, float
     borg_env = dict(os.environ, BORG_PASSPHRASE="peerdrive-bench",
                     BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
                     BORG_BASE_DIR=str(base / "borg-base"))
-    if shutil.which("borg"):
+    if shutil.which("borg") and "borg create" not in skip:
         repo = base / "borg-repo"
         run_quiet(["borg", "init", "--encryption", "repokey-blake2", str(repo)],
                   env=borg_env, what="borg init")
@@ -1895,15 +1904,17 @@ def growth_row(bench: Bench, files: int, step_timeout: float) -> dict[str, float
                 subprocess.run([*pd, "unpin", str(mnt)], env=bench.env_for(reader),
                                cwd=ROOT, capture_output=True, check=False, timeout=step_timeout)
                 timed_cmd("evict root", [*pd, "evict", str(mnt), "--json"], reader)
-            # a second fresh reader reads every file with cat: what the pin is measured against
-            with fresh_reader("reader2", port) as (_, mnt2):
-                timed_cmd("cat every file", ["sh", "-c", f"find {mnt2} -type f -print0 | "
-                                             "xargs -0 cat > /dev/null"])
+            if "cat every file" not in skip:
+                # a second fresh reader reads every file with cat: what the pin is measured
+                # against
+                with fresh_reader("reader2", port) as (_, mnt2):
+                    timed_cmd("cat every file", ["sh", "-c", f"find {mnt2} -type f -print0 | "
+                                                 "xargs -0 cat > /dev/null"])
     finally:
         bench._links = None
     out["mount peak RSS MB"] = max(p.get("VmHWM", 0) for p in peaks) / 1e6
     out["mount peak anon MB"] = max(p.get("RssAnon", 0) for p in peaks) / 1e6
-    if shutil.which("rclone") and shutil.which("nginx"):
+    if shutil.which("rclone") and shutil.which("nginx") and "rclone" not in skip:
         bench._big = bench._tree = tree  # nginx serves data/ as it is: nothing else to write
         with bench.rclone_mount("growth") as m:
             bench.drop_page_cache()
@@ -1932,7 +1943,7 @@ def growth_markdown(rows: dict[int, dict[str, float | str]]) -> str:
 
 
 def growth_main(counts: list[int], md_path: Path | None, workdir: Path | None,
-                step_timeout: float) -> int:
+                step_timeout: float, skip: frozenset[str] = frozenset()) -> int:
     """Run the growth table for `counts` files; print it, and write it into `md_path`."""
     work = Path(tempfile.mkdtemp(prefix="peerdrive-bench-growth-", dir=workdir))
     rows: dict[int, dict[str, float | str]] = {}
@@ -1943,7 +1954,7 @@ def growth_main(counts: list[int], md_path: Path | None, workdir: Path | None,
         stack.callback(bench.rss_watch.stop)
         try:
             for n in counts:
-                rows[n] = growth_row(bench, n, step_timeout)
+                rows[n] = growth_row(bench, n, step_timeout, skip)
                 print(json.dumps({n: rows[n]}), flush=True)
         except BenchError as exc:
             print(f"bench: error: {exc}", file=sys.stderr)
