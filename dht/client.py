@@ -8,7 +8,7 @@ run per connection:
   Ping, Pong), so a sequential reader's readahead is one TLS record;
 - the reader routes each answer to the request awaiting it, by request id
   (Block/NotFound to a Want, HaveReply to a Have, Pong to a Ping), and takes
-  Notice, Holding, Ping and Goodbye as they come;
+  Notice, Holding, Whole, Ping and Goodbye as they come;
 - the verifier hashes large blocks in worker threads, a batch per thread call,
   so the reader goes straight back to the socket.
 
@@ -56,6 +56,7 @@ from .frames import (
     Ping,
     Pong,
     Want,
+    Whole,
     encode,
     unpack_bitmap,
 )
@@ -172,6 +173,8 @@ class PeerConnection:
         self._pongs_queued = 0  # answers to the peer's pings not yet written (bounded)
         # blocks the server announced (Holding), oldest first; a bounded set
         self.holding: OrderedDict[bytes, None] = OrderedDict()
+        # the trees the server says its node keeps whole (its last Whole frame)
+        self.whole: frozenset[bytes] = frozenset()
 
     # ---- construction -------------------------------------------------------
 
@@ -465,6 +468,8 @@ class PeerConnection:
                     self.stats.notices += 1
                     if self._on_notice is not None:
                         self._on_notice(msg.discovery_key, msg.record)
+                elif isinstance(msg, Whole):
+                    self.whole = frozenset(msg.node_ids)
                 elif isinstance(msg, Holding):
                     self.stats.holdings += 1
                     holding = self.holding

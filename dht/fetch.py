@@ -10,7 +10,10 @@ which peer is asked for which block and when:
   backlog. Nothing but a READ may fill a peer's last `foreground_reserve`
   slots (not even READAHEAD, which a streaming reader keeps at the limit),
   so a READ always finds a slot at once; on the wire it carries its priority
-  and the server answers it ahead of anything queued there.
+  and the server answers it ahead of anything queued there. Small PIN and
+  PREFETCH blocks go deeper (up to `max_small_in_flight_per_peer`,
+  `small_in_flight_bytes` in flight): a pin of many small files is bound by
+  round trips, not bytes.
 * **Spread by speed.** A block goes to the eligible peer with the lowest
   estimated completion time, (bytes in flight + this block) / throughput EWMA
   + latency EWMA, so every provider gets work and faster ones get more.
@@ -88,6 +91,10 @@ class FetchConfig:
 
     max_in_flight_per_peer: int = 16
     foreground_reserve: int = 2  # slots per peer that only a READ may take
+    # PIN/PREFETCH requests per peer past the usual slots while blocks are small: up to
+    # this many, as long as what is in flight stays under small_in_flight_bytes
+    max_small_in_flight_per_peer: int = 128
+    small_in_flight_bytes: int = 256 * 1024
     max_parallel_attempts: int = 2  # one attempt + one hedge per block at a time
     hedge_factor: float = 3.0
     hedge_floor: float = 0.5  # seconds: never hedge sooner than this
@@ -549,6 +556,24 @@ class Fetcher:
                     nursery.start_soon(ask, peer)
         return dict(out)
 
+    async def whole_map(self, *, timeout: float | None = None) -> dict[bytes, frozenset[bytes]]:
+        """What each reachable provider says it keeps whole: node id -> directory node ids.
+
+        Providers push a Whole frame as a connection opens and whenever it
+        changes; every provider is pinged first (connecting as needed, as
+        `have_map` with no ids), so what each said on connecting has arrived
+        by its pong. One round trip per provider, whatever the tree's size.
+        Claims, not proofs, and a peer shunned for corrupt blocks is not
+        asked.
+        """
+        reachable = await self.have_map((), timeout=timeout)
+        out: dict[bytes, frozenset[bytes]] = {}
+        for node_id in reachable:
+            peer = self._peers.get(node_id)
+            conn = peer.conn if peer is not None else None
+            out[node_id] = conn.whole if conn is not None else frozenset()
+        return out
+
     async def count_holders(
         self, block_ids: Iterable[bytes], *, timeout: float | None = None
     ) -> int:
@@ -869,10 +894,20 @@ class Fetcher:
 
     def _has_slot(self, peer: _Peer, priority: Priority) -> bool:
         config = self.config
-        if peer.in_flight >= config.max_in_flight_per_peer:
+        usual = config.max_in_flight_per_peer - config.foreground_reserve
+        # background requests past the usual slots: small blocks in a deep pipeline
+        deep = max(0, peer.in_flight_lazy - usual)
+        if peer.in_flight - deep >= config.max_in_flight_per_peer:
             return False
         if priority > Priority.READ:
-            return peer.in_flight_lazy < config.max_in_flight_per_peer - config.foreground_reserve
+            if peer.in_flight_lazy < usual:
+                return True
+            if priority < Priority.PIN:  # READAHEAD keeps to the usual slots
+                return False
+            # Small blocks (a pin of many small files) go deeper: the server answers a
+            # run of them in one read and one write, so a round trip carries many.
+            return (peer.in_flight_lazy < config.max_small_in_flight_per_peer
+                    and peer.in_flight_bytes + self._size_guess <= config.small_in_flight_bytes)
         return True
 
     def _dispatch(self, now: float) -> None:

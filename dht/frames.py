@@ -36,6 +36,7 @@ MAX_TOKEN = 2**32 - 1
 MAX_WANTS_LIMIT = 65535  # the largest per-connection want limit a server may announce
 MAX_HAVE_IDS = 120  # block ids in one Have: 120 x 32 bytes keeps it under MAX_CLIENT_FRAME
 MAX_BITMAP = (MAX_HAVE_IDS + 7) // 8
+MAX_WHOLE_IDS = MAX_HAVE_IDS  # node ids in one Whole (0 allowed)
 NONCE_LEN = 32
 PUBLIC_KEY_LEN = 32
 PROOF_LEN = 32
@@ -115,6 +116,19 @@ def _ids_from_wire(value: Any) -> tuple[bytes, ...]:
             f"expected 1..{MAX_HAVE_IDS} block ids of {BLOCK_ID_LEN} bytes, got {len(value)} bytes"
         )
     return tuple(value[i : i + BLOCK_ID_LEN] for i in range(0, len(value), BLOCK_ID_LEN))
+
+
+def _maybe_ids_from_wire(value: Any) -> tuple[bytes, ...]:  # for Whole: MAX_WHOLE_IDS
+    """As _ids_from_wire, but none at all is allowed too (an empty byte string)."""
+    if value == b"":
+        return ()
+    return _ids_from_wire(value)
+
+
+def _maybe_ids_to_wire(value: Any) -> bytes:
+    if isinstance(value, tuple | list) and not value:
+        return b""
+    return _ids_to_wire(value)
 
 
 def _ids_to_wire(value: Any) -> bytes:
@@ -337,6 +351,26 @@ class Holding(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Whole(Message):
+    """Server -> client: the trees this node holds whole, by the id of their top directory
+    node; it replaces whatever the server said before (none: it holds no tree whole).
+
+    "Whole" means every block needed to read everything below (directory
+    nodes, chunk lists, chunks) is on the node and kept there (pinned): a
+    reader's complete pins, a publisher's or host's complete versions (a
+    version's root directory node id is its head's root block). A directory
+    node id names its whole tree (a Merkle tree), so the claim holds in every
+    version that has that directory. Copies of a folder are counted from
+    these, with no question per block. A claim, not a proof.
+    """
+
+    node_ids: tuple[bytes, ...]
+    TYPE: ClassVar[str] = "whole"
+    CHECKS: ClassVar[dict[str, Callable[[Any], Any]]] = {"node_ids": _maybe_ids_from_wire}
+    ENCODERS: ClassVar[dict[str, Callable[[Any], Any]]] = {"node_ids": _maybe_ids_to_wire}
+
+
+@dataclass(frozen=True, slots=True)
 class Ping(Message):
     """Either side: liveness / round-trip probe; answered by Pong with the same token."""
 
@@ -377,6 +411,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         HaveReply,
         Notice,
         Holding,
+        Whole,
         Ping,
         Pong,
         Goodbye,

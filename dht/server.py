@@ -37,9 +37,11 @@ from .frames import (
     MAX_FRAME,
     MAX_HAVE_IDS,
     MAX_WANTS_LIMIT,
+    MAX_WHOLE_IDS,
     Holding,
     Notice,
     Welcome,
+    Whole,
     encode,
 )
 from .handshake import Accepted, ServerHandshake
@@ -172,6 +174,8 @@ class PeerServer:
         self.port: int | None = None
         self._ssl_context = server_context(identity)
         self._clients: dict[bytes, set[ServerConnection]] = {}
+        # discovery key -> the Whole frame this node says now (sent to each new client too)
+        self._whole: dict[bytes, bytes] = {}
         # A push connection (a dialer serving us a drive, dht/push.py) is accepted only when
         # the layer above takes it: on_push gets the running client connection.
         self.on_push: Callable[[PeerConnection], Awaitable[None]] | None = None
@@ -240,6 +244,20 @@ class PeerServer:
         self.stats.holdings_sent += sent
         return sent
 
+    def announce_whole(self, discovery_key: bytes, node_ids: Sequence[bytes]) -> int:
+        """Say which trees this node keeps whole (Whole, up to MAX_WHOLE_IDS node ids): to
+        every client of that key now, and to each client that connects later. It replaces
+        what was said before. Returns how many clients got it now."""
+        frame = encode(Whole(tuple(node_ids[:MAX_WHOLE_IDS])))
+        if self._whole.get(discovery_key) == frame:
+            return 0
+        self._whole[discovery_key] = frame
+        sent = 0
+        for conn in list(self._clients.get(discovery_key, ())):
+            if conn.push_control(None, frame):
+                sent += 1
+        return sent
+
     async def say_goodbye(self) -> None:
         """Tell every client this node is leaving (Goodbye), so none waits on it; a clean
         stop calls this before cancelling the server."""
@@ -297,6 +315,21 @@ class PeerServer:
             self.stats.source_errors += 1
             return None
         return data
+
+    def lookup_many(self, discovery_key: bytes, block_ids: list[bytes],
+                    budget: int) -> list[bytes | None]:
+        """`lookup` for several blocks in turn, in one worker-thread call (many small blocks
+        cost one thread hand-off, not one each); it stops once what it read reaches
+        `budget` bytes, so it may answer only the first few (the rest are not read)."""
+        out: list[bytes | None] = []
+        total = 0
+        for block_id in block_ids:
+            data = self.lookup(discovery_key, block_id)
+            out.append(data)
+            total += len(data) if data is not None else 0
+            if total >= budget:
+                break
+        return out
 
     def holds(self, discovery_key: bytes, block_ids: tuple[bytes, ...]) -> list[bool]:
         """Which of these blocks the source holds for this drive (a failing source: none)."""
@@ -384,6 +417,9 @@ class PeerServer:
     async def serve_connection(self, conn: ServerConnection) -> None:
         """Serve one client past its handshake (accepted, or dialled by a push) until it ends."""
         self._clients.setdefault(conn.discovery_key, set()).add(conn)
+        whole = self._whole.get(conn.discovery_key)
+        if whole is not None:
+            conn.push_control(None, whole)  # ahead of any answer: before a first pong
         if self._on_client_joined is not None:
             self._on_client_joined(conn.discovery_key, conn.client_id)
         try:

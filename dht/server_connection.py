@@ -6,7 +6,7 @@ Rules (docs/protocol.md, "After the handshake"):
    priority; a Cancel forgets a want (a block already being read is dropped
    before it is sent). A duplicate request id, or more than the server's
    `max_wants` outstanding, is a protocol violation.
-2. Control frames (Notice, Holding, HaveReply, Pong, Goodbye) go out ahead of
+2. Control frames (Notice, Holding, Whole, HaveReply, Pong, Goodbye) go out ahead of
    blocks; a client that lets MAX_CONTROL_BACKLOG of them pile up is not
    reading and is dropped.
 3. Have frames are answered from a token bucket (the server's `have_rate`,
@@ -50,23 +50,33 @@ if TYPE_CHECKING:
     from .server import PeerServer
 
 HOLDING_WAIT = 2.0  # seconds a server waits for its node's own fetch of an announced block
-# Blocks a server connection reads from its source ahead of the one it is sending: a cold
-# store read is a disk wait, and reading the next block while this one goes out keeps both
-# the disk and the connection busy. Small, so a READ that arrives behind a PIN backlog waits
-# for at most this many blocks.
-LOOKAHEAD_BLOCKS = 2
+# Wanted blocks are read from the source in batches, one worker-thread call each, of as
+# many wants as make about LOAD_BYTES at the sizes this connection's blocks have had (at
+# most LOAD_BATCH; a read stops at LOAD_BYTES and what it did not reach is queued again).
+# A cold store read is a disk wait, so up to LOOKAHEAD_BATCHES batches are taken ahead of
+# what has gone out, keeping both the disk and the connection busy; few, so a READ that
+# arrives behind a PIN backlog waits for at most that much. Many small blocks (a pin of
+# 10^5 small files) cost a thread hand-off per batch, not per block.
+LOAD_BATCH = 64
+LOAD_BYTES = 256 * 1024
+LOOKAHEAD_BATCHES = 2
+# Blocks sent in one write (one TLS record run, one system call): consecutive replies that
+# are ready go together up to this many bytes.
+SEND_BYTES = 256 * 1024
 
 
 class _Lookup:
     """One wanted block on its way from the source to the wire."""
 
-    __slots__ = ("req_id", "seq", "data", "done")
+    __slots__ = ("req_id", "seq", "data", "done", "skip", "batch")
 
-    def __init__(self, req_id: int, seq: int) -> None:
+    def __init__(self, req_id: int, seq: int, batch: list[int]) -> None:
         self.req_id = req_id
         self.seq = seq
         self.data: bytes | None = None
         self.done = False
+        self.skip = False  # not read: its batch's byte budget ran out; queued again
+        self.batch = batch  # [lookups of its batch not yet sent or dropped]
 
 
 class ServerConnection:
@@ -96,7 +106,11 @@ class ServerConnection:
         # blocks being read from the source or read, in the order they go out
         self._ready: deque[_Lookup] = deque()
         self._wake = trio.Event()  # the writer: a control frame or a looked-up block is ready
-        self._load_wake = trio.Event()  # the loader: a new want, or room in `_ready`
+        self._load_wake = trio.Event()  # the loader: a new want, or a batch read
+        self._unsent_batches = 0  # batches taken whose replies have not all gone out
+        # running mean of the blocks read here, which sizes batches: it starts as if blocks
+        # were large (one want a batch) and shrinks as small ones come
+        self._block_size = float(LOAD_BYTES)
         self._scope: trio.CancelScope | None = None
         self._goodbye_sent = False
         self._have_tokens = float(server.have_burst)
@@ -225,12 +239,13 @@ class ServerConnection:
                            if (w := wants.get(e[2])) is not None and w[0] == e[1]]
             heapq.heapify(self._queue)
 
-    def _next_want(self) -> tuple[int, int, bytes] | None:
+    def _next_want(self) -> tuple[int, int, int, bytes] | None:
+        """(priority, seq, req_id, block_id) of the most urgent live want, off the heap."""
         while self._queue:
-            _prio, seq, req_id = heapq.heappop(self._queue)
+            prio, seq, req_id = heapq.heappop(self._queue)
             want = self._wants.get(req_id)
             if want is not None and want[0] == seq:
-                return req_id, seq, want[1]
+                return prio, seq, req_id, want[1]
         return None
 
     async def _loader(self, nursery: trio.Nursery) -> None:
@@ -238,47 +253,112 @@ class ServerConnection:
 
         A store read can wait on the disk; in a thread it neither stalls the
         event loop (every other connection, the DHT) nor this connection's
-        sends. Up to LOOKAHEAD_BLOCKS reads run at once, so the disk works on
-        the next blocks while this one goes out; they are sent in the order
-        they were taken.
+        sends. Wants are taken in batches (about LOAD_BYTES, at most
+        LOAD_BATCH), up to LOOKAHEAD_BATCHES of them read ahead of the sends;
+        they are sent in the order they were taken.
         """
         while True:
-            want = None
-            if not self._goodbye_sent and len(self._ready) < LOOKAHEAD_BLOCKS:
-                want = self._next_want()
-            if want is None:
+            batch: list[tuple[_Lookup, bytes]] = []
+            if not self._goodbye_sent and self._unsent_batches < LOOKAHEAD_BATCHES:
+                most = max(1, min(LOAD_BATCH, int(LOAD_BYTES // self._block_size)))
+                left = [0]
+                while len(batch) < most and (want := self._next_want()) is not None:
+                    prio, seq, req_id, block_id = want
+                    lookup = _Lookup(req_id, seq, left)
+                    self._ready.append(lookup)
+                    batch.append((lookup, prio, block_id))
+                left[0] = len(batch)
+            if not batch:
                 self._load_wake = trio.Event()
                 await self._load_wake.wait()
                 continue
-            req_id, seq, block_id = want
-            lookup = _Lookup(req_id, seq)
-            self._ready.append(lookup)
-            nursery.start_soon(self._look_up, lookup, block_id)
+            self._unsent_batches += 1
+            nursery.start_soon(self._look_up, batch, nursery)
 
-    async def _look_up(self, lookup: _Lookup, block_id: bytes) -> None:
+    async def _look_up(self, batch: list[tuple[_Lookup, int, bytes]],
+                       nursery: trio.Nursery) -> None:
         in_flight = self.server.in_flight
+        to_read = batch
         if in_flight is not None:
             # A block our node fetched moments ago for this drive (or is fetching) is
             # answered from its memory: most of what a reader relays to the readers
             # beside it, with no store read and no worker-thread round trip, each a
             # wait for a CPU on a busy machine.
-            lookup.data = await in_flight(self.discovery_key, block_id, 0)
-            if lookup.data is not None:
-                self.server.stats.served_in_flight += 1
-        if lookup.data is None:
-            lookup.data = await trio.to_thread.run_sync(self.server.lookup, self.discovery_key,
-                                                         block_id)
-        if lookup.data is None and in_flight is not None:
-            # Perhaps announced by our node and still on its way here: wait for it,
-            # out of the send queue, so the blocks wanted after it go out meanwhile.
-            self._ready.remove(lookup)
-            self._load_wake.set()
-            lookup.data = await in_flight(self.discovery_key, block_id, HOLDING_WAIT)
-            if lookup.data is not None:
-                self.server.stats.served_in_flight += 1
-            self._ready.append(lookup)
-        lookup.done = True
+            to_read = []
+            for item in batch:
+                lookup, _prio, block_id = item
+                lookup.data = await in_flight(self.discovery_key, block_id, 0)
+                if lookup.data is None:
+                    to_read.append(item)
+                else:
+                    self.server.stats.served_in_flight += 1
+                    lookup.done = True
+        found: list[bytes | None] = []
+        if to_read:
+            found = await trio.to_thread.run_sync(
+                self.server.lookup_many, self.discovery_key, [b for _, _, b in to_read],
+                LOAD_BYTES)
+        for k, (lookup, prio, block_id) in enumerate(to_read):
+            if k >= len(found):
+                # not read (the byte budget ran out: the blocks were larger than their
+                # running mean said): back in its place in the queue
+                lookup.skip = lookup.done = True
+                heapq.heappush(self._queue, (prio, lookup.seq, lookup.req_id))
+                continue
+            data = lookup.data = found[k]
+            if data is None and in_flight is not None:
+                # Perhaps announced by our node and still on its way here: wait for it,
+                # out of the send queue, so the blocks wanted after it go out meanwhile.
+                self._ready.remove(lookup)
+                nursery.start_soon(self._wait_in_flight, lookup, block_id)
+                continue
+            lookup.done = True
+            if data is not None:
+                self._block_size += (len(data) - self._block_size) / 4
         self._wake.set()
+        self._load_wake.set()
+
+    async def _wait_in_flight(self, lookup: _Lookup, block_id: bytes) -> None:
+        in_flight = self.server.in_flight
+        assert in_flight is not None
+        lookup.data = await in_flight(self.discovery_key, block_id, HOLDING_WAIT)
+        if lookup.data is not None:
+            self.server.stats.served_in_flight += 1
+        lookup.done = True
+        self._ready.append(lookup)
+        self._wake.set()
+
+    def _replies_ready(self) -> tuple[list[bytes], list[tuple[int, int, int]]]:
+        """The replies ready to go, in order, as frames for one write (up to SEND_BYTES; a
+        large block goes on its own): (frames, [(req_id, seq, block bytes or -1)])."""
+        parts: list[bytes] = []
+        sent: list[tuple[int, int, int]] = []
+        size = 0
+        ready = self._ready
+        while ready and ready[0].done and size < SEND_BYTES:
+            lookup = ready[0]
+            data = lookup.data
+            if parts and data is not None and len(data) >= SEND_BYTES // 4:
+                break  # goes out alone next, not copied into a joined buffer
+            ready.popleft()
+            lookup.batch[0] -= 1
+            if lookup.batch[0] == 0:
+                self._unsent_batches -= 1
+            if lookup.skip:
+                continue
+            current = self._wants.get(lookup.req_id)
+            if current is None or current[0] != lookup.seq:
+                continue  # cancelled (or its id re-used) while it was being read
+            if data is None:
+                self.server.stats.not_found += 1
+                parts.append(encode(NotFound(lookup.req_id)))
+                sent.append((lookup.req_id, lookup.seq, -1))
+            else:
+                frame = encode(Block(lookup.req_id, data))
+                parts.append(frame)
+                size += len(frame)
+                sent.append((lookup.req_id, lookup.seq, len(data)))
+        return parts, sent
 
     async def _writer(self) -> None:
         stats = self.server.stats
@@ -300,26 +380,20 @@ class ServerConnection:
                     self._wake = trio.Event()
                     await self._wake.wait()
                     continue
-                lookup = self._ready.popleft()
-                req_id, seq, data = lookup.req_id, lookup.seq, lookup.data
+                parts, sent = self._replies_ready()
                 self._load_wake.set()
-                current = self._wants.get(req_id)
-                if current is None or current[0] != seq:
-                    continue  # cancelled (or its id re-used) while it was being read
-                if data is None:
-                    stats.not_found += 1
-                    reply: Message = NotFound(req_id)
-                else:
-                    reply = Block(req_id, data)
-                await self.frames.send(reply)
-                if data is not None:
-                    stats.blocks_served += 1
-                    stats.bytes_served += len(data)
-                # Still outstanding until sent; a Cancel meanwhile already
-                # removed it, and a re-used req_id has a newer seq.
-                current = self._wants.get(req_id)
-                if current is not None and current[0] == seq:
-                    del self._wants[req_id]
+                if not parts:
+                    continue
+                await self.frames.send_bytes(parts[0] if len(parts) == 1 else b"".join(parts))
+                for req_id, seq, size in sent:
+                    if size >= 0:
+                        stats.blocks_served += 1
+                        stats.bytes_served += size
+                    # Still outstanding until sent; a Cancel meanwhile already
+                    # removed it, and a re-used req_id has a newer seq.
+                    current = self._wants.get(req_id)
+                    if current is not None and current[0] == seq:
+                        del self._wants[req_id]
                 await trio.lowlevel.checkpoint()
         except PeerGoneError as exc:
             if isinstance(exc, PeerStuckError):

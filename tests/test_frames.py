@@ -40,6 +40,7 @@ from dht.frames import (
     Refused,
     Want,
     Welcome,
+    Whole,
     encode,
     pack_bitmap,
     unpack_bitmap,
@@ -81,6 +82,8 @@ EXAMPLES: list[Message] = [
     Pong(0),
     Goodbye("bye \u00e9\u4e16"),
     Holding((ID, bytes(range(32)))),
+    Whole((ID, bytes(range(32)))),
+    Whole(()),
 ]
 
 
@@ -262,6 +265,8 @@ def test_bounded_strings_and_bytes() -> None:
         Have(1, (ID[:31],)),
         Have(1, ID),  # type: ignore[arg-type]
         HaveReply(1, b"x" * (MAX_BITMAP + 1)),
+        Whole((ID,) * (MAX_HAVE_IDS + 1)),
+        Whole((ID[:31],)),
     ],
     ids=lambda m: type(m).__name__,
 )
@@ -358,6 +363,7 @@ messages = st.one_of(
     st.builds(Pong, tokens),
     st.builds(Goodbye, reasons),
     st.builds(Holding, st.lists(ids, min_size=1, max_size=MAX_HAVE_IDS).map(tuple)),
+    st.builds(Whole, st.lists(ids, max_size=MAX_HAVE_IDS).map(tuple)),
 )
 
 

@@ -15,7 +15,7 @@ import trio
 from dht.client import PeerConnection
 from dht.errors import DhtError, PeerGoneError, PeerProtocolError
 from dht.fetch import FetchConfig, Fetcher
-from dht.frames import MAX_HAVE_IDS, Have, HaveReply, encode
+from dht.frames import MAX_HAVE_IDS, MAX_WHOLE_IDS, Have, HaveReply, encode
 from dht.identity import NodeIdentity
 from dht.types import PeerAddr
 from tests.helpers import run_trio
@@ -282,3 +282,36 @@ def test_count_holders_needs_a_running_fetcher() -> None:
             await fetcher.count_holders([random_id()])
 
     trio.run(main)
+
+
+def test_whole_announcements_reach_clients_as_they_connect_and_as_they_change() -> None:
+    """Whole: what a node keeps whole, said to each client on connecting and on change;
+    `whole_map` gathers it from every reachable provider with one ping each."""
+    dk, secret = new_drive()
+    tree_a, tree_b = random_id(), random_id()
+
+    async def test(nursery: trio.Nursery) -> None:
+        server1, addr1 = await start_server(nursery, {}, {dk: secret})
+        server2, addr2 = await start_server(nursery, {}, {dk: secret})
+        _, addr3 = await start_server(nursery, {}, {dk: secret})  # says nothing
+        server1.announce_whole(dk, [tree_a])  # before anyone connects
+        server1.announce_whole(new_drive()[0], [tree_b])  # another drive's: not ours
+        async with Fetcher(NodeIdentity.generate(), dk, secret, fixed([addr1, addr2, addr3]),
+                           config=FAST) as fetcher:
+            assert await fetcher.whole_map(timeout=3.0) == {
+                addr1.node_id: frozenset([tree_a]), addr2.node_id: frozenset(),
+                addr3.node_id: frozenset()}
+            assert server2.announce_whole(dk, [tree_a, tree_b]) == 1
+            assert server2.announce_whole(dk, [tree_a, tree_b]) == 0  # unchanged: not sent
+            server1.announce_whole(dk, [])  # it keeps nothing whole any more
+            answers = await fetcher.whole_map(timeout=3.0)
+            assert answers[addr2.node_id] == frozenset([tree_a, tree_b])
+            assert answers[addr1.node_id] == frozenset()
+        # more than one frame holds is cut to what one frame holds
+        many = [random_id() for _ in range(MAX_WHOLE_IDS + 5)]
+        server1.announce_whole(dk, many)
+        async with PeerConnection.open(addr1, NodeIdentity.generate(), dk, secret) as conn:
+            await conn.ping()
+            assert conn.whole == frozenset(many[:MAX_WHOLE_IDS])
+
+    run(test)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from tests.helpers import mount_pid, mounted, peerdrive, publish
+from tests.pin_helpers import Nodes, poll, xattr
 
 FOLDERS = 5
 PER_FOLDER = 60
@@ -58,3 +59,42 @@ def test_the_inode_table_shrinks_back_after_a_walk_and_every_file_still_reads(
             assert (mnt / rel).read_bytes() == data
         assert {str(p.relative_to(mnt)) for p in mnt.rglob("*") if p.is_file()} == set(want)
 
+
+
+def test_folder_copies_come_from_what_the_peers_announce(tmp_path: Path) -> None:
+    """A folder's `copies` counts the devices that said they keep it whole (Whole frames):
+    the publisher's serve (the whole version), a reader's complete pins; an unpin takes
+    it back. The serve counts a reader that keeps the whole version (`status --json`)."""
+    src = tmp_path / "src"
+    for folder, count in (("a", 3), ("b", 2)):
+        (src / folder).mkdir(parents=True)
+        for i in range(count):
+            (src / folder / f"f{i}").write_bytes(os.urandom(2048))
+    pub, home_a, home_b = (tmp_path / n for n in ("pub", "ra", "rb"))
+    for h in (home_a, home_b):
+        h.mkdir()
+    out = publish(pub, src)
+    link = out["read_link"]
+
+    def served_copies() -> int:
+        data = json.loads(peerdrive(pub, "status", "--json").stdout)
+        return next(d for d in data["drives"] if d["drive"] == out["drive"])["copies"]
+
+    with Nodes(tmp_path) as nodes:
+        seeder = nodes.serve("pub", pub)
+        flags = ("--bootstrap", seeder.addr, "--fetch-timeout", "30")
+        a = nodes.mount(home_a, link, tmp_path / "mnt-a", *flags).path
+        b = nodes.mount(home_b, link, tmp_path / "mnt-b", *flags).path
+        # the publisher keeps the whole version: one copy of every folder, none here
+        assert (xattr(b, "copies"), xattr(b / "a", "copies")) == ("1", "1")
+        peerdrive(home_a, "pin", str(a / "a"))
+        assert poll(lambda: xattr(b / "a", "copies") == "2", timeout=60), nodes.diagnostics()
+        assert (xattr(b, "copies"), xattr(b / "b", "copies")) == ("1", "1")
+        assert xattr(a / "a", "copies") == "2"  # the publisher and this device
+        assert served_copies() == 1  # itself: the reader keeps only a folder
+        peerdrive(home_a, "pin", str(a))
+        assert poll(lambda: xattr(b / "b", "copies") == "2", timeout=60), nodes.diagnostics()
+        assert poll(lambda: served_copies() == 2, timeout=60)
+        peerdrive(home_a, "unpin", str(a))
+        assert poll(lambda: xattr(b / "b", "copies") == "1", timeout=60)
+        assert xattr(b / "a", "copies") == "2"  # still pinned on its own

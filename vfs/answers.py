@@ -22,9 +22,11 @@ from .formats import Entry
 if TYPE_CHECKING:
     from .drive import Drive
 
-COPIES_TIMEOUT = 5.0  # seconds the peers get to say which blocks they hold
+COPIES_TIMEOUT = 5.0  # seconds the peers get to answer (a ping, or which blocks they hold)
 # Blocks looked up in the store on the event loop at most; more go to a worker thread.
 LOOP_LOOKUPS = 2048
+# Blocks evicted in one go when a folder is evicted (one store transaction each).
+EVICT_BATCH = 8192
 
 
 class Answers:
@@ -62,51 +64,61 @@ class Answers:
             return t.have, t.size
         return 0, 0
 
-    async def file_block_sets(self, entry: Entry) -> list[list[bytes]]:
-        """For every file at or below `entry`: the ids of its chunk-list and chunk blocks."""
+    async def copies(self, path: list[bytes], entry: Entry) -> int:
+        """How many copies of `entry` are known: devices that keep it whole.
+
+        For a folder: the peers that announced (Whole frames, kept per
+        connection) a tree holding it whole, that is the folder itself or a
+        folder above it (a complete pin, a publisher's or host's complete
+        version: its root); no question per block or file is asked, so this
+        costs the same for a folder of ten files and of a million. Plus one
+        if this device holds every byte below it (0 for a folder with no
+        files). For a file: the reachable peers that hold every block of it
+        (chunk lists and chunks), asked now with one Have, plus one if this
+        device holds it whole. A peer that does not answer within
+        COPIES_TIMEOUT does not count.
+        """
+        drive = self.drive
         if entry.is_file:
             ids = [cl.ref.block_id for cl in entry.chunk_lists or ()]
             ids.extend(r.block_id for r in
-                       (await self.drive.tree.chunk_map(entry, Priority.PREFETCH)).chunks)
-            return [ids]
-        out: list[list[bytes]] = []
-        if entry.is_dir and entry.node is not None:
-            async for d in self.drive.figures.subtree(entry.node, Priority.PREFETCH):
-                ids = d.block_ids()
-                start = 0
-                for end in d.file_ends:
-                    out.append(ids[start:end])
-                    start = end
-        return out
-
-    async def copies(self, entry: Entry) -> int:
-        """How many copies of `entry` are known: devices that hold it whole.
-
-        For a file: the reachable peers serving this drive that hold every
-        block of it (chunk lists and chunks), asked now with Have (one
-        question for all the blocks of a folder, not one per file), plus one
-        if this device holds it whole. For a folder: the least of that over
-        every file below it (0 for a folder with no files). A peer that does
-        not answer within COPIES_TIMEOUT does not count.
-        """
-        files = await self.file_block_sets(entry)
-        if not files:
+                       (await drive.tree.chunk_map(entry, Priority.PREFETCH)).chunks)
+            count = 0 if await self._missing(ids) else 1
+            if drive.holders is not None and ids:
+                answers = await drive.holders(ids, COPIES_TIMEOUT)
+                count += sum(1 for flags in answers.values() if all(flags))
+            return count
+        if not entry.is_dir or entry.node is None:
             return 0
-        union = list(dict.fromkeys(i for ids in files for i in ids))
-        answers: dict[bytes, list[bool]] = {}
-        if self.drive.holders is not None:
-            answers = await self.drive.holders(union, COPIES_TIMEOUT)
-        where = {block_id: k for k, block_id in enumerate(union)}
-        gone = await self._missing(union)
-        least: int | None = None
-        for k, ids in enumerate(files):
-            count = sum(1 for flags in answers.values() if all(flags[where[i]] for i in ids))
-            if not gone.intersection(ids):
-                count += 1
-            least = count if least is None else min(least, count)
-            if k % 1024 == 1023:
-                await trio.lowlevel.checkpoint()
-        return least or 0
+        root = drive.root_entry().node
+        totals = await drive.figures.totals(entry.node, root=entry.node == root)
+        if totals.files == 0:
+            return 0
+        count = 1 if totals.have >= totals.size else 0
+        if drive.whole is not None:
+            tops = set(await self._folders_on_the_way(path))
+            tops.add(entry.node.block_id)
+            announced = await drive.whole(COPIES_TIMEOUT)
+            count += sum(1 for held in announced.values() if not tops.isdisjoint(held))
+        return count
+
+    async def _folders_on_the_way(self, path: list[bytes]) -> list[bytes]:
+        """Node ids of the folders from the root down to `path`'s parent."""
+        tree = self.drive.tree
+        entry = self.drive.root_entry()
+        out: list[bytes] = []
+        for name in path[:-1]:
+            if not entry.is_dir or entry.node is None:
+                break
+            out.append(entry.node.block_id)
+            child = await tree.lookup(entry.node, name)
+            if child is None:
+                break
+            entry = child
+        else:
+            if path and entry.is_dir and entry.node is not None:
+                out.append(entry.node.block_id)
+        return out
 
     # -- the attributes --------------------------------------------------------------
 
@@ -132,7 +144,7 @@ class Answers:
             progress = pins.progress_of(path) if pins is not None else None
             return progress.encode() if progress is not None else None
         if name == xattrs.COPIES:
-            return xattrs.encode_int(await self.copies(entry))
+            return xattrs.encode_int(await self.copies(path, entry))
         if name == xattrs.VERSIONS:
             return await self.versions() if not path else None
         if name not in (xattrs.STATE, xattrs.CACHED, xattrs.SIZE):
@@ -166,26 +178,35 @@ class Answers:
         return False
 
     async def evict(self, entry: Entry, folder: bytes | None = None) -> None:
-        """Remove the unpinned blocks of `entry` (and of everything below it) from this device."""
+        """Remove the unpinned blocks of `entry` (and of everything below it) from this device.
+
+        A folder goes a few thousand blocks at a time, as its directories come:
+        what is held in memory does not grow with the folder.
+        """
         drive = self.drive
-        dirs: list[bytes] = []
-        ids: list[bytes] = []
         if entry.is_file:
             ids = [cl.ref.block_id for cl in entry.chunk_lists or ()]
             ids.extend(r.block_id for r in
                        (await drive.tree.chunk_map(entry, Priority.PREFETCH)).chunks)
-        elif entry.is_dir and entry.node is not None:
-            async for d in drive.figures.subtree(entry.node, Priority.PREFETCH):
-                dirs.append(d.node_id)
-                ids.extend(r.block_id for r in d.nodes)
-                ids.extend(d.block_ids())
-        else:
+            # a file whose folder is not known here: any folder may have changed
+            await self._evict_batch(ids, [folder] if folder is not None else None)
             return
+        if not entry.is_dir or entry.node is None:
+            return
+        dirs: list[bytes] = []
+        ids = []
+        async for d in drive.figures.subtree(entry.node, Priority.PREFETCH):
+            dirs.append(d.node_id)
+            ids.extend(r.block_id for r in d.nodes)
+            ids.extend(d.block_ids())
+            if len(ids) >= EVICT_BATCH:
+                await self._evict_batch(ids, dirs)
+                ids, dirs = [], []
+        await self._evict_batch(ids, dirs)
+
+    async def _evict_batch(self, ids: list[bytes], dirs: list[bytes] | None) -> None:
+        drive = self.drive
         ids = list(dict.fromkeys(ids))
         await drive.blocks.evict(ids)
-        if entry.is_file:
-            dirs = [folder] if folder is not None else []
-        # a file whose folder is not known here: any folder may have changed
-        drive.figures.removed(ids, dirs if dirs or entry.is_dir else None)
+        drive.figures.removed(ids, dirs)
         drive.figures.noted()
-

@@ -1,12 +1,20 @@
-"""How many other nodes hold a whole version of each drive a `serve` process serves.
+"""How many other nodes keep a whole version of each drive a `serve` process serves.
 
 `peerdrive publish --wait-copies N` and `peerdrive status` read it from the
-node's status snapshot. A version's blocks are the ones its block list names
-plus the list's own blocks; every provider this node knows (the DHT's, LAN
-neighbours, the targets it pushes to) is asked with `have` frames which of
-them it holds, and those that answer holding all count. Asked every
-FAST_INTERVAL seconds for FAST_PERIOD after a new version (while hosts are
-fetching it), every SLOW_INTERVAL after that.
+node's status snapshot. Nodes say which trees they keep whole with Whole
+frames (dht/frames.py), pushed to every client as it connects and whenever
+it changes: a reader's complete pins, a publisher's or host's complete
+versions, each named by its top directory node id; a version's root
+directory node id is its head's root block, which a serve (holding only the
+store capability) knows too. So counting asks no question per block: every
+provider this node knows (the DHT's, LAN neighbours, the targets it pushes
+to) is pinged, and those that announced the head's root block count.
+Counted every FAST_INTERVAL seconds for FAST_PERIOD after a new version
+(while hosts are fetching it), every SLOW_INTERVAL after that.
+
+The serve announces its own whole versions the same way: once per version,
+when every block of it is here (`version_presence`, from the block list, in
+a worker thread), looked at again every OWN_RECHECK seconds until then.
 """
 
 from __future__ import annotations
@@ -18,9 +26,9 @@ import trio
 
 from dht.errors import DhtError
 
-from .blocklist import read_block_list
 from .capability import StoreCap
 from .head import Head
+from .host import version_presence
 from .network import NetworkNode
 from .storage import DriveStorage
 
@@ -29,17 +37,22 @@ log = logging.getLogger(__name__)
 FAST_INTERVAL = 2.0
 FAST_PERIOD = 600.0
 SLOW_INTERVAL = 60.0
-HAVE_TIMEOUT = 5.0
+WHOLE_TIMEOUT = 5.0
+# A version not yet whole here (a host fetching it) is looked at again this often.
+OWN_RECHECK = 10.0
 
 
 class CopyCounter:
-    """Counts, per drive, the other nodes holding its newest version whole."""
+    """Counts, per drive, the other nodes keeping its newest version whole; announces
+    the versions this node keeps whole."""
 
     def __init__(self, net: NetworkNode, storage: DriveStorage) -> None:
         self.net = net
         self.storage = storage
         self.counts: dict[bytes, dict] = {}  # pubkey -> {"seq", "holders", "checked"}
         self._since: dict[bytes, tuple[int, float]] = {}  # pubkey -> (seq, first seen)
+        # pubkey -> (seq, whole here, when to look again if not)
+        self._own: dict[bytes, tuple[int, bool, float]] = {}
 
     def snapshot(self) -> dict[str, dict]:
         return {pubkey.hex(): dict(c) for pubkey, c in self.counts.items()}
@@ -52,8 +65,9 @@ class CopyCounter:
             now = trio.current_time()
             for cap in list(drives()):
                 head = self.storage.load_head(cap)
-                if head is None or head.block_list is None:
+                if head is None:
                     continue
+                await self._announce_own(cap, head, now)
                 seen = self._since.get(cap.pubkey)
                 if seen is None or seen[0] != head.seq:
                     self._since[cap.pubkey] = (head.seq, now)
@@ -65,17 +79,25 @@ class CopyCounter:
                 next_at[cap.pubkey] = now + (FAST_INTERVAL if fast else SLOW_INTERVAL)
             await trio.sleep(FAST_INTERVAL / 2)
 
+    async def _announce_own(self, cap: StoreCap, head: Head, now: float) -> None:
+        """Announce `head`'s version as kept whole here once every block of it is."""
+        own = self._own.get(cap.pubkey)
+        if own is not None and own[0] == head.seq and (own[1] or now < own[2]):
+            return
+        if head.block_list is None:
+            whole = False  # a version 1 head: nothing to count its blocks from
+        else:
+            presence = await trio.to_thread.run_sync(version_presence, self.storage.store, head)
+            whole = bool(presence["complete"])
+        self._own[cap.pubkey] = (head.seq, whole, now + OWN_RECHECK)
+        self.net.announce_whole(cap, [head.root_block] if whole else [])
+
     async def _count(self, cap: StoreCap, head: Head) -> None:
-        assert head.block_list is not None
-        local = await trio.to_thread.run_sync(read_block_list, head.block_list,
-                                              self.storage.store.get)
-        if local.missing_list_blocks:
-            return  # this node does not know the whole version: nothing to ask about
-        ids = [*local.blocks, *local.list_blocks]
         try:
             fetcher = await self.net.start_fetcher(cap)
-            holders = await fetcher.count_holders(ids, timeout=HAVE_TIMEOUT)
+            announced = await fetcher.whole_map(timeout=WHOLE_TIMEOUT)
         except DhtError as exc:
             log.info("drive %s: counting copies failed: %s", cap.drive_id[:16], exc)
             return
+        holders = sum(1 for held in announced.values() if head.root_block in held)
         self.counts[cap.pubkey] = {"seq": head.seq, "holders": holders, "checked": time.time()}

@@ -49,6 +49,10 @@ UNAVAILABLE_MEMORY = 2.0
 STORE_CHECK_SECONDS = 5
 # holders(block_ids, timeout) -> {peer node id: [holds id i]} for every peer that answered
 Holders = Callable[[list[bytes], float], Awaitable[dict[bytes, list[bool]]]]
+# whole(timeout) -> {peer node id: node ids of the trees it announced holding whole}
+WholeMap = Callable[[float], Awaitable[dict[bytes, frozenset[bytes]]]]
+# announce_whole(node ids): tell the peers which trees this node keeps whole now
+AnnounceWhole = Callable[[list[bytes]], None]
 
 
 @dataclass
@@ -66,7 +70,9 @@ class OpenFile:
 
 class Drive:
     def __init__(self, cap: ReadCap, storage: DriveStorage, head: Head,
-                 fetch: Fetch | None = None, holders: Holders | None = None) -> None:
+                 fetch: Fetch | None = None, holders: Holders | None = None,
+                 whole: WholeMap | None = None,
+                 announce_whole: AnnounceWhole | None = None) -> None:
         if head.root is None:
             raise FormatError("a mount needs a head opened with the read key")
         self.cap = cap
@@ -79,6 +85,8 @@ class Drive:
         self.blocks.on_stored = self._stored
         self.answers = Answers(self)
         self.holders = holders
+        self.whole = whole
+        self.announce_whole = announce_whole
         self._unavailable: dict[bytes, tuple[float, str]] = {}  # block id -> (when, why)
         self._nursery: trio.Nursery | None = None
         self._lists_prefetched: set[bytes] = set()  # directory nodes already looked through

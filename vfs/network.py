@@ -553,6 +553,24 @@ class NetworkNode:
 
         return fetch
 
+    def announce_whole(self, cap: StoreCap, node_ids: list[bytes]) -> None:
+        """Tell every client of this drive, now and as each connects, which trees this node
+        keeps whole (a Whole frame; it replaces what was said before)."""
+        self.server.announce_whole(cap.discovery_key, node_ids)
+
+    def whole_function(self, cap: StoreCap):
+        """A `vfs.drive.WholeMap` for one drive: what each reachable provider announced."""
+
+        async def whole(timeout: float) -> dict[bytes, frozenset[bytes]]:
+            fetcher = await self.start_fetcher(cap)
+            try:
+                return await fetcher.whole_map(timeout=timeout)
+            except DhtError as exc:
+                log.info("asking peers what they hold whole failed: %s", exc)
+                return {}
+
+        return whole
+
     def holders_function(self, cap: StoreCap):
         """A `vfs.drive.Holders` for one drive: which blocks each reachable provider holds."""
 

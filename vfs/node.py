@@ -111,7 +111,8 @@ async def _mount_main(home: Home, cap: ReadCap, mountpoint: Path, opts: MountOpt
                                  tag=cap.discovery_key)
             head = await find_version(head, opts.at_seq, cap, block_getter(reader))
         drive = Drive(cap, storage, head, fetch=net.fetch_function(cap),
-                      holders=net.holders_function(cap))
+                      holders=net.holders_function(cap), whole=net.whole_function(cap),
+                      announce_whole=lambda ids: net.announce_whole(cap, ids))
         session: WriteSession | None = None
         if isinstance(cap, WriteCap) and opts.at_seq is None:  # LINK@SEQ: read-only
             async def on_version(new: Head) -> None:

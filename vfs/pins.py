@@ -34,6 +34,7 @@ import trio
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from cache.errors import StoreError
+from dht.frames import MAX_WHOLE_IDS
 from dht.types import Priority
 
 from .capability import ReadCap
@@ -48,8 +49,12 @@ log = logging.getLogger(__name__)
 # Blocks of a pin fetched at once: many small files want many requests in flight (the
 # fetcher spreads them over peers, the store writer commits them in batches).
 PIN_FETCH_CONCURRENCY = 128
-# Store lookups made on the event loop at most; a larger batch goes to a worker thread.
-LOOP_BLOCKS = 1024
+# Blocks added to the pin being built in one store transaction (a worker thread), from as
+# many directories as it takes: a pin of 10^5 small files is 50 transactions, not 1,000.
+HOLD_CHUNK = 2048
+# Folders announced as kept whole at most (one Whole frame); past that some go unsaid, and
+# peers count fewer copies than there are, never more.
+MAX_WHOLE = MAX_WHOLE_IDS
 # The pin being built for a new round is this pin's name with this suffix (see sync_one).
 BUILDING = "~next"
 
@@ -114,6 +119,10 @@ class Pins:
         self._wake = trio.Event()
         self.errors: dict[str, str] = {}
         self.progress: dict[str, PinProgress] = {}  # by pin name: the pin's own counters
+        # by pin name: the node id of the folder a complete pin keeps whole (announced to
+        # the peers, who count copies from it: vfs/answers.py)
+        self.whole: dict[str, bytes] = {}
+        self._announced: list[bytes] | None = None
         self.migrate()
 
     def migrate(self) -> int:
@@ -175,6 +184,15 @@ class Pins:
         self.store.delete_record(_record_key(self.cap, name))
         self.errors.pop(name, None)
         self.progress.pop(name, None)
+        self.whole.pop(name, None)
+        self._announce()
+
+    def _announce(self) -> None:
+        """Tell the peers which folders this device keeps whole, if that changed."""
+        ids = sorted(set(self.whole.values()))[:MAX_WHOLE]
+        if ids != self._announced and self.drive.announce_whole is not None:
+            self._announced = ids
+            self.drive.announce_whole(ids)
 
     def refresh(self) -> None:
         """A new version arrived: recompute every pin's block set."""
@@ -234,12 +252,13 @@ class Pins:
         Streamed: the blocks of each directory are added to a pin being built
         (`<name>~next`, so nothing the old set holds is released meanwhile)
         and their missing ones fetched (PIN_FETCH_CONCURRENCY in flight,
-        stored in batches by the store writer) while the walk goes on; the
+        stored in batches by the store writer) while the walk goes on, a
+        chunk of HOLD_CHUNK blocks at a time; the
         pin's own counters say how far it is. At the end the pin built
         replaces the old one in one step, which releases what an older
         version needed. No set of the pin's ids is ever held in memory: a
-        block two directories share is counted (and looked up) once per
-        directory.
+        block that directories in two chunks share is counted (and looked up)
+        once per chunk.
         """
         name = pin_name(self.cap, path)
         building = name + BUILDING
@@ -267,22 +286,31 @@ class Pins:
             finally:
                 limiter.release()
 
-        async with trio.open_nursery() as nursery:
-            async for pairs, changes in self._batches(entry, on_way, folder):
-                fresh = list(dict(pairs).items())  # one directory's blocks, each once
-                if not fresh:
+        async def hold_and_fetch(chunk: dict[bytes, tuple[int, bytes | None]],
+                                 nursery: trio.Nursery) -> None:
+            """Add a chunk of blocks to the pin being built, then fetch the missing ones."""
+            missing = set(await trio.to_thread.run_sync(self._hold, building, list(chunk)))
+            progress.total_blocks += len(chunk)
+            progress.total_bytes += sum(n for n, _ in chunk.values())
+            for i, (n, changes) in chunk.items():
+                if i not in missing:
+                    progress.blocks += 1
+                    progress.bytes += n
                     continue
-                ids = [i for i, _ in fresh]
-                missing = set(await self._in_thread_if_many(self._hold, building, ids))
-                progress.total_blocks += len(fresh)
-                progress.total_bytes += sum(n for _, n in fresh)
-                for i, n in fresh:
-                    if i not in missing:
-                        progress.blocks += 1
-                        progress.bytes += n
-                        continue
-                    await limiter.acquire()
-                    nursery.start_soon(get, i, n, changes, nursery)
+                await limiter.acquire()
+                nursery.start_soon(get, i, n, changes, nursery)
+
+        async with trio.open_nursery() as nursery:
+            # blocks of several directories at once: one store transaction per chunk
+            chunk: dict[bytes, tuple[int, bytes | None]] = {}
+            async for pairs, changes in self._batches(entry, on_way, folder):
+                for i, n in pairs:
+                    chunk[i] = (n, changes)
+                if len(chunk) >= HOLD_CHUNK:
+                    await hold_and_fetch(chunk, nursery)
+                    chunk = {}
+            if chunk:
+                await hold_and_fetch(chunk, nursery)
             if not failures:
                 progress.phase = PIN_FETCHING
         if failures:
@@ -292,6 +320,9 @@ class Pins:
                 f"completes when a peer serves them ({failures[0]})")
         await trio.to_thread.run_sync(self._finish, name, building)
         progress.phase = PIN_COMPLETE
+        if entry.is_dir and entry.node is not None and self.store.has_pin(name):
+            self.whole[name] = entry.node.block_id
+            self._announce()
 
     def _finish(self, name: str, building: str) -> None:
         """The pin built replaces the pin (worker thread); unless it was unpinned meanwhile."""
@@ -307,12 +338,6 @@ class Pins:
         self.store.add_to_pin(name, ids)
         return self.store.missing(ids)
 
-    @staticmethod
-    async def _in_thread_if_many(fn, name: str, ids: list[bytes]):
-        if len(ids) > LOOP_BLOCKS:
-            return await trio.to_thread.run_sync(fn, name, ids)
-        return fn(name, ids)
-
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep every pin complete: at start, when pins change, on new versions, on retry.
 
@@ -327,6 +352,9 @@ class Pins:
             names = {name for name, _ in pinned}
             for gone in [n for n in self.progress if n not in names]:
                 del self.progress[gone]
+            for gone in [n for n in self.whole if n not in names]:
+                del self.whole[gone]
+            self._announce()
             for name, path in pinned:
                 try:
                     await self.sync_one(path)
