@@ -948,6 +948,14 @@ class BlockStore:
         self._write(lambda writer: writer.replace_pin(name_utf8, source_utf8))
         self._evict_to_limit()
 
+    def merge_pin(self, name: str, source: str) -> None:
+        """Make pin `name` (created if new) also hold what pin `source` holds, and drop
+        `source`, atomically; nothing happens if there is no `source`. What a pin built a
+        batch at a time keeps when its round is cut short."""
+        name_utf8 = schema.encode_pin_name(name)
+        source_utf8 = schema.encode_pin_name(source)
+        self._write(lambda writer: writer.merge_pin(name_utf8, source_utf8))
+
     def pin_names(self) -> list[str]:
         with self._read() as txn:
             cursor = txn.cursor(db=self._dbs.pin_names)

@@ -330,6 +330,27 @@ class Writer:
         if old is not None:
             self._drop_members(old[0])
 
+    def merge_pin(self, name_utf8: bytes, source_utf8: bytes) -> None:
+        """Pin `name` also holds what pin `source` holds; `source` is gone (no-op without
+        one). A chunk of ids at a time, whatever the sizes."""
+        source = self.pin_head(source_utf8)
+        if source is None or source_utf8 == name_utf8:
+            return
+        number, count = self._pin_number(name_utf8)
+        while True:
+            chunk = list(itertools.islice(pin_members(self.txn, self.dbs, source[0]), 4096))
+            if not chunk:
+                break
+            for block_id in chunk:
+                self.txn.delete(schema.pin_member_key(source[0], block_id), db=self.dbs.pins)
+                if self.txn.put(schema.pin_member_key(number, block_id), b"",
+                                db=self.dbs.pins, overwrite=False):
+                    count += 1  # moved: one pin names it, as before
+                else:
+                    self._ref(block_id, -1)  # both named it: one fewer now
+        self._save_pin_head(name_utf8, number, count)
+        self.txn.delete(schema.pin_name_key(source_utf8), db=self.dbs.pin_names)
+
     def _drop_members(self, number: int) -> None:
         """Release every member of pin `number`, a chunk at a time."""
         while True:

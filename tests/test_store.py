@@ -418,6 +418,20 @@ def test_replace_pin_takes_the_built_set_and_releases_only_what_it_lacks(
     assert store.check_consistency() == []
 
 
+def test_merge_pin_keeps_both_sets_under_the_name(store: BlockStore) -> None:
+    ids = fill(store, range(5), KIB)
+    store.set_pin("drive", ids[:3])
+    store.add_to_pin("drive~next", ids[2:5])  # a round cut short: what it fetched so far
+    store.merge_pin("drive", "drive~next")
+    assert store.pin_names() == ["drive"]
+    assert store.pin_ids("drive") == sorted(ids)
+    assert store.stats()["pins"] == {"drive": 5}
+    store.merge_pin("drive", "drive~next")  # none left: nothing happens
+    assert store.unpin("drive") is True
+    assert not any(store.is_pinned(b) for b in ids)  # one reference each, not two
+    assert store.check_consistency() == []
+
+
 def test_overlapping_pins_keep_a_block_until_the_last_goes(store: BlockStore) -> None:
     ids = fill(store, range(3), KIB)
     store.set_pin("a", ids[:2])

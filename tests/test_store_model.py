@@ -225,6 +225,12 @@ class StoreModel(RuleBasedStateMachine):
         self.s.replace_pin(name, source)
         self.check_limit_after_write()
 
+    @rule(name=PIN_NAMES, source=PIN_NAMES)
+    def merge_pin(self, name: str, source: str) -> None:
+        if source in self.pins and source != name:
+            self.pins.setdefault(name, set()).update(self.pins.pop(source))
+        self.s.merge_pin(name, source)
+
     @rule(name=PIN_NAMES)
     def unpin(self, name: str) -> None:
         existed = self.pins.pop(name, None) is not None

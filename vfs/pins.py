@@ -264,8 +264,8 @@ class Pins:
         building = name + BUILDING
         progress = self.progress[name] = PinProgress(phase=PIN_LISTING)
         entry, on_way, folder = await self._resolve(path)
-        # a round cut short left its partial set: it may name blocks of an older version
-        await trio.to_thread.run_sync(self.store.unpin, building)
+        # a process that stopped mid-round may have left its partial set: the pin keeps it
+        await trio.to_thread.run_sync(self._keep_partial, name, building)
         limiter = trio.Semaphore(PIN_FETCH_CONCURRENCY)
         failures: list[str] = []
         blocks = self.drive.blocks
@@ -314,6 +314,8 @@ class Pins:
             if not failures:
                 progress.phase = PIN_FETCHING
         if failures:
+            # what this round fetched stays held by the pin until a round completes
+            await trio.to_thread.run_sync(self._keep_partial, name, building)
             still = progress.total_blocks - progress.blocks
             raise BlockUnavailable(
                 f"{still} of {progress.total_blocks} blocks still missing; the pin stays and "
@@ -323,6 +325,13 @@ class Pins:
         if entry.is_dir and entry.node is not None and self.store.has_pin(name):
             self.whole[name] = entry.node.block_id
             self._announce()
+
+    def _keep_partial(self, name: str, building: str) -> None:
+        """A round cut short: the pin keeps what it built (worker thread); unless unpinned."""
+        if self.store.has_pin(name):
+            self.store.merge_pin(name, building)
+        else:
+            self.store.unpin(building)
 
     def _finish(self, name: str, building: str) -> None:
         """The pin built replaces the pin (worker thread); unless it was unpinned meanwhile."""
