@@ -17,7 +17,7 @@ from dht.errors import DhtError, PeerGoneError, PeerProtocolError
 from dht.fetch import FetchConfig, Fetcher
 from dht.frames import MAX_HAVE_IDS, MAX_WHOLE_IDS, Have, HaveReply, encode
 from dht.identity import NodeIdentity
-from dht.types import PeerAddr
+from dht.types import PeerAddr, Priority
 from tests.helpers import run_trio
 from tests.test_peer_support import (
     CorruptSource,
@@ -313,5 +313,41 @@ def test_whole_announcements_reach_clients_as_they_connect_and_as_they_change() 
         async with PeerConnection.open(addr1, NodeIdentity.generate(), dk, secret) as conn:
             await conn.ping()
             assert conn.whole == frozenset(many[:MAX_WHOLE_IDS])
+
+    run(test)
+
+
+def test_small_blocks_are_read_in_batches_and_a_large_block_alone() -> None:
+    """The server reads wanted blocks a batch per worker-thread call: many small ones
+    together, a large one on its own (the read stops at the batch's byte budget)."""
+    small = make_blocks(200, 64)
+    large = make_blocks(3, 1 << 20)
+    dk, secret = new_drive()
+
+    async def test(nursery: trio.Nursery) -> None:
+        server, addr = await start_server(nursery, small | large, {dk: secret})
+        reads: list[int] = []
+        lookup_many = server.lookup_many
+
+        def recording(dk_: bytes, ids: list[bytes], budget: int) -> list[bytes | None]:
+            found = lookup_many(dk_, ids, budget)
+            reads.append(len(found))
+            return found
+
+        server.lookup_many = recording  # type: ignore[method-assign]
+        async with PeerConnection.open(addr, NodeIdentity.generate(), dk, secret) as conn:
+            async def get(bid: bytes, want: dict[bytes, bytes]) -> None:
+                assert await conn.fetch(bid, Priority.PIN) == want[bid]
+
+            async with trio.open_nursery() as n:
+                for bid in small:
+                    n.start_soon(get, bid, small)
+            assert sum(reads) == len(small)
+            assert len(reads) < len(small) // 4 and max(reads) >= 16, reads
+            reads.clear()
+            async with trio.open_nursery() as n:
+                for bid in large:
+                    n.start_soon(get, bid, large)
+            assert reads.count(1) >= len(large) and max(reads) == 1, reads
 
     run(test)
