@@ -256,6 +256,11 @@ class _Peer:
                                                  self.addr_failed.get((a.host, a.port),
                                                                       -math.inf)))
 
+    def tells_holdings(self) -> bool:
+        """Whether it announces what it holds (Holding frames) on the connection open now."""
+        conn = self.conn if self.source is None else None
+        return conn is not None and not conn.closed and bool(getattr(conn, "holding", None))
+
     def announced(self, block_id: bytes) -> bool | None:
         """Whether the peer is expected to have the block.
 
@@ -955,9 +960,14 @@ class Fetcher:
                 # instead, and they are asked only when nobody else is left.
                 candidates = likely
             elif request.attempts:
-                # No hedge at them either: the attempt running is the better bet.
-                self._park(request, "no hedge: only readers that lack it are free")
-                continue
+                # A hedge: never at a reader that tells what it holds (on the
+                # connection open now) and did not name this block; a peer known
+                # to hold part of the drive only by an earlier NotFound (a seed
+                # asked for a block of another version, say) may still take it.
+                candidates = [p for p in candidates if not p.tells_holdings()]
+                if not candidates:
+                    self._park(request, "no hedge: only readers that lack it are free")
+                    continue
             free = [p for p in candidates if self._has_slot(p, priority)]
             holders = [p for p in candidates if p.announced(request.block_id)]
             if holders and (not request.attempts or any(p.connected for p in holders)):

@@ -205,3 +205,35 @@ def test_a_block_the_node_just_fetched_is_relayed_from_memory() -> None:
         assert server.stats.served_in_flight == 1
 
     run(test)
+
+
+def test_a_seed_that_once_said_not_found_still_takes_a_hedge() -> None:
+    """A seed that answered NotFound once (a block of another version, say) is known to
+    hold part of the drive and asked after peers nothing is known of; but when the
+    attempt at such a peer runs late, the hedge goes to the seed, not into a wait for
+    that attempt's stall timeout."""
+    blocks = make_blocks(1, 4096)
+    (bid, data), = blocks.items()
+    dk, secret = new_drive()
+    config = FetchConfig(hedge_floor=0.1, stall_timeout=60.0, default_timeout=60.0,
+                         swarm_jitter=0)
+
+    async def test(nursery: trio.Nursery) -> None:
+        _seed, seed_addr = await start_server(nursery, blocks, {dk: secret})
+        silent = await start_raw_server(nursery, stall)
+        assert silent.addr is not None
+        async with Fetcher(NodeIdentity.generate(), dk, secret,
+                           lambda: [seed_addr, silent.addr], config=config) as f:
+            def state() -> dict[bytes, object]:
+                return {s.node_id: s for s in f.peer_stats()}
+
+            await wait_for(lambda: all(s.connected for s in state().values()), "connections")
+            with trio.move_on_after(1.0):
+                await f.fetch(make_blocks(1).popitem()[0], Priority.READ)  # nobody has it
+            assert state()[seed_addr.node_id].not_found == 1
+            started = trio.current_time()
+            assert await f.fetch(bid, Priority.READ) == data
+            took = trio.current_time() - started
+        assert took < 20.0, took  # not the silent peer's 60 s stall timeout
+
+    run(test)
