@@ -125,6 +125,16 @@ def test_keep_versions_releases_old_blocks_and_a_peer_serves_them(tmp_path: Path
             assert store.missing(v1_only) == v1_only  # released and evicted
             assert len(store.pin_ids(history_pin(cap.pubkey))) == 4  # every head stays
         r = swarm.serve("reader", reader, bootstrap=[p.addr])
+        # a node that holds nothing of the drive: the log comes over the network
+        # version 2 is on no device any more (released, never read elsewhere): its line
+        # stays, without figures; version 1 comes from the reader
+        log = versions(tmp_path / "logger", link, "--bootstrap", p.addr, "--bootstrap", r.addr,
+                       "--fetch-timeout", "3")
+        assert [v["seq"] for v in log] == [4, 3, 2, 1]
+        assert log[0]["changes"]["modified"] == ["old.bin"] and log[0]["files"] == 2
+        assert log[2]["files"] is None and "not fetched" in log[2]["missing"]
+        assert log[1]["changes"] is None  # what changed since version 2 is not known
+        assert log[3]["files"] == 2 and log[3]["changes"]["added"] == ["old.bin", "same.txt"]
         m = swarm.mount("third", third, f"{link}@1", tmp_path / "t",
                         bootstrap=[p.addr, r.addr])
         assert (m.mountpoint / "old.bin").read_bytes() == old

@@ -392,6 +392,10 @@ def render_log(items: list[dict]) -> str:
         summary = "" if changes is None else (
             f"  +{changes['counts']['added']} -{changes['counts']['removed']} "
             f"~{changes['counts']['modified']}")
+        if v.get("files") is None:
+            lines.append(f"version {v['seq']}  {when}  (its blocks are on no device reachable "
+                         "now: released by its publisher)")
+            continue
         lines.append(f"version {v['seq']}  {when}  {v['files']} files  "
                      f"{format_size(v['bytes'])}{summary}")
         if changes is None:

@@ -23,7 +23,7 @@ from dht.types import Priority
 
 from .capability import StoreCap
 from .crypto import Ref
-from .errors import FormatError, IntegrityError, UsageError
+from .errors import BlockUnavailable, FormatError, IntegrityError, UsageError
 from .formats import KIND_DIR, Entry, build_directory
 from .head import Head, open_head
 from .merge import Recurse, merge_dir
@@ -298,21 +298,25 @@ class VersionInfo:
     created: int  # unix seconds the writer stamped: informative, orders nothing
     id: bytes
     prev: bytes | None
-    files: int
-    bytes: int
-    changes: Changes | None  # None for the oldest version reached with nothing before it known
+    files: int | None  # None: the version's folders are on no device reachable now
+    bytes: int | None
+    changes: Changes | None  # None: not known (that, or the version before, is unreachable)
+    missing: str | None = None  # why figures are missing (a released version)
 
     def as_json(self) -> dict:
         return {"seq": self.seq, "time": self.created, "id": self.id.hex(),
                 "prev": self.prev.hex() if self.prev else None, "files": self.files,
                 "bytes": self.bytes,
-                "changes": self.changes.as_json() if self.changes is not None else None}
+                "changes": self.changes.as_json() if self.changes is not None else None,
+                "missing": self.missing}
 
 
 async def version_log(head: Head, cap: StoreCap, tree: Tree, get_block: GetBlock, *,
                       versions: int, paths: int = CHANGE_LIST_LIMIT) -> list[VersionInfo]:
     """The newest `versions` versions from `head` back, newest first, each with its
     files, bytes and what changed since the one before (at most `paths` paths per kind).
+    Every head is kept by its writer, so every version has its line; figures a version
+    cannot have (its folders released everywhere reachable) are None, with the reason.
 
     Old heads and their directory nodes are fetched through `get_block`/`tree` as
     needed; folders shared between versions are read and counted once.
@@ -329,12 +333,16 @@ async def version_log(head: Head, cap: StoreCap, tree: Tree, get_block: GetBlock
         if h.root is None:
             raise FormatError("the log needs the read key")
         before = chain[i + 1] if i + 1 < len(chain) else None
-        files, size = await count_tree(tree, h.root, figures)
-        if before is not None:
-            changes: Changes | None = await changes_between(tree, before.root, h.root, paths)
-        elif h.prev is None:  # the first version: everything in it was added
-            changes = await changes_between(tree, None, h.root, paths)
-        else:
-            changes = None
-        out.append(VersionInfo(h.seq, h.created, h.id, h.prev, files, size, changes))
+        files = size = None
+        changes: Changes | None = None
+        missing = None
+        try:  # a version whose blocks every device released still has its line
+            files, size = await count_tree(tree, h.root, figures)
+            if before is not None:
+                changes = await changes_between(tree, before.root, h.root, paths)
+            elif h.prev is None:  # the first version: everything in it was added
+                changes = await changes_between(tree, None, h.root, paths)
+        except BlockUnavailable as exc:
+            missing = str(exc)
+        out.append(VersionInfo(h.seq, h.created, h.id, h.prev, files, size, changes, missing))
     return out
