@@ -196,3 +196,37 @@ def test_a_read_link_still_mounts_read_only(tmp_path: Path, node_home) -> None:
             (m.path / "b.txt").write_text("no")
         assert err.value.errno == 30  # EROFS
         assert (m.path / "a.txt").read_text() == "a\n"
+
+
+def test_a_full_cache_is_enospc_for_the_writer_and_loses_nothing_acknowledged(
+        tmp_path: Path, node_home) -> None:
+    start = tmp_path / "start"
+    start.mkdir()
+    (start / "a.txt").write_text("a\n")
+    home = node_home("writer")
+    publish(home, start)
+    write_link = peerdrive(home, "share", str(start), "--write").stdout.strip()
+    kept = random.Random(5).randbytes(4 * MiB)
+    with Nodes(tmp_path) as nodes:
+        w = nodes.mount(home, write_link, tmp_path / "mnt", "--publish-delay", "3600",
+                        "--cache-size", "24M")
+        fd = os.open(w.path / "kept.bin", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, kept)
+            os.fsync(fd)  # acknowledged
+        finally:
+            os.close(fd)
+        with pytest.raises(OSError) as err:
+            with open(w.path / "too-big.bin", "wb") as f:
+                piece = os.urandom(4 * MiB)
+                for _ in range(40):  # 160 MiB: past the 64 MiB kept in memory, then the cache
+                    f.write(piece)
+                    f.flush()
+                os.fsync(f.fileno())
+        assert err.value.errno == 28  # ENOSPC
+        assert (w.path / "kept.bin").read_bytes() == kept  # readable on, in this mount
+        os.kill(w.pid, signal.SIGKILL)
+        assert wait_exit(w.pid, None, 30)
+        nodes.kill_mount(w)
+        again = nodes.mount(home, write_link, tmp_path / "mnt", "--publish-delay", "3600")
+        assert (again.path / "kept.bin").read_bytes() == kept

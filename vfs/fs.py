@@ -47,6 +47,7 @@ from .errors import (
     PathError,
     PeerdriveError,
     UsageError,
+    unwrap_group,
 )
 from .formats import KIND_DIR, KIND_FILE, KIND_LINK, Entry
 from .worktree import WNode, WorkTree
@@ -76,7 +77,13 @@ def fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     @functools.wraps(fn)
     async def wrapper(*args: Any) -> T:
         try:
-            return await fn(*args)
+            try:
+                return await fn(*args)
+            except BaseExceptionGroup as group:  # a nursery below: its one real error
+                leaf = unwrap_group(group)
+                if leaf is group:
+                    raise
+                raise leaf from None
         except pyfuse3.FUSEError:
             raise
         except PathError as exc:  # a writable mount refusing a change: the caller's doing

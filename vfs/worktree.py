@@ -369,14 +369,18 @@ class WorkTree:
     # -- the next version --------------------------------------------------------------
 
     async def build(self, settle_file: Callable[[WNode], Awaitable[tuple[Ref, ...]]],
-                    emit: Callable[[bytes], Ref]) -> Entry:
+                    emit: Callable[[bytes], Ref]) -> tuple[Entry, Callable[[], None]]:
         """The root entry of the tree as it is now; new nodes only for what changed.
 
         `settle_file(node)` cuts a changed file's dirty bytes and returns its
         chunks; `emit(plaintext)` encrypts and queues one metadata block.
-        Every node built is clean afterwards, with its new entry as `base`.
+        Returns the root entry and `done`, to call once the emitted blocks are
+        stored: only then does each node built take its new entry as `base`
+        and become clean. A build that fails (a full disk) changes no node, so
+        the next one builds everything again and no entry names a block that
+        was never stored.
         """
-        built: dict[int, Entry] = {}
+        built: dict[WNode, Entry] = {}
         stack: list[tuple[WNode, bool]] = [(self.root, False)]
         while stack:
             node, ready = stack.pop()
@@ -384,47 +388,45 @@ class WorkTree:
                 stack.append((node, True))
                 stack.extend((kid, False) for kid in node.children.values() if kid.changed)
                 continue
-            built[node.ino] = await self._entry(node, built, settle_file, emit)
-        return built[self.root.ino]
+            if node.changed:
+                built[node] = await self._entry(node, built, settle_file, emit)
 
-    async def _entry(self, node: WNode, built: dict[int, Entry],
+        def done() -> None:
+            for node, entry in built.items():
+                node.base = entry
+                node.changed = False
+                if node.is_file:
+                    node.content = None  # its bytes are the entry's chunks now
+                    self.dirty_files.discard(node)
+
+        root = built.get(self.root, self.root.base)
+        assert root is not None
+        return root, done
+
+    async def _entry(self, node: WNode, built: dict[WNode, Entry],
                      settle_file: Callable[[WNode], Awaitable[tuple[Ref, ...]]],
                      emit: Callable[[bytes], Ref]) -> Entry:
-        if not node.changed:
-            assert node.base is not None
-            return node.base
         if node.is_dir:
             if node.children is None:  # renamed or chmod-ed, never opened
                 assert node.base is not None
-                entry = dataclasses.replace(node.base, name=node.name, mode=node.mode,
-                                            mtime_ns=node.mtime_ns)
-            else:
-                kids = sorted(node.children.values(), key=lambda k: k.name)
-                for k in kids:
-                    built.pop(k.ino, None)
-                entries = [k.base for k in kids]  # a changed kid's is its new entry by now
-                assert all(e is not None and not k.changed for e, k in zip(entries, kids,
-                                                                              strict=True))
-                ref = build_directory(entries, emit)  # type: ignore[arg-type]
-                entry = Entry(node.name, KIND_DIR, node.mode, node.mtime_ns, node=ref,
-                              nsubdirs=sum(1 for k in kids if k.is_dir),
-                              nentries=len(kids))
-        elif node.is_link:
+                return dataclasses.replace(node.base, name=node.name, mode=node.mode,
+                                           mtime_ns=node.mtime_ns)
+            kids = sorted(node.children.values(), key=lambda k: k.name)
+            entries = [built[k] if k.changed else k.base for k in kids]
+            assert all(e is not None for e in entries)
+            ref = build_directory(entries, emit)  # type: ignore[arg-type]
+            return Entry(node.name, KIND_DIR, node.mode, node.mtime_ns, node=ref,
+                         nsubdirs=sum(1 for k in kids if k.is_dir), nentries=len(kids))
+        if node.is_link:
             assert node.target is not None
-            entry = Entry(node.name, KIND_LINK, node.mode, node.mtime_ns,
-                          size=len(node.target), target=node.target)
-        elif node.content is None:
+            return Entry(node.name, KIND_LINK, node.mode, node.mtime_ns,
+                         size=len(node.target), target=node.target)
+        if node.content is None:
             assert node.base is not None
-            entry = dataclasses.replace(node.base, name=node.name, mode=node.mode,
-                                        mtime_ns=node.mtime_ns)
-        else:
-            chunks = await settle_file(node)
-            entry = file_entry(node.name, node.mode, node.mtime_ns, chunks, emit)
-            node.content = None  # its bytes are the entry's chunks now
-            self.dirty_files.discard(node)
-        node.base = entry
-        node.changed = False
-        return entry
+            return dataclasses.replace(node.base, name=node.name, mode=node.mode,
+                                       mtime_ns=node.mtime_ns)
+        chunks = await settle_file(node)
+        return file_entry(node.name, node.mode, node.mtime_ns, chunks, emit)
 
 
 def file_entry(name: bytes, mode: int, mtime_ns: int, chunks: tuple[Ref, ...],

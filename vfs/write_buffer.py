@@ -28,17 +28,26 @@ Rules this model keeps (tests/test_write_buffer.py checks each):
 from __future__ import annotations
 
 import bisect
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+
+import trio
 
 from .chunker import CDC_MAX, make_chunker
 from .crypto import Ref
+from .errors import unwrap_group
 
 STORED = 0
 DIRTY = 1
 ZERO = 2
 
 WINDOW = 16 * 1024 * 1024
+# Appends grow one dirty segment up to this size, then start another: growing one
+# bytearray to tens of MiB copies it again at every reallocation.
+DIRTY_SEGMENT = 4 * 1024 * 1024
+# Windows cut and handed to `store` at once, at most (encrypting one while storing another).
+WINDOWS_IN_FLIGHT = 2
 RESYNC_CHUNKS = 8
 
 Load = Callable[[Ref], Awaitable[bytes]]
@@ -198,7 +207,7 @@ class FileContent:
 
     def _append_bytes(self, data: bytes | memoryview) -> None:
         last = self.segs[-1] if self.segs else None
-        if last is not None and last.kind == DIRTY:
+        if last is not None and last.kind == DIRTY and last.length < DIRTY_SEGMENT:
             assert last.data is not None
             last.data += data
             last.length += len(data)
@@ -317,20 +326,32 @@ async def settle(content: FileContent, load: Load, store: Store, *, final: bool,
 async def _cut_run(content: FileContent, first: int, end: int, load: Load, store: Store,
                    final: bool, window: int) -> tuple[list[Ref], bytes, int]:
     """Cut one run: (refs of the new chunks, dirty tail left, stored segments absorbed)."""
-    refs: list[Ref] = []
+    windows: list[list[Ref]] = []
     parts: list[bytes | memoryview] = []
     held = 0
-    for piece in _pieces(content.segs[first:end], window):
-        parts.append(piece)
-        held += len(piece)
-        if held < window:
-            continue
-        buf = b"".join(parts)
-        points = cut_points(buf)
-        keep = points[:-1]  # the last piece may be cut short by the window: carried
-        refs += await _store_cuts(buf, 0, keep, store)
-        carry = buf[keep[-1]:] if keep else buf
-        parts, held = [carry], len(carry)
+    in_flight = trio.Semaphore(WINDOWS_IN_FLIGHT)
+
+    async def store_window(slot: int, buf: bytes, keep: list[int]) -> None:
+        try:
+            windows[slot] = await _store_cuts(buf, 0, keep, store)
+        finally:
+            in_flight.release()
+
+    async with one_error(), trio.open_nursery() as nursery:
+        for piece in _pieces(content.segs[first:end], window):
+            parts.append(piece)
+            held += len(piece)
+            if held < window:
+                continue
+            buf = b"".join(parts)
+            points = cut_points(buf)
+            keep = points[:-1]  # the last piece may be cut short by the window: carried
+            await in_flight.acquire()
+            windows.append([])
+            nursery.start_soon(store_window, len(windows) - 1, buf, keep)
+            carry = buf[keep[-1]:] if keep else buf
+            parts, held = [carry], len(carry)
+    refs = [r for w in windows for r in w]
     carry = b"".join(parts)
     # the run's end: at the file's end, or stored chunks follow (resync into them)
     after = content.segs[end:]
@@ -367,6 +388,18 @@ async def _cut_run(content: FileContent, first: int, end: int, load: Load, store
     points = cut_points(combined)
     refs += await _store_cuts(combined, 0, points, store)
     return refs, b"", len(ends)
+
+
+@contextlib.asynccontextmanager
+async def one_error() -> AsyncIterator[None]:
+    """A nursery's one real error as itself (a full disk stays NoSpaceError, not a group)."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaf = unwrap_group(group)
+        if leaf is group:
+            raise
+        raise leaf from None
 
 
 async def _store_cuts(buf: bytes, start: int, points: list[int], store: Store) -> list[Ref]:

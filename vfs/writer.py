@@ -38,11 +38,12 @@ from .crypto import Ref, encrypt_chunk
 from .errors import NoSpaceError, PeerdriveError
 from .formats import Entry
 from .head import Head, make_head
+from .publish import WORKERS
 from .storage import DriveStorage
 from .tree import Tree
 from .version_blocks import VersionBlocks
 from .worktree import WNode, WorkTree
-from .write_buffer import DIRTY, STORED, FileContent, settle
+from .write_buffer import DIRTY, STORED, FileContent, one_error, settle
 from .write_journal import journal_key, open_journal, seal_journal
 
 log = logging.getLogger(__name__)
@@ -146,13 +147,26 @@ class WriteSession:
         except StoreError as exc:
             raise NoSpaceError(f"the store cannot take new blocks: {exc}") from exc
 
-    def _encrypt_and_put(self, views: list[memoryview]) -> list[tuple[Ref, bytes]]:
-        blocks = [encrypt_chunk(self.cap.read_key, v) for v in views]
-        self._put(blocks)
-        return blocks
+    def _encrypt(self, views: list[memoryview]) -> list[tuple[Ref, bytes]]:
+        return [encrypt_chunk(self.cap.read_key, v) for v in views]
 
     async def store_chunks(self, views: list[memoryview]) -> list[Ref]:
-        blocks = await trio.to_thread.run_sync(self._encrypt_and_put, views)
+        """Encrypt chunks on every core (hashlib and AES-GCM release the GIL), store them in
+        one commit."""
+        groups = [views[i::WORKERS] for i in range(WORKERS)]
+        done: list[list[tuple[Ref, bytes]]] = [[] for _ in groups]
+
+        async def encrypt(i: int) -> None:
+            done[i] = await trio.to_thread.run_sync(self._encrypt, groups[i])
+
+        async with one_error(), trio.open_nursery() as nursery:
+            for i, group in enumerate(groups):
+                if group:
+                    nursery.start_soon(encrypt, i)
+        blocks: list[tuple[Ref, bytes]] = [None] * len(views)  # type: ignore[list-item]
+        for i, group_blocks in enumerate(done):
+            blocks[i::WORKERS] = group_blocks
+        await trio.to_thread.run_sync(self._put, blocks)
         self._stored.update(r.block_id for r, _ in blocks)
         return [r for r, _ in blocks]
 
@@ -244,12 +258,16 @@ class WriteSession:
                 await settle(node.content, self.load, self.store_chunks, final=True)
                 return node.content.refs()
 
-            root = await self.tree.build(settle_file, emit)
+            root, done = await self.tree.build(settle_file, emit)
             await trio.to_thread.run_sync(self._put, emitted)
             self._stored.update(r.block_id for r, _ in emitted)
             journal = seal_journal(self.cap, self.head.seq, root)
-            await trio.to_thread.run_sync(self.store.put_record, journal_key(self.cap.pubkey),
-                                          journal)
+            try:
+                await trio.to_thread.run_sync(self.store.put_record,
+                                              journal_key(self.cap.pubkey), journal)
+            except StoreError as exc:
+                raise NoSpaceError(f"the write journal cannot be saved: {exc}") from exc
+            done()  # every block the root reaches is stored: the tree is clean
             stored, self._stored = self._stored, set()
             if self._pending is not None:
                 stored |= self._pending[1]
