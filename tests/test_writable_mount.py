@@ -230,3 +230,36 @@ def test_a_full_cache_is_enospc_for_the_writer_and_loses_nothing_acknowledged(
         nodes.kill_mount(w)
         again = nodes.mount(home, write_link, tmp_path / "mnt", "--publish-delay", "3600")
         assert (again.path / "kept.bin").read_bytes() == kept
+
+
+def test_two_writable_mounts_of_one_drive_keep_both_writers_changes(tmp_path: Path,
+                                                                     node_home) -> None:
+    start = tmp_path / "start"
+    start.mkdir()
+    (start / "shared.txt").write_text("v1\n")
+    home_a = node_home("a")
+    publish(home_a, start)
+    write_link = peerdrive(home_a, "share", str(start), "--write").stdout.strip()
+    with Nodes(tmp_path) as nodes:
+        try:
+            a = nodes.mount(home_a, write_link, tmp_path / "a", "--publish-delay", "3600")
+            b = nodes.mount(node_home("b"), write_link, tmp_path / "b", "--publish-delay",
+                            "3600", "--bootstrap", a.addr)
+            (a.path / "from-a.txt").write_text("a\n")  # unpublished while b publishes
+            (b.path / "from-b.txt").write_text("b\n")
+            fsync_path(b.path / "from-b.txt")  # b's version first
+            time.sleep(3)  # a most likely hears of it first (either way its commit looks it up)
+            fsync_path(a.path / "from-a.txt")  # a's commit merges onto b's version
+            want = {"shared.txt": "v1\n", "from-a.txt": "a\n", "from-b.txt": "b\n"}
+            for m in (a, b):
+                deadline = time.monotonic() + 60
+                got: dict = {}
+                while time.monotonic() < deadline:
+                    got = {p.name: p.read_text() for p in m.path.iterdir()}
+                    if got == want:
+                        break
+                    time.sleep(0.2)
+                assert got == want, f"{m.path}: {got}"
+        except BaseException:
+            print(nodes.diagnostics())
+            raise

@@ -50,6 +50,7 @@ from .errors import (
     unwrap_group,
 )
 from .formats import KIND_DIR, KIND_FILE, KIND_LINK, Entry
+from .head import Head
 from .worktree import WNode, WorkTree
 from .writer import WriteSession
 
@@ -1076,10 +1077,10 @@ class WritableOperations(DriveOperations):
     async def new_version(self) -> None:
         """A head this mount did not make (another writer of the drive) was taken.
 
-        Merging two writers' changes is the commit step's job (issue 13 part 4);
-        until then a mount with no unpublished change starts over from the new
-        version (every name the kernel knows is dropped), and one with changes
-        keeps them: its next version is made from its own tree.
+        A mount with no unpublished change starts over from the new version
+        (every name the kernel knows is dropped); one with changes keeps them,
+        and the commit step (vfs.publish.commit_version) merges them per file
+        onto the newest version when it publishes.
         """
         head = self.drive.head
         if head.root_block == self.session.head.root_block or head.seq <= self.session.head.seq:
@@ -1089,10 +1090,15 @@ class WritableOperations(DriveOperations):
                         "unpublished changes; its next version is made from this mount's tree",
                         self.session.cap.drive_id[:16], head.seq)
             return
-        old = list(self.tree.nodes.values())
         log.warning("drive %s: version %d came from another writer; this mount starts over "
                     "from it (it had no unpublished change)", self.session.cap.drive_id[:16],
                     head.seq)
+        await self.start_over(head)
+
+    async def start_over(self, head: Head) -> None:
+        """The tree becomes `head`'s (another writer's version, or one the commit step merged
+        with it): every name the kernel knows is dropped, numbers are not reused."""
+        old = list(self.tree.nodes.values())
         self.session.restart_from(head)
         names = [(n.parent.ino, n.name) for n in old if n.parent is not None]
 

@@ -124,10 +124,15 @@ async def _mount_main(home: Home, cap: ReadCap, mountpoint: Path, opts: MountOpt
                 nursery.start_soon(net.publish_head, cap, new.wire)
 
             session = WriteSession(cap, storage, drive.tree, head, opts.publish_delay,
-                                   on_version=on_version)
+                                   on_version=on_version,
+                                   device=device_name(net.identity.node_id),
+                                   fetch=net.fetch_function(cap),
+                                   lookup=lambda: net.lookup_head(cap))
             await session.recover()  # what an fsync made durable before a crash goes first
             head = session.head
-            ops: DriveOperations = WritableOperations(drive, session)
+            writable = WritableOperations(drive, session)
+            session.on_merged = writable.start_over
+            ops: DriveOperations = writable
         else:
             ops = DriveOperations(drive)
         if opts.max_inodes:
@@ -215,7 +220,10 @@ def run_watch(home: Home, cap: WriteCap, source: Path, opts: ServeOptions, publi
         async def on_version(new: Head) -> None:
             await net.publish_head(cap, new.wire)
 
-        session = WriteSession(cap, storage, tree, head, publish_delay, on_version=on_version)
+        session = WriteSession(cap, storage, tree, head, publish_delay, on_version=on_version,
+                               device=device_name(net.identity.node_id),
+                               fetch=net.fetch_function(cap),
+                               lookup=lambda: net.lookup_head(cap), adopt_merged=False)
         await session.recover()
 
         async def published(report: Published) -> None:

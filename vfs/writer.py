@@ -17,7 +17,8 @@ and versions:
   answered once it is committed.
 * A version is published after `publish_delay` seconds without a change, at
   once after an fsync, and when the mount ends: the checkpoint's root goes
-  through `commit_version` (the one place a root becomes a signed head),
+  through `vfs.publish.commit_version` (the one step that turns a root into
+  a signed head, merging with other writers' versions),
   and `on_version` tells the node (readers, pins, the DHT).
 
 All changes to the tree take `lock`, so a checkpoint sees one state.
@@ -32,13 +33,12 @@ import trio
 
 from cache.errors import StoreError, StoreFull
 
-from .blocklist import build_block_list
 from .capability import WriteCap
 from .crypto import Ref, encrypt_chunk
 from .errors import NoSpaceError, PeerdriveError
 from .formats import Entry
-from .head import Head, make_head
-from .publish import WORKERS
+from .head import Head
+from .publish import WORKERS, Commit, commit_version
 from .storage import DriveStorage
 from .tree import Tree
 from .version_blocks import VersionBlocks
@@ -57,33 +57,6 @@ DEFAULT_PUBLISH_DELAY = 2.0
 
 def write_pin(pubkey: bytes) -> str:
     return f"write:{pubkey.hex()}"
-
-
-def commit_version(storage: DriveStorage, cap: WriteCap, root: Entry,
-                   sizes: dict[bytes, int], pin: str) -> Head:
-    """Make `root` the drive's next version: block list, signed head, publish pin.
-
-    The one call that turns a root directory node into a head; the blocks
-    `sizes` names are all stored (under `pin`) before it is called. Runs in a
-    worker thread.
-    """
-    list_blocks: list[tuple[bytes, bytes]] = []
-    block_list = build_block_list(sizes, lambda block_id, data: list_blocks.append(
-        (block_id, data)))
-    try:
-        storage.store.put_pinned(pin, list_blocks, ids_checked=True, tag=cap.discovery_key)
-    except StoreFull as exc:
-        raise NoSpaceError(f"the device is full while publishing: {exc}") from exc
-
-    def sign(seq: int, last: Head | None) -> Head:
-        mirrors = list(last.mirrors) if last is not None else []
-        # chained to the head it follows, so `peerdrive log` walks through it
-        return make_head(cap, seq, root, block_list, mirrors=mirrors,
-                         prev=None if last is None else last.id)
-
-    ids = [*sizes, *(block_id for block_id, _ in list_blocks)]
-    # the blocks stay under `pin` meanwhile: a pending pin of its own is not needed
-    return storage.commit_publish(cap, sign, ids, f"write-commit:{cap.pubkey.hex()}")
 
 
 class DriveBase:
@@ -105,7 +78,10 @@ class WriteSession:
     def __init__(self, cap: WriteCap, storage: DriveStorage, tree: Tree, head: Head,
                  publish_delay: float = DEFAULT_PUBLISH_DELAY,
                  on_version: Callable[[Head], Awaitable[None]] | None = None,
-                 root_ino: int = 1) -> None:
+                 root_ino: int = 1, *, device: str = "local",
+                 fetch: Callable[..., Awaitable[bytes]] | None = None,
+                 lookup: Callable[[], Awaitable[bytes | None]] | None = None,
+                 adopt_merged: bool = True) -> None:
         assert head.root is not None
         self.cap = cap
         self.storage = storage
@@ -126,6 +102,16 @@ class WriteSession:
         self._last_change = 0.0
         self.versions = 0
         self.failure: str | None = None
+        # the commit step's view of this writer (vfs.publish.commit_version): the root the
+        # tree's changes are relative to, and how to see other writers' versions
+        self.base_root: Entry | None = head.root
+        self.device = device
+        self._fetch = fetch
+        self._lookup = lookup
+        # a version merged with another writer's becomes the tree (a mount), or not (a
+        # watched folder: the folder stays what it is, and is merged again each time)
+        self.adopt_merged = adopt_merged
+        self.on_merged: Callable[[Head], Awaitable[None]] | None = None
 
     # -- blocks ------------------------------------------------------------------------
 
@@ -288,12 +274,30 @@ class WriteSession:
                 return None
             return await self._publish(*self._pending)
 
-    async def _publish(self, root: Entry, stored: set[bytes]) -> Head:
+    async def _commit(self, root: Entry) -> Commit:
+        """The one commit step (vfs.publish.commit_version): `root` becomes the next
+        version, merged per file onto another writer's if one came meanwhile."""
         sizes = await self.blocks.sizes(root)
-        head = await trio.to_thread.run_sync(commit_version, self.storage, self.cap, root,
-                                             sizes, self.pin)
+        return await commit_version(
+            self.storage, self.cap, root, self.base_root, device=self.device, blocks=sizes,
+            pending_pin=f"write-commit:{self.cap.pubkey.hex()}", fetch=self._fetch,
+            lookup=self._lookup)
+
+    async def _publish(self, root: Entry, stored: set[bytes]) -> Head:
+        commit = await self._commit(root)
+        head = commit.head
         self.head = head
         self._pending = None
+        if commit.merged_with is None:
+            self.base_root = root
+        elif self.adopt_merged and not self.tree.has_changes:
+            # the version holds another writer's changes too: it becomes the tree
+            assert head.root is not None
+            self.base_root = head.root
+            if self.on_merged is not None:
+                await self.on_merged(head)
+        # else: the tree stays relative to the base it came from; the next commit merges
+        # its changes onto the newest version again
         self.versions += 1
         await trio.to_thread.run_sync(self._forget_journal, root)
         # the version's blocks are under the publish pin now; what was written since stays
@@ -348,9 +352,10 @@ class WriteSession:
             await trio.to_thread.run_sync(self.store.unpin, self.pin)
             return None
         if self.head.seq > journal.base_seq:
-            log.warning("drive %s: version %d was published elsewhere after this mount's last "
-                        "fsync-ed tree (built on version %d); publishing that tree on top",
+            log.warning("drive %s: version %d was published after this mount's last "
+                        "fsync-ed tree (built on version %d); merging that tree onto it",
                         self.cap.drive_id[:16], self.head.seq, journal.base_seq)
+            self.base_root = None  # its base is unknown here: a union loses nothing
         head = await self._publish(journal.root, set())
         await trio.to_thread.run_sync(self.store.unpin, self.pin)
         self.restart_from(head)
@@ -365,6 +370,7 @@ class WriteSession:
         """Drop the (unchanged) tree and start from `head`, another writer's version."""
         assert head.root is not None
         self.head = head
+        self.base_root = head.root
         self.tree = WorkTree(head.root, self.tree.base, self.tree.root.ino, self.tree.next_ino)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
