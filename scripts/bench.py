@@ -1198,6 +1198,54 @@ def _wait_visible(path: Path, size: int, timeout: float = 600) -> float:
     raise BenchError(f"{path} did not appear with {size} bytes in {timeout:.0f} s")
 
 
+def _watch_copy(bench: Bench, big: Path) -> float:
+    """Copy the bench file into a folder `publish --watch` watches: seconds from the end of
+    the copy to the version naming it; exactly one version may name it."""
+    home = bench.fresh("home-watch")
+    folder = bench.fresh("watched")
+    (folder / "start.txt").write_text("start\n")
+    proc = subprocess.Popen(
+        [*bench.peerdrive_argv, "publish", str(folder), "--watch", "--json", "--listen",
+         "127.0.0.1:0", "--no-lan"], env=bench.env_for(home), cwd=ROOT,
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    pending = [b""]
+
+    def next_line(timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in pending[0]:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise BenchError(f"publish --watch said nothing within {timeout:.0f} s")
+            data = os.read(fd, 65536)
+            if not data:
+                raise BenchError(f"publish --watch exited {proc.wait()}")
+            pending[0] += data
+        line, pending[0] = pending[0].split(b"\n", 1)
+        return line.decode(errors="replace")
+
+    try:
+        while '"watching"' not in next_line(120):
+            pass
+        run_quiet(["cp", str(big), str(folder / "big.bin")], what="cp")
+        copied = time.perf_counter()
+        while True:
+            event = json.loads(next_line(600))
+            names = event.get("added", []) + event.get("modified", [])
+            if "big.bin" in names:
+                took = time.perf_counter() - copied
+                break
+        (folder / "after.txt").write_text("after\n")
+        event = json.loads(next_line(120))
+        if "big.bin" in event.get("added", []) + event.get("modified", []):
+            raise BenchError("publish --watch published the copied file twice")
+        return took
+    finally:
+        stop_proc(proc)
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def figure_write(bench: Bench) -> list[Row]:
     """Writing a file through a writable mount (issue 13), beside `cp` to the local disk and
     through `rclone mount --vfs-cache-mode writes`; and how long a save takes to show in a
@@ -1212,6 +1260,8 @@ def figure_write(bench: Bench) -> list[Row]:
     name_big_visible = f"{fmt_size(bench.size)} save to visible in a reader's mount"
     name_small_visible = "small save to visible in a reader's mount"
     pd, rc, native, big_visible, small_visible = [], [], [], [], []
+    watched: list[float] = []
+    name_watch = f"{fmt_size(bench.size)} copied into a watched folder: copy end to its version"
 
     def copy(target: Path) -> float:
         bench.drop_page_cache()
@@ -1246,6 +1296,8 @@ def figure_write(bench: Bench) -> list[Row]:
                 small_visible.append(time.perf_counter() - saved)
         shutil.rmtree(writer)
 
+        watched.append(_watch_copy(bench, big))
+
         rdest = bench.fresh("rclone-local")
         with bench.rclone_mount(name_write, local=rdest) as m:
             rc.append(mb_per_s(bench.size, copy(m.path / "copy.bin")))
@@ -1261,6 +1313,9 @@ def figure_write(bench: Bench) -> list[Row]:
         Row(name_write, "native", "MB/s", native, True, "`cp` + fsync on the local disk"),
         Row(name_big_visible, "peerdrive mount", "s", big_visible, False,
             "from the writer's fsync to the whole file in a reader's mount on another node"),
+        Row(name_watch, "peerdrive publish --watch", "s", watched, False,
+            "`cp` into a folder `publish --watch` watches (--publish-delay 2): seconds from the "
+            "end of the copy to the one version holding the whole file (checked: exactly one)"),
         Row(name_small_visible, "peerdrive mount", "s", small_visible, False,
             "a 1.3 kB save without fsync (published after the default 2 s quiet period) "
             "until a reader's mount shows it"),
