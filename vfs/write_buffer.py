@@ -392,13 +392,19 @@ async def _cut_run(content: FileContent, first: int, end: int, load: Load, store
 
 @contextlib.asynccontextmanager
 async def one_error() -> AsyncIterator[None]:
-    """A nursery's one real error as itself (a full disk stays NoSpaceError, not a group)."""
+    """A nursery's first real error as itself: a full disk stays NoSpaceError, not a group
+    (two windows in flight may both meet it)."""
     try:
         yield
     except BaseExceptionGroup as group:
         leaf = unwrap_group(group)
         if leaf is group:
-            raise
+            _, rest = group.split(trio.Cancelled)
+            if rest is None:
+                raise
+            leaf = rest
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
         raise leaf from None
 
 
