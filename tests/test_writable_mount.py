@@ -123,14 +123,21 @@ def make_source(base: Path) -> tuple[Path, Path]:
     return src, archive
 
 
-def test_edits_read_back_here_and_in_a_readers_mount(tmp_path: Path, node_home) -> None:
+def new_drive(tmp_path: Path, home: Path, files: dict[str, str]) -> tuple[dict, str]:
+    """A folder of `files` published from `home`: (publish's JSON, the write link)."""
     start = tmp_path / "start"
     start.mkdir()
-    (start / "notes.txt").write_text("old notes\n")
-    (start / "log.txt").write_text("old log\n")
+    for name, text in files.items():
+        (start / name).write_text(text)
+    info = publish(home, start)
+    return info, peerdrive(home, "share", str(start), "--write").stdout.strip()
+
+
+def test_edits_read_back_here_and_in_a_readers_mount(tmp_path: Path, node_home) -> None:
     writer = node_home("writer")
-    info = publish(writer, start)
-    write_link = peerdrive(writer, "share", str(start), "--write").stdout.strip()
+    info, write_link = new_drive(tmp_path, writer, {"notes.txt": "old notes\n",
+                                                    "log.txt": "old log\n"})
+    start = tmp_path / "start"
     src, archive = make_source(tmp_path)
     plain = tmp_path / "plain"
     shutil.copytree(start, plain)
@@ -158,12 +165,8 @@ def test_edits_read_back_here_and_in_a_readers_mount(tmp_path: Path, node_home) 
 
 
 def test_fsync_then_sigkill_keeps_the_data(tmp_path: Path, node_home) -> None:
-    start = tmp_path / "start"
-    start.mkdir()
-    (start / "a.txt").write_text("a\n")
     home = node_home("writer")
-    publish(home, start)
-    write_link = peerdrive(home, "share", str(start), "--write").stdout.strip()
+    _, write_link = new_drive(tmp_path, home, {"a.txt": "a\n"})
     body = random.Random(3).randbytes(3 * MiB + 5)
     with Nodes(tmp_path) as nodes:
         # no quiet-period version: only the fsync makes anything durable
@@ -200,12 +203,8 @@ def test_a_read_link_still_mounts_read_only(tmp_path: Path, node_home) -> None:
 
 def test_a_full_cache_is_enospc_for_the_writer_and_loses_nothing_acknowledged(
         tmp_path: Path, node_home) -> None:
-    start = tmp_path / "start"
-    start.mkdir()
-    (start / "a.txt").write_text("a\n")
     home = node_home("writer")
-    publish(home, start)
-    write_link = peerdrive(home, "share", str(start), "--write").stdout.strip()
+    _, write_link = new_drive(tmp_path, home, {"a.txt": "a\n"})
     kept = random.Random(5).randbytes(4 * MiB)
     with Nodes(tmp_path) as nodes:
         w = nodes.mount(home, write_link, tmp_path / "mnt", "--publish-delay", "3600",
@@ -234,12 +233,8 @@ def test_a_full_cache_is_enospc_for_the_writer_and_loses_nothing_acknowledged(
 
 def test_two_writable_mounts_of_one_drive_keep_both_writers_changes(tmp_path: Path,
                                                                      node_home) -> None:
-    start = tmp_path / "start"
-    start.mkdir()
-    (start / "shared.txt").write_text("v1\n")
     home_a = node_home("a")
-    publish(home_a, start)
-    write_link = peerdrive(home_a, "share", str(start), "--write").stdout.strip()
+    _, write_link = new_drive(tmp_path, home_a, {"shared.txt": "v1\n"})
     with Nodes(tmp_path) as nodes:
         try:
             a = nodes.mount(home_a, write_link, tmp_path / "a", "--publish-delay", "3600")
