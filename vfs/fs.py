@@ -698,16 +698,17 @@ class DriveOperations(pyfuse3.Operations):
         notifications run in a worker thread: they are system calls into the
         kernel, which may wait on requests this event loop has to answer.
         """
+        # what each inode held before the switch, taken before the first await (taking
+        # the lock is one): a request answered meanwhile may bring an inode up to date
+        # first, and the kernel must still hear that it changed
+        before = [(ino, node, node.entry, node.frozen) for ino, node in self.inodes.items()]
         async with self._switching:
-            await self._new_version()
+            await self._new_version(before)
 
-    async def _new_version(self) -> None:
+    async def _new_version(self, before: list[tuple[int, Inode, Entry, bool]]) -> None:
         data_changed: list[int] = []
         attr_changed: list[int] = []
         names: list[tuple[int, bytes]] = []
-        # what each inode held before the switch, taken before the first await: a
-        # request answered while this loop waits may bring an inode up to date first
-        before = [(ino, node, node.entry, node.frozen) for ino, node in self.inodes.items()]
         for ino, node, old, was_frozen in before:
             named = ino != pyfuse3.ROOT_INODE
             try:
