@@ -112,7 +112,9 @@ def test_keep_versions_releases_old_blocks_and_a_peer_serves_them(tmp_path: Path
             (src / "old.bin").write_bytes(os.urandom(1 << 20) + bytes([i]))
             peerdrive(pub, "publish", str(src), "--keep-versions", "2")
         deadline = time.monotonic() + 60  # serve, which keeps versions too, follows them
-        while [w["hosted_versions"] for w in p.snapshot()["writing"]] != [[3, 4]]:
+        # [4] alone when serve's follower skipped version 3 (published while it was busy):
+        # a version older than the newest two is released either way
+        while [w["hosted_versions"] for w in p.snapshot()["writing"]] not in ([[3, 4]], [[4]]):
             assert time.monotonic() < deadline, p.snapshot()["writing"]
             time.sleep(0.5)
         with BlockStore(Home(pub).store_path) as store:

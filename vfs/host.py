@@ -101,13 +101,20 @@ def hosted_versions(store: BlockStore, pubkey: bytes) -> list[int]:
 
 
 def release_versions(store: BlockStore, pubkey: bytes, keep: int, *,
-                     pending_below: int | None = None) -> int:
+                     pending_below: int | None = None, by_seq: bool = False) -> int:
     """Drop all but the newest `keep` hosted versions (and pending fetches older than
     `pending_below`, or all of them when it is None and keep is 0); evict the blocks
-    no other pin holds. Returns the bytes freed."""
+    no other pin holds. Returns the bytes freed.
+
+    `by_seq`: keep only versions within `keep` seqs of the newest hosted one (a
+    writer's "its last N versions"), so a version the follower skipped (published
+    while it was busy) does not keep an older one alive in its place."""
     freed = 0
     complete = _pins_of(store, f"host:{pubkey.hex()}:")
     drop = [name for _, name in complete[:max(0, len(complete) - keep)]]
+    if by_seq and complete:
+        newest = complete[-1][0]
+        drop += [name for seq, name in complete if seq <= newest - keep and name not in drop]
     for seq, name in _pins_of(store, f"host-pending:{pubkey.hex()}:"):
         if (pending_below is None and keep == 0) or (pending_below is not None
                                                      and seq < pending_below):
@@ -246,6 +253,8 @@ class HostState:
 
 class HostedDrive:
     """Keeps one drive's newest version complete on this node, from its store capability."""
+
+    KEEP_BY_SEQ = False  # a host keeps the newest `keep_versions` it hosted, whatever their seqs
 
     def __init__(self, entry: HostEntry, storage: DriveStorage, net: NetworkNode) -> None:
         self.entry = entry
@@ -423,7 +432,8 @@ class HostedDrive:
 
     def _release(self) -> None:
         released = release_versions(self.store, self.cap.pubkey, self.entry.keep_versions,
-                                    pending_below=self.state.hosted_seq)
+                                    pending_below=self.state.hosted_seq,
+                                    by_seq=self.KEEP_BY_SEQ)
         if released:
             log.info("drive %s: released %s of older versions", self.cap.drive_id[:16],
                      format_size(released))

@@ -45,6 +45,8 @@ REJOIN_RETRY = 10.0  # seconds before a rejoin that could not get its blocks is 
 class WrittenDrive(HostedDrive):
     """A drive this node can write: hosted in full, and rejoined when its version lost."""
 
+    KEEP_BY_SEQ = True  # the versions within keep_versions seqs of the newest, as publish keeps
+
     def __init__(self, cap: WriteCap, storage: DriveStorage, net: NetworkNode, *,
                  keep_versions: int, device: str) -> None:
         super().__init__(HostEntry(StoreCap(cap.pubkey), None, keep_versions), storage, net)
