@@ -135,8 +135,14 @@ def test_storage_mutable_rules():
     assert store.offer(dk, tag(TAG_MUTABLE, r2.wire))  # higher seq replaces
     assert not store.offer(dk, tag(TAG_MUTABLE, r1.wire))  # lower refused
     assert store.offer(dk, tag(TAG_MUTABLE, r2.wire))  # same bytes again: fine
-    assert not store.offer(dk, tag(TAG_MUTABLE, r2b.wire))  # equal seq, other bytes: keep
-    assert store.mutable(dk) == r2
+    # equal seq, other bytes (a fork of two writers): the larger wire is kept, whichever
+    # came first, as every reader orders them
+    small, large = sorted((r2, r2b), key=lambda r: r.wire)
+    for first, second in ((small, large), (large, small)):
+        fork = RecordStorage(clock=clock)
+        assert fork.offer(dk, tag(TAG_MUTABLE, first.wire))
+        assert fork.offer(dk, tag(TAG_MUTABLE, second.wire)) == (second is large)
+        assert fork.mutable(dk) == large
 
 
 def test_storage_refuses_forged_misplaced_and_garbage():

@@ -148,9 +148,14 @@ class RecordStorage(IStorage):
             if record.seq < held.seq:
                 return False
             if record.seq == held.seq:
-                if record.wire != held.wire:
-                    return False  # equal seq, other bytes: keep what we have
-                record = held
+                # equal seq, other bytes (two writers signed one seq while apart): the
+                # larger wire wins, as every reader orders them (records.newest_mutable);
+                # keeping the first one here would hide the winner from the loser, which
+                # then never rebases onto it
+                if record.wire < held.wire:
+                    return False
+                if record.wire == held.wire:
+                    record = held
             del self._mutable[key]
         elif len(self._mutable) >= self._max_keys:
             victim = self._mutable_from.victim()
