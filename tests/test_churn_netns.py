@@ -125,9 +125,18 @@ def test_four_readers_at_once_with_lan_discovery(tmp_path: Path) -> None:
 # slots ("waits: 1 candidate(s) busy") for three 20 s timeouts in a row. It passed in
 # the runs before. Marked so the suite reports it (xfailed / xpassed) without failing
 # CI until the fetcher's slot accounting under churn is fixed; the figure still prints.
-@pytest.mark.xfail(reason="issue 9: a read under churn can wait behind a seed whose "
-                   "slots look full until it times out (EIO); failed 1 of 3 clean-clone runs", strict=False)
 def test_readers_come_and_go_while_one_streams(tmp_path: Path) -> None:
+    _come_and_go(tmp_path)
+
+
+if __name__ != "__main__":  # this file is also the readers' script, where pytest is absent
+    test_readers_come_and_go_while_one_streams = pytest.mark.xfail(
+        reason="issue 9: a read under churn can wait behind a seed whose slots look full "
+        "until it times out (EIO); failed 1 of 3 clean-clone runs", strict=False,
+    )(test_readers_come_and_go_while_one_streams)
+
+
+def _come_and_go(tmp_path: Path) -> None:
     rng = random.Random(int(time.time()))
     with Lab(tmp_path, CHURNERS + 2) as lab:
         src = tmp_path / "src"
