@@ -85,7 +85,9 @@ class _BoundedCrawl:
             self._take(dict(zip((p.id for p in asked), results, strict=True)))
 
     def _take(self, responses: dict[bytes, Any]) -> None:
-        raise NotImplementedError
+        """Fold one round's answers into the crawl: the hook each crawl defines
+        (CheckedNodeSpiderCrawl: verified contacts; RecordSpiderCrawl: records too)."""
+        raise NotImplementedError("a crawl class defines how it takes a round's answers")
 
     def _drop_peer(self, peerid: bytes, answered: bool, toremove: list[bytes]) -> None:
         """A peer that did not answer leaves this lookup; one that answered garbage also
