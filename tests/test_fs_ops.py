@@ -25,9 +25,10 @@ from tests.helpers import run_trio
 from tests.inprocess import FakeNetwork, new_cap, publish_folder, running_drive, wrong_key_chunks
 from vfs.drive import Drive
 from vfs.fs import ATTR_TIMEOUT, DriveOperations
-from vfs.pins import pin_name
+from vfs.pins import BUILDING, pin_name
 from vfs.storage import DriveStorage
 from vfs.xattrs import PREFIX_BYTES as XATTR_PREFIX
+from vfs.xattrs import PinProgress
 
 MiB = 1 << 20
 DEADLINE = 120.0  # seconds: generous, only a hang reaches it on a loaded machine
@@ -229,8 +230,13 @@ def test_pins_fetch_everything_below_and_refuse_a_partial_unpin(ops_world) -> No
             await ops.setxattr(docs.st_ino, name, b"1", None)
             pin = pin_name(drive.cap, [b"docs"])
             assert reader.has_pin(pin)
-            while (await ops.getxattr(docs.st_ino, XATTR_PREFIX + b"state", None)) != b"device":
+            # done as `peerdrive pin` sees it: the pin's own progress says complete (the
+            # 'state' may say device earlier: it counts blocks fetched for any reason)
+            progress = XATTR_PREFIX + b"progress"
+            while not PinProgress.decode(await ops.getxattr(docs.st_ino, progress,
+                                                             None)).complete:
                 await trio.sleep(0.01)
+            assert await ops.getxattr(docs.st_ino, XATTR_PREFIX + b"state", None) == b"device"
             assert await ops.getxattr(b.st_ino, name, None) == b"1"  # through the folder
             assert await ops.getxattr(top.st_ino, name, None) == b"0"
             entry = ops.inodes[docs.st_ino].entry
@@ -238,10 +244,11 @@ def test_pins_fetch_everything_below_and_refuse_a_partial_unpin(ops_world) -> No
             for rel in ("docs/a.bin", "docs/deep/b.txt"):
                 f = ops.inodes[(await walk(ops, rel)).st_ino].entry
                 want |= {r.block_id for r in (await drive.tree.chunk_map(f)).chunks}
-            # 'device' counts fetched blocks the store writer has yet to commit
-            await drive.blocks._store_unstored()  # what the store writer does next
+            # complete means: every block committed to the store and held under the pin's
+            # own name (never evicted), the set it was built in gone
             assert not reader.missing(list(want))
-            assert want <= set(reader.pin_ids(pin))  # held by the pin: never evicted
+            assert want <= set(reader.pin_ids(pin))
+            assert not reader.has_pin(pin + BUILDING)
             # pinned blocks survive an evict of the folder
             await drive.answers.evict(entry)
             assert not reader.missing(list(want))
@@ -278,6 +285,58 @@ def test_a_pin_that_cannot_complete_says_why_and_completes_later(ops_world) -> N
             assert (await ops.getxattr(a.st_ino, XATTR_PREFIX + b"state", None)) == b"device"
 
     run_trio(main, DEADLINE)
+
+
+def test_a_new_version_makes_a_complete_pin_wait_for_its_own_round(tmp_path: Path) -> None:
+    """"complete" is for the version mounted now: after a new version the pin's progress
+    says so only once the pin holds that version's blocks under its own name."""
+    src = tmp_path / "src"
+    (src / "docs").mkdir(parents=True)
+    (src / "docs" / "a.bin").write_bytes(os.urandom(MiB))
+    cap = new_cap()
+    pub = BlockStore(tmp_path / "pub", sync=False)
+    reader = BlockStore(tmp_path / "reader", sync=False)
+    try:
+        first = publish_folder(pub, src, cap)
+        (src / "docs" / "a.bin").write_bytes(os.urandom(MiB))  # every chunk changes
+        second = publish_folder(pub, src, cap)
+        drive = Drive(cap.read_cap(), DriveStorage(reader), first, fetch=FakeNetwork(pub).fetch,
+                      holders=None)
+        ops = DriveOperations(drive)
+        pin = pin_name(drive.cap, [b"docs"])
+        progress = XATTR_PREFIX + b"progress"
+
+        async def chunks() -> set[bytes]:
+            a = ops.inodes[(await walk(ops, "docs/a.bin")).st_ino].entry
+            return {r.block_id for r in (await drive.tree.chunk_map(a)).chunks}
+
+        async def until_complete(ino: int) -> None:
+            while not PinProgress.decode(await ops.getxattr(ino, progress, None)).complete:
+                await trio.sleep(0.01)
+
+        async def main(nursery: trio.Nursery) -> None:
+            async with running_drive(drive):
+                docs = await walk(ops, "docs")
+                await ops.setxattr(docs.st_ino, XATTR_PREFIX + b"pinned", b"1", None)
+                await until_complete(docs.st_ino)
+                old = await chunks()
+                assert old <= set(reader.pin_ids(pin))
+                drive.set_head(second)
+                # at once, before any round on the new version has run
+                assert not PinProgress.decode(await ops.getxattr(docs.st_ino, progress,
+                                                                 None)).complete
+                docs = await walk(ops, "docs")
+                await until_complete(docs.st_ino)
+                new = await chunks()
+                held = set(reader.pin_ids(pin))
+                assert new <= held and not old & held  # the old version's blocks released
+                assert not reader.missing(list(new))
+                assert not reader.has_pin(pin + BUILDING)
+
+        run_trio(main, DEADLINE)
+    finally:
+        reader.close()
+        pub.close()
 
 
 def test_statfs_reports_the_cache(ops_world) -> None:

@@ -34,6 +34,7 @@ from tests.pin_helpers import (
 from vfs.capability import parse_link
 from vfs.chunker import CDC_MAX
 from vfs.pins import pin_name
+from vfs.xattrs import PinProgress
 
 pytestmark = pytest.mark.fuse
 
@@ -104,8 +105,12 @@ def test_pinned_folder_reads_offline_and_follows_new_versions(tmp_path: Path,
         def landed() -> bool:
             attrs = xattrs(changed)
             cloud = xattrs(mnt / "cloud.bin")  # and the pin that waited for a peer completes
+            # and both pins say complete (for this version: a new version makes a complete
+            # pin wait again), so the store holds the new set under the pin's own name
             return (attrs["size"] == str(2 * MiB + 12345) and attrs["cached"] == attrs["size"]
-                    and cloud["cached"] == cloud["size"])
+                    and cloud["cached"] == cloud["size"]
+                    and all(PinProgress.decode(xattr(mnt / p, "progress").encode()).complete
+                            for p in ("pinned", "cloud.bin")))
 
         assert poll(landed, timeout=90, interval=0.5), \
             f"{xattrs(changed)}\n{nodes.diagnostics()}"

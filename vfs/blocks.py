@@ -149,10 +149,15 @@ class BlockReader:
         """`ciphertext` by block id. With `local=False` a block found in the store is
         not read (None is returned): a pin only wants it on the device."""
         ct = self._unstored.get(block_id)
-        if ct is None:
-            if not local and self.store.has(block_id):
-                return None
-            ct = self.store.get(block_id)
+        if ct is not None:
+            # fetched by someone else (a read), not yet committed: a PIN or PREFETCH
+            # caller wants it on the device, as if it had fetched it itself
+            if priority >= Priority.PIN:
+                await self._until_stored(block_id)
+            return ct
+        if not local and self.store.has(block_id):
+            return None
+        ct = self.store.get(block_id)
         if ct is not None:
             return ct
         if self.fetch is None:
@@ -175,12 +180,16 @@ class BlockReader:
             self._unstored_bytes += len(ct)
             self._unstored_added.set()
         if priority >= Priority.PIN:
-            while block_id in self._unstored and self._writer_running:
-                await self._stored.wait()
+            await self._until_stored(block_id)
         # bounded memory: a disk slower than the network slows the fetches down
         while self._unstored_bytes > UNSTORED_LIMIT_BYTES and self._writer_running:
             await self._stored.wait()
         return ct
+
+    async def _until_stored(self, block_id: bytes) -> None:
+        """Wait until the store writer has taken `block_id` (committed, or refused)."""
+        while block_id in self._unstored and self._writer_running:
+            await self._stored.wait()
 
     async def run_store_writer(
             self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -42,7 +42,7 @@ from .crypto import HASH_LEN, Ref
 from .drive import Drive
 from .errors import BlockUnavailable, PeerdriveError, UsageError
 from .formats import Entry
-from .xattrs import PIN_COMPLETE, PIN_FETCHING, PIN_LISTING, PIN_RETRYING, PinProgress
+from .xattrs import PIN_COMPLETE, PIN_FETCHING, PIN_LISTING, PIN_RETRYING, PIN_WAITING, PinProgress
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,16 @@ class Pins:
             self.drive.announce_whole(ids)
 
     def refresh(self) -> None:
-        """A new version arrived: recompute every pin's block set."""
+        """A new version arrived: recompute every pin's block set.
+
+        A pin complete for the old version is not complete for this one: its
+        progress goes back to waiting until a round on this version ends, so
+        "complete" always means the pin holds, under its own name, every
+        block the current version needs, stored here.
+        """
+        for name, progress in list(self.progress.items()):
+            if progress.complete:
+                self.progress[name] = PinProgress()
         self._wake.set()
 
     def progress_of(self, path: list[bytes]) -> PinProgress | None:
@@ -262,6 +271,7 @@ class Pins:
         """
         name = pin_name(self.cap, path)
         building = name + BUILDING
+        version = self.drive.version  # the round works on this version's tree
         progress = self.progress[name] = PinProgress(phase=PIN_LISTING)
         entry, on_way, folder = await self._resolve(path)
         # a process that stopped mid-round may have left its partial set: the pin keeps it
@@ -321,7 +331,9 @@ class Pins:
                 f"{still} of {progress.total_blocks} blocks still missing; the pin stays and "
                 f"completes when a peer serves them ({failures[0]})")
         await trio.to_thread.run_sync(self._finish, name, building)
-        progress.phase = PIN_COMPLETE
+        # complete only once the pin holds the set under its own name (the line above),
+        # and only for the version still current: a newer one gets its own round
+        progress.phase = PIN_COMPLETE if self.drive.version == version else PIN_WAITING
         if entry.is_dir and entry.node is not None and self.store.has_pin(name):
             self.whole[name] = entry.node.block_id
             self._announce()
