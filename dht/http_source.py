@@ -18,11 +18,14 @@ cut short of its Content-Length) is `PeerGoneError`, which the fetcher
 answers with backoff. Every request has connect/read/write timeouts, and the
 fetcher's own deadline and stall detection bound every wait above that.
 
-HTTP itself is httpx's (HTTP/1.1 keep-alive, a bounded pool of connections, so
-several requests are in flight at once on reused connections); this module
-only decides what to ask and what to believe. It knows nothing of drives: a
-block is 32 opaque bytes whose SHA-256 names it, and the head is a signed
-record it hands up unread (the layer above verifies its signature and seq).
+HTTP is h11's, on this package's own keep-alive connections
+(`dht.http_connection`: HTTP/1.1, a bounded pool, so several requests are
+in flight at once on reused connections, a response body read into one
+buffer); blocks of 256 KiB and more are hashed in worker threads, those that
+arrive meanwhile together in one call. This module only decides what to ask
+and what to believe. It knows nothing of drives: a block is 32 opaque bytes
+whose SHA-256 names it, and the head is a signed record it hands up unread
+(the layer above verifies its signature and seq).
 """
 
 from __future__ import annotations
@@ -31,12 +34,11 @@ import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-import httpx
 import trio
 
 from .errors import BadBlockError, BlockNotFound, DhtError, PeerGoneError
+from .http_connection import BodyTooLongError, HttpPool, HttpTimeouts
 from .mirror_layout import HEAD_PATH, MAX_BLOCK, block_path, check_base_url, source_id
 from .records import MAX_MUTABLE_WIRE
 from .types import BLOCK_ID_LEN, Priority
@@ -44,41 +46,25 @@ from .types import BLOCK_ID_LEN, Priority
 _KNOWN_IDS = 65_536  # ids a mirror answered for, remembered (HEAD/GET succeeded)
 _HASH_IN_THREAD = 256 * 1024  # hash blocks at least this big in a worker thread
 
-
-@dataclass(frozen=True)
-class HttpTimeouts:
-    connect: float = 5.0
-    read: float = 10.0  # between two reads of one response: a stalled body fails here
-    write: float = 5.0
-    pool: float = 30.0  # waiting for a free connection of the pool (the fetcher bounds it too)
+__all__ = ["HttpSource", "HttpTimeouts"]
 
 
 class HttpSource:
     """Blocks and the head record of one mirror, over a pool of keep-alive connections.
 
-    Create it anywhere; its client opens connections lazily on the first
+    Create it anywhere; its pool opens connections lazily on the first
     request. `aclose` (the fetcher calls it when it stops or the source is
     removed) closes them.
     """
 
     def __init__(self, base_url: str, *, max_connections: int = 16,
-                 timeouts: HttpTimeouts | None = None,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 timeouts: HttpTimeouts | None = None) -> None:
         self.base_url = check_base_url(base_url)
         self.source_id = source_id(self.base_url)
         self.label = self.base_url
-        t = timeouts or HttpTimeouts()
-        self._client = httpx.AsyncClient(
-            base_url=self.base_url + "/",
-            limits=httpx.Limits(max_connections=max_connections,
-                                max_keepalive_connections=max_connections,
-                                keepalive_expiry=60.0),
-            timeout=httpx.Timeout(connect=t.connect, read=t.read, write=t.write, pool=t.pool),
-            follow_redirects=True,
-            max_redirects=4,
-            headers={"Accept-Encoding": "identity", "User-Agent": "peerdrive"},
-            transport=transport,
-        )
+        self._pool = HttpPool(max_connections=max_connections,
+                              timeouts=timeouts or HttpTimeouts())
+        self._hasher = _BatchHasher()
         self._known: OrderedDict[bytes, None] = OrderedDict()  # ids it served or HEAD-answered
         self._head_limiter = trio.CapacityLimiter(max(1, max_connections // 2))
         self._record: bytes | None = None
@@ -100,7 +86,7 @@ class HttpSource:
         if data is None:
             raise BlockNotFound(f"{self.base_url} does not have block {block_id.hex()[:16]}")
         if len(data) >= _HASH_IN_THREAD:
-            digest = await trio.to_thread.run_sync(_sha256, data)
+            digest = await self._hasher.sha256(data)
         else:
             digest = _sha256(data)
         if digest != block_id:
@@ -145,7 +131,7 @@ class HttpSource:
             return
         self.closed = True
         with trio.CancelScope(shield=True):
-            await self._client.aclose()
+            await self._pool.aclose()
 
     # ---- the head record --------------------------------------------------
 
@@ -175,14 +161,11 @@ class HttpSource:
         if self.closed:
             raise PeerGoneError(f"{self.base_url}: closed")
         self.requests += 1
-        try:
-            resp = await self._client.head(path)
-        except httpx.HTTPError as exc:
-            raise PeerGoneError(f"{self.base_url}/{path}: {_describe(exc)}") from exc
-        if resp.status_code in (404, 410):
+        resp = await self._pool.request("HEAD", f"{self.base_url}/{path}", limit=0)
+        if resp.status in (404, 410):
             return False
-        if resp.status_code != 200:
-            raise PeerGoneError(f"{self.base_url}/{path}: HTTP {resp.status_code}")
+        if resp.status != 200:
+            raise PeerGoneError(f"{self.base_url}/{path}: HTTP {resp.status}")
         return True
 
     async def _get(self, path: str, limit: int, *, what: str,
@@ -194,43 +177,71 @@ class HttpSource:
         self.requests += 1
         url = f"{self.base_url}/{path}"
         try:
-            async with self._client.stream("GET", path, headers=headers) as resp:
-                status = resp.status_code
-                if status == 304 and not_modified is not None:
-                    return not_modified
-                if status in (404, 410):
-                    return None
-                if status != 200:
-                    raise PeerGoneError(f"{url}: HTTP {status}")
-                length = resp.headers.get("content-length")
-                if length is not None and (not length.isdigit() or int(length) > limit):
-                    raise BadBlockError(f"{url}: a {what} of {length} bytes is longer than "
-                                        f"{limit}; refused unread")
-                parts: list[bytes] = []
-                got = 0
-                async for chunk in resp.aiter_bytes():
-                    got += len(chunk)
-                    if got > limit:
-                        raise BadBlockError(f"{url}: the {what} is longer than {limit} bytes; "
-                                            "refused")
-                    parts.append(chunk)
-                etag = resp.headers.get("etag")
-        except httpx.HTTPError as exc:
-            raise PeerGoneError(f"{url}: {_describe(exc)}") from exc
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
+            resp = await self._pool.request("GET", url, limit=limit,
+                                            headers=list((headers or {}).items()))
+        except BodyTooLongError as exc:
+            raise BadBlockError(f"{url}: the {what} is longer than {limit} bytes; refused "
+                                f"({exc})") from exc
+        status = resp.status
+        if status == 304 and not_modified is not None:
+            return not_modified
+        if status in (404, 410):
+            return None
+        if status != 200:
+            raise PeerGoneError(f"{url}: HTTP {status}")
+        data = resp.body
         self.bytes += len(data)
         if path == HEAD_PATH:
-            self._record, self._record_etag = data, etag
+            self._record, self._record_etag = data, resp.headers.get("etag")
         return data
+
+
+class _BatchHasher:
+    """SHA-256 of big blocks in worker threads, what arrives meanwhile in one call.
+
+    Many requests finish at once; a thread call per block costs a wakeup
+    of the loop each. A caller that finds no hashing under way hashes
+    everything queued in one worker call and hands each waiter its digest;
+    who is still waiting then (queued meanwhile) goes next.
+    """
+
+    def __init__(self) -> None:
+        self._queue: list[tuple[bytes, list[bytes]]] = []
+        self._busy = False
+        self._done = trio.Event()
+
+    async def sha256(self, data: bytes) -> bytes:
+        slot: list[bytes] = []
+        self._queue.append((data, slot))
+        try:
+            while not slot:
+                if self._busy:
+                    await self._done.wait()
+                else:
+                    await self._hash_queued()
+        finally:
+            if not slot:  # cancelled before its turn: nobody needs it hashed
+                self._queue = [q for q in self._queue if q[1] is not slot]
+        return slot[0]
+
+    async def _hash_queued(self) -> None:
+        self._busy = True
+        try:
+            batch = list(self._queue)
+            digests = await trio.to_thread.run_sync(_sha256_each, [d for d, _ in batch])
+            for (_, slot), digest in zip(batch, digests, strict=True):
+                slot.append(digest)
+            hashed = {id(slot) for _, slot in batch}
+            self._queue = [q for q in self._queue if id(q[1]) not in hashed]
+        finally:
+            self._busy = False
+            self._done.set()
+            self._done = trio.Event()
 
 
 def _sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def _describe(exc: httpx.HTTPError) -> str:
-    if isinstance(exc, httpx.TooManyRedirects):
-        return "too many redirects (a redirect loop?)"
-    if isinstance(exc, httpx.TimeoutException):
-        return f"timed out ({type(exc).__name__})"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+def _sha256_each(blocks: list[bytes]) -> list[bytes]:
+    return [hashlib.sha256(b).digest() for b in blocks]

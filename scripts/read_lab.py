@@ -1,6 +1,6 @@
 """Lab for the read path: one publisher and one reader mount, the reader's CPU per read.
 
-    .venv/bin/python scripts/read_lab.py [--size 128M] [--hot N] [--py-spy PATH]
+    .venv/bin/python scripts/read_lab.py [--size 128M] [--hot N] [--py-spy PATH] [--mirror]
 
 Publishes a file of random bytes (scripts/bench.py's data and helpers), then
 reads it with `cat` through a fresh reader mount with an empty cache (cold:
@@ -10,8 +10,12 @@ store), the page cache dropped before each read. Prints MB/s and the mount
 process's CPU seconds (user + system, from /proc/PID/stat) per read: on a
 shared machine the CPU per byte is the steadier figure. With `--py-spy`,
 each read is profiled (`py-spy record --threads -f raw`) into
-read-lab-<n>.txt in the current directory. To compare two versions, run it
-from two checkouts in turn. Measures; asserts nothing.
+read-lab-<n>.txt in the current directory. With `--mirror`, the cold read
+goes through an HTTP mirror instead (`peerdrive mirror` of the drive on
+loopback nginx, a reader with no peer: scripts/bench.py's
+figure_read_mirror), and the hot reads are from that reader's store. To
+compare two versions, run it from two checkouts in turn. Measures; asserts
+nothing.
 """
 
 from __future__ import annotations
@@ -35,12 +39,22 @@ def _cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime + stime
 
 
+def _mirror(bench: B.Bench, link: str) -> str:
+    """`peerdrive mirror` of the drive under nginx's root; the mirror's base URL."""
+    port = bench.nginx()
+    mirror = bench.data / "mirror-lab"
+    bench.peerdrive(bench.publisher_home, "mirror", link, str(mirror), "--json")
+    return f"http://127.0.0.1:{port}/{mirror.name}"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="128M", help="file size (default 128M)")
     p.add_argument("--hot", type=int, default=2, help="hot reads after the cold one")
     p.add_argument("--py-spy", default=None, help="path of a py-spy binary: profile each read")
     p.add_argument("--workdir", default=None, help="where the temporary directory goes")
+    p.add_argument("--mirror", action="store_true",
+                   help="cold read through an HTTP mirror on loopback nginx, no peer")
     args = p.parse_args()
     size = B.parse_size(args.size)
     workdir = Path(tempfile.mkdtemp(prefix="read-lab-", dir=args.workdir))
@@ -50,10 +64,16 @@ def main() -> int:
                         peerdrive_argv=B.peerdrive_argv(), stack=stack)
         stack.callback(B.cleanup, workdir)
         big = bench.big()
-        bench.links()
+        links = bench.links()
         home = bench.fresh("home-reader")
+        url = _mirror(bench, links["big"]) if args.mirror else None
         for n in range(1 + args.hot):
-            with bench.peerdrive_mount("big", "read lab", home=home) as m:
+            if url is not None:
+                mounted = bench.mirror_mount(home, bench.fresh("mnt-lab"), "read lab",
+                                             links["big"], url)
+            else:
+                mounted = bench.peerdrive_mount("big", "read lab", home=home)
+            with mounted as m:
                 bench.drop_page_cache()
                 spy = None
                 if args.py_spy:

@@ -1,0 +1,299 @@
+"""dht/http_connection.py: keep-alive connections on h11, the pool, and what bad servers send.
+
+Against a real nginx on 127.0.0.1 (reuse, redirects, limits) and against
+small trio servers on 127.0.0.1 that misbehave on purpose (close an idle
+keep-alive connection, cut a body short, stall, announce too much). The
+property tests drive one connection over an in-memory stream: any split of
+a valid response gives its exact body, and arbitrary bytes from a server
+give an answer, PeerGoneError or BodyTooLongError, never anything else and
+never a hang. Timing bounds only turn a hang into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dht.errors import PeerGoneError
+from dht.http_connection import (
+    BodyTooLongError,
+    HttpConnection,
+    HttpPool,
+    HttpTimeouts,
+    Origin,
+)
+from tests.nginx_helpers import Nginx
+
+DEADLINE = 30.0
+SHORT = HttpTimeouts(connect=2.0, read=1.0, write=2.0, pool=3.0)
+
+
+def run(test: Callable[[], Awaitable[None]]) -> None:
+    async def main() -> None:
+        with trio.fail_after(DEADLINE):
+            await test()
+
+    trio.run(main)
+
+
+@pytest.fixture
+def www(tmp_path: Path):
+    root = tmp_path / "www"
+    (root / "dir").mkdir(parents=True)
+    files = {f"dir/f{i}": os.urandom(1000 + i * 50_000) for i in range(8)}
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    extra = """
+        location = /moved { return 301 /dir/f1; }
+    """
+    with Nginx(root, tmp_path / "nginx", extra=extra) as server:
+        yield server, files
+
+
+async def serve(nursery: trio.Nursery, handler) -> str:
+    """A one-off server on 127.0.0.1 running `handler(stream)` per connection; its base URL."""
+    [listener] = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+    return f"http://127.0.0.1:{listener.socket.getsockname()[1]}"
+
+
+async def read_request(stream: trio.SocketStream) -> bool:
+    """Read one request head (no body: only GET and HEAD are sent); False at EOF."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = await stream.receive_some(65536)
+        if not data:
+            return False
+        buf += data
+    return True
+
+
+def test_keep_alive_reuses_few_connections_for_many_requests(www) -> None:
+    server, files = www
+
+    async def test() -> None:
+        pool = HttpPool(max_connections=4, timeouts=SHORT)
+        got: dict[str, bytes] = {}
+
+        async def get(name: str) -> None:
+            resp = await pool.request("GET", f"{server.url}/{name}", limit=1 << 20)
+            assert resp.status == 200
+            got[name] = resp.body
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                for name in files:
+                    nursery.start_soon(get, name)
+        assert got == files
+        assert pool.stats.requests == 40 and pool.stats.connections_opened <= 4
+        head = await pool.request("HEAD", f"{server.url}/dir/f3", limit=0)
+        assert head.status == 200 and head.body == b""
+        missing = await pool.request("GET", f"{server.url}/dir/nothing", limit=1 << 20)
+        assert missing.status == 404
+        moved = await pool.request("GET", f"{server.url}/moved", limit=1 << 20)
+        assert moved.status == 200 and moved.body == files["dir/f1"]
+        assert moved.url.endswith("/dir/f1")
+        assert pool.stats.connections_opened <= 4  # a 404 and a 301 kept their connection
+        await pool.aclose()
+        with pytest.raises(PeerGoneError):
+            await pool.request("GET", f"{server.url}/dir/f0", limit=1 << 20)
+
+    run(test)
+
+
+def test_body_limits_refuse_announced_and_endless_bodies(www) -> None:
+    server, files = www
+
+    async def chunked(stream: trio.SocketStream) -> None:
+        if await read_request(stream):
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            with pytest.raises(trio.BrokenResourceError):
+                for _ in range(1000):  # bounded: the client hangs up long before
+                    await stream.send_all(b"10000\r\n" + b"x" * 65536 + b"\r\n")
+
+    async def test() -> None:
+        pool = HttpPool(timeouts=SHORT)
+        with pytest.raises(BodyTooLongError, match="refused unread"):
+            await pool.request("GET", f"{server.url}/dir/f7", limit=100_000)
+        async with trio.open_nursery() as nursery:
+            url = await serve(nursery, chunked)
+            with pytest.raises(BodyTooLongError, match="longer than"):
+                await pool.request("GET", url + "/x", limit=300_000)
+            nursery.cancel_scope.cancel()
+        # the refused bodies' connections were dropped; the pool still works
+        resp = await pool.request("GET", f"{server.url}/dir/f7", limit=1 << 20)
+        assert resp.body == files["dir/f7"]
+        await pool.aclose()
+
+    run(test)
+
+
+def test_idle_connection_closed_by_the_server_is_replaced(www) -> None:
+    """A server that drops keep-alive connections between requests costs a reconnect, not
+    an error: the stale connection is noticed before reuse, or the request is tried once
+    more on a new one when the server closed it just as it was sent."""
+    answered = []
+
+    async def one_per_connection(stream: trio.SocketStream) -> None:
+        if await read_request(stream):
+            answered.append(1)
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+        await stream.aclose()  # no "Connection: close": the client believes it is kept
+
+    async def test() -> None:
+        pool = HttpPool(max_connections=1, timeouts=SHORT)
+        async with trio.open_nursery() as nursery:
+            url = await serve(nursery, one_per_connection)
+            for _ in range(5):
+                resp = await pool.request("GET", url + "/x", limit=100)
+                assert resp.body == b"hello"
+            nursery.cancel_scope.cancel()
+        assert len(answered) == 5 and pool.stats.connections_opened == 5
+        assert pool.stats.stale_dropped + pool.stats.retried == 4
+        await pool.aclose()
+
+    run(test)
+
+
+def test_truncated_stalled_and_garbage_answers_fail_in_time() -> None:
+    async def truncated(stream: trio.SocketStream) -> None:
+        if await read_request(stream):
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 500)
+
+    async def stalled(stream: trio.SocketStream) -> None:
+        if await read_request(stream):
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+            await trio.sleep_forever()
+
+    async def silent(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    async def garbage(stream: trio.SocketStream) -> None:
+        if await read_request(stream):
+            await stream.send_all(b"SSH-2.0-OpenSSH\r\n\r\n")
+
+    async def test() -> None:
+        pool = HttpPool(timeouts=SHORT)
+        async with trio.open_nursery() as nursery:
+            for handler, match in ((truncated, "without sending complete|closed"),
+                                   (stalled, "timed out"), (silent, "timed out"),
+                                   (garbage, "broken HTTP")):
+                url = await serve(nursery, handler)
+                start = trio.current_time()
+                with pytest.raises(PeerGoneError, match=match):
+                    await pool.request("GET", url + "/x", limit=1 << 20)
+                assert trio.current_time() - start < 5 * SHORT.read
+            nursery.cancel_scope.cancel()
+        with pytest.raises(PeerGoneError, match="cannot connect|timed out"):
+            await pool.request("GET", "http://127.0.0.1:1/x", limit=100)
+        await pool.aclose()
+
+    run(test)
+
+
+def test_a_cancelled_request_frees_its_slot_and_drops_its_connection(www) -> None:
+    server, files = www
+
+    async def stalled(stream: trio.SocketStream) -> None:
+        if await read_request(stream):
+            await trio.sleep_forever()
+
+    async def test() -> None:
+        pool = HttpPool(max_connections=1, timeouts=HttpTimeouts(read=60.0, pool=60.0))
+        async with trio.open_nursery() as nursery:
+            url = await serve(nursery, stalled)
+            with trio.move_on_after(0.5) as scope:
+                await pool.request("GET", url + "/x", limit=100)
+            assert scope.cancelled_caught
+            nursery.cancel_scope.cancel()
+        # the only slot is free again, and the half-read connection was not kept
+        resp = await pool.request("GET", f"{server.url}/dir/f2", limit=1 << 20)
+        assert resp.body == files["dir/f2"]
+        assert sum(len(c) for c in pool._idle.values()) == 1
+        await pool.aclose()
+
+    run(test)
+
+
+def test_origin_of_urls() -> None:
+    assert Origin.split("http://h:8080/a/b?q") == (Origin("http", "h", 8080), "/a/b?q")
+    origin, target = Origin.split("https://[::1]/x")
+    assert origin == Origin("https", "::1", 443) and target == "/x"
+    assert origin.host_header == "[::1]" and str(origin) == "https://[::1]"
+    assert Origin("http", "h", 80).host_header == "h"
+    for bad in ("ftp://h/x", "http:///x", "http://h:99999/"):
+        with pytest.raises(PeerGoneError):
+            Origin.split(bad)
+
+
+# ---- one connection over an in-memory stream: property tests ---------------------------
+
+async def _exchange(chunks: list[bytes], limit: int,
+                    method: str = "GET") -> tuple[int, dict[str, str], bytes, bool]:
+    """One request on a connection whose server side sends `chunks`, then closes."""
+    client, server = trio.testing.memory_stream_pair()
+    conn = HttpConnection(client, Origin("http", "h", 80),
+                          HttpTimeouts(connect=1.0, read=1.0, write=1.0, pool=1.0))
+
+    async def serve_chunks() -> None:
+        await server.receive_some()
+        for chunk in chunks:
+            await server.send_all(chunk)
+        await server.send_eof()
+
+    answer: list = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_chunks)
+        try:
+            answer.append(await conn.request(method, "/x", [], limit))
+        except (PeerGoneError, BodyTooLongError) as exc:
+            answer.append(exc)  # raised below as it is, not in the nursery's group
+        finally:
+            nursery.cancel_scope.cancel()
+    if isinstance(answer[0], Exception):
+        raise answer[0]
+    return answer[0]
+
+
+def _splits(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    edges = [0, *points, len(data)]
+    return [data[a:b] for a, b in zip(edges, edges[1:], strict=False) if b > a]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=st.binary(max_size=3000), chunked=st.booleans(),
+       cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=8))
+def test_any_split_of_a_valid_response_gives_its_exact_body(body: bytes, chunked: bool,
+                                                             cuts: list[int]) -> None:
+    if chunked:
+        wire = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                + b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in _splits(body, cuts) if p)
+                + b"0\r\n\r\n")
+    else:
+        wire = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    got = trio.run(_exchange, _splits(wire, cuts), 3000)
+    assert got[0] == 200 and got[2] == body and got[3]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(prefix=st.sampled_from([b"", b"HTTP/1.1 200 OK\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: ",
+                               b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n"]),
+       junk=st.binary(max_size=400), limit=st.integers(min_value=0, max_value=500))
+def test_arbitrary_server_bytes_give_an_answer_or_our_errors(prefix: bytes, junk: bytes,
+                                                             limit: int) -> None:
+    try:
+        status, _headers, body, kept = trio.run(_exchange, [prefix + junk], limit)
+    except (PeerGoneError, BodyTooLongError):
+        return
+    assert 100 <= status <= 999
+    assert len(body) <= max(limit, 64 * 1024)
+    if status == 200:
+        assert len(body) <= limit and kept
