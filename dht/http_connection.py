@@ -4,7 +4,9 @@ The HTTP mirror source (`dht.http_source`) asks one static server for many
 blocks of a few hundred KiB each, many at once. A general client pays per
 request for layers this needs none of (auth, cookies, proxies, model
 objects, a pool that polls every idle connection); here a request is a
-few h11 calls and a socket read of up to 1 MiB at a time. h11 does all the
+few h11 calls and a socket read of up to 1 MiB at a time (over TLS,
+`dht.tlsstream.TlsStream`: every record a read brought decrypted at once,
+the name checked against the system's trust store). h11 does all the
 parsing and framing (sans-io: it is fed bytes and asked for events); this
 module only moves bytes between h11 and a trio stream and decides when a
 connection may be used again.
@@ -48,6 +50,7 @@ import h11
 import trio
 
 from .errors import BadBlockError, PeerGoneError
+from .tlsstream import TlsStream
 
 RECEIVE_SIZE = 1024 * 1024  # one socket read: a whole block often arrives in one or two
 MAX_HEADER_BYTES = 64 * 1024  # a response head longer than this is refused (h11 enforces it)
@@ -140,8 +143,8 @@ class HttpConnection:
             try:
                 stream = await trio.open_tcp_stream(origin.host, origin.port)
                 if origin.scheme == "https":
-                    tls = trio.SSLStream(stream, ssl_context or default_ssl_context(),
-                                         server_hostname=origin.host, https_compatible=True)
+                    tls = TlsStream(stream, ssl_context or default_ssl_context(),
+                                    server_hostname=origin.host)
                     stream = tls
                     await tls.do_handshake()
             except (OSError, trio.BrokenResourceError) as exc:
@@ -399,8 +402,8 @@ def default_ssl_context() -> ssl.SSLContext:
 
 
 def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
-    if isinstance(stream, trio.SSLStream):
-        stream = stream.transport_stream
+    if isinstance(stream, TlsStream):
+        stream = stream.transport
     return stream.socket if isinstance(stream, trio.SocketStream) else None
 
 

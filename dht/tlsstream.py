@@ -10,7 +10,8 @@ calls. On loopback, one process receiving 1 GiB: the receiving side's CPU
 ~1.0 s -> ~0.25 s, throughput +35-40% (measure it: `.venv/bin/python
 scripts/tls_receive.py`).
 
-It does only what the peer protocol needs: one handshake, one task receiving
+It does only what the peer protocol (and the HTTPS mirror source,
+`dht/http_connection.py`) needs: one handshake, one task receiving
 while another sends (their outgoing TLS bytes are sent under one lock, so
 records never interleave), close_notify on close. An `ssl.SSLError` or a
 connection reset becomes trio.BrokenResourceError, as with trio.SSLStream.
@@ -30,12 +31,14 @@ class TlsStream(trio.abc.Stream):
     """A TLS client or server connection over `transport` (usually a trio.SocketStream)."""
 
     def __init__(self, transport: trio.abc.Stream, context: ssl.SSLContext, *,
-                 server_side: bool = False) -> None:
+                 server_side: bool = False, server_hostname: str | None = None) -> None:
+        """`server_hostname`: the name a client sends (SNI) and checks the certificate
+        against when the context says so (HTTPS mirrors); peers pin keys instead."""
         self.transport = transport
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._ssl = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
-                                     server_hostname=None)
+                                     server_hostname=server_hostname)
         self._send_lock = trio.Lock()
         # decrypted bytes a caller's max_bytes left for the next receive, from _plain_at on
         self._plain = b""

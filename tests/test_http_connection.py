@@ -11,7 +11,10 @@ never a hang. Timing bounds only turn a hang into a failure.
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import os
+import ssl
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -19,6 +22,10 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,7 +37,7 @@ from dht.http_connection import (
     HttpTimeouts,
     Origin,
 )
-from tests.nginx_helpers import Nginx
+from tests.nginx_helpers import Nginx, free_port
 
 DEADLINE = 30.0
 SHORT = HttpTimeouts(connect=2.0, read=1.0, write=2.0, pool=3.0)
@@ -220,6 +227,61 @@ def test_a_cancelled_request_frees_its_slot_and_drops_its_connection(www) -> Non
         await pool.aclose()
 
     run(test)
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 signed by its own key: (certificate, key) PEM files."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "peerdrive test mirror")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_https_mirror_is_verified_and_kept_alive(tmp_path: Path) -> None:
+    root = tmp_path / "www"
+    root.mkdir()
+    files = {f"b{i}": os.urandom(300_000 + i) for i in range(6)}
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    cert, key = self_signed(tmp_path)
+    port = free_port()
+    extra = f"""
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+    """
+    with Nginx(root, tmp_path / "nginx", extra=extra):
+        base = f"https://127.0.0.1:{port}"
+
+        async def test() -> None:
+            trusting = ssl.create_default_context(cafile=str(cert))
+            pool = HttpPool(max_connections=2, timeouts=SHORT, ssl_context=trusting)
+            for _ in range(3):
+                for name, data in files.items():
+                    resp = await pool.request("GET", f"{base}/{name}", limit=1 << 20)
+                    assert resp.status == 200 and resp.body == data
+            assert pool.stats.connections_opened == 1
+            await pool.aclose()
+            # the system's trust store does not know this certificate: refused
+            default = HttpPool(timeouts=SHORT)
+            with pytest.raises(PeerGoneError, match="cannot connect"):
+                await default.request("GET", f"{base}/b0", limit=1 << 20)
+            await default.aclose()
+
+        run(test)
 
 
 def test_origin_of_urls() -> None:
