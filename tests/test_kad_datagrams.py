@@ -6,8 +6,10 @@ catch in `datagram_received`), so a parsing gap shows up as an exception here.
 
 from __future__ import annotations
 
+import gc
 import os
 import time
+import warnings
 
 import msgpack
 from hypothesis import given, settings
@@ -125,6 +127,52 @@ def test_find_value_reply_with_largest_provider_records_fits_a_datagram():
     assert len(body["nodes"]) == 20
 
 
+def _nearest_by_scan(protocol, target: Node, k: int = 20) -> list[bytes]:
+    contacts = [n for b in protocol.router.buckets for n in b.get_nodes() if n.id != target.id]
+    return [n.id for n in sorted(contacts, key=target.distance_to)[:k]]
+
+
+def test_neighbours_of_a_key_at_the_right_end_come_from_the_whole_table():
+    """A sparse right end: the package's bucket walk stopped there and returned nothing.
+
+    Our id is all zeros and every contact is near it, so the table splits into
+    buckets down the left end and those towards the right end stay empty. The
+    package walked from the key's bucket alternately left and right and gave up
+    once the right side ran out, one bucket later: a key at the right end got no
+    neighbours at all from a table of 40 contacts, so its lookup asked nobody.
+    """
+    protocol = PeerdriveProtocol(Node(bytes(32)), RecordStorage(), 20, wait_timeout=1.0)
+    for i in range(1, 41):
+        protocol.router.add_contact(Node((i << 100).to_bytes(32, "big"), "127.0.0.1", 30000 + i))
+    assert len(protocol.router.buckets) > 3
+    for key in (2**256 - 1, 2**255, 2**254 + 5):
+        target = Node(key.to_bytes(32, "big"))
+        got = [n.id for n in protocol.router.find_neighbors(target)]
+        assert len(got) == 20
+        assert got == _nearest_by_scan(protocol, target)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    own=st.sampled_from([bytes(32), b"\xff" * 32]) | st.binary(min_size=32, max_size=32),
+    shifts=st.lists(st.integers(0, 255), min_size=1, max_size=120),
+    target_shift=st.integers(0, 256),
+    seed=st.binary(min_size=32, max_size=32),
+)
+def test_prop_neighbours_are_the_k_nearest_contacts(own, shifts, target_shift, seed):
+    """Whatever the table's shape, `find_neighbors` is the k nearest contacts by XOR."""
+    protocol = PeerdriveProtocol(Node(own), RecordStorage(), 20, wait_timeout=1.0)
+    base = int.from_bytes(own, "big")
+    noise = int.from_bytes(seed, "big")
+    for i, shift in enumerate(shifts):  # contacts at every depth, many near our own id
+        distance = ((noise * (i + 1)) % 2**256) >> shift or 1
+        protocol.router.add_contact(Node((base ^ distance).to_bytes(32, "big"), "127.0.0.1",
+                                         1000 + i))
+    target = Node((base ^ (noise >> target_shift)).to_bytes(32, "big"))
+    got = [n.id for n in protocol.router.find_neighbors(target)]
+    assert got == _nearest_by_scan(protocol, target)
+
+
 def test_a_valid_request_is_answered_and_its_sender_learned_only_once_verified():
     protocol, transport = make_protocol()
     sender_id = os.urandom(32)
@@ -136,3 +184,21 @@ def test_a_valid_request_is_answered_and_its_sender_learned_only_once_verified()
     protocol._mark_verified(SENDER)  # as when it answers one of our requests
     protocol._handle_datagram(request("ping", [sender_id]), SENDER)
     assert [n.id for b in protocol.router.buckets for n in b.get_nodes()] == [sender_id]
+
+
+def test_a_sender_checked_without_a_running_loop_leaves_no_task_nor_coroutine():
+    """Driven without an event loop, the handler skips the verification ping cleanly.
+
+    It used to make the `_verify` coroutine first and hand it to `ensure_future`,
+    which either refused it (no loop: the coroutine was dropped, "never awaited",
+    seen in clean-clone runs) or queued it on a loop that never runs.
+    """
+    protocol, _ = make_protocol()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        protocol._handle_datagram(request("ping", [os.urandom(32)]), SENDER)
+        protocol._check_stale([Node(os.urandom(32), "127.0.0.1", 40001)])
+        gc.collect()
+    assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []
+    assert not protocol._tasks
+    assert not protocol._verifying and not protocol._liveness_checks
