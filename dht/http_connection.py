@@ -22,8 +22,8 @@ Rules:
   here), and waiting for a free slot of the pool.
 - A body is read up to `limit` bytes and no further: a Content-Length above
   it is refused unread, a body without one is refused as soon as it grows
-  past it. A body whose length is announced is written into one buffer of
-  that size. A body cut short of its Content-Length is an error (h11), never
+  past it. A body is copied once, from h11's parts into the bytes handed
+  up. A body cut short of its Content-Length is an error (h11), never
   a short answer.
 - Before an idle connection is reused it must not be readable (a server
   that closed it, or sent bytes nobody asked for); a request that fails on
@@ -231,23 +231,6 @@ class HttpConnection:
         if size is not None and size > cap:  # a big error page: not worth reading
             self.close()
             return b"", False
-        if size is not None:
-            buf = bytearray(size)
-            view = memoryview(buf)
-            got = 0
-            while True:
-                event = await self._next_event()
-                if isinstance(event, h11.Data):
-                    n = len(event.data)
-                    view[got:got + n] = event.data  # h11 never hands more than announced
-                    got += n
-                elif isinstance(event, h11.EndOfMessage):
-                    break
-                else:
-                    raise PeerGoneError(f"{self.origin}: unexpected {type(event).__name__} "
-                                        "in a response body")
-            view.release()
-            return (bytes(buf) if got == size else bytes(buf[:got])), True
         parts: list[bytes] = []
         got = 0
         while True:
@@ -262,6 +245,8 @@ class HttpConnection:
                     return b"", False
                 parts.append(event.data)
             elif isinstance(event, h11.EndOfMessage):
+                # one copy into the bytes handed up (often of a single part: a whole
+                # block tends to come in one socket read); no buffer in between
                 return b"".join(parts), True
             else:
                 raise PeerGoneError(f"{self.origin}: unexpected {type(event).__name__} "
