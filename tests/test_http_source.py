@@ -254,3 +254,54 @@ def test_url_checker_never_raises_anything_else(text: str) -> None:
     except MirrorUrlError:
         return
     assert out.startswith(("http://", "https://")) and check_base_url(out) == out
+
+
+def test_big_blocks_are_hashed_in_batches_and_cancelled_waiters_leave_no_trace(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of 256 KiB and more are hashed in worker threads, those that arrived
+    meanwhile in one call; a waiter cancelled before or during its batch takes nothing
+    from the others."""
+    import dht.http_source as hs
+
+    calls: list[int] = []
+    real = hs._sha256_each
+
+    def counted(blocks: list[bytes]) -> list[bytes]:
+        calls.append(len(blocks))
+        return real(blocks)
+
+    monkeypatch.setattr(hs, "_sha256_each", counted)
+    datas = [os.urandom(300_000) for _ in range(24)]
+
+    async def test() -> None:
+        hasher = hs._BatchHasher()
+        got: dict[int, bytes] = {}
+
+        async def one(i: int) -> None:
+            got[i] = await hasher.sha256(datas[i])
+
+        async with trio.open_nursery() as nursery:
+            scopes = []
+            for i in range(len(datas)):
+                scope = trio.CancelScope()
+                scopes.append(scope)
+
+                async def task(i: int = i, scope: trio.CancelScope = scope) -> None:
+                    with scope:
+                        await one(i)
+
+                nursery.start_soon(task)
+            await trio.sleep(0)
+            for i in range(0, len(datas), 5):  # some leave while the first batch runs
+                scopes[i].cancel()
+        cancelled = set(range(0, len(datas), 5))
+        for i, data in enumerate(datas):
+            if i in got:
+                assert got[i] == hashlib.sha256(data).digest()
+            else:
+                assert i in cancelled
+        assert set(range(len(datas))) - cancelled <= set(got)
+        assert not hasher._queue and not hasher._busy
+        assert len(calls) < len(datas) - len(cancelled)  # batched, not one call each
+
+    run(test)
