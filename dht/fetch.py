@@ -9,8 +9,9 @@ which peer is asked for which block and when:
   bounded number in flight, so the queue, not the network, holds a big pin
   backlog. Nothing but a READ may fill a peer's last `foreground_reserve`
   slots (not even READAHEAD, which a streaming reader keeps at the limit),
-  so a READ always finds a slot at once; on the wire it carries its priority
-  and the server answers it ahead of anything queued there. Small PIN and
+  and a READ counts only against READs: lazier work never holds it up, since
+  on the wire it carries its priority and the server answers it ahead of
+  anything queued there. Small PIN and
   PREFETCH blocks go deeper (up to `max_small_in_flight_per_peer`,
   `small_in_flight_bytes` in flight): a pin of many small files is bound by
   round trips, not bytes.
@@ -82,7 +83,7 @@ _MAX_ADDRS_PER_PEER = 8  # addresses kept per peer (LAN and DHT records together
 _MAX_BACKGROUND_DIALS = 16  # providers dialled ahead of need at once
 HAPPY_EYEBALLS_DELAY = 0.25  # seconds before the next address of a peer is dialled too
 SLOW_READ = 1.0  # seconds a READ may wait before its block's history is logged (INFO, -v)
-_MAX_TRACE = 24  # events kept per request for that log
+_MAX_TRACE = 24  # events kept per request for that log: the first half and the latest
 
 
 @dataclass
@@ -307,13 +308,20 @@ class _Request:
         self.blocked = False  # its last dispatch pass found every candidate busy or dialling
         # (seconds since created, what happened): why a slow read was slow (SLOW_READ)
         self.trace: list[tuple[float, str]] = []
+        self.trace_dropped = 0  # events left out between the first ones and the latest
 
     def note(self, what: str) -> None:
-        if len(self.trace) < _MAX_TRACE:
-            self.trace.append((trio.current_time() - self.created, what))
+        if len(self.trace) >= _MAX_TRACE:
+            # the start says how it began, the latest why it is still waiting
+            del self.trace[_MAX_TRACE // 2]
+            self.trace_dropped += 1
+        self.trace.append((trio.current_time() - self.created, what))
 
     def history(self) -> str:
-        return "; ".join(f"{t:.2f}s {what}" for t, what in self.trace)
+        events = [f"{t:.2f}s {what}" for t, what in self.trace]
+        if self.trace_dropped:
+            events.insert(_MAX_TRACE // 2, f"({self.trace_dropped} more)")
+        return "; ".join(events)
 
     @property
     def finished(self) -> bool:
@@ -830,9 +838,12 @@ class Fetcher:
         request.priority = priority
         if request.queued:
             self._enqueue(request)  # the old heap entry is now stale
-        elif not request.parked and len(request.attempts) < self.config.max_parallel_attempts:
+        elif len(request.attempts) < self.config.max_parallel_attempts:
             # In flight at a lazier priority: ask again at the urgent one
-            # (possibly of the same peer, which will serve it first).
+            # (possibly of the same peer, which will serve it first). A parked
+            # request too: its attempts are lazier than it is now, so the peers
+            # they went to are candidates again (it parks again if not).
+            self._unpark(request)
             self._enqueue(request)
 
     def _park(self, request: _Request, why: str) -> None:
@@ -899,21 +910,24 @@ class Fetcher:
 
     def _has_slot(self, peer: _Peer, priority: Priority) -> bool:
         config = self.config
+        if priority == Priority.READ:
+            # Lazier work never holds a READ up (the peer answers READs first, ahead of
+            # whatever is queued there): a READ waits only behind READs, at most
+            # max_in_flight_per_peer of them per peer.
+            return peer.in_flight - peer.in_flight_lazy < config.max_in_flight_per_peer
         usual = config.max_in_flight_per_peer - config.foreground_reserve
         # background requests past the usual slots: small blocks in a deep pipeline
         deep = max(0, peer.in_flight_lazy - usual)
         if peer.in_flight - deep >= config.max_in_flight_per_peer:
             return False
-        if priority > Priority.READ:
-            if peer.in_flight_lazy < usual:
-                return True
-            if priority < Priority.PIN:  # READAHEAD keeps to the usual slots
-                return False
-            # Small blocks (a pin of many small files) go deeper: the server answers a
-            # run of them in one read and one write, so a round trip carries many.
-            return (peer.in_flight_lazy < config.max_small_in_flight_per_peer
-                    and peer.in_flight_bytes + self._size_guess <= config.small_in_flight_bytes)
-        return True
+        if peer.in_flight_lazy < usual:
+            return True
+        if priority < Priority.PIN:  # READAHEAD keeps to the usual slots
+            return False
+        # Small blocks (a pin of many small files) go deeper: the server answers a
+        # run of them in one read and one write, so a round trip carries many.
+        return (peer.in_flight_lazy < config.max_small_in_flight_per_peer
+                and peer.in_flight_bytes + self._size_guess <= config.small_in_flight_bytes)
 
     def _dispatch(self, now: float) -> None:
         if self._deferred:
@@ -933,8 +947,9 @@ class Fetcher:
                 continue
             priority = Priority(prio)
             if not any(self._has_slot(p, priority) for p in usable):
-                # Every peer is full for this priority, hence for every lazier
-                # one; with no usable peer at all, ask for fresh providers.
+                # Every peer is full for this priority (lazier requests wait for
+                # it: READs first); with no usable peer at all, ask for fresh
+                # providers.
                 if not usable:
                     self._refresh_wanted.set()
                 break
@@ -1349,9 +1364,27 @@ class Fetcher:
             detail = ", ".join(f"{n} {outcome.value}" for outcome, n in
                                sorted(counts.items(), key=lambda item: item[0].value))
             why = f"tried {tried} of {known} known peer(s): {detail}"
+        untried = [self._why_not_asked(p) for p in self._peers.values()
+                   if p.provider and p.node_id not in request.outcomes]
+        if tried and untried:
+            why += "; not asked: " + ", ".join(untried[:4]) + (
+                f" and {len(untried) - 4} more" if len(untried) > 4 else "")
         return FetchTimeout(
             f"block {block}… not fetched within {timeout:g}s: {why}", tried=tried, known=known
         )
+
+    def _why_not_asked(self, peer: _Peer) -> str:
+        """What kept a provider from being asked, as a timeout message says it."""
+        backoff = peer.backoff_until - trio.current_time()
+        if backoff > 0:
+            state = f"backing off {backoff:.0f}s"
+        elif peer.connecting is not None:
+            state = "dialling"
+        elif not self._has_slot(peer, Priority.READ):
+            state = f"busy ({peer.in_flight} in flight)"
+        else:
+            state = "connected" if peer.connected else "not connected"
+        return f"{peer.label} {state}"
 
 
 def _ewma(old: float | None, sample: float, alpha: float) -> float:

@@ -14,6 +14,14 @@ its slow-read log (`dht.fetch` at INFO, `peerdrive -v mount`):
 And what a reader relays to the readers beside it comes from its fetcher's
 memory, not a store read in a worker thread.
 
+Two more a churner met (a read of a block the seed had got EIO after 20 s):
+a read() arriving while the readahead loaded its block waited for that load
+at READAHEAD priority, so the fetcher never heard of an urgent read (none of
+the READ reserve, peers answering it behind every other READAHEAD); and a
+request parked with its only attempt at a lazier priority was not asked again
+when a READ wanted it. Both are shown without sockets (a fake fetch, a fake
+connection).
+
 Real peer servers on 127.0.0.1; counts and order only, with generous upper
 bounds that turn a hang into a failure.
 """
@@ -21,26 +29,32 @@ bounds that turn a hang into a failure.
 from __future__ import annotations
 
 import functools
+import os
 import socket
 import time
+from pathlib import Path
 
 import trio
 
+from cache.store import BlockStore
 from dht.client import PeerConnection
 from dht.fetch import FetchConfig, Fetcher
 from dht.frames import Want
 from dht.identity import NodeIdentity
 from dht.types import PeerAddr, Priority
 from tests.helpers import run_trio
+from tests.inprocess import new_cap, publish_folder
 from tests.test_peer_support import (
     HOST,
     RecordingSource,
     make_blocks,
     new_drive,
+    random_id,
     stall,
     start_raw_server,
     start_server,
 )
+from vfs.blocks import BlockReader
 
 run = functools.partial(run_trio, deadline=30.0)
 
@@ -235,5 +249,151 @@ def test_a_seed_that_once_said_not_found_still_takes_a_hedge() -> None:
             assert await f.fetch(bid, Priority.READ) == data
             took = trio.current_time() - started
         assert took < 20.0, took  # not the silent peer's 60 s stall timeout
+
+    run(test)
+
+
+def test_a_read_behind_the_readahead_of_its_block_asks_at_read_priority(tmp_path: Path) -> None:
+    """The readahead is loading a block (its fetch waits on the network) when a process
+    reads it: the fetch is asked again at READ, which the fetcher joins to the one in
+    flight and sends ahead of everything lazier. The fake network answers only once it
+    has heard of a READ (a seed whose slots the readahead filled): before, the read
+    waited for the readahead's fetch and this never ended."""
+    cap = new_cap()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(4096))
+    pub = BlockStore(tmp_path / "pub", sync=False)
+    store = BlockStore(tmp_path / "reader", sync=False)
+    head = publish_folder(pub, src, cap)
+    assert head.root is not None and head.root.node is not None
+    ref = head.root.node
+    asked: list[Priority] = []
+    urgent = trio.Event()
+
+    async def fetch(block_id: bytes, priority: Priority) -> bytes:
+        asked.append(priority)
+        if priority == Priority.READ:
+            urgent.set()
+        await urgent.wait()
+        data = pub.get(block_id)
+        assert data is not None
+        return data
+
+    reader = BlockReader(store, cap.read_key, fetch)
+    got: list[bytes] = []
+
+    async def test(nursery: trio.Nursery) -> None:
+        async def read(priority: Priority) -> None:
+            got.append(await reader.read(ref, priority))
+
+        with trio.move_on_after(10.0):
+            async with trio.open_nursery() as reads:
+                reads.start_soon(read, Priority.READAHEAD)
+                await wait_for(lambda: asked == [Priority.READAHEAD], "the readahead's fetch")
+                reads.start_soon(read, Priority.READ)
+        assert asked == [Priority.READAHEAD, Priority.READ]
+        assert len(got) == 2 and got[0] == got[1]
+
+    try:
+        run(test)
+    finally:
+        store.close()
+        pub.close()
+
+
+class FakeSeed:
+    """A connection to a seed whose every slot for lazy work is taken: a Want below READ
+    is never answered, a READ is answered at once (peers serve READs first)."""
+
+    def __init__(self, data: bytes, *, reads_wait: bool = False) -> None:
+        self.data = data
+        self.closed = False
+        self.holding: dict[bytes, None] = {}
+        self.whole: frozenset[bytes] = frozenset()
+        self.wants: list[Priority] = []
+        self.reads_answered = trio.Event()  # with reads_wait, READs are answered once set
+        if not reads_wait:
+            self.reads_answered.set()
+
+    async def fetch(self, block_id: bytes, priority: Priority) -> bytes:
+        self.wants.append(priority)
+        if priority > Priority.READ:
+            await trio.sleep_forever()
+        await self.reads_answered.wait()
+        return self.data
+
+    async def have(self, block_ids) -> list[bool]:
+        return [True] * len(block_ids)
+
+    async def ping(self) -> float:
+        return 0.0
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def test_a_parked_request_wanted_at_read_asks_its_seed_again_at_read() -> None:
+    """A readahead's attempt at the only peer runs late; its hedge has nobody else to ask
+    and is parked. Then a process reads the block: the request goes to that peer again at
+    READ (which it answers first), instead of waiting on the readahead's attempt, which
+    here never ends (before: the read waited out its timeout, EIO)."""
+    bid = random_id()
+    seed = FakeSeed(b"x" * 4096)
+    addr = PeerAddr(random_id(), HOST, 9)  # never dialled: the fake connect answers
+    config = FetchConfig(hedge_floor=0.05, hedge_factor=1.0, stall_timeout=60.0,
+                         default_timeout=60.0, swarm_jitter=0)
+
+    async def connect(*args, **kwargs) -> FakeSeed:
+        return seed
+
+    async def test(nursery: trio.Nursery) -> None:
+        async with Fetcher(NodeIdentity.generate(), *new_drive(), lambda: [addr],
+                           connect=connect, config=config) as f:
+            async with trio.open_nursery() as waits:
+                waits.start_soon(functools.partial(f.fetch, bid, Priority.READAHEAD))
+                await wait_for(lambda: bid in f._requests and f._requests[bid].parked,
+                               "the hedge to be parked")
+                with trio.fail_after(10.0):
+                    assert await f.fetch(bid, Priority.READ) == seed.data
+                waits.cancel_scope.cancel()
+        assert seed.wants == [Priority.READAHEAD, Priority.READ]
+
+    run(test)
+
+
+def test_reads_are_never_held_up_by_lazier_work_at_a_peer() -> None:
+    """A peer's lazy slots full of readahead it is slow to answer: READs still go out at
+    once, up to max_in_flight_per_peer READs of their own (the peer answers READs
+    first). Before, the readahead's slots counted against READs too: two READs at a time
+    went out and the third waited for a slot that only lazier work was holding."""
+    config = FetchConfig(max_in_flight_per_peer=6, foreground_reserve=2, hedge_floor=60.0,
+                         stall_timeout=60.0, default_timeout=60.0, swarm_jitter=0)
+    seed = FakeSeed(b"x" * 4096, reads_wait=True)
+    addr = PeerAddr(random_id(), HOST, 9)  # never dialled: the fake connect answers
+
+    async def connect(*args, **kwargs) -> FakeSeed:
+        return seed
+
+    async def test(nursery: trio.Nursery) -> None:
+        async with Fetcher(NodeIdentity.generate(), *new_drive(), lambda: [addr],
+                           connect=connect, config=config) as f:
+            async with trio.open_nursery() as waits:
+                for _ in range(10):
+                    waits.start_soon(functools.partial(f.fetch, random_id(),
+                                                       Priority.READAHEAD))
+                await wait_for(lambda: len(seed.wants) == 4, "the readahead at the peer")
+                reads = [random_id() for _ in range(7)]
+                async with trio.open_nursery() as reading:
+                    for bid in reads:
+                        reading.start_soon(f.fetch, bid, Priority.READ)
+                    await wait_for(lambda: seed.wants.count(Priority.READ) == 6,
+                                   "six READs at the peer")
+                    await trio.sleep(0.2)  # a seventh would have gone out by now
+                    assert seed.wants.count(Priority.READ) == 6  # READs keep their own limit
+                    assert seed.wants.count(Priority.READAHEAD) == 4
+                    seed.reads_answered.set()
+                waits.cancel_scope.cancel()
+        assert seed.wants.count(Priority.READ) == 7
 
     run(test)

@@ -58,6 +58,11 @@ class BlockReader:
         self._plain_bytes = 0
         self._plain_limit = plaintext_cache_bytes
         self._inflight: dict[bytes, trio.Event] = {}
+        # block id -> the most urgent priority a reader of a load in flight asked for, and
+        # the ids whose load is waiting on the network now: a READ arriving behind a
+        # readahead of its block hurries that fetch instead of riding at READAHEAD
+        self._urgency: dict[bytes, Priority] = {}
+        self._fetching: set[bytes] = set()
         # reads and decryptions of large blocks; batched while `workers.run` runs (the
         # drive starts it), one thread call per block otherwise
         self.workers = ThreadBatches()
@@ -122,18 +127,49 @@ class BlockReader:
             return plain
         # one fetch per block: concurrent readers of the same block wait for the first
         while (ev := self._inflight.get(ref.block_id)) is not None:
-            await ev.wait()
+            await self._wait_for_load(ref.block_id, priority, ev)
             plain = self.cached_plain(ref.block_id)
             if plain is not None:
                 return plain
         ev = self._inflight[ref.block_id] = trio.Event()
+        self._urgency[ref.block_id] = priority
         try:
             plain = await self._load(ref, priority)
             self._remember(ref.block_id, plain)
             return plain
         finally:
             del self._inflight[ref.block_id]
+            del self._urgency[ref.block_id]
             ev.set()
+
+    async def _wait_for_load(self, block_id: bytes, priority: Priority, ev: trio.Event) -> None:
+        """Wait for another task's load of the block, hurrying it if we are more urgent.
+
+        A process blocked in read() on a block the readahead is loading must
+        not wait at READAHEAD priority: the fetcher keeps its last slots per
+        peer for READs and peers answer READs first, but only if it hears of
+        one. While the load waits on the network the fetch is asked again at
+        our priority (the fetcher joins the two and upgrades the request); a
+        load not yet at the network fetches at our priority when it gets there.
+        """
+        if priority >= self._urgency.get(block_id, priority):
+            await ev.wait()
+            return
+        self._urgency[block_id] = priority
+        if block_id not in self._fetching or self.fetch is None:
+            await ev.wait()
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._hurry, block_id, priority)
+            await ev.wait()
+            nursery.cancel_scope.cancel()
+
+    async def _hurry(self, block_id: bytes, priority: Priority) -> None:
+        assert self.fetch is not None
+        try:
+            await self.fetch(block_id, priority)  # the load in flight gets the bytes
+        except BlockUnavailable:
+            pass  # the load in flight fails alike and its reader reports it
 
     async def ciphertext(self, ref: Ref, priority: Priority) -> bytes:
         """The verified ciphertext of a block, fetched and cached if missing.
@@ -163,7 +199,12 @@ class BlockReader:
         if self.fetch is None:
             raise BlockUnavailable(f"block {block_id.hex()[:16]} is not on this device "
                                    "and this mount has no network")
-        ct = await self.fetch(block_id, priority)
+        priority = min(priority, self._urgency.get(block_id, priority))
+        self._fetching.add(block_id)
+        try:
+            ct = await self.fetch(block_id, priority)
+        finally:
+            self._fetching.discard(block_id)
         self.fetched_blocks += 1
         self.fetched_bytes += len(ct)
         if not self._writer_running:
