@@ -838,13 +838,25 @@ class Fetcher:
         request.priority = priority
         if request.queued:
             self._enqueue(request)  # the old heap entry is now stale
-        elif len(request.attempts) < self.config.max_parallel_attempts:
-            # In flight at a lazier priority: ask again at the urgent one
-            # (possibly of the same peer, which will serve it first). A parked
-            # request too: its attempts are lazier than it is now, so the peers
-            # they went to are candidates again (it parks again if not).
-            self._unpark(request)
-            self._enqueue(request)
+            return
+        if len(request.attempts) >= self.config.max_parallel_attempts:
+            return
+        for attempt in request.attempts:
+            peer = attempt.peer
+            if (attempt.priority > priority and peer.provider and self._has_slot(peer, priority)
+                    and not any(a.peer is peer and a.priority <= priority
+                                for a in request.attempts)):
+                # In flight at a lazier priority: ask the same peer again at the
+                # urgent one. It answers that first, and no second source sends
+                # the same bytes (the lazier attempt is cancelled once one lands).
+                request.note(f"wanted at {priority.name} of the same peer")
+                self._unpark(request)
+                self._start_attempt(request, peer, priority)
+                return
+        # That peer is full: ask whoever can take it now. A parked request too: its
+        # attempts are lazier than it is now (it parks again if nobody can).
+        self._unpark(request)
+        self._enqueue(request)
 
     def _park(self, request: _Request, why: str) -> None:
         """Set aside a request nobody can take now.
