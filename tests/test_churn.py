@@ -185,8 +185,23 @@ def test_a_dead_dht_contact_costs_a_lookup_one_short_timeout_at_most() -> None:
     trio.run(_test_a_dead_dht_contact_costs_a_lookup_one_short_timeout_at_most)
 
 
+def _requests_from(socks: list[socket.socket], port: int) -> int:
+    """Datagrams waiting at these sockets that came from 127.0.0.1:`port` (read, so gone)."""
+    count = 0
+    for sock in socks:
+        while True:
+            try:
+                _, addr = sock.recvfrom(65536)
+            except BlockingIOError:
+                break
+            count += addr[1] == port
+    return count
+
+
 async def _test_a_dead_dht_contact_costs_a_lookup_one_short_timeout_at_most() -> None:
-    rpc_timeout = 1.0
+    # long enough that the bounds below leave seconds of slack on a loaded machine, yet
+    # waiting for two timeouts one after the other would break the join's bound
+    rpc_timeout = 4.0
     _, head = MutableRecord.create(_key(), 1, b"head")
     dead = [_silent_udp() for _ in range(2)]
     try:
@@ -207,6 +222,7 @@ async def _test_a_dead_dht_contact_costs_a_lookup_one_short_timeout_at_most() ->
             started = trio.current_time()
             await nursery.start(reader.run, "127.0.0.1", 0, [("127.0.0.1", port)])
             joined = trio.current_time() - started
+            asked_in_join = _requests_from(dead, reader.port)
             record = MutableRecord.decode(head)
             started = trio.current_time()
             got = await reader.get_mutable(record.key)
@@ -214,14 +230,18 @@ async def _test_a_dead_dht_contact_costs_a_lookup_one_short_timeout_at_most() ->
             started = trio.current_time()
             got_again = await reader.get_mutable(record.key)
             second = trio.current_time() - started
+            asked_later = _requests_from(dead, reader.port)
             print(f"\njoin {joined:.2f} s, first lookup {first:.2f} s, second {second:.2f} s "
                   f"(rpc timeout {rpc_timeout} s, {len(dead)} dead contacts)")
             assert got is not None and got.wire == head
             assert got_again is not None
-            # the join meets the dead contacts: one short timeout (asked in parallel)
-            assert joined < rpc_timeout + 0.8
-            # remembered as dead: later lookups do not ask them at all
-            assert first < 0.5 and second < 0.5
+            # the join meets the dead contacts: each asked once, all in one round, so
+            # one timeout (two one after the other would take 2 x rpc_timeout)
+            assert asked_in_join == len(dead)
+            assert joined < 2 * rpc_timeout
+            # remembered as dead: later lookups do not ask them at all (so wait no timeout)
+            assert asked_later == 0
+            assert first < rpc_timeout and second < rpc_timeout
             nursery.cancel_scope.cancel()
     finally:
         for sock in dead:
@@ -234,15 +254,16 @@ def test_a_departing_dht_node_says_bye_and_leaves_routing_tables() -> None:
 
 async def _test_a_departing_dht_node_says_bye_and_leaves_routing_tables() -> None:
     async with trio.open_nursery() as nursery:
-        a = Dht(rpc_timeout=1.0)
+        # an RPC timeout far beyond the wait below: only b's bye can remove it in time
+        a = Dht(rpc_timeout=120.0)
         port = await nursery.start(a.run, "127.0.0.1", 0, [])
         async with trio.open_nursery() as b_nursery:
-            b = Dht(rpc_timeout=1.0)
+            b = Dht(rpc_timeout=120.0)
             await b_nursery.start(b.run, "127.0.0.1", 0, [("127.0.0.1", port)])
-            assert await _until(lambda: len(a.contacts()) == 1)
+            assert await _until(lambda: len(a.contacts()) == 1, timeout=30)
             b_nursery.cancel_scope.cancel()
         # b stopped: its bye removes it from a's table without waiting for any timeout
-        assert await _until(lambda: len(a.contacts()) == 0, timeout=0.5)
+        assert await _until(lambda: len(a.contacts()) == 0, timeout=30)
         nursery.cancel_scope.cancel()
 
 
@@ -292,7 +313,9 @@ async def _test_a_dead_provider_never_holds_a_fetch() -> None:
             PeerAddr(live, "127.0.0.1", closed_port),  # a wrong address of the live peer
             PeerAddr(live, "127.0.0.1", port),
         ]
-        config = FetchConfig(connect_timeout=10.0, default_timeout=20.0)
+        # the hung provider's connect timeout is far beyond the bound below: only a
+        # fetch that never waits for it can pass
+        config = FetchConfig(connect_timeout=120.0, default_timeout=240.0)
         async with Fetcher(client_ident, dk, secret, lambda: providers, config=config) as f:
             started = trio.current_time()
             data = await f.fetch(block_id, Priority.READ)
@@ -300,7 +323,7 @@ async def _test_a_dead_provider_never_holds_a_fetch() -> None:
             stats = {s.node_id: s for s in f.peer_stats()}
         print(f"\nfetch next to a hung and a dead provider: {took * 1000:.0f} ms")
         assert data == block
-        assert took < 2.0  # far below the 10 s connect timeout of the hung one
+        assert took < 30.0  # far below the 120 s connect timeout of the hung one
         assert stats[live].failures == 0 and stats[live].blocks == 1
         nursery.cancel_scope.cancel()
     hung.close()
