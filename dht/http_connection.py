@@ -139,24 +139,25 @@ class HttpConnection:
                    ssl_context: ssl.SSLContext | None = None) -> HttpConnection:
         """A new connection to `origin` (TLS for https), within the connect timeout."""
         stream: trio.abc.Stream | None = None
-        with trio.move_on_after(timeouts.connect) as scope:
-            try:
+        try:
+            with trio.move_on_after(timeouts.connect):
                 stream = await trio.open_tcp_stream(origin.host, origin.port)
                 if origin.scheme == "https":
-                    tls = TlsStream(stream, ssl_context or default_ssl_context(),
-                                    server_hostname=origin.host)
-                    stream = tls
-                    await tls.do_handshake()
-            except (OSError, trio.BrokenResourceError) as exc:
-                if stream is not None:
-                    _close_stream(stream)
-                raise PeerGoneError(f"{origin}: cannot connect: {_describe(exc)}") from exc
-        if scope.cancelled_caught or stream is None:
+                    stream = TlsStream(stream, ssl_context or default_ssl_context(),
+                                       server_hostname=origin.host)
+                    await stream.do_handshake()
+                return cls(stream, origin, timeouts)
+        except (OSError, trio.BrokenResourceError) as exc:
             if stream is not None:
                 _close_stream(stream)
-            raise PeerGoneError(f"{origin}: timed out connecting "
-                                f"(after {timeouts.connect:g} s)")
-        return cls(stream, origin, timeouts)
+            raise PeerGoneError(f"{origin}: cannot connect: {_describe(exc)}") from exc
+        except BaseException:  # cancelled from outside: the half-open socket goes too
+            if stream is not None:
+                _close_stream(stream)
+            raise
+        if stream is not None:
+            _close_stream(stream)
+        raise PeerGoneError(f"{origin}: timed out connecting (after {timeouts.connect:g} s)")
 
     @property
     def reusable(self) -> bool:
@@ -357,6 +358,8 @@ class HttpPool:
                 if conn.reusable and not self.closed:
                     self._idle.setdefault(origin, []).append(conn)
                     self._trim_idle()
+                else:
+                    conn.close()
                 return answer
         finally:
             self._slots.release()

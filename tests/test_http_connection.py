@@ -197,6 +197,12 @@ def test_truncated_stalled_and_garbage_answers_fail_in_time() -> None:
                 with pytest.raises(PeerGoneError, match=match):
                     await pool.request("GET", url + "/x", limit=1 << 20)
                 assert trio.current_time() - start < 5 * SHORT.read
+            # a TLS handshake that never gets an answer ends at the connect timeout
+            url = await serve(nursery, silent)
+            start = trio.current_time()
+            with pytest.raises(PeerGoneError, match="timed out connecting"):
+                await pool.request("GET", url.replace("http:", "https:") + "/x", limit=100)
+            assert trio.current_time() - start < 5 * SHORT.connect
             nursery.cancel_scope.cancel()
         with pytest.raises(PeerGoneError, match="cannot connect|timed out"):
             await pool.request("GET", "http://127.0.0.1:1/x", limit=100)
