@@ -216,6 +216,10 @@ class DriveOperations(pyfuse3.Operations):
         self._listings: OrderedDict[tuple[int, int], Inode] = OrderedDict()
         self._next_fh = 1
         self._table_full = trio.Event()
+        # names a listing handed the kernel from an older version than the drive's by the
+        # time it answered (see readdir): dropped from the kernel's cache by `run`
+        self._stale_names: list[tuple[int, bytes]] = []
+        self._stale_listed = trio.Event()
         self.max_inodes = max_inodes
         self._asked = 0  # inodes asked to be forgotten and still here
         self.trimmed = 0  # names we asked the kernel to forget (what the tests look at)
@@ -300,12 +304,40 @@ class DriveOperations(pyfuse3.Operations):
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
-        """Keep the inode table bounded (`max_inodes`) for as long as the mount runs."""
-        task_status.started()
+        """Keep the inode table bounded (`max_inodes`) and drop stale listed names, for as
+        long as the mount runs."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._drop_stale_names)
+            task_status.started()
+            while True:
+                await self._table_full.wait()
+                self._table_full = trio.Event()
+                await self.trim_inodes(self.max_inodes * 3 // 4)
+
+    async def _drop_stale_names(self) -> None:
+        """Make the kernel forget names a listing answered with an older version's entry.
+
+        The kernel makes a dentry and an inode, with their attributes (mode,
+        size) for ATTR_TIMEOUT, of every name in a READDIRPLUS reply that it
+        did not hold; a version switch's notifications cannot reach an inode
+        the kernel does not hold yet. So a listing answered while a new
+        version came (or one continuing an older listing) names its entries
+        here and each is invalidated: the next use of the name looks it up
+        in the current version. The notification waits for the listing's
+        getdents(2) to end (it takes the folder's lock), so it runs in a
+        worker thread, after the request that made the reply.
+        """
         while True:
-            await self._table_full.wait()
-            self._table_full = trio.Event()
-            await self.trim_inodes(self.max_inodes * 3 // 4)
+            await self._stale_listed.wait()
+            self._stale_listed = trio.Event()
+            names, self._stale_names = self._stale_names, []
+
+            def notify(names: list[tuple[int, bytes]] = names) -> None:
+                for parent, name in names:
+                    with contextlib.suppress(OSError):
+                        pyfuse3.invalidate_entry(parent, name)
+
+            await trio.to_thread.run_sync(notify)
 
     async def trim_inodes(self, keep: int) -> int:
         """Ask the kernel to forget the oldest names until about `keep` inodes are left.
@@ -475,13 +507,24 @@ class DriveOperations(pyfuse3.Operations):
                 snap = await self._restart_listing(fh, snap)
         if start_id == 0:
             self.drive.listed(snap.entry)
-        async for index, entry in self.drive.entries(snap.entry, start_id & LISTING_INDEX_MASK):
-            # an entry of an older version is refreshed on its next use
-            node = self._remember(snap.ino, entry, snap.version)
-            if not pyfuse3.readdir_reply(token, entry.name, self._attrs(node),
-                                         listing_offset(snap.entry, index)):
-                return
-            self._looked_up(node)
+        replied: list[bytes] = []
+        try:
+            async for index, entry in self.drive.entries(snap.entry,
+                                                         start_id & LISTING_INDEX_MASK):
+                # an entry of an older version is refreshed on its next use
+                node = self._remember(snap.ino, entry, snap.version)
+                if not pyfuse3.readdir_reply(token, entry.name, self._attrs(node),
+                                             listing_offset(snap.entry, index)):
+                    return
+                self._looked_up(node)
+                replied.append(entry.name)
+        finally:
+            if replied and snap.version != self.drive.version:
+                # a switch came while this listing was read (or it continues an older
+                # one): the kernel may make inodes of names it did not hold with this
+                # older version's attributes, which no switch notification reaches
+                self._stale_names.extend((snap.ino, name) for name in replied)
+                self._stale_listed.set()
 
     async def _listing_of(self, ino: int, start_id: int) -> Inode:
         """The listing a READDIR of directory `ino` from `start_id` continues.

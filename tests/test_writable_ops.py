@@ -1,0 +1,196 @@
+"""The writable mount's FUSE operations in process: WritableOperations over a WriteSession.
+
+Each request the kernel would send is a method call here, on a real store
+(no network): modes through versions (what GNU tar does as root: create
+0600, write, chown, chmod 0644), versions of this mount coming back, and a
+listing of a read-only mount that a version switch overtakes. What the kernel
+does with the answers is for the mount tests (tests/test_writable_mount.py).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyfuse3
+import pytest
+import trio
+
+from cache.store import BlockStore
+from tests.helpers import run_trio
+from tests.inprocess import new_cap, publish_folder
+from vfs.drive import Drive
+from vfs.fs import DriveOperations, WritableOperations
+from vfs.head import Head
+from vfs.storage import DriveStorage
+from vfs.writer import WriteSession
+
+ROOT = pyfuse3.ROOT_INODE
+DEADLINE = 120.0  # seconds: only a hang reaches it
+
+
+class World:
+    def __init__(self, tmp_path: Path) -> None:
+        src = tmp_path / "src"
+        (src / "docs").mkdir(parents=True)
+        (src / "docs" / "a.txt").write_bytes(b"a\n" * 1000)
+        (src / "top.txt").write_bytes(b"top\n")
+        self.cap = new_cap()
+        self.store = BlockStore(tmp_path / "store", sync=False)
+        self.first = publish_folder(self.store, src, self.cap)
+        self.storage = DriveStorage(self.store)
+
+    def mount(self) -> tuple[WritableOperations, WriteSession, Drive]:
+        """What `peerdrive mount WRITE_LINK` wires up (vfs/node.py), without FUSE."""
+        head = self.storage.load_head(self.cap)
+        drive = Drive(self.cap, self.storage, head)
+
+        async def on_version(new: Head) -> None:
+            drive.set_head(new)
+
+        session = WriteSession(self.cap, self.storage, drive.tree, head, 3600.0,
+                               on_version=on_version)
+        ops = WritableOperations(drive, session)
+        session.on_merged = ops.start_over
+        return ops, session, drive
+
+
+@pytest.fixture
+def world(tmp_path: Path):
+    w = World(tmp_path)
+    yield w
+    w.store.close()
+
+
+class Attrs:
+    """A SetattrFields the way the kernel fills it: only the named fields set."""
+
+    def __init__(self, **fields: bool) -> None:
+        for name in ("update_atime", "update_mtime", "update_ctime", "update_mode",
+                     "update_uid", "update_gid", "update_size"):
+            setattr(self, name, fields.get(name, False))
+
+
+def attrs_with(**values: int) -> pyfuse3.EntryAttributes:
+    a = pyfuse3.EntryAttributes()
+    for name, value in values.items():
+        setattr(a, name, value)
+    return a
+
+
+async def tar_extracts(ops: WritableOperations, parent: int, name: bytes, body: bytes,
+                       between=None) -> int:
+    """GNU tar 1.34 as root: create 0600 (O_EXCL), write, utimens, fchown, fchmod 0644,
+    close; `between` runs after the write, before the attributes are set."""
+    fi, a = await ops.create(parent, name, 0o100600,
+                             os.O_WRONLY | os.O_CREAT | os.O_EXCL, None)
+    await ops.write(fi.fh, 0, body)
+    if between is not None:
+        await between()
+    await ops.setattr(a.st_ino, attrs_with(st_mtime_ns=1_700_000_000 * 10**9),
+                      Attrs(update_mtime=True), fi.fh, None)
+    await ops.setattr(a.st_ino, attrs_with(st_uid=0, st_gid=0),
+                      Attrs(update_uid=True, update_gid=True), fi.fh, None)
+    await ops.setattr(a.st_ino, attrs_with(st_mode=0o100644), Attrs(update_mode=True),
+                      fi.fh, None)
+    await ops.release(fi.fh)
+    return a.st_ino
+
+
+async def published_mode(world: World, path: list[bytes]) -> int:
+    """The mode of `path` in the drive's newest stored version."""
+    head = world.storage.load_head(world.cap)
+    drive = Drive(world.cap, world.storage, head)
+    entry = head.root
+    for name in path:
+        entry = await drive.lookup(entry, name)
+        assert entry is not None, name
+    return entry.mode
+
+
+def test_a_file_tar_creates_0600_and_chmods_0644_stays_0644_through_every_version(
+        world: World) -> None:
+    """The 0600-instead-of-0644 flake: a version made between tar's create and its chmod
+    holds the file as 0600; that version (or an older one) coming back to the mount from
+    the network must never set the tree back to it."""
+
+    async def main(nursery: trio.Nursery) -> None:
+        ops, session, drive = world.mount()
+        first = session.head
+
+        async def publish() -> None:  # what a quiet period or an fsync does meanwhile
+            await session.publish_now()
+
+        ino = await tar_extracts(ops, ROOT, b"f00", b"x" * 5000, between=publish)
+        with_0600 = session.head
+        assert with_0600.seq == first.seq + 1
+        assert await published_mode(world, [b"f00"]) == 0o600
+        assert (await ops.getattr(ino, None)).st_mode & 0o7777 == 0o644
+        await session.publish_now()
+        assert await published_mode(world, [b"f00"]) == 0o644
+        ours = session.head
+        # this mount's own versions come back from the DHT and from readers, in any order
+        for old in (with_0600, first, ours):
+            drive.set_head(old)
+            await ops.new_version()
+            assert (await ops.getattr(ino, None)).st_mode & 0o7777 == 0o644
+            found = await ops.lookup(ROOT, b"f00", None)
+            assert found.st_ino == ino and found.st_mode & 0o7777 == 0o644
+        assert session.head == ours and not session.tree.has_changes
+        # and what this mount publishes next still says 0644
+        await tar_extracts(ops, ROOT, b"f01", b"y" * 10)
+        await session.publish_now()
+        assert await published_mode(world, [b"f00"]) == 0o644
+        assert await published_mode(world, [b"f01"]) == 0o644
+
+    run_trio(main, DEADLINE)
+
+
+def test_a_listing_overtaken_by_a_version_switch_has_the_kernel_drop_its_names(
+        world: World, monkeypatch) -> None:
+    """A READDIRPLUS reply made while a new version arrived hands the kernel the older
+    version's attributes (a mode, a size) for names it may not hold yet, which no switch
+    notification reaches: those names are invalidated once the listing is answered."""
+    replied: list[bytes] = []
+    invalidated: list[tuple[int, bytes]] = []
+    monkeypatch.setattr(pyfuse3, "readdir_reply",
+                        lambda token, name, attrs, off: replied.append(name) or True)
+    monkeypatch.setattr(pyfuse3, "invalidate_entry",
+                        lambda parent, name: invalidated.append((parent, name)))
+
+    async def main(nursery: trio.Nursery) -> None:
+        writer, session, _ = world.mount()
+        await tar_extracts(writer, ROOT, b"new.txt", b"new\n")
+        newer = await session.publish_now()
+        assert newer is not None
+        reader = DriveOperations(Drive(world.cap.read_cap(), world.storage, world.first))
+        await nursery.start(reader.run)
+        entries = reader.drive.entries
+
+        async def switching_entries(entry, start):
+            """The listing of the older version; the newer one arrives part way through."""
+            n = 0
+            async for item in entries(entry, start):
+                yield item
+                n += 1
+                if n == 1:
+                    reader.drive.set_head(newer)
+                    await reader.new_version()
+
+        monkeypatch.setattr(reader.drive, "entries", switching_entries)
+        fh = ROOT if reader.readdir_by_inode else await reader.opendir(ROOT, None)
+        await reader.readdir(fh, 0, None)
+        assert replied == [b"docs", b"top.txt"]
+        with trio.fail_after(DEADLINE):
+            while len(invalidated) < len(replied):
+                await trio.sleep(0.01)
+        assert sorted(invalidated) == [(ROOT, b"docs"), (ROOT, b"top.txt")]
+        # a listing of the current version names nothing
+        replied.clear()
+        monkeypatch.setattr(reader.drive, "entries", entries)
+        fh = ROOT if reader.readdir_by_inode else await reader.opendir(ROOT, None)
+        await reader.readdir(fh, 0, None)
+        assert replied == [b"docs", b"new.txt", b"top.txt"]
+        assert not reader._stale_names and not reader._stale_listed.is_set()
+
+    run_trio(main, DEADLINE)
