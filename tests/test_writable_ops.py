@@ -194,3 +194,86 @@ def test_a_listing_overtaken_by_a_version_switch_has_the_kernel_drop_its_names(
         assert not reader._stale_names and not reader._stale_listed.is_set()
 
     run_trio(main, DEADLINE)
+
+
+async def published_bytes(world: World, name: bytes) -> bytes:
+    """The bytes of `name` in the drive's newest stored version."""
+    head = world.storage.load_head(world.cap)
+    drive = Drive(world.cap, world.storage, head)
+    entry = await drive.lookup(head.root, name)
+    assert entry is not None, name
+    chunks = (await drive.tree.chunk_map(entry)).chunks
+    return b"".join([await drive.blocks.read(r) for r in chunks])
+
+
+def test_an_fsync_publishes_what_it_made_durable_not_the_next_half_written_save(
+        world: World) -> None:
+    """fsync publishes at once: its checkpoint. The next save's truncate and first bytes,
+    made before that version is committed, are not a version of their own (a reader
+    would read an empty or cut file); they wait for their own fsync or quiet period."""
+
+    async def main(nursery: trio.Nursery) -> None:
+        ops, session, _ = world.mount()
+        fi, a = await ops.create(ROOT, b"f.bin", 0o100644, os.O_WRONLY | os.O_CREAT, None)
+        await ops.write(fi.fh, 0, b"one" * 100_000)
+        await ops.fsync(fi.fh, False)
+        # the next save starts before the version is published
+        await ops.setattr(a.st_ino, attrs_with(st_size=0), Attrs(update_size=True), fi.fh,
+                          None)
+        await ops.write(fi.fh, 0, b"tw")
+        head = await session.publish_synced()  # what the publisher task does after an fsync
+        assert head is not None
+        assert await published_bytes(world, b"f.bin") == b"one" * 100_000
+        assert session.tree.has_changes  # the half-written save: not lost, not published
+        await ops.write(fi.fh, 2, b"o")
+        await ops.fsync(fi.fh, False)
+        await session.publish_synced()
+        assert await published_bytes(world, b"f.bin") == b"two"
+        await ops.release(fi.fh)
+
+    run_trio(main, DEADLINE)
+
+
+def test_a_checkpoint_made_while_a_version_is_committed_is_published_next(
+        world: World, monkeypatch) -> None:
+    """An fsync answered while the previous fsync's version is being committed: that
+    version's end must not drop the newer checkpoint (it was, and the last fsync of a
+    burst was never published: a reader never saw the last version)."""
+
+    async def main(nursery: trio.Nursery) -> None:
+        ops, session, _ = world.mount()
+        commit = session._commit
+        committing = trio.Event()
+        go_on = trio.Event()
+
+        async def slow_commit(root):
+            committing.set()
+            await go_on.wait()
+            return await commit(root)
+
+        monkeypatch.setattr(session, "_commit", slow_commit)
+        fi, _ = await ops.create(ROOT, b"f.bin", 0o100644, os.O_WRONLY | os.O_CREAT, None)
+        await ops.write(fi.fh, 0, b"1" * 5000)
+        await ops.fsync(fi.fh, False)
+        published: list[Head | None] = []
+
+        async def publish() -> None:
+            published.append(await session.publish_synced())
+
+        nursery.start_soon(publish)
+        await committing.wait()
+        await ops.write(fi.fh, 0, b"2" * 5000)
+        await ops.fsync(fi.fh, False)  # checkpointed while version 1's commit runs
+        monkeypatch.setattr(session, "_commit", commit)
+        go_on.set()
+        while not published:
+            await trio.sleep(0.01)
+        assert await published_bytes(world, b"f.bin") == b"1" * 5000
+        assert session.has_pending
+        second = await session.publish_synced()
+        assert second is not None and second.seq == published[0].seq + 1
+        assert await published_bytes(world, b"f.bin") == b"2" * 5000
+        assert not session.has_pending
+        await ops.release(fi.fh)
+
+    run_trio(main, DEADLINE)

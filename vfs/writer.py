@@ -274,6 +274,15 @@ class WriteSession:
                 return None
             return await self._publish(*self._pending)
 
+    async def publish_synced(self) -> Head | None:
+        """Publish the last checkpoint (what fsync made durable), not the tree as it is now:
+        a change made since (the next save's truncate, half its bytes) waits for its own
+        fsync or quiet period. The new head, or None if no checkpoint waits."""
+        async with self._publishing:
+            if self._pending is None:
+                return None
+            return await self._publish(*self._pending)
+
     async def _commit(self, root: Entry) -> Commit:
         """The one commit step (vfs.publish.commit_version): `root` becomes the next
         version, merged per file onto another writer's if one came meanwhile."""
@@ -287,10 +296,12 @@ class WriteSession:
         commit = await self._commit(root)
         head = commit.head
         self.head = head
-        self._pending = None
+        newer = self._pending if self._pending is not None and self._pending[0] is not root \
+            else None  # an fsync checkpointed again while this version was committed
+        self._pending = newer
         if commit.merged_with is None:
             self.base_root = root
-        elif self.adopt_merged and not self.tree.has_changes:
+        elif self.adopt_merged and not self.tree.has_changes and newer is None:
             # the version holds another writer's changes too: it becomes the tree
             assert head.root is not None
             self.base_root = head.root
@@ -300,8 +311,9 @@ class WriteSession:
         # its changes onto the newest version again
         self.versions += 1
         await trio.to_thread.run_sync(self._forget_journal, root)
-        # the version's blocks are under the publish pin now; what was written since stays
-        keep = self._stored
+        # the version's blocks are under the publish pin now; what was written since stays,
+        # and so does what a newer checkpoint, not published yet, names
+        keep = self._stored if newer is None else self._stored | newer[1]
         release = [b for b in stored if b not in keep]
         if release:
             await trio.to_thread.run_sync(self._release, release)
@@ -387,9 +399,14 @@ class WriteSession:
                 with trio.move_on_after(self.publish_delay - quiet):
                     await self._wake.wait()
                 self._wake = trio.Event()
-            self._urgent = False
+            urgent, self._urgent = self._urgent, False
             try:
-                await self.publish_now()
+                if urgent:  # an fsync: its checkpoint, as it was
+                    await self.publish_synced()
+                    if self.tree.has_changes:  # made since: after their own quiet period
+                        self._wake.set()
+                else:
+                    await self.publish_now()
                 self.failure = None
             except PeerdriveError as exc:
                 self.failure = str(exc)
