@@ -277,3 +277,107 @@ def test_a_checkpoint_made_while_a_version_is_committed_is_published_next(
         await ops.release(fi.fh)
 
     run_trio(main, DEADLINE)
+
+
+def test_unpublished_changes_answer_status_from_this_device_and_pin_by_path(
+        world: World) -> None:
+    """A file written and not yet published is on this device, local, not published; a
+    folder holding it pins like any folder, and the pin holds its blocks once published."""
+    from vfs.pins import pin_name
+    from vfs.xattrs import PREFIX_BYTES as X
+
+    async def main(nursery: trio.Nursery) -> None:
+        ops, session, drive = world.mount()
+        await nursery.start(drive.run)
+
+        async def get(ino: int, name: bytes) -> bytes:
+            return await ops.getxattr(ino, X + name, None)
+
+        docs = await ops.lookup(ROOT, b"docs", None)
+        old = await ops.lookup(docs.st_ino, b"a.txt", None)
+        assert await get(old.st_ino, b"published") == b"1"
+        body = b"new bytes\n" * 30_000
+        fi, new = await ops.create(docs.st_ino, b"new.txt", 0o100644,
+                                   os.O_WRONLY | os.O_CREAT, None)
+        await ops.write(fi.fh, 0, body)
+        await ops.release(fi.fh)
+        assert X + b"published" in await ops.listxattr(new.st_ino, None)
+        for ino in (new.st_ino, docs.st_ino, ROOT):  # the file, and every folder above it
+            assert await get(ino, b"published") == b"0"
+            assert await get(ino, b"state") == b"device"
+        assert await get(new.st_ino, b"size") == str(len(body)).encode()
+        assert await get(new.st_ino, b"cached") == str(len(body)).encode()
+        assert await get(new.st_ino, b"copies") == b"1"  # this device; no peer has it
+        assert await get(docs.st_ino, b"size") == str(len(body) + 2000).encode()
+        assert await get(old.st_ino, b"published") == b"1"  # unchanged beside it
+        # pin the folder holding the unpublished file (it was EBUSY)
+        await ops.setxattr(docs.st_ino, X + b"pinned", b"1", None)
+        assert await get(new.st_ino, b"pinned") == b"1"
+        assert await get(docs.st_ino, b"pinned") == b"1"
+        await session.publish_now()
+        assert await get(new.st_ino, b"published") == b"1"
+        assert await get(new.st_ino, b"state") == b"device"
+        # once published, the pin holds the new file's blocks under its own name
+        entry = await drive.lookup(await drive.lookup(drive.root_entry(), b"docs"), b"new.txt")
+        want = {r.block_id for r in (await drive.tree.chunk_map(entry)).chunks}
+        pin = pin_name(drive.cap, [b"docs"])
+        with trio.fail_after(DEADLINE):
+            while not want <= set(world.store.pin_ids(pin)):
+                await trio.sleep(0.02)
+        await ops.setxattr(docs.st_ino, X + b"pinned", b"0", None)
+        assert await get(new.st_ino, b"pinned") == b"0"
+
+    run_trio(main, DEADLINE)
+
+
+def test_a_long_append_is_cut_behind_the_writer_and_reads_back_whole(world: World) -> None:
+    """A 48 MiB copy in 1 MiB writes with the publisher task running: once 16 MiB are
+    sealed they are cut, encrypted and stored behind the writer (the writes do not wait
+    for it); an overwrite of bytes being cut wins (that cut is dropped, the next one
+    keeps it); the version holds the file whole, in the chunks one cut of it makes."""
+    import random
+
+    from vfs.write_buffer import cut_points
+    from vfs.writer import DIRTY_LIMIT
+
+    MiB = 1 << 20
+
+    async def main(nursery: trio.Nursery) -> None:
+        ops, session, drive = world.mount()
+        await nursery.start(session.run)
+        rng = random.Random(5)
+        want = bytearray()
+        fi, a = await ops.create(ROOT, b"big.bin", 0o100644, os.O_WRONLY | os.O_CREAT, None)
+        node = session.tree.node(a.st_ino)
+
+        async def append() -> None:
+            piece = rng.randbytes(MiB)
+            await ops.write(fi.fh, len(want), piece)
+            want.extend(piece)
+            assert session.dirty_bytes() <= DIRTY_LIMIT
+
+        while session._spilling is None:
+            assert len(want) < 24 * MiB
+            await append()
+        # being cut: change a byte of it; the write does not wait for the cut
+        await ops.write(fi.fh, 5 * MiB + 3, b"newer")
+        want[5 * MiB + 3:5 * MiB + 8] = b"newer"
+        await session._spills_done()
+        assert node.content.dirty_bytes == len(want)  # that cut was dropped
+        await append()
+        assert session._spilling is not None  # cut again, with the newer bytes
+        await session._spills_done()
+        assert node.content.dirty_bytes < 6 * MiB  # the uncut tail and the growing segment
+        while len(want) < 48 * MiB:
+            await append()
+        await session._spills_done()
+        assert bytes(await ops.read(fi.fh, 0, 48 * MiB)) == bytes(want)
+        await ops.release(fi.fh)
+        await session.publish_now()
+        assert await published_bytes(world, b"big.bin") == bytes(want)
+        entry = await drive.lookup(world.storage.load_head(world.cap).root, b"big.bin")
+        lengths = [r.length for r in (await drive.tree.chunk_map(entry)).chunks]
+        ends = [sum(lengths[:k + 1]) for k in range(len(lengths))]
+        assert ends == cut_points(bytes(want))
+
+    run_trio(main, DEADLINE)

@@ -168,3 +168,51 @@ def test_a_big_hole_is_cut_without_holding_it() -> None:
     assert c.size == 64 * MiB + 3
     assert fs.stored <= 3  # zero chunks of the maximum size are one block
     assert read_all(c, fs) == bytes(64 * MiB) + b"end"
+
+
+def test_a_cut_behind_the_writer_keeps_every_newer_byte_and_the_canonical_chunks() -> None:
+    """Appends cut behind the writer (no lock): the run's chunks replace it only if none
+    of its segments changed meanwhile; a change during the cut (an overwrite, a truncate
+    into the run) wins and the cut is dropped; an append after a truncate to the run's
+    end goes into a new segment and the cut is kept. Either way the bytes are the
+    writes', and the final cut is canonical."""
+    from vfs.write_buffer import cut_sealed
+
+    rng = random.Random(11)
+
+    async def main() -> None:
+        for change in (None, "overwrite", "truncate", "append"):
+            fs = FakeStore()
+            c = FileContent()
+            want = bytearray()
+            for _ in range(24):  # 24 MiB of appends: sealed segments of 4 MiB
+                piece = rng.randbytes(1 * MiB)
+                c.write(c.size, piece)
+                want += piece
+            run = c.sealed_run(16 * MiB)
+            assert run is not None and all(s.spilling for s in run)
+            assert c.sealed_run(16 * MiB) is None  # one cut of a run at a time
+            refs, tail = await cut_sealed(run, fs.store)
+            if change == "overwrite":
+                at = 5 * MiB + 3
+                c.write(at, b"newer")
+                want[at:at + 5] = b"newer"
+            elif change == "truncate":
+                c.truncate(9 * MiB + 1)
+                del want[9 * MiB + 1:]
+            elif change == "append":
+                c.truncate(20 * MiB)  # the run's last (full) segment is now the file's last
+                del want[20 * MiB:]
+                c.write(c.size, b"grown")
+                want += b"grown"
+            kept = c.replace_sealed(run, refs, tail)
+            FileContent.unseal(run)
+            assert kept == (change in (None, "append")), change
+            assert read_all(c, fs) == bytes(want), change
+            if change is None:
+                assert c.dirty_bytes == len(tail) + 4 * MiB  # the tail, and the last segment
+            await settle(c, fs.load, fs.store, final=True)
+            assert read_all(c, fs) == bytes(want)
+            assert [fs.chunks[r.block_id] for r in c.refs()] == canonical(bytes(want))
+
+    trio.run(main)

@@ -156,11 +156,14 @@ class Answers:
             return xattrs.encode_int(total)
         return xattrs.state_of(have, total).encode()
 
-    async def set(self, path: list[bytes], entry: Entry, name: str, value: bytes,
+    async def set(self, path: list[bytes], entry: Entry | None, name: str, value: bytes,
                   folder: bytes | None = None) -> bool:
         """`pinned` = 1/0 pins or unpins; `evict` = 1 frees the path's unpinned blocks now.
 
         `folder` is the node id of the directory holding `path` (its figures change).
+        `entry` None: a path no version holds yet (a writable mount's new name): a pin
+        takes it by path, as every pin, and holds its blocks once it is published;
+        there is nothing to evict.
         """
         if name not in xattrs.SETTABLE:
             return False
@@ -173,7 +176,8 @@ class Answers:
                 pins.unpin(path)
             return True
         if name == xattrs.EVICT and on:
-            await self.evict(entry, folder)
+            if entry is not None:
+                await self.evict(entry, folder)
             return True
         return False
 

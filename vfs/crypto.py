@@ -58,7 +58,8 @@ def encrypt_chunk(read_key: bytes, chunk: bytes | memoryview) -> tuple[Ref, byte
     if len(chunk) > MAX_BLOCK_PLAINTEXT:
         raise ValueError(f"chunk of {len(chunk)} bytes exceeds the block limit")
     h = hashlib.sha256(chunk).digest()
-    ciphertext = AESGCM(chunk_key(read_key, h)).encrypt(_NONCE, bytes(chunk), None)
+    # AES-GCM reads the buffer where it is: no copy of a chunk cut from a larger one
+    ciphertext = AESGCM(chunk_key(read_key, h)).encrypt(_NONCE, chunk, None)
     return Ref(block_id_of(ciphertext), h, len(chunk)), ciphertext
 
 

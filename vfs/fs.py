@@ -52,6 +52,7 @@ from .errors import (
 from .formats import KIND_DIR, KIND_FILE, KIND_LINK, Entry
 from .head import Head
 from .worktree import WNode, WorkTree
+from .write_buffer import STORED
 from .writer import WriteSession
 
 log = logging.getLogger(__name__)
@@ -790,6 +791,10 @@ class DriveOperations(pyfuse3.Operations):
 # A writable mount's attributes change with every write; the kernel learns of its own
 # changes, but asks again soon so nothing it caches is ever long out of date.
 WRITABLE_ATTR_TIMEOUT = 1.0
+# The block size a writable mount reports: `cp` and others size their buffers by it, and
+# each write(2) of one buffer reaches us as one request (libfuse allows 1 MiB, max_pages
+# 256), so a copy costs 8 times fewer requests than with 128 KiB.
+WRITABLE_BLKSIZE = 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -834,7 +839,7 @@ class WritableOperations(DriveOperations):
         a.st_gid = self.gid
         a.st_rdev = 0
         a.st_size = node.size
-        a.st_blksize = 128 * 1024
+        a.st_blksize = WRITABLE_BLKSIZE
         a.st_blocks = (a.st_size + 511) // 512
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = node.mtime_ns
         return a
@@ -1071,26 +1076,78 @@ class WritableOperations(DriveOperations):
 
     # -- status attributes -----------------------------------------------------------------
 
-    def _status_entry(self, node: WNode) -> Entry | None:
-        """The entry status questions are answered from: only a name as published."""
-        return None if node.changed else node.base
+    async def _local_usage(self, node: WNode) -> tuple[int, int]:
+        """(bytes on this device, total bytes) of a node with unpublished changes.
+
+        Its own bytes are here (dirty in memory, holes, or chunks stored
+        under the write pin); chunks it still shares with the published
+        version count only if stored here; what below it is unchanged
+        answers from the published figures.
+        """
+        if not node.changed and node.base is not None:
+            return await self.drive.answers.usage(node.base)
+        if node.is_file:
+            content = node.content
+            if content is None:  # a new mode or name only: the published bytes
+                return await self.drive.answers.usage(node.base) if node.base else (0, 0)
+            stored = [s.ref for s in content.segs if s.kind == STORED and s.ref is not None]
+            gone = await self.drive.answers._missing([r.block_id for r in stored])
+            return content.size - sum(r.length for r in stored if r.block_id in gone), \
+                content.size
+        if node.is_dir:
+            if node.children is None:  # renamed or chmod-ed, never listed: as published
+                return await self.drive.answers.usage(node.base) if node.base else (0, 0)
+            have = total = 0
+            for kid in list(node.children.values()):
+                h, t = await self._local_usage(kid)
+                have += h
+                total += t
+            return have, total
+        return 0, 0
+
+    async def _unpublished_value(self, node: WNode, short: str) -> bytes | None:
+        """A status answer for a node with unpublished changes: from this device alone
+        (no peer holds bytes that were never published)."""
+        pins = self.drive.pins
+        path = self.tree.path_of(node)
+        if short == xattrs.PINNED:
+            return xattrs.encode_flag(pins is not None and pins.is_pinned(path))
+        if short == xattrs.PROGRESS:
+            progress = pins.progress_of(path) if pins is not None else None
+            return progress.encode() if progress is not None else None
+        if short == xattrs.VERSIONS:
+            return await self.drive.answers.versions() if node is self.tree.root else None
+        if short not in (xattrs.STATE, xattrs.CACHED, xattrs.SIZE, xattrs.COPIES):
+            return None
+        have, total = await self._local_usage(node)
+        if short == xattrs.CACHED:
+            return xattrs.encode_int(have)
+        if short == xattrs.SIZE:
+            return xattrs.encode_int(total)
+        if short == xattrs.COPIES:
+            return xattrs.encode_int(1 if total and have >= total else 0)
+        return xattrs.state_of(have, total).encode()
 
     @fuse_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        if self._status_entry(self.tree.node(inode)) is None:
-            return []
-        return [xattrs.full_name(n).encode() for n in self.drive.answers.names()]
+        self.tree.node(inode)
+        return [xattrs.full_name(n).encode()
+                for n in (*self.drive.answers.names(), xattrs.PUBLISHED)]
 
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         node = self.tree.node(inode)
-        entry = self._status_entry(node)
         short = xattrs.short_name(name)
         if short is None and xattrs.foreign_namespace(name):
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)  # as a read-only mount: no labels, no ACLs
-        if short is None or entry is None:
+        if short is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-        value = await self.drive.answers.get(self.tree.path_of(node), entry, short)
+        if short == xattrs.PUBLISHED:
+            return xattrs.encode_flag(not node.changed and node.base is not None)
+        if node.changed or node.base is None:
+            value = await self._unpublished_value(node, short)
+        else:
+            value = await self.drive.answers.get(self.tree.path_of(node), node.base, short)
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value
@@ -1098,17 +1155,18 @@ class WritableOperations(DriveOperations):
     @fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
+        """Pins are by path: a path with unpublished changes (a folder holding a file
+        being written, a new folder) is pinned like any other, and its new blocks
+        are held by the pin once they are published (until then the write pin
+        holds them). An evict frees only published blocks nothing pins."""
         node = self.tree.node(inode)
-        entry = self._status_entry(node)
         short = xattrs.short_name(name)
         if short is None:
             raise pyfuse3.FUSEError(errno.ENOTSUP)  # a drive keeps no other attributes
-        if entry is None:
-            raise pyfuse3.FUSEError(errno.EBUSY)  # not published yet: pin it once it is
         parent = node.parent
         folder = parent.base.node.block_id if parent is not None and parent.base is not None \
             and parent.base.node is not None and not parent.changed else None
-        if not await self.drive.answers.set(self.tree.path_of(node), entry, short, value,
+        if not await self.drive.answers.set(self.tree.path_of(node), node.base, short, value,
                                             folder):
             raise pyfuse3.FUSEError(errno.EINVAL)
 

@@ -23,6 +23,15 @@ Rules this model keeps (tests/test_write_buffer.py checks each):
   move its cut; `final=True` (a version being made) cuts everything.
 * Runs are read in windows of at most WINDOW bytes plus the carried piece,
   so cutting a 1 GiB hole or a 1 GiB dirty run holds a bounded amount.
+* A file being appended to can be cut behind the writer (`sealed_run`,
+  `cut_sealed`, `replace_sealed`): the run before its last segment is marked
+  `spilling` and cut while writes go on, without the caller's lock. A
+  change to a spilling segment first gives it a fresh copy of its bytes
+  (the cut goes on reading the old ones) and clears the mark; the cut's
+  chunks replace the run only if every segment of it is still there and
+  still marked, else they are dropped. So a cut behind never writes over a
+  newer byte, and the chunks it keeps are the ones a cut under the lock
+  would have made (cut points depend only on the bytes before them).
 """
 
 from __future__ import annotations
@@ -60,6 +69,7 @@ class Seg:
     length: int
     ref: Ref | None = None
     data: bytearray | None = None
+    spilling: bool = False  # being cut behind the writer: its `data` is read meanwhile
 
 
 class FileContent:
@@ -139,6 +149,15 @@ class FileContent:
 
     # -- changes ---------------------------------------------------------------------
 
+    @staticmethod
+    def _own(seg: Seg) -> None:
+        """Before a dirty segment's bytes change: if a cut behind is reading them, the
+        segment takes a copy (the cut keeps the old bytes, and its result is dropped)."""
+        if seg.spilling:
+            assert seg.data is not None
+            seg.data = bytearray(seg.data)
+            seg.spilling = False
+
     def _split(self, pos: int) -> int:
         """Make a segment boundary at `pos` (0 < pos < size); returns the index starting there."""
         i = self._index(pos)
@@ -151,6 +170,7 @@ class FileContent:
             raise ValueError("a stored chunk cut in two: fill it first (see needs)")
         if s.kind == DIRTY:
             assert s.data is not None
+            self._own(s)
             right = Seg(DIRTY, s.length - cut, data=s.data[cut:])
             del s.data[cut:]
         else:
@@ -184,6 +204,7 @@ class FileContent:
         start = self.starts()[i]
         if s.kind == DIRTY and end <= start + s.length:
             assert s.data is not None
+            self._own(s)
             s.data[off - start:end - start] = data
             return
         i = self._split(off) if off > 0 else 0
@@ -209,6 +230,7 @@ class FileContent:
         last = self.segs[-1] if self.segs else None
         if last is not None and last.kind == DIRTY and last.length < DIRTY_SEGMENT:
             assert last.data is not None
+            self._own(last)
             last.data += data
             last.length += len(data)
             self.size += len(data)
@@ -260,6 +282,52 @@ class FileContent:
             out.append((i, j))
             i = j
         return out
+
+    # -- cutting behind the writer -----------------------------------------------------
+
+    def sealed_run(self, min_bytes: int) -> list[Seg] | None:
+        """The dirty and zero segments between the last stored chunk and the file's last
+        segment (which an append grows), marked spilling; None if under `min_bytes`."""
+        if len(self.segs) < 2 or self.segs[-1].kind == STORED:
+            return None
+        first = len(self.segs) - 1
+        while first > 0 and self.segs[first - 1].kind != STORED:
+            first -= 1
+        if first > 0 and self.segs[first - 1] is self.forced_end:
+            return None  # its end is the old end of the file, no cut point: settle refills it
+        run = self.segs[first:-1]
+        if any(s.spilling for s in run) or sum(s.length for s in run) < min_bytes:
+            return None
+        for s in run:
+            s.spilling = True
+        return run
+
+    def replace_sealed(self, run: list[Seg], refs: list[Ref], tail: bytes) -> bool:
+        """Put the chunks cut of `run` in its place (and its uncut tail as dirty bytes), if
+        no segment of it changed meanwhile; False (nothing changed) otherwise."""
+        if not run or not all(s.spilling for s in run):
+            return False
+        try:
+            i = self.segs.index(run[0])  # by identity: segments compare as objects
+        except ValueError:
+            return False
+        if self.segs[i:i + len(run)] != run or (i and self.segs[i - 1].kind != STORED):
+            return False
+        if sum(r.length for r in refs) + len(tail) != sum(s.length for s in run):
+            raise ValueError("a cut behind the writer lost or gained bytes")
+        replacement = [Seg(STORED, r.length, ref=r) for r in refs]
+        if tail:
+            replacement.append(Seg(DIRTY, len(tail), data=bytearray(tail)))
+        self._remove(i, i + len(run))
+        self.segs[i:i] = replacement
+        self.dirty_bytes += len(tail)
+        self._changed()
+        return True
+
+    @staticmethod
+    def unseal(run: list[Seg]) -> None:
+        for s in run:
+            s.spilling = False
 
 
 def _pieces(segs: Sequence[Seg], window: int) -> Iterator[bytes | memoryview]:
@@ -323,9 +391,18 @@ async def settle(content: FileContent, load: Load, store: Store, *, final: bool,
     return stored
 
 
-async def _cut_run(content: FileContent, first: int, end: int, load: Load, store: Store,
-                   final: bool, window: int) -> tuple[list[Ref], bytes, int]:
-    """Cut one run: (refs of the new chunks, dirty tail left, stored segments absorbed)."""
+def _join_and_cut(parts: list[bytes | memoryview]) -> tuple[bytes, list[int]]:
+    """One window's bytes and the cut points in it but the last (a worker thread)."""
+    buf = b"".join(parts)
+    return buf, cut_points(buf)[:-1]
+
+
+async def _cut_windows(segs: Sequence[Seg], store: Store, window: int
+                       ) -> tuple[list[Ref], bytes]:
+    """Cut the bytes of `segs` (dirty and zero) from a chunk boundary, window by window:
+    (refs of the chunks stored, the last piece, not cut: its end depends on what
+    follows). Joining and cutting a window run in a worker thread, so the event loop
+    goes on answering requests meanwhile."""
     windows: list[list[Ref]] = []
     parts: list[bytes | memoryview] = []
     held = 0
@@ -338,21 +415,35 @@ async def _cut_run(content: FileContent, first: int, end: int, load: Load, store
             in_flight.release()
 
     async with one_error(), trio.open_nursery() as nursery:
-        for piece in _pieces(content.segs[first:end], window):
+        for piece in _pieces(segs, window):
             parts.append(piece)
             held += len(piece)
             if held < window:
                 continue
-            buf = b"".join(parts)
-            points = cut_points(buf)
-            keep = points[:-1]  # the last piece may be cut short by the window: carried
+            # the last piece may be cut short by the window: carried
+            buf, keep = await trio.to_thread.run_sync(_join_and_cut, parts)
             await in_flight.acquire()
             windows.append([])
             nursery.start_soon(store_window, len(windows) - 1, buf, keep)
             carry = buf[keep[-1]:] if keep else buf
             parts, held = [carry], len(carry)
-    refs = [r for w in windows for r in w]
-    carry = b"".join(parts)
+    return [r for w in windows for r in w], b"".join(parts)
+
+
+async def cut_sealed(run: list[Seg], store: Store, window: int = WINDOW
+                     ) -> tuple[list[Ref], bytes]:
+    """Cut a run `sealed_run` marked, behind the writer: (refs of its chunks, stored; the
+    last piece, left dirty). The caller holds no lock: see the module's rules."""
+    refs, carry = await _cut_windows(run, store, window)
+    keep = cut_points(carry)[:-1]
+    refs += await _store_cuts(carry, 0, keep, store)
+    return refs, carry[keep[-1]:] if keep else carry
+
+
+async def _cut_run(content: FileContent, first: int, end: int, load: Load, store: Store,
+                   final: bool, window: int) -> tuple[list[Ref], bytes, int]:
+    """Cut one run: (refs of the new chunks, dirty tail left, stored segments absorbed)."""
+    refs, carry = await _cut_windows(content.segs[first:end], store, window)
     # the run's end: at the file's end, or stored chunks follow (resync into them)
     after = content.segs[end:]
     if not after:

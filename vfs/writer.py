@@ -8,7 +8,11 @@ and versions:
   over all files, the largest files are cut (`write_buffer.settle`, same
   FastCDC parameters as `publish`), encrypted and stored under the drive's
   write pin (`write:<pubkey>`), so memory stays bounded and no plaintext
-  ever reaches the disk. A store that cannot take them (the disk full, or the
+  ever reaches the disk. A file being appended to is cut behind the writer
+  once SPILL_BEHIND bytes of it are sealed (`write_buffer.cut_sealed`, one
+  at a time, in `run`'s nursery): its writes go on while the bytes before
+  them are cut, encrypted and stored, instead of waiting for all of it at
+  the limit. A store that cannot take them (the disk full, or the
   cache limit taken by pinned blocks) fails the write with NoSpaceError
   (ENOSPC) before the write is applied.
 * A checkpoint cuts every dirty file, builds new directory nodes for changed
@@ -43,13 +47,16 @@ from .storage import DriveStorage
 from .tree import Tree
 from .version_blocks import VersionBlocks
 from .worktree import WNode, WorkTree
-from .write_buffer import DIRTY, STORED, FileContent, one_error, settle
+from .write_buffer import DIRTY, STORED, FileContent, Seg, cut_sealed, one_error, settle
 from .write_journal import journal_key, open_journal, seal_journal
 
 log = logging.getLogger(__name__)
 
 # Dirty bytes in memory over all files, at most; past it a write first spills.
 DIRTY_LIMIT = 64 * 1024 * 1024
+# Sealed bytes of a file being appended to (all but its growing last segment) that are
+# cut behind the writer at once.
+SPILL_BEHIND = 16 * 1024 * 1024
 # After a failed publish (a full disk), the next try waits this long.
 RETRY_SECONDS = 5.0
 DEFAULT_PUBLISH_DELAY = 2.0
@@ -112,6 +119,12 @@ class WriteSession:
         # watched folder: the folder stays what it is, and is merged again each time)
         self.adopt_merged = adopt_merged
         self.on_merged: Callable[[Head], Awaitable[None]] | None = None
+        # cutting behind the writer: the nursery of `run`, the cut in flight (set when it
+        # ends), and whether the last one failed (the disk full: the limit's spill, under
+        # the lock, then says so to the writer)
+        self._nursery: trio.Nursery | None = None
+        self._spilling: trio.Event | None = None
+        self._spill_failed = False
 
     # -- blocks ------------------------------------------------------------------------
 
@@ -186,15 +199,54 @@ class WriteSession:
             content.fill(seg, await self.load(seg.ref))
 
     async def write(self, node: WNode, off: int, data: bytes) -> int:
+        # over the limit with a cut behind in flight: it frees memory soon (wait unlocked)
+        while self.dirty_bytes() + len(data) > DIRTY_LIMIT and self._spilling is not None:
+            await self._spilling.wait()
         async with self.lock:
             content = await self.tree.content(node)
             if self.dirty_bytes() + len(data) > DIRTY_LIMIT:
                 await self._spill(len(data))
+                self._spill_failed = False
             await self._prepare(content, off, len(data))
             content.write(off, data)
             self.tree.wrote(node)
+            self._spill_behind(node, content)
         self.changed()
         return len(data)
+
+    def _spill_behind(self, node: WNode, content: FileContent) -> None:
+        """Start cutting the sealed bytes of `content` behind the writer, if enough are."""
+        if self._nursery is None or self._spilling is not None or self._spill_failed:
+            return
+        run = content.sealed_run(SPILL_BEHIND)
+        if run is None:
+            return
+        self._spilling = trio.Event()
+        self._nursery.start_soon(self._cut_behind, node, content, run)
+
+    async def _cut_behind(self, node: WNode, content: FileContent, run: list[Seg]) -> None:
+        try:
+            try:
+                refs, tail = await cut_sealed(run, self.store_chunks)
+            except PeerdriveError as exc:
+                # nothing is lost: the bytes stay in memory; a write past the limit cuts
+                # under the lock and gets the error (ENOSPC)
+                log.info("drive %s: cutting written bytes behind the writer failed: %s",
+                         self.cap.drive_id[:16], exc)
+                self._spill_failed = True
+                return
+            async with self.lock:
+                if content.replace_sealed(run, refs, tail) and not content.dirty_bytes:
+                    self.tree.dirty_files.discard(node)
+        finally:
+            FileContent.unseal(run)
+            done, self._spilling = self._spilling, None
+            if done is not None:
+                done.set()
+
+    async def _spills_done(self) -> None:
+        while self._spilling is not None:
+            await self._spilling.wait()
 
     async def truncate(self, node: WNode, size: int) -> None:
         async with self.lock:
@@ -229,6 +281,7 @@ class WriteSession:
 
     async def checkpoint(self) -> Entry | None:
         """Make the tree durable: cut, build, store, journal. Its root, or None if unchanged."""
+        await self._spills_done()  # its chunks are kept, not cut again
         async with self.lock:
             if not self.tree.has_changes:
                 return self._pending[0] if self._pending is not None else None
@@ -254,6 +307,7 @@ class WriteSession:
             except StoreError as exc:
                 raise NoSpaceError(f"the write journal cannot be saved: {exc}") from exc
             done()  # every block the root reaches is stored: the tree is clean
+            self._spill_failed = False
             stored, self._stored = self._stored, set()
             if self._pending is not None:
                 stored |= self._pending[1]
@@ -387,7 +441,16 @@ class WriteSession:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
-        """Publish after each quiet period (or at once after an fsync), until cancelled."""
+        """Publish after each quiet period (or at once after an fsync), until cancelled; cut
+        written bytes behind the writer meanwhile."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                await self._publish_loop(task_status)
+            finally:
+                self._nursery = None
+
+    async def _publish_loop(self, task_status: trio.TaskStatus[None]) -> None:
         task_status.started()
         while True:
             await self._wake.wait()

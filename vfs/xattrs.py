@@ -14,6 +14,10 @@ Read on every path:
     pinned    1 | 0                           (1 if it or a folder above it is pinned)
     copies    decimal count of devices holding it whole (asks peers: slow)
 
+Read in a writable mount: `published`, 1 if the path is as the drive's
+current version has it, 0 if it holds changes this mount has not published
+yet (its bytes are then on this device: in memory, or stored under the
+mount's write pin; `copies` counts this device only).
 Read on a pinned path (and below it): `progress`, the pin's own counters as
 JSON (see PinProgress), cheap enough to poll. Read on the root only:
 `versions`, the drive's versions as JSON (`peerdrive log MNT`, vfs/versions.py;
@@ -39,6 +43,7 @@ COPIES = "copies"
 PROGRESS = "progress"
 EVICT = "evict"
 VERSIONS = "versions"
+PUBLISHED = "published"
 
 # what `listxattr` shows on every path, in this order
 LISTED = (STATE, CACHED, SIZE, PINNED, COPIES)
