@@ -57,8 +57,36 @@ class ChunkListRef:
     nbytes: int
 
 
+class Kinded:
+    """What a thing with a `kind` and a `mode` says of itself: an entry of a version, and a
+    node of a writable mount's working tree (vfs/worktree.py) alike."""
+
+    __slots__ = ()
+    kind: int
+    mode: int
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == KIND_DIR
+
+    @property
+    def is_file(self) -> bool:
+        return self.kind == KIND_FILE
+
+    @property
+    def is_link(self) -> bool:
+        return self.kind == KIND_LINK
+
+    @property
+    def st_mode(self) -> int:
+        return _KIND_BITS[self.kind] | (self.mode & 0o7777)
+
+
+_KIND_BITS = {KIND_FILE: stat.S_IFREG, KIND_DIR: stat.S_IFDIR, KIND_LINK: stat.S_IFLNK}
+
+
 @dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(Kinded):
     """One name in a directory: a file, a directory or a symlink.
 
     A file carries its chunk list inline (`chunks`) or, when long, in blocks
@@ -77,23 +105,6 @@ class Entry:
     nsubdirs: int = 0
     nentries: int = 0
     target: bytes | None = None
-
-    @property
-    def is_dir(self) -> bool:
-        return self.kind == KIND_DIR
-
-    @property
-    def is_file(self) -> bool:
-        return self.kind == KIND_FILE
-
-    @property
-    def is_link(self) -> bool:
-        return self.kind == KIND_LINK
-
-    @property
-    def st_mode(self) -> int:
-        kind_bits = {KIND_FILE: stat.S_IFREG, KIND_DIR: stat.S_IFDIR, KIND_LINK: stat.S_IFLNK}
-        return kind_bits[self.kind] | (self.mode & 0o7777)
 
 
 @dataclass(frozen=True, slots=True)

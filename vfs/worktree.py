@@ -25,7 +25,6 @@ Rules:
 from __future__ import annotations
 
 import dataclasses
-import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ from .formats import (
     MAX_NAME,
     ChunkListRef,
     Entry,
+    Kinded,
     build_directory,
     check_name,
     encode_chunk_list,
@@ -71,7 +71,7 @@ class Base(Protocol):
 
 
 @dataclass(eq=False, slots=True)
-class WNode:
+class WNode(Kinded):
     ino: int
     name: bytes
     parent: WNode | None
@@ -90,18 +90,6 @@ class WNode:
     subdirs: int = field(default=0)
 
     @property
-    def is_dir(self) -> bool:
-        return self.kind == KIND_DIR
-
-    @property
-    def is_file(self) -> bool:
-        return self.kind == KIND_FILE
-
-    @property
-    def is_link(self) -> bool:
-        return self.kind == KIND_LINK
-
-    @property
     def size(self) -> int:
         if self.kind == KIND_FILE:
             if self.content is not None:
@@ -110,11 +98,6 @@ class WNode:
         if self.kind == KIND_LINK:
             return len(self.target or b"")
         return 4096
-
-    @property
-    def st_mode(self) -> int:
-        bits = {KIND_FILE: stat.S_IFREG, KIND_DIR: stat.S_IFDIR, KIND_LINK: stat.S_IFLNK}
-        return bits[self.kind] | (self.mode & 0o7777)
 
     @property
     def nsubdirs(self) -> int:
