@@ -948,6 +948,20 @@ class BlockStore:
         self._write(lambda writer: writer.replace_pin(name_utf8, source_utf8))
         self._evict_to_limit()
 
+    def move_to_pin(self, name: str, source: str, ids: Iterable[bytes]) -> None:
+        """Make pin `name` hold exactly `ids`, taking those pin `source` holds from it, and
+        drop `source`, atomically (`source` may not exist).
+
+        A publish's blocks wait under a pending pin until the version's head is
+        saved, then become the version's pin: moving them costs a delete and a
+        put per id, where `set_pin` then `unpin` cost twice that.
+        """
+        name_utf8 = schema.encode_pin_name(name)
+        source_utf8 = schema.encode_pin_name(source)
+        wanted = sorted(set(_ids(ids)))
+        self._write(lambda writer: writer.move_to_pin(name_utf8, source_utf8, wanted))
+        self._evict_to_limit()
+
     def merge_pin(self, name: str, source: str) -> None:
         """Make pin `name` (created if new) also hold what pin `source` holds, and drop
         `source`, atomically; nothing happens if there is no `source`. What a pin built a

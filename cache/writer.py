@@ -351,6 +351,34 @@ class Writer:
         self._save_pin_head(name_utf8, number, count)
         self.txn.delete(schema.pin_name_key(source_utf8), db=self.dbs.pin_names)
 
+    def move_to_pin(self, name_utf8: bytes, source_utf8: bytes, ids: list[bytes]) -> None:
+        """Pin `name` holds exactly `ids` (sorted, distinct); pin `source` is gone.
+
+        An id `source` held moves over: one pin names it before and after, so
+        its count and its place (pinned) stay as they are; an id `source`
+        lacked is added, and what `source` held beyond `ids` is released. Per
+        id that is a delete and a put, where `set_pin` then `unpin` cost two
+        of each and two count updates (a publish of 10^6 files moves 10^6
+        ids from its pending pin to its version's pin). A `name` that already
+        exists gets `set_pin`'s exact set first.
+        """
+        source = self.pin_head(source_utf8)
+        if source_utf8 == name_utf8 or self.pin_head(name_utf8) is not None:
+            self.set_pin(name_utf8, set(ids))
+            if source is not None and source_utf8 != name_utf8:
+                self.unpin(source_utf8)
+            return
+        number, _ = self._pin_number(name_utf8)
+        for block_id in ids:
+            self.txn.put(schema.pin_member_key(number, block_id), b"", db=self.dbs.pins)
+            if source is None or not self.txn.delete(schema.pin_member_key(source[0], block_id),
+                                                     db=self.dbs.pins):
+                self._ref(block_id, +1)
+        self._save_pin_head(name_utf8, number, len(ids))
+        if source is not None:
+            self._drop_members(source[0])
+            self.txn.delete(schema.pin_name_key(source_utf8), db=self.dbs.pin_names)
+
     def _drop_members(self, number: int) -> None:
         """Release every member of pin `number`, a chunk at a time."""
         while True:

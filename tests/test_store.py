@@ -394,6 +394,34 @@ def test_set_pin_replaces_the_set_and_follows_versions(store: BlockStore) -> Non
     assert store.check_consistency() == []
 
 
+def test_move_to_pin_takes_what_the_source_holds_and_releases_the_rest(
+        store: BlockStore) -> None:
+    ids = fill(store, range(7), KIB)
+    store.set_pin("pending", ids[:4])
+    store.set_pin("other", [ids[0]])
+    absent = hashlib.sha256(b"not stored yet").digest()
+    store.move_to_pin("version", "pending", [ids[2], ids[3], ids[4], absent])
+    assert store.pin_names() == ["other", "version"]
+    assert store.pin_ids("version") == sorted([ids[2], ids[3], ids[4], absent])
+    # 0 still held by "other"; 1 released to the LRU at its old place; 4 newly pinned
+    assert [store.is_pinned(b) for b in ids] == [True, False, True, True, True, False, False]
+    assert store.pinned_bytes == 4 * KIB
+    assert store.eviction_order() == [ids[1], ids[5], ids[6]]
+    assert store.check_consistency() == []
+    # onto an existing pin: its exact set, the source dropped
+    store.set_pin("pending", [ids[5]])
+    store.move_to_pin("version", "pending", [ids[4], ids[5]])
+    assert store.pin_names() == ["other", "version"]
+    assert store.pin_ids("version") == sorted([ids[4], ids[5]])
+    assert [store.is_pinned(b) for b in ids] == [True, False, False, False, True, True, False]
+    # no source: a plain new pin
+    store.move_to_pin("fresh", "never-made", [ids[6]])
+    assert store.is_pinned(ids[6]) and store.pin_ids("fresh") == [ids[6]]
+    store.move_to_pin("fresh", "fresh", [ids[1]])  # onto itself: set_pin
+    assert store.pin_ids("fresh") == [ids[1]] and not store.is_pinned(ids[6])
+    assert store.check_consistency() == []
+
+
 def test_replace_pin_takes_the_built_set_and_releases_only_what_it_lacks(
         store: BlockStore) -> None:
     ids = fill(store, range(6), KIB)

@@ -46,7 +46,10 @@ class Ref:
 
 
 def chunk_key(read_key: bytes, chunk_hash: bytes) -> bytes:
-    return hmac.new(read_key, b"chunk" + chunk_hash, hashlib.sha256).digest()
+    # hmac.digest is OpenSSL's one-shot HMAC: the same bytes as hmac.new(...).digest()
+    # without building an HMAC object, about half the cost per block (one per block
+    # published or read: 10^6 of them for a drive of 10^6 small files)
+    return hmac.digest(read_key, b"chunk" + chunk_hash, "sha256")
 
 
 def block_id_of(ciphertext: bytes | memoryview) -> bytes:

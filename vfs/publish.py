@@ -331,8 +331,9 @@ def _open_regular(path: bytes, listed: os.stat_result) -> int:
 
 
 def _list_dir(path: bytes, listed: os.stat_result,
-              follow: bool = False) -> tuple[int, list[os.DirEntry[str]]]:
-    """(descriptor, entries by name) of the folder the walk listed at `path`.
+              follow: bool = False) -> tuple[int, list[tuple[bytes, os.DirEntry[str]]]]:
+    """(descriptor, (name, entry) by name) of the folder the walk listed at `path`; the
+    names are the bytes the folder stores (encoded once here, not again by the walk).
 
     Opened with O_NOFOLLOW (`follow` only for the folder the user named) and
     checked against the parent's listing (device and inode), so a folder
@@ -354,7 +355,7 @@ def _list_dir(path: bytes, listed: os.stat_result,
         if (st.st_dev, st.st_ino) != (listed.st_dev, listed.st_ino):
             raise replaced
         with os.scandir(fd) as it:  # by descriptor, names come as str: keep their bytes
-            listing = sorted(it, key=_fsname_of)
+            listing = sorted(((os.fsencode(de.name), de) for de in it), key=_name_of)
     except OSError as exc:
         os.close(fd)
         raise UsageError(f"cannot read folder {os.fsdecode(path)}: {exc.strerror}") from exc
@@ -451,8 +452,7 @@ class Publisher:
             # swapped for a symlink meanwhile is refused, never followed elsewhere
             fd, listing = _list_dir(job.path, job.st, follow=job is top)
             try:
-                for de in listing:
-                    bname = os.fsencode(de.name)
+                for bname, de in listing:
                     epath = job.path + b"/" + bname
                     try:
                         check_name(bname)
@@ -820,5 +820,5 @@ class Publisher:
         return None
 
 
-def _fsname_of(entry: os.DirEntry) -> bytes:
-    return os.fsencode(entry.name)
+def _name_of(named: tuple[bytes, os.DirEntry[str]]) -> bytes:
+    return named[0]

@@ -134,8 +134,7 @@ class DriveStorage:
         self.store.put_record(_OWN + cap.pubkey, head.wire)
         self.store.put_pinned(history_pin(cap.pubkey), [(head.id, head.wire)],
                               ids_checked=True, tag=cap.discovery_key)
-        self.store.set_pin(publish_pin(cap.pubkey, head.seq), ids)
-        self.store.unpin(pending_pin)
+        self.store.move_to_pin(publish_pin(cap.pubkey, head.seq), pending_pin, ids)
         self.store.unpin(f"publish:{cap.pubkey.hex()}")  # the first wave's single pin
         self.release_versions(cap.pubkey, keep_versions)
         return head
