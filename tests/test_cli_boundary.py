@@ -79,3 +79,39 @@ def test_node_status_is_data_and_the_cli_renders_it(tmp_path: Path) -> None:
     text = render_node_status(data)
     assert f"node    pid {os.getpid()} port 4100  3 DHT contacts, served 7 blocks" in text
     assert "  peer  cdcdcdcdcdcd 127.0.0.1:5  drive abababababab  got 2 blocks" in text
+
+
+# What only a node that serves or mounts needs: a short command never loads it.
+_NODE_ONLY = ("trio", "pyfuse3", "kademlia", "httpx", "vfs.fs", "vfs.drive", "vfs.node",
+              "vfs.network", "vfs.host", "vfs.publish")
+_LOADED = """
+import runpy, sys
+sys.argv = ["peerdrive", *sys.argv[1:]]
+try:
+    runpy.run_module("vfs.cli", run_name="__main__")
+except SystemExit as exc:
+    code = exc.code
+print("\\nLOADED", code, " ".join(sorted(sys.modules)))
+"""
+
+
+def test_short_commands_load_neither_fuse_nor_the_network(tmp_path: Path) -> None:
+    """The tests and a user's scripts start the CLI thousands of times: a command that
+    only reads files (help, keys, share, status, unmount, pin, host --list) or starts
+    a background mount imports what it runs, not trio, pyfuse3 or the DHT (which
+    doubled each start-up). Checked from the modules loaded, not from a time."""
+    env = {**os.environ, "PEERDRIVE_HOME": str(tmp_path / "home"),
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    (tmp_path / "mnt").mkdir()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    link = "peerdrive:r1:" + ":".join(["a" * 52] * 2) + ":aaaaaaaa"
+    for argv, code in ((["--help"], 0), (["keys", "--json"], 0), (["status", "--json"], 0),
+                       (["share", str(tmp_path)], 2), (["unmount", str(tmp_path / "mnt")], 6),
+                       (["pin", str(tmp_path / "gone")], 2), (["host", "--list"], 0),
+                       (["mount", link, str(tmp_path / "full")], 2)):
+        res = subprocess.run([sys.executable, "-c", _LOADED, *argv], env=env,
+                             capture_output=True, text=True, timeout=120)
+        loaded = res.stdout.rsplit("\nLOADED ", 1)[1].split()
+        assert loaded[0] == str(code), (argv, res.stdout, res.stderr)
+        assert not set(loaded[1:]) & set(_NODE_ONLY), (argv, set(loaded[1:]) & set(_NODE_ONLY))

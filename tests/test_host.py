@@ -27,7 +27,7 @@ from tests.swarm_helpers import Swarm, tree_digests, wait_until
 from vfs.blocklist import read_block_list
 from vfs.capability import StoreCap, parse_link
 from vfs.home import Home
-from vfs.host import HostEntry, HostList, host_pin, hosted_versions
+from vfs.host_list import HostEntry, HostList, host_pin, hosted_versions
 from vfs.storage import DriveStorage
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"),

@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from cache.store import BlockStore
 from vfs.capability import StoreCap, WriteCap
 from vfs.errors import PeerdriveError, UsageError
-from vfs.host import (
-    HostedDrive,
+from vfs.host import HostedDrive
+from vfs.host_list import (
     HostEntry,
     HostList,
     host_pending_pin,

@@ -13,6 +13,7 @@ A link is text a person can paste::
 Base32 (RFC 4648, lower case, no padding) survives copy and paste through
 chat and mail; the check is the first five bytes of a SHA-256 over the kind
 and payload, so a mistyped or truncated link is an error, never another drive.
+`LINK@SEQ` names one old version of a drive (`mount LINK@3`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import binascii
 import hashlib
 import hmac
 import os
+import re
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -183,3 +185,22 @@ def require_read(cap: StoreCap) -> ReadCap:
         raise LinkError("this is a store link: it can hold and serve the drive but not read it; "
                         "ask the owner for the read link")
     return cap
+
+
+_AT = re.compile(r"^(?P<link>.+)@(?P<seq>[0-9]{1,20})$")  # LINK@SEQ
+
+
+def split_version(link: str) -> tuple[str, int | None]:
+    """`LINK@SEQ` -> (LINK, SEQ); a link without `@` -> (link, None). (Links are base32
+    and never hold an `@`.)"""
+    text = link.strip()
+    m = _AT.match(text)
+    if m is None:
+        if "@" in text:
+            raise LinkError(f"{text.rsplit('@', 1)[1]!r} is not a version number (LINK@SEQ, "
+                            "e.g. LINK@3; `peerdrive log LINK` lists them)")
+        return text, None
+    seq = int(m["seq"])
+    if seq < 1:
+        raise LinkError("versions are numbered from 1")
+    return m["link"], seq

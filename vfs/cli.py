@@ -17,12 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-import trio
-
 from cache.errors import StoreError, StoreFull
 
 from . import flags, xattrs
-from .capability import ReadCap, StoreCap, WriteCap, parse_link, require_read
+from .capability import ReadCap, StoreCap, WriteCap, parse_link, require_read, split_version
 from .errors import (
     BlockUnavailable,
     MountError,
@@ -31,11 +29,10 @@ from .errors import (
     UsageError,
     unwrap_group,
 )
-from .fs import MIN_INODES
 from .head import MAX_HEAD_MIRRORS
 from .home import Home, checked_mirror_url
 from .logs import setup_logging
-from .options import MirrorOptions, MountOptions, NodeOptions, ServeOptions
+from .options import MIN_INODES, MirrorOptions, MountOptions, NodeOptions, ServeOptions
 from .units import format_size
 
 EXIT_INTERRUPTED = 130
@@ -158,7 +155,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         raise UsageError(f"{source} is not a folder")
     mirrors = _publish_mirrors(args)  # checked before anything is locked or read
     if args.wait_copies is not None:
-        from .host import serving_snapshots
+        from .host_list import serving_snapshots
 
         if args.wait_copies < 1:
             raise UsageError("--wait-copies takes a number of hosts, 1 or more")
@@ -188,10 +185,11 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def _has_version(home: Home, cap: WriteCap) -> bool:
-    from .node import open_store
+    from cache.store import BlockStore
+
     from .storage import DriveStorage
 
-    store = open_store(home, None)
+    store = BlockStore(home.store_path)
     try:
         return DriveStorage(store).head_wire(cap.pubkey) is not None
     finally:
@@ -261,11 +259,14 @@ def _publish_mirrors(args: argparse.Namespace) -> list[str] | None:
 
 def _publish_locked(args: argparse.Namespace, home: Home, cap: WriteCap, source: Path,
                     mirrors: list[str] | None) -> int:
-    from .node import open_store
+    import trio
+
+    from cache.store import BlockStore
+
     from .publish import Publisher
     from .storage import DriveStorage
 
-    store = open_store(home, None)
+    store = BlockStore(home.store_path)
     bar = ProgressBar("publishing", sys.stdout.isatty() and not args.json)
     try:
         pub = Publisher(DriveStorage(store), cap, source, on_progress=bar.update,
@@ -307,7 +308,7 @@ def _publish_locked(args: argparse.Namespace, home: Home, cap: WriteCap, source:
 
 def _wait_copies(args: argparse.Namespace, home: Home, cap: StoreCap, seq: int) -> int:
     """Wait until `args.wait_copies` other nodes hold version `seq` whole (serve counts them)."""
-    from .host import copies_in, serving_snapshots
+    from .host_list import copies_in, serving_snapshots
 
     want = args.wait_copies
     bar = ProgressBar(f"waiting for {want} copies", sys.stdout.isatty() and not args.json)
@@ -331,13 +332,16 @@ def _wait_copies(args: argparse.Namespace, home: Home, cap: StoreCap, seq: int) 
 
 
 def cmd_new(args: argparse.Namespace) -> int:
-    from .node import open_store
+    import trio
+
+    from cache.store import BlockStore
+
     from .publish import commit_empty
     from .storage import DriveStorage
 
     home = _home(args)
     cap = home.create_drive(None)
-    store = open_store(home, None)
+    store = BlockStore(home.store_path)
     try:
         committed = trio.run(commit_empty, DriveStorage(store), cap, _device(home))
     finally:
@@ -477,7 +481,6 @@ def _link_arg(link: str, fd: int | None = None) -> str:
 
 def cmd_mount(args: argparse.Namespace) -> int:
     from .mount import check_mountpoint, python_argv, spawn_daemon
-    from .versions import split_version
 
     home = _home(args)
     link, at_seq = split_version(_mount_link(args))
@@ -552,8 +555,9 @@ def cmd_mirror(args: argparse.Namespace) -> int:
 
 
 def cmd_host(args: argparse.Namespace) -> int:
-    from .host import HostEntry, HostList, hosted_versions, stop_hosting
-    from .node import open_store
+    from cache.store import BlockStore
+
+    from .host_list import HostEntry, HostList, hosted_versions, stop_hosting
     from .units import parse_size
 
     home = _home(args)
@@ -567,7 +571,7 @@ def cmd_host(args: argparse.Namespace) -> int:
     cap = StoreCap(parse_link(args.link).pubkey)  # only the store capability is ever kept
     if args.remove:
         removed = hosts.remove(cap)
-        store = open_store(home, None)
+        store = BlockStore(home.store_path)
         try:
             freed = stop_hosting(store, cap)
         finally:
@@ -583,7 +587,7 @@ def cmd_host(args: argparse.Namespace) -> int:
     note = "" if args.link.strip().lower().startswith("peerdrive:s1:") else \
         " (from that link only the store capability is kept: this node cannot read the drive)"
     if args.no_wait or not _serving(home):
-        store = open_store(home, None)
+        store = BlockStore(home.store_path)
         try:
             versions = hosted_versions(store, cap.pubkey)
         finally:
@@ -602,14 +606,14 @@ def cmd_host(args: argparse.Namespace) -> int:
 
 
 def _serving(home: Home) -> bool:
-    from .host import serving_snapshots
+    from .host_list import serving_snapshots
 
     return bool(serving_snapshots(home.running_nodes(), "hosting"))
 
 
 def _wait_hosted(args: argparse.Namespace, home: Home, entry, registered: float) -> dict:
     """Follow the running serve's hosting of `entry` until its newest version is complete."""
-    from .host import NotHostable, QuotaExceeded, host_state_in, serving_snapshots
+    from .host_list import NotHostable, QuotaExceeded, host_state_in, serving_snapshots
 
     bar = ProgressBar("hosting", sys.stdout.isatty() and not args.json)
     last, last_change = None, time.monotonic()
@@ -644,12 +648,13 @@ def _wait_hosted(args: argparse.Namespace, home: Home, entry, registered: float)
 
 
 def _host_list(args: argparse.Namespace, home: Home, hosts) -> int:
-    from .host import host_state_in, hosted_versions, serving_snapshots
-    from .node import open_store
+    from cache.store import BlockStore
+
+    from .host_list import host_state_in, hosted_versions, serving_snapshots
 
     snaps = serving_snapshots(home.running_nodes(), "hosting")
     out = []
-    store = open_store(home, None)
+    store = BlockStore(home.store_path)
     try:
         for entry in hosts.entries():
             versions = hosted_versions(store, entry.cap.pubkey)

@@ -28,7 +28,7 @@ from dht.errors import DhtError
 
 from .capability import StoreCap
 from .head import Head
-from .host import version_presence
+from .host_list import version_presence
 from .network import NetworkNode
 from .storage import DriveStorage
 

@@ -162,8 +162,7 @@ LISTINGS_REMEMBERED = 4096
 # which after a `find` over a million files is every one of them (FORGET comes only
 # under memory pressure). Past INODES_HIGH the oldest names are invalidated down to
 # three quarters of it; the kernel then forgets what nobody uses, and looks it up again if asked.
-INODES_HIGH = 65536  # `mount --max-inodes`
-MIN_INODES = 64
+INODES_HIGH = 65536  # `mount --max-inodes` (at least vfs/options.py's MIN_INODES)
 
 # A readdir offset is (listing tag << LISTING_TAG_SHIFT) | (index + 1).
 LISTING_TAG_SHIFT = 40

@@ -30,6 +30,9 @@ Rules, in the order a version goes through them (`HostedDrive`):
   retried every RETRY_AFTER seconds, keeping what it stored; a newer head
   replaces the version being fetched at once.
 
+The hosts folder, the pins and what `serve` reports of them are read by
+short commands too: they live in `vfs/host_list.py`, which loads no network.
+
 The store, LMDB, holds ciphertext and list blocks only; the files here hold
 store links and sizes. `tests/test_host.py` scans a host's whole home for
 the plaintext of what it hosts.
@@ -37,8 +40,6 @@ the plaintext of what it hosts.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,186 +47,41 @@ from pathlib import Path
 import trio
 
 from cache.errors import StoreError
-from cache.store import BlockStore
 from dht.errors import DhtError
 from dht.types import Priority
 
-from .blocklist import BlockListWalk, read_block_list
-from .capability import StoreCap, parse_link
+from .blocklist import BlockListWalk
 from .errors import (
     BlockUnavailable,
     FormatError,
     NoSpaceError,
-    PeerdriveError,
-    UsageError,
     unwrap_group,
 )
 from .head import Head
 from .head_follower import HeadFollower
+from .host_list import (
+    HostEntry,
+    HostList,
+    NotHostable,
+    QuotaExceeded,
+    host_pending_pin,
+    host_pin,
+    hosted_versions,
+    release_versions,
+)
 from .network import NetworkNode
 from .storage import DriveStorage
 from .units import format_size
 
 log = logging.getLogger(__name__)
 
-DEFAULT_KEEP_VERSIONS = 1
-MAX_KEEP_VERSIONS = 1000
 FETCH_CONCURRENCY = 32  # blocks asked for at once; the fetcher spreads them over sources
 STORE_BATCH_BYTES = 16 * 1024 * 1024  # fetched blocks stored per commit, at most
 RETRY_AFTER = 10.0  # seconds before a stalled version is tried again
 SYNC_INTERVAL = 2.0  # seconds between looks at the hosts folder
 
 
-def host_pin(pubkey: bytes, seq: int) -> str:
-    """The pin of one complete hosted version (zero-padded seq: names sort by version)."""
-    return f"host:{pubkey.hex()}:{seq:020d}"
-
-
-def host_pending_pin(pubkey: bytes, seq: int) -> str:
-    """The pin of a version being fetched: nothing under it counts as hosted."""
-    return f"host-pending:{pubkey.hex()}:{seq:020d}"
-
-
-def _pins_of(store: BlockStore, prefix: str) -> list[tuple[int, str]]:
-    out = []
-    for name in store.pin_names():
-        if name.startswith(prefix):
-            with contextlib.suppress(ValueError):
-                out.append((int(name[len(prefix):]), name))
-    return sorted(out)
-
-
-def hosted_versions(store: BlockStore, pubkey: bytes) -> list[int]:
-    """The versions of a drive this node holds complete as a host, oldest first."""
-    return [seq for seq, _ in _pins_of(store, f"host:{pubkey.hex()}:")]
-
-
-def release_versions(store: BlockStore, pubkey: bytes, keep: int, *,
-                     pending_below: int | None = None, by_seq: bool = False) -> int:
-    """Drop all but the newest `keep` hosted versions (and pending fetches older than
-    `pending_below`, or all of them when it is None and keep is 0); evict the blocks
-    no other pin holds. Returns the bytes freed.
-
-    `by_seq`: keep only versions within `keep` seqs of the newest hosted one (a
-    writer's "its last N versions"), so a version the follower skipped (published
-    while it was busy) does not keep an older one alive in its place."""
-    freed = 0
-    complete = _pins_of(store, f"host:{pubkey.hex()}:")
-    drop = [name for _, name in complete[:max(0, len(complete) - keep)]]
-    if by_seq and complete:
-        newest = complete[-1][0]
-        drop += [name for seq, name in complete if seq <= newest - keep and name not in drop]
-    for seq, name in _pins_of(store, f"host-pending:{pubkey.hex()}:"):
-        if (pending_below is None and keep == 0) or (pending_below is not None
-                                                     and seq < pending_below):
-            drop.append(name)
-    for name in drop:
-        ids = store.pin_ids(name)
-        store.unpin(name)
-        freed += store.evict(ids)  # blocks another pin (a newer version) holds stay
-    return freed
-
-
-# ----------------------------------------------------------------------------- the hosts folder
-
-
-@dataclass(frozen=True)
-class HostEntry:
-    """One drive this node hosts: its store capability and the limits the user set."""
-
-    cap: StoreCap
-    quota: int | None = None  # bytes one version may take; None: no limit
-    keep_versions: int = DEFAULT_KEEP_VERSIONS
-
-    def to_json(self) -> dict:
-        return {"link": self.cap.link(), "quota": self.quota,
-                "keep_versions": self.keep_versions}
-
-    @classmethod
-    def from_json(cls, data: object, where: Path) -> HostEntry:
-        if not isinstance(data, dict):
-            raise UsageError(f"{where} is not a host entry")
-        cap = parse_link(str(data.get("link", "")))
-        quota = data.get("quota")
-        keep = data.get("keep_versions", DEFAULT_KEEP_VERSIONS)
-        if (quota is not None and (type(quota) is not int or quota < 0)) \
-                or type(keep) is not int or not 1 <= keep <= MAX_KEEP_VERSIONS:
-            raise UsageError(f"{where} has a bad quota or keep_versions")
-        return cls(StoreCap(cap.pubkey), quota, keep)
-
-
-class HostList:
-    """The drives this node hosts: one JSON file each under `PEERDRIVE_HOME/hosts/`."""
-
-    def __init__(self, hosts_dir: Path) -> None:
-        self.dir = hosts_dir
-
-    def _file(self, cap: StoreCap) -> Path:
-        return self.dir / f"{cap.drive_id}.json"
-
-    def add(self, entry: HostEntry) -> bool:
-        """Host a drive (or change its limits); True if it was not hosted before."""
-        if entry.quota is not None and entry.quota < 0:
-            raise UsageError("the quota must be a size of 0 or more")
-        if not 1 <= entry.keep_versions <= MAX_KEEP_VERSIONS:
-            raise UsageError(f"--keep-versions must be 1 to {MAX_KEEP_VERSIONS}")
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = self._file(entry.cap)
-        new = not path.exists()
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(entry.to_json()))
-        tmp.replace(path)
-        return new
-
-    def remove(self, cap: StoreCap) -> bool:
-        try:
-            self._file(cap).unlink()
-        except FileNotFoundError:
-            return False
-        return True
-
-    def get(self, cap: StoreCap) -> HostEntry | None:
-        return next((e for e in self.entries() if e.cap == cap), None)
-
-    def entries(self) -> list[HostEntry]:
-        if not self.dir.is_dir():
-            return []
-        out = []
-        for path in sorted(self.dir.glob("*.json")):
-            try:
-                out.append(HostEntry.from_json(json.loads(path.read_text()), path))
-            except (OSError, ValueError, PeerdriveError) as exc:
-                log.warning("ignored %s: %s", path, exc)
-        return out
-
-
-# ----------------------------------------------------------------------------- what is here
-
-
-def version_presence(store: BlockStore, head: Head) -> dict:
-    """Is every block of `head`'s version on this node? `complete` and `missing_blocks`.
-
-    Counted from the block list: the list blocks themselves, every listed
-    block, and, under a list block this node lacks, every block it would
-    list. A version 1 head has no list: both are None.
-    """
-    if head.block_list is None:
-        return {"complete": None, "missing_blocks": None}
-    local = read_block_list(head.block_list, store.get)
-    missing = (len(store.missing(list(local.blocks))) + local.missing_list_blocks
-               + local.unknown_blocks)
-    return {"complete": missing == 0, "missing_blocks": missing}
-
-
 # ----------------------------------------------------------------------------- hosting
-
-
-class QuotaExceeded(NoSpaceError):
-    """A version is bigger than the quota its host was given: it is not hosted."""
-
-
-class NotHostable(FormatError):
-    """A version that cannot be hosted: no block list, or one that does not check out."""
 
 
 @dataclass
@@ -554,34 +410,3 @@ class HostManager:
             await hosted.run()
 
 
-def stop_hosting(store: BlockStore, cap: StoreCap) -> int:
-    """Release every version of a drive this node hosts (complete or pending); bytes freed."""
-    return release_versions(store, cap.pubkey, 0)
-
-
-# ----------------------------------------------------------------------------- for the CLI
-
-
-def serving_snapshots(running: list[dict], section: str) -> list[dict]:
-    """The live `serve` snapshots of a home that report `section` (hosting, copies)."""
-    return [snap for snap in running if section in snap]
-
-
-def host_state_in(snapshots: list[dict], cap: StoreCap) -> tuple[dict | None, float]:
-    """The newest hosting state of `cap` among snapshots, and that snapshot's time."""
-    best: tuple[dict | None, float] = (None, 0.0)
-    for snap in snapshots:
-        for state in snap.get("hosting", ()):
-            if state.get("drive") == cap.drive_id and snap.get("time", 0.0) > best[1]:
-                best = (state, snap["time"])
-    return best
-
-
-def copies_in(snapshots: list[dict], pubkey: bytes, seq: int) -> int | None:
-    """How many other nodes a running serve found holding version `seq` whole, or None."""
-    found = None
-    for snap in snapshots:
-        c = snap.get("copies", {}).get(pubkey.hex())
-        if c is not None and c.get("seq") == seq:
-            found = max(found or 0, int(c.get("holders", 0)))
-    return found

@@ -21,12 +21,13 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-
-import pyfuse3
-import trio
+from typing import TYPE_CHECKING
 
 from . import process
 from .errors import MountError
+
+if TYPE_CHECKING:
+    import pyfuse3
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ def fuse_options(allow_other: bool = False) -> set[str]:
     files' modes (`default_permissions`), which for a root mount means everyone
     on the machine reads the drive. Non-root users need `user_allow_other` in
     /etc/fuse.conf for it."""
+    import pyfuse3
+
     opts = set(pyfuse3.default_options)
     # nosuid, nodev: a publisher must never get a setuid program or a device onto this
     # machine (libfuse adds them today; said here so no version can drop them)
@@ -115,6 +118,11 @@ async def serve_fuse(ops: pyfuse3.Operations, mountpoint: Path,
     the kernel sees the mount, so the drive's tasks are ready when the first
     request arrives.
     """
+    # here, not at the top: the commands that only start, stop or report on a mount
+    # (the background parent, unmount, every error report) need neither
+    import pyfuse3
+    import trio
+
     try:
         pyfuse3.init(ops, str(mountpoint), fuse_options(allow_other))
     except RuntimeError as exc:

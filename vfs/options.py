@@ -18,6 +18,9 @@ from .home import Config
 
 SERVE_LISTEN = "0.0.0.0:4100"
 MOUNT_LISTEN = "0.0.0.0:0"
+# `mount --max-inodes` below this is refused: the kernel holds every folder on the way to
+# what it uses, so a smaller inode table (vfs/fs.py) would only thrash
+MIN_INODES = 64
 
 
 @dataclass

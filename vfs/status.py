@@ -75,7 +75,7 @@ def known_drives(home: Home, store, running: list[dict] | None = None) -> list[d
     running `serve` of this home (`copies_checked` says whether one did).
     """
     from .capability import StoreCap
-    from .host import HostList, copies_in, serving_snapshots, version_presence
+    from .host_list import HostList, copies_in, serving_snapshots, version_presence
     from .storage import DriveStorage
 
     storage = DriveStorage(store)

@@ -16,7 +16,6 @@ starts and no key leaves the mount.
 from __future__ import annotations
 
 import json
-import re
 
 import trio
 
@@ -36,27 +35,6 @@ from .tree import Tree
 VERSIONS_XATTR = 50  # versions a mount lists through user.peerdrive.versions, at most
 XATTR_PATHS = 10  # changed paths per kind per version in it
 XATTR_MAX = 60 * 1024  # bytes; the kernel's limit for one value is 64 KiB
-MAX_SEQ_TEXT = 20
-
-_AT = re.compile(r"^(?P<link>.+)@(?P<seq>[0-9]{1,20})$")
-
-
-def split_version(link: str) -> tuple[str, int | None]:
-    """`LINK@SEQ` -> (LINK, SEQ); a link without `@` -> (link, None). (Links are base32
-    and never hold an `@`.)"""
-    text = link.strip()
-    m = _AT.match(text)
-    if m is None:
-        if "@" in text:
-            raise UsageError(f"{text.rsplit('@', 1)[1]!r} is not a version number (LINK@SEQ, "
-                             "e.g. LINK@3; `peerdrive log LINK` lists them)")
-        return text, None
-    seq = int(m["seq"])
-    if seq < 1:
-        raise UsageError("versions are numbered from 1")
-    return m["link"], seq
-
-
 def block_getter(blocks: BlockReader) -> GetBlock:
     """Blocks by id: the store, else the reader's fetch (verified against the id)."""
     async def get(block_id: bytes) -> bytes:

@@ -31,7 +31,8 @@ from .blocks import BlockReader
 from .capability import StoreCap, WriteCap
 from .errors import BlockUnavailable, FormatError, NoSpaceError
 from .history import common_base, previous_head
-from .host import HostedDrive, HostEntry
+from .host import HostedDrive
+from .host_list import HostEntry
 from .network import NetworkNode
 from .publish import commit_version
 from .storage import DriveStorage
