@@ -191,11 +191,14 @@ class BlockReader:
             if priority >= Priority.PIN:
                 await self._until_stored(block_id)
             return ct
-        if not local and self.store.has(block_id):
-            return None
-        ct = self.store.get(block_id)
-        if ct is not None:
-            return ct
+        # a block that failed to decrypt may sit in the store for a moment (a writer batch
+        # in flight stored it; it evicts it next): never taken from there, fetched afresh
+        if block_id not in self._undecryptable:
+            if not local and self.store.has(block_id):
+                return None
+            ct = self.store.get(block_id)
+            if ct is not None:
+                return ct
         if self.fetch is None:
             raise BlockUnavailable(f"block {block_id.hex()[:16]} is not on this device "
                                    "and this mount has no network")
@@ -352,7 +355,9 @@ class BlockReader:
     async def _load(self, ref: Ref, priority: Priority) -> bytes:
         # large blocks in worker threads, in batches (vfs/threadbatch.py): what the kernel's
         # requests and the readahead ask for meanwhile goes in one thread call
-        if ref.length >= _THREAD_MIN:
+        if ref.block_id in self._undecryptable:
+            plain = None  # not from the store: see ciphertext_of
+        elif ref.length >= _THREAD_MIN:
             plain = await self.workers.call(self._open_local, ref, cost=ref.length)
         else:
             plain = self._open_local(ref)
