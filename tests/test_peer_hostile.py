@@ -57,6 +57,12 @@ class GatedSource:
         self.gate.wait(30)
         return self.blocks.get(block_id)
 
+    def has(self, block_id: bytes) -> bool:
+        """Presence is an index lookup, not a read: it does not wait for the gate. (Without
+        it the server checked a Have with get(), which held the event loop for the gate's
+        30 s timeout: the flood test took 31 s, 30 of them waiting.)"""
+        return block_id in self.blocks
+
 
 # ---- item 4: a hostile client against the server -----------------------------------------
 
