@@ -8,7 +8,7 @@ run per connection:
   Ping, Pong), so a sequential reader's readahead is one TLS record;
 - the reader routes each answer to the request awaiting it, by request id
   (Block/NotFound to a Want, HaveReply to a Have, Pong to a Ping), and takes
-  Notice, Holding, Whole, Ping and Goodbye as they come;
+  Notice, Holding, Fetching, Whole, Ping and Goodbye as they come;
 - the verifier hashes large blocks in worker threads, a batch per thread call,
   so the reader goes straight back to the socket.
 
@@ -46,6 +46,7 @@ from .frames import (
     MAX_TOKEN,
     Block,
     Cancel,
+    Fetching,
     Goodbye,
     Have,
     HaveReply,
@@ -75,6 +76,7 @@ OnNotice = Callable[[bytes, bytes], None]
 
 MAX_HAVES_IN_FLIGHT = 16  # Have requests one client connection keeps outstanding
 MAX_HOLDING_REMEMBERED = 65536  # block ids a client remembers a server announced (Holding)
+MAX_FETCHING_REMEMBERED = 4096  # ... said it is fetching (Fetching), not yet holding
 HASH_IN_THREAD_MIN = 64 * 1024  # hash blocks at least this big off the event loop
 
 T = TypeVar("T")
@@ -128,6 +130,7 @@ class ConnectionStats:
     notices: int = 0
     haves_sent: int = 0
     holdings: int = 0  # Holding frames received
+    fetchings: int = 0  # Fetching frames received
 
 class PeerConnection:
     """A client connection to one peer for one discovery key, with pipelined fetches.
@@ -173,6 +176,8 @@ class PeerConnection:
         self._pongs_queued = 0  # answers to the peer's pings not yet written (bounded)
         # blocks the server announced (Holding), oldest first; a bounded set
         self.holding: OrderedDict[bytes, None] = OrderedDict()
+        # blocks it announced it is fetching (Fetching) and has not announced holding since
+        self.fetching: OrderedDict[bytes, None] = OrderedDict()
         # the trees the server says its node keeps whole (its last Whole frame)
         self.whole: frozenset[bytes] = frozenset()
 
@@ -476,8 +481,18 @@ class PeerConnection:
                     for block_id in msg.block_ids:
                         holding[block_id] = None
                         holding.move_to_end(block_id)
+                        self.fetching.pop(block_id, None)
                     while len(holding) > MAX_HOLDING_REMEMBERED:
                         holding.popitem(last=False)
+                elif isinstance(msg, Fetching):
+                    self.stats.fetchings += 1
+                    fetching = self.fetching
+                    for block_id in msg.block_ids:
+                        if block_id not in self.holding:
+                            fetching[block_id] = None
+                            fetching.move_to_end(block_id)
+                    while len(fetching) > MAX_FETCHING_REMEMBERED:
+                        fetching.popitem(last=False)
                 elif isinstance(msg, Ping):
                     if self._pongs_queued >= MAX_CONTROL_BACKLOG:
                         raise PeerProtocolError(

@@ -83,6 +83,7 @@ _MAX_ADDRS_PER_PEER = 8  # addresses kept per peer (LAN and DHT records together
 _MAX_BACKGROUND_DIALS = 16  # providers dialled ahead of need at once
 HAPPY_EYEBALLS_DELAY = 0.25  # seconds before the next address of a peer is dialled too
 SLOW_READ = 1.0  # seconds a READ may wait before its block's history is logged (INFO, -v)
+_FETCHING_POLL = 0.05  # seconds between looks for the Holding of a block another reader fetches
 _MAX_TRACE = 24  # events kept per request for that log: the first half and the latest
 
 
@@ -115,6 +116,9 @@ class FetchConfig:
     recent_bytes: int = 32 * 1024 * 1024  # delivered blocks kept for other readers meanwhile
     swarm_jitter: float = 0.25  # seconds: most a readahead waits for another reader to take it
     holder_hedge_max: float = 2.0  # seconds before an attempt at an announcing reader is hedged
+    # seconds a readahead (or lazier) request may wait for a reader that said it is fetching
+    # the block (Fetching) to announce holding it, instead of taking it from the seed too
+    fetching_hold: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_in_flight_per_peer < 1:
@@ -258,27 +262,36 @@ class _Peer:
                                                                       -math.inf)))
 
     def tells_holdings(self) -> bool:
-        """Whether it announces what it holds (Holding frames) on the connection open now."""
+        """Whether it announces what it holds (Holding or Fetching frames) on the connection
+        open now."""
         conn = self.conn if self.source is None else None
-        return conn is not None and not conn.closed and bool(getattr(conn, "holding", None))
+        return conn is not None and not conn.closed and bool(
+            getattr(conn, "holding", None) or getattr(conn, "fetching", None))
 
     def announced(self, block_id: bytes) -> bool | None:
         """Whether the peer is expected to have the block.
 
-        True: it said it holds (or is fetching) it, on the connection open now.
-        False: it tells what it holds, or has answered NotFound (it holds only
-        part of the drive, a reader like us), and did not announce this one; a
-        reader whose connection broke (it may have been killed) is no holder
-        until it says so again. None: nothing says it lacks anything (a seed,
-        as far as we know).
+        True: it said it holds it, on the connection open now. False: it tells
+        what it holds, or has answered NotFound (it holds only part of the
+        drive, a reader like us), and did not announce holding this one (it
+        may be fetching it: see `fetching`); a reader whose connection broke (it
+        may have been killed) is no holder until it says so again. None:
+        nothing says it lacks anything (a seed, as far as we know).
         """
         conn = self.conn if self.source is None else None
         holding = getattr(conn, "holding", None)
-        if holding:
-            if conn is not None and not conn.closed and block_id in holding:
+        if holding or getattr(conn, "fetching", None):
+            if conn is not None and not conn.closed and holding and block_id in holding:
                 return True
             self.partial = True  # it announces: a reader, after this connection too
         return False if self.partial else None
+
+    def fetching(self, block_id: bytes) -> bool:
+        """Whether it said it is fetching the block (and has not said it holds it since), on
+        the connection open now."""
+        conn = self.conn if self.source is None else None
+        fetching = getattr(conn, "fetching", None)
+        return bool(fetching) and conn is not None and not conn.closed and block_id in fetching
 
 
 class _Request:
@@ -297,7 +310,9 @@ class _Request:
         self.parked = False
         self.attempts: list[_Attempt] = []
         self.ended = trio.Event()  # delivered or abandoned
-        self.announced = False  # on_holding was told of it
+        self.announced = False  # on_holding was told of it (we have it)
+        self.announced_fetching = False  # on_fetching was told of it
+        self.fetching_since = math.inf  # first held back for a reader fetching it
         self.jittered = False  # held back once for another reader to take it from the seed
         self.deferred = False
         self.not_before = -math.inf
@@ -359,11 +374,13 @@ class Fetcher:
         connect: ConnectFn | None = None,
         on_notice: OnNotice | None = None,
         on_holding: Callable[[bytes], None] | None = None,
+        on_fetching: Callable[[bytes], None] | None = None,
         config: FetchConfig | None = None,
     ) -> None:
-        """`on_holding(block_id)` is told of every block this fetcher starts fetching from a
-        peer that did not announce it, and of every block delivered: the node announces
-        them to its own clients, so readers of one drive fetch from each other."""
+        """`on_holding(block_id)` is told of every block delivered and `on_fetching(block_id)`
+        of every block this fetcher starts fetching from a peer that does not announce
+        holding it (a seed): the node announces them to its own clients (Holding,
+        Fetching), so readers of one drive fetch from each other."""
         self.identity = identity
         self.discovery_key = discovery_key
         self.drive_secret = drive_secret
@@ -373,6 +390,7 @@ class Fetcher:
         self._connect: ConnectFn = connect or PeerConnection.connect
         self._on_notice = on_notice
         self._on_holding = on_holding
+        self._on_fetching = on_fetching
         self._peers: dict[bytes, _Peer] = {}
         self._dialling = 0  # background dials in progress
         # blocks delivered lately, served to other readers until the store has them
@@ -599,7 +617,7 @@ class Fetcher:
         `timeout` seconds); None otherwise.
 
         The node's server answers other readers from here for blocks it has
-        announced (`on_holding`) but whose fetch is still running or whose
+        announced (`on_holding`, `on_fetching`) but whose fetch is still running or whose
         bytes are not yet in the store.
         """
         data = self._recent.get(block_id)
@@ -998,11 +1016,29 @@ class Fetcher:
             free = [p for p in candidates if self._has_slot(p, priority)]
             holders = [p for p in candidates if p.announced(request.block_id)]
             if holders and (not request.attempts or any(p.connected for p in holders)):
-                # Peers that said they hold (or are fetching) it go first: readers
-                # of one drive serve each other and spare the seed. A hedge (the
-                # holder is late: it may be waiting on a slow seed itself) goes to
-                # another holder if there is one, else to anyone.
+                # Peers that said they hold it go first: readers of one drive serve
+                # each other and spare the seed. A hedge (the holder is late: a busy
+                # process, or a node from before Fetching, whose Holding also meant
+                # "fetching") goes to another holder if there is one, else to anyone.
                 free = [p for p in holders if self._has_slot(p, priority)]
+            elif (
+                priority >= Priority.READAHEAD
+                and not request.attempts
+                and now - min(request.fetching_since, now) < self.config.fetching_hold
+                and any(p.fetching(request.block_id) for p in usable)
+            ):
+                # Another reader is fetching it (from the seed, as we would): hold
+                # back a moment for its Holding rather than take the block from the
+                # seed a second time; looked at again every _FETCHING_POLL. A READ
+                # never waits for a peer that does not hold the block yet.
+                if request.fetching_since == math.inf:
+                    request.fetching_since = now
+                    request.note("held back: a reader is fetching it")
+                request.deferred = True
+                request.not_before = min(now + _FETCHING_POLL,
+                                         request.fetching_since + self.config.fetching_hold)
+                self._deferred.append(request)
+                continue
             elif (
                 priority >= Priority.READAHEAD
                 and not request.jittered
@@ -1084,13 +1120,13 @@ class Fetcher:
         peer.in_flight_bytes += size
         if priority > Priority.READ:
             peer.in_flight_lazy += 1
-        if self._on_holding is not None and not request.announced and not peer.announced(
-            request.block_id
+        if self._on_fetching is not None and not request.announced_fetching and not (
+            peer.announced(request.block_id)
         ):
-            # Fetching it from a seed: tell our own clients to ask us for it
-            # (our server waits for this fetch), not the seed again.
-            request.announced = True
-            self._on_holding(request.block_id)
+            # Fetching it from a seed: tell our own clients, so that their readahead
+            # waits a moment for our Holding instead of taking it from the seed too.
+            request.announced_fetching = True
+            self._on_fetching(request.block_id)
         self._nursery.start_soon(self._run_attempt, attempt)
 
     # ---- one attempt at one peer --------------------------------------------

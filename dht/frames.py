@@ -336,16 +336,34 @@ class Notice(Message):
 
 @dataclass(frozen=True, slots=True)
 class Holding(Message):
-    """Server -> client: "ask me for these blocks": the server's node holds them or is
-    fetching them now (and answers a Want for one when its fetch lands).
+    """Server -> client: "ask me for these blocks": the server's node holds them.
 
     Readers of one drive push these to each other so a block crosses from the
     seed once and then spreads among readers. A hint, never a promise: a
-    Want for an announced block may still be answered NotFound.
+    Want for an announced block may still be answered NotFound. (A node from
+    before `Fetching` said this of blocks it was still fetching too; a client
+    cannot tell those apart, and a hedge covers the wait.)
     """
 
     block_ids: tuple[bytes, ...]
     TYPE: ClassVar[str] = "holding"
+    CHECKS: ClassVar[dict[str, Callable[[Any], Any]]] = {"block_ids": _ids_from_wire}
+    ENCODERS: ClassVar[dict[str, Callable[[Any], Any]]] = {"block_ids": _ids_to_wire}
+
+
+@dataclass(frozen=True, slots=True)
+class Fetching(Message):
+    """Server -> client: "my node is fetching these blocks now"; `Holding` follows for each
+    one it gets.
+
+    Not an offer: a reader waits for a peer only once it holds a block. A
+    client fetching a block in the background (readahead, pins) may hold back
+    a moment for the Holding instead of taking the block from the seed too;
+    a READ never waits for it.
+    """
+
+    block_ids: tuple[bytes, ...]
+    TYPE: ClassVar[str] = "fetching"
     CHECKS: ClassVar[dict[str, Callable[[Any], Any]]] = {"block_ids": _ids_from_wire}
     ENCODERS: ClassVar[dict[str, Callable[[Any], Any]]] = {"block_ids": _ids_to_wire}
 
@@ -411,6 +429,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         HaveReply,
         Notice,
         Holding,
+        Fetching,
         Whole,
         Ping,
         Pong,

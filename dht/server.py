@@ -38,6 +38,7 @@ from .frames import (
     MAX_HAVE_IDS,
     MAX_WANTS_LIMIT,
     MAX_WHOLE_IDS,
+    Fetching,
     Holding,
     Notice,
     Welcome,
@@ -117,6 +118,7 @@ class ServerStats:
     notices_sent: int = 0
     pushes_accepted: int = 0  # push connections: the dialer serves, we fetch (see dht/push.py)
     holdings_sent: int = 0  # Holding frames pushed (one per client per announcement)
+    fetchings_sent: int = 0  # Fetching frames pushed (likewise)
     served_in_flight: int = 0  # blocks served from the node's own fetch (in flight or just landed)
 
 
@@ -152,7 +154,7 @@ class PeerServer:
     ) -> None:
         """`in_flight(discovery_key, block_id, timeout)`, if given, is asked for a block the
         source lacks: the node may be fetching it right now (it announced it with
-        `announce_holding`), and its answer, bytes or None, is what the client gets.
+        `announce_fetching`, or holds it unstored), and its answer, bytes or None, is what the client gets.
         `on_client_lost(client node id)` is told of a client whose connection broke
         without a Goodbye: its node may be gone (the DHT then checks its contact).
         `on_client_joined(discovery_key, client node id)` is told of every client past
@@ -228,12 +230,25 @@ class PeerServer:
         A hint: a client whose control queue is half full is skipped rather
         than dropped for it.
         """
+        sent = self._announce(discovery_key, block_ids, Holding)
+        self.stats.holdings_sent += sent
+        return sent
+
+    def announce_fetching(self, discovery_key: bytes, block_ids: Sequence[bytes]) -> int:
+        """Push Fetching(block_ids) to every client of that key (as `announce_holding`): our
+        node is fetching them now and will announce holding each one it gets."""
+        sent = self._announce(discovery_key, block_ids, Fetching)
+        self.stats.fetchings_sent += sent
+        return sent
+
+    def _announce(self, discovery_key: bytes, block_ids: Sequence[bytes],
+                  kind: type[Holding] | type[Fetching]) -> int:
         sent = 0
         clients = self._clients.get(discovery_key)
         if not clients or not block_ids:
             return 0
         ids = list(block_ids)
-        frames = [encode(Holding(tuple(ids[i : i + MAX_HAVE_IDS])))
+        frames = [encode(kind(tuple(ids[i : i + MAX_HAVE_IDS])))
                   for i in range(0, len(ids), MAX_HAVE_IDS)]
         for conn in list(clients):
             if conn.control_backlog + len(frames) > MAX_CONTROL_BACKLOG // 2:
@@ -241,7 +256,6 @@ class PeerServer:
             for frame in frames:
                 conn.push_control(None, frame)
             sent += 1
-        self.stats.holdings_sent += sent
         return sent
 
     def announce_whole(self, discovery_key: bytes, node_ids: Sequence[bytes]) -> int:

@@ -397,3 +397,53 @@ def test_reads_are_never_held_up_by_lazier_work_at_a_peer() -> None:
         assert seed.wants.count(Priority.READ) == 7
 
     run(test)
+
+
+def test_a_reader_only_fetching_a_block_is_waited_for_by_readahead_alone() -> None:
+    """A reader says it is fetching two blocks (Fetching), not that it holds them. A READ
+    of one goes to the seed at once, never to that reader. A readahead of the other holds
+    back for the reader's Holding and then takes the block from it: the seed never sends
+    it. (Before, "fetching" and "holding" were one announcement: a READ went to such a
+    reader first and waited for its fetch, up to 2 s, whenever the seed was slow.)"""
+    blocks = make_blocks(2, 4096)
+    (urgent, urgent_data), (ahead, ahead_data) = blocks.items()
+    dk, secret = new_drive()
+    config = FetchConfig(swarm_jitter=0, fetching_hold=30.0, default_timeout=30.0,
+                         hedge_floor=30.0, stall_timeout=60.0)
+
+    async def test(nursery: trio.Nursery) -> None:
+        seed_source = RecordingSource(dict(blocks))
+        _seed, seed_addr = await start_server(nursery, seed_source, {dk: secret})
+        reader_source = RecordingSource({})
+        reader, reader_addr = await start_server(nursery, reader_source, {dk: secret})
+        async with Fetcher(NodeIdentity.generate(), dk, secret,
+                           lambda: [seed_addr, reader_addr], config=config) as f:
+            def conn(addr: PeerAddr):
+                return f._peers[addr.node_id].conn
+
+            await wait_for(lambda: conn(seed_addr) is not None
+                           and reader.connected_clients(dk) == 1, "both connections")
+            assert reader.announce_fetching(dk, [urgent, ahead]) == 1
+            await wait_for(lambda: conn(reader_addr) is not None
+                           and len(conn(reader_addr).fetching) == 2, "the Fetching frame")
+            with trio.fail_after(10.0):
+                assert await f.fetch(urgent, Priority.READ) == urgent_data
+            assert seed_source.order == [urgent] and reader_source.order == []
+            got: list[bytes] = []
+
+            async def read_ahead() -> None:
+                got.append(await f.fetch(ahead, Priority.READAHEAD))
+
+            async with trio.open_nursery() as reading:
+                reading.start_soon(read_ahead)
+                await wait_for(lambda: ahead in f._requests
+                               and f._requests[ahead].fetching_since < 1e300,
+                               "the readahead held back")
+                reader_source.blocks[ahead] = ahead_data
+                assert reader.announce_holding(dk, [ahead]) == 1
+            assert got == [ahead_data]
+            assert list(conn(reader_addr).fetching) == [urgent]  # held now: no longer fetching
+        assert seed_source.order == [urgent]  # the seed never sent `ahead`
+        assert reader_source.order == [ahead]
+
+    run(test)

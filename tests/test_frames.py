@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import dht.frames as frames_module
 from dht.errors import DhtError, FrameError
 from dht.frames import (
     MAX_BITMAP,
@@ -25,6 +26,7 @@ from dht.frames import (
     Block,
     Cancel,
     Challenge,
+    Fetching,
     FrameDecoder,
     Goodbye,
     Have,
@@ -82,6 +84,8 @@ EXAMPLES: list[Message] = [
     Pong(0),
     Goodbye("bye \u00e9\u4e16"),
     Holding((ID, bytes(range(32)))),
+    Fetching((ID,)),
+    Fetching((bytes(range(32)), ID, ID2)),
     Whole((ID, bytes(range(32)))),
     Whole(()),
 ]
@@ -267,6 +271,9 @@ def test_bounded_strings_and_bytes() -> None:
         HaveReply(1, b"x" * (MAX_BITMAP + 1)),
         Whole((ID,) * (MAX_HAVE_IDS + 1)),
         Whole((ID[:31],)),
+        Fetching(()),
+        Fetching((ID,) * (MAX_HAVE_IDS + 1)),
+        Fetching((ID[:31],)),
     ],
     ids=lambda m: type(m).__name__,
 )
@@ -363,6 +370,7 @@ messages = st.one_of(
     st.builds(Pong, tokens),
     st.builds(Goodbye, reasons),
     st.builds(Holding, st.lists(ids, min_size=1, max_size=MAX_HAVE_IDS).map(tuple)),
+    st.builds(Fetching, st.lists(ids, min_size=1, max_size=MAX_HAVE_IDS).map(tuple)),
     st.builds(Whole, st.lists(ids, max_size=MAX_HAVE_IDS).map(tuple)),
 )
 
@@ -480,3 +488,31 @@ def test_corrupted_frames_raise_only_frame_error(msg: Message, where: int, value
         return
     for event in events:
         assert decode_all(encode(event)) == [event]
+
+
+@given(st.lists(ids, min_size=1, max_size=MAX_HAVE_IDS), st.binary(max_size=MAX_HAVE_IDS * 32))
+def test_fetching_and_holding_share_one_id_rule(block_ids: list[bytes], raw: bytes) -> None:
+    """`fetching` is `holding` with another meaning: the same ids field, the same bounds; a
+    body of either kind with an ids string not a whole number of ids is refused."""
+    for kind in (Holding, Fetching):
+        frame = encode(kind(tuple(block_ids)))
+        assert decode_all(frame) == [kind(tuple(block_ids))]
+        body = {"v": PROTOCOL_VERSION, "t": kind.TYPE, "block_ids": raw}
+        try:
+            events = decode_all(frame_of(body))
+        except FrameError:
+            assert len(raw) % 32 or not raw
+        else:
+            assert events == [kind(tuple(raw[i:i + 32] for i in range(0, len(raw), 32)))]
+
+
+def test_a_node_without_fetching_refuses_it_clearly() -> None:
+    """A node from before `fetching` (no such type) gets a FrameError that names it, and
+    ends the connection with it, never a misread Holding."""
+    frame = frame_of({"v": PROTOCOL_VERSION, "t": "fetching", "block_ids": ID})
+    assert decode_all(frame) == [Fetching((ID,))]
+    old_types = {t: c for t, c in frames_module.MESSAGE_TYPES.items() if t != "fetching"}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(frames_module, "MESSAGE_TYPES", old_types)
+        with pytest.raises(FrameError, match="unknown message type 'fetching'"):
+            decode_all(frame)

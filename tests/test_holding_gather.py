@@ -45,3 +45,32 @@ def test_blocks_fetched_together_are_announced_in_one_call_per_drive(tmp_path) -
 
     with store:
         trio.run(main)
+
+
+def test_a_block_fetched_and_got_within_one_gathering_is_announced_held_only(tmp_path) -> None:
+    """Fetching and Holding are gathered alike; a block whose fetch started and ended
+    within one gathering is announced as held, not as being fetched too."""
+    store = BlockStore(tmp_path / "store")
+    node = NetworkNode(NodeIdentity.generate(), store, listen=("127.0.0.1", 0), lan=False)
+    cap = StoreCap(NodeIdentity.generate().public_bytes)
+    node.serve_drive(cap)
+    said: list[tuple[str, list[bytes]]] = []
+    node.server.announce_holding = lambda dk, ids: said.append(("holding", list(ids))) or 1
+    node.server.announce_fetching = lambda dk, ids: said.append(("fetching", list(ids))) or 1
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            fetcher = await node.start_fetcher(cap)
+            got, pending = os.urandom(32), os.urandom(32)
+            fetcher._on_fetching(got)
+            fetcher._on_fetching(pending)
+            fetcher._on_holding(got)
+            with trio.fail_after(30):
+                while len(said) < 2:
+                    await trio.sleep(HOLDING_GATHER)
+            assert sorted(said) == [("fetching", [pending]), ("holding", [got])]
+            nursery.cancel_scope.cancel()
+
+    with store:
+        trio.run(main)

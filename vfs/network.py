@@ -119,6 +119,7 @@ class NetworkNode:
         self.timings: dict[str, float] = {}
         self._announce_now = trio.Event()
         self._holding: dict[bytes, list[bytes]] = {}  # discovery key -> ids to announce
+        self._fetching: dict[bytes, list[bytes]] = {}  # ... ids being fetched, to announce
         self._holding_added = trio.Event()
         self._lan_contacts_send, self._lan_contacts = trio.open_memory_channel[
             tuple[str, int]](64)
@@ -491,18 +492,27 @@ class NetworkNode:
     # -- fetching --------------------------------------------------------------------
 
     async def _announce_holding(self) -> None:
-        """Tell our clients what we fetch, HOLDING_GATHER's worth of blocks per frame.
+        """Tell our clients what we fetch and what we got, HOLDING_GATHER's worth of blocks
+        per frame (Fetching, Holding).
 
         A sequential reader fetches a block every few milliseconds; a Holding
         frame each was a TLS record and a send per block on this event loop
         (a tenth of a cold read's busy samples of it, py-spy). Readers of a
-        swarm still learn of a block within HOLDING_GATHER of its request.
+        swarm still learn of a block within HOLDING_GATHER of its request. A
+        block fetched and delivered within one gathering is announced as held
+        only.
         """
         while True:
             await self._holding_added.wait()
             await trio.sleep(HOLDING_GATHER)
             self._holding_added = trio.Event()
             gathered, self._holding = self._holding, {}
+            fetching, self._fetching = self._fetching, {}
+            for discovery_key, ids in fetching.items():
+                held = set(gathered.get(discovery_key, ()))
+                ids = [i for i in dict.fromkeys(ids) if i not in held]
+                if ids:
+                    self.server.announce_fetching(discovery_key, ids)
             for discovery_key, ids in gathered.items():
                 self.server.announce_holding(discovery_key, list(dict.fromkeys(ids)))
 
@@ -525,9 +535,13 @@ class NetworkNode:
             self._holding.setdefault(cap.discovery_key, []).append(block_id)
             self._holding_added.set()
 
+        def fetching(block_id: bytes) -> None:
+            self._fetching.setdefault(cap.discovery_key, []).append(block_id)
+            self._holding_added.set()
+
         fetcher = Fetcher(self.identity, cap.discovery_key, cap.pubkey,
                           lambda: self.providers(cap.discovery_key), on_notice=notice,
-                          on_holding=holding,
+                          on_holding=holding, on_fetching=fetching,
                           config=FetchConfig(default_timeout=self.fetch_timeout))
         if self._nursery is None:
             raise NodeStoppedError("the node is not running: start it before fetching")
