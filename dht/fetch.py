@@ -118,7 +118,8 @@ class FetchConfig:
     holder_hedge_max: float = 2.0  # seconds before an attempt at an announcing reader is hedged
     # seconds a readahead (or lazier) request may wait for a reader that said it is fetching
     # the block (Fetching) to announce holding it, instead of taking it from the seed too
-    fetching_hold: float = 1.0
+    fetching_hold: float = 2.0
+    fetching_hedge: float = 0.5  # seconds before a READ at a reader still fetching it is hedged
 
     def __post_init__(self) -> None:
         if self.max_in_flight_per_peer < 1:
@@ -355,6 +356,7 @@ class _Attempt:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     late: bool = False
     connection: BlockSource | None = None
+    relay: bool = False  # asked a reader still fetching it: its silence is no stall
 
 
 class Fetcher:
@@ -997,6 +999,10 @@ class Fetcher:
                 # or for the attempt running to end.
                 self._park(request, "nobody else to ask")
                 continue
+            # Readers that said they are fetching it (from a seed) and can take a READ now.
+            fetchers = [p for p in candidates if priority == Priority.READ
+                        and not request.attempts and p.fetching(request.block_id)
+                        and self._has_slot(p, priority)]
             likely = [p for p in candidates if p.announced(request.block_id) is not False]
             if likely:
                 # A reader that tells what it holds and did not name this block
@@ -1021,6 +1027,12 @@ class Fetcher:
                 # process, or a node from before Fetching, whose Holding also meant
                 # "fetching") goes to another holder if there is one, else to anyone.
                 free = [p for p in holders if self._has_slot(p, priority)]
+            elif fetchers:
+                # Nobody holds it and a reader is fetching it now: a READ asks that
+                # reader (it answers once its fetch lands) and is hedged to the seed
+                # after `fetching_hedge`, not the usual hedge time: the block is on its
+                # way there, and a busy seed asked again would send it twice.
+                free = fetchers
             elif (
                 priority >= Priority.READAHEAD
                 and not request.attempts
@@ -1029,8 +1041,8 @@ class Fetcher:
             ):
                 # Another reader is fetching it (from the seed, as we would): hold
                 # back a moment for its Holding rather than take the block from the
-                # seed a second time; looked at again every _FETCHING_POLL. A READ
-                # never waits for a peer that does not hold the block yet.
+                # seed a second time; looked at again every _FETCHING_POLL. (A READ
+                # asks that reader with a short hedge instead: `fetchers` above.)
                 if request.fetching_since == math.inf:
                     request.fetching_since = now
                     request.note("held back: a reader is fetching it")
@@ -1105,7 +1117,8 @@ class Fetcher:
         assert self._nursery is not None
         size = int(self._size_guess)
         attempt = _Attempt(
-            request, peer, priority, size, trio.current_time(), idle_start=peer.in_flight == 0
+            request, peer, priority, size, trio.current_time(), idle_start=peer.in_flight == 0,
+            relay=peer.fetching(request.block_id),
         )
         request.attempts.append(attempt)
         request.outcomes[peer.node_id] = Outcome.IN_PROGRESS
@@ -1121,10 +1134,11 @@ class Fetcher:
         if priority > Priority.READ:
             peer.in_flight_lazy += 1
         if self._on_fetching is not None and not request.announced_fetching and not (
-            peer.announced(request.block_id)
+            peer.announced(request.block_id) or peer.fetching(request.block_id)
         ):
             # Fetching it from a seed: tell our own clients, so that their readahead
-            # waits a moment for our Holding instead of taking it from the seed too.
+            # waits a moment for our Holding instead of taking it from the seed too
+            # (not when asking a reader that is fetching it: chains stay one hop deep).
             request.announced_fetching = True
             self._on_fetching(request.block_id)
         self._nursery.start_soon(self._run_attempt, attempt)
@@ -1202,7 +1216,7 @@ class Fetcher:
 
         if error is None:
             # Cancelled: a hedge won, every waiter left, or we are shutting down.
-            if attempt.late:
+            if attempt.late and not attempt.relay:
                 peer.latency = _ewma(peer.latency, elapsed, alpha)
                 if peer.last_delivery < attempt.start:
                     # Nothing at all from this peer while we waited: a stall.
@@ -1257,8 +1271,11 @@ class Fetcher:
         hedge_after = max(config.hedge_floor, config.hedge_factor * usual)
         if peer.announced(request.block_id):
             # A reader asked for a block it announced may be waiting on its own fetch
-            # of it (from a seed as busy as ours): no longer than this before the seed.
+            # of it (a node from before Fetching, from a seed as busy as ours): no
+            # longer than this before the seed.
             hedge_after = min(hedge_after, max(config.hedge_floor, config.holder_hedge_max))
+        elif peer.fetching(request.block_id):
+            hedge_after = min(hedge_after, config.fetching_hedge)
         hedge_at = attempt.start + hedge_after
         await trio.sleep_until(hedge_at)
         attempt.late = True

@@ -356,10 +356,10 @@ class Fetching(Message):
     """Server -> client: "my node is fetching these blocks now"; `Holding` follows for each
     one it gets.
 
-    Not an offer: a reader waits for a peer only once it holds a block. A
-    client fetching a block in the background (readahead, pins) may hold back
-    a moment for the Holding instead of taking the block from the seed too;
-    a READ never waits for it.
+    Not an offer to wait on: a client fetching the block in the background
+    (readahead, pins) may hold back a moment for the Holding instead of
+    taking the block from the seed too; a READ asks such a peer only with a
+    short hedge to the seed.
     """
 
     block_ids: tuple[bytes, ...]
