@@ -376,22 +376,28 @@ class DriveOperations(pyfuse3.Operations):
 
     def _attrs(self, node: Inode) -> pyfuse3.EntryAttributes:
         e = node.entry
+        return self._attributes(node.ino, e, e.size if not e.is_dir else 4096,
+                                timeout=ATTR_TIMEOUT, blksize=128 * 1024)
+
+    def _attributes(self, ino: int, item: Entry | WNode, size: int, *, timeout: float,
+                    blksize: int) -> pyfuse3.EntryAttributes:
+        """What the kernel is told of an entry of a version or a working-tree node alike."""
         a = pyfuse3.EntryAttributes()
-        a.st_ino = node.ino
+        a.st_ino = ino
         a.generation = 0
-        a.entry_timeout = ATTR_TIMEOUT
-        a.attr_timeout = ATTR_TIMEOUT
+        a.entry_timeout = timeout
+        a.attr_timeout = timeout
         # a drive's content is untrusted: no setuid/setgid bit is shown (and so none is
         # kept by `cp -p` out of the mount); the mount is nosuid anyway (vfs/mount.py)
-        a.st_mode = e.st_mode & ~(stat.S_ISUID | stat.S_ISGID)
-        a.st_nlink = 2 + e.nsubdirs if e.is_dir else 1
+        a.st_mode = item.st_mode & ~(stat.S_ISUID | stat.S_ISGID)
+        a.st_nlink = 2 + item.nsubdirs if item.is_dir else 1
         a.st_uid = self.uid
         a.st_gid = self.gid
         a.st_rdev = 0
-        a.st_size = e.size if not e.is_dir else 4096
-        a.st_blksize = 128 * 1024
-        a.st_blocks = (a.st_size + 511) // 512
-        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = e.mtime_ns
+        a.st_size = size
+        a.st_blksize = blksize
+        a.st_blocks = (size + 511) // 512
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = item.mtime_ns
         return a
 
     # -- lookups and attributes ----------------------------------------------------
@@ -827,21 +833,8 @@ class WritableOperations(DriveOperations):
         return self.session.tree
 
     def _wattrs(self, node: WNode) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = node.ino
-        a.generation = 0
-        a.entry_timeout = WRITABLE_ATTR_TIMEOUT
-        a.attr_timeout = WRITABLE_ATTR_TIMEOUT
-        a.st_mode = node.st_mode & ~(stat.S_ISUID | stat.S_ISGID)
-        a.st_nlink = 2 + node.nsubdirs if node.is_dir else 1
-        a.st_uid = self.uid
-        a.st_gid = self.gid
-        a.st_rdev = 0
-        a.st_size = node.size
-        a.st_blksize = WRITABLE_BLKSIZE
-        a.st_blocks = (a.st_size + 511) // 512
-        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = node.mtime_ns
-        return a
+        return self._attributes(node.ino, node, node.size, timeout=WRITABLE_ATTR_TIMEOUT,
+                                blksize=WRITABLE_BLKSIZE)
 
     def _looked_up(self, node: WNode) -> pyfuse3.EntryAttributes:
         node.lookups += 1
