@@ -9,6 +9,7 @@ does with the answers is for the mount tests (tests/test_writable_mount.py).
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -381,3 +382,49 @@ def test_a_long_append_is_cut_behind_the_writer_and_reads_back_whole(world: Worl
         assert ends == cut_points(bytes(want))
 
     run_trio(main, DEADLINE)
+
+
+def test_a_lookup_in_a_big_folder_loads_one_name_and_a_change_still_publishes_them_all(
+        tmp_path: Path) -> None:
+    """A name looked up in a folder of 3,000 files makes one node, not 3,000; listing the
+    folder keeps that node's inode; a chmod of it publishes the whole folder with it."""
+    src = tmp_path / "big"
+    (src / "many").mkdir(parents=True)
+    for i in range(3000):
+        (src / "many" / f"f{i:04d}").write_bytes(b"%d\n" % i)
+    world = World.__new__(World)
+    world.cap = new_cap()
+    world.store = BlockStore(tmp_path / "store2", sync=False)
+    world.first = publish_folder(world.store, src, world.cap)
+    world.storage = DriveStorage(world.store)
+
+    async def main(nursery: trio.Nursery) -> None:
+        ops, session, drive = world.mount()
+        many = await ops.lookup(ROOT, b"many", None)
+        before = len(session.tree.nodes)
+        f = await ops.lookup(many.st_ino, b"f1234", None)
+        assert len(session.tree.nodes) == before + 1  # one name, not the folder
+        with pytest.raises(pyfuse3.FUSEError) as err:
+            await ops.lookup(many.st_ino, b"nope", None)
+        assert err.value.errno == errno.ENOENT
+        other = await ops.lookup(many.st_ino, b"f0001", None)
+        assert len(session.tree.nodes) == before + 2
+        await ops.setattr(f.st_ino, attrs_with(st_mode=0o100600), Attrs(update_mode=True),
+                          None, None)
+        await session.publish_now()
+        assert await published_mode(world, [b"many", b"f1234"]) == 0o600
+        assert await published_mode(world, [b"many", b"f0007"]) == 0o644
+        head = world.storage.load_head(world.cap)
+        listing = [e.name async for _, e in drive.entries(
+            await drive.lookup(head.root, b"many"), 0)]
+        assert len(listing) == 3000
+        # loaded whole for the version: the names looked up before kept their inodes
+        assert len(session.tree.nodes) >= before + 3000
+        assert (await ops.lookup(many.st_ino, b"f1234", None)).st_ino == f.st_ino
+        assert (await ops.lookup(many.st_ino, b"f0001", None)).st_ino == other.st_ino
+        assert (await ops.getattr(f.st_ino, None)).st_mode & 0o7777 == 0o600
+
+    try:
+        run_trio(main, DEADLINE)
+    finally:
+        world.store.close()

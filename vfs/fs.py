@@ -1087,6 +1087,7 @@ class WritableOperations(DriveOperations):
             return content.size - sum(r.length for r in stored if r.block_id in gone), \
                 content.size
         if node.is_dir:
+            await self.tree.load_changed(node)
             if node.children is None:  # renamed or chmod-ed, never listed: as published
                 return await self.drive.answers.usage(node.base) if node.base else (0, 0)
             have = total = 0

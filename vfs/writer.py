@@ -80,6 +80,10 @@ class DriveBase:
     async def chunks(self, entry: Entry) -> tuple[Ref, ...]:
         return (await self.tree.chunk_map(entry)).chunks
 
+    async def lookup(self, entry: Entry, name: bytes) -> Entry | None:
+        assert entry.node is not None
+        return await self.tree.lookup(entry.node, name)
+
 
 class WriteSession:
     def __init__(self, cap: WriteCap, storage: DriveStorage, tree: Tree, head: Head,
