@@ -235,18 +235,37 @@ async def commit_version(
                      f"version was merged ({COMMIT_TRIES} tries); commit again")
 
 
+@dataclass(frozen=True, slots=True)
+class _Listed:
+    """What the walk keeps of a name's lstat: an `os.stat_result` holds 19 fields as
+    Python objects (612 bytes a file), this 260; a publish keeps one per file until its
+    directory node is built (10^6 files: 350 MB less)."""
+
+    st_mode: int
+    st_dev: int
+    st_ino: int
+    st_size: int
+    st_mtime_ns: int
+    st_ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> _Listed:
+        return cls(st.st_mode, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+                   st.st_ctime_ns)
+
+
 @dataclass(slots=True)
 class _FileJob:
     path: bytes
     name: bytes
-    st: os.stat_result
+    st: _Listed
     chunks: list[Ref] = field(default_factory=list)
 
 
 @dataclass
 class _DirJob:
     path: bytes
-    st: os.stat_result
+    st: _Listed
     name: bytes
     files: list[_FileJob] = field(default_factory=list)
     links: list[Entry] = field(default_factory=list)
@@ -286,7 +305,7 @@ def _read_and_cut(fd: int, offset: int, carry: bytes) -> tuple[bytes, int, list[
     return buf, got, bounds
 
 
-def _same_state(before: os.stat_result, after: os.stat_result) -> bool:
+def _same_state(before: os.stat_result | _Listed, after: os.stat_result | _Listed) -> bool:
     return (before.st_ino, before.st_size, before.st_mtime_ns, before.st_ctime_ns) == \
         (after.st_ino, after.st_size, after.st_mtime_ns, after.st_ctime_ns)
 
@@ -307,7 +326,7 @@ def _read_fd(fd: int, size: int, path: bytes) -> bytes:
     return b"".join(parts)
 
 
-def _open_regular(path: bytes, listed: os.stat_result) -> int:
+def _open_regular(path: bytes, listed: _Listed) -> int:
     """Open the file the walk listed at `path`, refusing whatever replaced it since.
 
     Without O_NONBLOCK a FIFO put in its place (by anyone who can write to the
@@ -330,7 +349,7 @@ def _open_regular(path: bytes, listed: os.stat_result) -> int:
     return fd
 
 
-def _list_dir(path: bytes, listed: os.stat_result,
+def _list_dir(path: bytes, listed: _Listed,
               follow: bool = False) -> tuple[int, list[tuple[bytes, os.DirEntry[str]]]]:
     """(descriptor, (name, entry) by name) of the folder the walk listed at `path`; the
     names are the bytes the folder stores (encoded once here, not again by the walk).
@@ -433,7 +452,7 @@ class Publisher:
 
     # -- walking -------------------------------------------------------------------
 
-    def _walk(self, path: bytes, name: bytes, st: os.stat_result, skipped: list[str],
+    def _walk(self, path: bytes, name: bytes, st: _Listed, skipped: list[str],
               found: Callable[[_FileJob], None]) -> _DirJob:
         """List one folder and everything below it (one lstat per name); every regular file
         also goes to `found`, in walk order (the files of a folder together, as a disk tends
@@ -464,11 +483,11 @@ class Publisher:
                         skipped.append(f"{os.fsdecode(epath)}: {exc}")
                         continue
                     if stat.S_ISREG(mode):
-                        file_job = _FileJob(epath, bname, cst)
+                        file_job = _FileJob(epath, bname, _Listed.of(cst))
                         job.files.append(file_job)
                         found(file_job)
                     elif stat.S_ISDIR(mode):
-                        job.subdirs.append(_DirJob(epath, cst, bname))
+                        job.subdirs.append(_DirJob(epath, _Listed.of(cst), bname))
                     elif stat.S_ISLNK(mode):
                         job.links.append(Entry(bname, KIND_LINK, stat.S_IMODE(mode),
                                                cst.st_mtime_ns, size=len(target), target=target))
@@ -631,7 +650,7 @@ class Publisher:
                 os.close(fd)
             if length == after.st_size and _same_state(before, after):
                 job.chunks = chunks
-                job.st = after
+                job.st = _Listed.of(after)
                 return
         raise UsageError(f"{os.fsdecode(job.path)} kept changing while it was published "
                          f"({CHANGED_RETRIES + 1} reads); publish again once nothing writes to it")
@@ -748,7 +767,7 @@ class Publisher:
             raise UsageError(f"{self.source} is not a folder")
         skipped: list[str] = []
         source = os.fsencode(self.source)
-        st = os.stat(source)
+        st = _Listed.of(os.stat(source))
         all_files: list[_FileJob] = []  # in walk order: files of a folder together
         root = await trio.to_thread.run_sync(self._walk, source, b"root", st, skipped,
                                              all_files.append)
