@@ -43,6 +43,7 @@ from .errors import (
 from .frames import (
     MAX_HAVE_IDS,
     MAX_REQ_ID,
+    MAX_RUN_IDS,
     MAX_TOKEN,
     Block,
     Cancel,
@@ -57,6 +58,7 @@ from .frames import (
     Ping,
     Pong,
     Want,
+    WantRun,
     Whole,
     encode,
     unpack_bitmap,
@@ -86,24 +88,29 @@ class PendingReply(Generic[T]):
     """One request awaiting its answer: `request` is the frame sent, `done` is set with the
     result or the error (the first of them wins)."""
 
-    __slots__ = ("request", "done", "result", "error", "sent")
+    __slots__ = ("request", "done", "result", "error", "sent", "run")
 
-    def __init__(self, request: Message) -> None:
+    def __init__(self, request: Message, run: RunOfWants | None = None) -> None:
         self.request = request
         self.done = trio.Event()
         self.result: T | None = None
         self.error: DhtError | None = None
         self.sent = False  # the request went out (a cancelled one that did not owes nothing)
+        self.run = run  # the run it belongs to, woken when it ends
 
     def succeed(self, result: T) -> None:
         if not self.done.is_set():
             self.result = result
             self.done.set()
+            if self.run is not None:
+                self.run.wake.set()
 
     def fail(self, error: DhtError) -> None:
         if not self.done.is_set():
             self.error = error
             self.done.set()
+            if self.run is not None:
+                self.run.wake.set()
 
     async def wait(self) -> T:
         """The result, or the error raised."""
@@ -111,6 +118,33 @@ class PendingReply(Generic[T]):
         if self.error is not None:
             raise self.error
         return self.result  # type: ignore[return-value]
+
+
+class RunOfWants:
+    """A run of blocks asked for in one WantRun frame (`PeerConnection.fetch_run`).
+
+    Made by the caller before the run is sent, so that it can drop one block
+    of it at any time (`cancel(i)`: its answer is no longer wanted) while the
+    others are still coming.
+    """
+
+    __slots__ = ("block_ids", "priority", "cancelled", "wake")
+
+    def __init__(self, block_ids: Sequence[bytes], priority: Priority) -> None:
+        self.block_ids = list(block_ids)
+        self.priority = Priority(priority)
+        self.cancelled = [False] * len(self.block_ids)
+        self.wake = trio.Event()  # set when a block of it is answered or cancelled
+
+    def cancel(self, index: int) -> None:
+        """Block `index` is no longer wanted: Cancel on the wire if its want went out."""
+        if not self.cancelled[index]:
+            self.cancelled[index] = True
+            self.wake.set()
+
+
+# on_result(index in the run, the verified bytes or None, the error or None)
+OnRunResult = Callable[[int, "bytes | None", "DhtError | None"], None]
 
 
 def _sha256_each(blocks: list[bytes]) -> list[bytes]:
@@ -121,7 +155,8 @@ def _sha256_each(blocks: list[bytes]) -> list[bytes]:
 class ConnectionStats:
     """Counters for one PeerConnection."""
 
-    wants_sent: int = 0
+    wants_sent: int = 0  # blocks asked for, one by one or in runs
+    runs_sent: int = 0  # WantRun frames
     cancels_sent: int = 0
     blocks: int = 0
     bytes: int = 0
@@ -280,6 +315,70 @@ class PeerConnection:
                 raise
         return await pending.wait()
 
+    async def fetch_run(self, run: RunOfWants, on_result: OnRunResult) -> None:
+        """Fetch the blocks of `run` with one WantRun frame; returns once each is answered
+        or cancelled.
+
+        `on_result(i, data, error)` is called once per block as it ends: its
+        bytes (verified against its id), or BlockNotFound / BadBlockError /
+        PeerGoneError, or (None, None) once `run.cancel(i)` has dropped it
+        (cancelled on the wire if its want went out). Cancelling the caller
+        cancels what is left, with no more calls. Each block takes one of the server's
+        `max_wants` slots, as a single fetch does.
+        """
+        count = len(run.block_ids)
+        if not 1 <= count <= min(MAX_RUN_IDS, self.max_wants):
+            raise DhtError(f"a run has 1..{min(MAX_RUN_IDS, self.max_wants)} blocks, not {count}")
+        for block_id in run.block_ids:
+            if type(block_id) is not bytes or len(block_id) != BLOCK_ID_LEN:
+                raise DhtError(f"block ids must be {BLOCK_ID_LEN} bytes")
+        self._raise_if_closed()
+        held = 0
+        waiting: dict[int, tuple[int, PendingReply[bytes]]] = {}  # index -> (req_id, pending)
+        try:
+            for _ in range(count):
+                await self._slots.acquire()
+                held += 1
+            self._raise_if_closed()
+            wanted = [i for i in range(count) if not run.cancelled[i]]
+            if wanted:
+                first = self._allocate_run(len(wanted))
+                msg = WantRun(first, tuple(run.block_ids[i] for i in wanted), run.priority)
+                for req_id, i in zip(msg.request_ids(), wanted, strict=True):
+                    pending = self._pending[req_id] = PendingReply[bytes](
+                        Want(req_id, run.block_ids[i], run.priority), run)
+                    waiting[i] = (req_id, pending)
+                self._send(msg)
+            held -= count - len(wanted)
+            for _ in range(count - len(wanted)):
+                self._slots.release()
+            while waiting:
+                run.wake = trio.Event()
+                for i, (req_id, pending) in list(waiting.items()):
+                    if pending.done.is_set():
+                        del waiting[i]
+                        held -= 1
+                        self._slots.release()
+                        on_result(i, pending.result, pending.error)
+                    elif run.cancelled[i]:
+                        del waiting[i]
+                        held -= 1
+                        self._slots.release()
+                        self._forget(req_id, pending)
+                        on_result(i, None, None)
+                if waiting:
+                    await run.wake.wait()
+        finally:
+            for req_id, pending in waiting.values():
+                self._forget(req_id, pending)
+            for _ in range(held):
+                self._slots.release()
+
+    def _forget(self, req_id: int, pending: PendingReply[bytes]) -> None:
+        """A want whose answer is no longer wanted: Cancel on the wire if it went out."""
+        if self._pending.pop(req_id, None) is not None and pending.sent and not self.closed:
+            self._send(Cancel(req_id))
+
     async def have(self, block_ids: Sequence[bytes]) -> list[bool]:
         """Which of `block_ids` the peer holds, in order (it reads no block to answer).
 
@@ -368,6 +467,18 @@ class PeerConnection:
             if value not in in_use:
                 return value
 
+    def _allocate_run(self, count: int) -> int:
+        """The first of `count` consecutive request ids, none of them in use (one WantRun)."""
+        while True:
+            first = self._next_id
+            if first + count - 1 > MAX_REQ_ID:
+                first = 0
+            self._next_id = first + count
+            if self._next_id > MAX_REQ_ID:
+                self._next_id = 0
+            if not any(r in self._pending for r in range(first, first + count)):
+                return first
+
     def _send(self, msg: Message) -> None:
         self._outgoing.append(msg)
         self._wake.set()
@@ -428,6 +539,21 @@ class PeerConnection:
                             continue  # cancelled before it left: nothing to tell the peer
                         pending.sent = True
                         self.stats.wants_sent += 1
+                    elif isinstance(msg, WantRun):
+                        # blocks cancelled before the run left are cancelled right after it
+                        gone: list[bytes] = []
+                        for req_id in msg.request_ids():
+                            pending = self._pending.get(req_id)
+                            if pending is None:
+                                gone.append(encode(Cancel(req_id)))
+                                self.stats.cancels_sent += 1
+                            else:
+                                pending.sent = True
+                        self.stats.wants_sent += len(msg.block_ids)
+                        self.stats.runs_sent += 1
+                        frames.append(encode(msg))
+                        frames.extend(gone)
+                        continue
                     elif isinstance(msg, Cancel):
                         self.stats.cancels_sent += 1
                     elif isinstance(msg, Pong):

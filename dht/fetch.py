@@ -15,6 +15,10 @@ which peer is asked for which block and when:
   PREFETCH blocks go deeper (up to `max_small_in_flight_per_peer`,
   `small_in_flight_bytes` in flight): a pin of many small files is bound by
   round trips, not bytes.
+* **Runs.** Requests queued one behind the other (a streaming reader's
+  readahead, in file order) that the chosen peer can take alike go to it as
+  one run: one WantRun frame, one task and one watchdog, each block still a
+  request in flight of its own (`_take_run`, `_run_attempts`).
 * **Spread by speed.** A block goes to the eligible peer with the lowest
   estimated completion time, (bytes in flight + this block) / throughput EWMA
   + latency EWMA, so every provider gets work and faster ones get more.
@@ -52,7 +56,7 @@ from typing import Any, Protocol
 
 import trio
 
-from .client import OnNotice, PeerConnection
+from .client import OnNotice, PeerConnection, RunOfWants
 from .errors import (
     BadBlockError,
     BlockNotFound,
@@ -110,6 +114,9 @@ class FetchConfig:
     provider_refresh_interval: float = 60.0
     provider_refresh_min_interval: float = 1.0
     ewma_alpha: float = 0.25
+    # adjacent queued requests of one priority sent to one peer as one run (one WantRun
+    # frame, one attempt): a streaming reader's readahead costs a scheduling step per run
+    max_run_blocks: int = 16
     fetch_many_concurrency: int = 32
     holders_timeout: float = 5.0  # count_holders / have_map, when the caller gives none
     holders_refresh_interval: float = 10.0  # re-read providers first if older than this
@@ -168,7 +175,9 @@ class BlockSource(Protocol):
     mirror, `dht.http_source.HttpSource`) is one too and is handed to the
     fetcher directly (`Fetcher.set_sources`), with a 32-byte `source_id` and
     a `label` in place of a node id and an address. Either way the fetcher
-    schedules, hedges, verifies and penalises it the same.
+    schedules, hedges, verifies and penalises it the same. A source that also
+    has `fetch_run` and `max_wants` (as `PeerConnection`) is given runs of
+    blocks (`_take_run`); any other, one block per attempt.
     """
 
     @property
@@ -357,6 +366,14 @@ class _Attempt:
     late: bool = False
     connection: BlockSource | None = None
     relay: bool = False  # asked a reader still fetching it: its silence is no stall
+    run: RunOfWants | None = None  # the run it is part of (one task for all of them)
+    index: int = 0  # its place in that run
+
+    def cancel(self) -> None:
+        """Its answer is no longer wanted (a hedge won, every waiter left, shutdown)."""
+        self.scope.cancel()
+        if self.run is not None:
+            self.run.cancel(self.index)
 
 
 class Fetcher:
@@ -469,6 +486,60 @@ class Fetcher:
             raise DhtError(f"block id must be {BLOCK_ID_LEN} bytes, got {len(block_id)}")
         priority = Priority(priority)
         timeout = self.config.default_timeout if timeout is None else timeout
+        request = self._join(block_id, priority)
+        waiting_since = trio.current_time()
+        try:
+            with trio.move_on_after(timeout):
+                await request.done.wait()
+            if not request.done.is_set():
+                self.stats.timeouts += 1
+                raise self._timeout_error(request, timeout)
+        finally:
+            self._leave(request)
+            waited = trio.current_time() - waiting_since
+            if priority == Priority.READ and waited >= SLOW_READ:
+                log.info("a read waited %.2fs for block %s…: %s", waited,
+                         block_id.hex()[:16], request.history())
+        assert request.result is not None
+        return request.result
+
+    async def fetch_ahead(
+        self,
+        block_ids: Sequence[bytes],
+        priority: Priority = Priority.READAHEAD,
+        *,
+        timeout: float | None = None,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> int:
+        """Fetch blocks wanted together, asked for at once in this order; how many came.
+
+        A streaming reader's next blocks: queued in one step, before the
+        dispatcher looks, so they go to a peer as runs (one WantRun, one
+        attempt; see `_take_run`) in file order. `fetch` calls for the same
+        blocks meanwhile (the reads that follow) join these requests. Started
+        (`nursery.start`) once all are queued. A hint: a block not fetched
+        within `timeout` is simply not counted (its own `fetch` reports why).
+        """
+        if self._nursery is None:
+            raise DhtError("the fetcher is not running (use it as an async context manager)")
+        for block_id in block_ids:
+            if len(block_id) != BLOCK_ID_LEN:
+                raise DhtError(f"block id must be {BLOCK_ID_LEN} bytes, got {len(block_id)}")
+        priority = Priority(priority)
+        timeout = self.config.default_timeout if timeout is None else timeout
+        requests = [self._join(block_id, priority) for block_id in dict.fromkeys(block_ids)]
+        task_status.started()
+        try:
+            with trio.move_on_after(timeout):
+                for request in requests:
+                    await request.done.wait()
+        finally:
+            for request in requests:
+                self._leave(request)
+        return sum(1 for request in requests if request.done.is_set())
+
+    def _join(self, block_id: bytes, priority: Priority) -> _Request:
+        """The request for `block_id` (made and queued if there is none), one waiter more."""
         request = self._requests.get(block_id)
         if request is None:
             request = _Request(block_id, priority)
@@ -480,23 +551,13 @@ class Fetcher:
             request.note(f"wanted at {priority.name}")
             self._upgrade(request, priority)
         request.waiters += 1
-        waiting_since = trio.current_time()
-        try:
-            with trio.move_on_after(timeout):
-                await request.done.wait()
-            if not request.done.is_set():
-                self.stats.timeouts += 1
-                raise self._timeout_error(request, timeout)
-        finally:
-            request.waiters -= 1
-            if request.waiters == 0 and not request.done.is_set():
-                self._abandon(request)
-            waited = trio.current_time() - waiting_since
-            if priority == Priority.READ and waited >= SLOW_READ:
-                log.info("a read waited %.2fs for block %s…: %s", waited,
-                         block_id.hex()[:16], request.history())
-        assert request.result is not None
-        return request.result
+        return request
+
+    def _leave(self, request: _Request) -> None:
+        """One waiter less; the last one leaving an unfinished request abandons it."""
+        request.waiters -= 1
+        if request.waiters == 0 and not request.done.is_set():
+            self._abandon(request)
 
     @trio.as_safe_channel
     async def fetch_many(
@@ -904,7 +965,7 @@ class Fetcher:
         request.queued = False
         self._parked.discard(request)
         for attempt in request.attempts:
-            attempt.scope.cancel()
+            attempt.cancel()
         if self._requests.get(request.block_id) is request:
             del self._requests[request.block_id]
 
@@ -1093,7 +1154,16 @@ class Fetcher:
                 continue
             request.blocked = False
             request.queued = False
-            self._start_attempt(request, self._choose(free, request, now), priority)
+            peer = self._choose(free, request, now)
+            attempts = [self._new_attempt(request, peer, priority)]
+            self._take_run(attempts, usable)
+            assert self._nursery is not None
+            if len(attempts) == 1:
+                self._nursery.start_soon(self._run_attempt, attempts[0])
+            else:
+                conn = peer.source if peer.source is not None else peer.conn
+                assert conn is not None  # _take_run makes runs over open connections only
+                self._nursery.start_soon(self._run_attempts, attempts, conn)
         for request in blocked:
             self._enqueue(request)
 
@@ -1113,8 +1183,61 @@ class Fetcher:
     def _choose(self, free: list[_Peer], request: _Request, now: float) -> _Peer:
         return min(free, key=lambda p: (self._estimate(p, request), p.in_flight, random.random()))
 
+    def _take_run(self, attempts: list[_Attempt], usable: list[_Peer]) -> None:
+        """Add to a fresh attempt the requests queued right behind it that its peer can take
+        in the same run (one WantRun frame, one task and one watchdog for all).
+
+        Only the heap's next entries, in order, while they are fresh requests of
+        the same priority that this peer is as likely to hold, has a free slot
+        for and would still be chosen for (no other peer holds or fetches it, no
+        other connected peer with a free slot has a lower estimate: runs never
+        undo the holder rules or the spreading by speed): a
+        sequential reader's readahead, which asks for a file's next blocks in
+        order. The first that does not fit ends the run, so nothing is taken
+        out of its turn.
+        """
+        first = attempts[0]
+        peer, priority, request = first.peer, first.priority, first.request
+        conn = peer.source if peer.source is not None else peer.conn
+        if (conn is None or conn.closed or first.request.attempts[:-1]
+                or not callable(getattr(conn, "fetch_run", None))):
+            return
+        longest = min(self.config.max_run_blocks, getattr(conn, "max_wants", 1))
+        standing = (peer.announced(request.block_id), peer.fetching(request.block_id))
+        # readahead held back for other readers (swarm_jitter) is not taken ahead of that
+        jitters = (priority >= Priority.READAHEAD and self.config.swarm_jitter > 0
+                   and not any(standing)
+                   and sum(1 for p in usable if p.connected and p.source is None) >= 2)
+        rivals = [p for p in usable if p is not peer and p.connected]
+        while len(attempts) < longest and self._heap:
+            prio, _seq, token, other = self._heap[0]
+            if not other.queued or other.heap_token != token or other.finished:
+                heapq.heappop(self._heap)
+                continue
+            if (prio != priority or other.attempts or other.parked
+                    or (jitters and not other.jittered)
+                    or peer.node_id in other.excluded or peer.node_id in other.soft_failed
+                    or (peer.announced(other.block_id), peer.fetching(other.block_id)) != standing
+                    or not self._has_slot(peer, priority)):
+                return
+            if any(p.announced(other.block_id) or p.fetching(other.block_id) for p in rivals):
+                return  # another reader holds or fetches it: the dispatcher decides that one
+            mine = self._estimate(peer, other)
+            if any(self._estimate(p, other) < mine for p in rivals
+                   if p.node_id not in other.excluded and self._has_slot(p, priority)):
+                return
+            heapq.heappop(self._heap)
+            other.blocked = False
+            other.queued = False
+            attempts.append(self._new_attempt(other, peer, priority, len(attempts) + 1))
+
     def _start_attempt(self, request: _Request, peer: _Peer, priority: Priority) -> None:
         assert self._nursery is not None
+        self._nursery.start_soon(self._run_attempt, self._new_attempt(request, peer, priority))
+
+    def _new_attempt(self, request: _Request, peer: _Peer, priority: Priority,
+                     in_run: int = 1) -> _Attempt:
+        """Count an attempt of `request` at `peer` (slots, statistics, announcements)."""
         size = int(self._size_guess)
         attempt = _Attempt(
             request, peer, priority, size, trio.current_time(), idle_start=peer.in_flight == 0,
@@ -1125,7 +1248,8 @@ class Fetcher:
         kind = {True: "holder", False: "not announced", None: "seed"}[peer.announced(request.block_id)]
         request.note(f"asks {peer.label} ({kind}"
                      f"{'' if peer.connected else ', dialling'}, {peer.in_flight} in flight"
-                     f"{', a hedge' if request.attempts[:-1] else ''})")
+                     f"{', a hedge' if request.attempts[:-1] else ''}"
+                     f"{f', block {in_run} of a run' if in_run > 1 else ''})")
         if len(request.attempts) > 1:
             self.stats.hedges += 1
         self.stats.attempts += 1
@@ -1141,7 +1265,7 @@ class Fetcher:
             # (not when asking a reader that is fetching it: chains stay one hop deep).
             request.announced_fetching = True
             self._on_fetching(request.block_id)
-        self._nursery.start_soon(self._run_attempt, attempt)
+        return attempt
 
     # ---- one attempt at one peer --------------------------------------------
 
@@ -1163,6 +1287,42 @@ class Fetcher:
                     watch.cancel_scope.cancel()
         finally:
             self._finish_attempt(attempt, data, error)
+
+    async def _run_attempts(self, attempts: list[_Attempt], conn: BlockSource) -> None:
+        """Attempts of a run of requests at one peer (`_take_run`): one WantRun, one task.
+
+        Each block ends as a single attempt does (`_finish_attempt`) as its
+        answer comes; one cancelled (`_Attempt.cancel`) ends at once and is
+        cancelled on the wire, the others go on. The run goes over `conn`, the
+        connection it was made for: if that was dropped meanwhile (the peer
+        lied on another request, say), the run fails with it and is never
+        the reason the peer is dialled again.
+        """
+        first = attempts[0]
+        run = RunOfWants([a.request.block_id for a in attempts], first.priority)
+        for index, attempt in enumerate(attempts):
+            attempt.run, attempt.index = run, index
+        left = set(range(len(attempts)))
+        error: DhtError | None = None
+
+        def on_result(index: int, data: bytes | None, failure: DhtError | None) -> None:
+            left.discard(index)
+            self._finish_attempt(attempts[index], data, failure)
+
+        try:
+            async with trio.open_nursery() as watch:
+                watch.start_soon(self._watch_attempts, attempts)
+                now = trio.current_time()
+                for attempt in attempts:
+                    attempt.connection, attempt.sent = conn, now
+                try:
+                    await conn.fetch_run(run, on_result)  # type: ignore[attr-defined]
+                except DhtError as exc:
+                    error = exc
+                watch.cancel_scope.cancel()
+        finally:
+            for index in sorted(left):
+                self._finish_attempt(attempts[index], None, error)
 
     def _finish_attempt(
         self,
@@ -1209,7 +1369,7 @@ class Fetcher:
                 self.stats.completed += 1
                 self._unpark(request)
                 for other in request.attempts:
-                    other.scope.cancel()
+                    other.cancel()
                 if self._requests.get(request.block_id) is request:
                     del self._requests[request.block_id]
             return
@@ -1262,37 +1422,48 @@ class Fetcher:
                 self._enqueue(request)
 
     async def _watch_attempt(self, attempt: _Attempt) -> None:
-        """Hedge when the attempt runs late; declare the peer stalled if it stays silent."""
-        peer, request = attempt.peer, attempt.request
+        await self._watch_attempts([attempt])
+
+    async def _watch_attempts(self, attempts: list[_Attempt]) -> None:
+        """Hedge when attempts (one, or a run's, all started together at one peer) run
+        late; declare the peer stalled if it stays silent."""
+        first = attempts[0]
+        peer = first.peer
         config = self.config
         usual = peer.latency if peer.latency is not None else _DEFAULT_LATENCY
         if not peer.connected:
             usual += 2 * (peer.idle_latency or usual)
         hedge_after = max(config.hedge_floor, config.hedge_factor * usual)
-        if peer.announced(request.block_id):
+        if peer.announced(first.request.block_id):
             # A reader asked for a block it announced may be waiting on its own fetch
             # of it (a node from before Fetching, from a seed as busy as ours): no
-            # longer than this before the seed.
+            # longer than this before the seed. (A run's blocks all stand alike at
+            # its peer: see _take_run.)
             hedge_after = min(hedge_after, max(config.hedge_floor, config.holder_hedge_max))
-        elif peer.fetching(request.block_id):
+        elif peer.fetching(first.request.block_id):
             hedge_after = min(hedge_after, config.fetching_hedge)
-        hedge_at = attempt.start + hedge_after
+        hedge_at = first.start + hedge_after
         await trio.sleep_until(hedge_at)
-        attempt.late = True
-        peer.late += 1
-        request.note(f"{peer.label} late ({hedge_after:.2f}s)")
-        if (
-            not request.finished
-            and not request.queued
-            and not request.parked
-            and len(request.attempts) < config.max_parallel_attempts
-        ):
-            self._enqueue(request)
-        await trio.sleep_until(max(hedge_at, attempt.start + config.stall_timeout))
-        if peer.last_delivery < attempt.start:
-            peer.stalls += 1
-            request.outcomes[peer.node_id] = Outcome.STALLED
-            if self._drop_connection(peer, attempt.connection):
+        running = [a for a in attempts if a in a.request.attempts]
+        for attempt in running:
+            request = attempt.request
+            attempt.late = True
+            peer.late += 1
+            request.note(f"{peer.label} late ({hedge_after:.2f}s)")
+            if (
+                not request.finished
+                and not request.queued
+                and not request.parked
+                and len(request.attempts) < config.max_parallel_attempts
+            ):
+                self._enqueue(request)
+        await trio.sleep_until(max(hedge_at, first.start + config.stall_timeout))
+        if peer.last_delivery < first.start:
+            for attempt in attempts:
+                if attempt in attempt.request.attempts:
+                    peer.stalls += 1
+                    attempt.request.outcomes[peer.node_id] = Outcome.STALLED
+            if self._drop_connection(peer, first.connection):
                 self._penalise(peer)
 
     # ---- connections and penalties ------------------------------------------

@@ -35,6 +35,7 @@ MAX_REQ_ID = 2**32 - 1
 MAX_TOKEN = 2**32 - 1
 MAX_WANTS_LIMIT = 65535  # the largest per-connection want limit a server may announce
 MAX_HAVE_IDS = 120  # block ids in one Have: 120 x 32 bytes keeps it under MAX_CLIENT_FRAME
+MAX_RUN_IDS = MAX_HAVE_IDS  # block ids in one WantRun (the same bound: it fits a client frame)
 MAX_BITMAP = (MAX_HAVE_IDS + 7) // 8
 MAX_WHOLE_IDS = MAX_HAVE_IDS  # node ids in one Whole (0 allowed)
 NONCE_LEN = 32
@@ -260,6 +261,43 @@ class Want(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class WantRun(Message):
+    """Client -> server: a run of Wants in one frame, block i under request id `req_id` + i.
+
+    A reader streaming a file asks for its next blocks together: one frame,
+    one decode and one scheduling step for the run instead of one per block.
+    On the server each block is then a Want like any other (answered by its
+    own Block or NotFound, cancelled by its own Cancel, counted against
+    `max_wants` one by one). The ids travel concatenated, as Have's do; the
+    run's request ids must all be within range (`req_id` + n - 1 <= MAX_REQ_ID).
+    """
+
+    req_id: int
+    block_ids: tuple[bytes, ...]
+    priority: Priority
+    TYPE: ClassVar[str] = "want_run"
+    CHECKS: ClassVar[dict[str, Callable[[Any], Any]]] = {
+        "req_id": _REQ_ID,
+        "block_ids": _ids_from_wire,
+        "priority": _priority,
+    }
+    ENCODERS: ClassVar[dict[str, Callable[[Any], Any]]] = {"block_ids": _ids_to_wire}
+
+    def __post_init__(self) -> None:
+        # the one rule across fields; a frame breaking it is refused (decoder) or never
+        # made (encoder), like any field out of bounds
+        ids = self.block_ids
+        if (type(self.req_id) is int and isinstance(ids, tuple | list) and ids
+                and self.req_id + len(ids) - 1 > MAX_REQ_ID):
+            raise FrameError(f"want_run of {len(ids)} from request id {self.req_id} "
+                             f"runs past {MAX_REQ_ID}")
+
+    def request_ids(self) -> range:
+        """The request id of each block, in order."""
+        return range(self.req_id, self.req_id + len(self.block_ids))
+
+
+@dataclass(frozen=True, slots=True)
 class Cancel(Message):
     """Client -> server: drop want `req_id` if not yet answered; no reply."""
 
@@ -422,6 +460,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Welcome,
         Refused,
         Want,
+        WantRun,
         Cancel,
         Block,
         NotFound,

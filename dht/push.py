@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import trio
 
-from .client import PeerConnection
+from .client import OnRunResult, PeerConnection, RunOfWants
 from .dial import dial
 from .errors import DhtError, PeerGoneError
 from .frames import Notice
@@ -97,6 +97,13 @@ class PushedSource:
 
     async def fetch(self, block_id: bytes, priority: Priority) -> bytes:
         return await self.conn.fetch(block_id, priority)
+
+    @property
+    def max_wants(self) -> int:
+        return self.conn.max_wants
+
+    async def fetch_run(self, run: RunOfWants, on_result: OnRunResult) -> None:
+        await self.conn.fetch_run(run, on_result)
 
     async def have(self, block_ids: Sequence[bytes]) -> list[bool]:
         return await self.conn.have(block_ids)

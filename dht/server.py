@@ -108,7 +108,8 @@ class ServerStats:
     handshakes_refused: int = 0
     handshakes_failed: int = 0  # timed out or broke before Welcome
     protocol_errors: int = 0
-    wants_received: int = 0
+    wants_received: int = 0  # blocks asked for, one by one or in runs
+    runs_received: int = 0  # WantRun frames among them
     cancels_received: int = 0
     haves_received: int = 0
     blocks_served: int = 0

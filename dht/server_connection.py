@@ -3,7 +3,7 @@
 Rules (docs/protocol.md, "After the handshake"):
 
 1. Wants are served most urgent priority first, in arrival order within a
-   priority; a Cancel forgets a want (a block already being read is dropped
+   priority (a WantRun is its wants, in order); a Cancel forgets a want (a block already being read is dropped
    before it is sent). A duplicate request id, or more than the server's
    `max_wants` outstanding, is a protocol violation.
 2. Control frames (Notice, Holding, Whole, HaveReply, Pong, Goodbye) go out ahead of
@@ -41,6 +41,7 @@ from .frames import (
     Ping,
     Pong,
     Want,
+    WantRun,
     encode,
     pack_bitmap,
 )
@@ -173,16 +174,14 @@ class ServerConnection:
         while not self._goodbye_sent:
             msg = await self.frames.receive()
             if isinstance(msg, Want):
-                if msg.req_id in self._wants:
-                    self._protocol_violation(f"duplicate request id {msg.req_id}")
-                elif len(self._wants) >= max_wants:
-                    self._protocol_violation(f"more than {max_wants} outstanding wants")
-                else:
-                    stats.wants_received += 1
-                    self._seq += 1
-                    self._wants[msg.req_id] = (self._seq, msg.block_id)
-                    heapq.heappush(self._queue, (int(msg.priority), self._seq, msg.req_id))
-                    self._load_wake.set()
+                self._want(msg.req_id, msg.block_id, int(msg.priority), max_wants)
+            elif isinstance(msg, WantRun):
+                # a run is its wants, in order: the loader then reads them in one batch
+                self.server.stats.runs_received += 1
+                priority = int(msg.priority)
+                for req_id, block_id in zip(msg.request_ids(), msg.block_ids, strict=True):
+                    if not self._want(req_id, block_id, priority, max_wants):
+                        break
             elif isinstance(msg, Cancel):
                 stats.cancels_received += 1
                 if self._wants.pop(msg.req_id, None) is not None:
@@ -212,6 +211,21 @@ class ServerConnection:
         else:
             # Wait for the writer to flush our Goodbye (bounded by the deadline).
             await trio.sleep_forever()
+
+    def _want(self, req_id: int, block_id: bytes, priority: int, max_wants: int) -> bool:
+        """Queue one want (rule 1); False after a protocol violation."""
+        if req_id in self._wants:
+            self._protocol_violation(f"duplicate request id {req_id}")
+            return False
+        if len(self._wants) >= max_wants:
+            self._protocol_violation(f"more than {max_wants} outstanding wants")
+            return False
+        self.server.stats.wants_received += 1
+        self._seq += 1
+        self._wants[req_id] = (self._seq, block_id)
+        heapq.heappush(self._queue, (priority, self._seq, req_id))
+        self._load_wake.set()
+        return True
 
     async def _have_budget(self) -> None:
         """Take one Have from this connection's token bucket, sleeping until there is one."""

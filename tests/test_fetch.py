@@ -16,7 +16,7 @@ import trio
 from dht.client import PeerConnection
 from dht.errors import DhtError, FetchTimeout
 from dht.fetch import FetchConfig, Fetcher
-from dht.frames import Cancel, Want
+from dht.frames import Cancel, Want, WantRun
 from dht.identity import NodeIdentity
 from dht.types import PeerAddr, Priority
 from tests.helpers import run_trio
@@ -28,6 +28,7 @@ from tests.test_peer_support import (
     stall,
     start_raw_server,
     start_server,
+    wants_in,
 )
 
 TEST_DEADLINE = 25.0
@@ -101,7 +102,7 @@ def test_stalling_peer_is_hedged_and_every_block_arrives() -> None:
             stats = {s.node_id: s for s in f.peer_stats()}
             assert f.stats.hedges > 0
         assert got == blocks
-        wants_to_staller = sum(isinstance(m, Want) for m in staller.received)
+        wants_to_staller = len(wants_in(staller.received))
         assert wants_to_staller > 0, "the staller was never tried; the test proves nothing"
         assert stats[staller.addr.node_id].blocks == 0
         assert stats[staller.addr.node_id].late > 0
@@ -419,5 +420,79 @@ def test_own_node_is_never_a_provider() -> None:
             with pytest.raises(FetchTimeout, match="no peers are known"):
                 await f.fetch(random_id(), timeout=0.3)
             assert f.peer_stats() == []
+
+    run(test)
+
+
+def test_requests_queued_together_go_to_a_peer_as_one_run() -> None:
+    """A streaming reader's readahead (several blocks asked for at once) is one WantRun and
+    one attempt at the peer; a waiter that leaves cancels its own block of the run, on the
+    wire too, and the rest of the run stays in flight."""
+    dk, secret = new_drive()
+
+    async def test(nursery: trio.Nursery) -> None:
+        staller = await start_raw_server(nursery, stall)
+        assert staller.addr is not None
+        config = FetchConfig(**{**FAST.__dict__, "hedge_floor": 60.0, "stall_timeout": 60.0,
+                                "default_timeout": 60.0, "swarm_jitter": 0})
+        ids = [random_id() for _ in range(6)]
+        async with Fetcher(
+            NodeIdentity.generate(), dk, secret, fixed([staller.addr]), config=config
+        ) as f:
+            with trio.fail_after(10):
+                while not f.peer_stats() or not f.peer_stats()[0].connected:
+                    await trio.sleep(0.01)
+            scopes = {bid: trio.CancelScope() for bid in ids}
+
+            async def get(bid: bytes) -> None:
+                with scopes[bid]:
+                    await f.fetch(bid, Priority.READAHEAD)
+
+            async with trio.open_nursery() as waits:
+                for bid in ids:  # started together: queued before the scheduler looks
+                    waits.start_soon(get, bid)
+                with trio.fail_after(10):
+                    while len(wants_in(staller.received)) < len(ids):
+                        await trio.sleep(0.01)
+                runs = [m for m in staller.received if isinstance(m, WantRun)]
+                assert len(runs) == 1 and sorted(runs[0].block_ids) == sorted(ids)
+                assert not any(isinstance(m, Want) for m in staller.received)
+                assert f.peer_stats()[0].in_flight == len(ids)
+                gone = runs[0].block_ids[2]
+                scopes[gone].cancel()
+                with trio.fail_after(10):
+                    while not any(isinstance(m, Cancel) for m in staller.received):
+                        await trio.sleep(0.01)
+                (cancel,) = [m for m in staller.received if isinstance(m, Cancel)]
+                assert cancel.req_id == runs[0].req_id + 2
+                assert f.peer_stats()[0].in_flight == len(ids) - 1
+                waits.cancel_scope.cancel()
+            with trio.fail_after(10):  # every block of the run cancelled at the peer
+                while sum(isinstance(m, Cancel) for m in staller.received) < len(ids):
+                    await trio.sleep(0.01)
+            assert f.peer_stats()[0].in_flight == 0
+        cancelled = sorted(m.req_id for m in staller.received if isinstance(m, Cancel))
+        assert cancelled == list(runs[0].request_ids())
+
+    run(test)
+
+
+def test_blocks_fetched_in_runs_arrive_whole_from_a_real_server() -> None:
+    blocks = make_blocks(40, 16384)
+    blocks_missing = random_id()
+    dk, secret = new_drive()
+
+    async def test(nursery: trio.Nursery) -> None:
+        server, addr = await start_server(nursery, blocks, {dk: secret})
+        async with Fetcher(NodeIdentity.generate(), dk, secret, fixed([addr]), config=FAST) as f:
+            with trio.fail_after(10):
+                while not f.peer_stats() or not f.peer_stats()[0].connected:
+                    await trio.sleep(0.01)
+            got = await fetch_all(f, list(blocks), Priority.READAHEAD)
+            with pytest.raises(FetchTimeout, match="does not have it"):
+                await f.fetch(blocks_missing, timeout=2.0)
+            assert f.stats.attempts == len(blocks) + 1
+        assert got == blocks
+        assert server.stats.wants_received == len(blocks) + 1
 
     run(test)

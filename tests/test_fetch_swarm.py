@@ -39,7 +39,6 @@ import trio
 from cache.store import BlockStore
 from dht.client import PeerConnection
 from dht.fetch import FetchConfig, Fetcher
-from dht.frames import Want
 from dht.identity import NodeIdentity
 from dht.types import PeerAddr, Priority
 from tests.helpers import run_trio
@@ -53,6 +52,7 @@ from tests.test_peer_support import (
     stall,
     start_raw_server,
     start_server,
+    wants_in,
 )
 from vfs.blocks import BlockReader
 
@@ -134,14 +134,14 @@ def test_readahead_leaves_the_reserve_to_a_read() -> None:
             async with trio.open_nursery() as waits:
                 for bid in ids[:-1]:
                     waits.start_soon(f.fetch, bid, Priority.READAHEAD)
-                await wait_for(lambda: sum(isinstance(m, Want) for m in staller.received) >= 4,
+                await wait_for(lambda: len(wants_in(staller.received)) >= 4,
                                "readahead at the peer")
                 await trio.sleep(0.2)  # more would have gone out by now if allowed
-                assert sum(isinstance(m, Want) for m in staller.received) == 4
+                assert len(wants_in(staller.received)) == 4
                 assert f.peer_stats()[0].in_flight == 4
                 waits.start_soon(f.fetch, ids[-1], Priority.READ)
-                await wait_for(lambda: any(isinstance(m, Want) and m.block_id == ids[-1]
-                                           for m in staller.received), "the READ's Want")
+                await wait_for(lambda: any(m.block_id == ids[-1] for m in wants_in(staller.received)),
+                               "the READ's Want")
                 assert f.peer_stats()[0].in_flight == 5
                 waits.cancel_scope.cancel()
 

@@ -20,6 +20,7 @@ from dht.frames import (
     MAX_REASON,
     MAX_RECORD,
     MAX_REQ_ID,
+    MAX_RUN_IDS,
     MAX_TOKEN,
     MAX_WANTS_LIMIT,
     PROTOCOL_VERSION,
@@ -41,6 +42,7 @@ from dht.frames import (
     Push,
     Refused,
     Want,
+    WantRun,
     Welcome,
     Whole,
     encode,
@@ -71,6 +73,8 @@ EXAMPLES: list[Message] = [
     Welcome(256),
     Refused("no"),
     Want(7, ID, Priority.PIN),
+    WantRun(7, (ID,), Priority.READAHEAD),
+    WantRun(MAX_REQ_ID - 2, (ID, ID2, ID), Priority.READ),
     Cancel(7),
     Block(7, b"hello block"),
     Block(MAX_REQ_ID, b""),
@@ -293,6 +297,54 @@ def test_have_carries_ids_as_one_byte_string_within_the_client_frame_limit() -> 
     assert decoder.next_event() == Have(9, most)
 
 
+def test_the_longest_want_run_fits_in_a_client_frame() -> None:
+    frame = encode(WantRun(MAX_REQ_ID - MAX_RUN_IDS + 1, (ID,) * MAX_RUN_IDS, Priority.PREFETCH))
+    assert len(frame) - 4 <= MAX_CLIENT_FRAME
+    decoder = FrameDecoder(MAX_CLIENT_FRAME)
+    decoder.feed(frame)
+    (run,) = list(decoder)
+    assert isinstance(run, WantRun)
+    assert list(run.request_ids()) == list(range(MAX_REQ_ID - MAX_RUN_IDS + 1, MAX_REQ_ID + 1))
+
+
+@pytest.mark.parametrize("req_id, count", [(MAX_REQ_ID, 2), (MAX_REQ_ID - 5, 7)])
+def test_a_want_run_past_the_last_request_id_is_refused(req_id: int, count: int) -> None:
+    """Every block of a run has its own request id, each within range: a run that would
+    wrap is refused by the encoder and the decoder alike."""
+    with pytest.raises(FrameError, match="runs past"):
+        WantRun(req_id, (ID,) * count, Priority.READ)
+    body = {"v": PROTOCOL_VERSION, "t": "want_run", "req_id": req_id,
+            "block_ids": ID * count, "priority": 0}
+    with pytest.raises(FrameError, match="runs past"):
+        decode_all(frame_of(body))
+
+
+@pytest.mark.parametrize("block_ids, match", [
+    (b"", "block ids"), (ID * (MAX_RUN_IDS + 1), "block ids"), (ID + b"\x00", "block ids")])
+def test_bad_want_run_ids_are_rejected(block_ids: bytes, match: str) -> None:
+    body = {"v": PROTOCOL_VERSION, "t": "want_run", "req_id": 1, "block_ids": block_ids,
+            "priority": 0}
+    with pytest.raises(FrameError, match=match):
+        decode_all(frame_of(body))
+
+
+@given(st.integers(0, MAX_REQ_ID), st.binary(max_size=40 * 32), st.integers(-2, 6))
+def test_arbitrary_want_runs_decode_or_raise_frame_error(req_id: int, block_ids: bytes,
+                                                         priority: int) -> None:
+    """The decoder's answer to any run is a valid WantRun (every request id in range, the
+    ids 32 bytes each) or a FrameError, nothing else."""
+    body = {"v": PROTOCOL_VERSION, "t": "want_run", "req_id": req_id, "block_ids": block_ids,
+            "priority": priority}
+    try:
+        (run,) = decode_all(frame_of(body))
+    except FrameError:
+        return
+    assert isinstance(run, WantRun)
+    assert run.request_ids()[-1] <= MAX_REQ_ID
+    assert b"".join(run.block_ids) == block_ids and all(len(b) == 32 for b in run.block_ids)
+    assert decode_all(encode(run)) == [run]
+
+
 def test_have_list_of_ids_decodes_as_a_tuple() -> None:
     [msg] = decode_all(encode(Have(1, [ID, ID2])))  # type: ignore[arg-type]
     assert isinstance(msg, Have) and msg.block_ids == (ID, ID2)
@@ -361,6 +413,9 @@ messages = st.one_of(
     st.builds(Refused, reasons),
     st.builds(Want, req_ids, ids, st.sampled_from(Priority)),
     st.builds(Cancel, req_ids),
+    st.lists(ids, min_size=1, max_size=MAX_RUN_IDS).flatmap(
+        lambda run: st.builds(WantRun, st.integers(0, MAX_REQ_ID - len(run) + 1),
+                              st.just(tuple(run)), st.sampled_from(Priority))),
     st.builds(Block, req_ids, st.binary(max_size=2048)),
     st.builds(NotFound, req_ids),
     st.builds(Have, req_ids, st.lists(ids, min_size=1, max_size=MAX_HAVE_IDS).map(tuple)),

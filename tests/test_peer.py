@@ -9,7 +9,7 @@ import os
 import pytest
 import trio
 
-from dht.client import PeerConnection
+from dht.client import PeerConnection, RunOfWants
 from dht.errors import (
     BadBlockError,
     BlockNotFound,
@@ -17,7 +17,7 @@ from dht.errors import (
     PeerIdentityError,
     PeerRefusedError,
 )
-from dht.frames import Block, Cancel, Goodbye, Refused, Want, Welcome, encode
+from dht.frames import Block, Cancel, Goodbye, Refused, Want, WantRun, Welcome, encode
 from dht.identity import NodeIdentity
 from dht.types import PeerAddr, Priority
 from tests.helpers import run_trio
@@ -541,5 +541,126 @@ def test_server_rejects_connections_over_its_limit() -> None:
                 async with PeerConnection.open(addr, client, dk, secret):
                     pass
         assert server.stats.connections_rejected == 1
+
+    run(test)
+
+
+# ---- runs of blocks in one request (WantRun) ----------------------------------------
+
+
+async def fetch_run_results(conn: PeerConnection, run: RunOfWants,
+                            results: dict[int, object] | None = None) -> dict[int, object]:
+    """Each block's answer by its index in the run (into `results` as they come): its
+    bytes or the error."""
+    results = {} if results is None else results
+
+    def on_result(index: int, data: bytes | None, error: Exception | None) -> None:
+        assert index not in results, "a block answered twice"
+        results[index] = data if error is None else error  # (None, None): cancelled
+
+    await conn.fetch_run(run, on_result)
+    return results
+
+
+def test_a_run_of_blocks_goes_out_as_one_frame_and_each_block_comes_back() -> None:
+    blocks = make_blocks(9)
+    dk, secret = new_drive()
+
+    async def test(nursery: trio.Nursery) -> None:
+        source = RecordingSource(blocks)
+        server, addr = await start_server(nursery, source, {dk: secret})
+        ids = list(blocks)
+        missing = random_id()
+        wanted = ids[:4] + [missing] + ids[4:]
+        async with PeerConnection.open(addr, NodeIdentity.generate(), dk, secret) as conn:
+            results = await fetch_run_results(conn, RunOfWants(wanted, Priority.READAHEAD))
+            assert conn.stats.runs_sent == 1 and conn.stats.wants_sent == 10
+            assert conn.in_flight == 0
+        assert sorted(results) == list(range(10))
+        for index, block_id in enumerate(wanted):
+            if block_id == missing:
+                assert isinstance(results[index], BlockNotFound)
+            else:
+                assert results[index] == blocks[block_id]
+        assert server.stats.wants_received == 10 and server.stats.blocks_served == 9
+        assert sorted(source.order) == sorted(wanted)
+        assert list(results) == list(range(10))  # answered in the run's order
+
+    run(test)
+
+
+def test_a_block_cancelled_out_of_a_run_is_cancelled_on_the_wire_alone() -> None:
+    dk, secret = new_drive()
+
+    async def test(nursery: trio.Nursery) -> None:
+        staller = await start_raw_server(nursery, stall)
+        assert staller.addr is not None
+        wanted = [random_id() for _ in range(3)]
+        async with PeerConnection.open(staller.addr, NodeIdentity.generate(), dk, secret) as conn:
+            run_ = RunOfWants(wanted, Priority.READ)
+            results: dict[int, object] = {}
+            async with trio.open_nursery() as waits:
+                async def fetch() -> None:
+                    await fetch_run_results(conn, run_, results)
+
+                waits.start_soon(fetch)
+                with trio.fail_after(10):
+                    while not any(isinstance(m, WantRun) for m in staller.received):
+                        await trio.sleep(0.01)
+                (sent,) = [m for m in staller.received if isinstance(m, WantRun)]
+                assert list(sent.block_ids) == wanted
+                first = sent.req_id
+                run_.cancel(1)
+                with trio.fail_after(10):
+                    while not any(isinstance(m, Cancel) for m in staller.received):
+                        await trio.sleep(0.01)
+                assert conn.in_flight == 2
+                waits.cancel_scope.cancel()  # the caller leaves: the rest is cancelled too
+            with trio.fail_after(10):
+                while sum(isinstance(m, Cancel) for m in staller.received) < 3:
+                    await trio.sleep(0.01)
+            assert conn.in_flight == 0
+            assert results == {1: None}  # the one dropped is reported; the rest left with us
+        cancels = [m.req_id for m in staller.received if isinstance(m, Cancel)]
+        assert cancels[0] == first + 1 and sorted(cancels) == [first, first + 1, first + 2]
+
+    run(test)
+
+
+def test_a_corrupt_block_in_a_run_fails_and_drops_the_connection() -> None:
+    blocks = make_blocks(4)
+    dk, secret = new_drive()
+
+    async def test(nursery: trio.Nursery) -> None:
+        _server, addr = await start_server(nursery, CorruptSource(blocks), {dk: secret})
+        async with PeerConnection.open(addr, NodeIdentity.generate(), dk, secret) as conn:
+            results = await fetch_run_results(conn, RunOfWants(list(blocks), Priority.READ))
+            assert conn.closed
+        assert sorted(results) == [0, 1, 2, 3]
+        assert isinstance(results[0], BadBlockError)
+        assert not any(isinstance(r, bytes) for r in results.values())
+
+    run(test)
+
+
+@pytest.mark.parametrize("wants, why", [(3, "more than 2 outstanding"), (1, "duplicate")])
+def test_a_server_counts_each_block_of_a_run_as_a_want(wants: int, why: str) -> None:
+    """max_wants bounds the blocks asked for, runs or not; request ids stay unique."""
+    dk, secret = new_drive()
+
+    async def test(nursery: trio.Nursery) -> None:
+        server, addr = await start_server(nursery, {}, {dk: secret}, max_wants=2)
+        stream, decoder, _reply = await raw_client(addr, NodeIdentity.generate(), dk, secret)
+        frames = [encode(WantRun(5, tuple(random_id() for _ in range(wants)), Priority.READ))]
+        if why == "duplicate":
+            frames.insert(0, encode(Want(5, random_id(), Priority.PIN)))
+        await stream.send_all(b"".join(frames))
+        with trio.fail_after(10):
+            while (msg := await read_message(stream, decoder)) is not None:
+                if isinstance(msg, Goodbye):
+                    break
+        assert isinstance(msg, Goodbye) and why in msg.reason
+        await stream.aclose()
+        assert server.stats.protocol_errors == 1
 
     run(test)

@@ -25,7 +25,7 @@ from dht.tlsstream import TlsStream
 from dht.types import PeerAddr, Priority
 from tests.helpers import run_trio
 from tests.hostile import LOCAL, FrameConn, HostilePeerServer, hostile_client
-from tests.test_peer_support import make_blocks, new_drive, random_id
+from tests.test_peer_support import make_blocks, new_drive, random_id, wants_in
 
 TEST_DEADLINE = 60.0
 
@@ -274,8 +274,9 @@ def test_a_server_answering_decoys_with_not_found_is_still_caught_stalling() -> 
             msg = await conn.receive()
             if msg is None:
                 return
-            if isinstance(msg, Want) and msg.block_id != real:
-                await conn.send(NotFound(msg.req_id))  # at once; the real one: never
+            for want in wants_in([msg]):
+                if want.block_id != real:
+                    await conn.send(NotFound(want.req_id))  # at once; the real one: never
 
     config = FetchConfig(hedge_floor=0.2, stall_timeout=1.5, connect_timeout=2.0,
                          backoff_base=0.1, backoff_max=1.0, default_timeout=10.0,

@@ -11,7 +11,7 @@ import hashlib
 import os
 import secrets
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import trio
 
@@ -21,6 +21,7 @@ from dht.frames import (
     Hello,
     Message,
     Want,
+    WantRun,
     Welcome,
     encode,
 )
@@ -92,6 +93,18 @@ class RecordingSource:
         return self.blocks.get(block_id)
 
 
+def wants_in(messages: Iterable[Message]) -> list[Want]:
+    """Every block asked for in `messages`, a WantRun being its Wants (in order)."""
+    out: list[Want] = []
+    for msg in messages:
+        if isinstance(msg, Want):
+            out.append(msg)
+        elif isinstance(msg, WantRun):
+            out += [Want(r, b, msg.priority) for r, b in zip(msg.request_ids(), msg.block_ids,
+                                                           strict=True)]
+    return out
+
+
 async def read_message(stream: trio.abc.Stream, decoder: FrameDecoder) -> Message | None:
     """The next message, or None at end of stream."""
     while True:
@@ -123,7 +136,7 @@ def vanish_after(wants: int) -> Behaviour:
         seen = 0
         while seen < wants and (msg := await read_message(stream, decoder)) is not None:
             server.received.append(msg)
-            seen += isinstance(msg, Want)
+            seen += len(wants_in([msg]))
         server.vanished.set()
 
     return behaviour

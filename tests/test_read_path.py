@@ -399,3 +399,72 @@ def test_the_plaintext_cache_keeps_to_its_bound(world) -> None:
             assert exact.cached_plain(chunks[3].block_id) is not None  # as large as the bound
 
     run_trio(main, DEADLINE)
+
+
+class FetchWithAhead:
+    """The fake network's fetch, with `ahead` (as vfs.network.DriveFetch) recording what a
+    reader asks for together."""
+
+    def __init__(self, net: FakeNetwork) -> None:
+        self.net = net
+        self.together: list[tuple[list[bytes], Priority]] = []
+
+    async def __call__(self, block_id: bytes, priority: Priority) -> bytes:
+        return await self.net.fetch(block_id, priority)
+
+    async def ahead(self, block_ids: list[bytes], priority: Priority, *,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.together.append((list(block_ids), priority))
+        task_status.started()
+
+
+def test_a_readahead_asks_for_the_missing_chunks_together_in_file_order(world) -> None:
+    """The readahead's missing chunks reach the fetcher in one call, in file order (it
+    sends them to a peer as runs); chunks already on the device are left out."""
+    drive, net, big, _, _ = world
+    fetch = FetchWithAhead(net)
+    drive.blocks.fetch = fetch
+
+    async def main(nursery: trio.Nursery) -> None:
+        async with running_drive(drive):
+            of = await open_file(drive, b"big.bin")
+            chunks = of.map.chunks
+            local = chunks[6]  # fetched before: on the device, never asked for again
+            await drive.blocks.read(local, Priority.READ)
+            while drive.blocks.is_unstored(local.block_id):
+                await trio.sleep(0.01)
+            drive.blocks.forget(local.block_id)  # not in memory, only in the store
+            assert drive.blocks.store.has(local.block_id)
+            size = 128 * KiB
+            for k in range(2):  # the second sequential read starts the readahead
+                got = await drive.read(of, k * size, size)
+                assert bytes(got) == big[k * size:(k + 1) * size]
+            first = of.map.span(size, size)[-1] + 1
+            window = [c.block_id for c in chunks[first:first + READAHEAD_CHUNKS]]
+            await net.wait_until(lambda: len(net.asked(Priority.READAHEAD)) >= len(window) - 1)
+            assert len(fetch.together) == 1
+            ids, priority = fetch.together[0]
+            assert priority == Priority.READAHEAD
+            assert ids == [b for b in window if b != local.block_id]  # file order
+            while of.pending:
+                await trio.sleep(0.01)
+            # read it all from the start again: every chunk is on the device now (in the
+            # store, not in memory)
+            while any(drive.blocks.is_unstored(c.block_id) for c in chunks):
+                await trio.sleep(0.01)
+            for c in chunks:
+                drive.blocks.forget(c.block_id)
+            fetch.together.clear()
+            asked = len(net.requests)
+            of2 = await open_file(drive, b"big.bin")
+            for k in range(8):
+                await drive.read(of2, k * size, size)
+            while of2.pending:
+                await trio.sleep(0.01)
+            # the readahead slides past what the first pass fetched; nothing fetched
+            # before is asked for again, together or alone
+            fetched = set(window) | {local.block_id} | {c.block_id for c in chunks[:first]}
+            assert not fetched & {b for b, _ in net.requests[asked:]}
+            assert not fetched & {b for ids, _ in fetch.together for b in ids}
+
+    run_trio(main, DEADLINE)

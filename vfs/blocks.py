@@ -35,7 +35,9 @@ from .threadbatch import ThreadBatches
 
 log = logging.getLogger(__name__)
 
-# fetch(block_id, priority) -> ciphertext whose SHA-256 is block_id, or raises
+# fetch(block_id, priority) -> ciphertext whose SHA-256 is block_id, or raises. It may
+# also have `ahead(block_ids, priority, task_status=)` (vfs.network.DriveFetch): ask for
+# blocks together, in order, so they go to a peer in runs; started once they are queued.
 Fetch = Callable[[bytes, Priority], Awaitable[bytes]]
 
 PLAINTEXT_CACHE_BYTES = 16 * 1024 * 1024
@@ -170,6 +172,32 @@ class BlockReader:
             await self.fetch(block_id, priority)  # the load in flight gets the bytes
         except BlockUnavailable:
             pass  # the load in flight fails alike and its reader reports it
+
+    async def fetch_ahead(self, refs: list[Ref], priority: Priority, *,
+                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Ask for the blocks of `refs` that are not on this device, together and in order.
+
+        A sequential reader's readahead: asked one by one (each after its own
+        look into the store) they reach the fetcher one at a time and go to
+        the peer one request each; asked together they go as runs (one
+        WantRun, one scheduling step per run). The reads that follow join
+        these fetches; this only gets them asked early. Started once asked
+        (`nursery.start`); never raises.
+        """
+        ahead = getattr(self.fetch, "ahead", None)
+        ids = [r.block_id for r in refs
+               if r.block_id not in self._plain and r.block_id not in self._unstored
+               and r.block_id not in self._inflight]
+        missing: list[bytes] = []
+        if ahead is not None and len(ids) > 1:
+            try:
+                missing = self.store.missing(ids)  # one read transaction: a short section
+            except StoreError:
+                missing = []  # the reads that follow find out
+        if len(missing) < 2:  # nothing to fetch, or one block: its read asks for it
+            task_status.started()
+            return
+        await ahead(missing, priority, task_status=task_status)
 
     async def ciphertext(self, ref: Ref, priority: Priority) -> bytes:
         """The verified ciphertext of a block, fetched and cached if missing.

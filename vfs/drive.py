@@ -292,6 +292,9 @@ class Drive:
         5 MB/s: 1.0-1.6 s instead of 0.3 s).
         """
         assert self._nursery is not None
+        # those missing here asked for first, together: they go to a peer in runs
+        await self._nursery.start(self.blocks.fetch_ahead,
+                                  [of.map.chunks[i] for i in wanted], Priority.READAHEAD)
         for i in wanted:
             await self._nursery.start(self._prefetch, of, i)
 

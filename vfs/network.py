@@ -171,7 +171,8 @@ class NetworkNode:
             "port": self.port,
             "server": {"blocks_served": st.blocks_served, "bytes_served": st.bytes_served,
                        "connections_active": st.connections_active,
-                       "not_found": st.not_found, "pushes_accepted": st.pushes_accepted},
+                       "not_found": st.not_found, "pushes_accepted": st.pushes_accepted,
+                       "wants_received": st.wants_received, "runs_received": st.runs_received},
             "dht_contacts": len(self.dht.contacts()),
             "timings": dict(self.timings),
             "drives": drives,
@@ -555,17 +556,9 @@ class NetworkNode:
             starting.set()
         return fetcher
 
-    def fetch_function(self, cap: StoreCap):
+    def fetch_function(self, cap: StoreCap) -> DriveFetch:
         """A `vfs.blocks.Fetch` for one drive: verified ciphertext, or BlockUnavailable."""
-
-        async def fetch(block_id: bytes, priority: Priority) -> bytes:
-            fetcher = await self.start_fetcher(cap)
-            try:
-                return await fetcher.fetch(block_id, priority)
-            except DhtError as exc:
-                raise BlockUnavailable(f"block {block_id.hex()[:16]}: {exc}") from exc
-
-        return fetch
+        return DriveFetch(self, cap)
 
     def announce_whole(self, cap: StoreCap, node_ids: list[bytes]) -> None:
         """Tell every client of this drive, now and as each connects, which trees this node
@@ -597,3 +590,30 @@ class NetworkNode:
                 return {}
 
         return holders
+
+
+class DriveFetch:
+    """A `vfs.blocks.Fetch` for one drive (`Network.fetch_function`), with `ahead`: the
+    blocks a reader will want next, asked for together so they go to a peer in runs."""
+
+    def __init__(self, net: NetworkNode, cap: StoreCap) -> None:
+        self.net = net
+        self.cap = cap
+
+    async def __call__(self, block_id: bytes, priority: Priority) -> bytes:
+        fetcher = await self.net.start_fetcher(self.cap)
+        try:
+            return await fetcher.fetch(block_id, priority)
+        except DhtError as exc:
+            raise BlockUnavailable(f"block {block_id.hex()[:16]}: {exc}") from exc
+
+    async def ahead(self, block_ids: list[bytes], priority: Priority, *,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """`Fetcher.fetch_ahead`: started once they are queued; never raises (a hint)."""
+        try:
+            fetcher = await self.net.start_fetcher(self.cap)
+            await fetcher.fetch_ahead(block_ids, priority, task_status=task_status)
+        except DhtError:
+            # raised only before the blocks were queued (the node or its fetcher stopped):
+            # the reads that follow say so
+            task_status.started()
