@@ -44,7 +44,11 @@ from tests.swarm_helpers import Swarm, read_snapshot, wait_until
 FILE = "data.bin"
 SERIAL_SIZE = 64 << 20
 CONCURRENT_SIZE = 64 << 20
-MOUNT_READY_LIMIT = 2.0  # seconds from the node's start to a ready mount (issue 9)
+# Seconds from the node's start to a ready mount. The defect of issue 9 was a mount
+# that waited out a 10 s dial next to departed readers: this bound catches it and
+# only it. The 2 s goal is a figure of scripts/bench ("mount ready", churn readers),
+# not a timing asserted here (issue 16: no speed goal inside a test).
+MOUNT_READY_LIMIT = 8.0
 
 
 def write_random(path: Path, size: int, seed: int) -> str:
