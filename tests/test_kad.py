@@ -503,6 +503,8 @@ def test_a_lookup_in_flight_when_the_node_stops_fails_with_kad_error():
             return []
         return None  # find_value: answered below by never replying
 
+    asked = trio.Event()  # the lookup is in flight: its find_value reached the silent node
+
     async def silent_on_find_value(*, task_status=trio.TASK_STATUS_IGNORED):
         sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         with sock:
@@ -511,7 +513,9 @@ def test_a_lookup_in_flight_when_the_node_stops_fails_with_kad_error():
             while True:
                 data, addr = await sock.recvfrom(65536)
                 name, args = msgpack.unpackb(data[21:])
-                if name != "find_value":
+                if name == "find_value":
+                    asked.set()
+                else:
                     reply = msgpack.packb(reply_for(name, args))
                     await sock.sendto(b"\x01" + data[1:21] + reply, addr)
 
@@ -534,7 +538,8 @@ def test_a_lookup_in_flight_when_the_node_stops_fails_with_kad_error():
                 await nursery.start(dht.run, LOCAL, 0, [(LOCAL, silent_port)])
                 assert dht.contacts()
                 outer.start_soon(lookup)  # outside the node's nursery: not cancelled with it
-                await trio.sleep(0.3)
+                with trio.fail_after(25):  # below the 30 s RPC timeout: still in flight
+                    await asked.wait()
                 nursery.cancel_scope.cancel()
             await lookup_done.wait()
             assert len(outcome) == 1 and "stopped" in str(outcome[0])
