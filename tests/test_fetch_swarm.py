@@ -333,6 +333,17 @@ class FakeSeed:
         self.closed = True
 
 
+def fetcher_of(seed: FakeSeed, config: FetchConfig) -> Fetcher:
+    """A fetcher whose one provider is `seed` (never dialled: its connect hands it over)."""
+    addr = PeerAddr(random_id(), HOST, 9)
+
+    async def connect(*args, **kwargs) -> FakeSeed:
+        return seed
+
+    return Fetcher(NodeIdentity.generate(), *new_drive(), lambda: [addr], connect=connect,
+                   config=config)
+
+
 def test_a_parked_request_wanted_at_read_asks_its_seed_again_at_read() -> None:
     """A readahead's attempt at the only peer runs late; its hedge has nobody else to ask
     and is parked. Then a process reads the block: the request goes to that peer again at
@@ -340,16 +351,11 @@ def test_a_parked_request_wanted_at_read_asks_its_seed_again_at_read() -> None:
     here never ends (before: the read waited out its timeout, EIO)."""
     bid = random_id()
     seed = FakeSeed(b"x" * 4096)
-    addr = PeerAddr(random_id(), HOST, 9)  # never dialled: the fake connect answers
     config = FetchConfig(hedge_floor=0.05, hedge_factor=1.0, stall_timeout=60.0,
                          default_timeout=60.0, swarm_jitter=0)
 
-    async def connect(*args, **kwargs) -> FakeSeed:
-        return seed
-
     async def test(nursery: trio.Nursery) -> None:
-        async with Fetcher(NodeIdentity.generate(), *new_drive(), lambda: [addr],
-                           connect=connect, config=config) as f:
+        async with fetcher_of(seed, config) as f:
             async with trio.open_nursery() as waits:
                 waits.start_soon(functools.partial(f.fetch, bid, Priority.READAHEAD))
                 await wait_for(lambda: bid in f._requests and f._requests[bid].parked,
@@ -370,14 +376,9 @@ def test_reads_are_never_held_up_by_lazier_work_at_a_peer() -> None:
     config = FetchConfig(max_in_flight_per_peer=6, foreground_reserve=2, hedge_floor=60.0,
                          stall_timeout=60.0, default_timeout=60.0, swarm_jitter=0)
     seed = FakeSeed(b"x" * 4096, reads_wait=True)
-    addr = PeerAddr(random_id(), HOST, 9)  # never dialled: the fake connect answers
-
-    async def connect(*args, **kwargs) -> FakeSeed:
-        return seed
 
     async def test(nursery: trio.Nursery) -> None:
-        async with Fetcher(NodeIdentity.generate(), *new_drive(), lambda: [addr],
-                           connect=connect, config=config) as f:
+        async with fetcher_of(seed, config) as f:
             async with trio.open_nursery() as waits:
                 for _ in range(10):
                     waits.start_soon(functools.partial(f.fetch, random_id(),
