@@ -467,6 +467,10 @@ class Bench:
 
     def serve_bytes_sent(self) -> int:
         """Bytes of blocks the publisher's serve has sent so far (its status snapshot)."""
+        return int(self.serve_counters()["bytes_served"])
+
+    def serve_counters(self) -> dict:
+        """The publisher's serve's server counters now (its status snapshot's "server")."""
         assert self._serve is not None
         pid = self._serve[0].pid
         path = self.publisher_home / "run" / f"{pid}.json"
@@ -476,7 +480,7 @@ class Bench:
             with contextlib.suppress(OSError, ValueError):
                 snap = json.loads(path.read_text())
                 if snap.get("time", 0) > after:
-                    return int(snap["server"]["bytes_served"])
+                    return dict(snap["server"])
             time.sleep(0.1)
         raise BenchError(f"the publisher's serve wrote no status snapshot to {path}")
 

@@ -6,9 +6,10 @@ Publishes a file of random bytes (scripts/bench.py's data and helpers), then
 reads it with `cat` through a fresh reader mount with an empty cache (cold:
 every block from the publisher over TLS on loopback), then `--hot` more
 times through fresh mounts of the same reader home (every block in its
-store), the page cache dropped before each read. Prints MB/s and the mount
-process's CPU seconds (user + system, from /proc/PID/stat) per read: on a
-shared machine the CPU per byte is the steadier figure. With `--py-spy`,
+store), the page cache dropped before each read. Prints MB/s, the mount
+process's CPU seconds (user + system, from /proc/PID/stat) and the blocks
+the publisher was asked for (and how many WantRun frames carried them) per
+read: on a shared machine the CPU per byte is the steadier figure. With `--py-spy`,
 each read is profiled (`py-spy record --threads -f raw`) into
 read-lab-<n>.txt in the current directory. With `--mirror`, the cold read
 goes through an HTTP mirror instead (`peerdrive mirror` of the drive on
@@ -47,6 +48,14 @@ def _mirror(bench: B.Bench, link: str) -> str:
     return f"http://127.0.0.1:{port}/{mirror.name}"
 
 
+def _asked_of_publisher(bench: B.Bench) -> tuple[int, int]:
+    """(wants, want_run frames) the publisher's serve has received so far (0, 0 with none)."""
+    if bench._serve is None:
+        return 0, 0
+    server = bench.serve_counters()
+    return int(server.get("wants_received", 0)), int(server.get("runs_received", 0))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="128M", help="file size (default 128M)")
@@ -82,6 +91,7 @@ def main() -> int:
                          "-f", "raw", "--threads", "-r", "200", "--nonblocking"],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     time.sleep(1)
+                asked = _asked_of_publisher(bench)
                 before = _cpu_ticks(m.pid)
                 started = time.perf_counter()
                 B.cat_to_null(m.path / big.name)
@@ -91,8 +101,10 @@ def main() -> int:
                     spy.send_signal(2)
                     spy.wait()
                 what = "cold" if n == 0 else f"hot {n}"
+                wants, runs = (a - b for a, b in zip(_asked_of_publisher(bench), asked, strict=True))
                 print(f"{what}: {size / took / 1e6:.0f} MB/s, mount CPU {cpu:.2f} s, "
-                      f"load average {os.getloadavg()[0]:.1f}", flush=True)
+                      f"load average {os.getloadavg()[0]:.1f}; publisher asked for {wants} "
+                      f"blocks in {runs} want_run frames and single wants", flush=True)
     return 0
 
 
