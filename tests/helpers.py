@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterator
@@ -69,8 +70,28 @@ def peerdrive(
         raise AssertionError(
             f"peerdrive {' '.join(args)} exited {proc.returncode}\n"
             f"stdout: {proc.stdout}\nstderr: {proc.stderr}"
+            f"{logs_named_in(proc.stderr, home if args[:1] == ('mount',) else None)}"
         )
     return proc
+
+
+def logs_named_in(stderr: str, home: Path | None = None, lines: int = 80) -> str:
+    """The tails of the log files an error names ("see .../mount-ID.log") and, with
+    `home`, of its mount logs: a failed background mount's reason is only in its log,
+    which is gone with the test's tmp dir once the run ends."""
+    paths = [Path(p) for p in re.findall(r"see (/\S+\.log)", stderr)]
+    if home is not None:
+        paths += sorted((home / "logs").glob("mount-*.log"))
+    out = []
+    for path in dict.fromkeys(paths):
+        try:
+            text = path.read_text(errors="replace")
+        except OSError as exc:
+            out.append(f"\n--- {path}: unreadable ({exc}) ---")
+            continue
+        tail = "\n".join(text.splitlines()[-lines:])
+        out.append(f"\n--- last {lines} lines of {path} ---\n{tail}")
+    return "".join(out)
 
 
 def publish(home: Path, folder: Path) -> dict:
