@@ -167,6 +167,7 @@ def test_pin_unpin_evict_errors_say_what_to_do(monkeypatch, tmp_path: Path) -> N
 
     monkeypatch.setattr(os, "setxattr", setxattr)
     monkeypatch.setattr(os, "getxattr", getxattr)
+    monkeypatch.setattr(flags, "require_in_mount", lambda path: None)  # tmp_path plays a mount
     with pytest.raises(errors.NoSpaceError, match="full"):
         flags.pin(tmp_path)
     answers["pinned"] = errno.EINVAL

@@ -418,6 +418,24 @@ def test_unpin_below_a_pinned_folder_is_refused_with_the_reason(tmp_path: Path,
         assert xattr(child, "pinned") == "0"
 
 
+@pytest.mark.parametrize("command", [["pin", "--no-wait"], ["pin"], ["unpin"], ["evict"]])
+def test_a_path_outside_any_mount_is_refused_and_its_xattrs_untouched(tmp_path: Path,
+                                                                      node_home,
+                                                                      command) -> None:
+    """Before: `pin --no-wait DIR` on a plain folder exited 0, printed "pinned DIR: None,
+    0 B of 0 B" and left user.peerdrive.pinned on it (ext4 and tmpfs store any user.
+    attribute)."""
+    folder = tmp_path / "plain" / "folder"
+    folder.mkdir(parents=True)
+    (folder / "f.txt").write_text("x\n")
+    for path in (folder, folder / "f.txt"):
+        res = peerdrive(node_home(), *command, str(path), check=False, timeout=60)
+        assert res.returncode == 2, (res.stdout, res.stderr)  # a usage error
+        assert f"{path} is not inside a peerdrive mount" in res.stderr
+        assert res.stdout == ""
+        assert os.listxattr(path) == []
+
+
 def wait_for(predicate, timeout: float = 30.0) -> bool:
     """Poll `predicate` until it holds; False if `timeout` seconds pass first."""
     deadline = time.monotonic() + timeout
