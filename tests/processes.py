@@ -56,3 +56,17 @@ def stop_pid(pid: int, proc: subprocess.Popen | None = None, timeout: float = 10
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         wait_exit(pid, proc, timeout)
+
+
+def where_blocked(pid: int) -> str:
+    """Where process `pid` waits in the kernel (state, wchan, kernel stack as root): for a
+    failure message, so a hang in a FUSE request shows as one (request_wait_answer)."""
+    out = [f"pid {pid}:"]
+    for name in ("status", "wchan", "stack"):
+        with contextlib.suppress(OSError):
+            text = Path(f"/proc/{pid}/{name}").read_text(errors="replace")
+            if name == "status":
+                text = next((line for line in text.splitlines() if line.startswith("State")),
+                            "")
+            out.append(f"  {name}: {text.strip()}")
+    return "\n".join(out)

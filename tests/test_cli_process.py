@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from cache.store import BlockStore
 from tests.helpers import PYTHON, ROOT, digest, env_for, is_mounted, peerdrive, publish
 from tests.inprocess import publish_folder, wrong_key_chunks
 from tests.pin_helpers import MiB, Nodes, open_store, status, xattr
-from tests.processes import stop_pid, wait_exit
+from tests.processes import stop_pid, wait_exit, where_blocked
 from tests.swarm_helpers import node_id_of
 from vfs.capability import WriteCap, parse_link
 from vfs.home import Home
@@ -352,8 +353,13 @@ def reader_of_a_seeder(tmp_path: Path, node_home, *extra: str):
     link = publish(pub, src)["read_link"]
     with Nodes(tmp_path) as nodes:
         seeder = nodes.serve("pub", pub)
-        yield src, reader, seeder, nodes.mount(reader, link, tmp_path / "mnt", "--bootstrap",
-                                               seeder.addr, *extra)
+        m = nodes.mount(reader, link, tmp_path / "mnt", "--bootstrap", seeder.addr, *extra)
+        try:
+            yield src, reader, seeder, m
+        except BaseException:  # the mount's and the seeder's logs go with the tmp dir
+            with contextlib.suppress(Exception):
+                print(f"{where_blocked(m.pid)}\n{nodes.diagnostics()}", file=sys.stderr)
+            raise
 
 
 def test_interrupted_pin_exits_130_and_the_pin_stays(tmp_path: Path, node_home) -> None:
@@ -364,7 +370,11 @@ def test_interrupted_pin_exits_130_and_the_pin_stays(tmp_path: Path, node_home) 
         try:
             assert wait_for(lambda: xattr(m.path / "folder", "pinned") == "1")
             proc.send_signal(signal.SIGINT)
-            _, err = proc.communicate(timeout=30)
+            try:
+                _, err = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"pin did not end 30 s after SIGINT\n"
+                                     f"{where_blocked(proc.pid)}") from None
             assert proc.returncode == 130 and "interrupted" in err
         finally:
             if proc.poll() is None:
