@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,14 @@ from hypothesis import settings
 # still caught by pytest-timeout.
 settings.register_profile("peerdrive", deadline=None)
 settings.load_profile("peerdrive")
+
+# A suite started as a background job of a non-interactive shell (`cmd &`, some CI
+# runners) inherits SIGINT ignored, every process it starts too, and Python keeps an
+# ignored SIGINT ignored: `peerdrive pin` then sleeps through the SIGINT a test sends
+# it (test_interrupted_pin_exits_130_and_the_pin_stays hung so). Ctrl-C's usual
+# handling here gives every child the default disposition back on exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
