@@ -174,9 +174,11 @@ def test_every_byte_change_of_the_wire_is_refused() -> None:
 @given(st.data())
 def test_random_byte_changes_are_refused(data: st.DataObject) -> None:
     wire = make_head(CAP, 2, root_entry(), LIST, created=1).wire
-    i = data.draw(st.integers(0, len(wire) - 1))
-    v = data.draw(st.integers(0, 255).filter(lambda x: x != wire[i]))
-    bad = wire[:i] + bytes([v]) + wire[i + 1:]
+    # every head's wire differs (fresh nonces), so what is drawn must not depend on it:
+    # a filter on wire[i] made hypothesis see different draws for one example
+    i = data.draw(st.integers(0, 1 << 16)) % len(wire)
+    delta = data.draw(st.integers(1, 255))
+    bad = wire[:i] + bytes([wire[i] ^ delta]) + wire[i + 1:]
     cap = data.draw(st.sampled_from([CAP, CAP.read_cap(), CAP.read_cap().store_cap()]))
     with pytest.raises((IntegrityError, FormatError)):
         open_head(bad, cap)
