@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -53,7 +54,7 @@ class BoundedNodeHeap(NodeHeap):
         self._ids = {n.id for _, n in self.heap}
 
 
-class _BoundedCrawl:
+class _BoundedCrawl(ABC):
     """An iterative lookup of at most MAX_CRAWL_ROUNDS rounds (the package's recursed unbounded).
 
     Each round asks alpha uncontacted nodes among the k nearest known (all of
@@ -84,10 +85,10 @@ class _BoundedCrawl:
             results = await asyncio.gather(*(rpcmethod(peer, self.node) for peer in asked))  # type: ignore[attr-defined]
             self._take(dict(zip((p.id for p in asked), results, strict=True)))
 
+    @abstractmethod
     def _take(self, responses: dict[bytes, Any]) -> None:
         """Fold one round's answers into the crawl: the hook each crawl defines
         (CheckedNodeSpiderCrawl: verified contacts; RecordSpiderCrawl: records too)."""
-        raise NotImplementedError("a crawl class defines how it takes a round's answers")
 
     def _drop_peer(self, peerid: bytes, answered: bool, toremove: list[bytes]) -> None:
         """A peer that did not answer leaves this lookup; one that answered garbage also
