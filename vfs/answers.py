@@ -135,14 +135,19 @@ class Answers:
     def names(self) -> tuple[str, ...]:
         return xattrs.LISTED
 
-    async def get(self, path: list[bytes], entry: Entry, name: str) -> bytes | None:
-        """The value of `user.peerdrive.<name>` on `path`, or None if there is no such name."""
+    def pin_value(self, path: list[bytes], name: str) -> bytes | None:
+        """`pinned` or `progress` of `path`: the pins' own answer, the same for a
+        published entry and for a path with unpublished changes."""
         pins = self.drive.pins
         if name == xattrs.PINNED:
             return xattrs.encode_flag(pins is not None and pins.is_pinned(path))
-        if name == xattrs.PROGRESS:
-            progress = pins.progress_of(path) if pins is not None else None
-            return progress.encode() if progress is not None else None
+        progress = pins.progress_of(path) if pins is not None else None
+        return progress.encode() if progress is not None else None
+
+    async def get(self, path: list[bytes], entry: Entry, name: str) -> bytes | None:
+        """The value of `user.peerdrive.<name>` on `path`, or None if there is no such name."""
+        if name in (xattrs.PINNED, xattrs.PROGRESS):
+            return self.pin_value(path, name)
         if name == xattrs.COPIES:
             return xattrs.encode_int(await self.copies(path, entry))
         if name == xattrs.VERSIONS:

@@ -1101,13 +1101,8 @@ class WritableOperations(DriveOperations):
     async def _unpublished_value(self, node: WNode, short: str) -> bytes | None:
         """A status answer for a node with unpublished changes: from this device alone
         (no peer holds bytes that were never published)."""
-        pins = self.drive.pins
-        path = self.tree.path_of(node)
-        if short == xattrs.PINNED:
-            return xattrs.encode_flag(pins is not None and pins.is_pinned(path))
-        if short == xattrs.PROGRESS:
-            progress = pins.progress_of(path) if pins is not None else None
-            return progress.encode() if progress is not None else None
+        if short in (xattrs.PINNED, xattrs.PROGRESS):
+            return self.drive.answers.pin_value(self.tree.path_of(node), short)
         if short == xattrs.VERSIONS:
             return await self.drive.answers.versions() if node is self.tree.root else None
         if short not in (xattrs.STATE, xattrs.CACHED, xattrs.SIZE, xattrs.COPIES):
