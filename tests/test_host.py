@@ -249,8 +249,16 @@ def test_publish_waits_for_copies_pushed_to_a_host(tmp_path: Path) -> None:
         v3 = json.loads(out.stdout)
         assert v3["copies"] >= 1 and time.monotonic() - started < 90
         # the pushing serve lives on: its drive's provider list, re-read within about 10 s
-        # once copies are counted, now includes the host it pushes to
-        time.sleep(12)
+        # once copies are counted, now includes the host it pushes to (a re-read that
+        # cannot take the push target's address killed the serve: wait for the list to
+        # hold the host, or for the serve to die, then require it alive)
+        def host_listed() -> bool:
+            if not publisher.alive():
+                return True
+            drive = publisher.snapshot(after=time.time())["drives"].get(v1["drive"], {})
+            return any(p["node_id"] == host.node_id for p in drive.get("peers", ()))
+
+        assert wait_until(host_listed, 60), publisher.snapshot() if publisher.alive() else ""
         assert publisher.alive(), publisher.log_tail()
         snap = publisher.snapshot(after=time.time())
         assert [p["connected"] for p in snap["pushes"]] == [True]
