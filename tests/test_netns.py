@@ -28,7 +28,8 @@ from tests.netns_helpers import Host, Lab, Mount, netns_unavailable_reason
 pytestmark = [pytest.mark.netns, pytest.mark.fuse, pytest.mark.timeout(240)]
 
 RATE_MBIT = 40  # R: each seeder's egress cap
-FILE_MIB = 64  # about 14 s at R from one seeder
+FILE_MIB = 64  # the benchmark's file: about 14 s at R from one seeder
+TEST_FILE_MIB = 24  # the test's: every seeder still serves ~100 blocks' worth, in ~5 s at R
 MIN_RATIO = 2.4  # the goal `scripts/bench --swarm` checks: three seeders at R give >= this R
 
 
@@ -59,19 +60,21 @@ def test_three_capped_seeders_all_serve_one_reader(labs_possible, tmp_path: Path
     How much faster three seeders make it (the goal: at least MIN_RATIO times
     the cap) is a benchmark, not a test: `scripts/bench --swarm`.
     """
-    three_seeders(tmp_path)
+    three_seeders(tmp_path, TEST_FILE_MIB)
 
 
-def three_seeders(tmp_path: Path) -> dict:
+def three_seeders(tmp_path: Path, file_mib: int = FILE_MIB) -> dict:
     """One file read from one, two, then three seeders capped at RATE_MBIT; the figures.
 
     Asserts what must happen whatever the machine's speed (right bytes, every
-    seeder used); `scripts/bench --swarm` checks the speed against MIN_RATIO.
+    seeder used); `scripts/bench --swarm` checks the speed against MIN_RATIO
+    on the full FILE_MIB (the test reads a smaller file: the same checks, and
+    its one-seeder phase, paced by the cap, no longer takes 14 s of the suite).
     """
     rate = RATE_MBIT * 1e6 / 8  # bytes per second on the wire
     src = tmp_path / "src"
     src.mkdir()
-    want = write_random(src / "big.bin", FILE_MIB << 20)
+    want = write_random(src / "big.bin", file_mib << 20)
     with Lab(tmp_path, 4) as lab:
         h1, h2, h3, h4 = lab.hosts
         info = h1.publish(src)
@@ -83,7 +86,7 @@ def three_seeders(tmp_path: Path) -> dict:
         # one seeder: h2 reads from the publisher alone, and so caches the whole drive
         m2 = h2.mount(info["read_link"], tmp_path / "mnt-h2", *join)
         one = m2.read("big.bin")
-        assert one["sha256"] == want and one["bytes"] == FILE_MIB << 20
+        assert one["sha256"] == want and one["bytes"] == file_mib << 20
         # two seeders: h3 reads from h1 and h2, and caches it too
         m3 = h3.mount(info["read_link"], tmp_path / "mnt-h3", *join)
         two = m3.read("big.bin")
