@@ -23,6 +23,7 @@ from vfs.crypto import (
     block_id_of,
     chunk_key,
     decrypt_block,
+    decrypt_checked_block,
     encrypt_chunk,
 )
 from vfs.errors import FormatError, IntegrityError
@@ -215,3 +216,40 @@ def test_empty_chunk() -> None:
     assert len(ciphertext) == TAG_LEN and ref.length == 0
     assert decrypt_block(KEY, ref, ciphertext) == b""
     assert encrypt_chunk(OTHER_KEY, b"")[1] != ciphertext
+
+
+@settings(max_examples=200)
+@given(keys, st.binary(max_size=2048), st.data())
+def test_checked_decrypt_of_a_changed_block_gives_the_chunk_or_fails(
+    read_key: bytes, chunk: bytes, data: st.DataObject
+) -> None:
+    """`decrypt_checked_block` (the read path: the ciphertext's id was checked on its way
+    in) skips the plaintext hash; any later change of the bytes, of any length, is
+    still refused by the GCM tag, and a view into a larger buffer reads in place."""
+    ref, ciphertext = encrypt_chunk(read_key, chunk)
+    padded = b"ab" + ciphertext + b"cd"
+    assert decrypt_checked_block(read_key, ref, memoryview(padded)[2:-2]) == chunk
+    tampered = data.draw(st.one_of(
+        st.binary(max_size=len(ciphertext) + 4),
+        st.builds(lambda i, d: ciphertext[:i] + bytes([ciphertext[i] ^ d]) + ciphertext[i + 1:],
+                  st.integers(0, len(ciphertext) - 1), st.integers(1, 255)),
+    ))
+    try:
+        plain = decrypt_checked_block(read_key, ref, memoryview(tampered))
+    except IntegrityError:
+        return
+    assert plain == chunk and tampered == ciphertext
+
+
+def test_checked_decrypt_trusts_the_id_check_for_what_the_tag_cannot_tell() -> None:
+    """The one difference from `decrypt_block`: a block sealed under the right key but
+    holding other bytes than its ref's hash names. Only a holder of the read key can
+    make it, and its id is its own SHA-256, so a reader meets it only where the signed
+    tree names that id: the publisher's own content (docs/security.md)."""
+    real, forged = b"real content", b"fake content"
+    h = hashlib.sha256(real).digest()
+    ciphertext = AESGCM(chunk_key(KEY, h)).encrypt(bytes(12), forged, None)
+    ref = Ref(block_id_of(ciphertext), h, len(real))
+    assert decrypt_checked_block(KEY, ref, ciphertext) == forged
+    with pytest.raises(IntegrityError, match="wrong content"):
+        decrypt_block(KEY, ref, ciphertext)
