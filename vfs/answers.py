@@ -219,3 +219,4 @@ class Answers:
         await drive.blocks.evict(ids)
         drive.figures.removed(ids, dirs)
         drive.figures.noted()
+        drive.memory.freed(len(ids))

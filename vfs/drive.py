@@ -27,6 +27,7 @@ from .errors import BlockUnavailable, FormatError, PeerdriveError
 from .figures import Figures
 from .formats import Entry
 from .head import Head
+from .memory import Releaser
 from .storage import DriveStorage
 from .tree import ChunkMap, Tree
 
@@ -91,6 +92,9 @@ class Drive:
         self._nursery: trio.Nursery | None = None
         self._lists_prefetched: set[bytes] = set()  # directory nodes already looked through
         self.pins: Pins | None = None
+        # told what large frees free (inodes forgotten, evicts, summaries dropped): gives
+        # the heap's free pages back to the system (vfs/memory.py)
+        self.memory = Releaser()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the background work of the mount (readahead) until cancelled."""
@@ -102,6 +106,7 @@ class Drive:
             await nursery.start(self.blocks.workers.run)
             await nursery.start(self.blocks.run_store_writer)
             await nursery.start(self.pins.run)
+            await nursery.start(self.memory.run)
             nursery.start_soon(self._warm_up)
             task_status.started()
             self.figures.noted()

@@ -439,6 +439,7 @@ class DriveOperations(pyfuse3.Operations):
                 return entry, version
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        gone = 0
         for ino, n in inode_list:
             node = self.inodes.get(ino)
             if node is None or ino == pyfuse3.ROOT_INODE:
@@ -446,10 +447,12 @@ class DriveOperations(pyfuse3.Operations):
             node.lookups -= n
             if node.lookups <= 0:
                 del self.inodes[ino]
+                gone += 1
                 if node.asked:
                     self._asked -= 1
                 if self.by_name.get((node.parent, node.name)) == ino:
                     del self.by_name[(node.parent, node.name)]
+        self.drive.memory.freed(gone)  # a trim gives the heap back once enough went
 
     @fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -789,6 +792,7 @@ class DriveOperations(pyfuse3.Operations):
                     pyfuse3.invalidate_entry(parent, name)
 
         await trio.to_thread.run_sync(notify)
+        self.drive.memory.freed(len(data_changed))  # the older version's entries went
 
 
 # ----------------------------------------------------------------------------- writable

@@ -26,6 +26,7 @@ from .head import Head
 from .head_follower import HeadFollower
 from .home import Home
 from .host import HostManager
+from .memory import limit_arenas
 from .merge import device_name
 from .mount import check_mountpoint, report_ready, serve_fuse
 from .network import HEAD_POLL_INTERVAL, NetworkNode, parse_hostport
@@ -66,6 +67,7 @@ def network_for(home: Home, store: BlockStore, opts: ResolvedNodeOptions) -> Net
 
 
 def run_mount_foreground(home: Home, cap: ReadCap, mountpoint: Path, opts: MountOptions) -> None:
+    limit_arenas()  # before any worker thread: see vfs/memory.py
     # held while this process lives: a second mount of this path from this home is refused
     with home.mount_lock(mountpoint):
         check_mountpoint(mountpoint, opts.nonempty)
@@ -197,6 +199,7 @@ def run_serve(home: Home, opts: ServeOptions, on_ready,
               ) -> None:
     """Serve every drive of this node until a signal; `also(net, storage)` runs beside
     (`publish --watch`), and the node stops if it fails."""
+    limit_arenas()  # before any worker thread: see vfs/memory.py
     node_opts = opts.resolve(home.config(), SERVE_LISTEN)
     for target in node_opts.push:
         parse_push_target(target)  # a mistyped target is an error now, not a log line later

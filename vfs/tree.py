@@ -36,8 +36,11 @@ from .formats import (
     decode_dir_node,
 )
 
-# Decoded directory nodes kept, at most (by encoded plaintext bytes: decoded, about 4x).
-NODE_CACHE_BYTES = 8 * 1024 * 1024
+# Decoded directory nodes kept, at most, by encoded plaintext bytes: decoded they weigh
+# about 4.5x that (tracemalloc: 470 bytes an entry of a small file), so 2 MiB is ~9 MB of
+# objects, ~200 folders of 100 files: what a walk, a listing and its lookups use at
+# once; 8 MiB held ~37 MB for nothing a walk comes back to.
+NODE_CACHE_BYTES = 2 * 1024 * 1024
 NODE_CACHE_COUNT = 4096
 # Distinct node blocks of one directory's node tree, at most.
 MAX_NODES_PER_DIR = 65536

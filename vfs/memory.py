@@ -1,0 +1,105 @@
+"""Giving freed memory back to the system: what a long-running mount frees, it returns.
+
+A mount of a large drive allocates in waves: a `find` makes an inode per
+name, the kernel forgets them later; a pin or an evict of a big folder goes
+through every directory's summary; a new version replaces entries. Python
+frees the objects, but glibc keeps the freed chunks in its heaps (the main
+one and one per worker thread) for reuse, so the resident set stays at the
+high-water mark long after the work is done: measured on a mount of 10^5
+files, about 95 MB of live Python objects against 240 MB anonymous RSS.
+
+Two things bound that, both in this process (a user sets nothing):
+
+- `limit_arenas`: glibc gives each thread that calls malloc while the
+  others hold theirs an arena of its own (up to 8 per core), and memory
+  freed in one is never reused by another. Our worker threads (hashing,
+  decrypting, store transactions) are short calls; two arenas are plenty.
+- `Releaser`: the places that free a lot at once (the kernel forgetting
+  inodes, an evict, a version switch, summaries dropped) say how much they
+  freed; once enough has been freed since the last time, `malloc_trim(0)`
+  hands the free pages of every heap back (it also releases pages inside a
+  heap, not only at its top). It runs in a worker thread, at most once per
+  `MIN_INTERVAL` seconds, so a burst of frees costs one trim.
+
+Neither changes what the process computes; on a C library without these
+calls (not glibc) both do nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+import trio
+
+log = logging.getLogger(__name__)
+
+# mallopt's parameter number for the most arenas glibc makes (malloc.h: M_ARENA_MAX)
+M_ARENA_MAX = -8
+ARENAS = 2
+# Freed items (inodes, blocks, summaries) after which a trim is worth its cost.
+TRIM_AFTER = 4096
+# Seconds between two trims at least: a trim walks every heap (a few ms per 100 MB).
+MIN_INTERVAL = 5.0
+
+
+def _glibc():
+    """glibc's handle, or None when the C library is another one (musl has no trim)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+    except OSError:
+        return None
+    if not hasattr(libc, "malloc_trim") or not hasattr(libc, "mallopt"):
+        return None
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return libc
+
+
+_LIBC = _glibc()
+
+
+def limit_arenas(arenas: int = ARENAS) -> bool:
+    """At most `arenas` malloc arenas in this process (call before threads start)."""
+    return _LIBC is not None and _LIBC.mallopt(M_ARENA_MAX, arenas) == 1
+
+
+def trim() -> bool:
+    """Return the free pages of every malloc heap to the system; whether any were."""
+    return _LIBC is not None and _LIBC.malloc_trim(0) == 1
+
+
+class Releaser:
+    """Trims the heaps once enough has been freed: `freed(n)` from wherever memory goes."""
+
+    def __init__(self, after: int = TRIM_AFTER, min_interval: float = MIN_INTERVAL) -> None:
+        self.after = after
+        self.min_interval = min_interval
+        self.pending = 0  # items freed since the last trim
+        self.trims = 0  # trims done (what the tests look at)
+        self._due = trio.Event()
+
+    def freed(self, n: int) -> None:
+        """`n` items (inodes, blocks, summaries) were just let go."""
+        if n <= 0:
+            return
+        self.pending += n
+        if self.pending >= self.after:
+            self._due.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        task_status.started()
+        while True:
+            await self._due.wait()
+            self._due = trio.Event()
+            self.pending = 0
+            await trio.to_thread.run_sync(trim)
+            self.trims += 1
+            await trio.sleep(self.min_interval)
+            if self.pending >= self.after:
+                self._due.set()
