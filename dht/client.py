@@ -1,16 +1,17 @@
 """The peer client: one connection to one peer for one drive, with pipelined requests.
 
 `PeerConnection.connect` / `open` dial a peer (dial.py: TCP, TLS pinned to the
-node id we meant to reach, handshake.py's `ClientHandshake`); then three tasks
-run per connection:
+node id we meant to reach, handshake.py's `ClientHandshake`); then per connection
+a writer and a reader task run, and a receive thread:
 
 - the writer sends everything queued so far in one write (Want, Cancel, Have,
   Ping, Pong), so a sequential reader's readahead is one TLS record;
+- the receive thread (receiver.py) reads the socket, decrypts, decodes
+  frames and hashes blocks off the event loop, handing finished messages
+  over in batches (one wake-up per socket read, however many blocks);
 - the reader routes each answer to the request awaiting it, by request id
   (Block/NotFound to a Want, HaveReply to a Have, Pong to a Ping), and takes
-  Notice, Holding, Fetching, Whole, Ping and Goodbye as they come;
-- the verifier hashes large blocks in worker threads, a batch per thread call,
-  so the reader goes straight back to the socket.
+  Notice, Holding, Fetching, Whole, Ping and Goodbye as they come.
 
 Rules: every block is checked against its id (a mismatch closes the
 connection: the peer lied); at most the server's `max_wants` wants are
@@ -21,7 +22,6 @@ with the reason. Every request waits on one `PendingReply`.
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -65,6 +65,7 @@ from .frames import (
 )
 from .handshake import DRIVE_SECRET_LEN
 from .identity import NodeIdentity
+from .receiver import ReceiveThread
 from .streams import (
     GOODBYE_GRACE,
     HANDSHAKE_TIMEOUT,
@@ -79,7 +80,6 @@ OnNotice = Callable[[bytes, bytes], None]
 MAX_HAVES_IN_FLIGHT = 16  # Have requests one client connection keeps outstanding
 MAX_HOLDING_REMEMBERED = 65536  # block ids a client remembers a server announced (Holding)
 MAX_FETCHING_REMEMBERED = 4096  # ... said it is fetching (Fetching), not yet holding
-HASH_IN_THREAD_MIN = 64 * 1024  # hash blocks at least this big off the event loop
 
 T = TypeVar("T")
 
@@ -147,10 +147,6 @@ class RunOfWants:
 OnRunResult = Callable[[int, "bytes | None", "DhtError | None"], None]
 
 
-def _sha256_each(blocks: list[bytes]) -> list[bytes]:
-    return [hashlib.sha256(b).digest() for b in blocks]
-
-
 @dataclass
 class ConnectionStats:
     """Counters for one PeerConnection."""
@@ -201,13 +197,11 @@ class PeerConnection:
         self._next_id = secrets.randbelow(MAX_REQ_ID + 1)
         self._outgoing: deque[Message] = deque()
         self._wake = trio.Event()
-        # large blocks received and waiting for their hash check (see _verifier)
-        self._unverified: deque[tuple[PendingReply[bytes], bytes]] = deque()
-        self._unverified_added = trio.Event()
         self._error: DhtError | None = None
         self._scope: trio.CancelScope | None = None
         self._finished = trio.Event()
         self._send_goodbye = False
+        self._receiver: ReceiveThread | None = None  # its receive thread, once running
         self._pongs_queued = 0  # answers to the peer's pings not yet written (bounded)
         # blocks the server announced (Holding), oldest first; a bounded set
         self.holding: OrderedDict[bytes, None] = OrderedDict()
@@ -493,21 +487,21 @@ class PeerConnection:
         try:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
+                receiver = self._receiver = ReceiveThread(
+                    self._frames.stream, self._frames.hand_decoder_over(), str(self.addr))
                 nursery.start_soon(self._writer)
-                nursery.start_soon(self._reader)
-                nursery.start_soon(self._verifier)
+                await nursery.start(receiver.run)
+                nursery.start_soon(self._reader, receiver)
                 task_status.started()
         finally:
             if self._error is None:
                 self._error = PeerGoneError(f"connection to {self.addr} ended")
             waiting: list[PendingReply[Any]] = [
-                *self._pending.values(), *(p for p, _ in self._unverified),
-                *self._haves.values(), *self._pings.values()]
+                *self._pending.values(), *self._haves.values(), *self._pings.values()]
             for pending in waiting:
                 pending.fail(self._error)
             for table in (self._pending, self._haves, self._pings):
                 table.clear()
-            self._unverified.clear()
             stream = self._frames.stream
             if self._send_goodbye:
                 with trio.CancelScope(shield=True), trio.move_on_after(GOODBYE_GRACE / 4):
@@ -564,124 +558,99 @@ class PeerConnection:
         except DhtError as exc:
             self._fail(exc)
 
-    async def _reader(self) -> None:
+    async def _reader(self, receiver: ReceiveThread) -> None:
+        """Route what the receive thread hands over, a batch at a time."""
         try:
             while True:
-                msg = await self._frames.receive()
-                if isinstance(msg, Block):
-                    await self._on_block(msg)
-                elif isinstance(msg, NotFound):
-                    pending = self._pending.pop(msg.req_id, None)
-                    if pending is None:
-                        self.stats.unsolicited += 1
-                    else:
-                        self.stats.not_found += 1
-                        pending.fail(BlockNotFound(
-                            f"{self.addr} does not have block {_block_id(pending).hex()}"))
-                elif isinstance(msg, HaveReply):
-                    have = self._haves.pop(msg.req_id, None)
-                    if have is None:
-                        self.stats.unsolicited += 1  # its asker left
-                    else:
-                        try:
-                            flags = unpack_bitmap(msg.bitmap, len(_block_ids(have)))
-                        except FrameError as exc:
-                            error = PeerProtocolError(
-                                f"{self.addr} answered have with a bad bitmap: {exc}; "
-                                "connection dropped"
-                            )
-                            have.fail(error)
-                            raise error from None
-                        have.succeed(flags)
-                elif isinstance(msg, Notice):
-                    if msg.discovery_key != self.discovery_key:
-                        raise PeerProtocolError(f"{self.addr} sent a notice for another drive")
-                    self.stats.notices += 1
-                    if self._on_notice is not None:
-                        self._on_notice(msg.discovery_key, msg.record)
-                elif isinstance(msg, Whole):
-                    self.whole = frozenset(msg.node_ids)
-                elif isinstance(msg, Holding):
-                    self.stats.holdings += 1
-                    holding = self.holding
-                    for block_id in msg.block_ids:
-                        holding[block_id] = None
-                        holding.move_to_end(block_id)
-                        self.fetching.pop(block_id, None)
-                    while len(holding) > MAX_HOLDING_REMEMBERED:
-                        holding.popitem(last=False)
-                elif isinstance(msg, Fetching):
-                    self.stats.fetchings += 1
-                    fetching = self.fetching
-                    for block_id in msg.block_ids:
-                        if block_id not in self.holding:
-                            fetching[block_id] = None
-                            fetching.move_to_end(block_id)
-                    while len(fetching) > MAX_FETCHING_REMEMBERED:
-                        fetching.popitem(last=False)
-                elif isinstance(msg, Ping):
-                    if self._pongs_queued >= MAX_CONTROL_BACKLOG:
-                        raise PeerProtocolError(
-                            f"{self.addr} sends pings faster than it reads the answers; "
-                            "connection dropped"
-                        )
-                    self._pongs_queued += 1
-                    self._send(Pong(msg.token))
-                elif isinstance(msg, Pong):
-                    ping = self._pings.get(msg.token)
-                    if ping is not None:
-                        ping.succeed(None)
-                elif isinstance(msg, Goodbye):
-                    raise PeerGoneError(f"{self.addr} closed the connection: {msg.reason}")
-                else:
-                    raise PeerProtocolError(f"{self.addr} sent an unexpected {msg.TYPE} frame")
+                batch = await receiver.take()
+                for msg, digest in batch.messages:
+                    self._on_message(msg, digest)
+                if batch.error is not None:
+                    raise batch.error
+                if batch.flush:
+                    await self._frames.flush()
         except DhtError as exc:
             self._fail(exc)
 
-    async def _on_block(self, msg: Block) -> None:
+    def _on_message(self, msg: Message, digest: bytes | None) -> None:
+        """One message from the peer; raises DhtError when it ends the connection."""
+        if isinstance(msg, Block):
+            assert digest is not None
+            self._on_block(msg, digest)
+        elif isinstance(msg, NotFound):
+            pending = self._pending.pop(msg.req_id, None)
+            if pending is None:
+                self.stats.unsolicited += 1
+            else:
+                self.stats.not_found += 1
+                pending.fail(BlockNotFound(
+                    f"{self.addr} does not have block {_block_id(pending).hex()}"))
+        elif isinstance(msg, HaveReply):
+            have = self._haves.pop(msg.req_id, None)
+            if have is None:
+                self.stats.unsolicited += 1  # its asker left
+            else:
+                try:
+                    flags = unpack_bitmap(msg.bitmap, len(_block_ids(have)))
+                except FrameError as exc:
+                    error = PeerProtocolError(
+                        f"{self.addr} answered have with a bad bitmap: {exc}; "
+                        "connection dropped"
+                    )
+                    have.fail(error)
+                    raise error from None
+                have.succeed(flags)
+        elif isinstance(msg, Notice):
+            if msg.discovery_key != self.discovery_key:
+                raise PeerProtocolError(f"{self.addr} sent a notice for another drive")
+            self.stats.notices += 1
+            if self._on_notice is not None:
+                self._on_notice(msg.discovery_key, msg.record)
+        elif isinstance(msg, Whole):
+            self.whole = frozenset(msg.node_ids)
+        elif isinstance(msg, Holding):
+            self.stats.holdings += 1
+            holding = self.holding
+            for block_id in msg.block_ids:
+                holding[block_id] = None
+                holding.move_to_end(block_id)
+                self.fetching.pop(block_id, None)
+            while len(holding) > MAX_HOLDING_REMEMBERED:
+                holding.popitem(last=False)
+        elif isinstance(msg, Fetching):
+            self.stats.fetchings += 1
+            fetching = self.fetching
+            for block_id in msg.block_ids:
+                if block_id not in self.holding:
+                    fetching[block_id] = None
+                    fetching.move_to_end(block_id)
+            while len(fetching) > MAX_FETCHING_REMEMBERED:
+                fetching.popitem(last=False)
+        elif isinstance(msg, Ping):
+            if self._pongs_queued >= MAX_CONTROL_BACKLOG:
+                raise PeerProtocolError(
+                    f"{self.addr} sends pings faster than it reads the answers; "
+                    "connection dropped"
+                )
+            self._pongs_queued += 1
+            self._send(Pong(msg.token))
+        elif isinstance(msg, Pong):
+            ping = self._pings.get(msg.token)
+            if ping is not None:
+                ping.succeed(None)
+        elif isinstance(msg, Goodbye):
+            raise PeerGoneError(f"{self.addr} closed the connection: {msg.reason}")
+        else:
+            raise PeerProtocolError(f"{self.addr} sent an unexpected {msg.TYPE} frame")
+
+    def _on_block(self, msg: Block, digest: bytes) -> None:
         pending = self._pending.pop(msg.req_id, None)
         if pending is None:
             self.stats.unsolicited += 1
             return
-        data = msg.data
-        if len(data) < HASH_IN_THREAD_MIN:
-            if hashlib.sha256(data).digest() != _block_id(pending):
-                raise self._bad_block(pending)
-            self._delivered(pending, data)
-        else:
-            # hashed by the verifier: this loop goes straight back to reading the socket
-            self._unverified.append((pending, data))
-            self._unverified_added.set()
-        await trio.lowlevel.checkpoint()
-
-    async def _verifier(self) -> None:
-        """Check large blocks against their ids in worker threads, a batch per thread call.
-
-        Hashing in the reader's own loop would leave the socket unread
-        while a thread hashes each block; queued here, what arrived
-        meanwhile is hashed together in the next call.
-        """
-        batch: list[tuple[PendingReply[bytes], bytes]] = []
-        try:
-            while True:
-                if not self._unverified:
-                    self._unverified_added = trio.Event()
-                    await self._unverified_added.wait()
-                    continue
-                batch = list(self._unverified)
-                self._unverified.clear()
-                digests = await trio.to_thread.run_sync(_sha256_each, [d for _, d in batch])
-                for (pending, data), digest in zip(batch, digests, strict=True):
-                    if digest != _block_id(pending):
-                        raise self._bad_block(pending)
-                    self._delivered(pending, data)
-                batch = []
-        except DhtError as exc:
-            self._fail(exc)
-        finally:
-            # a bad block or the connection's end: what this batch did not deliver fails
-            for pending, _ in batch:
-                pending.fail(self._error or PeerGoneError(f"connection to {self.addr} ended"))
+        if digest != _block_id(pending):
+            raise self._bad_block(pending)
+        self._delivered(pending, msg.data)
 
     def _bad_block(self, pending: PendingReply[bytes]) -> PeerProtocolError:
         pending.fail(BadBlockError(

@@ -88,8 +88,11 @@ class FrameStream:
         self.send_timeout = send_timeout
         self.receive_size = receive_size
         self._decoder = FrameDecoder(max_frame)
+        self._handed_over = False  # a receive thread decodes (hand_decoder_over)
 
     async def receive(self) -> Message:
+        if self._handed_over:
+            raise trio.BusyResourceError("a receive thread reads this connection")
         while True:
             try:
                 msg = self._decoder.next_event()
@@ -110,6 +113,28 @@ class FrameStream:
 
     def set_max_frame(self, max_frame: int) -> None:
         self._decoder.set_max_frame(max_frame)
+
+    def hand_decoder_over(self) -> FrameDecoder:
+        """The decoder, with what it buffered, for a receive thread (receiver.py) that
+        reads this connection from now on: `receive` refuses afterwards."""
+        self._handed_over = True
+        return self._decoder
+
+    async def flush(self) -> None:
+        """Send records the TLS layer wrote on its own (the answer to a key update that
+        a receive thread decrypted); PeerStuckError / PeerGoneError as `send_bytes`."""
+        flush = getattr(self.stream, "flush", None)
+        if flush is None:
+            return
+        try:
+            with trio.fail_after(self.send_timeout):
+                await flush()
+        except trio.TooSlowError:
+            raise PeerStuckError(
+                f"{self.peer} read nothing for {self.send_timeout:g}s; connection dropped"
+            ) from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise PeerGoneError(f"connection to {self.peer} broke: {exc}") from None
 
     async def send(self, msg: Message) -> None:
         await self.send_bytes(encode(msg))

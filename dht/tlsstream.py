@@ -15,11 +15,18 @@ It does only what the peer protocol (and the HTTPS mirror source,
 while another sends (their outgoing TLS bytes are sent under one lock, so
 records never interleave), close_notify on close. An `ssl.SSLError` or a
 connection reset becomes trio.BrokenResourceError, as with trio.SSLStream.
+
+Receiving may instead be handed to a thread (`hand_receiving_to_thread`,
+`decrypt`: dht/receiver.py), which decrypts while trio sends. OpenSSL must
+not run one connection's read and write at once, so every call on the TLS
+object and its memory BIOs holds `_tls_lock` (a threading lock held for one
+record's decryption at most; uncontended when no thread receives).
 """
 
 from __future__ import annotations
 
 import ssl
+import threading
 
 import trio
 
@@ -40,6 +47,8 @@ class TlsStream(trio.abc.Stream):
         self._ssl = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
                                      server_hostname=server_hostname)
         self._send_lock = trio.Lock()
+        self._tls_lock = threading.Lock()  # the TLS object and its BIOs (see the module's rules)
+        self._thread_receives = False  # receiving was handed to a thread: receive_some refuses
         # decrypted bytes a caller's max_bytes left for the next receive, from _plain_at on
         self._plain = b""
         self._plain_at = 0
@@ -50,7 +59,8 @@ class TlsStream(trio.abc.Stream):
     # -- inspection --------------------------------------------------------------------
 
     def getpeercert(self, binary_form: bool = False):  # type: ignore[no-untyped-def]
-        return self._ssl.getpeercert(binary_form)
+        with self._tls_lock:
+            return self._ssl.getpeercert(binary_form)
 
     # -- the TLS object -------------------------------------------------------------------
 
@@ -71,7 +81,8 @@ class TlsStream(trio.abc.Stream):
         if not self._outgoing.pending:
             return
         async with self._send_lock:
-            data = self._outgoing.read()
+            with self._tls_lock:
+                data = self._outgoing.read()
             if data:
                 await self.transport.send_all(data)
 
@@ -79,9 +90,11 @@ class TlsStream(trio.abc.Stream):
         """Feed the TLS object what the socket has; False at the socket's end."""
         data = await self.transport.receive_some(SOCKET_READ)
         if not data:
-            self._incoming.write_eof()
+            with self._tls_lock:
+                self._incoming.write_eof()
             return False
-        self._incoming.write(data)
+        with self._tls_lock:
+            self._incoming.write(data)
         return True
 
     # -- trio.abc.Stream ------------------------------------------------------------------
@@ -90,7 +103,8 @@ class TlsStream(trio.abc.Stream):
         self._check()
         while True:
             try:
-                self._ssl.do_handshake()
+                with self._tls_lock:
+                    self._ssl.do_handshake()
             except ssl.SSLWantReadError:
                 await self._flush()
                 if not await self._fill():
@@ -105,7 +119,8 @@ class TlsStream(trio.abc.Stream):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         self._check()
         try:
-            self._ssl.write(data)
+            with self._tls_lock:
+                self._ssl.write(data)
         except ssl.SSLError as exc:
             raise self._fail(exc) from exc
         await self._flush()
@@ -123,7 +138,7 @@ class TlsStream(trio.abc.Stream):
         self._check()
         if max_bytes is not None and (type(max_bytes) is not int or max_bytes < 1):
             raise ValueError("max_bytes must be a positive integer")
-        if self._receiving:
+        if self._receiving or self._thread_receives:
             raise trio.BusyResourceError("another task is already receiving")
         self._receiving = True
         try:
@@ -152,7 +167,8 @@ class TlsStream(trio.abc.Stream):
             ended = False
             try:
                 while True:
-                    data = self._ssl.read(PLAINTEXT_READ)
+                    with self._tls_lock:
+                        data = self._ssl.read(PLAINTEXT_READ)
                     if not data:  # the peer's close_notify
                         ended = True
                         break
@@ -171,6 +187,57 @@ class TlsStream(trio.abc.Stream):
                 return b""
             at_eof = not await self._fill()  # at the end, the TLS object reports it next
 
+    # -- receiving in a thread (dht/receiver.py) ------------------------------------------
+
+    def hand_receiving_to_thread(self) -> bytes:
+        """From now on a thread receives (`decrypt`); returns the plaintext already
+        decrypted and not yet taken, which that thread must consume first."""
+        self._check()
+        if self._receiving or self._thread_receives:
+            raise trio.BusyResourceError("another task is already receiving")
+        self._thread_receives = True
+        left = self._plain[self._plain_at:]
+        self._plain, self._plain_at = b"", 0
+        return left
+
+    def decrypt(self, data: bytes) -> tuple[list[bytes], bool]:
+        """Thread-safe: feed what the socket brought (b"" at its end); returns the
+        plaintext now decryptable and whether the peer's stream ended.
+
+        Raises ssl.SSLError for anything a TLS peer must not send. Records the
+        TLS object wrote meanwhile (a key update's answer) wait for `flush`.
+        """
+        with self._tls_lock:
+            if data:
+                self._incoming.write(data)
+            else:
+                self._incoming.write_eof()
+        parts: list[bytes] = []
+        try:
+            while True:
+                with self._tls_lock:
+                    plain = self._ssl.read(PLAINTEXT_READ)
+                if not plain:  # the peer's close_notify
+                    return parts, True
+                parts.append(plain)
+        except ssl.SSLWantReadError:
+            return parts, not data
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            return parts, True
+        except ssl.SSLError as exc:
+            self._broken = exc
+            raise
+
+    @property
+    def flush_wanted(self) -> bool:
+        """The TLS object wrote records that nobody sent yet (see `decrypt`)."""
+        with self._tls_lock:
+            return bool(self._outgoing.pending)
+
+    async def flush(self) -> None:
+        """Send what the TLS object wrote on its own (trio.BrokenResourceError if it cannot)."""
+        await self._flush()
+
     async def aclose(self) -> None:
         if self._closed:
             await trio.lowlevel.checkpoint()
@@ -179,7 +246,8 @@ class TlsStream(trio.abc.Stream):
         try:
             if self._broken is None:
                 try:
-                    self._ssl.unwrap()  # queues close_notify; we do not wait for the peer's
+                    with self._tls_lock:
+                        self._ssl.unwrap()  # queues close_notify; we do not wait for the peer's
                 except ssl.SSLError:
                     pass
                 await self._flush_quietly()

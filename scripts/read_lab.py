@@ -9,7 +9,9 @@ times through fresh mounts of the same reader home (every block in its
 store), the page cache dropped before each read. Prints MB/s, the mount
 process's CPU seconds (user + system, from /proc/PID/stat) and the blocks
 the publisher was asked for (and how many WantRun frames carried them) per
-read: on a shared machine the CPU per byte is the steadier figure. With `--py-spy`,
+read, with the share of the mount's CPU its event-loop (main) thread used
+and the publisher's `peerdrive serve` CPU: on a shared machine the CPU per
+byte is the steadier figure. With `--py-spy`,
 each read is profiled (`py-spy record --threads -f raw`) into
 read-lab-<n>.txt in the current directory. With `--mirror`, the cold read
 goes through an HTTP mirror instead (`peerdrive mirror` of the drive on
@@ -35,9 +37,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench as B  # noqa: E402
 
 
-def _cpu_ticks(pid: int) -> int:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def _cpu_ticks(pid: int, tid: int | None = None) -> int:
+    """CPU ticks of a process (or of one of its threads: the main thread is tid == pid)."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def _serve_pid(bench: B.Bench) -> int | None:
+    return None if bench._serve is None else bench._serve[0].pid
 
 
 def _mirror(bench: B.Bench, link: str) -> str:
@@ -92,17 +100,23 @@ def main() -> int:
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     time.sleep(1)
                 asked = _asked_of_publisher(bench)
+                serve = _serve_pid(bench)
                 before = _cpu_ticks(m.pid)
+                loop_before = _cpu_ticks(m.pid, m.pid)
+                serve_before = _cpu_ticks(serve) if serve else 0
                 started = time.perf_counter()
                 B.cat_to_null(m.path / big.name)
                 took = time.perf_counter() - started
                 cpu = (_cpu_ticks(m.pid) - before) / tick
+                loop_cpu = (_cpu_ticks(m.pid, m.pid) - loop_before) / tick
+                serve_cpu = (_cpu_ticks(serve) - serve_before) / tick if serve else 0.0
                 if spy is not None:
                     spy.send_signal(2)
                     spy.wait()
                 what = "cold" if n == 0 else f"hot {n}"
                 wants, runs = (a - b for a, b in zip(_asked_of_publisher(bench), asked, strict=True))
-                print(f"{what}: {size / took / 1e6:.0f} MB/s, mount CPU {cpu:.2f} s, "
+                print(f"{what}: {size / took / 1e6:.0f} MB/s, mount CPU {cpu:.2f} s "
+                      f"(event-loop thread {loop_cpu:.2f} s), serve CPU {serve_cpu:.2f} s, "
                       f"load average {os.getloadavg()[0]:.1f}; publisher asked for {wants} "
                       f"blocks in {runs} want_run frames and single wants", flush=True)
     return 0
