@@ -12,6 +12,7 @@ Everything runs in the nursery of `NetworkNode.run`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -52,6 +53,7 @@ DHT_RPC_TIMEOUT = 1.0  # seconds: a dead DHT contact costs a lookup this once, t
 # one frame per drive for everything gathered over this long, not one frame per block
 HOLDING_GATHER = 0.02
 MAX_LAN_PEERS = 256  # LAN neighbours remembered per drive (soonest-expiring dropped first)
+PORT_PICKS = 64  # kernel-picked TCP ports tried for one whose UDP twin is free too
 
 
 def parse_hostport(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
@@ -73,6 +75,42 @@ def local_address_towards(host: str) -> str | None:
         s.connect((host, 9))
         return s.getsockname()[0]
     return None
+
+
+def pick_port(host: str, dht_host: str, picks: int = PORT_PICKS) -> int:
+    """A port number free for both the block server (TCP on `host`) and the DHT (UDP on
+    `dht_host`), for a node told to listen on port 0.
+
+    A node listens on one number for both (provider records and LAN neighbours
+    give one port). The kernel's pick of a free TCP port says nothing of UDP:
+    on a busy machine its UDP twin can belong to any other process, and the
+    node then died at start ("cannot listen for DHT traffic ... Address already
+    in use"). Each pick whose UDP twin is taken stays bound until a good one is
+    found, so the kernel offers another number every time. The probes close
+    just before the node binds the number for real.
+    """
+    family = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM,
+                                flags=socket.AI_PASSIVE)[0][0]
+    held: list[socket.socket] = []
+    try:
+        for _ in range(picks):
+            tcp = socket.socket(family, socket.SOCK_STREAM)
+            held.append(tcp)
+            tcp.bind((host, 0))
+            port = tcp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind((dht_host, port))
+                except OSError as exc:
+                    if exc.errno != errno.EADDRINUSE:
+                        raise
+                    continue
+            return port
+    finally:
+        for sock in held:
+            sock.close()
+    raise OSError(errno.EADDRINUSE, f"no port free for both TCP on {host} and UDP on "
+                                    f"{dht_host} in {picks} picks")
 
 
 @dataclass
@@ -209,12 +247,14 @@ class NetworkNode:
         it out to newcomers).
         """
         host, port = self.listen
+        dht_host = host if host not in ("", "::") else "0.0.0.0"
         self._started_at = time.monotonic()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if port == 0:
+                    port = pick_port(host, dht_host)
                 self.port = await nursery.start(self.server.serve, host, port)
-                dht_host = host if host not in ("", "::") else "0.0.0.0"
                 self.mark("serving")
                 await nursery.start(self.dht.run, dht_host, self.port, self.bootstrap)
                 self.mark("dht_joined")
