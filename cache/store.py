@@ -27,7 +27,7 @@ import contextlib
 import os
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple, TypeVar
 
@@ -638,6 +638,56 @@ class BlockStore:
         if self._note_access(block_id):
             self._flush_quietly()
         return result
+
+    def get_many(self, block_ids: Sequence[bytes], *, tag: bytes | None = None,
+                 budget: int | None = None,
+                 not_members: list[bytes] | None = None) -> list[bytes | None]:
+        """`get` of several blocks in one read transaction (a peer's run of wants).
+
+        With `tag`, a block not stored for that tag is reported absent, as
+        `is_member` would say (one read per block, in the same transaction),
+        and its id appended to `not_members` if given. Stops once the bytes
+        read reach `budget`: the answer may cover only the first ids. A block
+        failing its checksum is dropped and reported absent, as `get` does.
+        """
+        ids = [schema.check_id(b) for b in block_ids]
+        if tag is not None:
+            schema.check_tag(tag)
+        out: list[bytes | None] = []
+        rotten: list[bytes] = []
+        total = 0
+        blocks, members = self._dbs.blocks, self._dbs.members
+        txn = self._begin_read()
+        try:
+            for block_id in ids:
+                if tag is not None and txn.get(schema.member_key(block_id, tag),
+                                               db=members) is None:
+                    out.append(None)
+                    if not_members is not None:
+                        not_members.append(block_id)
+                    continue
+                value = txn.get(block_id, db=blocks)
+                data = None if value is None else self._copy_block(value)
+                if value is not None and data is None:
+                    rotten.append(block_id)
+                out.append(data)
+                if data is not None:
+                    total += len(data)
+                    if budget is not None and total >= budget:
+                        break
+        except lmdb.Error as exc:
+            raise StoreError(f"cannot read the block store at {self.path}: {exc}") from exc
+        finally:
+            self._end_read(txn)
+        for block_id in rotten:
+            self._drop_rotten(block_id)
+        flush = False
+        for block_id, data in zip(ids, out, strict=False):
+            if data is not None:
+                flush = self._note_access(block_id) or flush
+        if flush:
+            self._flush_quietly()
+        return out
 
     def get_decoded(self, block_id: bytes, decode: Callable[[memoryview], T]) -> T | None:
         """`decode` of the block's bytes read in place (no copy); None if the block is absent.

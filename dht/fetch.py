@@ -66,6 +66,7 @@ from .errors import (
     PeerIdentityError,
     PeerRefusedError,
 )
+from .frames import MAX_RUN_IDS
 from .identity import NodeIdentity
 from .streams import open_task_nursery
 from .types import BLOCK_ID_LEN, PeerAddr, Priority
@@ -102,8 +103,9 @@ class FetchConfig:
     foreground_reserve: int = 2  # slots per peer that only a READ may take
     # PIN/PREFETCH requests per peer past the usual slots while blocks are small: up to
     # this many, as long as what is in flight stays under small_in_flight_bytes
-    max_small_in_flight_per_peer: int = 128
+    max_small_in_flight_per_peer: int = 240
     small_in_flight_bytes: int = 256 * 1024
+    small_run_min: int = 120  # slots that deep pipeline refills at once (see _has_slot)
     max_parallel_attempts: int = 2  # one attempt + one hedge per block at a time
     hedge_factor: float = 3.0
     hedge_floor: float = 0.5  # seconds: never hedge sooner than this
@@ -120,6 +122,9 @@ class FetchConfig:
     # adjacent queued requests of one priority sent to one peer as one run (one WantRun
     # frame, one attempt): a streaming reader's readahead costs a scheduling step per run
     max_run_blocks: int = 16
+    # a pin's (or prefetch's) blocks, queued together by `fetch_batch`, go in runs this
+    # long: a pin of many small files is one WantRun frame per this many blocks
+    max_batch_run_blocks: int = MAX_RUN_IDS
     fetch_many_concurrency: int = 32
     holders_timeout: float = 5.0  # count_holders / have_map, when the caller gives none
     holders_refresh_interval: float = 10.0  # re-read providers first if older than this
@@ -327,6 +332,7 @@ class _Request:
         self.announced_fetching = False  # on_fetching was told of it
         self.fetching_since = math.inf  # first held back for a reader fetching it
         self.jittered = False  # held back once for another reader to take it from the seed
+        self.on_delivered: list[Callable[[_Request], None]] = []  # fetch_batch's, told once
         self.deferred = False
         self.not_before = -math.inf
         self.excluded: set[bytes] = set()  # peers that cannot serve it (NotFound, bad block)
@@ -540,6 +546,67 @@ class Fetcher:
             for request in requests:
                 self._leave(request)
         return sum(1 for request in requests if request.done.is_set())
+
+    async def fetch_batch(
+        self,
+        block_ids: Sequence[bytes],
+        priority: Priority,
+        deliver: Callable[[list[tuple[bytes, bytes]]], Awaitable[None]],
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        """Fetch blocks wanted together (a pin's), handing them over in groups as they come.
+
+        All are queued in one step, before the dispatcher looks, so they go to
+        a peer in runs of up to `max_batch_run_blocks` (one WantRun frame and
+        one task per run, not one request task per block), and no task waits
+        per block here either: `await deliver([(id, verified bytes), ...])` is
+        called with everything delivered since its last call, in completion
+        order (the fetcher goes on meanwhile). The caller bounds what it asks
+        for at once (the bytes of blocks delivered and not yet handed over are
+        held here). Raises FetchTimeout (naming the oldest block still
+        missing) when `timeout` seconds (default from the config) pass with no
+        block of the batch delivered: a stall, not a bound on the whole batch.
+        """
+        if self._nursery is None:
+            raise DhtError("the fetcher is not running (use it as an async context manager)")
+        for block_id in block_ids:
+            if len(block_id) != BLOCK_ID_LEN:
+                raise DhtError(f"block id must be {BLOCK_ID_LEN} bytes, got {len(block_id)}")
+        priority = Priority(priority)
+        timeout = self.config.default_timeout if timeout is None else timeout
+        came: list[_Request] = []
+        arrived = trio.Event()
+
+        def tell(request: _Request) -> None:
+            came.append(request)
+            arrived.set()
+
+        requests = [self._join(block_id, priority) for block_id in dict.fromkeys(block_ids)]
+        try:
+            for request in requests:
+                if request.done.is_set():
+                    came.append(request)
+                else:
+                    request.on_delivered.append(tell)
+            left = len(requests)
+            while left:
+                if not came:
+                    arrived = trio.Event()
+                    with trio.move_on_after(timeout):
+                        await arrived.wait()
+                    if not came:
+                        self.stats.timeouts += 1
+                        oldest = next(r for r in requests if not r.done.is_set())
+                        raise self._timeout_error(oldest, timeout)
+                group, came[:] = [(r.block_id, r.result) for r in came], []
+                left -= len(group)
+                await deliver(group)  # type: ignore[arg-type]  # delivered: result is bytes
+        finally:
+            for request in requests:
+                if tell in request.on_delivered:
+                    request.on_delivered.remove(tell)
+                self._leave(request)
 
     def _join(self, block_id: bytes, priority: Priority) -> _Request:
         """The request for `block_id` (made and queued if there is none), one waiter more."""
@@ -1006,7 +1073,7 @@ class Fetcher:
             with trio.move_on_at(wake_at):
                 await self._wake.wait()
 
-    def _has_slot(self, peer: _Peer, priority: Priority) -> bool:
+    def _has_slot(self, peer: _Peer, priority: Priority, *, in_run: bool = False) -> bool:
         config = self.config
         if priority == Priority.READ:
             # Lazier work never holds a READ up (the peer answers READs first, ahead of
@@ -1024,8 +1091,12 @@ class Fetcher:
             return False
         # Small blocks (a pin of many small files) go deeper: the server answers a
         # run of them in one read and one write, so a round trip carries many.
-        return (peer.in_flight_lazy < config.max_small_in_flight_per_peer
-                and peer.in_flight_bytes + self._size_guess <= config.small_in_flight_bytes)
+        # Once that pipeline is full it refills a run at a time (small_run_min slots free),
+        # not a block at a time as each answer lands: a WantRun frame and a task per run.
+        refill = config.small_run_min if peer.in_flight_lazy > usual and not in_run else 1
+        return (peer.in_flight_lazy + refill <= config.max_small_in_flight_per_peer
+                and peer.in_flight_bytes + refill * self._size_guess
+                <= config.small_in_flight_bytes)
 
     def _dispatch(self, now: float) -> None:
         if self._deferred:
@@ -1207,7 +1278,8 @@ class Fetcher:
         if (conn is None or conn.closed or first.request.attempts[:-1]
                 or not callable(getattr(conn, "fetch_run", None))):
             return
-        longest = min(self.config.max_run_blocks, getattr(conn, "max_wants", 1))
+        longest = min(self.config.max_batch_run_blocks if priority >= Priority.PIN
+                      else self.config.max_run_blocks, getattr(conn, "max_wants", 1))
         standing = (peer.announced(request.block_id), peer.fetching(request.block_id))
         # readahead held back for other readers (swarm_jitter) is not taken ahead of that
         jitters = (priority >= Priority.READAHEAD and self.config.swarm_jitter > 0
@@ -1223,7 +1295,7 @@ class Fetcher:
                     or (jitters and not other.jittered)
                     or peer.node_id in other.excluded or peer.node_id in other.soft_failed
                     or (peer.announced(other.block_id), peer.fetching(other.block_id)) != standing
-                    or not self._has_slot(peer, priority)):
+                    or not self._has_slot(peer, priority, in_run=True)):
                 return
             if any(p.announced(other.block_id) or p.fetching(other.block_id) for p in rivals):
                 return  # another reader holds or fetches it: the dispatcher decides that one
@@ -1367,6 +1439,8 @@ class Fetcher:
                 request.result = data
                 request.done.set()
                 request.ended.set()
+                for tell in request.on_delivered:
+                    tell(request)
                 self._remember(request.block_id, data)
                 if self._on_holding is not None and not request.announced:
                     request.announced = True

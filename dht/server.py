@@ -150,12 +150,15 @@ class PeerServer:
         have_rate: float = HAVE_RATE,
         have_burst: int = HAVE_BURST,
         in_flight: InFlightLookup | None = None,
+        scope_by_tag: bool = False,
         on_client_lost: Callable[[bytes], None] | None = None,
         on_client_joined: Callable[[bytes, bytes], None] | None = None,
     ) -> None:
         """`in_flight(discovery_key, block_id, timeout)`, if given, is asked for a block the
         source lacks: the node may be fetching it right now (it announced it with
         `announce_fetching`, or holds it unstored), and its answer, bytes or None, is what the client gets.
+        `scope_by_tag`: `may_serve` is the source's `is_member(discovery_key, id)`, so a
+        source with `get_many` checks it in the transaction that reads a run.
         `on_client_lost(client node id)` is told of a client whose connection broke
         without a Goodbye: its node may be gone (the DHT then checks its contact).
         `on_client_joined(discovery_key, client node id)` is told of every client past
@@ -187,6 +190,7 @@ class PeerServer:
         # connections in their handshake, oldest first: (IP, the scope that ends it)
         self._handshaking: dict[trio.CancelScope, str] = {}
         self.in_flight = in_flight  # asked by ServerConnection for blocks the source lacks
+        self.scope_by_tag = scope_by_tag
         self._on_client_lost = on_client_lost
         self._on_client_joined = on_client_joined
 
@@ -322,10 +326,14 @@ class PeerServer:
             self.stats.source_errors += 1
             log.exception("block source failed on %s", block_id.hex()[:12])
             return None
+        return self._checked(data)
+
+    def _checked(self, data: object) -> bytes | None:
+        """A block as the source gave it, as bytes; None (and counted) if it is too big."""
         if data is None:
             return None
         if type(data) is not bytes:
-            data = bytes(data)
+            data = bytes(data)  # type: ignore[call-overload]
         if len(data) > MAX_BLOCK:
             self.stats.source_errors += 1
             return None
@@ -335,7 +343,24 @@ class PeerServer:
                     budget: int) -> list[bytes | None]:
         """`lookup` for several blocks in turn, in one worker-thread call (many small blocks
         cost one thread hand-off, not one each); it stops once what it read reaches
-        `budget` bytes, so it may answer only the first few (the rest are not read)."""
+        `budget` bytes, so it may answer only the first few (the rest are not read).
+
+        A source with `get_many` (the store) reads them all in one transaction,
+        scope included when `scope_by_tag` says the scope is its tags; should
+        that fail, each block is looked up on its own (rule 4)."""
+        get_many = getattr(self.block_source, "get_many", None)
+        if get_many is not None and (self.may_serve is None or self.scope_by_tag):
+            refused: list[bytes] = []
+            try:
+                found = get_many(block_ids, budget=budget,
+                                 tag=discovery_key if self.scope_by_tag else None,
+                                 not_members=refused)
+            except Exception:
+                self.stats.source_errors += 1
+                log.exception("block source failed on a batch of %d", len(block_ids))
+            else:
+                self.stats.out_of_scope += len(refused)
+                return [self._checked(data) for data in found]
         out: list[bytes | None] = []
         total = 0
         for block_id in block_ids:

@@ -31,6 +31,7 @@ import trio
 from .errors import PeerGoneError, PeerProtocolError, PeerStuckError
 from .frames import (
     MAX_REASON,
+    MAX_RUN_IDS,
     Block,
     Cancel,
     Goodbye,
@@ -57,8 +58,9 @@ HOLDING_WAIT = 2.0  # seconds a server waits for its node's own fetch of an anno
 # A cold store read is a disk wait, so up to LOOKAHEAD_BATCHES batches are taken ahead of
 # what has gone out, keeping both the disk and the connection busy; few, so a READ that
 # arrives behind a PIN backlog waits for at most that much. Many small blocks (a pin of
-# 10^5 small files) cost a thread hand-off per batch, not per block.
-LOAD_BATCH = 64
+# 10^5 small files) cost a thread hand-off (and one store transaction) per batch, not per
+# block: a whole WantRun of small blocks is one batch.
+LOAD_BATCH = MAX_RUN_IDS
 LOAD_BYTES = 256 * 1024
 LOOKAHEAD_BATCHES = 2
 # Blocks sent in one write (one TLS record run, one system call): consecutive replies that

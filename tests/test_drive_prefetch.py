@@ -106,3 +106,57 @@ def test_chunk_lists_ahead_stay_within_the_budget(tmp_path: Path, monkeypatch) -
     assert {c.ref.block_id for c in a.chunk_lists} <= got
     assert not {c.ref.block_id for c in b.chunk_lists} & got
     pub.close()
+
+
+def test_a_listed_folders_subfolder_nodes_arrive_together_before_they_are_listed(
+        tmp_path: Path, monkeypatch) -> None:
+    """`find` descends into every folder it lists: the subfolders' nodes are fetched
+    ahead at PREFETCH and stored in one commit, so each costs no round trip of its own."""
+    from tests.drive_builder import DriveBuilder, small_tree
+
+    cap = WriteCap.generate()
+    b = DriveBuilder(cap)
+    pub = BlockStore(tmp_path / "pub", sync=False)
+    head = b.commit(pub, small_tree(b, 3000, per_folder=100))
+    reader = BlockStore(tmp_path / "reader", sync=False)
+    commits: list[int] = []
+    real_put_many = reader.put_many
+
+    def put_many(items, **kwargs):
+        items = list(items)
+        commits.append(len(items))
+        return real_put_many(items, **kwargs)
+
+    monkeypatch.setattr(reader, "put_many", put_many)
+    fetched: list[tuple[bytes, Priority]] = []
+
+    async def fetch(block_id: bytes, priority: Priority) -> bytes:
+        fetched.append((block_id, priority))
+        await trio.sleep(0)
+        return pub.get(block_id)
+
+    drive = Drive(cap.read_cap(), DriveStorage(reader), head, fetch=fetch)
+    folders: list = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(drive.run)
+            folders.extend([e async for _, e in drive.tree.entries(head.root.node)])
+            nodes = [e.node.block_id for e in folders]
+            with trio.fail_after(30):
+                while reader.missing(nodes):  # the mount's warm-up listed the root
+                    await trio.sleep(0.01)
+            # listing a folder now fetches nothing of it
+            before = len(fetched)
+            assert len([e async for _, e in drive.tree.entries(folders[7].node)]) == 100
+            assert len(fetched) == before
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    nodes = {e.node.block_id for e in folders}
+    assert len(nodes) == 30
+    assert {block_id: p for block_id, p in fetched if block_id in nodes} == dict.fromkeys(
+        nodes, Priority.PREFETCH)
+    assert 30 in commits  # all 30 in one store commit, not one commit each
+    reader.close()
+    pub.close()

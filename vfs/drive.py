@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from cache.errors import StoreError
 from dht.types import Priority
 
 from .answers import Answers
@@ -41,6 +42,10 @@ CHUNK_LIST_PREFETCH_BYTES = 4 * 1024 * 1024
 # Directories whose chunk lists were fetched ahead, remembered so a re-listing does not
 # look through them again; bounded, since a drive may hold millions of directories.
 LISTS_PREFETCHED_REMEMBERED = 65536
+# Nodes of a listed directory's subdirectories fetched ahead (and stored, in one commit),
+# at most this many bytes per directory: `find` or `ls -R` lists them next, and fetched
+# one by one as it descends they cost a round trip and a store commit each.
+SUBDIR_PREFETCH_BYTES = 4 * 1024 * 1024
 # After a block could not be fetched within the fetch timeout, reads of it fail at once
 # for this long: the kernel follows a failed readahead with a read of the same page,
 # which would otherwise wait out the whole timeout a second time.
@@ -137,7 +142,8 @@ class Drive:
             self._nursery.start_soon(self._prefetch_chunk_lists, dir_entry)
 
     async def _prefetch_chunk_lists(self, dir_entry: Entry) -> None:
-        """Load the chunk lists of a directory's large files before anyone opens them.
+        """Load the chunk lists of a directory's large files before anyone opens them, and
+        its subdirectories' nodes before anyone lists them.
 
         Opening a file of more than 256 chunks reads its chunk-list blocks
         before its first byte can be fetched: one more round trip to a peer.
@@ -152,13 +158,24 @@ class Drive:
             self._lists_prefetched.clear()  # at worst a directory is looked through again
         self._lists_prefetched.add(dir_entry.node.block_id)
         budget = CHUNK_LIST_PREFETCH_BYTES
-        with contextlib.suppress(PeerdriveError):
+        nodes: list[bytes] = []
+        nodes_budget = SUBDIR_PREFETCH_BYTES
+        with contextlib.suppress(PeerdriveError, StoreError):
             async for _, entry in self.tree.entries(dir_entry.node, 0, Priority.PREFETCH):
+                if entry.is_dir and entry.node is not None and nodes_budget > 0:
+                    nodes.append(entry.node.block_id)
+                    nodes_budget -= entry.node.length
+                if budget < 0:
+                    continue
                 for cl in entry.chunk_lists or ():
                     budget -= cl.ref.length
                     if budget < 0:
-                        return
+                        break
                     await self.blocks.read(cl.ref, Priority.PREFETCH)
+            if nodes:
+                # the subdirectories' nodes, asked for together (runs) and stored in one go
+                missing = await trio.to_thread.run_sync(self.storage.store.missing, nodes)
+                await self.blocks.fetch_and_store(missing, Priority.PREFETCH, lambda ids: None)
 
     # -- versions ------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,6 +145,7 @@ class NetworkNode:
         # also a DHT contact to check: a killed reader leaves routing tables at once
         self.server = PeerServer(identity, store, self._secret, may_serve=self._may_serve,
                                  in_flight=self._in_flight_block,
+                                 scope_by_tag=hasattr(store, "is_member"),
                                  on_client_lost=self.dht.check_contact,
                                  on_client_joined=self._client_joined)
         self.drives: dict[bytes, DriveServing] = {}  # by discovery key
@@ -646,6 +647,15 @@ class DriveFetch:
             return await fetcher.fetch(block_id, priority)
         except DhtError as exc:
             raise BlockUnavailable(f"block {block_id.hex()[:16]}: {exc}") from exc
+
+    async def batch(self, block_ids: list[bytes], priority: Priority,
+                    deliver: Callable[[list[tuple[bytes, bytes]]], Awaitable[None]]) -> None:
+        """`Fetcher.fetch_batch` (a pin's blocks, in runs); BlockUnavailable on a stall."""
+        fetcher = await self.net.start_fetcher(self.cap)
+        try:
+            await fetcher.fetch_batch(block_ids, priority, deliver)
+        except DhtError as exc:
+            raise BlockUnavailable(str(exc)) from exc
 
     async def ahead(self, block_ids: list[bytes], priority: Priority, *,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -15,7 +15,9 @@ are fetched, blocks no longer referenced are released.
 
 Fetching runs in the background at PIN priority, so a read of another file
 always goes first (the fetcher serves READ before PIN). The set is streamed
-from the folder figures a directory at a time, many blocks in flight, and
+from the folder figures a directory at a time; the missing blocks are asked
+for in windows of thousands (runs of up to 120 a WantRun frame) and stored
+a window a transaction, and
 each pin keeps its own counters (`progress`), which is what `peerdrive pin`
 polls: no poll ever walks the tree.
 """
@@ -46,12 +48,16 @@ from .xattrs import PIN_COMPLETE, PIN_FETCHING, PIN_LISTING, PIN_RETRYING, PIN_W
 
 log = logging.getLogger(__name__)
 
-# Blocks of a pin fetched at once: many small files want many requests in flight (the
-# fetcher spreads them over peers, the store writer commits them in batches).
-PIN_FETCH_CONCURRENCY = 128
 # Blocks added to the pin being built in one store transaction (a worker thread), from as
-# many directories as it takes: a pin of 10^5 small files is 50 transactions, not 1,000.
-HOLD_CHUNK = 2048
+# many directories as it takes: a pin of 10^5 small files is 25 transactions, not 1,000.
+# The missing ones of a chunk are fetched as one window (`BlockReader.fetch_and_store`:
+# asked for together, so they go to peers in runs of up to 120 blocks a WantRun frame,
+# and stored in one commit), or several when they add up to more than FETCH_WINDOW_BYTES.
+HOLD_CHUNK = 4096
+FETCH_WINDOW_BYTES = 16 * 1024 * 1024
+# Windows fetched at once: while one is being stored (or its last blocks are coming) the
+# next keeps the peers busy. Bounds what a pin holds in memory: PIN_WINDOWS windows.
+PIN_WINDOWS = 2
 # Folders announced as kept whole at most (one Whole frame); past that some go unsaid, and
 # peers count fewer copies than there are, never more.
 MAX_WHOLE = MAX_WHOLE_IDS
@@ -260,10 +266,11 @@ class Pins:
 
         Streamed: the blocks of each directory are added to a pin being built
         (`<name>~next`, so nothing the old set holds is released meanwhile)
-        and their missing ones fetched (PIN_FETCH_CONCURRENCY in flight,
-        stored in batches by the store writer) while the walk goes on, a
-        chunk of HOLD_CHUNK blocks at a time; the
-        pin's own counters say how far it is. At the end the pin built
+        and their missing ones fetched while the walk goes on, a chunk of
+        HOLD_CHUNK blocks at a time: each chunk's missing blocks are one
+        window (split by FETCH_WINDOW_BYTES), asked for together so they go
+        to peers in long runs and stored in one commit, PIN_WINDOWS windows
+        at once. The pin's own counters say how far it is. At the end the pin built
         replaces the old one in one step, which releases what an older
         version needed. No set of the pin's ids is ever held in memory: a
         block that directories in two chunks share is counted (and looked up)
@@ -276,51 +283,67 @@ class Pins:
         entry, on_way, folder = await self._resolve(path)
         # a process that stopped mid-round may have left its partial set: the pin keeps it
         await trio.to_thread.run_sync(self._keep_partial, name, building)
-        limiter = trio.Semaphore(PIN_FETCH_CONCURRENCY)
         failures: list[str] = []
         blocks = self.drive.blocks
         figures = self.drive.figures
 
-        async def get(block_id: bytes, length: int, folder: bytes | None,
-                      nursery: trio.Nursery) -> None:
-            try:
-                await blocks.ciphertext_of(block_id, Priority.PIN, local=False)
-                progress.blocks += 1
-                progress.bytes += length
-                figures.fetched(block_id, folder)
-            except (PeerdriveError, StoreError) as exc:
-                # a block no peer serves now: stop this round (the rest would most likely
-                # wait out the same timeout) and let `run` try again soon
-                failures.append(str(exc))
-                nursery.cancel_scope.cancel()
-            finally:
-                limiter.release()
+        async def fetch_windows(receive: trio.MemoryReceiveChannel[
+                dict[bytes, tuple[int, bytes | None]]], nursery: trio.Nursery) -> None:
+            """Fetch and store windows of missing blocks, one after the other."""
+            async with receive:
+                async for window in receive:
+                    def stored(ids: list[bytes], window: dict = window) -> None:
+                        for i in ids:
+                            n, changes = window[i]
+                            progress.blocks += 1
+                            progress.bytes += n
+                            figures.fetched(i, changes)
+                    try:
+                        await blocks.fetch_and_store(list(window), Priority.PIN, stored)
+                    except (PeerdriveError, StoreError) as exc:
+                        # a block no peer serves now: stop this round (the rest would most
+                        # likely wait out the same timeout) and let `run` try again soon
+                        failures.append(str(exc))
+                        nursery.cancel_scope.cancel()
 
         async def hold_and_fetch(chunk: dict[bytes, tuple[int, bytes | None]],
-                                 nursery: trio.Nursery) -> None:
+                                 send: trio.MemorySendChannel[
+                                     dict[bytes, tuple[int, bytes | None]]]) -> None:
             """Add a chunk of blocks to the pin being built, then fetch the missing ones."""
             missing = set(await trio.to_thread.run_sync(self._hold, building, list(chunk)))
             progress.total_blocks += len(chunk)
             progress.total_bytes += sum(n for n, _ in chunk.values())
+            window: dict[bytes, tuple[int, bytes | None]] = {}
+            window_bytes = 0
             for i, (n, changes) in chunk.items():
                 if i not in missing:
                     progress.blocks += 1
                     progress.bytes += n
                     continue
-                await limiter.acquire()
-                nursery.start_soon(get, i, n, changes, nursery)
+                if window and window_bytes + n > FETCH_WINDOW_BYTES:
+                    await send.send(window)
+                    window, window_bytes = {}, 0
+                window[i] = (n, changes)
+                window_bytes += n
+            if window:
+                await send.send(window)
 
         async with trio.open_nursery() as nursery:
-            # blocks of several directories at once: one store transaction per chunk
-            chunk: dict[bytes, tuple[int, bytes | None]] = {}
-            async for pairs, changes in self._batches(entry, on_way, folder):
-                for i, n in pairs:
-                    chunk[i] = (n, changes)
-                if len(chunk) >= HOLD_CHUNK:
-                    await hold_and_fetch(chunk, nursery)
-                    chunk = {}
-            if chunk:
-                await hold_and_fetch(chunk, nursery)
+            send, receive = trio.open_memory_channel[dict[bytes, tuple[int, bytes | None]]](0)
+            async with receive:
+                for _ in range(PIN_WINDOWS):
+                    nursery.start_soon(fetch_windows, receive.clone(), nursery)
+            async with send:
+                # blocks of several directories at once: one store transaction per chunk
+                chunk: dict[bytes, tuple[int, bytes | None]] = {}
+                async for pairs, changes in self._batches(entry, on_way, folder):
+                    for i, n in pairs:
+                        chunk[i] = (n, changes)
+                    if len(chunk) >= HOLD_CHUNK:
+                        await hold_and_fetch(chunk, send)
+                        chunk = {}
+                if chunk:
+                    await hold_and_fetch(chunk, send)
             if not failures:
                 progress.phase = PIN_FETCHING
         if failures:
