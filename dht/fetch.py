@@ -128,7 +128,9 @@ class FetchConfig:
     fetch_many_concurrency: int = 32
     holders_timeout: float = 5.0  # count_holders / have_map, when the caller gives none
     holders_refresh_interval: float = 10.0  # re-read providers first if older than this
-    recent_bytes: int = 32 * 1024 * 1024  # delivered blocks kept for other readers meanwhile
+    # delivered blocks kept for other readers until the store has them: the mount's store
+    # writer holds at most 16 MiB unstored (vfs/blocks.py), so older ones are stored
+    recent_bytes: int = 16 * 1024 * 1024
     swarm_jitter: float = 0.25  # seconds: most a readahead waits for another reader to take it
     holder_hedge_max: float = 2.0  # seconds before an attempt at an announcing reader is hedged
     # seconds a readahead (or lazier) request may wait for a reader that said it is fetching

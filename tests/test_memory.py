@@ -22,7 +22,7 @@ import trio.testing
 
 from cache.store import BlockStore
 from tests.drive_builder import DriveBuilder, small_tree
-from vfs import memory, xattrs
+from vfs import figures, memory, xattrs
 from vfs.capability import WriteCap
 from vfs.drive import Drive
 from vfs.fs import DriveOperations
@@ -177,3 +177,30 @@ def test_a_trim_gives_freed_heap_pages_back(tmp_path: Path) -> None:
     # freeing alone leaves the pages with the process; the trim gives most of them back
     assert freed > before - 20e6, (before, freed, after)
     assert after < freed - 60e6, (before, freed, after)
+
+
+def test_a_folders_first_figures_read_its_directories_many_at_a_time(tmp_path: Path) -> None:
+    """On a fresh mount a folder's figures need every directory node below it: they are
+    asked for in waves (READ_AHEAD_DIRS in flight), each directory still read once."""
+    cap, head, pub, reader, _ = drive_of(tmp_path, 5_000, "waves")
+    in_flight = {"now": 0, "most": 0}
+
+    async def fetch(block_id, priority):
+        in_flight["now"] += 1
+        in_flight["most"] = max(in_flight["most"], in_flight["now"])
+        try:
+            await trio.sleep(0.001)  # a peer's answer comes later
+            return pub.get(block_id)
+        finally:
+            in_flight["now"] -= 1
+
+    drive = Drive(cap.read_cap(), DriveStorage(reader), head, fetch=fetch)
+
+    async def main() -> None:
+        assert await drive.answers.get([], drive.root_entry(), xattrs.SIZE) == b"320000"
+
+    trio.run(main)
+    assert drive.figures.walks == 51  # the root and its 50 folders, each once
+    assert 8 <= in_flight["most"] <= figures.READ_AHEAD_DIRS, in_flight
+    pub.close()
+    reader.close()

@@ -51,6 +51,8 @@ from .tree import Tree
 MAX_WALK_DIRS = 4_000_000
 # Entries handled between two checkpoints: keeps each step of a walk to a few ms.
 YIELD_EVERY = 256
+# Directories not summed yet that a folder's figures read at once (`collect`).
+READ_AHEAD_DIRS = 16
 # A summary with more blocks than this is recounted in a worker thread.
 THREAD_RECOUNT = 2048
 # A folder total past this is a hostile drive (shared subtrees counted once per path).
@@ -241,7 +243,10 @@ class Figures:
                 for cl in e.chunk_lists or ():
                     ids += cl.ref.block_id
                     lengths.append(0)
-                for r in (await self.tree.chunk_map(e, priority)).chunks:
+                chunks = e.chunks  # inline (a small file): no chunk map to build
+                if chunks is None:
+                    chunks = (await self.tree.chunk_map(e, priority)).chunks
+                for r in chunks:
                     ids += r.block_id
                     lengths.append(r.length)
             elif e.is_dir and e.node is not None:
@@ -271,6 +276,63 @@ class Figures:
             if handled % YIELD_EVERY == 0:
                 await trio.lowlevel.checkpoint()
 
+    async def collect(self, node: Ref, priority: Priority = Priority.READ) -> list[DirFigures]:
+        """Every distinct directory at or below `node` (the top first), as `subtree`, but
+        the directories not summed yet are read READ_AHEAD_DIRS at a time.
+
+        A folder's first figures on a fresh mount need every directory node below
+        it: one after the other, 10^4 folders were 10^4 round trips to a peer (over
+        300 s on a loaded machine); in waves, the peer gets them in flight together.
+        Summaries already built cost no task.
+        """
+        top = await self.of(node, priority)
+        out = [top]
+        seen = {node.block_id}
+        todo: list[Ref] = []
+
+        def below(d: DirFigures) -> None:
+            for child in d.children:
+                if child.block_id not in seen:
+                    seen.add(child.block_id)
+                    todo.append(child)
+            if len(seen) > MAX_WALK_DIRS:
+                raise FormatError(f"the folder holds more than {MAX_WALK_DIRS:,} directories")
+
+        below(top)
+        handled = 0
+        while todo:
+            wave: list[Ref] = []
+            while todo and len(wave) < READ_AHEAD_DIRS:
+                ref = todo.pop()
+                known = self._dirs.get(ref.block_id)
+                if known is None:
+                    wave.append(ref)
+                    continue
+                out.append(known)
+                below(known)
+                handled += 1
+                if handled % YIELD_EVERY == 0:
+                    await trio.lowlevel.checkpoint()
+            if not wave:
+                continue
+            built: list[DirFigures | BaseException | None] = [None] * len(wave)
+            async with trio.open_nursery() as nursery:
+                for k, ref in enumerate(wave):
+                    nursery.start_soon(self._build_into, built, k, ref, priority)
+            for d in built:
+                if isinstance(d, BaseException):
+                    raise d
+                assert d is not None
+                out.append(d)
+                below(d)
+        return out
+
+    async def _build_into(self, built: list, k: int, ref: Ref, priority: Priority) -> None:
+        try:
+            built[k] = await self.of(ref, priority)
+        except Exception as exc:  # raised by `collect`, alone: not as an exception group
+            built[k] = exc
+
     async def totals(self, node: Ref, *, root: bool = False) -> FolderTotals:
         """Files, bytes and bytes on this device of everything at or below a directory.
 
@@ -282,9 +344,7 @@ class Figures:
         memo = self._memo
         if memo.stamp == self._stamp and node.block_id in memo.totals:
             return memo.totals[node.block_id]
-        order: list[DirFigures] = []
-        async for d in self.subtree(node):
-            order.append(d)
+        order = await self.collect(node)
         if root and len(self._dirs) > len(order):
             await self.forget_unreachable({d.node_id for d in order})
             memo = self._memo
