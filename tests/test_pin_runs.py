@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -110,21 +111,28 @@ def test_a_pin_of_many_small_files_goes_out_in_runs_of_about_120(tmp_path: Path,
             assert progress.complete, progress.error
             assert progress.blocks == progress.total_blocks == len(b.blocks)
             assert reader.missing(list(b.blocks)) == []
-            # every block asked for once, and verified: the bytes are the publisher's
-            assert server.stats.wants_received == len(b.blocks)
+            # verified: the bytes are the publisher's
             assert all(reader.get(i) == pub.get(i) for i in list(b.blocks)[::97])
 
     run(test)
-    runs = [m for m in sent if isinstance(m, WantRun)]
-    singles = [m for m in sent if isinstance(m, Want)]
-    in_runs = sum(len(m.block_ids) for m in runs)
-    assert in_runs + len(singles) == len(b.blocks)
-    # the 30 directory nodes are read one by one as the walk meets them; the 3,000
-    # files' blocks go in runs of up to 120 (a few shorter ones while the fetcher
-    # learns that the blocks are small): about 3,000 / 120 = 25 frames, not 3,000
-    assert len(singles) <= 40
-    assert len(runs) <= files // MAX_RUN_IDS + 15, [len(m.block_ids) for m in runs]
-    assert max(len(m.block_ids) for m in runs) == MAX_RUN_IDS
+    nodes = {i for i, ct in b.blocks.items() if len(ct) > 200}  # the root and 30 folders
+    file_blocks = set(b.blocks) - nodes
+    assert len(nodes) == 31 and len(file_blocks) == files
+    asked = Counter(w for m in sent for w in (
+        [m.block_id] if isinstance(m, Want) else m.block_ids if isinstance(m, WantRun) else []))
+    assert set(asked) == set(b.blocks)
+    # each file's block asked for once; a folder's node may be asked twice: at PREFETCH
+    # when the root is listed, again at PIN by the pin's walk if that comes while the
+    # first is in flight (the same peer is asked at the urgent priority: fetch.py)
+    assert all(asked[i] == 1 for i in file_blocks)
+    assert all(asked[i] <= 2 for i in nodes)
+    # the 3,000 files' blocks go in runs of up to 120 (a few shorter ones while the
+    # fetcher learns that the blocks are small): about 3,000 / 120 = 25 frames, not 3,000
+    carrying = [m for m in sent if isinstance(m, Want | WantRun) and (
+        (m.block_id in file_blocks) if isinstance(m, Want) else file_blocks & set(m.block_ids))]
+    assert len(carrying) <= files // MAX_RUN_IDS + 15, [
+        len(m.block_ids) if isinstance(m, WantRun) else 1 for m in carrying]
+    assert max(len(m.block_ids) for m in carrying if isinstance(m, WantRun)) == MAX_RUN_IDS
 
 
 def test_a_pin_that_stalls_fails_its_round_and_resumes_with_what_it_stored(
