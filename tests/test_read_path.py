@@ -517,3 +517,46 @@ def test_a_readahead_asks_for_the_missing_chunks_together_in_file_order(world) -
             assert not fetched & {b for ids, _ in fetch.together for b in ids}
 
     run_trio(main, DEADLINE)
+
+
+def test_store_lookups_of_the_read_path_stay_off_the_event_loop_and_happen_once(
+        world, monkeypatch) -> None:
+    """A large block missing from the store is looked up once (in the worker thread that
+    would have read it), not again on the event loop before it is fetched; the
+    readahead's look for what is missing runs in a worker thread too. Every store
+    read the event loop makes there gives the GIL away and waits for it back."""
+    drive, net, big, reader, _ = world
+    fetch = FetchWithAhead(net)
+    drive.blocks.fetch = fetch
+    loop_thread = threading.current_thread()
+    on_loop: list[tuple[str, object]] = []
+    lookups: list[bytes] = []
+    for name in ("get", "get_decoded", "has", "missing"):
+        real = getattr(reader, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            if threading.current_thread() is loop_thread:
+                on_loop.append((_name, args[0]))
+            if _name in ("get", "get_decoded"):
+                lookups.append(args[0])
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(reader, name, spy)
+
+    async def main(nursery: trio.Nursery) -> None:
+        async with running_drive(drive):
+            of = await open_file(drive, b"big.bin")
+            size = 128 * KiB
+            for k in range(4):  # sequential: the readahead starts and asks ahead
+                got = await drive.read(of, k * size, size)
+                assert bytes(got) == big[k * size:(k + 1) * size]
+            while of.pending:
+                await trio.sleep(0.01)
+            assert fetch.together  # the readahead did look for what is missing
+            first = of.map.chunks[0]
+            assert lookups.count(first.block_id) == 1  # missing: looked up once, fetched
+            # (small blocks, the folder's node here, are read on the event loop by design)
+            chunks = {c.block_id for c in of.map.chunks}
+            assert [(n, a) for n, a in on_loop if n == "missing" or a in chunks] == []
+
+    run_trio(main, DEADLINE)
