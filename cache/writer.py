@@ -23,6 +23,13 @@ from cache.errors import StoreFull, UnknownPin
 from cache.schema import Counters
 
 
+class _Unread:
+    """Type of `_UNREAD`: a value not read from the transaction yet."""
+
+
+_UNREAD = _Unread()
+
+
 class Dbs(NamedTuple):
     blocks: Any
     meta: Any
@@ -50,6 +57,8 @@ class Writer:
         self.held = held
         self.c = Counters.decode(txn.get(schema.STATE_COUNTERS, db=dbs.state))
         self._start = self.c.encode()
+        self._limit: int | None | _Unread = _UNREAD  # read once per transaction
+        self._any_pinned: bool | None = None  # whether pin_refs holds anything (None: unread)
 
     def finish(self) -> None:
         encoded = self.c.encode()
@@ -59,10 +68,13 @@ class Writer:
     # -- small pieces ---------------------------------------------------------------
 
     def limit(self) -> int | None:
-        raw = self.txn.get(schema.STATE_LIMIT, db=self.dbs.state)
-        return None if raw is None else schema.decode_u64(raw)
+        if isinstance(self._limit, _Unread):
+            raw = self.txn.get(schema.STATE_LIMIT, db=self.dbs.state)
+            self._limit = None if raw is None else schema.decode_u64(raw)
+        return self._limit
 
     def set_limit(self, limit: int | None) -> None:
+        self._limit = limit
         if limit is None:
             self.txn.delete(schema.STATE_LIMIT, db=self.dbs.state)
         else:
@@ -78,6 +90,12 @@ class Writer:
         return None if raw is None else schema.decode_meta(raw)
 
     def is_pinned(self, block_id: bytes) -> bool:
+        # a store without pins (a reader's cache) answers without a lookup per block:
+        # one stat per transaction instead
+        if self._any_pinned is None:
+            self._any_pinned = self.txn.stat(self.dbs.pin_refs)["entries"] > 0
+        if not self._any_pinned:
+            return False
         return self.txn.get(block_id, db=self.dbs.pin_refs) is not None
 
     def held_bytes(self) -> int:
@@ -104,14 +122,27 @@ class Writer:
     # -- blocks ---------------------------------------------------------------------
 
     def insert(self, block_id: bytes, data: bytes | memoryview, digest: int) -> bool:
-        """Store one verified block, evicting LRU blocks first; False if it was already here."""
-        existing = self.txn.get(block_id, db=self.dbs.blocks)
-        if existing is not None:
-            if schema.block_value_data(existing) is not None:
+        """Store one verified block, evicting LRU blocks to make room; False if it was
+        already here.
+
+        A new block costs three LMDB calls (the value put without overwriting,
+        which is also the presence check, its meta and LRU keys), a fourth for its
+        pin count when the store holds any pins, and its member tag; the limit
+        and whether any pins exist are read once per transaction. Each call gives
+        the GIL away and waits to get it back, which a busy event loop makes
+        slow (it was seven calls). The value goes in before the evictions
+        it may need: it is not in the LRU, so they cannot take it, and a refusal
+        (StoreFull) aborts the whole transaction.
+        """
+        value = schema.encode_block_value(digest, data)
+        if not self.txn.put(block_id, value, db=self.dbs.blocks, overwrite=False):
+            existing = self.txn.get(block_id, db=self.dbs.blocks)
+            if existing is not None and schema.block_value_data(existing) is not None:
                 self.touch(block_id)
                 self.evict_to_limit(keep=block_id)  # may be over it since holds kept blocks
                 return False
-            self.delete(block_id)  # rotted copy: replaced by the good bytes below
+            self.delete(block_id)  # rotted copy: replaced by the good bytes
+            self.txn.put(block_id, value, db=self.dbs.blocks)
         size = len(data)
         pinned = self.is_pinned(block_id)
         limit = self.limit()
@@ -130,7 +161,6 @@ class Writer:
                     "something or raise the limit"
                 )
         tick = self.tick()
-        self.txn.put(block_id, schema.encode_block_value(digest, data), db=self.dbs.blocks)
         self.txn.put(block_id, schema.encode_meta(tick, size), db=self.dbs.meta)
         if pinned:
             self.c.pinned_bytes += size
@@ -232,6 +262,7 @@ class Writer:
         after = before + delta
         if after > 0:
             self.txn.put(block_id, schema.encode_u32(after), db=self.dbs.pin_refs)
+            self._any_pinned = True
         else:
             self.txn.delete(block_id, db=self.dbs.pin_refs)
         if (before == 0) == (after == 0):

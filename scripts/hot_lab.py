@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/hot_lab.py make DIR [--size 256M]
     .venv/bin/python scripts/hot_lab.py read DIR [--in-flight 12]
-    .venv/bin/python scripts/hot_lab.py store DIR [--batch 64]
+    .venv/bin/python scripts/hot_lab.py store DIR [--batch 64] [--busy]
 
 `make` publishes SIZE of random bytes as ~256 KiB blocks (the drive's own
 encryption, a fixed lab key) into a block store at DIR/store and keeps the
@@ -12,7 +12,10 @@ threads batched by `ThreadBatches`), IN_FLIGHT blocks at a time as the
 kernel's parallel FUSE reads ask, and checks the bytes (every 16th block by hash). `store` puts the
 same ciphertext into a fresh store DIR/fresh in batches of BATCH blocks,
 as the mount's store writer does with fetched blocks (`put_many` with the
-ids checked and a member tag), and removes it. Each prints its wall time;
+ids checked and a member tag), and removes it; with `--busy` a thread runs
+Python all the while, as a busy event loop does: every LMDB call gives the
+GIL away and must wait to get it back from that thread, so the wall time
+then counts the calls per block. Each prints its wall time;
 time the whole process (`/usr/bin/time -v`, or any tool that alternates
 two checkouts) to compare CPU seconds. The script imports the checkout it
 lies in, so a copy of an older checkout measures the older code.
@@ -25,6 +28,7 @@ import hashlib
 import os
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -103,6 +107,7 @@ def main() -> int:
     p.add_argument("--size", default="256M")
     p.add_argument("--in-flight", type=int, default=12)
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--busy", action="store_true", help="store: a thread runs Python meanwhile")
     args = p.parse_args()
     started = time.perf_counter()
     if args.mode == "make":
@@ -119,10 +124,25 @@ def main() -> int:
         shutil.rmtree(fresh, ignore_errors=True)
         with BlockStore(args.dir / "store", sync=False) as source:
             blocks = [(r.block_id, source.get(r.block_id)) for r in refs]
+        done = threading.Event()
+
+        def spin() -> None:  # pure Python, never blocking: it holds the GIL when it can
+            n = 0
+            while not done.is_set():
+                n += 1
+
+        spinner = threading.Thread(target=spin, daemon=True)
+        if args.busy:
+            spinner.start()
         started = time.perf_counter()
-        with BlockStore(fresh, sync=False) as store:
-            for i in range(0, len(blocks), args.batch):
-                store.put_many(blocks[i:i + args.batch], ids_checked=True, tag=TAG)
+        try:
+            with BlockStore(fresh, sync=False) as store:
+                for i in range(0, len(blocks), args.batch):
+                    store.put_many(blocks[i:i + args.batch], ids_checked=True, tag=TAG)
+        finally:
+            done.set()
+            if args.busy:
+                spinner.join()
         shutil.rmtree(fresh)
         what = f"stored {len(blocks)} blocks"
     print(f"{what} in {time.perf_counter() - started:.2f} s")

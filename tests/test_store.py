@@ -817,3 +817,68 @@ def test_has_pin_and_records_from_a_prefix_with_keys_before_it(store: BlockStore
     store.put_record(b"zzz", b"2")
     assert store.records(b"head:") == [(b"head:x", b"1")]
     assert [k for k, _ in store.records()] == [b"aaa", b"head:x", b"zzz"]
+
+
+class _CountingTxn:
+    """A write transaction that counts the LMDB calls made through it."""
+
+    def __init__(self, txn) -> None:
+        self._txn = txn
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str):
+        real = getattr(self._txn, name)
+        if name not in ("get", "put", "delete", "stat", "cursor"):
+            return real
+
+        def counted(*args, **kwargs):
+            self.calls.append(name)
+            return real(*args, **kwargs)
+
+        return counted
+
+
+def test_a_new_block_costs_few_lmdb_calls_and_the_rules_still_hold(
+        store: BlockStore, monkeypatch) -> None:
+    """Each LMDB call gives the GIL away and waits to get it back (slow beside a busy
+    event loop): a new block takes its value put (which is also the presence check),
+    meta, LRU key and member tag, plus its pin count only when the store holds pins;
+    the limit and "any pins?" are read once per transaction. It used to be seven
+    calls. The rules that the old order of calls kept still hold: a block already
+    present is only made recent, a full cache evicts the oldest, a pinned block
+    skips the LRU."""
+    from cache import writer as writer_mod
+
+    txns: list[_CountingTxn] = []
+    real_writer = writer_mod.Writer
+
+    def counting_writer(txn, dbs, held):
+        wrapped = _CountingTxn(txn)
+        txns.append(wrapped)
+        return real_writer(wrapped, dbs, held)
+
+    monkeypatch.setattr("cache.store.Writer", counting_writer)
+    tag = hashlib.sha256(b"drive").digest()
+    blocks = [make_block(f"few{i}", 20 * KIB) for i in range(20)]
+    store.set_limit(10 * 20 * KIB)
+    txns.clear()
+    assert store.put_many(blocks[:8], tag=tag) == 8
+    per_txn = 4  # counters, limit, pins stat, counters written back
+    assert len(txns[-1].calls) <= per_txn + 4 * 8, txns[-1].calls
+    # present: only made recent (no new value, nothing counted twice)
+    assert store.put_many(blocks[:2], tag=tag) == 0
+    assert store.count == 8
+    # over the limit: the oldest go (blocks 2.. were not touched by the put above)
+    assert store.put_many(blocks[8:12], tag=tag) == 4
+    assert store.total_bytes <= 10 * 20 * KIB
+    assert store.has(blocks[0][0]) and store.has(blocks[1][0])
+    assert not store.has(blocks[2][0])
+    # with a pin in the store, the pin count is looked up per block: a pinned block
+    # is stored outside the LRU even when it arrives through put_many
+    store.set_pin("p", [blocks[15][0]])
+    txns.clear()
+    assert store.put_many(blocks[14:16], tag=tag) == 2
+    assert store.is_pinned(blocks[15][0])
+    assert blocks[15][0] not in store.eviction_order()
+    assert blocks[14][0] in store.eviction_order()
+    assert store.check_consistency(deep=True) == []
