@@ -12,7 +12,7 @@ context managers that own tasks.
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import trio
@@ -124,25 +124,20 @@ class FrameStream:
         """Send records the TLS layer wrote on its own (the answer to a key update that
         a receive thread decrypted); PeerStuckError / PeerGoneError as `send_bytes`."""
         flush = getattr(self.stream, "flush", None)
-        if flush is None:
-            return
-        try:
-            with trio.fail_after(self.send_timeout):
-                await flush()
-        except trio.TooSlowError:
-            raise PeerStuckError(
-                f"{self.peer} read nothing for {self.send_timeout:g}s; connection dropped"
-            ) from None
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise PeerGoneError(f"connection to {self.peer} broke: {exc}") from None
+        if flush is not None:
+            await self._sending(flush)
 
     async def send(self, msg: Message) -> None:
         await self.send_bytes(encode(msg))
 
     async def send_bytes(self, frame: bytes) -> None:
+        await self._sending(self.stream.send_all, frame)
+
+    async def _sending(self, send: Callable[..., Awaitable[None]], *args: object) -> None:
+        """`await send(*args)` within the send timeout, its failures as our errors."""
         try:
             with trio.fail_after(self.send_timeout):
-                await self.stream.send_all(frame)
+                await send(*args)
         except trio.TooSlowError:
             raise PeerStuckError(
                 f"{self.peer} read nothing for {self.send_timeout:g}s; connection dropped"

@@ -17,7 +17,7 @@ records never interleave), close_notify on close. An `ssl.SSLError` or a
 connection reset becomes trio.BrokenResourceError, as with trio.SSLStream.
 
 Receiving may instead be handed to a thread (`hand_receiving_to_thread`,
-`decrypt`: dht/receiver.py), which decrypts while trio sends. OpenSSL must
+`decrypt_into`: dht/receiver.py), which decrypts while trio sends. OpenSSL must
 not run one connection's read and write at once, so every call on the TLS
 object and its memory BIOs holds `_tls_lock` (a threading lock held for one
 record's decryption at most; uncontended when no thread receives).
@@ -190,7 +190,7 @@ class TlsStream(trio.abc.Stream):
     # -- receiving in a thread (dht/receiver.py) ------------------------------------------
 
     def hand_receiving_to_thread(self) -> bytes:
-        """From now on a thread receives (`decrypt`); returns the plaintext already
+        """From now on a thread receives (`decrypt_into`); returns the plaintext already
         decrypted and not yet taken, which that thread must consume first."""
         self._check()
         if self._receiving or self._thread_receives:
@@ -200,33 +200,44 @@ class TlsStream(trio.abc.Stream):
         self._plain, self._plain_at = b"", 0
         return left
 
-    def decrypt(self, data: bytes) -> tuple[list[bytes], bool]:
-        """Thread-safe: feed what the socket brought (b"" at its end); returns the
-        plaintext now decryptable and whether the peer's stream ended.
+    def decrypt_into(self, data: bytes | bytearray | memoryview, out: bytearray
+                     ) -> tuple[int, bool]:
+        """Thread-safe: feed what the socket brought (empty at its end), decrypt into
+        `out` from its start; returns (bytes written, whether the peer's stream ended).
 
-        Raises ssl.SSLError for anything a TLS peer must not send. Records the
-        TLS object wrote meanwhile (a key update's answer) wait for `flush`.
+        Stops when `out` is full (then `decrypt_more` goes on). Raises
+        ssl.SSLError for anything a TLS peer must not send. Records the TLS
+        object wrote meanwhile (a key update's answer) wait for `flush`.
         """
         with self._tls_lock:
             if data:
                 self._incoming.write(data)
             else:
                 self._incoming.write_eof()
-        parts: list[bytes] = []
+        return self.decrypt_more(out, at_eof=not data)
+
+    def decrypt_more(self, out: bytearray, *, at_eof: bool = False) -> tuple[int, bool]:
+        """Thread-safe: decrypt what the TLS object already holds into `out` (as
+        `decrypt_into`, without feeding it)."""
+        view = memoryview(out)
+        filled = 0
         try:
-            while True:
+            while filled < len(out):
                 with self._tls_lock:
-                    plain = self._ssl.read(PLAINTEXT_READ)
-                if not plain:  # the peer's close_notify
-                    return parts, True
-                parts.append(plain)
+                    n = self._ssl.read(len(out) - filled, view[filled:])
+                if not n:  # the peer's close_notify
+                    return filled, True
+                filled += n
+            return filled, False
         except ssl.SSLWantReadError:
-            return parts, not data
+            return filled, at_eof
         except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-            return parts, True
+            return filled, True
         except ssl.SSLError as exc:
             self._broken = exc
             raise
+        finally:
+            view.release()
 
     @property
     def flush_wanted(self) -> bool:
