@@ -187,7 +187,9 @@ class BlockSource(Protocol):
     a `label` in place of a node id and an address. Either way the fetcher
     schedules, hedges, verifies and penalises it the same. A source that also
     has `fetch_run` and `max_wants` (as `PeerConnection`) is given runs of
-    blocks (`_take_run`); any other, one block per attempt.
+    blocks (`_take_run`); any other, one block per attempt. One whose
+    `prioritises` is False serves in arrival order whatever the priority: a
+    block under way there is not asked of it again when a read needs it now.
     """
 
     @property
@@ -995,6 +997,12 @@ class Fetcher:
             self._enqueue(request)  # the old heap entry is now stale
             return
         if len(request.attempts) >= self.config.max_parallel_attempts:
+            return
+        if any(a.peer.source is not None and not getattr(a.peer.source, "prioritises", True)
+               for a in request.attempts):
+            # A source that serves in arrival order whatever the priority (a static
+            # HTTP mirror) has it under way: asking it again would only fetch the bytes
+            # twice. Hedging still covers an attempt that runs late.
             return
         for attempt in request.attempts:
             peer = attempt.peer

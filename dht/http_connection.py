@@ -41,7 +41,13 @@ Not supported, on purpose: proxies, cookies, authentication, compression
 
 from __future__ import annotations
 
+import contextlib
+import select
+import socket
 import ssl
+import struct
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
@@ -122,6 +128,121 @@ class PoolStats:
     stale_dropped: int = 0  # idle connections found closed (or dirty) before reuse
 
 
+class Exchange:
+    """One request and its response on an h11 connection (sans-io: fed bytes, asked to advance).
+
+    The rules of a response are the same whether its bytes come from a trio
+    stream (`HttpConnection`) or a blocking socket in a worker thread
+    (`BlockingHttpConnection`): a 200's body is kept up to `limit` bytes
+    (BodyTooLongError past it, announced or not), any other status's up to
+    64 KiB (a longer one is dropped, and the connection with it), a HEAD,
+    204 or 304 has none. `answer` is (status, headers, body, body kept).
+    """
+
+    def __init__(self, conn: h11.Connection, origin: Origin, method: str, target: str,
+                 headers: Sequence[tuple[str, str]], limit: int) -> None:
+        self._h = conn
+        self.origin = origin
+        self._method = method
+        self._limit = limit
+        self.outgoing = conn.send(h11.Request(method=method, target=target, headers=[
+            ("Host", origin.host_header), ("User-Agent", _USER_AGENT),
+            ("Accept-Encoding", "identity"), *headers])) + conn.send(h11.EndOfMessage())
+        self.answered = False  # some byte of the response arrived
+        self._status: int | None = None
+        self._headers: dict[str, str] = {}
+        self._cap = 0
+        self._got = 0
+        self._size: int | None = None  # the body's announced length (Content-Length)
+        self._parts: list[bytes] = []
+        self.answer: tuple[int, dict[str, str], bytes, bool] | None = None
+
+    @property
+    def body_left(self) -> int:
+        """Bytes of the body still to come when its length is known (0: unknown or none).
+
+        Read when `advance` asks for more: h11 has handed up every body byte
+        it had, so this many arrive before the response is complete.
+        """
+        if self._size is None or self.answer is not None:
+            return 0
+        return max(0, self._size - self._got)
+
+    def feed(self, data: bytes) -> None:
+        """Bytes from the server (b"" when it closed the connection)."""
+        if data:
+            self.answered = True
+        self._h.receive_data(data)
+
+    def advance(self) -> bool:
+        """Take the events the bytes fed so far make; True once the answer is complete."""
+        try:
+            return self._advance()
+        except h11.ProtocolError as exc:
+            raise PeerGoneError(f"{self.origin}: broken HTTP response: {exc}") from exc
+
+    def _advance(self) -> bool:
+        h = self._h
+        while True:
+            event = h.next_event()
+            if event is h11.NEED_DATA:
+                return False
+            if event is h11.PAUSED or isinstance(event, h11.ConnectionClosed):
+                raise PeerGoneError(f"{self.origin}: the server closed the connection "
+                                    "before answering")
+            self.answered = True
+            if self._status is None:
+                if isinstance(event, h11.InformationalResponse):
+                    continue
+                if not isinstance(event, h11.Response):
+                    raise PeerGoneError(f"{self.origin}: unexpected {type(event).__name__} "
+                                        "before the response")
+                if self._start(event):
+                    return True
+            elif isinstance(event, h11.Data):
+                self._got += len(event.data)
+                if self._got > self._cap:
+                    if self._status == 200:
+                        raise BodyTooLongError(f"{self.origin}: the body is longer than "
+                                               f"{self._limit} bytes; refused")
+                    return self._drop()
+                self._parts.append(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                # one copy into the bytes handed up (often of a single part: a whole
+                # block tends to come in one socket read); no buffer in between
+                self.answer = (self._status, self._headers, b"".join(self._parts), True)
+                self._parts = []
+                if h.our_state is h11.DONE and h.their_state is h11.DONE:
+                    h.start_next_cycle()
+                return True
+            else:
+                raise PeerGoneError(f"{self.origin}: unexpected {type(event).__name__} "
+                                    "in a response body")
+
+    def _start(self, event: h11.Response) -> bool:
+        status = self._status = event.status_code
+        self._headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in event.headers}
+        if self._method == "HEAD" or status in (204, 304):  # no body, whatever the headers say
+            return False
+        self._cap = self._limit if status == 200 else _DISCARD_LIMIT
+        length = self._headers.get("content-length")
+        size = int(length) if length is not None and length.isdigit() else None
+        self._size = size
+        if size is not None and size > self._cap:
+            if status == 200:
+                raise BodyTooLongError(f"{self.origin}: a body of {size} bytes is longer than "
+                                       f"{self._limit}; refused unread")
+            return self._drop()  # a big error page: not worth reading
+        return False
+
+    def _drop(self) -> bool:
+        """A non-200 body too long to keep: answered without it (the connection is not
+        reusable: h11 still expects the rest of the body)."""
+        assert self._status is not None
+        self.answer = (self._status, self._headers, b"", False)
+        return True
+
+
 class HttpConnection:
     """One HTTP/1.1 connection: a trio stream and the h11 state machine that frames it."""
 
@@ -132,7 +253,12 @@ class HttpConnection:
         self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
         self.closed = False
         self.requests = 0
-        self.answered = False  # some byte of the current request's response arrived
+        self._exchange: Exchange | None = None
+
+    @property
+    def answered(self) -> bool:
+        """Some byte of the current request's response arrived (so it is not repeated)."""
+        return self._exchange is not None and self._exchange.answered
 
     @classmethod
     async def open(cls, origin: Origin, timeouts: HttpTimeouts,
@@ -190,91 +316,25 @@ class HttpConnection:
         if self.closed:
             raise PeerGoneError(f"{self.origin}: connection closed")
         self.requests += 1
-        self.answered = False
+        exchange = self._exchange = Exchange(self._h11, self.origin, method, target, headers,
+                                             limit)
         ok = False
         try:
-            h = self._h11
-            request = h11.Request(method=method, target=target, headers=[
-                ("Host", self.origin.host_header), ("User-Agent", _USER_AGENT),
-                ("Accept-Encoding", "identity"), *headers])
-            await self._send(h.send(request) + h.send(h11.EndOfMessage()))
-            while True:
-                event = await self._next_event()
-                if isinstance(event, h11.Response):
-                    break
-                if not isinstance(event, h11.InformationalResponse):
-                    raise PeerGoneError(f"{self.origin}: unexpected {type(event).__name__} "
-                                        "before the response")
-            status = event.status_code
-            names = {k.decode("latin-1"): v.decode("latin-1") for k, v in event.headers}
-            if method == "HEAD" or status in (204, 304):  # no body, whatever the headers say
-                body, kept = await self._read_body(status, {"content-length": "0"}, 0)
-            else:
-                body, kept = await self._read_body(status, names, limit)
-            if h.our_state is h11.DONE and h.their_state is h11.DONE:
-                h.start_next_cycle()
+            await self._send(exchange.outgoing)
+            while not exchange.advance():
+                exchange.feed(await self._receive())
             ok = True
-            return status, names, body, kept
-        except h11.ProtocolError as exc:
-            raise PeerGoneError(f"{self.origin}: broken HTTP response: {exc}") from exc
+            return exchange.answer
         finally:
             if not ok or not self.reusable:
                 self.close()
 
-    async def _read_body(self, status: int, headers: dict[str, str],
-                         limit: int) -> tuple[bytes, bool]:
-        cap = limit if status == 200 else _DISCARD_LIMIT
-        length = headers.get("content-length")
-        size = int(length) if length is not None and length.isdigit() else None
-        if size is not None and size > cap and status == 200:
-            raise BodyTooLongError(f"{self.origin}: a body of {size} bytes is longer than "
-                                   f"{limit}; refused unread")
-        if size is not None and size > cap:  # a big error page: not worth reading
-            self.close()
-            return b"", False
-        parts: list[bytes] = []
-        got = 0
-        while True:
-            event = await self._next_event()
-            if isinstance(event, h11.Data):
-                got += len(event.data)
-                if got > cap:
-                    if status == 200:
-                        raise BodyTooLongError(f"{self.origin}: the body is longer than "
-                                               f"{limit} bytes; refused")
-                    self.close()
-                    return b"", False
-                parts.append(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                # one copy into the bytes handed up (often of a single part: a whole
-                # block tends to come in one socket read); no buffer in between
-                return b"".join(parts), True
-            else:
-                raise PeerGoneError(f"{self.origin}: unexpected {type(event).__name__} "
-                                    "in a response body")
-
-    async def _next_event(self) -> h11.Event | type[h11.PAUSED]:
-        h = self._h11
-        while True:
-            event = h.next_event()
-            if event is h11.NEED_DATA:
-                h.receive_data(await self._receive())
-                continue
-            if event is h11.PAUSED or isinstance(event, h11.ConnectionClosed):
-                raise PeerGoneError(f"{self.origin}: the server closed the connection "
-                                    "before answering")
-            self.answered = True
-            return event
-
     async def _receive(self) -> bytes:
         with trio.move_on_after(self._timeouts.read):
             try:
-                data = await self._stream.receive_some(RECEIVE_SIZE)
+                return await self._stream.receive_some(RECEIVE_SIZE)
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise PeerGoneError(f"{self.origin}: {_describe(exc)}") from exc
-            if data:
-                self.answered = True
-            return data
         raise PeerGoneError(f"{self.origin}: timed out (nothing received for "
                             f"{self._timeouts.read:g} s)")
 
@@ -382,11 +442,279 @@ class HttpPool:
                 total -= 1
 
 
+class BlockingHttpConnection:
+    """One HTTP/1.1 connection over a blocking socket, for a worker thread.
+
+    The same exchange (`Exchange`) and the same bounds as `HttpConnection`:
+    connect (TCP and TLS handshake), each send, and each receive are bounded
+    by the socket's timeout. `abort` may be called from any thread (the event
+    loop, when the caller is cancelled): it shuts the socket down, so a
+    thread blocked in a read returns at once with an error.
+    """
+
+    def __init__(self, sock: socket.socket, origin: Origin, timeouts: HttpTimeouts) -> None:
+        """Over a connected socket (TLS already set up for https)."""
+        self.origin = origin
+        self._sock = sock
+        self._timeouts = timeouts
+        self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
+        self.closed = False
+        self.requests = 0
+        self._exchange: Exchange | None = None
+        self._plain = not isinstance(sock, ssl.SSLSocket)
+        if self._plain:
+            # blocking, the kernel bounding each wait: a body is then read in one call
+            # (`_receive`), not a call (and a GIL hand-off) per segment that arrives
+            sock.settimeout(None)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeouts.read))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeouts.write))
+        else:
+            sock.settimeout(timeouts.read)
+
+    @classmethod
+    def open(cls, origin: Origin, timeouts: HttpTimeouts,
+             ssl_context: ssl.SSLContext | None = None) -> BlockingHttpConnection:
+        """A new connection to `origin` (TLS for https), within the connect timeout."""
+        deadline = time.monotonic() + timeouts.connect
+        try:
+            sock = socket.create_connection((origin.host, origin.port), timeout=timeouts.connect)
+        except TimeoutError:
+            raise PeerGoneError(f"{origin}: timed out connecting (after "
+                                f"{timeouts.connect:g} s)") from None
+        except OSError as exc:
+            raise PeerGoneError(f"{origin}: cannot connect: {_describe(exc)}") from exc
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if origin.scheme == "https":
+                sock.settimeout(max(0.001, deadline - time.monotonic()))
+                sock = (ssl_context or default_ssl_context()).wrap_socket(
+                    sock, server_hostname=origin.host)
+            return cls(sock, origin, timeouts)
+        except TimeoutError:
+            sock.close()
+            raise PeerGoneError(f"{origin}: timed out connecting (after "
+                                f"{timeouts.connect:g} s)") from None
+        except OSError as exc:  # ssl.SSLError included
+            sock.close()
+            raise PeerGoneError(f"{origin}: cannot connect: {_describe(exc)}") from exc
+
+    @property
+    def answered(self) -> bool:
+        return self._exchange is not None and self._exchange.answered
+
+    @property
+    def reusable(self) -> bool:
+        return (not self.closed and self._h11.our_state is h11.IDLE
+                and self._h11.their_state is h11.IDLE)
+
+    def looks_stale(self) -> bool:
+        """An idle connection with something to read: closed by the server, or dirty."""
+        try:
+            if isinstance(self._sock, ssl.SSLSocket) and self._sock.pending():
+                return True
+            poller = select.poll()
+            poller.register(self._sock, select.POLLIN)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):
+            return True
+
+    def abort(self) -> None:
+        """Make a read or write blocked in another thread fail now (thread-safe)."""
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(self._sock, socket.SHUT_RDWR)  # not the TLS layer's
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._sock.close()
+
+    def request(self, method: str, target: str, headers: Sequence[tuple[str, str]],
+                limit: int) -> tuple[int, dict[str, str], bytes, bool]:
+        """As `HttpConnection.request`, blocking."""
+        if self.closed:
+            raise PeerGoneError(f"{self.origin}: connection closed")
+        self.requests += 1
+        exchange = self._exchange = Exchange(self._h11, self.origin, method, target, headers,
+                                             limit)
+        ok = False
+        try:
+            self._send(exchange.outgoing)
+            while not exchange.advance():
+                exchange.feed(self._receive(exchange.body_left))
+            ok = True
+            return exchange.answer
+        finally:
+            if not ok or not self.reusable:
+                self.close()
+
+    def _receive(self, body_left: int) -> bytes | bytearray | memoryview:
+        """The next bytes: the rest of a body of known length in one call on a plain
+        socket (MSG_WAITALL; what came before a timeout or the end is returned
+        as it is), else one read of up to RECEIVE_SIZE."""
+        try:
+            if self._plain and body_left > 0:
+                buf = bytearray(body_left)
+                got = self._sock.recv_into(buf, body_left, socket.MSG_WAITALL)
+                return buf if got == body_left else memoryview(buf)[:got]
+            return self._sock.recv(RECEIVE_SIZE)
+        except (TimeoutError, BlockingIOError):  # SO_RCVTIMEO, settimeout
+            raise PeerGoneError(f"{self.origin}: timed out (nothing received for "
+                                f"{self._timeouts.read:g} s)") from None
+        except OSError as exc:
+            raise PeerGoneError(f"{self.origin}: {_describe(exc)}") from exc
+
+    def _send(self, data: bytes) -> None:
+        try:
+            if self._plain:
+                self._sock.sendall(data)
+            else:
+                self._sock.settimeout(self._timeouts.write)
+                self._sock.sendall(data)
+                self._sock.settimeout(self._timeouts.read)
+        except (TimeoutError, BlockingIOError):
+            raise PeerGoneError(f"{self.origin}: timed out sending a request (after "
+                                f"{self._timeouts.write:g} s)") from None
+        except OSError as exc:
+            raise PeerGoneError(f"{self.origin}: {_describe(exc)}") from exc
+
+
+class Abort:
+    """Lets the event loop stop a worker thread's requests: `abort()` fails the one under
+    way at once (its socket is shut down) and every later one before it starts."""
+
+    def __init__(self) -> None:
+        self.aborted = False
+        self._conn: BlockingHttpConnection | None = None
+
+    def using(self, conn: BlockingHttpConnection | None) -> None:
+        """The worker thread says which connection it is about to use (None: none)."""
+        self._conn = conn
+        if conn is not None and self.aborted:
+            conn.abort()
+
+    def abort(self) -> None:
+        self.aborted = True
+        conn = self._conn
+        if conn is not None:
+            conn.abort()
+
+
+class BlockingPool:
+    """Keep-alive blocking connections shared by worker threads (`HttpPool`'s rules).
+
+    Worker threads call `request`; the caller bounds how many run at once
+    (a `trio.CapacityLimiter` around the thread calls). Idle connections are
+    kept per origin, at most `max_idle` in all, and checked before reuse; a
+    request that fails on a reused connection before any byte of its answer
+    came is tried once more on a new one; redirects are followed.
+    """
+
+    def __init__(self, max_idle: int = 16, timeouts: HttpTimeouts | None = None,
+                 max_redirects: int = 4, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.max_idle = max_idle
+        self.timeouts = timeouts or HttpTimeouts()
+        self.max_redirects = max_redirects
+        self.ssl_context = ssl_context
+        self.stats = PoolStats()
+        self.closed = False
+        self._lock = threading.Lock()
+        self._idle: dict[Origin, list[BlockingHttpConnection]] = {}
+
+    def request(self, method: str, url: str, *, limit: int, abort: Abort,
+                headers: Sequence[tuple[str, str]] = ()) -> HttpResponse:
+        """The response to `method url` after redirects (blocking; call it in a worker thread)."""
+        for _ in range(self.max_redirects + 1):
+            status, names, body, kept = self._request_once(method, url, headers, limit, abort)
+            location = names.get("location")
+            if status in _REDIRECTS and location:
+                url = urljoin(url, location.strip())
+                continue
+            return HttpResponse(status, names, body, url, kept)
+        raise PeerGoneError(f"{url}: too many redirects (a redirect loop?)")
+
+    def close(self) -> None:
+        """Close the idle connections (thread-safe); busy ones close as their request ends."""
+        with self._lock:
+            self.closed = True
+            idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn in conns:
+                conn.close()
+
+    def _request_once(self, method: str, url: str, headers: Sequence[tuple[str, str]],
+                      limit: int, abort: Abort) -> tuple[int, dict[str, str], bytes, bool]:
+        origin, target = Origin.split(url)
+        conn = self._take_idle(origin)
+        reused = conn is not None
+        with self._lock:
+            self.stats.requests += 1
+        try:
+            while True:
+                if abort.aborted or self.closed:
+                    raise PeerGoneError(f"{url}: cancelled")
+                if conn is None:
+                    conn = BlockingHttpConnection.open(origin, self.timeouts, self.ssl_context)
+                    with self._lock:
+                        self.stats.connections_opened += 1
+                abort.using(conn)
+                try:
+                    answer = conn.request(method, target, headers, limit)
+                except PeerGoneError:
+                    if abort.aborted:
+                        raise PeerGoneError(f"{url}: cancelled") from None
+                    if reused and not conn.answered:
+                        # the server closed it while idle, and we wrote first: once more, new
+                        with self._lock:
+                            self.stats.retried += 1
+                        conn, reused = None, False
+                        continue
+                    raise
+                self._put_idle(conn)
+                return answer
+        finally:
+            abort.using(None)
+
+    def _take_idle(self, origin: Origin) -> BlockingHttpConnection | None:
+        while True:
+            with self._lock:
+                conns = self._idle.get(origin)
+                if not conns:
+                    return None
+                conn = conns.pop()
+            if conn.reusable and not conn.looks_stale():
+                return conn
+            with self._lock:
+                self.stats.stale_dropped += 1
+            conn.close()
+
+    def _put_idle(self, conn: BlockingHttpConnection) -> None:
+        drop: list[BlockingHttpConnection] = []
+        with self._lock:
+            if conn.reusable and not self.closed:
+                self._idle.setdefault(conn.origin, []).append(conn)
+                total = sum(len(c) for c in self._idle.values())
+                for conns in self._idle.values():
+                    while conns and total > self.max_idle:
+                        drop.append(conns.pop(0))
+                        total -= 1
+            else:
+                drop.append(conn)
+        for old in drop:
+            old.close()
+
+
 def default_ssl_context() -> ssl.SSLContext:
     """The system's trust store, certificate and host name checked, HTTP/1.1 by ALPN."""
     ctx = ssl.create_default_context()
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx
+
+
+def _timeval(seconds: float) -> bytes:
+    """struct timeval for SO_RCVTIMEO / SO_SNDTIMEO (0 would mean "no limit": at least 1 us)."""
+    whole = int(seconds)
+    return struct.pack("@ll", whole, max(1, int((seconds - whole) * 1e6)) if whole == 0
+                       else int((seconds - whole) * 1e6))
 
 
 def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:

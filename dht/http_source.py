@@ -37,14 +37,17 @@ from collections.abc import Sequence
 
 import trio
 
+from .client import OnRunResult, RunOfWants
 from .errors import BadBlockError, BlockNotFound, DhtError, PeerGoneError
-from .http_connection import BodyTooLongError, HttpPool, HttpTimeouts
+from .http_connection import Abort, BlockingPool, BodyTooLongError, HttpPool, HttpTimeouts
 from .mirror_layout import HEAD_PATH, MAX_BLOCK, block_path, check_base_url, source_id
 from .records import MAX_MUTABLE_WIRE
 from .types import BLOCK_ID_LEN, Priority
 
 _KNOWN_IDS = 65_536  # ids a mirror answered for, remembered (HEAD/GET succeeded)
-_HASH_IN_THREAD = 256 * 1024  # hash blocks at least this big in a worker thread
+# blocks the fetcher may hand over as one run (`fetch_run`): one worker thread call, one
+# connection, the blocks asked for one after the other; runs go out side by side
+RUN_BLOCKS = 4
 
 __all__ = ["HttpSource", "HttpTimeouts"]
 
@@ -64,7 +67,9 @@ class HttpSource:
         self.label = self.base_url
         self._pool = HttpPool(max_connections=max_connections,
                               timeouts=timeouts or HttpTimeouts())
-        self._hasher = _BatchHasher()
+        self._blocking = BlockingPool(max_idle=max_connections, timeouts=self._pool.timeouts)
+        self._threads = trio.CapacityLimiter(max_connections)
+        self._jobs: set[_RunJob] = set()
         self._known: OrderedDict[bytes, None] = OrderedDict()  # ids it served or HEAD-answered
         self._head_limiter = trio.CapacityLimiter(max(1, max_connections // 2))
         self._record: bytes | None = None
@@ -80,21 +85,58 @@ class HttpSource:
 
     async def fetch(self, block_id: bytes, priority: Priority = Priority.READ) -> bytes:
         """The block's bytes, checked against its id."""
-        if len(block_id) != BLOCK_ID_LEN:
-            raise DhtError(f"block id must be {BLOCK_ID_LEN} bytes")
-        data = await self._get(block_path(block_id), MAX_BLOCK, what="block")
-        if data is None:
-            raise BlockNotFound(f"{self.base_url} does not have block {block_id.hex()[:16]}")
-        if len(data) >= _HASH_IN_THREAD:
-            digest = await self._hasher.sha256(data)
-        else:
-            digest = _sha256(data)
-        if digest != block_id:
-            raise BadBlockError(f"{self.base_url} served {len(data)} bytes for block "
-                                f"{block_id.hex()[:16]} that do not hash to its id "
-                                "(corrupt or truncated file on the mirror)")
-        self._remember(block_id)
+        run = RunOfWants([block_id], priority)
+        answers: list[tuple[bytes | None, DhtError | None]] = []
+        await self.fetch_run(run, lambda _i, data, error: answers.append((data, error)))
+        [(data, error)] = answers
+        if error is not None:
+            raise error
+        assert data is not None
         return data
+
+    async def fetch_run(self, run: RunOfWants, on_result: OnRunResult) -> None:
+        """Fetch the blocks of `run` in one worker thread; returns once each is answered
+        or cancelled (`PeerConnection.fetch_run`'s contract).
+
+        The thread asks for the blocks one after the other on a keep-alive
+        connection, checks each against its id and hands it to the event loop
+        as it comes (`on_result`, in the loop), so the loop spends nothing on
+        parsing, copying or hashing. A block `run.cancel(i)` drops is answered
+        (None, None) at once; once every block left is dropped, or the caller
+        is cancelled, the connection under way is shut down and the thread
+        ends at once.
+        """
+        count = len(run.block_ids)
+        if not 1 <= count <= self.max_wants:
+            raise DhtError(f"a run has 1..{self.max_wants} blocks, not {count}")
+        for block_id in run.block_ids:
+            if type(block_id) is not bytes or len(block_id) != BLOCK_ID_LEN:
+                raise DhtError(f"block ids must be {BLOCK_ID_LEN} bytes")
+        if self.closed:
+            raise PeerGoneError(f"{self.base_url}: closed")
+        job = _RunJob(run, on_result, self)
+        self._jobs.add(job)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(job.follow_cancels)
+                token = trio.lowlevel.current_trio_token()
+                await trio.to_thread.run_sync(self._fetch_blocks, job, token,
+                                              limiter=self._threads)
+                job.finished = True
+                nursery.cancel_scope.cancel()
+            job.finish()
+        finally:
+            self._jobs.discard(job)
+
+    @property
+    def max_wants(self) -> int:
+        return RUN_BLOCKS
+
+    @property
+    def prioritises(self) -> bool:
+        """False: a web server answers in arrival order, whatever our priority
+        (`dht.fetch`: a block under way here is not asked for again when a read needs it)."""
+        return False
 
     async def have(self, block_ids: Sequence[bytes]) -> list[bool]:
         """Which of these blocks the mirror serves: HEAD requests, a few at a time.
@@ -130,6 +172,9 @@ class HttpSource:
         if self.closed:
             return
         self.closed = True
+        for job in list(self._jobs):
+            job.abort.abort()
+        self._blocking.close()
         with trio.CancelScope(shield=True):
             await self._pool.aclose()
 
@@ -156,6 +201,41 @@ class HttpSource:
         self._known.move_to_end(block_id)
         while len(self._known) > _KNOWN_IDS:
             self._known.popitem(last=False)
+
+    def _fetch_blocks(self, job: _RunJob, token: trio.lowlevel.TrioToken) -> None:
+        """In a worker thread: each block of the run not dropped, checked, handed to the loop."""
+        run = job.run
+        for index, block_id in enumerate(run.block_ids):
+            if job.abort.aborted:
+                return
+            if run.cancelled[index]:
+                continue  # answered by the loop (`follow_cancels`)
+            data: bytes | None = None
+            error: DhtError | None = None
+            try:
+                data = self._fetch_block(block_id, job.abort)
+            except DhtError as exc:
+                error = exc
+            token.run_sync_soon(job.deliver, index, data, error)
+
+    def _fetch_block(self, block_id: bytes, abort: Abort) -> bytes:
+        """One block, checked against its id (blocking; in a worker thread)."""
+        url = f"{self.base_url}/{block_path(block_id)}"
+        try:
+            resp = self._blocking.request("GET", url, limit=MAX_BLOCK, abort=abort)
+        except BodyTooLongError as exc:
+            raise BadBlockError(f"{url}: the block is longer than {MAX_BLOCK} bytes; refused "
+                                f"({exc})") from exc
+        if resp.status in (404, 410):
+            raise BlockNotFound(f"{self.base_url} does not have block {block_id.hex()[:16]}")
+        if resp.status != 200:
+            raise PeerGoneError(f"{url}: HTTP {resp.status}")
+        data = resp.body
+        if _sha256(data) != block_id:  # hashlib lets go of the GIL for big buffers
+            raise BadBlockError(f"{self.base_url} served {len(data)} bytes for block "
+                                f"{block_id.hex()[:16]} that do not hash to its id "
+                                "(corrupt or truncated file on the mirror)")
+        return data
 
     async def _head(self, path: str) -> bool:
         if self.closed:
@@ -196,52 +276,58 @@ class HttpSource:
         return data
 
 
-class _BatchHasher:
-    """SHA-256 of big blocks in worker threads, what arrives meanwhile in one call.
+class _RunJob:
+    """One run of blocks fetched by one worker thread, and the event loop's side of it."""
 
-    Many requests finish at once; a thread call per block costs a wakeup
-    of the loop each. A caller that finds no hashing under way hashes
-    everything queued in one worker call and hands each waiter its digest;
-    who is still waiting then (queued meanwhile) goes next.
-    """
+    def __init__(self, run: RunOfWants, on_result: OnRunResult, source: HttpSource) -> None:
+        self.run = run
+        self.abort = Abort()
+        self.finished = False
+        self.left = False  # the caller was cancelled: no answer reaches it any more
+        self._on_result = on_result
+        self._source = source
+        self._answered = [False] * len(run.block_ids)
 
-    def __init__(self) -> None:
-        self._queue: list[tuple[bytes, list[bytes]]] = []
-        self._busy = False
-        self._done = trio.Event()
+    def deliver(self, index: int, data: bytes | None, error: DhtError | None) -> None:
+        """In the event loop: block `index` ended (the first word on it counts)."""
+        if self._answered[index] or self.left:
+            return
+        self._answered[index] = True
+        if data is not None or error is not None:
+            self._source.requests += 1
+        if data is not None:
+            self._source._remember(self.run.block_ids[index])
+            self._source.bytes += len(data)
+        self._on_result(index, data, error)
 
-    async def sha256(self, data: bytes) -> bytes:
-        slot: list[bytes] = []
-        self._queue.append((data, slot))
+    async def follow_cancels(self) -> None:
+        """Answer dropped blocks at once; stop the thread once nothing it does is wanted
+        (every block left dropped, or the caller cancelled)."""
+        run = self.run
         try:
-            while not slot:
-                if self._busy:
-                    await self._done.wait()
-                else:
-                    await self._hash_queued()
-        finally:
-            if not slot:  # cancelled before its turn: nobody needs it hashed
-                self._queue = [q for q in self._queue if q[1] is not slot]
-        return slot[0]
+            while True:
+                for i, cancelled in enumerate(run.cancelled):
+                    if cancelled and not self._answered[i]:
+                        self.deliver(i, None, None)
+                if all(self._answered):
+                    self.abort.abort()  # nothing it does is wanted: it ends now
+                    return
+                run.wake = trio.Event()
+                await run.wake.wait()
+        except BaseException:  # the caller is cancelled: the thread must end now
+            if not self.finished:
+                self.left = True
+                self.abort.abort()
+            raise
 
-    async def _hash_queued(self) -> None:
-        self._busy = True
-        try:
-            batch = list(self._queue)
-            digests = await trio.to_thread.run_sync(_sha256_each, [d for d, _ in batch])
-            for (_, slot), digest in zip(batch, digests, strict=True):
-                slot.append(digest)
-            hashed = {id(slot) for _, slot in batch}
-            self._queue = [q for q in self._queue if id(q[1]) not in hashed]
-        finally:
-            self._busy = False
-            self._done.set()
-            self._done = trio.Event()
+    def finish(self) -> None:
+        """The thread is done: a block it never answered (aborted) ends without bytes."""
+        self.finished = True
+        for i, answered in enumerate(self._answered):
+            if not answered:
+                self.deliver(i, None, PeerGoneError(
+                    f"{self._source.base_url}: the request was abandoned"))
 
 
 def _sha256(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
-
-
-def _sha256_each(blocks: list[bytes]) -> list[bytes]:
-    return [hashlib.sha256(b).digest() for b in blocks]

@@ -14,7 +14,9 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import socket
 import ssl
+import threading
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -31,6 +33,9 @@ from hypothesis import strategies as st
 
 from dht.errors import PeerGoneError
 from dht.http_connection import (
+    Abort,
+    BlockingHttpConnection,
+    BlockingPool,
     BodyTooLongError,
     HttpConnection,
     HttpPool,
@@ -288,6 +293,17 @@ def test_https_mirror_is_verified_and_kept_alive(tmp_path: Path) -> None:
             await default.aclose()
 
         run(test)
+        # the blocking connections of worker threads alike
+        blocking = BlockingPool(max_idle=2, timeouts=SHORT,
+                                ssl_context=ssl.create_default_context(cafile=str(cert)))
+        for _ in range(3):
+            for name, data in files.items():
+                assert blocking.request("GET", f"{base}/{name}", limit=1 << 20,
+                                        abort=Abort()).body == data
+        assert blocking.stats.connections_opened == 1
+        blocking.close()
+        with pytest.raises(PeerGoneError, match="cannot connect"):
+            BlockingPool(timeouts=SHORT).request("GET", f"{base}/b0", limit=100, abort=Abort())
 
 
 def test_origin_of_urls() -> None:
@@ -330,16 +346,53 @@ async def _exchange(chunks: list[bytes], limit: int,
     return answer[0]
 
 
+def _blocking_exchange(chunks: list[bytes], limit: int,
+                       method: str = "GET") -> tuple[int, dict[str, str], bytes, bool]:
+    """The same over a blocking connection on one end of a socket pair."""
+    ours, theirs = socket.socketpair()
+    conn = BlockingHttpConnection(ours, Origin("http", "h", 80),
+                                  HttpTimeouts(connect=1.0, read=1.0, write=1.0, pool=1.0))
+
+    def serve_chunks() -> None:
+        with theirs:
+            theirs.settimeout(5.0)
+            try:
+                theirs.recv(65536)
+                for chunk in chunks:
+                    theirs.sendall(chunk)
+                theirs.shutdown(socket.SHUT_WR)
+                theirs.recv(1)  # until the client closes its end
+            except OSError:
+                pass
+
+    server = threading.Thread(target=serve_chunks)
+    server.start()
+    try:
+        return conn.request(method, "/x", [], limit)
+    finally:
+        conn.close()
+        server.join(10)
+
+
+def exchange(kind: str, chunks: list[bytes], limit: int,
+             method: str = "GET") -> tuple[int, dict[str, str], bytes, bool]:
+    if kind == "trio":
+        return trio.run(_exchange, chunks, limit, method)
+    return _blocking_exchange(chunks, limit, method)
+
+
 def _splits(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c % (len(data) + 1) for c in cuts})
     edges = [0, *points, len(data)]
     return [data[a:b] for a, b in zip(edges, edges[1:], strict=False) if b > a]
 
 
+@pytest.mark.parametrize("kind", ["trio", "blocking"])
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(body=st.binary(max_size=3000), chunked=st.booleans(),
        cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=8))
-def test_any_split_of_a_valid_response_gives_its_exact_body(body: bytes, chunked: bool,
+def test_any_split_of_a_valid_response_gives_its_exact_body(kind: str, body: bytes,
+                                                             chunked: bool,
                                                              cuts: list[int]) -> None:
     if chunked:
         wire = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -347,21 +400,117 @@ def test_any_split_of_a_valid_response_gives_its_exact_body(body: bytes, chunked
                 + b"0\r\n\r\n")
     else:
         wire = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
-    got = trio.run(_exchange, _splits(wire, cuts), 3000)
+    got = exchange(kind, _splits(wire, cuts), 3000)
     assert got[0] == 200 and got[2] == body and got[3]
 
 
+@pytest.mark.parametrize("kind", ["trio", "blocking"])
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(prefix=st.sampled_from([b"", b"HTTP/1.1 200 OK\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: ",
                                b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n"]),
        junk=st.binary(max_size=400), limit=st.integers(min_value=0, max_value=500))
-def test_arbitrary_server_bytes_give_an_answer_or_our_errors(prefix: bytes, junk: bytes,
-                                                             limit: int) -> None:
+def test_arbitrary_server_bytes_give_an_answer_or_our_errors(kind: str, prefix: bytes,
+                                                             junk: bytes, limit: int) -> None:
     try:
-        status, _headers, body, kept = trio.run(_exchange, [prefix + junk], limit)
+        status, _headers, body, kept = exchange(kind, [prefix + junk], limit)
     except (PeerGoneError, BodyTooLongError):
         return
     assert 100 <= status <= 999
     assert len(body) <= max(limit, 64 * 1024)
     if status == 200:
         assert len(body) <= limit and kept
+
+
+# ---- blocking connections for worker threads (BlockingPool) ----------------------------
+
+def test_blocking_pool_keeps_alive_follows_redirects_and_refuses_long_bodies(www) -> None:
+    server, files = www
+    pool = BlockingPool(max_idle=2, timeouts=SHORT)
+    for _ in range(3):
+        for name, data in files.items():
+            resp = pool.request("GET", f"{server.url}/{name}", limit=1 << 20, abort=Abort())
+            assert resp.status == 200 and resp.body == data
+    assert pool.stats.requests == 24 and pool.stats.connections_opened == 1
+    assert pool.request("HEAD", f"{server.url}/dir/f3", limit=0, abort=Abort()).body == b""
+    assert pool.request("GET", f"{server.url}/dir/none", limit=100, abort=Abort()).status == 404
+    moved = pool.request("GET", f"{server.url}/moved", limit=1 << 20, abort=Abort())
+    assert moved.body == files["dir/f1"] and moved.url.endswith("/dir/f1")
+    assert pool.stats.connections_opened == 1  # a 404 and a 301 kept their connection
+    with pytest.raises(BodyTooLongError, match="refused unread"):
+        pool.request("GET", f"{server.url}/dir/f7", limit=100_000, abort=Abort())
+    assert pool.request("GET", f"{server.url}/dir/f7", limit=1 << 20,
+                        abort=Abort()).body == files["dir/f7"]
+    pool.close()
+    with pytest.raises(PeerGoneError):
+        pool.request("GET", f"{server.url}/dir/f0", limit=1 << 20, abort=Abort())
+
+
+def test_blocking_pool_bad_servers_fail_in_time_and_abort_ends_a_stalled_read() -> None:
+    """Truncated, stalled, silent and garbage answers fail within the read timeout; an
+    idle connection the server closed is replaced; `Abort.abort` from the event loop ends
+    a read blocked in a worker thread at once, whatever the timeouts."""
+
+    async def truncated(stream: trio.SocketStream) -> None:
+        if await read_request(stream):
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 500)
+
+    async def stalled(stream: trio.SocketStream) -> None:
+        if await read_request(stream):
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+            await trio.sleep_forever()
+
+    async def silent(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    async def garbage(stream: trio.SocketStream) -> None:
+        if await read_request(stream):
+            await stream.send_all(b"SSH-2.0-OpenSSH\r\n\r\n")
+
+    async def one_per_connection(stream: trio.SocketStream) -> None:
+        if await read_request(stream):
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+        await stream.aclose()
+
+    async def test() -> None:
+        pool = BlockingPool(timeouts=SHORT)
+        async with trio.open_nursery() as nursery:
+            for handler, match in ((truncated, "without sending complete|closed"),
+                                   (stalled, "timed out"), (silent, "timed out"),
+                                   (garbage, "broken HTTP")):
+                url = await serve(nursery, handler)
+                start = trio.current_time()
+                with pytest.raises(PeerGoneError, match=match):
+                    await trio.to_thread.run_sync(partial(
+                        pool.request, "GET", url + "/x", limit=1 << 20, abort=Abort()))
+                assert trio.current_time() - start < 5 * SHORT.read
+            url = await serve(nursery, one_per_connection)
+            for _ in range(4):
+                resp = await trio.to_thread.run_sync(partial(
+                    pool.request, "GET", url + "/x", limit=100, abort=Abort()))
+                assert resp.body == b"hello"
+            assert pool.stats.stale_dropped + pool.stats.retried >= 3
+            patient = BlockingPool(timeouts=HttpTimeouts(read=60.0, write=60.0))
+            url = await serve(nursery, stalled)
+            abort = Abort()
+            start = trio.current_time()
+            async with trio.open_nursery() as inner:
+                inner.start_soon(trio.to_thread.run_sync, partial(
+                    _expect_gone, patient, url + "/x", abort))
+                await trio.sleep(0.3)
+                abort.abort()
+            assert trio.current_time() - start < 10.0  # not the 60 s read timeout
+            with pytest.raises(PeerGoneError, match="cancelled"):  # and nothing after it
+                await trio.to_thread.run_sync(partial(
+                    patient.request, "GET", url + "/x", limit=100, abort=abort))
+            nursery.cancel_scope.cancel()
+        with pytest.raises(PeerGoneError, match="cannot connect|timed out"):
+            pool.request("GET", "http://127.0.0.1:1/x", limit=100, abort=Abort())
+        pool.close()
+        patient.close()
+
+    run(test)
+
+
+def _expect_gone(pool: BlockingPool, url: str, abort: Abort) -> None:
+    with pytest.raises(PeerGoneError):
+        pool.request("GET", url, limit=1 << 20, abort=abort)

@@ -14,12 +14,14 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 
+import h11
 import pytest
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dht.errors import BadBlockError, BlockNotFound, FetchTimeout, PeerGoneError
+from dht.client import RunOfWants
+from dht.errors import BadBlockError, BlockNotFound, DhtError, FetchTimeout, PeerGoneError
 from dht.fetch import FetchConfig, Fetcher
 from dht.http_source import HttpSource, HttpTimeouts
 from dht.identity import NodeIdentity
@@ -256,52 +258,137 @@ def test_url_checker_never_raises_anything_else(text: str) -> None:
     assert out.startswith(("http://", "https://")) and check_base_url(out) == out
 
 
-def test_big_blocks_are_hashed_in_batches_and_cancelled_waiters_leave_no_trace(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Blocks of 256 KiB and more are hashed in worker threads, those that arrived
-    meanwhile in one call; a waiter cancelled before or during its batch takes nothing
-    from the others."""
-    import dht.http_source as hs
-
-    calls: list[int] = []
-    real = hs._sha256_each
-
-    def counted(blocks: list[bytes]) -> list[bytes]:
-        calls.append(len(blocks))
-        return real(blocks)
-
-    monkeypatch.setattr(hs, "_sha256_each", counted)
-    datas = [os.urandom(300_000) for _ in range(24)]
+def test_a_run_is_fetched_by_one_worker_thread_and_each_block_answered_alone(mirror) -> None:
+    """A run's blocks go one after the other on one keep-alive connection in one worker
+    thread; each gets its own answer (bytes, BlockNotFound, BadBlockError), and a block
+    dropped before its turn is answered (None, None) and never asked for."""
+    root, server = mirror
+    want = blocks(root, 4)
+    good1, missing, corrupt, dropped = list(want)
+    (root / block_path(missing)).unlink()
+    path = root / block_path(corrupt)
+    path.write_bytes(path.read_bytes()[:-1] + b"?")
 
     async def test() -> None:
-        hasher = hs._BatchHasher()
-        got: dict[int, bytes] = {}
+        src = HttpSource(server.url, timeouts=SHORT)
+        assert src.max_wants >= 4 and not src.prioritises
+        run_ = RunOfWants([good1, missing, corrupt, dropped], Priority.READAHEAD)
+        run_.cancel(3)
+        got: dict[int, tuple] = {}
 
-        async def one(i: int) -> None:
-            got[i] = await hasher.sha256(datas[i])
+        def on_result(i: int, data: bytes | None, error: Exception | None) -> None:
+            assert i not in got
+            got[i] = (data, type(error) if error is not None else None)
 
+        await src.fetch_run(run_, on_result)
+        assert got == {0: (want[good1], None), 1: (None, BlockNotFound),
+                       2: (None, BadBlockError), 3: (None, None)}
+        assert src.requests == 3 and src._blocking.stats.connections_opened == 1
+        with pytest.raises(DhtError):
+            await src.fetch_run(RunOfWants([good1] * (src.max_wants + 1), Priority.READ),
+                                on_result)
+        await src.aclose()
+        with pytest.raises(PeerGoneError):
+            await src.fetch(good1)
+
+    run(test)
+
+
+def test_a_dropped_or_cancelled_run_at_a_stalled_mirror_ends_at_once(mirror) -> None:
+    """Timeouts of a minute; a run whose every block is dropped, or whose caller is
+    cancelled, ends within seconds (its connection is shut down under the worker
+    thread), with no answer after the caller left."""
+    root, server = mirror
+    want = blocks(root, 2)
+    patient = HttpTimeouts(connect=5.0, read=60.0, write=60.0, pool=60.0)
+
+    async def stalled(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        await trio.sleep_forever()
+
+    async def test() -> None:
         async with trio.open_nursery() as nursery:
-            scopes = []
-            for i in range(len(datas)):
-                scope = trio.CancelScope()
-                scopes.append(scope)
+            [listener] = await nursery.start(partial(trio.serve_tcp, stalled, 0, host="127.0.0.1"))
+            src = HttpSource(f"http://127.0.0.1:{listener.socket.getsockname()[1]}",
+                             timeouts=patient)
+            run_ = RunOfWants(list(want), Priority.READ)
+            got: list[tuple] = []
 
-                async def task(i: int = i, scope: trio.CancelScope = scope) -> None:
-                    with scope:
-                        await one(i)
+            async def drop_all() -> None:
+                await trio.sleep(0.3)
+                run_.cancel(1)
+                run_.cancel(0)
 
-                nursery.start_soon(task)
-            await trio.sleep(0)
-            for i in range(0, len(datas), 5):  # some leave while the first batch runs
-                scopes[i].cancel()
-        cancelled = set(range(0, len(datas), 5))
-        for i, data in enumerate(datas):
-            if i in got:
-                assert got[i] == hashlib.sha256(data).digest()
-            else:
-                assert i in cancelled
-        assert set(range(len(datas))) - cancelled <= set(got)
-        assert not hasher._queue and not hasher._busy
-        assert len(calls) < len(datas) - len(cancelled)  # batched, not one call each
+            start = trio.current_time()
+            nursery.start_soon(drop_all)
+            await src.fetch_run(run_, lambda i, d, e: got.append((i, d, e)))
+            assert sorted(got) == [(0, None, None), (1, None, None)]
+            assert trio.current_time() - start < 10.0
+            got.clear()
+            start = trio.current_time()
+            with trio.move_on_after(0.3):
+                await src.fetch_run(RunOfWants(list(want), Priority.READ),
+                                    lambda i, d, e: got.append((i, d, e)))
+            assert trio.current_time() - start < 10.0 and got == []
+            await src.aclose()
+            nursery.cancel_scope.cancel()
+
+    run(test)
+
+
+def test_a_block_under_way_at_a_mirror_is_not_asked_again_when_a_read_needs_it(
+        tmp_path: Path) -> None:
+    """A web server answers in arrival order: a READ for a block the readahead is
+    fetching waits for that fetch (one request per block), it does not send a second."""
+    root = tmp_path / "www"
+    root.mkdir()
+    want = blocks(root, 6)
+    patient = FetchConfig(hedge_floor=20.0, stall_timeout=20.0, default_timeout=20.0)
+    asked: list[str] = []
+
+    async def slow_static(stream: trio.SocketStream) -> None:
+        """Serves files under root, each 0.3 s after it is asked for (keep-alive)."""
+        conn = h11.Connection(h11.SERVER)
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                conn.receive_data(data)
+                continue
+            if isinstance(event, h11.Request):
+                asked.append(event.target.decode())
+                await trio.sleep(0.3)
+                body = (root / event.target.decode().lstrip("/")).read_bytes()
+                await stream.send_all(conn.send(h11.Response(
+                    status_code=200, headers=[("Content-Length", str(len(body)))]))
+                    + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
+            elif isinstance(event, h11.EndOfMessage):
+                conn.start_next_cycle()
+
+    async def test() -> None:
+        async with trio.open_nursery() as outer:
+            [listener] = await outer.start(partial(trio.serve_tcp, slow_static, 0,
+                                                   host="127.0.0.1"))
+            src = HttpSource(f"http://127.0.0.1:{listener.socket.getsockname()[1]}",
+                             timeouts=SHORT)
+            async with Fetcher(NodeIdentity.generate(), os.urandom(32), os.urandom(32),
+                               _no_providers, config=patient) as f:
+                f.set_sources([src])
+                ids = list(want)
+                got: dict[bytes, bytes] = {}
+
+                async def read(bid: bytes) -> None:
+                    got[bid] = await f.fetch(bid, Priority.READ)
+
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(partial(f.fetch_ahead, ids, Priority.READAHEAD))
+                    await trio.sleep(0.1)  # the readahead is under way (0.3 s a block)
+                    for bid in ids:  # each wanted now, while under way or queued
+                        nursery.start_soon(read, bid)
+                assert got == want
+            assert sorted(asked) == sorted(f"/{block_path(bid)}" for bid in ids)
+            outer.cancel_scope.cancel()
 
     run(test)
