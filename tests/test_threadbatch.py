@@ -7,6 +7,7 @@ import threading
 
 import pytest
 import trio
+import trio.testing
 
 from vfs.threadbatch import ThreadBatches
 
@@ -131,5 +132,41 @@ def test_a_few_jobs_with_idle_lanes_run_in_parallel_one_a_thread() -> None:
                     callers.start_soon(functools.partial(tb.call, barrier.wait, cost=1))
             nursery.cancel_scope.cancel()
         assert (tb.batches, tb.jobs) == (4, 4)
+
+    trio.run(main)
+
+
+def test_an_urgent_job_goes_ahead_of_the_jobs_queued_before_it() -> None:
+    """A READ's job (urgent) queued behind a readahead's jobs runs first: a random read
+    does not wait for the sequential readahead's decryptions. Urgent jobs keep their
+    order among themselves, and the others theirs."""
+    gate = threading.Event()
+    order: list[str] = []
+
+    def job(name: str) -> str:
+        if name == "busy":
+            gate.wait(10)
+        order.append(name)
+        return name
+
+    async def main() -> None:
+        tb = ThreadBatches(lanes=1, batch_cost=1)  # one job a thread call
+        async with trio.open_nursery() as nursery:
+            await nursery.start(tb.run)
+            async with trio.open_nursery() as callers:
+                callers.start_soon(functools.partial(tb.call, job, "busy", cost=1))
+                while tb._busy == 0:  # the lane is taken by the gated job
+                    await trio.sleep(0.001)
+                for name in ("ahead1", "ahead2", "ahead3"):
+                    callers.start_soon(functools.partial(tb.call, job, name, cost=1))
+                    await trio.sleep(0)
+                for name in ("read1", "read2"):
+                    callers.start_soon(functools.partial(tb.call, job, name, cost=1,
+                                                         urgent=True))
+                    await trio.sleep(0)
+                await trio.testing.wait_all_tasks_blocked()
+                gate.set()
+            nursery.cancel_scope.cancel()
+        assert order == ["busy", "read1", "read2", "ahead1", "ahead2", "ahead3"]
 
     trio.run(main)

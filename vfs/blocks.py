@@ -468,7 +468,8 @@ class BlockReader:
         if ref.block_id in self._undecryptable:
             plain = None  # not from the store: see ciphertext_of
         elif ref.length >= _THREAD_MIN:
-            plain = await self.workers.call(self._open_local, ref, cost=ref.length)
+            plain = await self.workers.call(self._open_local, ref, cost=ref.length,
+                                            urgent=priority == Priority.READ)
         else:
             plain = self._open_local(ref)
         if plain is not None:
@@ -479,5 +480,6 @@ class BlockReader:
         assert ct is not None
         if len(ct) >= _THREAD_MIN:
             # AES-GCM of a large block (~75 us for 256 KiB here) is worth a worker thread
-            return await self.workers.call(self._decrypt, ref, ct, cost=len(ct))
+            return await self.workers.call(self._decrypt, ref, ct, cost=len(ct),
+                                           urgent=priority == Priority.READ)
         return self._decrypt(ref, ct)

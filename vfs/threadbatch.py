@@ -22,6 +22,10 @@ Rules:
 - A caller cancelled while its job waits or runs gets Cancelled; the job
   still runs if it was taken (its result is dropped), so a job must leave
   nothing half-done when nobody reads its result.
+- `urgent=True` (a READ: someone waits in read(2) for it) queues a job
+  ahead of every job that is not, in order among urgent ones: a random
+  read that arrives behind a sequential readahead's queued decryptions
+  does not wait for them.
 - When `run` ends, jobs still queued are handed back to their callers,
   which run them themselves.
 """
@@ -67,6 +71,7 @@ class ThreadBatches:
         self.lanes = lanes
         self.batch_cost = batch_cost
         self._queue: deque[_Job[Any]] = deque()
+        self._urgent: deque[_Job[Any]] = deque()  # taken before anything in _queue
         self._added = trio.Event()
         self._running = False
         self._busy = 0  # lanes running a batch
@@ -83,36 +88,43 @@ class ThreadBatches:
                 task_status.started()
         finally:
             self._running = False
-            while self._queue:
-                job = self._queue.popleft()
-                job.done.set()  # no result: its caller runs it
+            for queue in (self._urgent, self._queue):
+                while queue:
+                    job = queue.popleft()
+                    job.done.set()  # no result: its caller runs it
 
-    async def call(self, fn: Callable[..., T], *args: Any, cost: int = 0) -> T:
+    async def call(self, fn: Callable[..., T], *args: Any, cost: int = 0,
+                   urgent: bool = False) -> T:
         if not self._running:
             return await trio.to_thread.run_sync(fn, *args)
         job: _Job[T] = _Job(fn, args, cost)
-        self._queue.append(job)
+        (self._urgent if urgent else self._queue).append(job)
         self._added.set()
         await job.done.wait()
         if job.result is None:
             return await trio.to_thread.run_sync(fn, *args)
         return job.result.unwrap()
 
+    def _waiting(self) -> int:
+        return len(self._urgent) + len(self._queue)
+
     def _take(self) -> list[_Job[Any]]:
         idle = max(1, self.lanes - self._busy)  # this lane included
-        share = -(-len(self._queue) // idle)
+        share = -(-self._waiting() // idle)
         batch: list[_Job[Any]] = []
         cost = 0
-        while self._queue and (not batch or (len(batch) < share
-                                             and cost + self._queue[0].cost <= self.batch_cost)):
-            job = self._queue.popleft()
+        while True:
+            queue = self._urgent or self._queue
+            if not queue or (batch and (len(batch) >= share
+                                        or cost + queue[0].cost > self.batch_cost)):
+                return batch
+            job = queue.popleft()
             batch.append(job)
             cost += job.cost
-        return batch
 
     async def _lane(self) -> None:
         while True:
-            while not self._queue:
+            while not self._waiting():
                 if self._added.is_set():
                     self._added = trio.Event()
                 await self._added.wait()
