@@ -560,3 +560,46 @@ def test_store_lookups_of_the_read_path_stay_off_the_event_loop_and_happen_once(
             assert [(n, a) for n, a in on_loop if n == "missing" or a in chunks] == []
 
     run_trio(main, DEADLINE)
+
+
+def test_a_read_waiting_on_the_network_does_not_hold_up_other_reads(world) -> None:
+    """FUSE serves requests from many tasks (pyfuse3 starts another whenever none is
+    waiting for the kernel), so the read path must not serialise them: while one read
+    waits for a block from the network, a random read and a sequential stream of the
+    same file's local blocks, and a read of another file, are answered."""
+    drive, net, big, _, _ = world
+
+    async def main(nursery: trio.Nursery) -> None:
+        async with running_drive(drive):
+            of = await open_file(drive, b"big.bin")
+            chunks, s = of.map.chunks, of.map.starts
+            local = len(chunks) // 2  # the first half on the device, then out of memory
+            assert bytes(await drive.read(of, 0, s[local])) == big[:s[local]]
+            while any(drive.blocks.is_unstored(c.block_id) for c in chunks[:local]):
+                await trio.sleep(0.01)
+            for c in chunks[:local]:
+                drive.blocks.forget(c.block_id)
+            stalled = chunks[-1]
+            net.hold.add(stalled.block_id)
+            done = trio.Event()
+
+            async def slow() -> None:
+                got = await drive.read(of, s[-1], 4096)
+                assert bytes(got) == big[s[-1]:s[-1] + 4096]
+                done.set()
+
+            nursery.start_soon(slow)
+            await net.wait_until(lambda: stalled.block_id in net.asked())
+            of2 = await open_file(drive, b"big.bin")
+            for k in range(4):  # sequential (readahead starts), all local
+                got = await drive.read(of2, k * 128 * KiB, 128 * KiB)
+                assert bytes(got) == big[k * 128 * KiB:(k + 1) * 128 * KiB]
+            got = await drive.read(of, s[local - 1] + 5, 4096)  # random, local
+            assert bytes(got) == big[s[local - 1] + 5:s[local - 1] + 5 + 4096]
+            small = await open_file(drive, b"small.txt")
+            assert bytes(await drive.read(small, 0, 100)) == b"small\n"
+            assert not done.is_set()  # all of it answered while the first read waited
+            net.release()
+            await done.wait()
+
+    run_trio(main, DEADLINE)
