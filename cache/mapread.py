@@ -83,7 +83,8 @@ class StoreReadahead:
         st = os.fstat(self._fd)
         self._dev = (os.major(st.st_dev), os.minor(st.st_dev))
         self._ino = st.st_ino
-        self._region: _Region | None = None
+        self._region: _Region | None = None  # where offsets are looked up (a hint only)
+        self._mapping: _Region | None = None  # what `release` advises; see forget_mapping
         self._lock = threading.Lock()
         self._last_end = -1  # file offset just past the last value read
         self._ahead_until = 0  # file offset up to which readahead was already asked
@@ -163,11 +164,32 @@ class StoreReadahead:
         self.release(view)
 
     def release(self, view: memoryview) -> None:
-        """Unmap every page of the mapping `view` lies in (same conditions as _note_mapped)."""
-        region = self._find(buffer_address(view))
+        """Unmap every page of the mapping `view` lies in (same conditions as _note_mapped).
+
+        The mapping is the one found in /proc/self/maps the last time, while
+        the view lies inside it and `forget_mapping` has not been called since:
+        the store calls it whenever it remaps (a map resize, in its exclusive
+        section, when no view can be open), so the cached range is always its
+        current map. Parsing /proc/self/maps (~330 lines in a mount, ~1 ms of
+        Python holding the GIL) on every release cost a hot read a few tenths
+        of a CPU-second per GiB.
+        """
+        addr = buffer_address(view)
+        region = self._mapping
+        if region is None or not region.start <= addr < region.end:
+            region = self._find(addr)
+            self._mapping = region
         if region is not None:
             _madvise(region.start, region.end - region.start, mmap.MADV_DONTNEED)
             self.releases += 1
+
+    def forget_mapping(self) -> None:
+        """The file was mapped anew (or unmapped): look the mapping up again next time.
+
+        The caller guarantees no view of the old map is in use (the store calls
+        this inside its exclusive section around `set_mapsize`)."""
+        self._mapping = None
+        self._region = None
 
     def _find(self, addr: int) -> _Region | None:
         """The mapping of this file that contains `addr`, from /proc/self/maps."""

@@ -311,11 +311,22 @@ class BlockStore:
                     f"{self._max_map} bytes (max_map_bytes); lower the cache limit or unpin "
                     "something"
                 )
-            env.set_mapsize(min(self._max_map, current * 2))
+            try:
+                env.set_mapsize(min(self._max_map, current * 2))
+            finally:
+                self._mapping_changed()
 
     def _adopt_map_size(self) -> None:
         with self._gate.exclusive():
-            self._live_env().set_mapsize(0)  # 0: take the size another process grew it to
+            try:
+                self._live_env().set_mapsize(0)  # 0: take the size another process grew it to
+            finally:
+                self._mapping_changed()
+
+    def _mapping_changed(self) -> None:
+        """data.mdb was mapped anew (in the exclusive section: no view is open)."""
+        if self._readahead is not None:
+            self._readahead.forget_mapping()
 
     # -- transactions ---------------------------------------------------------------
 

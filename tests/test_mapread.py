@@ -149,3 +149,35 @@ def test_a_store_can_unmap_what_it_touched(tmp_path: Path) -> None:
             assert store.get(block_id) == data  # and read back the same
     finally:
         store.close()
+
+
+def test_the_mapping_released_is_looked_up_again_after_every_remap(tmp_path: Path) -> None:
+    """`release` keeps the mapping of data.mdb it found in /proc/self/maps (parsing it on
+    every release cost a hot read dearly); the store forgets it whenever it maps the
+    file anew (a map resize), so MADV_DONTNEED only ever lands on the current map."""
+    store = BlockStore(str(tmp_path / "s"), sync=False, initial_map_bytes=2 * 1024 * KiB)
+    try:
+        ra = store._readahead
+        assert ra is not None
+        ra.release_every = 1  # every large read releases
+        blocks = []
+        for _ in range(12):
+            data = os.urandom(1024 * KiB)
+            blocks.append((hashlib.sha256(data).digest(), data))
+        store.put_many(blocks[:1])
+        assert store.get(blocks[0][0]) == blocks[0][1]
+        first = ra._mapping
+        assert first is not None and ra.releases >= 1
+        maps_before = ra.releases
+        store.put_many(blocks[1:])  # the map grows (2 MiB -> 16 MiB): mapped anew
+        assert store._live_env().info()["map_size"] > 2 * 1024 * KiB
+        assert ra._mapping is None
+        for block_id, data in blocks:
+            assert store.get(block_id) == data
+        current = ra._mapping
+        assert current is not None and ra.releases > maps_before
+        with store._read() as txn:  # the cached range is exactly the current map's
+            view = txn.get(blocks[-1][0], db=store._dbs.blocks)
+            assert ra._find(buffer_address(view)) == current
+    finally:
+        store.close()
