@@ -603,14 +603,21 @@ class Fetcher:
                         self.stats.timeouts += 1
                         oldest = next(r for r in requests if not r.done.is_set())
                         raise self._timeout_error(oldest, timeout)
-                group, came[:] = [(r.block_id, r.result) for r in came], []
-                left -= len(group)
-                await deliver(group)  # type: ignore[arg-type]  # delivered: result is bytes
+                handed, came[:] = list(came), []
+                left -= len(handed)
+                await deliver([(r.block_id, r.result) for r in handed])  # type: ignore[misc]
+                for request in handed:
+                    request.on_delivered.clear()
+                    if self._requests.get(request.block_id) is request:
+                        del self._requests[request.block_id]
         finally:
             for request in requests:
                 if tell in request.on_delivered:
                     request.on_delivered.remove(tell)
                 self._leave(request)
+                if (request.done.is_set() and not request.on_delivered
+                        and self._requests.get(request.block_id) is request):
+                    del self._requests[request.block_id]
 
     def _join(self, block_id: bytes, priority: Priority) -> _Request:
         """The request for `block_id` (made and queued if there is none), one waiter more."""
@@ -1459,7 +1466,8 @@ class Fetcher:
                 self._unpark(request)
                 for other in request.attempts:
                     other.cancel()
-                if self._requests.get(request.block_id) is request:
+                if self._requests.get(request.block_id) is request and not request.on_delivered:
+                    # (a batch's block stays until handed over: a fetch meanwhile joins it)
                     del self._requests[request.block_id]
             return
 

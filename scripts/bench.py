@@ -1895,6 +1895,11 @@ def growth_row(bench: Bench, files: int, step_timeout: float,
     log(f"growth {files:,}: writing the tree")
     growth_tree(tree, files)
     home = bench.publisher_home
+    if bench._serve is not None:
+        # the last row's serve runs on this home, which goes now: a serve of a deleted
+        # store would never see the new drive (every reader then found no version of it)
+        stop_proc(bench._serve[0])
+        bench._serve = None
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir()
     started = time.perf_counter()

@@ -76,6 +76,9 @@ class BlockReader:
         self.workers = ThreadBatches()
         # fetched, verified, not yet in the store (oldest first); only with a store writer
         self._unstored: dict[bytes, bytes] = {}
+        # fetched and verified by fetch_and_store, waiting for its next commit: read from
+        # here meanwhile, never fetched a second time
+        self._batched: dict[bytes, bytes] = {}
         # held while a batch goes to the store, and by evict: a batch committed just
         # after an evict would bring the evicted blocks back
         self._store_lock = trio.Lock()
@@ -95,7 +98,7 @@ class BlockReader:
 
     def is_unstored(self, block_id: bytes) -> bool:
         """Fetched and verified, waiting for the store writer: as good as on the device."""
-        return block_id in self._unstored
+        return block_id in self._unstored or block_id in self._batched
 
     def _remember(self, block_id: bytes, plain: bytes) -> None:
         if len(plain) > self._plain_limit:
@@ -114,6 +117,7 @@ class BlockReader:
         ct = self._unstored.pop(block_id, None)
         if ct is not None:
             self._unstored_bytes -= len(ct)
+        self._batched.pop(block_id, None)
 
     async def evict(self, ids: list[bytes]) -> int:
         """Drop blocks from memory and from the store (the unpinned ones), in turn
@@ -229,6 +233,9 @@ class BlockReader:
             if priority >= Priority.PIN:
                 await self._until_stored(block_id)
             return ct
+        ct = self._batched.get(block_id)
+        if ct is not None:
+            return ct  # a pin's, in its next commit (a read wants the bytes, not the store)
         # a block that failed to decrypt may sit in the store for a moment (a writer batch
         # in flight stored it; it evicts it next): never taken from there, fetched afresh
         if block_id not in self._undecryptable and not looked:
@@ -302,8 +309,15 @@ class BlockReader:
         async def commit() -> None:
             nonlocal pending, pending_bytes
             batch, pending, pending_bytes = pending, [], 0
-            async with self._store_lock:
-                failed, changed = await trio.to_thread.run_sync(self._store_batch, batch)
+            try:
+                async with self._store_lock:
+                    # not what an evict dropped meanwhile (it holds the lock while it does)
+                    batch = [(i, ct) for i, ct in batch if self._batched.get(i) is ct]
+                    failed, changed = await trio.to_thread.run_sync(self._store_batch, batch)
+            finally:
+                for block_id, ct in batch:
+                    if self._batched.get(block_id) is ct:
+                        del self._batched[block_id]
             self.uncached_blocks += failed
             if self.on_stored is not None:
                 self.on_stored(changed)
@@ -314,31 +328,37 @@ class BlockReader:
 
         async def deliver(group: list[tuple[bytes, bytes]]) -> None:
             nonlocal pending_bytes
-            for _, ct in group:
+            for block_id, ct in group:
                 self.fetched_blocks += 1
                 self.fetched_bytes += len(ct)
                 pending_bytes += len(ct)
+                self._batched[block_id] = ct
             pending.extend(group)
             if len(pending) >= STORE_BATCH_BLOCKS or pending_bytes >= STORE_BATCH_BYTES:
                 await commit()
 
         batch = getattr(self.fetch, "batch", None)
-        if batch is not None:
-            await batch(ids, priority, deliver)
-        else:
-            fetch = self.fetch
-            limiter = trio.Semaphore(PER_BLOCK_CONCURRENCY)
+        try:
+            if batch is not None:
+                await batch(ids, priority, deliver)
+            else:
+                fetch = self.fetch
+                limiter = trio.Semaphore(PER_BLOCK_CONCURRENCY)
 
-            async def one(block_id: bytes) -> None:
-                async with limiter:
-                    ct = await fetch(block_id, priority)
-                    await deliver([(block_id, ct)])
+                async def one(block_id: bytes) -> None:
+                    async with limiter:
+                        ct = await fetch(block_id, priority)
+                        await deliver([(block_id, ct)])
 
-            async with trio.open_nursery() as nursery:
-                for block_id in ids:
-                    nursery.start_soon(one, block_id)
-        if pending:
-            await commit()
+                async with trio.open_nursery() as nursery:
+                    for block_id in ids:
+                        nursery.start_soon(one, block_id)
+            if pending:
+                await commit()
+        finally:
+            for block_id, ct in pending:  # a failed fetch or commit: not coming after all
+                if self._batched.get(block_id) is ct:
+                    del self._batched[block_id]
 
     async def _until_stored(self, block_id: bytes) -> None:
         """Wait until the store writer has taken `block_id` (committed, or refused)."""
