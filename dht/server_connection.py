@@ -6,6 +6,12 @@ Rules (docs/protocol.md, "After the handshake"):
    priority (a WantRun is its wants, in order); a Cancel forgets a want (a block already being read is dropped
    before it is sent). A duplicate request id, or more than the server's
    `max_wants` outstanding, is a protocol violation.
+1a. READ wants (a process blocked in read()) have a lane of their own: they
+   are read from the source and sent ahead of the lazier replies already
+   read ahead on this connection, and while any connection of the server has
+   a READ waiting, lazier work everywhere holds back (at most LAZY_HOLD per
+   step, so it never starves): a busy seed spends its CPU on the reads
+   someone waits for first.
 2. Control frames (Notice, Holding, Whole, HaveReply, Pong, Goodbye) go out ahead of
    blocks; a client that lets MAX_CONTROL_BACKLOG of them pile up is not
    reading and is dropped.
@@ -66,16 +72,23 @@ LOOKAHEAD_BATCHES = 2
 # Blocks sent in one write (one TLS record run, one system call): consecutive replies that
 # are ready go together up to this many bytes.
 SEND_BYTES = 256 * 1024
+# Lanes: READ wants, then the lazier priorities (READAHEAD, PIN, PREFETCH).
+URGENT, LAZY = 0, 1
+# Seconds lazier work (a batch read, a send) waits, at most, while READs are waiting
+# anywhere on the server: long enough for a READ's store read and send to go first, short
+# enough that a steady stream of READs from many readers never starves readahead and pins.
+LAZY_HOLD = 0.25
 
 
 class _Lookup:
     """One wanted block on its way from the source to the wire."""
 
-    __slots__ = ("req_id", "seq", "data", "done", "skip", "batch")
+    __slots__ = ("req_id", "seq", "lane", "data", "done", "skip", "batch")
 
-    def __init__(self, req_id: int, seq: int, batch: list[int]) -> None:
+    def __init__(self, req_id: int, seq: int, lane: int, batch: list[int]) -> None:
         self.req_id = req_id
         self.seq = seq
+        self.lane = lane
         self.data: bytes | None = None
         self.done = False
         self.skip = False  # not read: its batch's byte budget ran out; queued again
@@ -105,12 +118,14 @@ class ServerConnection:
         self._queue: list[tuple[int, int, int]] = []
         self._wants: dict[int, tuple[int, bytes]] = {}
         self._seq = 0
+        # seqs of READ wants here not yet read from the source (counted in the server's too)
+        self._urgent: set[int] = set()
         self._control: deque[bytes] = deque()
-        # blocks being read from the source or read, in the order they go out
-        self._ready: deque[_Lookup] = deque()
+        # per lane, blocks being read from the source or read, in the order they go out
+        self._ready: tuple[deque[_Lookup], deque[_Lookup]] = (deque(), deque())
         self._wake = trio.Event()  # the writer: a control frame or a looked-up block is ready
         self._load_wake = trio.Event()  # the loader: a new want, or a batch read
-        self._unsent_batches = 0  # batches taken whose replies have not all gone out
+        self._unsent_batches = [0, 0]  # per lane, batches taken whose replies have not all gone out
         # running mean of the blocks read here, which sizes batches: it starts as if blocks
         # were large (one want a batch) and shrinks as small ones come
         self._block_size = float(LOAD_BYTES)
@@ -158,17 +173,21 @@ class ServerConnection:
 
     async def run(self) -> None:
         """Serve until the client leaves or misbehaves; errors end the connection, not the server."""
-        async with trio.open_nursery() as nursery:
-            self._scope = nursery.cancel_scope
-            nursery.start_soon(self._writer)
-            nursery.start_soon(self._loader, nursery)
-            try:
-                await self._reader()
-            except PeerProtocolError as exc:
-                self._protocol_violation(str(exc))
-                await trio.sleep_forever()  # until the Goodbye is flushed or the grace ends
-            except PeerGoneError:
-                nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
+                nursery.start_soon(self._writer)
+                nursery.start_soon(self._loader, nursery)
+                try:
+                    await self._reader()
+                except PeerProtocolError as exc:
+                    self._protocol_violation(str(exc))
+                    await trio.sleep_forever()  # until the Goodbye is flushed or the grace ends
+                except PeerGoneError:
+                    nursery.cancel_scope.cancel()
+        finally:
+            self.server.urgent_changed(-len(self._urgent))  # what it still had waits no more
+            self._urgent.clear()
 
     async def _reader(self) -> None:
         stats = self.server.stats
@@ -186,7 +205,8 @@ class ServerConnection:
                         break
             elif isinstance(msg, Cancel):
                 stats.cancels_received += 1
-                if self._wants.pop(msg.req_id, None) is not None:
+                if (want := self._wants.pop(msg.req_id, None)) is not None:
+                    self._urgent_done(want[0])
                     self._compact_queue()
             elif isinstance(msg, Have):
                 # answered at once, ahead of queued blocks: a presence check is cheap, but
@@ -226,8 +246,17 @@ class ServerConnection:
         self._seq += 1
         self._wants[req_id] = (self._seq, block_id)
         heapq.heappush(self._queue, (priority, self._seq, req_id))
+        if priority == URGENT:
+            self._urgent.add(self._seq)
+            self.server.urgent_changed(1)
         self._load_wake.set()
         return True
+
+    def _urgent_done(self, seq: int) -> None:
+        """A READ want was read from the source (or cancelled): it holds lazier work no more."""
+        if seq in self._urgent:
+            self._urgent.remove(seq)
+            self.server.urgent_changed(-1)
 
     async def _have_budget(self) -> None:
         """Take one Have from this connection's token bucket, sleeping until there is one."""
@@ -255,6 +284,17 @@ class ServerConnection:
                            if (w := wants.get(e[2])) is not None and w[0] == e[1]]
             heapq.heapify(self._queue)
 
+    def _top_priority(self) -> int | None:
+        """The priority of the most urgent live want (stale heap entries dropped), or None."""
+        queue, wants = self._queue, self._wants
+        while queue:
+            prio, seq, req_id = queue[0]
+            want = wants.get(req_id)
+            if want is not None and want[0] == seq:
+                return prio
+            heapq.heappop(queue)
+        return None
+
     def _next_want(self) -> tuple[int, int, int, bytes] | None:
         """(priority, seq, req_id, block_id) of the most urgent live want, off the heap."""
         while self._queue:
@@ -270,25 +310,41 @@ class ServerConnection:
         A store read can wait on the disk; in a thread it neither stalls the
         event loop (every other connection, the DHT) nor this connection's
         sends. Wants are taken in batches (about LOAD_BYTES, at most
-        LOAD_BATCH), up to LOOKAHEAD_BATCHES of them read ahead of the sends;
-        they are sent in the order they were taken.
+        LOAD_BATCH), up to LOOKAHEAD_BATCHES of them per lane read ahead of the
+        sends; they are sent in the order they were taken, READs (their own
+        lane, rule 1a) ahead of the lazier ones. A lazy batch waits while READs
+        wait anywhere on the server, at most LAZY_HOLD.
         """
+        server = self.server
         while True:
-            batch: list[tuple[_Lookup, bytes]] = []
-            if not self._goodbye_sent and self._unsent_batches < LOOKAHEAD_BATCHES:
+            batch: list[tuple[_Lookup, int, bytes]] = []
+            top = None if self._goodbye_sent else self._top_priority()
+            lane = URGENT if top == URGENT else LAZY
+            if top is not None and self._unsent_batches[lane] < LOOKAHEAD_BATCHES:
+                if lane == LAZY and server.urgent_waiting > 0:
+                    await server.hold_lazy(LAZY_HOLD)
+                    top = self._top_priority()  # a READ may have come meanwhile
+                    if top is None or top == URGENT:
+                        continue
                 most = max(1, min(LOAD_BATCH, int(LOAD_BYTES // self._block_size)))
                 left = [0]
-                while len(batch) < most and (want := self._next_want()) is not None:
+                ready = self._ready[lane]
+                while len(batch) < most:
+                    prio = self._top_priority()
+                    if prio is None or (prio == URGENT) != (lane == URGENT):
+                        break
+                    want = self._next_want()
+                    assert want is not None
                     prio, seq, req_id, block_id = want
-                    lookup = _Lookup(req_id, seq, left)
-                    self._ready.append(lookup)
+                    lookup = _Lookup(req_id, seq, lane, left)
+                    ready.append(lookup)
                     batch.append((lookup, prio, block_id))
                 left[0] = len(batch)
             if not batch:
                 self._load_wake = trio.Event()
                 await self._load_wake.wait()
                 continue
-            self._unsent_batches += 1
+            self._unsent_batches[lane] += 1
             nursery.start_soon(self._look_up, batch, nursery)
 
     async def _look_up(self, batch: list[tuple[_Lookup, int, bytes]],
@@ -325,12 +381,15 @@ class ServerConnection:
             if data is None and in_flight is not None:
                 # Perhaps announced by our node and still on its way here: wait for it,
                 # out of the send queue, so the blocks wanted after it go out meanwhile.
-                self._ready.remove(lookup)
+                self._ready[lookup.lane].remove(lookup)
                 nursery.start_soon(self._wait_in_flight, lookup, block_id)
                 continue
             lookup.done = True
             if data is not None:
                 self._block_size += (len(data) - self._block_size) / 4
+        for lookup, _prio, _block_id in batch:
+            if not lookup.skip:  # read (or waiting on our node's own fetch, not on the CPU)
+                self._urgent_done(lookup.seq)
         self._wake.set()
         self._load_wake.set()
 
@@ -341,39 +400,46 @@ class ServerConnection:
         if lookup.data is not None:
             self.server.stats.served_in_flight += 1
         lookup.done = True
-        self._ready.append(lookup)
+        self._ready[lookup.lane].append(lookup)
         self._wake.set()
 
+    def _sendable(self) -> bool:
+        """Whether a reply is ready to go: a READ's, or a lazier one's (rule 1a)."""
+        urgent, lazy = self._ready
+        return bool((urgent and urgent[0].done) or (lazy and lazy[0].done))
+
     def _replies_ready(self) -> tuple[list[bytes], list[tuple[int, int, int]]]:
-        """The replies ready to go, in order, as frames for one write (up to SEND_BYTES; a
-        large block goes on its own): (frames, [(req_id, seq, block bytes or -1)])."""
+        """The replies ready to go, READs first, in order within a lane, as frames for one
+        write (up to SEND_BYTES; a large block goes on its own):
+        (frames, [(req_id, seq, block bytes or -1)])."""
         parts: list[bytes] = []
         sent: list[tuple[int, int, int]] = []
         size = 0
-        ready = self._ready
-        while ready and ready[0].done and size < SEND_BYTES:
-            lookup = ready[0]
-            data = lookup.data
-            if parts and data is not None and len(data) >= SEND_BYTES // 4:
-                break  # goes out alone next, not copied into a joined buffer
-            ready.popleft()
-            lookup.batch[0] -= 1
-            if lookup.batch[0] == 0:
-                self._unsent_batches -= 1
-            if lookup.skip:
-                continue
-            current = self._wants.get(lookup.req_id)
-            if current is None or current[0] != lookup.seq:
-                continue  # cancelled (or its id re-used) while it was being read
-            if data is None:
-                self.server.stats.not_found += 1
-                parts.append(encode(NotFound(lookup.req_id)))
-                sent.append((lookup.req_id, lookup.seq, -1))
-            else:
-                frame = encode(Block(lookup.req_id, data))
-                parts.append(frame)
-                size += len(frame)
-                sent.append((lookup.req_id, lookup.seq, len(data)))
+        for lane in (URGENT, LAZY):
+            ready = self._ready[lane]
+            while ready and ready[0].done and size < SEND_BYTES:
+                lookup = ready[0]
+                data = lookup.data
+                if parts and data is not None and len(data) >= SEND_BYTES // 4:
+                    return parts, sent  # goes out alone next, not copied into a joined buffer
+                ready.popleft()
+                lookup.batch[0] -= 1
+                if lookup.batch[0] == 0:
+                    self._unsent_batches[lane] -= 1
+                if lookup.skip:
+                    continue
+                current = self._wants.get(lookup.req_id)
+                if current is None or current[0] != lookup.seq:
+                    continue  # cancelled (or its id re-used) while it was being read
+                if data is None:
+                    self.server.stats.not_found += 1
+                    parts.append(encode(NotFound(lookup.req_id)))
+                    sent.append((lookup.req_id, lookup.seq, -1))
+                else:
+                    frame = encode(Block(lookup.req_id, data))
+                    parts.append(frame)
+                    size += len(frame)
+                    sent.append((lookup.req_id, lookup.seq, len(data)))
         return parts, sent
 
     async def _writer(self) -> None:
@@ -392,10 +458,18 @@ class ServerConnection:
                         self._scope.cancel()
                         return
                     continue
-                if self._goodbye_sent or not self._ready or not self._ready[0].done:
+                if self._goodbye_sent or not self._sendable():
                     self._wake = trio.Event()
                     await self._wake.wait()
                     continue
+                urgent = self._ready[URGENT]
+                if (not (urgent and urgent[0].done)
+                        and self.server.urgent_waiting > len(self._urgent)):
+                    # only lazier replies to send, and READs wait on other connections:
+                    # they go first (rule 1a); then whatever is ready, a READ of ours first
+                    await self.server.hold_lazy(LAZY_HOLD)
+                    if self._goodbye_sent or self._control or not self._sendable():
+                        continue
                 parts, sent = self._replies_ready()
                 self._load_wake.set()
                 if not parts:

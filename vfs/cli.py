@@ -498,7 +498,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
                 "--log-file", str(log_path),
                 "mount", "-", str(mountpoint), "--foreground", *mount_flags(opts),
                 *(["--at", str(at_seq)] if at_seq is not None else [])]
-        pid = spawn_daemon(argv, log_path, secret=cap.link())
+        pid = spawn_daemon(argv, log_path, secret=cap.link(), main=main,
+                           on_command_line=args.link)
         _emit(args, {"mountpoint": str(mountpoint), "pid": pid, "drive": cap.drive_id},
               f"mounted {cap.drive_id[:16]} at {mountpoint} (pid {pid})")
         return 0

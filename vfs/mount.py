@@ -4,6 +4,8 @@
 process with `--foreground --ready-fd N --link-fd M` (the read link comes
 through a pipe, never on a command line), waits until that process reports
 the mount is live (or failed, with its message), and returns, as sshfs does.
+That process is a fork of the command running the command line's `main` again
+(one interpreter start fewer), or where it cannot be, a new interpreter.
 The mount process unmounts on SIGTERM and SIGINT; `peerdrive unmount` asks
 the kernel to unmount (which also clears a mount whose process was killed)
 and waits for the process to finish.
@@ -11,7 +13,10 @@ and waits for the process to finish.
 
 from __future__ import annotations
 
+import abc
+import atexit
 import contextlib
+import ctypes
 import logging
 import os
 import select
@@ -19,9 +24,10 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from . import process
 from .errors import MountError
@@ -173,15 +179,29 @@ async def serve_fuse(ops: pyfuse3.Operations, mountpoint: Path,
         raise KeyboardInterrupt  # unmounted cleanly; Ctrl-C still exits 130 (interrupted)
 
 
+DaemonMain = Callable[[list[str]], int]
+"""The command line's entry point (`vfs.cli.main`): a forked daemon runs it in place."""
+
+
 def spawn_daemon(argv: list[str], log_path: Path, secret: str | None = None,
-                 timeout: float = 120.0) -> int:
-    """Start `argv` (a foreground mount) detached; wait for its readiness report.
+                 timeout: float = 120.0, *, main: DaemonMain | None = None,
+                 on_command_line: str | None = None) -> int:
+    """Start `argv` (a foreground mount: `python_argv()` + its arguments) detached; wait
+    for its readiness report.
 
     `secret` (the read link) goes to the daemon through a pipe named by
     `--link-fd N`, never on its command line or in its environment, which
     every local user can read in /proc. Returns the daemon's pid. Raises
     MountError with the daemon's own message if it fails before the mount is
     live.
+
+    With `main`, the daemon is a fork of this process running `main(arguments)`:
+    one interpreter start and the command line's imports fewer than a new
+    interpreter (on a loaded machine that is seconds of a mount's start, all of
+    it waiting for a CPU). A fork shows this command's own command line, so
+    `on_command_line` (the link as given there, if it was) is first blanked out
+    of it (`_blank_argument`); where that cannot be done the daemon is a new
+    interpreter, as without `main`.
     """
     r, w = os.pipe()
     fds = [w]
@@ -192,19 +212,15 @@ def spawn_daemon(argv: list[str], log_path: Path, secret: str | None = None,
         os.close(sw)
         fds.append(sr)
         extra = ["--link-fd", str(sr)]
-    env = dict(os.environ)
-    # glibc gives every thread that allocates its own malloc arena (up to 8 per core), and
-    # each keeps the freed block buffers it once held: two arenas keep the mount's peak
-    # anonymous memory about a third lower (cold 512 MiB read: 185-215 -> 135-155 MB)
-    # at the same speed. A user's own setting wins.
-    env.setdefault("MALLOC_ARENA_MAX", "2")
+    arguments = [*argv[len(python_argv()):], *extra, "--ready-fd", str(w)]
+    forks = main is not None and (on_command_line in (None, "-")
+                                  or _blank_argument(on_command_line))
     try:
-        with open(log_path, "ab") as logf:
-            proc = subprocess.Popen(
-                [*argv, *extra, "--ready-fd", str(w)],
-                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=env,
-                pass_fds=tuple(fds), start_new_session=True, close_fds=True,
-            )
+        if forks:
+            assert main is not None
+            daemon: _Daemon = _ForkedDaemon(main, arguments, log_path, r)
+        else:
+            daemon = _ExecDaemon([*argv[:len(python_argv())], *arguments], log_path, fds)
     finally:
         for fd in fds:
             os.close(fd)
@@ -216,7 +232,7 @@ def spawn_daemon(argv: list[str], log_path: Path, secret: str | None = None,
             left = deadline - time.monotonic()
             ready, _, _ = select.select([pipe], [], [], max(0.0, left))
             if not ready:
-                proc.terminate()
+                daemon.terminate()
                 raise MountError(f"the mount did not become ready in {timeout:.0f} s; "
                                  f"see {log_path}")
             data = pipe.read(4096)
@@ -227,8 +243,8 @@ def spawn_daemon(argv: list[str], log_path: Path, secret: str | None = None,
                 line, buf = buf.split(b"\n", 1)
                 chunks.append(line + b"\n")
                 if line.startswith(b"ready"):
-                    return proc.pid
-    rc = proc.wait()
+                    return daemon.pid
+    rc = daemon.wait()
     msg = b"".join(chunks).decode(errors="replace").strip()
     if msg.startswith("error "):
         msg = msg[len("error "):]
@@ -236,6 +252,122 @@ def spawn_daemon(argv: list[str], log_path: Path, secret: str | None = None,
     if rc > 0:
         err.exit_code = rc  # the daemon already chose the right exit code for its error
     raise err
+
+
+# glibc gives every thread that allocates its own malloc arena (up to 8 per core), and
+# each keeps the freed block buffers it once held: two arenas keep the mount's peak
+# anonymous memory about a third lower (cold 512 MiB read: 185-215 -> 135-155 MB)
+# at the same speed. A user's own setting wins.
+MALLOC_ARENAS = 2
+_M_ARENA_MAX = -8  # mallopt's parameter number (malloc.h)
+
+
+class _Daemon(abc.ABC):
+    pid: int
+
+    @abc.abstractmethod
+    def wait(self) -> int:
+        """The daemon's exit status (negative: the signal that ended it)."""
+
+    def terminate(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGTERM)
+
+
+class _ExecDaemon(_Daemon):
+    """The daemon as a new interpreter."""
+
+    def __init__(self, argv: list[str], log_path: Path, fds: list[int]) -> None:
+        env = dict(os.environ)
+        env.setdefault("MALLOC_ARENA_MAX", str(MALLOC_ARENAS))
+        with open(log_path, "ab") as logf:
+            self._proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=env,
+                pass_fds=tuple(fds), start_new_session=True, close_fds=True,
+            )
+        self.pid = self._proc.pid
+
+    def wait(self) -> int:
+        return self._proc.wait()
+
+
+class _ForkedDaemon(_Daemon):
+    """The daemon as a fork of this command (no thread and no trio run exist yet here),
+    in a session of its own, stdin from /dev/null, stdout and stderr to the log, as
+    `_ExecDaemon`'s."""
+
+    def __init__(self, main: DaemonMain, arguments: list[str], log_path: Path,
+                 parent_end: int) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        with open(log_path, "ab") as logf:
+            pid = os.fork()
+            if pid == 0:
+                os.close(parent_end)
+                _run_forked(main, arguments, logf.fileno())
+        self.pid = pid
+
+    def wait(self) -> int:
+        _, status = os.waitpid(self.pid, 0)
+        return os.waitstatus_to_exitcode(status)
+
+
+def _run_forked(main: DaemonMain, arguments: list[str], log_fd: int) -> NoReturn:
+    code = 1
+    try:
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        os.close(log_fd)
+        if "MALLOC_ARENA_MAX" not in os.environ:
+            with contextlib.suppress(OSError, AttributeError):
+                ctypes.CDLL(None).mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
+        code = main(arguments)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(BaseException):
+            atexit._run_exitfuncs()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def _blank_argument(argument: str) -> bool:
+    """Overwrite `argument` in this process's own command line (what /proc/PID/cmdline and
+    `ps` show every local user) with `-`, padded with NULs; True if it is gone from there.
+
+    The kernel shows the bytes between the process's arg_start and arg_end
+    (/proc/self/stat), which the process may write through /proc/self/mem, as
+    setproctitle does. Anything unexpected (another kernel, no /proc): False.
+    """
+    target = argument.encode()
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            stat = f.read()
+        fields = stat[stat.rindex(b")") + 2:].split()
+        start, end = int(fields[45]), int(fields[46])  # fields 48 and 49 of the file
+        with open("/proc/self/mem", "r+b", buffering=0) as mem:
+            mem.seek(start)
+            area = mem.read(end - start)
+            at = 0
+            for part in area.split(b"\0"):
+                if part == target:
+                    mem.seek(start + at)
+                    mem.write(b"-" + b"\0" * (len(part) - 1))
+                at += len(part) + 1
+            mem.seek(start)
+            area = mem.read(end - start)
+        with open("/proc/self/cmdline", "rb") as f:
+            shown = f.read()
+    except (OSError, ValueError, IndexError):
+        return False
+    return bool(target) and target not in area and target not in shown
 
 
 def read_secret(fd: int, limit: int = 4096) -> str:

@@ -1,0 +1,50 @@
+"""How a background mount starts (issue 9: a fresh mount is ready quickly).
+
+`peerdrive mount` forks its daemon (one interpreter start and the command
+line's imports fewer than a new interpreter) once the link it was given on its
+command line is blanked out of what /proc/PID/cmdline shows, and starts a new
+interpreter where that cannot be done. tests/test_local_user.py checks the
+daemon's command line and environment for the key over a real mount; these
+check the blanking itself, each in a process of its own (it rewrites that
+process's own command line).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from tests.helpers import PYTHON, ROOT
+
+PROGRAM = """
+import json, sys
+from vfs.mount import _blank_argument
+link = "peerdrive:r1:" + "k" * 52 + ":" + "s" * 52
+ok = _blank_argument(link)
+with open("/proc/self/cmdline", "rb") as f:
+    shown = f.read()
+print(json.dumps({"ok": ok, "has_link": link.encode() in shown,
+                  "args": [a.decode() for a in shown.split(b"\\0") if a][-3:]}))
+"""
+
+
+LINK = "peerdrive:r1:" + "k" * 52 + ":" + "s" * 52
+
+
+def blank(*argv: str) -> dict:
+    res = subprocess.run([PYTHON, "-c", PROGRAM, *argv], capture_output=True, text=True,
+                         cwd=ROOT, timeout=60, check=True)
+    return json.loads(res.stdout)
+
+
+def test_the_link_is_blanked_out_of_the_command_line() -> None:
+    out = blank(LINK, "/mnt/x", "--no-lan")
+    assert out["ok"] is True and out["has_link"] is False
+    assert out["args"] == ["-", "/mnt/x", "--no-lan"]  # the other arguments stay
+
+
+def test_a_link_inside_another_argument_is_not_blanked_and_says_so() -> None:
+    """Only a whole argument is blanked: the caller then starts a new interpreter, whose
+    command line never had the link."""
+    out = blank(LINK, "--x=" + LINK)
+    assert out["ok"] is False and out["has_link"] is True
