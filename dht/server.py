@@ -309,12 +309,10 @@ class PeerServer:
         else:
             self._urgent_clear.set()
 
-    async def hold_lazy(self, most: float) -> None:
-        """Wait until no READ waits to be read on any connection, at most `most` seconds:
-        lazier work (readahead, pins) lets the reads someone waits for have the CPU first."""
-        with trio.move_on_after(most):
-            await self._urgent_clear.wait()
-        await trio.lowlevel.checkpoint()
+    async def urgent_cleared(self) -> None:
+        """Return once no READ waits to be read on any connection (lazier work holding back
+        for them calls this, under its own time limit)."""
+        await self._urgent_clear.wait()
 
     # ---- lookups (asked by handshakes and by ServerConnection) ---------------
 

@@ -126,6 +126,7 @@ class ServerConnection:
         self._wake = trio.Event()  # the writer: a control frame or a looked-up block is ready
         self._load_wake = trio.Event()  # the loader: a new want, or a batch read
         self._unsent_batches = [0, 0]  # per lane, batches taken whose replies have not all gone out
+        self._holds: set[trio.CancelScope] = set()  # lazier work holding back (rule 1a)
         # running mean of the blocks read here, which sizes batches: it starts as if blocks
         # were large (one want a batch) and shrinks as small ones come
         self._block_size = float(LOAD_BYTES)
@@ -249,8 +250,23 @@ class ServerConnection:
         if priority == URGENT:
             self._urgent.add(self._seq)
             self.server.urgent_changed(1)
+            self._end_holds()  # our own READ goes first, not after another's
         self._load_wake.set()
         return True
+
+    async def _hold_lazy(self) -> None:
+        """Let READs waiting on other connections go first: until none waits, at most
+        LAZY_HOLD, and no longer than until a READ of ours comes or is ready to send."""
+        with trio.move_on_after(LAZY_HOLD) as scope:
+            self._holds.add(scope)
+            try:
+                await self.server.urgent_cleared()
+            finally:
+                self._holds.discard(scope)
+
+    def _end_holds(self) -> None:
+        for scope in self._holds:
+            scope.cancel()
 
     def _urgent_done(self, seq: int) -> None:
         """A READ want was read from the source (or cancelled): it holds lazier work no more."""
@@ -322,7 +338,7 @@ class ServerConnection:
             lane = URGENT if top == URGENT else LAZY
             if top is not None and self._unsent_batches[lane] < LOOKAHEAD_BATCHES:
                 if lane == LAZY and server.urgent_waiting > 0:
-                    await server.hold_lazy(LAZY_HOLD)
+                    await self._hold_lazy()
                     top = self._top_priority()  # a READ may have come meanwhile
                     if top is None or top == URGENT:
                         continue
@@ -390,6 +406,8 @@ class ServerConnection:
         for lookup, _prio, _block_id in batch:
             if not lookup.skip:  # read (or waiting on our node's own fetch, not on the CPU)
                 self._urgent_done(lookup.seq)
+        if batch and batch[0][0].lane == URGENT:
+            self._end_holds()  # a READ of ours is ready to send
         self._wake.set()
         self._load_wake.set()
 
@@ -401,6 +419,8 @@ class ServerConnection:
             self.server.stats.served_in_flight += 1
         lookup.done = True
         self._ready[lookup.lane].append(lookup)
+        if lookup.lane == URGENT:
+            self._end_holds()
         self._wake.set()
 
     def _sendable(self) -> bool:
@@ -467,7 +487,7 @@ class ServerConnection:
                         and self.server.urgent_waiting > len(self._urgent)):
                     # only lazier replies to send, and READs wait on other connections:
                     # they go first (rule 1a); then whatever is ready, a READ of ours first
-                    await self.server.hold_lazy(LAZY_HOLD)
+                    await self._hold_lazy()
                     if self._goodbye_sent or self._control or not self._sendable():
                         continue
                 parts, sent = self._replies_ready()

@@ -921,7 +921,7 @@ def figure_churn(bench: Bench) -> list[Row]:
                 readies.append(ready)
     rows = [
         Row(mount_name, "peerdrive mount", "ms", mounts, False,
-            "`peerdrive mount` command, start to return (two interpreter starts included)"),
+            "`peerdrive mount` command, start to return (its interpreter start and its daemon's included)"),
         Row(first_name, "peerdrive mount", "ms", firsts, False,
             "open + read of 64 KiB of the big file, empty cache"),
     ]

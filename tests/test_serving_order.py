@@ -138,9 +138,52 @@ def test_lazier_work_of_every_connection_holds_back_while_a_read_waits(
         source.gate.set()
 
 
+def test_a_read_is_not_held_back_behind_its_own_connections_lazier_work(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection whose readahead holds back for another reader's READ answers a READ
+    of its own at once (its loader was waiting out the hold; now the READ ends it)."""
+    monkeypatch.setattr(server_connection, "LAZY_HOLD", DEADLINE * 4)
+    blocks = make_blocks(4, 64 * 1024)
+    ids = list(blocks)
+    stuck, lazy, mine = ids[0], ids[1:3], ids[3]
+    source = GateSource(blocks, {stuck})
+    dk, secret = new_drive()
+
+    async def test(nursery: trio.Nursery) -> None:
+        server, port = await serve(nursery, source, dk, secret)
+        async with hostile_client(port, server.identity.node_id, NodeIdentity.generate(),
+                                  dk, secret) as (_, reader), \
+                hostile_client(port, server.identity.node_id, NodeIdentity.generate(),
+                               dk, secret) as (_, other):
+            assert reader is not None and other is not None
+            await reader.send(Want(1, stuck, Priority.READ))
+            await wait_for(lambda: source.asked == [stuck])
+            await other.send(*(Want(10 + i, b, Priority.READAHEAD) for i, b in enumerate(lazy)))
+            await wait_for(lambda: server.stats.wants_received == 1 + len(lazy))
+            await other.send(Want(20, mine, Priority.READ))
+            with trio.fail_after(DEADLINE):
+                msg = await other.receive()
+            assert isinstance(msg, Block) and msg.req_id == 20 and msg.data == blocks[mine]
+            assert not source.gate.is_set()
+            source.gate.set()
+            got = set()
+            while len(got) < len(lazy):
+                msg = await other.receive()
+                assert isinstance(msg, Block)
+                got.add(msg.req_id)
+            msg = await reader.receive()
+            assert isinstance(msg, Block) and msg.req_id == 1
+        await wait_for(lambda: server.urgent_waiting == 0)
+
+    try:
+        run_trio(test, DEADLINE * 2)
+    finally:
+        source.gate.set()
+
+
 def test_a_read_that_never_ends_holds_lazier_work_back_only_a_moment() -> None:
     """The hold is bounded: a READ stuck on the disk does not starve another reader."""
-    blocks = make_blocks(9, 64 * 1024)
+    blocks = make_blocks(6, 64 * 1024)
     ids = list(blocks)
     read, lazy = ids[0], ids[1:]
     source = GateSource(blocks, {read})
