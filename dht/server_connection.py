@@ -428,14 +428,14 @@ class ServerConnection:
         urgent, lazy = self._ready
         return bool((urgent and urgent[0].done) or (lazy and lazy[0].done))
 
-    def _replies_ready(self) -> tuple[list[bytes], list[tuple[int, int, int]]]:
-        """The replies ready to go, READs first, in order within a lane, as frames for one
-        write (up to SEND_BYTES; a large block goes on its own):
-        (frames, [(req_id, seq, block bytes or -1)])."""
+    def _replies_ready(self, lazy: bool) -> tuple[list[bytes], list[tuple[int, int, int]]]:
+        """The replies ready to go, READs first (the lazier ones too if `lazy`), in order
+        within a lane, as frames for one write (up to SEND_BYTES; a large block goes on
+        its own): (frames, [(req_id, seq, block bytes or -1)])."""
         parts: list[bytes] = []
         sent: list[tuple[int, int, int]] = []
         size = 0
-        for lane in (URGENT, LAZY):
+        for lane in (URGENT, LAZY) if lazy else (URGENT,):
             ready = self._ready[lane]
             while ready and ready[0].done and size < SEND_BYTES:
                 lookup = ready[0]
@@ -483,14 +483,15 @@ class ServerConnection:
                     await self._wake.wait()
                     continue
                 urgent = self._ready[URGENT]
-                if (not (urgent and urgent[0].done)
-                        and self.server.urgent_waiting > len(self._urgent)):
-                    # only lazier replies to send, and READs wait on other connections:
-                    # they go first (rule 1a); then whatever is ready, a READ of ours first
+                if not (urgent and urgent[0].done) and self.server.urgent_waiting > 0:
+                    # only lazier replies to send while READs wait to be read, here or on
+                    # other connections: they go first (rule 1a), for a moment at most
                     await self._hold_lazy()
                     if self._goodbye_sent or self._control or not self._sendable():
                         continue
-                parts, sent = self._replies_ready()
+                # a READ's reply goes out with READs only: the next READ may be a moment
+                # from ready, and no lazier reply goes out ahead of it
+                parts, sent = self._replies_ready(lazy=not (urgent and urgent[0].done))
                 self._load_wake.set()
                 if not parts:
                     continue
