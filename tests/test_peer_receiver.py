@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 from pathlib import Path
 
@@ -202,8 +203,11 @@ def test_the_thread_stops_reading_while_trio_has_not_taken_what_it_decoded() -> 
         # a bare client: TLS and the handshake by hand, then a receive thread nobody takes from
         dk, secret = new_drive()
         async with hostile_client(hostile.port, hostile.identity.node_id,
-                                  NodeIdentity.generate(), dk, secret) as (_tcp, raw):
+                                  NodeIdentity.generate(), dk, secret) as (tcp, raw):
             assert raw is not None
+            # a fixed receive buffer: autotuning may grow it to tcp_rmem's maximum (32 MiB
+            # on some machines), which could take the whole flood without the thread
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
             receiver = ReceiveThread(raw.stream, raw.decoder, "hostile")
             async with trio.open_nursery() as inner:
                 await inner.start(receiver.run)
