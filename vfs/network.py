@@ -573,12 +573,14 @@ class NetworkNode:
             if d.on_head is not None:
                 d.on_head(record)
 
+        dk = cap.discovery_key  # a SHA-256 each time it is read: not twice per block
+
         def holding(block_id: bytes) -> None:
-            self._holding.setdefault(cap.discovery_key, []).append(block_id)
+            self._holding.setdefault(dk, []).append(block_id)
             self._holding_added.set()
 
         def fetching(block_id: bytes) -> None:
-            self._fetching.setdefault(cap.discovery_key, []).append(block_id)
+            self._fetching.setdefault(dk, []).append(block_id)
             self._holding_added.set()
 
         fetcher = Fetcher(self.identity, cap.discovery_key, cap.pubkey,
