@@ -59,7 +59,7 @@ def test_handshake_ping_and_fetch() -> None:
         assert conn.closed
         with pytest.raises(PeerGoneError):
             await conn.fetch(next(iter(blocks)))
-        with trio.fail_after(5):
+        with trio.fail_after(30):
             while server.stats.connections_active:
                 await trio.sleep(0.01)
         assert server.stats.blocks_served == 3
@@ -139,7 +139,7 @@ def test_silent_client_is_dropped_after_the_handshake_timeout() -> None:
     async def test(nursery: trio.Nursery) -> None:
         server, addr = await start_server(nursery, {}, {dk: secret}, handshake_timeout=0.3)
         tcp = await trio.open_tcp_stream(addr.host, addr.port)
-        with trio.fail_after(5):
+        with trio.fail_after(30):
             assert await tcp.receive_some() == b""  # server closed on us
         await tcp.aclose()
         assert server.stats.handshakes_failed == 1
@@ -196,14 +196,14 @@ def test_server_answers_in_priority_order_when_backlogged() -> None:
         reads = list(range(100, 108))
         cancelled = pins[-4:]
         await stream.send_all(b"".join(encode(Want(r, random_id(), Priority.PIN)) for r in pins))
-        with trio.fail_after(5):
+        with trio.fail_after(30):
             while server.stats.wants_received < len(pins):
                 await trio.sleep(0.01)
         await stream.send_all(
             b"".join(encode(Want(r, random_id(), Priority.READ)) for r in reads)
             + b"".join(encode(Cancel(r)) for r in cancelled)
         )
-        with trio.fail_after(5):
+        with trio.fail_after(30):
             while server.stats.cancels_received < len(cancelled):
                 await trio.sleep(0.01)
         order = []
@@ -233,7 +233,7 @@ def test_cancel_is_sent_when_the_fetching_task_is_cancelled() -> None:
                 await conn.fetch(random_id(), Priority.PIN)
             assert scope.cancelled_caught
             assert conn.in_flight == 0
-            with trio.fail_after(5):
+            with trio.fail_after(30):
                 while not any(isinstance(m, Cancel) for m in raw.received):
                     await trio.sleep(0.01)
         want, cancel = raw.received[:2]
@@ -336,7 +336,7 @@ def test_server_vanishing_mid_fetch_fails_every_pending_fetch_promptly() -> None
                 except PeerGoneError as exc:
                     errors.append(exc)
 
-            with trio.fail_after(5):  # generous: "promptly" means no hang
+            with trio.fail_after(30):  # "promptly" means no hang: a bound only a hang breaks
                 async with trio.open_nursery() as fetches:
                     for _ in range(8):
                         fetches.start_soon(one)
@@ -361,7 +361,7 @@ def test_server_shutdown_mid_fetch_fails_pending_fetches() -> None:
                     server_nursery.cancel_scope.cancel()  # its sockets close
 
                 nursery.start_soon(shut_server_down_once_asked)
-                with trio.fail_after(5), pytest.raises(PeerGoneError):
+                with trio.fail_after(30), pytest.raises(PeerGoneError):
                     await conn.fetch(random_id())
 
     run(test)
@@ -409,7 +409,7 @@ def test_too_many_outstanding_wants_gets_goodbye() -> None:
             b"".join(encode(Want(i, random_id(), Priority.READ)) for i in range(10))
         )
         messages = []
-        with trio.fail_after(5):
+        with trio.fail_after(30):
             while (msg := await read_message(stream, decoder)) is not None:
                 messages.append(msg)
         assert isinstance(messages[-1], Goodbye) and "outstanding" in messages[-1].reason
@@ -427,7 +427,7 @@ def test_garbage_from_a_client_gets_goodbye_and_the_server_lives_on() -> None:
         server, addr = await start_server(nursery, blocks, {dk: secret})
         stream, decoder, _reply = await raw_client(addr, NodeIdentity.generate(), dk, secret)
         await stream.send_all(b"\x00\x00\x00\x03abc")
-        with trio.fail_after(5):
+        with trio.fail_after(30):
             msg = await read_message(stream, decoder)
             assert isinstance(msg, Goodbye) and "bad frame" in msg.reason
             assert await read_message(stream, decoder) is None
@@ -448,7 +448,7 @@ def test_a_client_may_not_send_big_frames() -> None:
         server, addr = await start_server(nursery, {}, {dk: secret})
         stream, decoder, _reply = await raw_client(addr, NodeIdentity.generate(), dk, secret)
         await stream.send_all((1 << 20).to_bytes(4, "big"))
-        with trio.fail_after(5):
+        with trio.fail_after(30):
             msg = await read_message(stream, decoder)
             assert isinstance(msg, Goodbye) and "exceeds" in msg.reason
         await stream.aclose()
