@@ -91,6 +91,16 @@ class DirFigures:
         return [ids[i:i + HASH_LEN] for i in range(0, len(ids), HASH_LEN)]
 
 
+def _unseen_children(d: DirFigures, seen: set[bytes], queue: list[Ref]) -> None:
+    """Queue `d`'s subdirectories not met yet in this walk (each distinct one once)."""
+    for child in d.children:
+        if child.block_id not in seen:
+            seen.add(child.block_id)
+            queue.append(child)
+    if len(seen) > MAX_WALK_DIRS:
+        raise FormatError(f"the folder holds more than {MAX_WALK_DIRS:,} directories")
+
+
 @dataclass(slots=True)
 class FolderTotals:
     files: int
@@ -267,12 +277,7 @@ class Figures:
             d = await self.of(ref, priority)
             yield d
             handled += 1
-            for child in d.children:
-                if child.block_id not in seen:
-                    seen.add(child.block_id)
-                    queue.append(child)
-            if len(seen) > MAX_WALK_DIRS:
-                raise FormatError(f"the folder holds more than {MAX_WALK_DIRS:,} directories")
+            _unseen_children(d, seen, queue)
             if handled % YIELD_EVERY == 0:
                 await trio.lowlevel.checkpoint()
 
@@ -289,16 +294,7 @@ class Figures:
         out = [top]
         seen = {node.block_id}
         todo: list[Ref] = []
-
-        def below(d: DirFigures) -> None:
-            for child in d.children:
-                if child.block_id not in seen:
-                    seen.add(child.block_id)
-                    todo.append(child)
-            if len(seen) > MAX_WALK_DIRS:
-                raise FormatError(f"the folder holds more than {MAX_WALK_DIRS:,} directories")
-
-        below(top)
+        _unseen_children(top, seen, todo)
         handled = 0
         while todo:
             wave: list[Ref] = []
@@ -309,7 +305,7 @@ class Figures:
                     wave.append(ref)
                     continue
                 out.append(known)
-                below(known)
+                _unseen_children(known, seen, todo)
                 handled += 1
                 if handled % YIELD_EVERY == 0:
                     await trio.lowlevel.checkpoint()
@@ -324,7 +320,7 @@ class Figures:
                     raise d
                 assert d is not None
                 out.append(d)
-                below(d)
+                _unseen_children(d, seen, todo)
         return out
 
     async def _build_into(self, built: list, k: int, ref: Ref, priority: Priority) -> None:
