@@ -12,13 +12,14 @@ decide, not the machine's speed.
 
 from __future__ import annotations
 
+import random
 import threading
 
 import pytest
 import trio
 
 from dht import server_connection
-from dht.frames import Block, Want
+from dht.frames import Block, Cancel, Want
 from dht.identity import NodeIdentity
 from dht.server import PeerServer
 from dht.types import Priority
@@ -213,3 +214,35 @@ def test_a_read_that_never_ends_holds_lazier_work_back_only_a_moment() -> None:
         run_trio(test, DEADLINE * 2)
     finally:
         source.gate.set()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_count_of_waiting_reads_comes_back_to_zero(seed: int) -> None:
+    """Wants at every priority, half of them cancelled, some answered, the connection
+    dropped with the rest outstanding: no READ is counted as waiting afterwards (a count
+    that leaked would hold every reader's readahead back for good)."""
+    rng = random.Random(seed)
+    blocks = make_blocks(12, 48 * 1024)
+    ids = list(blocks)
+    source = GateSource(blocks, set())
+    source.gate.set()
+    dk, secret = new_drive()
+
+    async def test(nursery: trio.Nursery) -> None:
+        server, port = await serve(nursery, source, dk, secret)
+        for round_ in range(3):
+            async with hostile_client(port, server.identity.node_id, NodeIdentity.generate(),
+                                      dk, secret) as (_, conn):
+                assert conn is not None
+                msgs: list = []
+                for req in range(120):
+                    msgs.append(Want(req, rng.choice(ids), rng.choice(list(Priority))))
+                    if rng.random() < 0.5:
+                        msgs.append(Cancel(rng.randrange(req + 1)))
+                await conn.send(*msgs)
+                for _ in range(rng.randrange(1, 20)):
+                    await conn.receive()
+            await wait_for(lambda: server.stats.connections_active == 0)
+            assert server.urgent_waiting == 0, f"round {round_}"
+
+    run_trio(test, DEADLINE * 2)
