@@ -193,11 +193,6 @@ class PeerServer:
         self.scope_by_tag = scope_by_tag
         self._on_client_lost = on_client_lost
         self._on_client_joined = on_client_joined
-        # READ wants not yet read from the source, over every connection (server_connection.py
-        # rule 1a): while there are any, lazier work holds back a moment
-        self.urgent_waiting = 0
-        self._urgent_clear = trio.Event()
-        self._urgent_clear.set()
 
     # ---- public -------------------------------------------------------------
 
@@ -297,22 +292,6 @@ class PeerServer:
         if discovery_key is not None:
             return len(self._clients.get(discovery_key, ()))
         return sum(len(conns) for conns in self._clients.values())
-
-    # ---- serving order (asked by ServerConnection) ---------------------------
-
-    def urgent_changed(self, delta: int) -> None:
-        """A connection's count of READ wants still to read from the source moved by `delta`."""
-        self.urgent_waiting += delta
-        if self.urgent_waiting > 0:
-            if self._urgent_clear.is_set():
-                self._urgent_clear = trio.Event()
-        else:
-            self._urgent_clear.set()
-
-    async def urgent_cleared(self) -> None:
-        """Return once no READ waits to be read on any connection (lazier work holding back
-        for them calls this, under its own time limit)."""
-        await self._urgent_clear.wait()
 
     # ---- lookups (asked by handshakes and by ServerConnection) ---------------
 

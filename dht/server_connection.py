@@ -8,10 +8,10 @@ Rules (docs/protocol.md, "After the handshake"):
    `max_wants` outstanding, is a protocol violation.
 1a. READ wants (a process blocked in read()) have a lane of their own: they
    are read from the source and sent ahead of the lazier replies already
-   read ahead on this connection, and while any connection of the server has
-   a READ waiting, lazier work everywhere holds back (at most LAZY_HOLD per
-   step, so it never starves): a busy seed spends its CPU on the reads
-   someone waits for first.
+   read ahead on this connection; while a READ of this connection is being
+   read, lazier replies wait for it (at most LAZY_HOLD). Other connections'
+   work is not held back for it: a hold across connections (tried) starved
+   the readers' readahead from each other, and the seed sent more.
 2. Control frames (Notice, Holding, Whole, HaveReply, Pong, Goodbye) go out ahead of
    blocks; a client that lets MAX_CONTROL_BACKLOG of them pile up is not
    reading and is dropped.
@@ -74,9 +74,8 @@ LOOKAHEAD_BATCHES = 2
 SEND_BYTES = 256 * 1024
 # Lanes: READ wants, then the lazier priorities (READAHEAD, PIN, PREFETCH).
 URGENT, LAZY = 0, 1
-# Seconds lazier work (a batch read, a send) waits, at most, while READs are waiting
-# anywhere on the server: long enough for a READ's store read and send to go first, short
-# enough that a steady stream of READs from many readers never starves readahead and pins.
+# Seconds lazier replies wait, at most, for a READ of their connection being read from the
+# store: it goes out first; a store that hangs does not stop the rest.
 LAZY_HOLD = 0.25
 
 
@@ -118,7 +117,7 @@ class ServerConnection:
         self._queue: list[tuple[int, int, int]] = []
         self._wants: dict[int, tuple[int, bytes]] = {}
         self._seq = 0
-        # seqs of READ wants here not yet read from the source (counted in the server's too)
+        # seqs of READ wants here not yet read from the source
         self._urgent: set[int] = set()
         self._control: deque[bytes] = deque()
         # per lane, blocks being read from the source or read, in the order they go out
@@ -174,21 +173,17 @@ class ServerConnection:
 
     async def run(self) -> None:
         """Serve until the client leaves or misbehaves; errors end the connection, not the server."""
-        try:
-            async with trio.open_nursery() as nursery:
-                self._scope = nursery.cancel_scope
-                nursery.start_soon(self._writer)
-                nursery.start_soon(self._loader, nursery)
-                try:
-                    await self._reader()
-                except PeerProtocolError as exc:
-                    self._protocol_violation(str(exc))
-                    await trio.sleep_forever()  # until the Goodbye is flushed or the grace ends
-                except PeerGoneError:
-                    nursery.cancel_scope.cancel()
-        finally:
-            self.server.urgent_changed(-len(self._urgent))  # what it still had waits no more
-            self._urgent.clear()
+        async with trio.open_nursery() as nursery:
+            self._scope = nursery.cancel_scope
+            nursery.start_soon(self._writer)
+            nursery.start_soon(self._loader, nursery)
+            try:
+                await self._reader()
+            except PeerProtocolError as exc:
+                self._protocol_violation(str(exc))
+                await trio.sleep_forever()  # until the Goodbye is flushed or the grace ends
+            except PeerGoneError:
+                nursery.cancel_scope.cancel()
 
     async def _reader(self) -> None:
         stats = self.server.stats
@@ -249,18 +244,16 @@ class ServerConnection:
         heapq.heappush(self._queue, (priority, self._seq, req_id))
         if priority == URGENT:
             self._urgent.add(self._seq)
-            self.server.urgent_changed(1)
-            self._end_holds()  # our own READ goes first, not after another's
         self._load_wake.set()
         return True
 
     async def _hold_lazy(self) -> None:
-        """Let READs waiting on other connections go first: until none waits, at most
-        LAZY_HOLD, and no longer than until a READ of ours comes or is ready to send."""
+        """Let a READ of ours being read go out first: until it is ready (or none is left
+        to read), at most LAZY_HOLD."""
         with trio.move_on_after(LAZY_HOLD) as scope:
             self._holds.add(scope)
             try:
-                await self.server.urgent_cleared()
+                await trio.sleep_forever()
             finally:
                 self._holds.discard(scope)
 
@@ -269,10 +262,12 @@ class ServerConnection:
             scope.cancel()
 
     def _urgent_done(self, seq: int) -> None:
-        """A READ want was read from the source (or cancelled): it holds lazier work no more."""
+        """A READ want was read from the source (or cancelled): it holds lazier replies no
+        more."""
         if seq in self._urgent:
             self._urgent.remove(seq)
-            self.server.urgent_changed(-1)
+            if not self._urgent:
+                self._end_holds()
 
     async def _have_budget(self) -> None:
         """Take one Have from this connection's token bucket, sleeping until there is one."""
@@ -328,20 +323,13 @@ class ServerConnection:
         sends. Wants are taken in batches (about LOAD_BYTES, at most
         LOAD_BATCH), up to LOOKAHEAD_BATCHES of them per lane read ahead of the
         sends; they are sent in the order they were taken, READs (their own
-        lane, rule 1a) ahead of the lazier ones. A lazy batch waits while READs
-        wait anywhere on the server, at most LAZY_HOLD.
+        lane, rule 1a) ahead of the lazier ones.
         """
-        server = self.server
         while True:
             batch: list[tuple[_Lookup, int, bytes]] = []
             top = None if self._goodbye_sent else self._top_priority()
             lane = URGENT if top == URGENT else LAZY
             if top is not None and self._unsent_batches[lane] < LOOKAHEAD_BATCHES:
-                if lane == LAZY and server.urgent_waiting > 0:
-                    await self._hold_lazy()
-                    top = self._top_priority()  # a READ may have come meanwhile
-                    if top is None or top == URGENT:
-                        continue
                 most = max(1, min(LOAD_BATCH, int(LOAD_BYTES // self._block_size)))
                 left = [0]
                 ready = self._ready[lane]
@@ -483,9 +471,9 @@ class ServerConnection:
                     await self._wake.wait()
                     continue
                 urgent = self._ready[URGENT]
-                if not (urgent and urgent[0].done) and self.server.urgent_waiting > 0:
-                    # only lazier replies to send while READs wait to be read, here or on
-                    # other connections: they go first (rule 1a), for a moment at most
+                if not (urgent and urgent[0].done) and self._urgent:
+                    # only lazier replies to send while a READ of ours is being read: it
+                    # goes first (rule 1a), for a moment at most
                     await self._hold_lazy()
                     if self._goodbye_sent or self._control or not self._sendable():
                         continue
