@@ -243,12 +243,11 @@ class Exchange:
         return True
 
 
-class HttpConnection:
-    """One HTTP/1.1 connection: a trio stream and the h11 state machine that frames it."""
+class _H11Connection:
+    """What both kinds of connection keep: the h11 state machine and its exchange."""
 
-    def __init__(self, stream: trio.abc.Stream, origin: Origin, timeouts: HttpTimeouts) -> None:
+    def __init__(self, origin: Origin, timeouts: HttpTimeouts) -> None:
         self.origin = origin
-        self._stream = stream
         self._timeouts = timeouts
         self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
         self.closed = False
@@ -259,6 +258,28 @@ class HttpConnection:
     def answered(self) -> bool:
         """Some byte of the current request's response arrived (so it is not repeated)."""
         return self._exchange is not None and self._exchange.answered
+
+    @property
+    def reusable(self) -> bool:
+        """Whether the last exchange ended cleanly and the server keeps the connection."""
+        return (not self.closed and self._h11.our_state is h11.IDLE
+                and self._h11.their_state is h11.IDLE)
+
+    def _begin(self, method: str, target: str, headers: Sequence[tuple[str, str]],
+               limit: int) -> Exchange:
+        if self.closed:
+            raise PeerGoneError(f"{self.origin}: connection closed")
+        self.requests += 1
+        self._exchange = Exchange(self._h11, self.origin, method, target, headers, limit)
+        return self._exchange
+
+
+class HttpConnection(_H11Connection):
+    """One HTTP/1.1 connection: a trio stream and the h11 state machine that frames it."""
+
+    def __init__(self, stream: trio.abc.Stream, origin: Origin, timeouts: HttpTimeouts) -> None:
+        super().__init__(origin, timeouts)
+        self._stream = stream
 
     @classmethod
     async def open(cls, origin: Origin, timeouts: HttpTimeouts,
@@ -285,12 +306,6 @@ class HttpConnection:
             _close_stream(stream)
         raise PeerGoneError(f"{origin}: timed out connecting (after {timeouts.connect:g} s)")
 
-    @property
-    def reusable(self) -> bool:
-        """Whether the last exchange ended cleanly and the server keeps the connection."""
-        return (not self.closed and self._h11.our_state is h11.IDLE
-                and self._h11.their_state is h11.IDLE)
-
     def looks_stale(self) -> bool:
         """An idle connection with something to read: closed by the server, or dirty."""
         sock = _socket_of(self._stream)
@@ -313,11 +328,7 @@ class HttpConnection:
         of any other status up to 64 KiB, else dropped with the connection.
         The connection is left reusable or closed; on any exception, closed.
         """
-        if self.closed:
-            raise PeerGoneError(f"{self.origin}: connection closed")
-        self.requests += 1
-        exchange = self._exchange = Exchange(self._h11, self.origin, method, target, headers,
-                                             limit)
+        exchange = self._begin(method, target, headers, limit)
         ok = False
         try:
             await self._send(exchange.outgoing)
@@ -442,7 +453,7 @@ class HttpPool:
                 total -= 1
 
 
-class BlockingHttpConnection:
+class BlockingHttpConnection(_H11Connection):
     """One HTTP/1.1 connection over a blocking socket, for a worker thread.
 
     The same exchange (`Exchange`) and the same bounds as `HttpConnection`:
@@ -454,13 +465,8 @@ class BlockingHttpConnection:
 
     def __init__(self, sock: socket.socket, origin: Origin, timeouts: HttpTimeouts) -> None:
         """Over a connected socket (TLS already set up for https)."""
-        self.origin = origin
+        super().__init__(origin, timeouts)
         self._sock = sock
-        self._timeouts = timeouts
-        self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
-        self.closed = False
-        self.requests = 0
-        self._exchange: Exchange | None = None
         self._plain = not isinstance(sock, ssl.SSLSocket)
         if self._plain:
             # blocking, the kernel bounding each wait: a body is then read in one call
@@ -498,15 +504,6 @@ class BlockingHttpConnection:
             sock.close()
             raise PeerGoneError(f"{origin}: cannot connect: {_describe(exc)}") from exc
 
-    @property
-    def answered(self) -> bool:
-        return self._exchange is not None and self._exchange.answered
-
-    @property
-    def reusable(self) -> bool:
-        return (not self.closed and self._h11.our_state is h11.IDLE
-                and self._h11.their_state is h11.IDLE)
-
     def looks_stale(self) -> bool:
         """An idle connection with something to read: closed by the server, or dirty."""
         try:
@@ -531,11 +528,7 @@ class BlockingHttpConnection:
     def request(self, method: str, target: str, headers: Sequence[tuple[str, str]],
                 limit: int) -> tuple[int, dict[str, str], bytes, bool]:
         """As `HttpConnection.request`, blocking."""
-        if self.closed:
-            raise PeerGoneError(f"{self.origin}: connection closed")
-        self.requests += 1
-        exchange = self._exchange = Exchange(self._h11, self.origin, method, target, headers,
-                                             limit)
+        exchange = self._begin(method, target, headers, limit)
         ok = False
         try:
             self._send(exchange.outgoing)

@@ -174,29 +174,36 @@ def test_idle_connection_closed_by_the_server_is_replaced(www) -> None:
     run(test)
 
 
-def test_truncated_stalled_and_garbage_answers_fail_in_time() -> None:
-    async def truncated(stream: trio.SocketStream) -> None:
-        if await read_request(stream):
-            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 500)
+async def truncated(stream: trio.SocketStream) -> None:
+    if await read_request(stream):
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 500)
 
-    async def stalled(stream: trio.SocketStream) -> None:
-        if await read_request(stream):
-            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
-            await trio.sleep_forever()
 
-    async def silent(stream: trio.SocketStream) -> None:
+async def stalled(stream: trio.SocketStream) -> None:
+    if await read_request(stream):
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
         await trio.sleep_forever()
 
-    async def garbage(stream: trio.SocketStream) -> None:
-        if await read_request(stream):
-            await stream.send_all(b"SSH-2.0-OpenSSH\r\n\r\n")
 
+async def silent(stream: trio.SocketStream) -> None:
+    await trio.sleep_forever()
+
+
+async def garbage(stream: trio.SocketStream) -> None:
+    if await read_request(stream):
+        await stream.send_all(b"SSH-2.0-OpenSSH\r\n\r\n")
+
+
+# bad servers and what the error a request to each must say
+BAD_SERVERS = ((truncated, "without sending complete|closed"), (stalled, "timed out"),
+               (silent, "timed out"), (garbage, "broken HTTP"))
+
+
+def test_truncated_stalled_and_garbage_answers_fail_in_time() -> None:
     async def test() -> None:
         pool = HttpPool(timeouts=SHORT)
         async with trio.open_nursery() as nursery:
-            for handler, match in ((truncated, "without sending complete|closed"),
-                                   (stalled, "timed out"), (silent, "timed out"),
-                                   (garbage, "broken HTTP")):
+            for handler, match in BAD_SERVERS:
                 url = await serve(nursery, handler)
                 start = trio.current_time()
                 with pytest.raises(PeerGoneError, match=match):
@@ -450,22 +457,6 @@ def test_blocking_pool_bad_servers_fail_in_time_and_abort_ends_a_stalled_read() 
     idle connection the server closed is replaced; `Abort.abort` from the event loop ends
     a read blocked in a worker thread at once, whatever the timeouts."""
 
-    async def truncated(stream: trio.SocketStream) -> None:
-        if await read_request(stream):
-            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 500)
-
-    async def stalled(stream: trio.SocketStream) -> None:
-        if await read_request(stream):
-            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
-            await trio.sleep_forever()
-
-    async def silent(stream: trio.SocketStream) -> None:
-        await trio.sleep_forever()
-
-    async def garbage(stream: trio.SocketStream) -> None:
-        if await read_request(stream):
-            await stream.send_all(b"SSH-2.0-OpenSSH\r\n\r\n")
-
     async def one_per_connection(stream: trio.SocketStream) -> None:
         if await read_request(stream):
             await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
@@ -474,9 +465,7 @@ def test_blocking_pool_bad_servers_fail_in_time_and_abort_ends_a_stalled_read() 
     async def test() -> None:
         pool = BlockingPool(timeouts=SHORT)
         async with trio.open_nursery() as nursery:
-            for handler, match in ((truncated, "without sending complete|closed"),
-                                   (stalled, "timed out"), (silent, "timed out"),
-                                   (garbage, "broken HTTP")):
+            for handler, match in BAD_SERVERS:
                 url = await serve(nursery, handler)
                 start = trio.current_time()
                 with pytest.raises(PeerGoneError, match=match):
