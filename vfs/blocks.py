@@ -344,15 +344,24 @@ class BlockReader:
             else:
                 fetch = self.fetch
                 limiter = trio.Semaphore(PER_BLOCK_CONCURRENCY)
+                errors: list[Exception] = []
 
                 async def one(block_id: bytes) -> None:
                     async with limiter:
-                        ct = await fetch(block_id, priority)
-                        await deliver([(block_id, ct)])
+                        try:
+                            ct = await fetch(block_id, priority)
+                            await deliver([(block_id, ct)])
+                        except Exception as exc:  # noqa: BLE001 - raised below, as it came
+                            # the first failure ends the window, as `batch` does; the caller
+                            # gets it as raised (BlockUnavailable, StoreFull), not in a group
+                            errors.append(exc)
+                            nursery.cancel_scope.cancel()
 
                 async with trio.open_nursery() as nursery:
                     for block_id in ids:
                         nursery.start_soon(one, block_id)
+                if errors:
+                    raise errors[0]
             if pending:
                 await commit()
         finally:
