@@ -533,13 +533,7 @@ class Fetcher:
         (`nursery.start`) once all are queued. A hint: a block not fetched
         within `timeout` is simply not counted (its own `fetch` reports why).
         """
-        if self._nursery is None:
-            raise DhtError("the fetcher is not running (use it as an async context manager)")
-        for block_id in block_ids:
-            if len(block_id) != BLOCK_ID_LEN:
-                raise DhtError(f"block id must be {BLOCK_ID_LEN} bytes, got {len(block_id)}")
-        priority = Priority(priority)
-        timeout = self.config.default_timeout if timeout is None else timeout
+        priority, timeout = self._check_batch(block_ids, priority, timeout)
         requests = [self._join(block_id, priority) for block_id in dict.fromkeys(block_ids)]
         task_status.started()
         try:
@@ -572,13 +566,7 @@ class Fetcher:
         missing) when `timeout` seconds (default from the config) pass with no
         block of the batch delivered: a stall, not a bound on the whole batch.
         """
-        if self._nursery is None:
-            raise DhtError("the fetcher is not running (use it as an async context manager)")
-        for block_id in block_ids:
-            if len(block_id) != BLOCK_ID_LEN:
-                raise DhtError(f"block id must be {BLOCK_ID_LEN} bytes, got {len(block_id)}")
-        priority = Priority(priority)
-        timeout = self.config.default_timeout if timeout is None else timeout
+        priority, timeout = self._check_batch(block_ids, priority, timeout)
         came: list[_Request] = []
         arrived = trio.Event()
 
@@ -618,6 +606,17 @@ class Fetcher:
                 if (request.done.is_set() and not request.on_delivered
                         and self._requests.get(request.block_id) is request):
                     del self._requests[request.block_id]
+
+    def _check_batch(self, block_ids: Sequence[bytes], priority: Priority,
+                     timeout: float | None) -> tuple[Priority, float]:
+        """(priority, timeout) of a call asking for several blocks; DhtError if the fetcher
+        is not running or an id is not one."""
+        if self._nursery is None:
+            raise DhtError("the fetcher is not running (use it as an async context manager)")
+        for block_id in block_ids:
+            if len(block_id) != BLOCK_ID_LEN:
+                raise DhtError(f"block id must be {BLOCK_ID_LEN} bytes, got {len(block_id)}")
+        return Priority(priority), self.config.default_timeout if timeout is None else timeout
 
     def _join(self, block_id: bytes, priority: Priority) -> _Request:
         """The request for `block_id` (made and queued if there is none), one waiter more."""
