@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -166,6 +167,40 @@ def test_exit_codes_of_real_commands(tmp_path: Path, node_home) -> None:
     assert res.returncode == 6 and "not a directory" in res.stderr
     res = peerdrive(home, "unmount", str(tmp_path), check=False)
     assert res.returncode == 6 and "not mounted" in res.stderr
+
+
+def udp_port_held_with_tcp_twin_free() -> tuple[socket.socket, int]:
+    """A UDP socket bound to 127.0.0.1:P whose TCP P is free (a node serves both on P)."""
+    for _ in range(50):
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(("127.0.0.1", 0))
+        port = udp.getsockname()[1]
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                udp.close()
+                continue
+        return udp, port
+    raise AssertionError("no UDP port with a free TCP twin in 50 tries")
+
+
+def test_a_taken_dht_port_is_a_message_and_exit_1(tmp_path: Path, node_home) -> None:
+    """A node that cannot bind its DHT (UDP) port on an explicit --listen fails with the
+    reason, not a traceback: serve in the foreground, mount through its ready report."""
+    home = node_home("a")
+    link = json.loads(peerdrive(home, "new", "--json").stdout)["read_link"]
+    (tmp_path / "mnt").mkdir()
+    udp, port = udp_port_held_with_tcp_twin_free()
+    with udp:
+        for args in (("serve",), ("mount", link, str(tmp_path / "mnt"))):
+            res = peerdrive(home, *args, "--listen", f"127.0.0.1:{port}", "--no-lan",
+                            check=False, timeout=120)
+            assert res.returncode == 1, (args, res.stderr)
+            assert res.stderr.startswith("peerdrive: error: cannot listen for DHT traffic on "
+                                         f"UDP 127.0.0.1:{port}"), (args, res.stderr)
+            assert "Traceback" not in res.stderr, (args, res.stderr)
+    assert not is_mounted(tmp_path / "mnt")
 
 
 @pytest.fixture

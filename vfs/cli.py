@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from cache.errors import StoreError, StoreFull
+from dht.errors import DhtError
 
 from . import flags, xattrs
 from .capability import ReadCap, StoreCap, WriteCap, parse_link, require_read, split_version
@@ -1081,6 +1082,12 @@ def main(argv: list[str] | None = None) -> int:
         return NoSpaceError.exit_code
     except StoreError as exc:
         _report_failure(args, f"store: {exc}")
+        return 1
+    except DhtError as exc:
+        # What the drive layer does not turn into its own error reaches here: the
+        # node failing to start (a UDP port taken, no multicast) is a message, not
+        # a traceback.
+        _report_failure(args, str(exc))
         return 1
     except OSError as exc:
         _report_failure(args, f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
