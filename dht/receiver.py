@@ -22,6 +22,9 @@ Rules:
 - At most `MAX_QUEUED` bytes of decoded messages wait for trio; beyond that
   the thread stops reading the socket until trio takes them, so a peer that
   sends faster than we consume fills its own TCP window, not our memory.
+- The thread first delivers the frames the connection's decoder (and TLS) had
+  buffered before the hand-over, without waiting for the socket: a peer that
+  sent a frame together with the handshake's last one may wait for our answer.
 - The end of the stream and every failure become one last item, with the
   messages FrameStream.receive gives on the event loop: a bad frame is a
   PeerProtocolError, a close or a broken socket or TLS a PeerGoneError.
@@ -171,9 +174,12 @@ class ReceiveThread:
         poller.register(self._wake_fds[0], select.POLLIN)
         self._raw = bytearray(SOCKET_READ)
         self._plain = bytearray(PLAIN_BUFFER)
-        if self._leftover:
-            self._decode([self._leftover], False)
-            self._leftover = b""
+        # Before the first poll: what TLS decrypted and the decoder buffered before the
+        # hand-over. The decoder may already hold whole frames (a push connection's first
+        # Notice comes in one read with its Welcome), and the peer may send nothing more
+        # until we answer them: decode them now, not when the socket next has bytes.
+        self._decode([self._leftover], False)
+        self._leftover = b""
         while True:
             self._wait_for_room()
             events = poller.poll()

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -192,9 +192,12 @@ ServerScript = Callable[[FrameConn], Awaitable[None]]
 class HostilePeerServer:
     """A peer server with a real identity that welcomes anyone, then runs `script(conn)`."""
 
-    def __init__(self, identity: NodeIdentity, script: ServerScript) -> None:
+    def __init__(self, identity: NodeIdentity, script: ServerScript,
+                 with_welcome: Callable[[Hello], Sequence[Message]] | None = None) -> None:
+        """`with_welcome(hello)`: frames sent in the same write as the Welcome."""
         self.identity = identity
         self.script = script
+        self.with_welcome = with_welcome
         self.port: int | None = None
         self._context = server_context(identity)
 
@@ -217,7 +220,8 @@ class HostilePeerServer:
             hello = await conn.receive()
             if not isinstance(hello, Hello):
                 return
-            await conn.send(Welcome(256))
+            extra = self.with_welcome(hello) if self.with_welcome is not None else ()
+            await conn.send(Welcome(256), *extra)
             await self.script(conn)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass

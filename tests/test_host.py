@@ -269,3 +269,31 @@ def test_publish_waits_for_copies_pushed_to_a_host(tmp_path: Path) -> None:
         hsnap = host.snapshot(after=time.time())
         peers = hsnap["drives"][v1["drive"]]["peers"]
         assert sum(p["blocks"] for p in peers) >= state["blocks_total"] - 20
+
+
+def test_a_host_completes_a_version_that_existed_before_the_push_started(tmp_path: Path) -> None:
+    """The bench's order: publish, the host is told to host, and only then the publisher's
+    `serve --push` starts. The host learns the version from nothing but the first Notice on
+    the push connection; nothing else follows it until the host asks for blocks, so a
+    Notice left undelivered (it came in one read with the Welcome, d96dc70) left the host
+    waiting for ever."""
+    src = tmp_path / "src"
+    files = make_source(src, 5)
+    P, H = tmp_path / "P", tmp_path / "H"
+    with Swarm(tmp_path / "swarm") as sw:
+        pub = json.loads(peerdrive(P, "publish", str(src), "--json").stdout)
+        host = sw.serve("host", H)  # knows nobody: only the push reaches it
+        out = peerdrive(H, "host", store_link(P, pub["read_link"]), "--no-wait", "--json")
+        assert json.loads(out.stdout)["state"] != "complete"
+        sw.serve("publisher", P, extra=["--push", host.addr])
+
+        def complete() -> bool:
+            state = hosting_state(host, pub["drive"])
+            return state is not None and state["state"] == "complete"
+
+        assert wait_until(complete, 60), (hosting_state(host, pub["drive"]), sw.diagnostics())
+        state = hosting_state(host, pub["drive"])
+        assert state["hosted_seq"] == pub["seq"] == 1
+        assert state["blocks_have"] == state["blocks_total"] > len(files)
+        st = drive_status(H, pub["drive"])
+        assert (st["hosted"], st["complete"], st["missing_blocks"]) == (True, True, 0)

@@ -23,7 +23,7 @@ import trio
 
 from dht.client import PeerConnection
 from dht.errors import BadBlockError, PeerGoneError, PeerProtocolError
-from dht.frames import Block, encode
+from dht.frames import Block, Hello, Notice, encode
 from dht.identity import NodeIdentity
 from dht.receiver import MAX_QUEUED, ReceiveThread
 from dht.tlsstream import SOCKET_READ
@@ -178,6 +178,35 @@ def test_good_frames_then_garbage_deliver_then_fail_as_a_bad_frame() -> None:
         error = await conn.wait_closed()
         assert isinstance(error, PeerProtocolError), error
         assert "sent a bad frame" in str(error) and "exceeds the limit" in str(error)
+
+    run(test)
+
+
+def test_frames_that_came_with_the_welcome_are_delivered_before_anything_else_arrives() -> None:
+    """A frame decoded into the buffer together with the Welcome reaches trio although
+    the peer then sends nothing: a push connection's first Notice comes in one read with
+    its Welcome, and the pushing node then waits for wants (issue 10: a host never
+    learnt a version that existed before the push started)."""
+    record = os.urandom(400)
+    notices: list[tuple[bytes, bytes]] = []
+
+    def notice_with_welcome(hello: Hello) -> list[Notice]:
+        return [Notice(hello.discovery_key, record)]
+
+    async def silence(conn: FrameConn) -> None:
+        await trio.sleep_forever()
+
+    async def test(nursery) -> None:
+        hostile = HostilePeerServer(NodeIdentity.generate(), silence, notice_with_welcome)
+        await nursery.start(hostile.run)
+        dk, secret = new_drive()
+        inner = await nursery.start(_nursery_task)
+        conn = await PeerConnection.connect(
+            hostile.addr(), NodeIdentity.generate(), dk, secret, nursery=inner,
+            on_notice=lambda key, rec: notices.append((key, rec)))
+        await wait_for(lambda: notices or conn.closed, 30)
+        assert notices == [(dk, record)] and not conn.closed
+        await conn.aclose()
 
     run(test)
 
