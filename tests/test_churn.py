@@ -252,6 +252,52 @@ async def _test_a_dead_dht_contact_costs_a_lookup_one_short_timeout_at_most() ->
             sock.close()
 
 
+def test_a_reader_whose_connection_broke_is_handed_to_no_newcomer() -> None:
+    trio.run(_test_a_reader_whose_connection_broke_is_handed_to_no_newcomer)
+
+
+async def _test_a_reader_whose_connection_broke_is_handed_to_no_newcomer() -> None:
+    # A killed reader leaves the publisher's routing table only once a ping of it has
+    # timed out; readers 2-5 of the bench joined within that second and each waited it
+    # out on the dead one. The RPC timeout is far beyond the bound below: only a join
+    # that never asks the dead reader can meet it.
+    rpc_timeout = 60.0
+    dead = _silent_udp()
+    try:
+        async with trio.open_nursery() as nursery:
+            publisher = Dht(rpc_timeout=rpc_timeout)
+            port = await nursery.start(publisher.run, "127.0.0.1", 0, [])
+            dead_id = os.urandom(32)
+            async with trio.open_nursery() as alive:  # alive until the publisher lists it
+                alive.start_soon(_answer_pings, dead, dead_id)
+                _ping_from(dead, dead_id, ("127.0.0.1", port))
+                assert await _until(lambda: len(publisher.contacts()) == 1, timeout=30)
+                alive.cancel_scope.cancel()
+            # its block connection broke without a Goodbye: what the server reports
+            assert publisher.check_contact(dead_id)
+            pinged = 0
+
+            def check_sent() -> bool:
+                nonlocal pinged
+                pinged += _requests_from([dead], port)
+                return pinged > 0
+
+            assert await _until(check_sent, timeout=30)  # the check is under way
+
+            reader = Dht(rpc_timeout=rpc_timeout)
+            started = trio.current_time()
+            with trio.fail_after(rpc_timeout / 2):
+                await nursery.start(reader.run, "127.0.0.1", 0, [("127.0.0.1", port)])
+            joined = trio.current_time() - started
+            print(f"\njoin {joined:.2f} s next to a reader being checked "
+                  f"(rpc timeout {rpc_timeout:.0f} s)")
+            assert _requests_from([dead], reader.port) == 0
+            assert [c[0] for c in reader.contacts()] == [publisher.node_id]
+            nursery.cancel_scope.cancel()
+    finally:
+        dead.close()
+
+
 def test_a_departing_dht_node_says_bye_and_leaves_routing_tables() -> None:
     trio.run(_test_a_departing_dht_node_says_bye_and_leaves_routing_tables)
 

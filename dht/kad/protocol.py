@@ -102,12 +102,19 @@ class WideRoutingTable(RoutingTable):
         An empty list made a lookup ask nobody and find nothing; a short one
         started it far from the key. A table holds a few hundred contacts at
         most, so a full scan costs little.
+
+        A contact another layer saw vanish is left out while its liveness check
+        runs (`PeerdriveProtocol.check_contact`): a reader killed a moment ago
+        would otherwise be handed to the next newcomer, whose join then waits a
+        whole RPC timeout on it, and to this node's own lookups.
         """
         k = k or self.ksize
         self.buckets[self.get_bucket_for(node)].touch_last_updated()  # as the package's walk did
+        vanishing = self.protocol.vanishing
         candidates = (
             n for bucket in self.buckets for n in bucket.nodes.values()
             if n.id != node.id and (exclude is None or not n.same_home_as(exclude))
+            and (n.ip, n.port) not in vanishing
         )
         return heapq.nsmallest(k, candidates, key=node.distance_to)
 
@@ -194,6 +201,9 @@ class PeerdriveProtocol(KademliaProtocol):
         # (ip, port) -> when a valid datagram last came from it
         self.heard: OrderedDict[tuple[str, int], float] = OrderedDict()
         self._liveness_checks: set[tuple[str, int]] = set()
+        # (ip, port) of contacts another layer saw vanish (a broken connection), while
+        # their liveness check runs: handed to nobody until they answer it
+        self.vanishing: set[tuple[str, int]] = set()
 
     # -- transport events
 
@@ -479,8 +489,11 @@ class PeerdriveProtocol(KademliaProtocol):
         for bucket in self.router.buckets:
             node = bucket.nodes.get(node_id)
             if node is not None:
-                self.heard.pop((node.ip, node.port), None)  # a timeout now marks it dead
+                key = (node.ip, node.port)
+                self.heard.pop(key, None)  # a timeout now marks it dead
                 self._check_stale([node])
+                if key in self._liveness_checks:  # left out of every neighbour list meanwhile
+                    self.vanishing.add(key)
                 return True
         return False
 
@@ -500,6 +513,7 @@ class PeerdriveProtocol(KademliaProtocol):
             await self.call_ping(node)
         finally:
             self._liveness_checks.discard(key)
+            self.vanishing.discard(key)
 
     def say_bye(self) -> int:
         """Tell every contact this node is leaving (one datagram each, no answer awaited)."""
