@@ -22,7 +22,7 @@ import stat
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pyfuse3
 import trio
@@ -51,9 +51,10 @@ from .errors import (
 )
 from .formats import KIND_DIR, KIND_FILE, KIND_LINK, Entry
 from .head import Head
-from .worktree import WNode, WorkTree
-from .write_buffer import STORED
-from .writer import WriteSession
+
+if TYPE_CHECKING:  # a read-only mount never loads the writing modules (vfs/node.py)
+    from .worktree import WNode, WorkTree
+    from .writer import WriteSession
 
 log = logging.getLogger(__name__)
 
@@ -1086,6 +1087,8 @@ class WritableOperations(DriveOperations):
             content = node.content
             if content is None:  # a new mode or name only: the published bytes
                 return await self.drive.answers.usage(node.base) if node.base else (0, 0)
+            from .write_buffer import STORED  # loaded with the session: a lookup here
+
             stored = [s.ref for s in content.segs if s.kind == STORED and s.ref is not None]
             gone = await self.drive.answers._missing([r.block_id for r in stored])
             return content.size - sum(r.length for r in stored if r.block_id in gone), \

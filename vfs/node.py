@@ -10,6 +10,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -18,27 +19,24 @@ from dht.identity import NodeIdentity
 
 from .blocks import BlockReader
 from .capability import ReadCap, StoreCap, WriteCap
-from .copies import CopyCounter
 from .drive import Drive
 from .errors import PeerdriveError
 from .fs import DriveOperations, WritableOperations
 from .head import Head
 from .head_follower import HeadFollower
 from .home import Home
-from .host import HostManager
 from .memory import limit_arenas
-from .merge import device_name
 from .mount import check_mountpoint, report_ready, serve_fuse
 from .network import HEAD_POLL_INTERVAL, NetworkNode, parse_hostport
 from .options import MOUNT_LISTEN, SERVE_LISTEN, MountOptions, ResolvedNodeOptions, ServeOptions
 from .process import start_time
 from .pushes import Pushes, parse_push_target
 from .storage import DriveStorage
-from .tree import Tree
 from .units import parse_size
-from .watch import FolderWatch, Published
-from .writer import WriteSession
-from .writers import WrittenDrive
+
+if TYPE_CHECKING:
+    from .watch import Published
+    from .writer import WriteSession
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +123,8 @@ async def _mount_main(home: Home, cap: ReadCap, mountpoint: Path, opts: MountOpt
                 drive.set_head(new)
                 nursery.start_soon(net.publish_head, cap, new.wire)
 
-            session = WriteSession(cap, storage, drive.tree, head, opts.publish_delay,
-                                   on_version=on_version,
-                                   device=device_name(net.identity.node_id),
-                                   fetch=net.fetch_function(cap),
-                                   lookup=lambda: net.lookup_head(cap))
+            session = write_session(net, cap, storage, drive.tree, head, opts.publish_delay,
+                                    on_version=on_version)
             await session.recover()  # what an fsync made durable before a crash goes first
             head = session.head
             writable = WritableOperations(drive, session)
@@ -180,6 +175,24 @@ async def _mount_main(home: Home, cap: ReadCap, mountpoint: Path, opts: MountOpt
         nursery.cancel_scope.cancel()
 
 
+def write_session(net: NetworkNode, cap: WriteCap, storage: DriveStorage, tree, head: Head,
+                  publish_delay: float, **kwargs) -> WriteSession:
+    """A session that makes versions of `cap` from this node (a writable mount, `--watch`).
+
+    The writing modules (the session, the work tree, the write buffer and
+    journal, publishing) are imported here and nowhere at the top of this
+    module or of vfs/fs.py: a read-only mount never needs them, and their
+    import was a part of every mount's start-up CPU.
+    """
+    from .merge import device_name
+    from .writer import WriteSession
+
+    return WriteSession(cap, storage, tree, head, publish_delay,
+                        device=device_name(net.identity.node_id),
+                        fetch=net.fetch_function(cap), lookup=lambda: net.lookup_head(cap),
+                        **kwargs)
+
+
 async def _last_version(session: WriteSession) -> None:
     """An unmounted writable mount publishes what changed since its last version."""
     with trio.move_on_after(LAST_VERSION_SECONDS) as scope:
@@ -215,6 +228,9 @@ def run_watch(home: Home, cap: WriteCap, source: Path, opts: ServeOptions, publi
               on_warning: Callable[[str], None]) -> None:
     """`publish DIR --watch`: serve like `serve`, and publish the folder as it changes."""
 
+    from .tree import Tree
+    from .watch import FolderWatch
+
     async def watch(net: NetworkNode, storage: DriveStorage) -> None:
         head = storage.load_head(cap)
         assert head is not None  # the command line published the folder first
@@ -223,10 +239,8 @@ def run_watch(home: Home, cap: WriteCap, source: Path, opts: ServeOptions, publi
         async def on_version(new: Head) -> None:
             await net.publish_head(cap, new.wire)
 
-        session = WriteSession(cap, storage, tree, head, publish_delay, on_version=on_version,
-                               device=device_name(net.identity.node_id),
-                               fetch=net.fetch_function(cap),
-                               lookup=lambda: net.lookup_head(cap), adopt_merged=False)
+        session = write_session(net, cap, storage, tree, head, publish_delay,
+                                on_version=on_version, adopt_merged=False)
         await session.recover()
 
         async def published(report: Published) -> None:
@@ -244,6 +258,11 @@ async def _serve_main(home: Home, opts: ServeOptions, node_opts: ResolvedNodeOpt
     """Serve every drive this node holds and hosts; publish new heads as they appear;
     push them to the --push targets; count the copies other nodes hold."""
     import signal
+
+    from .copies import CopyCounter  # a serving node's modules: a mount never loads them
+    from .host import HostManager
+    from .merge import device_name
+    from .writers import WrittenDrive
 
     storage = DriveStorage(store)
     net = network_for(home, store, node_opts)
