@@ -500,6 +500,29 @@ def encode(msg: Message) -> bytes:
     return _PREFIX.pack(len(payload)) + payload
 
 
+def encode_block(req_id: int, data: bytes) -> tuple[bytes, bytes]:
+    """The frame of `Block(req_id, data)` as (everything before the block's bytes, the
+    block's bytes): the same bytes as `encode`, without copying the block twice more (into
+    msgpack's output, then behind the length prefix). A serving node sends the two
+    parts to the TLS object one after the other (docs/benchmarks.md, issue 12)."""
+    data = Block.CHECKS["data"](data)
+    body = {"v": PROTOCOL_VERSION, "t": Block.TYPE, "req_id": _REQ_ID(req_id), "data": b""}
+    # `data` is the map's last field (Block's field order), so the packed map ends in an
+    # empty bin8 (c4 00); the block's own bin header takes its place
+    head = msgpack.packb(body, use_bin_type=True)[:-2]
+    size = len(data)
+    if size < 1 << 8:
+        bin_head = struct.pack(">BB", 0xC4, size)
+    elif size < 1 << 16:
+        bin_head = struct.pack(">BH", 0xC5, size)
+    else:
+        bin_head = struct.pack(">BI", 0xC6, size)
+    length = len(head) + len(bin_head) + size
+    if length > MAX_FRAME:
+        raise FrameError(f"frame of {length} bytes exceeds the limit of {MAX_FRAME}")
+    return _PREFIX.pack(length) + head + bin_head, data
+
+
 def _decode_payload(payload: memoryview) -> Message:
     try:
         body = msgpack.unpackb(

@@ -38,7 +38,6 @@ from .errors import PeerGoneError, PeerProtocolError, PeerStuckError
 from .frames import (
     MAX_REASON,
     MAX_RUN_IDS,
-    Block,
     Cancel,
     Goodbye,
     Have,
@@ -50,6 +49,7 @@ from .frames import (
     Want,
     WantRun,
     encode,
+    encode_block,
     pack_bitmap,
 )
 from .streams import GOODBYE_GRACE, MAX_CONTROL_BACKLOG, FrameStream
@@ -418,8 +418,9 @@ class ServerConnection:
 
     def _replies_ready(self, lazy: bool) -> tuple[list[bytes], list[tuple[int, int, int]]]:
         """The replies ready to go, READs first (the lazier ones too if `lazy`), in order
-        within a lane, as frames for one write (up to SEND_BYTES; a large block goes on
-        its own): (frames, [(req_id, seq, block bytes or -1)])."""
+        within a lane, as the parts of one write (a Block frame is two: its header and
+        the block's bytes; up to SEND_BYTES; a large block goes on its own): (parts,
+        [(req_id, seq, block bytes or -1)])."""
         parts: list[bytes] = []
         sent: list[tuple[int, int, int]] = []
         size = 0
@@ -444,9 +445,9 @@ class ServerConnection:
                     parts.append(encode(NotFound(lookup.req_id)))
                     sent.append((lookup.req_id, lookup.seq, -1))
                 else:
-                    frame = encode(Block(lookup.req_id, data))
-                    parts.append(frame)
-                    size += len(frame)
+                    head, block = encode_block(lookup.req_id, data)
+                    parts += (head, block)  # the block is not copied into a frame (send_parts)
+                    size += len(head) + len(block)
                     sent.append((lookup.req_id, lookup.seq, len(data)))
         return parts, sent
 
@@ -483,7 +484,7 @@ class ServerConnection:
                 self._load_wake.set()
                 if not parts:
                     continue
-                await self.frames.send_bytes(parts[0] if len(parts) == 1 else b"".join(parts))
+                await self.frames.send_parts(parts)
                 for req_id, seq, size in sent:
                     if size >= 0:
                         stats.blocks_served += 1

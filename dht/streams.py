@@ -133,6 +133,15 @@ class FrameStream:
     async def send_bytes(self, frame: bytes) -> None:
         await self._sending(self.stream.send_all, frame)
 
+    async def send_parts(self, parts: list[bytes]) -> None:
+        """`send_bytes(b"".join(parts))`, without the join where the stream can take the
+        parts as they are (TlsStream.send_parts: a served block is not copied again)."""
+        send_parts = getattr(self.stream, "send_parts", None)
+        if send_parts is None:
+            await self.send_bytes(parts[0] if len(parts) == 1 else b"".join(parts))
+        else:
+            await self._sending(send_parts, parts)
+
     async def _sending(self, send: Callable[..., Awaitable[None]], *args: object) -> None:
         """`await send(*args)` within the send timeout, its failures as our errors."""
         try:

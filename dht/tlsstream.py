@@ -32,6 +32,7 @@ import trio
 
 SOCKET_READ = 1024 * 1024  # bytes asked of the socket per receive
 PLAINTEXT_READ = 1024 * 1024  # bytes asked of the TLS object per record read
+SMALL_PART = 16 * 1024  # send_parts: parts below one TLS record's size are joined, not copied
 
 
 class TlsStream(trio.abc.Stream):
@@ -121,6 +122,29 @@ class TlsStream(trio.abc.Stream):
         try:
             with self._tls_lock:
                 self._ssl.write(data)
+        except ssl.SSLError as exc:
+            raise self._fail(exc) from exc
+        await self._flush()
+
+    async def send_parts(self, parts: list[bytes]) -> None:
+        """`send_all` of the parts joined, without joining them: a large part is handed to
+        the TLS object as it is (a served block, 256 KiB and more, is not copied behind
+        its frame header first); small parts next to each other still go in one write,
+        so they share TLS records. One socket send for all of it."""
+        self._check()
+        small: list[bytes] = []
+        try:
+            with self._tls_lock:
+                for part in parts:
+                    if len(part) < SMALL_PART:
+                        small.append(part)
+                        continue
+                    if small:
+                        self._ssl.write(b"".join(small))
+                        small = []
+                    self._ssl.write(part)
+                if small:
+                    self._ssl.write(b"".join(small))
         except ssl.SSLError as exc:
             raise self._fail(exc) from exc
         await self._flush()

@@ -44,6 +44,33 @@ def _cpu_ticks(pid: int, tid: int | None = None) -> int:
     return int(fields[11]) + int(fields[12])  # utime + stime
 
 
+def _thread_times(pid: int) -> dict[int, tuple[str, int, int]]:
+    """Each thread of a process: its name (trio names its worker threads), the ns it ran
+    and the ns it waited runnable for a core (/proc/PID/task/TID/schedstat)."""
+    found = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            name = (task / "comm").read_text().strip()
+            ran, waited = (task / "schedstat").read_text().split()[:2]
+            found[int(task.name)] = (name, int(ran), int(waited))
+    return found
+
+
+def _thread_report(before: dict[int, tuple[str, int, int]],
+                   after: dict[int, tuple[str, int, int]]) -> str:
+    """Per thread name over a read: CPU seconds / seconds waited for a core (threads
+    that ended before the read did are missing)."""
+    by_name: dict[str, list[float]] = {}
+    for tid, (name, ran, waited) in after.items():
+        _, ran0, waited0 = before.get(tid, (name, 0, 0))
+        if ran - ran0 or waited - waited0:
+            total = by_name.setdefault(name, [0.0, 0.0])
+            total[0] += (ran - ran0) / 1e9
+            total[1] += (waited - waited0) / 1e9
+    return ", ".join(f"{name} {ran:.2f}/{waited:.2f}" for name, (ran, waited) in
+                     sorted(by_name.items(), key=lambda item: -item[1][0]))
+
+
 def _serve_pid(bench: B.Bench) -> int | None:
     return None if bench._serve is None else bench._serve[0].pid
 
@@ -92,33 +119,46 @@ def main() -> int:
                 mounted = bench.peerdrive_mount("big", "read lab", home=home)
             with mounted as m:
                 bench.drop_page_cache()
-                spy = None
+                spy = serve_spy = None
                 if args.py_spy:
                     spy = subprocess.Popen(
                         [args.py_spy, "record", "-p", str(m.pid), "-o", f"read-lab-{n}.txt",
                          "-f", "raw", "--threads", "-r", "200", "--nonblocking"],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    serve = _serve_pid(bench)
+                    if serve is not None:
+                        serve_spy = subprocess.Popen(
+                            [args.py_spy, "record", "-p", str(serve), "-o",
+                             f"read-lab-{n}-serve.txt", "-f", "raw", "--threads", "-r", "200",
+                             "--nonblocking"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     time.sleep(1)
                 asked = _asked_of_publisher(bench)
                 serve = _serve_pid(bench)
                 before = _cpu_ticks(m.pid)
                 loop_before = _cpu_ticks(m.pid, m.pid)
                 serve_before = _cpu_ticks(serve) if serve else 0
+                threads_before = _thread_times(m.pid)
                 started = time.perf_counter()
                 B.cat_to_null(m.path / big.name)
                 took = time.perf_counter() - started
                 cpu = (_cpu_ticks(m.pid) - before) / tick
                 loop_cpu = (_cpu_ticks(m.pid, m.pid) - loop_before) / tick
                 serve_cpu = (_cpu_ticks(serve) - serve_before) / tick if serve else 0.0
+                threads = _thread_report(threads_before, _thread_times(m.pid))
                 if spy is not None:
                     spy.send_signal(2)
                     spy.wait()
+                if serve_spy is not None:
+                    serve_spy.send_signal(2)
+                    serve_spy.wait()
                 what = "cold" if n == 0 else f"hot {n}"
                 wants, runs = (a - b for a, b in zip(_asked_of_publisher(bench), asked, strict=True))
                 print(f"{what}: {size / took / 1e6:.0f} MB/s, mount CPU {cpu:.2f} s "
                       f"(event-loop thread {loop_cpu:.2f} s), serve CPU {serve_cpu:.2f} s, "
                       f"load average {os.getloadavg()[0]:.1f}; publisher asked for {wants} "
                       f"blocks in {runs} want_run frames and single wants", flush=True)
+                print(f"  mount threads, CPU s / s runnable waiting for a core: {threads}", flush=True)
     return 0
 
 

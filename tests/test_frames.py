@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 
 import msgpack
@@ -46,6 +47,7 @@ from dht.frames import (
     Welcome,
     Whole,
     encode,
+    encode_block,
     pack_bitmap,
     unpack_bitmap,
 )
@@ -571,3 +573,26 @@ def test_a_node_without_fetching_refuses_it_clearly() -> None:
         patch.setattr(frames_module, "MESSAGE_TYPES", old_types)
         with pytest.raises(FrameError, match="unknown message type 'fetching'"):
             decode_all(frame)
+
+
+@pytest.mark.parametrize("size", [0, 1, 255, 256, 65535, 65536, 256 * 1024, MAX_BLOCK])
+@pytest.mark.parametrize("req_id", [0, 127, 128, 65536, 2**32 - 1])
+def test_encode_block_is_encode_of_a_block_in_two_parts(size: int, req_id: int) -> None:
+    """A serving node sends a block as (header, the block itself): the same bytes as
+    `encode(Block(...))`, the block's bytes the very object given (not copied)."""
+    data = os.urandom(size)
+    head, block = encode_block(req_id, data)
+    assert block is data
+    assert head + block == encode(Block(req_id, data))
+    decoder = FrameDecoder()
+    decoder.feed(head + block)
+    assert decoder.next_event() == Block(req_id, data)
+
+
+def test_encode_block_refuses_what_encode_refuses() -> None:
+    with pytest.raises(FrameError):
+        encode_block(2**32, b"x")
+    with pytest.raises(FrameError):
+        encode_block(1, b"x" * (MAX_BLOCK + 1))
+    with pytest.raises(FrameError):
+        encode_block(1, bytearray(b"x"))  # type: ignore[arg-type]

@@ -423,10 +423,17 @@ class BlockReader:
         error) only means "uncached": a full disk never fails a read the
         network served. If the batch as a whole does not fit, the blocks are
         tried one by one, so what fits is kept.
+
+        The store does not hash the blocks again (`ids_checked`): the fetch
+        hands over only ciphertext it has checked against its id (the `Fetch`
+        contract above: the peer connection's receive thread or the mirror
+        source hashed it), and a second SHA-256 here cost a tenth of the cold
+        read's store writes (docs/benchmarks.md, issue 12).
         """
+        batch = [(block_id, ct if type(ct) is bytes else bytes(ct)) for block_id, ct in batch]
         try:
             before = self.store.count
-            new = self.store.put_many(batch, tag=self.tag)
+            new = self.store.put_many(batch, ids_checked=True, tag=self.tag)
             after = self.store.count
             self.store.release_mapped_pages()
             if self._evict_undecryptable(batch):
@@ -441,7 +448,7 @@ class BlockReader:
         failed = 0
         for block_id, ct in batch:
             try:
-                self.store.put_many([(block_id, ct)], tag=self.tag)
+                self.store.put_many([(block_id, ct)], ids_checked=True, tag=self.tag)
             except StoreError:
                 failed += 1
         self._evict_undecryptable(batch)
