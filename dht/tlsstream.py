@@ -78,14 +78,29 @@ class TlsStream(trio.abc.Stream):
             raise trio.BrokenResourceError(f"TLS connection broke: {self._broken}")
 
     async def _flush(self) -> None:
-        """Send whatever the TLS object wrote, in the order it wrote it."""
+        """Send whatever the TLS object wrote, in the order it wrote it, including what
+        it wrote while this was sending (the receiving side's records: see
+        `_flush_from_receive`)."""
         if not self._outgoing.pending:
             return
         async with self._send_lock:
-            with self._tls_lock:
-                data = self._outgoing.read()
-            if data:
+            while True:
+                with self._tls_lock:
+                    data = self._outgoing.read()
+                if not data:
+                    return
                 await self.transport.send_all(data)
+
+    async def _flush_from_receive(self) -> None:
+        """The receiving side's flush: records its reads made the TLS object write (a key
+        update's answer) go out now, unless a send is under way: that sender sends them
+        when it is done (`_flush` loops). Waiting for it instead would stop receiving
+        for as long as the peer does not read, and a sender's records still pending
+        were written by that sender, just before it took the lock: a server whose
+        client had stopped reading then never read that client's Cancels
+        (tests/test_peer.py::test_server_answers_in_priority_order_when_backlogged)."""
+        if self._outgoing.pending and not self._send_lock.locked():
+            await self._flush()
 
     async def _fill(self) -> bool:
         """Feed the TLS object what the socket has; False at the socket's end."""
@@ -203,8 +218,7 @@ class TlsStream(trio.abc.Stream):
                 ended = True
             except ssl.SSLError as exc:
                 raise self._fail(exc) from exc
-            if self._outgoing.pending:  # e.g. an answer to a key update
-                await self._flush()
+            await self._flush_from_receive()  # e.g. an answer to a key update
             if parts:
                 return parts[0] if len(parts) == 1 else b"".join(parts)
             if ended or at_eof:
@@ -270,8 +284,9 @@ class TlsStream(trio.abc.Stream):
             return bool(self._outgoing.pending)
 
     async def flush(self) -> None:
-        """Send what the TLS object wrote on its own (trio.BrokenResourceError if it cannot)."""
-        await self._flush()
+        """Send what the TLS object wrote on its own (trio.BrokenResourceError if it cannot);
+        the receiving side calls it, so a send under way sends them (`_flush_from_receive`)."""
+        await self._flush_from_receive()
 
     async def aclose(self) -> None:
         if self._closed:

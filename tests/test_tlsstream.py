@@ -174,3 +174,38 @@ def test_send_parts_sends_the_joined_bytes_and_hands_large_parts_over_as_they_ar
         nursery.cancel_scope.cancel()
 
     run(test)
+
+
+def test_receiving_never_waits_for_a_send_under_way() -> None:
+    """While a send holds the stream (the peer reads nothing, so it may hold it for good),
+    records the TLS object holds for it are that sender's to send: a receive must not
+    wait for the send lock to flush them. It did, and a server whose client had stopped
+    reading never read that client's Cancels
+    (tests/test_peer.py::test_server_answers_in_priority_order_when_backlogged). What a
+    sender finds pending when its send ends goes out too."""
+
+    async def test(nursery: trio.Nursery) -> None:
+        server, client = await _pair(nursery, "ours", "ours")
+        holding = trio.Event()
+        release = trio.Event()
+
+        async def a_send_under_way() -> None:
+            async with server._send_lock:
+                holding.set()
+                await release.wait()
+
+        nursery.start_soon(a_send_under_way)
+        await holding.wait()
+        with server._tls_lock:
+            server._ssl.write(b"written while the lock was held")  # pending, unsent
+        await client.send_all(b"a cancel")
+        with trio.fail_after(10):
+            assert await server.receive_some() == b"a cancel"
+        release.set()
+        await server.send_all(b"; and after")  # the next send takes what was pending too
+        expected = b"written while the lock was held; and after"
+        with trio.fail_after(10):
+            assert await _receive_exactly(client, len(expected)) == expected
+        nursery.cancel_scope.cancel()
+
+    run(test)
