@@ -223,7 +223,8 @@ class DriveOperations(pyfuse3.Operations):
         self._stale_listed = trio.Event()
         self.max_inodes = max_inodes
         self._asked = 0  # inodes asked to be forgotten and still here
-        self.trimmed = 0  # names we asked the kernel to forget (what the tests look at)
+        self.trimmed = 0  # inodes we asked the kernel to forget (what the tests look at)
+        self.made = 0  # inodes made, ever (a walk the kernel answers alone makes none)
         # set once the kernel's INIT has been answered (see vfs.mount.serve_fuse)
         self.initialized = trio.Event()
         self._switching = trio.Lock()  # one version switch at a time
@@ -297,6 +298,7 @@ class DriveOperations(pyfuse3.Operations):
             self._freeze(node)
         ino = self._next_ino
         self._next_ino += 1
+        self.made += 1
         self.by_name[key] = ino
         node = self.inodes[ino] = Inode(ino, parent, entry.name, entry, version)
         if len(self.inodes) > self.max_inodes:
@@ -341,39 +343,83 @@ class DriveOperations(pyfuse3.Operations):
             await trio.to_thread.run_sync(notify)
 
     async def trim_inodes(self, keep: int) -> int:
-        """Ask the kernel to forget the oldest names until about `keep` inodes are left.
+        """Ask the kernel to forget whole folders until about `keep` inodes are left.
 
-        Oldest by when we made them (the table's order): a walk has long left
-        them behind; directories after the files in them, never the root.
+        The unit is a folder: invalidating its name makes the kernel drop it
+        and every unused name below it (one notification for a folder of
+        files, not one per file: each also drops the parent's cached
+        listing). Files and empty folders right under the root go one by one.
+        Which folders: the table's recent end (the last `max_inodes // 8`
+        inodes made: what is in use now) stays; of the rest, the most
+        recently listed go first. A walk over more names than the bound
+        therefore keeps the folders it listed first in the kernel and the
+        next walk finds them there (no request reaches us for them); evicting
+        the oldest instead made every walk drop each folder just before the
+        next walk came back to it, so a warm `find` past the bound re-made
+        every inode and re-decoded every folder (issue 17). One pass over the
+        table per trim, and a trim frees a quarter of it: O(1) per inode made.
         The kernel answers with FORGET for each inode nobody uses (an open
-        file or a process's working directory stays in the kernel, and so
-        here, under its name); a later lookup makes a fresh inode. The
-        notifications run in a worker thread: the kernel may wait on a
-        request this event loop has to answer first.
+        file or a process's working directory stays, and so here); a later
+        lookup makes a fresh inode. The notifications run in a worker thread:
+        the kernel may wait on a request this event loop has to answer first.
         """
         excess = len(self.inodes) - self._asked - keep
         if excess <= 0:
             return 0
+        units = self._trim_units()
+        recent = self._next_ino - self.max_inodes // 8
+        order = ([u for u in units if u[0] <= recent]
+                 + [u for u in reversed(units) if u[0] > recent])  # old ones last resort
         names: list[tuple[int, bytes]] = []
-        dirs: list[tuple[int, bytes]] = []
-        for ino, node in self.inodes.items():
-            if len(names) + len(dirs) >= excess:
+        marked = 0
+        for _, name, members in order:
+            if marked >= excess:
                 break
-            if ino == pyfuse3.ROOT_INODE or node.frozen or node.asked:
+            fresh = [n for n in members if not n.asked]
+            if not fresh:
                 continue
-            node.asked = True
-            (dirs if node.entry.is_dir else names).append((node.parent, node.name))
-        names.extend(reversed(dirs))  # the deepest directories first
+            for n in fresh:
+                n.asked = True
+            marked += len(fresh)
+            names.append(name)
 
         def notify() -> None:
             for parent, name in names:
                 with contextlib.suppress(OSError):
                     pyfuse3.invalidate_entry(parent, name)
 
-        self._asked += len(names)
+        self._asked += marked
         await trio.to_thread.run_sync(notify)
-        self.trimmed += len(names)
-        return len(names)
+        self.trimmed += marked
+        return marked
+
+    def _trim_units(self) -> list[tuple[int, tuple[int, bytes], list[Inode]]]:
+        """What `trim_inodes` may ask the kernel to forget, the most recently listed first.
+
+        Each is (when listed: the newest inode made in it, the name to
+        invalidate, the inodes that go with it): every folder below the root
+        holding inodes, with them; every other name right under the root,
+        alone. Frozen inodes (an older version's file someone may hold) are
+        never asked for, nor is the root.
+        """
+        held: dict[int, list[Inode]] = {}
+        for ino, node in self.inodes.items():
+            if ino == pyfuse3.ROOT_INODE or node.frozen or node.asked:
+                continue
+            held.setdefault(node.parent, []).append(node)
+        units: list[tuple[int, tuple[int, bytes], list[Inode]]] = []
+        for parent, members in held.items():
+            if parent == pyfuse3.ROOT_INODE:
+                units.extend((n.ino, (n.parent, n.name), [n]) for n in members
+                             if n.ino not in held)
+                continue
+            folder = self.inodes.get(parent)
+            if folder is None or folder.frozen:
+                continue  # its names go with the folder above it, or when it is forgotten
+            newest = max(n.ino for n in members)
+            units.append((newest, (folder.parent, folder.name), [folder, *members]))
+        units.sort(key=lambda u: u[0], reverse=True)
+        return units
 
     def _attrs(self, node: Inode) -> pyfuse3.EntryAttributes:
         e = node.entry
