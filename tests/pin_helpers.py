@@ -69,11 +69,13 @@ class Nodes:
     def serve(self, name: str, home: Path, bootstrap: Iterable[str] = ()) -> NodeProcess:
         return self.swarm.serve(name, home, bootstrap)
 
-    def mount(self, home: Path, link: str, path: Path, *extra: str) -> Mounted:
-        """`peerdrive mount LINK PATH --listen 127.0.0.1:0 --no-lan EXTRA`, live on return."""
+    def mount(self, home: Path, link: str, path: Path, *extra: str,
+              verbose: bool = False) -> Mounted:
+        """`peerdrive mount LINK PATH --listen 127.0.0.1:0 --no-lan EXTRA`, live on return
+        (with `verbose`, `peerdrive -v mount`: its log has the info lines)."""
         path.mkdir(parents=True, exist_ok=True)
         self._mountpoints.append((home, path))
-        out = peerdrive(home, "mount", link, str(path), "--listen", f"{LOOPBACK}:0", "--no-lan",
+        out = peerdrive(home, *(["-v"] if verbose else []), "mount", link, str(path), "--listen", f"{LOOPBACK}:0", "--no-lan",
                         "--json", *extra, timeout=120)
         pid = int(json.loads(out.stdout)["pid"])
         info = json.loads(Home(home).mount_file(path.resolve()).read_text())

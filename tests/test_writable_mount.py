@@ -187,6 +187,42 @@ def test_fsync_then_sigkill_keeps_the_data(tmp_path: Path, node_home) -> None:
         assert (again.path / "a.txt").read_text() == "a\n"
 
 
+def write_unsynced(path: Path, body: bytes) -> None:
+    """Write `body` without fsync: only the mount's last version can keep it."""
+    with open(path, "wb") as f:
+        f.write(body)
+
+
+def wait_in_log(m, needle: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while needle not in m.log_tail(400):
+        assert time.monotonic() < deadline, f"{needle!r} never in the mount log:\n{m.log_tail()}"
+        time.sleep(0.02)
+
+
+def test_sigterm_while_the_last_version_is_published_lets_it_finish(tmp_path: Path,
+                                                                   node_home) -> None:
+    """A SIGTERM that arrives while an unmounted writable mount publishes its last
+    version (a service manager's stop, an impatient unmount) does not kill it
+    part-way: the version is made and the process exits 0."""
+    home = node_home("writer")
+    _, write_link = new_drive(tmp_path, home, {"a.txt": "a\n"})
+    body = random.Random(6).randbytes(24 * MiB + 3)
+    with Nodes(tmp_path) as nodes:
+        w = nodes.mount(home, write_link, tmp_path / "mnt", "--publish-delay", "3600",
+                        verbose=True)
+        write_unsynced(w.path / "big.bin", body)
+        subprocess.run(["fusermount3", "-u", str(w.path)], check=True)
+        wait_in_log(w, "publishing the changes since the last version")
+        os.kill(w.pid, signal.SIGTERM)
+        assert wait_exit(w.pid, None, 200), "the mount process did not end"
+        log = w.log_tail(400)
+        assert "published version" in log, log
+        nodes.mounts.remove(w)
+        again = nodes.mount(home, write_link, tmp_path / "mnt", "--publish-delay", "3600")
+        assert (again.path / "big.bin").read_bytes() == body
+
+
 def test_a_read_link_still_mounts_read_only(tmp_path: Path, node_home) -> None:
     start = tmp_path / "start"
     start.mkdir()

@@ -684,7 +684,9 @@ def cmd_unmount(args: argparse.Namespace) -> int:
     mountpoint = Path(args.mountpoint).expanduser().resolve()
     record = home.mount_record(mountpoint)
     try:
-        unmount(mountpoint, record, lazy=args.lazy)
+        unmount(mountpoint, record, lazy=args.lazy, on_wait=lambda seconds: print(
+            f"waiting for the mount to publish its last changes (at most {seconds:.0f} s)",
+            file=sys.stderr, flush=True))
     except MountError:
         if record is not None and not is_recorded_alive(record.get("pid", 0),
                                                         record.get("start")):

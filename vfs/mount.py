@@ -391,9 +391,24 @@ def report_ready(fd: int | None, message: str = "ready") -> None:
         os.close(fd)
 
 
+# A writable mount makes its last version after the kernel let go of the mount: it
+# publishes what changed since its last version within this time (vfs/node.py), and
+# `peerdrive unmount` waits that long on top of its usual wait before it gives up.
+LAST_VERSION_SECONDS = 120.0
+# How long an unmount of a writable mount waits before it says it is waiting.
+SAY_WAITING_AFTER = 1.0
+
+
 def unmount(mountpoint: Path, record: dict | None, lazy: bool = False,
-            timeout: float = 20.0) -> None:
+            timeout: float = 20.0, on_wait: Callable[[float], None] | None = None) -> None:
     """Unmount and wait for the serving process to exit.
+
+    A writable mount (its record says so) publishes its last version once
+    unmounted, which can take long after a big write: it gets
+    LAST_VERSION_SECONDS more, and `on_wait(seconds)` is told, if it has not
+    ended after SAY_WAITING_AFTER, that the wait can last up to that long.
+    A SIGTERM in the middle would not cut that publish short (the mount
+    finishes it first), but the command would return while it still runs.
 
     The serving process is the one `record` names by pid *and* start time
     (see vfs/process.py): a record left by a killed mount whose pid now
@@ -425,9 +440,25 @@ def unmount(mountpoint: Path, record: dict | None, lazy: bool = False,
             os.close(pidfd)
         raise
     if pidfd is not None:
-        if not process.wait_then_terminate(pidfd, timeout):
-            log.warning("the mount process of %s did not exit in %.0f s: sent SIGTERM",
-                        mountpoint, timeout)
+        assert record is not None
+        if not wait_for_mount_process(pidfd, bool(record.get("writable")), timeout, on_wait):
+            log.warning("the mount process of %s did not exit in time: sent SIGTERM",
+                        mountpoint)
+
+
+def wait_for_mount_process(pidfd: int, writable: bool, timeout: float,
+                           on_wait: Callable[[float], None] | None = None) -> bool:
+    """Wait for an unmounted mount's process to exit, SIGTERM it if it does not in
+    time; True if it exited by itself. Closes `pidfd`.
+
+    A writable mount gets LAST_VERSION_SECONDS more for its last version, and
+    `on_wait(seconds)` hears of the whole bound once it runs past SAY_WAITING_AFTER.
+    """
+    if writable:
+        if not process.wait_exited(pidfd, SAY_WAITING_AFTER) and on_wait is not None:
+            on_wait(timeout + LAST_VERSION_SECONDS)
+        timeout += LAST_VERSION_SECONDS
+    return process.wait_then_terminate(pidfd, timeout)
 
 
 def python_argv() -> list[str]:

@@ -26,7 +26,7 @@ from .head import Head
 from .head_follower import HeadFollower
 from .home import Home
 from .memory import limit_arenas
-from .mount import check_mountpoint, report_ready, serve_fuse
+from .mount import LAST_VERSION_SECONDS, check_mountpoint, report_ready, serve_fuse
 from .network import HEAD_POLL_INTERVAL, NetworkNode, parse_hostport
 from .options import MOUNT_LISTEN, SERVE_LISTEN, MountOptions, ResolvedNodeOptions, ServeOptions
 from .process import start_time
@@ -41,8 +41,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HEAD_WAIT = 20.0
-# An unmounted writable mount's last version is made within this time, or left to the journal.
-LAST_VERSION_SECONDS = 120.0
 
 
 def open_store(home: Home, cache_size: str | None) -> BlockStore:
@@ -151,7 +149,8 @@ async def _mount_main(home: Home, cap: ReadCap, mountpoint: Path, opts: MountOpt
             home.register_mount(mountpoint, {"pid": os.getpid(), "start": start_time(os.getpid()),
                                              "mountpoint": str(mountpoint),
                                              "drive": cap.drive_id, "port": net.port,
-                                             "log": opts.log_file, "seq": opts.at_seq})
+                                             "log": opts.log_file, "seq": opts.at_seq,
+                                             "writable": session is not None})
             log.info("mounted drive %s version %d at %s", cap.drive_id[:16], head.seq,
                      mountpoint)
             net.mark("ready")
@@ -195,17 +194,39 @@ def write_session(net: NetworkNode, cap: WriteCap, storage: DriveStorage, tree, 
 
 
 async def _last_version(session: WriteSession) -> None:
-    """An unmounted writable mount publishes what changed since its last version."""
-    with trio.move_on_after(LAST_VERSION_SECONDS) as scope:
-        scope.shield = True
-        try:
-            head = await session.publish_now()
-        except PeerdriveError as exc:
-            log.warning("the last changes were not published: %s (the journal keeps what "
-                        "fsync made durable; it is published at the next mount)", exc)
-            return
-        if head is not None:
-            log.info("published version %d as the mount ended", head.seq)
+    """An unmounted writable mount publishes what changed since its last version.
+
+    A signal meanwhile (`peerdrive unmount` giving up, a service manager's
+    stop, a second Ctrl-C) does not cut it short: SIGTERM's default would kill
+    the process part-way and leave the writes no fsync made durable lost. The
+    publish is bounded by LAST_VERSION_SECONDS; SIGKILL still stops it at once.
+    """
+    import signal
+
+    log.info("publishing the changes since the last version (at most %.0f s)",
+             LAST_VERSION_SECONDS)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_note_signals_while_publishing, signals)
+            with trio.move_on_after(LAST_VERSION_SECONDS) as scope:
+                scope.shield = True
+                try:
+                    head = await session.publish_now()
+                except PeerdriveError as exc:
+                    log.warning("the last changes were not published: %s (the journal keeps "
+                                "what fsync made durable; it is published at the next mount)",
+                                exc)
+                else:
+                    if head is not None:
+                        log.info("published version %d as the mount ended", head.seq)
+            nursery.cancel_scope.cancel()
+
+
+async def _note_signals_while_publishing(signals) -> None:
+    async for signum in signals:
+        log.warning("signal %d while the last version is published: it is finished first "
+                    "(at most %.0f s from its start; SIGKILL stops at once)", signum,
+                    LAST_VERSION_SECONDS)
 
 
 def run_serve(home: Home, opts: ServeOptions, on_ready,

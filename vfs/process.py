@@ -58,20 +58,26 @@ def is_recorded_alive(pid: int, start: int | None) -> bool:
     return True
 
 
+def wait_exited(pidfd: int, timeout: float) -> bool:
+    """Whether the process exits within `timeout` seconds (`pidfd` stays open)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        readable, _, _ = select.select([pidfd], [], [], max(0.0, left))
+        if readable:  # a pidfd becomes readable when its process exits
+            return True
+        if left <= 0:
+            return False
+
+
 def wait_then_terminate(pidfd: int, timeout: float) -> bool:
     """Wait up to `timeout` for the process to exit; SIGTERM it if it has not.
 
     Returns True if it exited by itself. Closes `pidfd`.
     """
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            readable, _, _ = select.select([pidfd], [], [], max(0.0, left))
-            if readable:  # a pidfd becomes readable when its process exits
-                return True
-            if left <= 0:
-                break
+        if wait_exited(pidfd, timeout):
+            return True
         with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(pidfd, signal.SIGTERM)
         return False
