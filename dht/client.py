@@ -509,8 +509,13 @@ class PeerConnection:
                         await self._frames.send(Goodbye("closing"))
                     except (DhtError, trio.BusyResourceError):
                         pass
-            await trio.aclose_forcefully(stream)
-            self._finished.set()
+            try:
+                # raises Cancelled when a scope around this task was cancelled (the node
+                # stops): `_finished` is set all the same, or whoever waits for it in a
+                # shielded cleanup (Fetcher.run closing its sources) waits for ever
+                await trio.aclose_forcefully(stream)
+            finally:
+                self._finished.set()
 
     async def _writer(self) -> None:
         """Send queued requests, everything queued so far in one write.

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -297,3 +298,37 @@ def test_a_host_completes_a_version_that_existed_before_the_push_started(tmp_pat
         assert state["blocks_have"] == state["blocks_total"] > len(files)
         st = drive_status(H, pub["drive"])
         assert (st["hosted"], st["complete"], st["missing_blocks"]) == (True, True, 0)
+
+
+def test_a_host_stops_on_sigterm_mid_transfer_from_a_frozen_pusher(tmp_path: Path) -> None:
+    """A host part-way through a pushed version stops promptly on SIGTERM, even while
+    its push connection's receive thread waits on a publisher that sends nothing (last
+    session a stuck host's serve outlived SIGTERM by more than 5 s)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big.bin").write_bytes(random.Random(6).randbytes(64 * 1024 * KIB))
+    P, H = tmp_path / "P", tmp_path / "H"
+    with Swarm(tmp_path / "swarm") as sw:
+        pub = json.loads(peerdrive(P, "publish", str(src), "--json").stdout)
+        host = sw.serve("host", H)
+        peerdrive(H, "host", store_link(P, pub["read_link"]), "--no-wait")
+        publisher = sw.serve("publisher", P, extra=["--push", host.addr])
+
+        def fetching() -> bool:  # the newest snapshot as it is: freeze the pusher early
+            snap = host.snapshot()
+            state = next((s for s in snap.get("hosting", ()) if s["drive"] == pub["drive"]),
+                         None)
+            return state is not None and state["state"] == "fetching"
+
+        assert wait_until(fetching, 60, interval=0.02), \
+            (hosting_state(host, pub["drive"]), sw.diagnostics())
+        os.kill(publisher.pid, signal.SIGSTOP)
+        try:
+            state = hosting_state(host, pub["drive"])
+            assert state["state"] != "complete", state  # still mid-transfer, and stuck there
+            os.kill(host.pid, signal.SIGTERM)
+            gone = wait_until(lambda: not host.alive(), 30)
+            assert gone, "the host did not stop on SIGTERM: " + sw.diagnostics()
+            assert host.proc.returncode == 0, host.log_tail()
+        finally:
+            os.kill(publisher.pid, signal.SIGCONT)

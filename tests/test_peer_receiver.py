@@ -211,6 +211,31 @@ def test_frames_that_came_with_the_welcome_are_delivered_before_anything_else_ar
     run(test)
 
 
+def test_a_connection_cancelled_from_outside_still_counts_as_closed() -> None:
+    """When the scope around a connection's tasks is cancelled (the node stops), its end
+    is still marked: a host's fetcher closes its sources in a shielded cleanup and waited
+    for ever on a push connection cancelled this way (a host ignored SIGTERM, issue 10)."""
+
+    async def silence(conn: FrameConn) -> None:
+        await trio.sleep_forever()
+
+    async def test(nursery) -> None:
+        hostile = HostilePeerServer(NodeIdentity.generate(), silence)
+        await nursery.start(hostile.run)
+        dk, secret = new_drive()
+        async with trio.open_nursery() as outer:
+            inner = await outer.start(_nursery_task)
+            conn = await PeerConnection.connect(hostile.addr(), NodeIdentity.generate(), dk,
+                                                secret, nursery=inner)
+            outer.cancel_scope.cancel()
+        with trio.fail_after(30):
+            assert isinstance(await conn.wait_closed(), PeerGoneError)
+            await conn.aclose()
+        assert conn._receiver is not None and conn._receiver.thread_ended.is_set()
+
+    run(test)
+
+
 def test_the_thread_stops_reading_while_trio_has_not_taken_what_it_decoded() -> None:
     """A peer sending faster than we consume fills its own TCP window, not our memory;
     what it sent arrives in order once trio takes it."""
