@@ -3,8 +3,9 @@
 `BlockReader.read(ref)` returns the plaintext of one block. It looks in the
 node's store; if the block is missing (or failed its check there) it asks
 the fetcher, which gets it from peers and verifies its id; the ciphertext is
-cached (a full disk only means it is handed over uncached) and decrypted
-in a worker thread. Every block decrypted here was checked against its id
+cached (a full disk only means it is handed over uncached) and decrypted:
+at once if a READ asked for it, in a worker thread if the readahead did
+(see `_load`). Every block decrypted here was checked against its id
 (SHA-256) on its way in, by the fetcher or by the store's put, so only the
 GCM tag is checked, not the plaintext's hash a second time
 (`decrypt_checked_block`, docs/security.md). A small
@@ -514,8 +515,12 @@ class BlockReader:
         # network, not a second lookup on the event loop
         ct = await self.ciphertext_of(ref.block_id, priority, looked=True)
         assert ct is not None
-        if len(ct) >= _THREAD_MIN:
-            # AES-GCM of a large block (~75 us for 256 KiB here) is worth a worker thread
-            return await self.workers.call(self._decrypt, ref, ct, cost=len(ct),
-                                           urgent=priority == Priority.READ)
+        if len(ct) >= _THREAD_MIN and priority != Priority.READ:
+            # the readahead's decryptions: in worker threads, batched, beside the loop's work
+            return await self.workers.call(self._decrypt, ref, ct, cost=len(ct))
+        # A load a READ started (a random read, a file's first read: someone waits in
+        # read(2)) decrypts here, at once. AES-GCM is all that is left of it (the id was
+        # checked on the way in): ~0.1-0.4 ms for a chunk of 256 KiB-1 MiB, while a trip to
+        # a worker thread and back waits for two wakeups, 5 ms at the median and 20 at
+        # p90 on a loaded machine (docs/benchmarks.md, issue 12 "first byte").
         return self._decrypt(ref, ct)
