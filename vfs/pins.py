@@ -129,6 +129,11 @@ class Pins:
         # the peers, who count copies from it: vfs/answers.py)
         self.whole: dict[str, bytes] = {}
         self._announced: list[bytes] | None = None
+        # by pin name: the cancel scope of its round running now. An unpin ends the round:
+        # left running it went on fetching the whole path into a pin being built that
+        # nobody would keep (`_hold` made it anew), and a following evict found those
+        # blocks held by it and fought the fetches for the store
+        self._rounds: dict[str, trio.CancelScope] = {}
         self.migrate()
 
     def migrate(self) -> int:
@@ -182,6 +187,9 @@ class Pins:
 
     def unpin(self, path: list[bytes]) -> None:
         name = pin_name(self.cap, path)
+        scope = self._rounds.get(name)
+        if scope is not None:
+            scope.cancel()  # run() drops what the round was building once it has stopped
         self.store.unpin(name + BUILDING)
         if not self.store.unpin(name):
             if self.is_pinned(path):
@@ -368,6 +376,11 @@ class Pins:
         else:
             self.store.unpin(building)
 
+    def _drop_building(self, name: str) -> None:
+        """A round ended by an unpin: what it was building goes, unless pinned again."""
+        if not self.store.has_pin(name):
+            self.store.unpin(name + BUILDING)
+
     def _finish(self, name: str, building: str) -> None:
         """The pin built replaces the pin (worker thread); unless it was unpinned meanwhile."""
         if not self.store.has_pin(name):
@@ -401,7 +414,14 @@ class Pins:
             self._announce()
             for name, path in pinned:
                 try:
-                    await self.sync_one(path)
+                    with trio.CancelScope() as scope:
+                        self._rounds[name] = scope
+                        await self.sync_one(path)
+                    if scope.cancelled_caught:
+                        # unpinned meanwhile: a store call in a worker thread may have
+                        # finished after the unpin and added to the pin being built again
+                        await trio.to_thread.run_sync(self._drop_building, name)
+                        continue
                     self.errors.pop(name, None)
                 except Exception as exc:  # noqa: BLE001 - a hostile drive must not end the mount
                     failed = True
@@ -416,5 +436,7 @@ class Pins:
                         log.debug("pin %s: %s", name, exc)
                     else:
                         log.exception("pin %s failed", name.rsplit(":", 1)[1][:8])
+                finally:
+                    self._rounds.pop(name, None)
             with trio.move_on_after(10 if failed else 300):
                 await self._wake.wait()

@@ -1,0 +1,134 @@
+"""What a pin and an evict of a large folder hold and do is bounded by what is in flight.
+
+In process, over real sockets on 127.0.0.1, as in tests/test_pin_runs.py: a
+publisher's store served by a real `PeerServer`, a real `Fetcher` in front of
+a reader `Drive` (its store writer, pins and folder figures running). What is
+counted is store transactions and which tasks still run, never a time.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import trio
+
+from cache.store import BlockStore
+from dht.fetch import Fetcher
+from dht.identity import NodeIdentity
+from tests.drive_builder import DriveBuilder, small_tree
+from tests.helpers import run_trio
+from tests.test_peer_support import new_drive, start_server
+from tests.test_pin_runs import CALM, FetcherFetch, pin_root
+from vfs import pins as pins_module
+from vfs.capability import WriteCap
+from vfs.drive import Drive
+from vfs.pins import BUILDING, pin_name
+from vfs.storage import DriveStorage
+
+run = functools.partial(run_trio, deadline=120.0)  # run(test): test(nursery)
+
+
+class StallingFetch(FetcherFetch):
+    """Serves the pin's first window, then stalls every later one (a peer gone quiet)
+    and notes when a stalled window is given up."""
+
+    def __init__(self, fetcher: Fetcher) -> None:
+        super().__init__(fetcher)
+        self.windows = 0
+        self.stalled = trio.Event()
+        self.given_up = trio.Event()
+
+    async def batch(self, block_ids, priority, deliver) -> None:
+        self.windows += 1
+        if self.windows == 1:
+            await super().batch(block_ids, priority, deliver)
+            return
+        self.stalled.set()
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.given_up.set()
+
+
+def test_an_unpin_ends_the_pins_running_round(tmp_path: Path, monkeypatch) -> None:
+    """Unpinning a folder whose pin is still fetching stops that fetch.
+
+    The round used to go on after the unpin, fetching the whole folder into a
+    pin being built (`<name>~next`, made anew by its next chunk) that nobody
+    keeps; a following `evict` then found those blocks held and fought the
+    fetches for the store (the growth bench's evict of 10^6 files did not end).
+    """
+    monkeypatch.setattr(pins_module, "HOLD_CHUNK", 300)  # several windows for 2,000 files
+    cap = WriteCap.generate()
+    b = DriveBuilder(cap)
+    dk, secret = new_drive()
+
+    async def test(nursery: trio.Nursery) -> None:
+        with BlockStore(tmp_path / "pub") as pub, BlockStore(tmp_path / "reader") as reader:
+            head = b.commit(pub, small_tree(b, 2000, per_folder=100))
+            _server, addr = await start_server(nursery, pub, {dk: secret})
+
+            async def providers():
+                return [addr]
+
+            async with Fetcher(NodeIdentity.generate(), dk, secret, providers,
+                               config=CALM) as fetcher:
+                fetch = StallingFetch(fetcher)
+                drive = Drive(cap.read_cap(), DriveStorage(reader), head, fetch=fetch)
+                async with trio.open_nursery() as inner:
+                    await inner.start(drive.run)
+                    assert drive.pins is not None
+                    drive.pins.pin([])
+                    with trio.fail_after(60):  # only a hang breaks these
+                        await fetch.stalled.wait()
+                    name = pin_name(drive.cap, [])
+                    drive.pins.unpin([])
+                    with trio.fail_after(60):
+                        await fetch.given_up.wait()
+                        while drive.pins._rounds:
+                            await trio.sleep(0.01)
+                    # nothing of the round is left held: neither the pin nor one being built
+                    assert not reader.has_pin(name)
+                    assert not reader.has_pin(name + BUILDING)
+                    windows = fetch.windows
+                    await trio.sleep(0.2)
+                    assert fetch.windows == windows  # and no window is asked for any more
+                    inner.cancel_scope.cancel()
+
+    run(test)
+
+
+def test_a_pin_can_be_unpinned_and_pinned_again_while_it_runs(tmp_path: Path,
+                                                              monkeypatch) -> None:
+    """An unpin then a pin of the same folder: the new pin completes and holds it all."""
+    monkeypatch.setattr(pins_module, "HOLD_CHUNK", 300)
+    cap = WriteCap.generate()
+    b = DriveBuilder(cap)
+    dk, secret = new_drive()
+
+    async def test(nursery: trio.Nursery) -> None:
+        with BlockStore(tmp_path / "pub") as pub, BlockStore(tmp_path / "reader") as reader:
+            head = b.commit(pub, small_tree(b, 1000, per_folder=100))
+            _server, addr = await start_server(nursery, pub, {dk: secret})
+
+            async def providers():
+                return [addr]
+
+            async with Fetcher(NodeIdentity.generate(), dk, secret, providers,
+                               config=CALM) as fetcher:
+                drive = Drive(cap.read_cap(), DriveStorage(reader), head,
+                              fetch=FetcherFetch(fetcher))
+                async with trio.open_nursery() as inner:
+                    await inner.start(drive.run)
+                    assert drive.pins is not None
+                    drive.pins.pin([])
+                    drive.pins.unpin([])
+                    progress = await pin_root(drive, until_complete=True)
+                    inner.cancel_scope.cancel()
+            assert progress.complete, progress.error
+            assert reader.missing(list(b.blocks)) == []
+            assert sorted(reader.pin_ids(pin_name(cap.read_cap(), []))) == sorted(b.blocks)
+            assert not reader.has_pin(pin_name(cap.read_cap(), []) + BUILDING)
+
+    run(test)
