@@ -62,7 +62,11 @@ _READAHEAD_MIN = 64 * 1024  # reads of values this big drive StoreReadahead
 # Blocks evicted per transaction when evicting on request (evict, a lower limit,
 # a released pin). On a full disk the steps shrink to one block: each commit
 # needs a few new pages, and pages a commit frees are reusable two commits on.
-_EVICT_STEP = 256
+# Each commit rewrites about a page per block in each id-keyed index and has a large
+# fixed cost besides, so small steps are expensive: evicting 200,000 blocks wrote 36 GB
+# in steps of 256, 18 GB in steps of 1,024 (docs/benchmarks.md, issue 17). Larger steps
+# cost memory instead: LMDB keeps the pages of its largest transaction allocated.
+_EVICT_STEP = 2048
 
 T = TypeVar("T")
 

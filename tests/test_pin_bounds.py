@@ -132,3 +132,116 @@ def test_a_pin_can_be_unpinned_and_pinned_again_while_it_runs(tmp_path: Path,
             assert not reader.has_pin(pin_name(cap.read_cap(), []) + BUILDING)
 
     run(test)
+
+
+def test_a_pins_store_transactions_are_bounded_by_the_window_not_the_folder(
+        tmp_path: Path, monkeypatch) -> None:
+    """Every store transaction of a pin of 6,000 files names about 2,048 blocks at most
+    (what one directory or one group of delivered blocks adds past it; 4,096 and
+    8,192 before).
+
+    LMDB copies each page a transaction changes into memory and keeps those
+    copies allocated for the life of the process, and a block id is a random
+    key: a transaction of B blocks into a store of 10^6 leaves about B pages per
+    index in the mount's heap for good (commits of 8,192 blocks held ~90 MB at
+    10^6 files). So what one transaction takes is the pin's memory bound, and it
+    must not follow the folder's size.
+    """
+    sizes: list[int] = []
+    real_put, real_add = BlockStore.put_many, BlockStore.add_to_pin
+
+    def put_many(self, items, **kw):
+        items = list(items)
+        sizes.append(len(items))
+        return real_put(self, items, **kw)
+
+    def add_to_pin(self, name, ids):
+        ids = list(ids)
+        sizes.append(len(ids))
+        return real_add(self, name, ids)
+
+    cap = WriteCap.generate()
+    b = DriveBuilder(cap)
+    dk, secret = new_drive()
+
+    async def test(nursery: trio.Nursery) -> None:
+        with BlockStore(tmp_path / "pub") as pub, BlockStore(tmp_path / "reader") as reader:
+            head = b.commit(pub, small_tree(b, 6000, per_folder=100))
+            _server, addr = await start_server(nursery, pub, {dk: secret})
+
+            async def providers():
+                return [addr]
+
+            async with Fetcher(NodeIdentity.generate(), dk, secret, providers,
+                               config=CALM) as fetcher:
+                drive = Drive(cap.read_cap(), DriveStorage(reader), head,
+                              fetch=FetcherFetch(fetcher))
+                async with trio.open_nursery() as inner:
+                    await inner.start(drive.run)
+                    monkeypatch.setattr(BlockStore, "put_many", put_many)
+                    monkeypatch.setattr(BlockStore, "add_to_pin", add_to_pin)
+                    progress = await pin_root(drive, until_complete=True)
+                    monkeypatch.undo()
+                    inner.cancel_scope.cancel()
+            assert progress.complete, progress.error
+            assert reader.missing(list(b.blocks)) == []
+
+    run(test)
+    assert sum(sizes) >= 2 * len(b.blocks)  # every block was added and stored, counted here
+    assert max(sizes) <= 3000, sorted(sizes)[-5:]
+
+
+def test_an_evict_of_a_large_folder_is_a_few_large_transactions(tmp_path: Path,
+                                                                monkeypatch) -> None:
+    """Evicting a folder of 6,000 files reads each directory once and commits a few times.
+
+    Each commit rewrites about a page per block in every id-keyed index plus a
+    large fixed part, so steps of 256 blocks made evict of a large drive write
+    ~180 KB to disk per 64-byte block (36 GB for 200,000 blocks); steps of 2,048
+    a few times less.
+    """
+    cap = WriteCap.generate()
+    b = DriveBuilder(cap)
+    dk, secret = new_drive()
+    writes: list[int] = []
+    walks: list[int] = []
+
+    async def test(nursery: trio.Nursery) -> None:
+        with BlockStore(tmp_path / "pub") as pub, BlockStore(tmp_path / "reader") as reader:
+            head = b.commit(pub, small_tree(b, 6000, per_folder=100))
+            _server, addr = await start_server(nursery, pub, {dk: secret})
+
+            async def providers():
+                return [addr]
+
+            async with Fetcher(NodeIdentity.generate(), dk, secret, providers,
+                               config=CALM) as fetcher:
+                drive = Drive(cap.read_cap(), DriveStorage(reader), head,
+                              fetch=FetcherFetch(fetcher))
+                async with trio.open_nursery() as inner:
+                    await inner.start(drive.run)
+                    assert drive.pins is not None
+                    await pin_root(drive, until_complete=True)
+                    drive.pins.unpin([])
+                    assert reader.missing(list(b.blocks)) == []
+                    real_write, real_of = BlockStore._write, type(drive.figures).of
+
+                    def write(self, op, **kw):
+                        writes.append(1)
+                        return real_write(self, op, **kw)
+
+                    async def of(self, node, priority=None):
+                        walks.append(1)
+                        return await real_of(self, node, priority)
+
+                    monkeypatch.setattr(BlockStore, "_write", write)
+                    monkeypatch.setattr(type(drive.figures), "of", of)
+                    await drive.answers.evict(drive.root_entry())
+                    monkeypatch.undo()
+                    inner.cancel_scope.cancel()
+            assert len(reader.missing(list(b.blocks))) == len(b.blocks)
+
+    run(test)
+    assert len(walks) == 61  # the root and its 60 folders, once each
+    # 6,061 blocks: in 2,048-block steps, within EVICT_BATCH (8,192) calls: 3 or 4
+    assert len(writes) <= 4, len(writes)

@@ -47,8 +47,15 @@ PLAINTEXT_CACHE_BYTES = 16 * 1024 * 1024
 # Fetched ciphertext waiting for the store writer, at most: past it, fetches wait for a commit.
 UNSTORED_LIMIT_BYTES = 16 * 1024 * 1024
 _THREAD_MIN = 64 * 1024
-# fetch_and_store (a pin's blocks): one store transaction per this many blocks or bytes
-STORE_BATCH_BLOCKS = 8192
+# fetch_and_store (a pin's blocks): one store transaction per this many blocks or bytes.
+# LMDB (without writemap) copies every page a transaction changes into memory from
+# malloc and, once committed, keeps those copies on its own free list for the life of
+# the process: the mount's heap keeps the largest transaction's pages. Block ids are
+# random keys, so a commit of B blocks into a large store changes about one leaf page per
+# block in each of the store's five id-keyed indexes: 8,192 blocks left ~90 MB in the
+# mount at 10^6 blocks (and growing with the store), 2,048 ~25 MB, for the same CPU
+# (docs/benchmarks.md, issue 17).
+STORE_BATCH_BLOCKS = 2048
 STORE_BATCH_BYTES = 16 * 1024 * 1024
 PER_BLOCK_CONCURRENCY = 128  # blocks in flight when the fetch takes no batches
 

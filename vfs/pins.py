@@ -49,11 +49,13 @@ from .xattrs import PIN_COMPLETE, PIN_FETCHING, PIN_LISTING, PIN_RETRYING, PIN_W
 log = logging.getLogger(__name__)
 
 # Blocks added to the pin being built in one store transaction (a worker thread), from as
-# many directories as it takes: a pin of 10^5 small files is 25 transactions, not 1,000.
+# many directories as it takes: a pin of 10^5 small files is 50 transactions, not 1,000.
 # The missing ones of a chunk are fetched as one window (`BlockReader.fetch_and_store`:
 # asked for together, so they go to peers in runs of up to 120 blocks a WantRun frame,
 # and stored in one commit), or several when they add up to more than FETCH_WINDOW_BYTES.
-HOLD_CHUNK = 4096
+# 2,048: a transaction's changed pages stay in the mount's heap (vfs/blocks.py,
+# STORE_BATCH_BLOCKS), and the fetcher's requests of PIN_WINDOWS windows are in memory.
+HOLD_CHUNK = 2048
 FETCH_WINDOW_BYTES = 16 * 1024 * 1024
 # Windows fetched at once: while one is being stored (or its last blocks are coming) the
 # next keeps the peers busy. Bounds what a pin holds in memory: PIN_WINDOWS windows.
