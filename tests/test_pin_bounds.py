@@ -180,13 +180,29 @@ def test_a_pins_store_transactions_are_bounded_by_the_window_not_the_folder(
                     await inner.start(drive.run)
                     monkeypatch.setattr(BlockStore, "put_many", put_many)
                     monkeypatch.setattr(BlockStore, "add_to_pin", add_to_pin)
+
+                    async def sample() -> None:
+                        while True:
+                            in_flight.append(len(fetcher._requests))
+                            batched.append(len(drive.blocks._batched))
+                            await trio.sleep(0.005)
+
+                    inner.start_soon(sample)
                     progress = await pin_root(drive, until_complete=True)
                     monkeypatch.undo()
+                    # nothing is kept per file once the pin is done
+                    assert len(fetcher._requests) == 0
+                    assert len(drive.blocks._batched) == 0
                     inner.cancel_scope.cancel()
             assert progress.complete, progress.error
             assert reader.missing(list(b.blocks)) == []
 
+    in_flight: list[int] = []
+    batched: list[int] = []
     run(test)
+    # the fetcher's requests: the two windows in flight at most (PIN_WINDOWS), not the folder
+    assert 0 < max(in_flight) <= 2 * 2048 + 200, max(in_flight)
+    assert max(batched) <= 2 * 2048 + 200, max(batched)
     assert sum(sizes) >= 2 * len(b.blocks)  # every block was added and stored, counted here
     assert max(sizes) <= 3000, sorted(sizes)[-5:]
 
