@@ -37,8 +37,8 @@ from dht.kad import Dht
 from dht.records import MutableRecord
 from dht.server import PeerServer
 from dht.types import PeerAddr, Priority
+from tests.helpers import PYTHON, ROOT, env_for, is_mounted, publish
 from tests.helpers import digest as file_digest
-from tests.helpers import is_mounted, publish
 from tests.swarm_helpers import Swarm, read_snapshot, wait_until
 
 FILE = "data.bin"
@@ -296,6 +296,56 @@ async def _test_a_reader_whose_connection_broke_is_handed_to_no_newcomer() -> No
             nursery.cancel_scope.cancel()
     finally:
         dead.close()
+
+
+def test_a_mount_stopped_by_sigterm_outside_its_fuse_session_says_bye(tmp_path: Path) -> None:
+    trio.run(_test_a_mount_stopped_by_sigterm_outside_its_fuse_session_says_bye, tmp_path)
+
+
+async def _test_a_mount_stopped_by_sigterm_outside_its_fuse_session_says_bye(
+        tmp_path: Path) -> None:
+    # `fusermount -u` then SIGTERM (the bench, the swarm harness, a service manager)
+    # reached the mount daemon after the FUSE session's signal receiver had closed:
+    # the default action killed it before its DHT bye, and the publisher kept the
+    # reader. The same gap is open while the mount starts; there it can be hit every
+    # time: the daemon waits for the head of a drive nobody serves.
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    link = publish(tmp_path / "home-publisher", src)["read_link"]
+    home = tmp_path / "home-reader"
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    daemon: list[int] = []
+
+    def daemon_pid() -> bool:
+        daemon[:] = [int(p.stem) for p in (home / "run").glob("*.json")]
+        return len(daemon) == 1
+
+    async with trio.open_nursery() as nursery:
+        # an RPC timeout far beyond the wait below: only the mount's bye removes it
+        boot = Dht(rpc_timeout=120.0)
+        port = await nursery.start(boot.run, "127.0.0.1", 0, [])
+        command = await trio.lowlevel.open_process(
+            [PYTHON, "-m", "vfs.cli", "mount", link, str(mnt), "--listen", "127.0.0.1:0",
+             "--no-lan", "--json", "--bootstrap", f"127.0.0.1:{port}"],
+            env=env_for(home), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert await _until(lambda: len(boot.contacts()) == 1, timeout=60)
+            assert await _until(daemon_pid, timeout=60)
+            os.kill(daemon[0], signal.SIGTERM)
+            assert await _until(lambda: len(boot.contacts()) == 0, timeout=30), (
+                "the mount stopped by SIGTERM did not say its DHT bye")
+            with trio.move_on_after(60):
+                await command.wait()
+        finally:
+            for pid in [*daemon, command.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            await command.wait()
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True,
+                           check=False)
+        nursery.cancel_scope.cancel()
 
 
 def test_a_departing_dht_node_says_bye_and_leaves_routing_tables() -> None:

@@ -6,9 +6,11 @@ they start lives in one trio nursery and ends with them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Awaitable, Callable
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -82,7 +84,7 @@ async def _mount_main(home: Home, cap: ReadCap, mountpoint: Path, opts: MountOpt
     net = network_for(home, store, node_opts)
     pushes = Pushes(net, storage, [parse_push_target(t) for t in node_opts.push])
     net.snapshot_extra["pushes"] = pushes.snapshot
-    async with trio.open_nursery() as nursery:
+    async with _stopped_by_signals() as nursery:
         await nursery.start(net.run)
         follower = HeadFollower(cap, storage, net)
         net.serve_drive(cap, on_head=follower.notice)
@@ -191,6 +193,34 @@ def write_session(net: NetworkNode, cap: WriteCap, storage: DriveStorage, tree, 
                         device=device_name(net.identity.node_id),
                         fetch=net.fetch_function(cap), lookup=lambda: net.lookup_head(cap),
                         **kwargs)
+
+
+@contextlib.asynccontextmanager
+async def _stopped_by_signals() -> AsyncIterator[trio.Nursery]:
+    """The mount's nursery, cancelled by SIGTERM, SIGINT or SIGHUP outside the FUSE session.
+
+    The session has a receiver of its own (serve_fuse: a signal unmounts).
+    This one is open from before the node starts until it has stopped, so a
+    signal outside the session stops the node cleanly too, and its DHT says
+    its bye: `fusermount -u` and then SIGTERM (what a script or a service
+    manager does), or a SIGTERM while the mount starts, killed the process by
+    default, and the publisher kept the departed reader in its routing table
+    and handed it to newcomers (issue 9).
+    """
+    stopped_by: list[int] = []
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def stop_on_signal() -> None:
+                async for signum in signals:
+                    stopped_by.append(signum)
+                    nursery.cancel_scope.cancel()  # the DHT says its bye as it ends
+                    return
+
+            nursery.start_soon(stop_on_signal)
+            yield nursery
+    if stopped_by == [signal.SIGINT]:
+        raise KeyboardInterrupt  # stopped cleanly; Ctrl-C still exits 130 (interrupted)
 
 
 async def _last_version(session: WriteSession) -> None:
