@@ -453,6 +453,41 @@ def test_the_plaintext_cache_keeps_to_its_bound(world) -> None:
     run_trio(main, DEADLINE)
 
 
+def test_a_read_loads_only_the_chunks_not_already_in_memory(world) -> None:
+    """A hot read's chunks are mostly decrypted ahead: the request takes those from the
+    plaintext cache and loads (one task each, on the event loop that answers FUSE) only
+    the others; the bytes are exactly those asked for either way."""
+    drive, net, big, _, _ = world
+
+    async def main(nursery: trio.Nursery) -> None:
+        async with running_drive(drive):
+            of = await open_file(drive, b"big.bin")
+            s = of.map.starts
+            off, end = s[3] + 5, s[7] - 3  # chunks 3-6, partly at both ends
+            assert bytes(await drive.read(of, off, end - off)) == big[off:end]
+            loaded: list[bytes] = []
+            real = drive.blocks.read
+
+            async def counting(ref, priority=Priority.READ):
+                loaded.append(ref.block_id)
+                return await real(ref, priority)
+
+            drive.blocks.read = counting  # type: ignore[method-assign]
+            chunks = of.map.chunks
+            for n, dropped in ((0, []), (1, [5]), (2, [3, 6]), (4, [3, 4, 5, 6])):
+                for i in dropped:
+                    drive.blocks.forget(chunks[i].block_id)  # still in the store
+                loaded.clear()
+                assert bytes(await drive.read(of, off, end - off)) == big[off:end], dropped
+                assert sorted(loaded) == sorted(chunks[i].block_id for i in dropped), n
+            one = s[5] + 100  # a read inside one chunk, from memory and after a load
+            assert bytes(await drive.read(of, one, 1000)) == big[one:one + 1000]
+            drive.blocks.forget(chunks[5].block_id)
+            assert bytes(await drive.read(of, one, 1000)) == big[one:one + 1000]
+
+    run_trio(main, DEADLINE)
+
+
 class FetchWithAhead:
     """The fake network's fetch, with `ahead` (as vfs.network.DriveFetch) recording what a
     reader asks for together."""
