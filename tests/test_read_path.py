@@ -488,6 +488,46 @@ def test_a_read_loads_only_the_chunks_not_already_in_memory(world) -> None:
     run_trio(main, DEADLINE)
 
 
+def test_a_hot_readahead_loads_stored_chunks_in_runs_not_one_by_one(world) -> None:
+    """A sequential read of a file whose blocks are all in the store: the readahead reads
+    and decrypts them a run of about a MiB per worker-thread job (one task, event and
+    thread hand-off per chunk were much of a hot read's event-loop work), asks the
+    network for nothing, and every byte read is right."""
+    drive, net, big, _, _ = world
+
+    async def main(nursery: trio.Nursery) -> None:
+        async with running_drive(drive):
+            of = await open_file(drive, b"big.bin")
+            chunks = of.map.chunks
+            assert bytes(await drive.read(of, 0, 8 * MiB)) == big
+            while any(drive.blocks.is_unstored(c.block_id) for c in chunks):
+                await trio.sleep(0.01)
+            for c in chunks:
+                drive.blocks.forget(c.block_id)  # in the store only
+            asked = len(net.requests)
+            workers = drive.blocks.workers
+            jobs = workers.jobs
+            of2 = await open_file(drive, b"big.bin")
+            size = 128 * KiB
+            for k in range(2):  # the second sequential read starts the readahead
+                got = await drive.read(of2, k * size, size)
+                assert bytes(got) == big[k * size:(k + 1) * size]
+            while of2.pending:
+                await trio.sleep(0.01)
+            first = of2.map.span(size, size)[-1] + 1
+            window = chunks[first:first + READAHEAD_CHUNKS]
+            assert all(drive.blocks.has_plain(c.block_id) for c in window)
+            # the reads' own chunks, then the window in runs of up to a MiB (each at least
+            # half full but the last); one job per chunk and a store lookup made 19 here
+            runs = 2 * sum(c.length for c in window) // workers.batch_cost + 1
+            assert workers.jobs - jobs <= 2 + runs < 2 + READAHEAD_CHUNKS
+            got = await drive.read(of2, 2 * size, 8 * MiB - 2 * size)
+            assert bytes(got) == big[2 * size:]
+            assert net.requests[asked:] == []  # all from the store
+
+    run_trio(main, DEADLINE)
+
+
 class FetchWithAhead:
     """The fake network's fetch, with `ahead` (as vfs.network.DriveFetch) recording what a
     reader asks for together."""

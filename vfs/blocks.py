@@ -135,6 +135,10 @@ class BlockReader:
                 self.forget(block_id)
             return await trio.to_thread.run_sync(self.store.evict, ids)
 
+    def has_plain(self, block_id: bytes) -> bool:
+        """Whether the block's plaintext is in memory (without counting it as a use)."""
+        return block_id in self._plain
+
     def cached_plain(self, block_id: bytes) -> bytes | None:
         plain = self._plain.get(block_id)
         if plain is not None:
@@ -191,7 +195,68 @@ class BlockReader:
         except BlockUnavailable:
             pass  # the load in flight fails alike and its reader reports it
 
-    async def fetch_ahead(self, refs: list[Ref], priority: Priority, *,
+    async def load_ahead(self, refs: list[Ref]) -> list[Ref]:
+        """Read and decrypt from the store, ahead of their reads, those of `refs` not in
+        memory; the ones found missing from the store are returned (in order).
+
+        A sequential reader's readahead over a hot file: one block at a time,
+        each cost a task, an event, a queued job and a thread hand-off, on
+        the event loop that also answers every FUSE request. Here a run of
+        about a MiB of blocks is one worker-thread job, and the runs go to
+        idle lanes in parallel. Blocks loaded here are in flight meanwhile, so
+        a read of one waits for it instead of loading it a second time. A
+        block that fails (rot, a bad key, a store error) is neither kept nor
+        returned: its own read finds out and reports it. Never raises but
+        Cancelled.
+        """
+        todo = [r for r in refs
+                if r.block_id not in self._plain and r.block_id not in self._inflight
+                and r.block_id not in self._undecryptable and not self.is_unstored(r.block_id)]
+        runs: list[list[Ref]] = []
+        cost = self.workers.batch_cost
+        for ref in todo:
+            if not runs or cost + ref.length > self.workers.batch_cost:
+                runs.append([])
+                cost = 0
+            runs[-1].append(ref)
+            cost += ref.length
+        events = {}
+        for ref in todo:
+            events[ref.block_id] = self._inflight[ref.block_id] = trio.Event()
+            self._urgency[ref.block_id] = Priority.READAHEAD
+        absent: set[bytes] = set()
+
+        async def load(run: list[Ref]) -> None:
+            found = await self.workers.call(self._open_run, run, cost=sum(r.length for r in run))
+            for ref, plain in zip(run, found, strict=True):
+                if plain is None:
+                    absent.add(ref.block_id)
+                elif plain:
+                    self._remember(ref.block_id, plain)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for run in runs:
+                    nursery.start_soon(load, run)
+        finally:
+            for block_id, ev in events.items():
+                del self._inflight[block_id]
+                del self._urgency[block_id]
+                ev.set()
+        return [r for r in todo if r.block_id in absent]
+
+    def _open_run(self, refs: list[Ref]) -> list[bytes | None]:
+        """`_open_local` of each block, in a worker thread: its plaintext, None if it is
+        not in the store, b"" if it failed (its own read reports why)."""
+        found: list[bytes | None] = []
+        for ref in refs:
+            try:
+                found.append(self._open_local(ref))
+            except (IntegrityError, StoreError):
+                found.append(b"")
+        return found
+
+    async def fetch_ahead(self, refs: list[Ref], priority: Priority, *, looked: bool = False,
                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Ask for the blocks of `refs` that are not on this device, together and in order.
 
@@ -207,7 +272,11 @@ class BlockReader:
                if r.block_id not in self._plain and r.block_id not in self._unstored
                and r.block_id not in self._inflight]
         missing: list[bytes] = []
-        if ahead is not None and len(ids) > 1:
+        if ahead is None or len(ids) < 2:
+            pass
+        elif looked:  # the caller has just found them missing from the store (load_ahead)
+            missing = ids
+        else:
             try:
                 # a read transaction and a lookup per id, each giving the GIL away and
                 # waiting for it back: in a worker thread (with the reads' jobs), not on
