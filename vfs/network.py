@@ -21,6 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -28,7 +29,6 @@ from cache.store import BlockStore
 from dht.client import PeerConnection
 from dht.errors import DhtError, NodeStoppedError
 from dht.fetch import FetchConfig, Fetcher
-from dht.http_source import HttpSource
 from dht.identity import NodeIdentity
 from dht.kad import Dht
 from dht.lan import DEFAULT_LAN_PORT, LanDiscovery
@@ -40,6 +40,9 @@ from dht.types import PeerAddr, Priority
 
 from .capability import StoreCap
 from .errors import BlockUnavailable, UsageError
+
+if TYPE_CHECKING:
+    from dht.http_source import HttpSource
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +127,15 @@ class DriveServing:
     # static HTTP mirrors of the drive, by base URL: from its head, the config, --mirror
     mirrors: dict[str, HttpSource] = field(default_factory=dict)
     mirror_heads_checked: float = -1e9  # trio time of the last look at the mirrors' heads
+
+
+def _mirror_source(base: str) -> HttpSource:
+    """The HTTP client of one mirror. Its modules (dht.http_source, dht.http_connection,
+    h11: 20-35 ms of CPU) are imported here, once a mirror is set, not with this
+    module: most mounts have no mirror."""
+    from dht.http_source import HttpSource
+
+    return HttpSource(base)
 
 
 class NetworkNode:
@@ -515,7 +527,7 @@ class NetworkNode:
             except MirrorUrlError as exc:
                 log.warning("mirror ignored: %s", exc)
                 continue
-            wanted[base] = d.mirrors.get(base) or HttpSource(base)
+            wanted[base] = d.mirrors.get(base) or _mirror_source(base)
         if list(wanted) == list(d.mirrors):
             return
         dropped = [src for url, src in d.mirrors.items() if url not in wanted]
