@@ -776,3 +776,60 @@ def test_name_order_is_bytewise() -> None:
     store = FakeStore()
     shuffled = [Entry(n, KIND_LINK, 0, 0, size=1, target=b"x") for n in reversed(ordered)]
     assert decode_dir_node(store.nodes[build_directory(shuffled, store.emit)]) == node
+
+
+# Values around every bound `_decode_entry_checked` checks for an inline file's fields:
+# right types and wrong ones (bool is an int to Python, never to the format).
+_ODD_VALUES = st.sampled_from([None, True, False, 0, 1, -1, 0.0, "f", b"", [], {}])
+_INTS = st.one_of(st.integers(-2, 2), st.sampled_from(
+    [0o7777, 0o10000, MAX_FILE_SIZE, MAX_FILE_SIZE + 1, I64_MIN, I64_MIN - 1, I64_MAX,
+     I64_MAX + 1, MAX_BLOCK_PLAINTEXT, MAX_BLOCK_PLAINTEXT + 1]), _ODD_VALUES)
+_NAMES = st.one_of(st.sampled_from([b"f", b".", b"..", b"a/b", b"a\x00", b"", b"x" * MAX_NAME,
+                                    b"x" * (MAX_NAME + 1), "f"]), _ODD_VALUES)
+_IDS = st.one_of(st.sampled_from([bytes(HASH_LEN), bytes(HASH_LEN - 1), bytes(HASH_LEN + 1)]),
+                 _ODD_VALUES)
+_REFS = st.one_of(st.lists(st.one_of(_IDS, _INTS), min_size=2, max_size=4),
+                  st.tuples(_IDS, _IDS, _INTS).map(list), _ODD_VALUES)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=_NAMES, kind=_INTS, mode=_INTS, mtime=_INTS, size=st.one_of(_INTS, st.just("sum")),
+       chunks=st.one_of(st.lists(_REFS, max_size=3), _ODD_VALUES,
+                        st.just([[bytes(HASH_LEN), bytes(HASH_LEN), 1]] * (MAX_INLINE_CHUNKS + 1))),
+       drop=st.sampled_from([None, "n", "t", "m", "mt", "s", "c"]),
+       extra=st.sampled_from([None, "x", "r", "l", "zz"]))
+def test_the_inline_file_path_decodes_what_the_checked_path_does(
+        name: Any, kind: Any, mode: Any, mtime: Any, size: Any, chunks: Any,
+        drop: str | None, extra: str | None) -> None:
+    """`decode_entry` takes a small file through `_inline_file` (no helper calls, a walk's
+    commonest cost): for any entry, it returns exactly what the checked path returns, or
+    defers to it (which then decodes or refuses it with its precise error)."""
+    from vfs.formats import _decode_entry_checked, _inline_file
+
+    raw = {"n": name, "t": kind, "m": mode, "mt": mtime, "s": size, "c": chunks}
+    if size == "sum" and isinstance(chunks, list):  # sizes that match the chunks
+        raw["s"] = sum(c[2] for c in chunks if isinstance(c, list) and len(c) == 3
+                       and type(c[2]) is int)
+    if drop is not None:
+        del raw[drop]
+    if extra is not None:
+        raw[extra] = [bytes(HASH_LEN), bytes(HASH_LEN), 1]
+    fast = _inline_file(raw)
+    try:
+        checked = _decode_entry_checked(raw)
+    except FormatError:
+        assert fast is None
+        return
+    if fast is not None:
+        assert fast == checked and type(fast.mode) is int
+
+
+@pytest.mark.parametrize("sizes", [[1], [4, 6], [MAX_BLOCK_PLAINTEXT], [3] * MAX_INLINE_CHUNKS])
+def test_the_inline_file_path_takes_every_valid_small_file(sizes: list[int]) -> None:
+    from vfs.formats import _inline_file
+
+    h = bytes(HASH_LEN)
+    raw = file_raw(s=sum(sizes), c=[[h, h, n] for n in sizes])
+    fast = _inline_file(raw)
+    assert fast is not None and fast == decode_entry(raw)
+    assert fast.chunks == tuple(Ref(h, h, n) for n in sizes)
