@@ -947,8 +947,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nonempty", action="store_true",
                    help="mount over a folder that holds files (they are hidden meanwhile)")
     s.add_argument("--max-inodes", type=int, metavar="N",
-                   help="inodes the mount keeps before it asks the kernel to forget the "
-                   "oldest names (memory against lookups again; default 65536)")
+                   help="inodes the mount keeps before it asks the kernel to forget "
+                   "folders, the most recently listed first (memory against lookups "
+                   "again; default 65536)")
     s.add_argument("--link-fd", type=int, help=argparse.SUPPRESS)
     s.add_argument("--foreground", "-f", action="store_true",
                    help="serve in this process until unmounted")
