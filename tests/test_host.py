@@ -17,6 +17,7 @@ import json
 import os
 import random
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -326,9 +327,64 @@ def test_a_host_stops_on_sigterm_mid_transfer_from_a_frozen_pusher(tmp_path: Pat
         try:
             state = hosting_state(host, pub["drive"])
             assert state["state"] != "complete", state  # still mid-transfer, and stuck there
+            # `status --json` mid-transfer: hosted, not complete, no copy anywhere, and the
+            # blocks still missing are those the host's fetch has not stored (once bytes
+            # already on their way have landed, the two agree); before the block list is
+            # in, its own blocks are missing too
+            seen: list = []
+
+            def status_agrees() -> bool:
+                st = drive_status(H, pub["drive"])
+                now = hosting_state(host, pub["drive"])
+                seen[:] = [st, now]
+                gap = now["blocks_total"] - now["blocks_have"]
+                return st["missing_blocks"] == gap if now["list_blocks"] else \
+                    st["missing_blocks"] > gap
+
+            assert wait_until(status_agrees, 30, interval=0.5), seen
+            st, now = seen
+            assert (st["hosted"], st["complete"], st["seq"], st["copies"]) == (True, False, 1, 0)
+            assert now["state"] == "fetching" and st["missing_blocks"] > 0, seen
             os.kill(host.pid, signal.SIGTERM)
             gone = wait_until(lambda: not host.alive(), 30)
             assert gone, "the host did not stop on SIGTERM: " + sw.diagnostics()
             assert host.proc.returncode == 0, host.log_tail()
         finally:
             os.kill(publisher.pid, signal.SIGCONT)
+
+
+def test_an_unreachable_push_target_is_retried_and_never_blocks_publishing(
+        tmp_path: Path) -> None:
+    """`serve --push` to a port nobody listens on: publishing a new version while it
+    runs returns at once and the serve announces it, while the push keeps redialling."""
+    src = tmp_path / "src"
+    make_source(src, 7)
+    P = tmp_path / "P"
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nobody listens there now
+    with Swarm(tmp_path / "swarm") as sw:
+        v1 = json.loads(peerdrive(P, "publish", str(src), "--json").stdout)
+        publisher = sw.serve("publisher", P, extra=["--push", f"127.0.0.1:{port}"])
+
+        def failed(times: int) -> bool:
+            pushes = publisher.snapshot(after=time.time())["pushes"]
+            return pushes[0]["failures"] >= times
+
+        assert wait_until(lambda: failed(1), 60), publisher.log_tail()
+        (src / "more.bin").write_bytes(os.urandom(100 * KIB))
+        out = peerdrive(P, "publish", str(src), "--json", timeout=120)
+        assert json.loads(out.stdout)["seq"] == v1["seq"] + 1
+        assert wait_until(lambda: failed(2), 60), publisher.log_tail()  # and redials
+        push = publisher.snapshot(after=time.time())["pushes"][0]
+        assert not push["connected"] and "cannot connect" in push["last_error"], push
+        # the serve announces and serves the new version all the same: a host that finds
+        # it through the DHT (not by the push) gets version 2 whole
+        H = tmp_path / "H"
+        sw.serve("host", H, bootstrap=[publisher.addr])
+        out = peerdrive(H, "host", store_link(P, v1["read_link"]), "--json",
+                        "--stall-timeout", "60", check=False)
+        assert out.returncode == 0, out.stderr + sw.diagnostics()
+        state = json.loads(out.stdout)
+        assert (state["state"], state["hosted_seq"]) == ("complete", v1["seq"] + 1), state
