@@ -66,8 +66,13 @@ HOLDING_WAIT = 2.0  # seconds a server waits for its node's own fetch of an anno
 # arrives behind a PIN backlog waits for at most that much. Many small blocks (a pin of
 # 10^5 small files) cost a thread hand-off (and one store transaction) per batch, not per
 # block: a whole WantRun of small blocks is one batch.
+# The lazier lane's batches are larger: a bulk read's readahead (and a pin) of 256 KiB
+# blocks was one worker-thread call per block, each a hand-off of the GIL and back, the
+# largest item of the serving loop's profile in a cold read (issue 12). READs keep small
+# batches: the first one's reply waits for its whole batch to be read.
 LOAD_BATCH = MAX_RUN_IDS
-LOAD_BYTES = 256 * 1024
+LOAD_BYTES = 256 * 1024  # the READ lane's batch
+LAZY_LOAD_BYTES = 1024 * 1024  # the lazier lane's batch
 LOOKAHEAD_BATCHES = 2
 # Blocks sent in one write (one TLS record run, one system call): consecutive replies that
 # are ready go together up to this many bytes.
@@ -320,17 +325,19 @@ class ServerConnection:
 
         A store read can wait on the disk; in a thread it neither stalls the
         event loop (every other connection, the DHT) nor this connection's
-        sends. Wants are taken in batches (about LOAD_BYTES, at most
-        LOAD_BATCH), up to LOOKAHEAD_BATCHES of them per lane read ahead of the
-        sends; they are sent in the order they were taken, READs (their own
-        lane, rule 1a) ahead of the lazier ones.
+        sends. Wants are taken in batches (about LOAD_BYTES for READs,
+        LAZY_LOAD_BYTES for the rest, at most LOAD_BATCH), up to
+        LOOKAHEAD_BATCHES of them per lane read ahead of the sends; they are
+        sent in the order they were taken, READs (their own lane, rule 1a)
+        ahead of the lazier ones.
         """
         while True:
             batch: list[tuple[_Lookup, int, bytes]] = []
             top = None if self._goodbye_sent else self._top_priority()
             lane = URGENT if top == URGENT else LAZY
             if top is not None and self._unsent_batches[lane] < LOOKAHEAD_BATCHES:
-                most = max(1, min(LOAD_BATCH, int(LOAD_BYTES // self._block_size)))
+                budget = LOAD_BYTES if lane == URGENT else LAZY_LOAD_BYTES
+                most = max(1, min(LOAD_BATCH, int(budget // self._block_size)))
                 left = [0]
                 ready = self._ready[lane]
                 while len(batch) < most:
@@ -349,10 +356,10 @@ class ServerConnection:
                 await self._load_wake.wait()
                 continue
             self._unsent_batches[lane] += 1
-            nursery.start_soon(self._look_up, batch, nursery)
+            nursery.start_soon(self._look_up, batch, nursery, budget)
 
     async def _look_up(self, batch: list[tuple[_Lookup, int, bytes]],
-                       nursery: trio.Nursery) -> None:
+                       nursery: trio.Nursery, budget: int) -> None:
         in_flight = self.server.in_flight
         to_read = batch
         if in_flight is not None:
@@ -373,7 +380,7 @@ class ServerConnection:
         if to_read:
             found = await trio.to_thread.run_sync(
                 self.server.lookup_many, self.discovery_key, [b for _, _, b in to_read],
-                LOAD_BYTES)
+                budget)
         for k, (lookup, prio, block_id) in enumerate(to_read):
             if k >= len(found):
                 # not read (the byte budget ran out: the blocks were larger than their

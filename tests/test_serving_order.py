@@ -58,9 +58,11 @@ async def wait_for(predicate, timeout: float = DEADLINE) -> None:
             await trio.sleep(0.01)
 
 
-def test_a_read_overtakes_the_lazier_replies_its_connection_read_ahead() -> None:
+def test_a_read_overtakes_the_lazier_replies_its_connection_read_ahead(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Two READAHEAD batches stuck on the disk used to hold the READ behind them: the
     loader read at most two batches ahead of the sends, whatever their priority."""
+    monkeypatch.setattr(server_connection, "LAZY_LOAD_BYTES", server_connection.LOAD_BYTES)
     blocks = make_blocks(5, 512 * 1024)  # 512 KiB: each block a batch of its own
     ids = list(blocks)
     lazy, read = ids[:4], ids[4]
@@ -125,3 +127,50 @@ def test_lazier_replies_wait_for_a_read_of_their_connection_being_read(
         run_trio(test, DEADLINE * 2)
     finally:
         source.gate.set()
+
+
+def test_lazier_wants_are_read_several_blocks_to_a_thread_call_reads_one() -> None:
+    """A bulk read's readahead of 256 KiB blocks was one worker-thread call (a GIL hand-off
+    and back) per block, the serving loop's largest cost in a cold read (issue 12): the
+    lazier lane reads about LAZY_LOAD_BYTES a call. READs keep batches of one such block,
+    so a READ's reply never waits for three more blocks to be read."""
+    blocks = make_blocks(10, 256 * 1024)
+    ids = list(blocks)
+    lazy, reads = ids[:8], ids[8:]
+    source = GateSource(blocks, set())
+    source.gate.set()
+    dk, secret = new_drive()
+    calls: list[int] = []
+
+    async def test(nursery: trio.Nursery) -> None:
+        server, port = await serve(nursery, source, dk, secret)
+        lookup_many = server.lookup_many
+
+        def counting_lookup_many(discovery_key, block_ids, budget):  # type: ignore[no-untyped-def]
+            found = lookup_many(discovery_key, block_ids, budget)
+            calls.append(len(found))
+            return found
+
+        server.lookup_many = counting_lookup_many  # type: ignore[method-assign]
+        async with hostile_client(port, server.identity.node_id, NodeIdentity.generate(),
+                                  dk, secret) as (_, conn):
+            assert conn is not None
+            await conn.send(*(Want(i, b, Priority.READAHEAD) for i, b in enumerate(lazy)))
+            got = {}
+            with trio.fail_after(DEADLINE):
+                while len(got) < len(lazy):
+                    msg = await conn.receive()
+                    assert isinstance(msg, Block)
+                    got[msg.req_id] = msg.data
+            assert all(got[i] == blocks[b] for i, b in enumerate(lazy))
+            assert sum(calls) == len(lazy)
+            assert len(calls) <= 4, f"{len(calls)} thread calls for {len(lazy)} lazy blocks"
+            calls.clear()
+            await conn.send(*(Want(100 + i, b, Priority.READ) for i, b in enumerate(reads)))
+            with trio.fail_after(DEADLINE):
+                for _ in reads:
+                    msg = await conn.receive()
+                    assert isinstance(msg, Block) and msg.data == blocks[reads[msg.req_id - 100]]
+            assert calls == [1] * len(reads)
+
+    run_trio(test, DEADLINE * 2)
