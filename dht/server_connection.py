@@ -133,7 +133,12 @@ class ServerConnection:
         self._holds: set[trio.CancelScope] = set()  # lazier work holding back (rule 1a)
         # running mean of the blocks read here, which sizes batches: it starts as if blocks
         # were large (one want a batch) and shrinks as small ones come
-        self._block_size = float(LOAD_BYTES)
+        # per lane, the running mean of the blocks' sizes: a batch is as many wants as
+        # make its budget at that size. The lazier lane's starts at its whole budget (a
+        # batch of one), so a first guess below the real size never takes wants that
+        # the budget then leaves unread: those go back in the queue behind the next
+        # batch's, out of FIFO order (tests/test_peer.py, priority order when backlogged)
+        self._block_size = [float(LOAD_BYTES), float(LAZY_LOAD_BYTES)]
         self._scope: trio.CancelScope | None = None
         self._goodbye_sent = False
         self._have_tokens = float(server.have_burst)
@@ -337,7 +342,7 @@ class ServerConnection:
             lane = URGENT if top == URGENT else LAZY
             if top is not None and self._unsent_batches[lane] < LOOKAHEAD_BATCHES:
                 budget = LOAD_BYTES if lane == URGENT else LAZY_LOAD_BYTES
-                most = max(1, min(LOAD_BATCH, int(budget // self._block_size)))
+                most = max(1, min(LOAD_BATCH, int(budget // self._block_size[lane])))
                 left = [0]
                 ready = self._ready[lane]
                 while len(batch) < most:
@@ -397,7 +402,8 @@ class ServerConnection:
                 continue
             lookup.done = True
             if data is not None:
-                self._block_size += (len(data) - self._block_size) / 4
+                mean = self._block_size
+                mean[lookup.lane] += (len(data) - mean[lookup.lane]) / 4
         for lookup, _prio, _block_id in batch:
             if not lookup.skip:  # read (or waiting on our node's own fetch, not on the CPU)
                 self._urgent_done(lookup.seq)

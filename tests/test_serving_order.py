@@ -134,9 +134,9 @@ def test_lazier_wants_are_read_several_blocks_to_a_thread_call_reads_one() -> No
     and back) per block, the serving loop's largest cost in a cold read (issue 12): the
     lazier lane reads about LAZY_LOAD_BYTES a call. READs keep batches of one such block,
     so a READ's reply never waits for three more blocks to be read."""
-    blocks = make_blocks(10, 256 * 1024)
+    blocks = make_blocks(26, 256 * 1024)
     ids = list(blocks)
-    lazy, reads = ids[:8], ids[8:]
+    lazy, reads = ids[:24], ids[24:]
     source = GateSource(blocks, set())
     source.gate.set()
     dk, secret = new_drive()
@@ -164,7 +164,11 @@ def test_lazier_wants_are_read_several_blocks_to_a_thread_call_reads_one() -> No
                     got[msg.req_id] = msg.data
             assert all(got[i] == blocks[b] for i, b in enumerate(lazy))
             assert sum(calls) == len(lazy)
-            assert len(calls) <= 4, f"{len(calls)} thread calls for {len(lazy)} lazy blocks"
+            # the first calls read one block each (the lane's mean size starts at its
+            # budget, and two batches are taken ahead of each update), then three: 24
+            # calls before, about 13 now
+            assert len(calls) <= len(lazy) * 2 // 3, \
+                f"{len(calls)} thread calls for {len(lazy)} lazy blocks: {calls}"
             calls.clear()
             await conn.send(*(Want(100 + i, b, Priority.READ) for i, b in enumerate(reads)))
             with trio.fail_after(DEADLINE):
