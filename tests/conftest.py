@@ -32,3 +32,19 @@ def node_home(tmp_path: Path):
         return p
 
     return make
+
+
+@pytest.fixture(scope="module")
+def labs_possible() -> None:
+    """Skip a test that needs network namespaces (a lab) where there can be none."""
+    from tests.netns_helpers import require_labs
+
+    require_labs()
+
+
+@pytest.fixture(scope="module")
+def nat_labs_possible() -> None:
+    """`labs_possible`, and nftables for the labs' NAT routers."""
+    from tests.netns_helpers import require_labs
+
+    require_labs(nat=True)

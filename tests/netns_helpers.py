@@ -31,6 +31,7 @@ reports bytes, SHA-256 and seconds as one JSON line.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -54,8 +55,26 @@ class LabError(Exception):
     """The lab could not be built or a process in it misbehaved."""
 
 
+def require_labs(nat: bool = False) -> None:
+    """Skip the calling test if this machine cannot run a lab; with `nat`, fail it if
+    nftables (the labs' NAT routers) is missing, which scripts/setup installs.
+
+    The one guard of every netns test file, through the `labs_possible` and
+    `nat_labs_possible` fixtures of tests/conftest.py.
+    """
+    import pytest
+
+    reason = netns_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    if nat and shutil.which("nft") is None:
+        pytest.fail("nft (nftables) is missing: scripts/setup installs it")
+
+
+@functools.cache
 def netns_unavailable_reason() -> str | None:
-    """Why this machine cannot run a lab (for pytest.skip), or None if it can."""
+    """Why this machine cannot run a lab (for pytest.skip), or None if it can (probed
+    once per test run: the answer does not change while it runs)."""
     if os.geteuid() != 0:
         return "needs root to create network namespaces"
     for tool in ("ip", "tc", "nsenter", "fusermount3"):

@@ -43,14 +43,12 @@ if __name__ != "__main__":
         Lab,
         LabError,
         Mount,
-        netns_unavailable_reason,
     )
     from tests.test_churn import write_random
 
     pytestmark = [
         pytest.mark.fuse,
-        pytest.mark.skipif(netns_unavailable_reason() is not None,
-                           reason=str(netns_unavailable_reason())),
+        pytest.mark.usefixtures("labs_possible"),
     ]
 
 FILE = "data.bin"

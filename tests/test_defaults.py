@@ -24,19 +24,12 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import PYTHON, ROOT, write_random
-from tests.netns_helpers import Host, Lab, LabError, Mount, netns_unavailable_reason
+from tests.netns_helpers import Host, Lab, LabError, Mount
 
 pytestmark = [pytest.mark.netns, pytest.mark.fuse, pytest.mark.timeout(900)]
 
 DEFAULT_PORT = 4100
 FILES = {"movie.bin": 12 << 20, "docs/report.pdf": 3 << 20, "docs/notes.txt": 20_000}
-
-
-@pytest.fixture(scope="module")
-def labs_possible() -> None:
-    reason = netns_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
 
 
 def serve_with_defaults(host: Host) -> subprocess.Popen[bytes]:

@@ -19,25 +19,15 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.netns_helpers import Host, Lab, Served, _run, netns_unavailable_reason
+from tests.netns_helpers import Host, Lab, Served, _run
 
 pytestmark = [pytest.mark.netns, pytest.mark.fuse, pytest.mark.timeout(300)]
-
-
-@pytest.fixture(scope="module")
-def labs_possible() -> None:
-    reason = netns_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    if shutil.which("nft") is None:
-        pytest.fail("nft (nftables) is missing: scripts/setup installs it")
 
 
 def write_tree(src: Path, seed: int) -> dict[str, str]:
@@ -119,7 +109,7 @@ def hosted_behind_nat(lab: Lab, src: Path) -> HostedScene:
 
 
 def test_a_reader_behind_nat_reads_from_the_host_a_publisher_behind_nat_pushed_to(
-        labs_possible: None, tmp_path: Path) -> None:
+        nat_labs_possible: None, tmp_path: Path) -> None:
     with Lab(tmp_path / "lab", 1) as lab:
         scene = hosted_behind_nat(lab, tmp_path / "src")
         mnt = scene.reader.mount(scene.link, tmp_path / "mnt", "--no-lan",

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns_helpers import PYTHON, Lab, LabError, netns_unavailable_reason
+from tests.netns_helpers import PYTHON, Lab, LabError
 
 pytestmark = [pytest.mark.netns]
 
@@ -28,13 +28,6 @@ RANGE = (40000, 40001)
 HOLD_UDP = ("import socket, sys; socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) "
             "for _ in sys.argv[1:]]; [s.bind(('127.0.0.1', int(p))) for s, p in "
             "zip(socks, sys.argv[1:])]; print('held', flush=True); sys.stdin.read()")
-
-
-@pytest.fixture(scope="module")
-def labs_possible() -> None:
-    reason = netns_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
 
 
 def hold_udp(lab: Lab, *ports: int) -> subprocess.Popen[str]:

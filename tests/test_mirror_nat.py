@@ -20,21 +20,12 @@ import pytest
 
 from dht.mirror_layout import BLOCKS_DIR
 from tests.helpers import PYTHON, peerdrive
-from tests.netns_helpers import Lab, LabError, _run, netns_unavailable_reason
+from tests.netns_helpers import Lab, LabError, _run
 from tests.nginx_helpers import Nginx
 
 pytestmark = [pytest.mark.netns, pytest.mark.fuse, pytest.mark.timeout(300)]
 
 PORT = 8080
-
-
-@pytest.fixture(scope="module")
-def labs_possible() -> None:
-    reason = netns_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    if shutil.which("nft") is None:
-        pytest.fail("nft (nftables) is missing: scripts/setup installs it")
 
 
 def write_tree(src: Path) -> dict[str, str]:
@@ -59,7 +50,7 @@ def wait_reachable(host, address: str, port: int) -> None:
 
 
 def test_reader_behind_nat_reads_everything_from_a_mirror_in_the_lab(
-        labs_possible: None, tmp_path: Path) -> None:
+        nat_labs_possible: None, tmp_path: Path) -> None:
     src = tmp_path / "src"
     digests = write_tree(src)
     home = tmp_path / "home-publisher"

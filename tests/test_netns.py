@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import write_random
-from tests.netns_helpers import Host, Lab, Mount, netns_unavailable_reason
+from tests.netns_helpers import Host, Lab, Mount
 
 pytestmark = [pytest.mark.netns, pytest.mark.fuse, pytest.mark.timeout(240)]
 
@@ -31,13 +31,6 @@ RATE_MBIT = 40  # R: each seeder's egress cap
 FILE_MIB = 64  # the benchmark's file: about 14 s at R from one seeder
 TEST_FILE_MIB = 24  # the test's: every seeder still serves ~100 blocks' worth, in ~5 s at R
 MIN_RATIO = 2.4  # the goal `scripts/bench --swarm` checks: three seeders at R give >= this R
-
-
-@pytest.fixture(scope="module")
-def labs_possible() -> None:
-    reason = netns_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
 
 
 def fetched_from(mount: Mount, after: float) -> dict[str, int]:

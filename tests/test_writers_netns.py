@@ -24,20 +24,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns_helpers import PYTHON, Host, Lab, netns_unavailable_reason
+from tests.netns_helpers import PYTHON, Host, Lab
 
 pytestmark = [pytest.mark.netns, pytest.mark.fuse, pytest.mark.timeout(300)]
 
 LIST_TREE = ("import json, os, sys; r = sys.argv[1]; print(json.dumps({os.path.relpath("
              "os.path.join(d, f), r): open(os.path.join(d, f)).read() for d, _, fs in "
              "os.walk(r) for f in fs}))")
-
-
-@pytest.fixture(scope="module")
-def labs_possible() -> None:
-    reason = netns_unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
 
 
 def stored_seq(host: Host, drive: str) -> int | None:
