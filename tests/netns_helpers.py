@@ -101,6 +101,24 @@ def netns_unavailable_reason() -> str | None:
     return None
 
 
+# `ip netns exec` gives the command a mount namespace of its own, a copy of ours as
+# it is then. On a machine whose mounts are private (no shared propagation: this
+# container's), an unmount here never reaches that copy: every FUSE mount that
+# existed when a lab process started stays held by it for as long as it runs, so
+# unmounting one (a test's, a bench's, another engineer's) did not end its FUSE
+# session and its daemon did not exit (test_cli_process's lazy unmount waited in
+# vain; `peerdrive unmount` fell back to SIGTERM after 20 s). The lab's command
+# first detaches those copies in its own namespace, then runs.
+_DROP_FUSE_COPIES = ('awk \'$3 == "fuse" || $3 == "fuseblk" || $3 ~ /^fuse\\./ {print $2}\' '
+                     '/proc/self/mounts | while read -r m; do '
+                     'umount -l "$(printf "%b" "$m")" 2>/dev/null; done; exec "$@"')
+
+
+def in_netns(ns: str, *cmd: str) -> list[str]:
+    """`cmd` run in network namespace `ns` holding no copy of this namespace's FUSE mounts."""
+    return ["ip", "netns", "exec", ns, "sh", "-c", _DROP_FUSE_COPIES, "sh", *cmd]
+
+
 def _run(argv: list[str], *, timeout: float = 30.0, check: bool = True,
          env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False,
@@ -212,7 +230,7 @@ class Host:
         return env
 
     def argv(self, *cmd: str) -> list[str]:
-        return ["ip", "netns", "exec", self.ns, *cmd]
+        return in_netns(self.ns, *cmd)
 
     def ip(self, *args: str) -> subprocess.CompletedProcess[str]:
         return _run(["ip", "-n", self.ns, *args])

@@ -238,6 +238,7 @@ class Lines:
 def test_two_nodes_find_each_other_by_multicast_in_a_netns():
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("needs root and iproute2 to create a network namespace")
+    from tests.netns_helpers import in_netns  # here: this file is also the peers' program
     ns = f"pdlan-{os.getpid()}-{os.urandom(3).hex()}"
     lan_port = "45777"
     seeds = {"a": b"\x0a" * 32, "b": b"\x0b" * 32}
@@ -256,16 +257,20 @@ def test_two_nodes_find_each_other_by_multicast_in_a_netns():
             subprocess.run(["ip", "netns", "exec", ns, *cmd], check=True, capture_output=True)
         for name, block_port in (("a", "4001"), ("b", "4002")):
             procs[name] = subprocess.Popen(
-                ["ip", "netns", "exec", ns, sys.executable, __file__, "peer",
-                 seeds[name].hex(), dks[name].hex(), block_port, lan_port],
+                in_netns(ns, sys.executable, __file__, "peer",
+                         seeds[name].hex(), dks[name].hex(), block_port, lan_port),
                 stdout=subprocess.PIPE,
             )
         lines = Lines(procs)
         heard: dict[str, dict] = {}
         stats = {"a": {"refused": 0, "dropped": 0}, "b": {"refused": 0, "dropped": 0}}
         ready = set()
-        garbage_sent = False
-        deadline = time.monotonic() + 40
+        garbage_at: float | None = None  # seconds from the start until it was sent
+        # A bound only a hang breaks: three interpreters start (two peers, then the
+        # garbage sender), each importing this file, which at load 30 on two cores
+        # takes seconds apiece; 40 s for all of it was a timing, not a hang check.
+        started = time.monotonic()
+        deadline = started + 120
         while time.monotonic() < deadline:
             for name, event in lines.read(0.2):
                 if event["event"] == "ready":
@@ -275,10 +280,10 @@ def test_two_nodes_find_each_other_by_multicast_in_a_netns():
                     heard.setdefault(name, {})[event["node_id"]] = event
                 elif event["event"] == "stats":
                     stats[name] = event
-            if ready == {"a", "b"} and not garbage_sent:
+            if ready == {"a", "b"} and garbage_at is None:
                 subprocess.run(["ip", "netns", "exec", ns, sys.executable, __file__, "garbage",
-                                lan_port], check=True, timeout=30)
-                garbage_sent = True
+                                lan_port], check=True, timeout=120)
+                garbage_at = time.monotonic() - started
             both_heard = all(node_ids[o].hex() in heard.get(n, {})
                              for n, o in (("a", "b"), ("b", "a")))
             garbage_seen = all(s["refused"] >= 2 and s["dropped"] >= 2 for s in stats.values())
@@ -287,7 +292,9 @@ def test_two_nodes_find_each_other_by_multicast_in_a_netns():
             for name, proc in procs.items():
                 assert proc.poll() is None, f"LAN peer {name} exited with {proc.returncode}"
         else:
-            pytest.fail(f"LAN discovery incomplete: heard={heard} stats={stats}")
+            pytest.fail(f"LAN discovery incomplete after {time.monotonic() - started:.0f} s: "
+                        f"ready={sorted(ready)} garbage sent at {garbage_at} heard={heard} "
+                        f"stats={stats}")
         event = heard["a"][node_ids["b"].hex()]
         assert event["dk"] == dks["b"].hex()
         assert event["peers"][0] == ["127.0.0.1", 4002]

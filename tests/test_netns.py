@@ -17,13 +17,16 @@ Both print one JSON line of figures (run pytest with -s to see them).
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import write_random
-from tests.netns_helpers import Host, Lab, Mount
+from tests.helpers import peerdrive, write_random
+from tests.netns_helpers import PYTHON, Host, Lab, Mount
+from tests.pin_helpers import Nodes
+from tests.processes import wait_exit
 
 pytestmark = [pytest.mark.netns, pytest.mark.fuse, pytest.mark.timeout(240)]
 
@@ -153,3 +156,32 @@ def test_reader_finds_the_publisher_by_lan_multicast_without_bootstrap(labs_poss
         # the only source was the publisher, reached at its address on the bridge
         assert per_peer.keys() == {h1.endpoint}, per_peer
         assert per_peer[h1.endpoint] > 0
+
+
+def test_a_lab_process_holds_no_copy_of_this_namespaces_fuse_mounts(
+        labs_possible, tmp_path: Path, node_home) -> None:
+    """A process started in a lab host (`ip netns exec`) gets a copy of our mount
+    namespace; with private mounts (no propagation, as in this container) the copy
+    held every FUSE mount of the moment until the process ended, so unmounting
+    one here left its FUSE session alive and its daemon running (a lazy unmount's
+    daemon never ended, `peerdrive unmount` SIGTERMed it after 20 s). The lab's
+    commands drop those copies first (netns_helpers.in_netns)."""
+    home = node_home("a")
+    link = json.loads(peerdrive(home, "new", "--json").stdout)["read_link"]
+    with Nodes(tmp_path) as nodes, Lab(tmp_path / "lab", 1) as lab:
+        m = nodes.mount(home, link, tmp_path / "mnt")
+        waiting = subprocess.Popen(
+            lab.hosts[0].argv(PYTHON, "-c", "import sys; print('up', flush=True); "
+                              "sys.stdin.read()"),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        lab.track(waiting.pid)
+        try:
+            assert waiting.stdout is not None and waiting.stdout.readline() == "up\n"
+            held = Path(f"/proc/{waiting.pid}/mounts").read_text()
+            assert f" {m.path.resolve()} " not in held, held
+            res = peerdrive(home, "unmount", str(m.path), check=False, timeout=120)
+            assert res.returncode == 0 and "sent SIGTERM" not in res.stderr, res.stderr
+            assert wait_exit(m.pid, None, 60), "the mount process did not end after unmount"
+            nodes.mounts.remove(m)
+        finally:
+            waiting.stdin.close()  # type: ignore[union-attr]
