@@ -21,7 +21,9 @@ not propagate back (it re-mounts /sys for the network namespace), so a FUSE
 mount made there is invisible to the test process. A `Mount` therefore reads
 its files from inside the mount daemon's own mount namespace (`nsenter
 --target PID --mount`); and when the daemon ends, its mount namespace ends
-with it, so a killed mount can never be left behind on the host.
+with it, so a killed mount can never be left behind on the host. The copy of
+our mounts that namespace starts with is dropped first (`in_netns`): it would
+keep every FUSE mount of that moment alive after it is unmounted here.
 
 This file is also the small reader program those reads run
 (`python netns_helpers.py read PATH`): it streams a file, hashes it and
