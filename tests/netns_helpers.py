@@ -113,7 +113,7 @@ def netns_unavailable_reason() -> str | None:
 # first detaches those copies in its own namespace, then runs.
 _DROP_FUSE_COPIES = ('awk \'$3 == "fuse" || $3 == "fuseblk" || $3 ~ /^fuse\\./ {print $2}\' '
                      '/proc/self/mounts | while read -r m; do '
-                     'umount -l "$(printf "%b" "$m")" 2>/dev/null; done; exec "$@"')
+                     'umount -l -c "$(printf "%b" "$m")" 2>/dev/null; done; exec "$@"')
 
 
 def in_netns(ns: str, *cmd: str) -> list[str]:
