@@ -225,6 +225,7 @@ class DriveOperations(pyfuse3.Operations):
         self._asked = 0  # inodes asked to be forgotten and still here
         self.trimmed = 0  # inodes we asked the kernel to forget (what the tests look at)
         self.made = 0  # inodes made, ever (a walk the kernel answers alone makes none)
+        self.forgotten = 0  # inodes the kernel forgot, ever (asked for or not)
         # set once the kernel's INIT has been answered (see vfs.mount.serve_fuse)
         self.initialized = trio.Event()
         self._switching = trio.Lock()  # one version switch at a time
@@ -499,6 +500,7 @@ class DriveOperations(pyfuse3.Operations):
                     self._asked -= 1
                 if self.by_name.get((node.parent, node.name)) == ino:
                     del self.by_name[(node.parent, node.name)]
+        self.forgotten += gone
         self.drive.memory.freed(gone)  # a trim gives the heap back once enough went
 
     @fuse_errors

@@ -136,7 +136,8 @@ async def _mount_main(home: Home, cap: ReadCap, mountpoint: Path, opts: MountOpt
             ops.max_inodes = opts.max_inodes
         net.snapshot_extra["inodes"] = lambda: {"held": len(ops.inodes),
                                                 "forget_asked": ops.trimmed,
-                                                "made": ops.made}
+                                                "made": ops.made,
+                                                "forgotten": ops.forgotten}
 
         async def on_new(new: Head) -> None:
             if session is not None and new.seq <= session.head.seq:
