@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import struct
 import threading
 from dataclasses import dataclass
 
@@ -64,6 +65,36 @@ def buffer_address(view: memoryview) -> int:
         _release_buffer(ctypes.byref(buf))
 
 
+_NODE_HEADER = struct.Struct("<HHHH")  # LMDB's MDB_node: mn_lo, mn_hi, mn_flags, mn_ksize
+_PGNO = struct.Struct("<Q")  # pgno_t on 64-bit builds
+_F_BIGDATA = 0x01  # the node's data is the number of its first overflow page
+_KNOWN_FLAGS = 0x07  # F_BIGDATA | F_SUBDATA | F_DUPDATA
+_PAGE_HEADER = 16  # PAGEHDRSZ: an overflow page's data starts after it
+
+
+def overflow_extent(key: memoryview, page_size: int) -> tuple[int, int] | None:
+    """Where in data.mdb a record's value lies, read from its leaf node without touching it.
+
+    `key` is the key of the record a cursor stands on, as py-lmdb returns it
+    with buffers=True: a view into the leaf page, right after the node's
+    8-byte header. A value too big for the leaf (F_BIGDATA) is stored on
+    consecutive overflow pages; the node holds its size and the number of
+    its first page, and the map starts at file offset 0, so the value is at
+    page * page_size + 16 in the file. Only the leaf page is read (the
+    lookup has already faulted it in). Returns (offset, length), or None for
+    a value stored in the leaf or a node that does not look as expected:
+    the result is only a hint for the kernel, never used to read bytes.
+    """
+    addr = buffer_address(key)
+    if not addr:
+        return None
+    lo, hi, flags, ksize = _NODE_HEADER.unpack(ctypes.string_at(addr - 8, 8))
+    if not flags & _F_BIGDATA or flags & ~_KNOWN_FLAGS or ksize != len(key):
+        return None
+    (pgno,) = _PGNO.unpack(ctypes.string_at(addr + ksize, 8))
+    return pgno * page_size + _PAGE_HEADER, lo | (hi << 16)
+
+
 @dataclass(frozen=True)
 class _Region:
     start: int
@@ -89,6 +120,7 @@ class StoreReadahead:
         self._last_end = -1  # file offset just past the last value read
         self._ahead_until = 0  # file offset up to which readahead was already asked
         self.windows = 0  # readahead requests made (for tests and benchmarks)
+        self.hints = 0  # single values asked for by will_need (for tests and benchmarks)
         self.release_every = 4 * 1024 * 1024  # bytes read between two unmaps
         self._read_since_release = 0
         self.releases = 0
@@ -98,6 +130,28 @@ class StoreReadahead:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+
+    def will_need(self, key: memoryview, page_size: int, min_size: int) -> None:
+        """Ask the kernel for a large value's pages before py-lmdb touches them.
+
+        py-lmdb touches every 4 KiB page of a value before handing it out, and
+        the map is MADV_RANDOM, so a cold 256 KiB block was 64 page faults,
+        each one disk read in a row (~12 ms p50 on a loaded machine). Called
+        between the cursor's lookup and its `value()`, with the record's key
+        view: one WILLNEED of exactly the value's range submits one read, and
+        the faults that follow find the pages in the page cache or in flight.
+        """
+        extent = overflow_extent(key, page_size)
+        if extent is None or extent[1] < min_size:
+            return
+        fd = self._fd
+        if fd < 0:
+            return
+        self.hints += 1
+        try:
+            os.posix_fadvise(fd, extent[0], extent[1], os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass  # only a hint
 
     def offset_of(self, view: memoryview) -> int | None:
         """Where in the file the view's first byte is, or None if it is not in this file."""

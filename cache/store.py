@@ -151,6 +151,7 @@ class BlockStore:
             _check_limit(limit_bytes)
         self._env: lmdb.Environment | None = None
         self._env, self._dbs = self._open_env()
+        self._page_size = self._env.stat()["psize"]
         self._readahead: StoreReadahead | None
         try:
             self._readahead = StoreReadahead(os.path.join(self.path, "data.mdb"))
@@ -188,7 +189,7 @@ class BlockStore:
                 sync=self._sync,
                 metasync=False,  # one fsync per commit; an OS crash may undo only the last
                 writemap=False,
-                readahead=False,  # see _copy_block: big values are read with pread
+                readahead=False,  # MADV_RANDOM; _lookup_block asks for a big value's pages
                 meminit=True,
                 mode=0o600,
             )
@@ -639,7 +640,7 @@ class BlockStore:
         block_id = schema.check_id(block_id)
         txn = self._begin_read()  # the hot path: no context-manager layers
         try:
-            value = txn.get(block_id, db=self._dbs.blocks)
+            value = self._lookup_block(txn, block_id)
             if value is None:
                 return None
             result = self._copy_block(value)
@@ -671,7 +672,7 @@ class BlockStore:
         out: list[bytes | None] = []
         rotten: list[bytes] = []
         total = 0
-        blocks, members = self._dbs.blocks, self._dbs.members
+        members = self._dbs.members
         txn = self._begin_read()
         try:
             for block_id in ids:
@@ -681,7 +682,7 @@ class BlockStore:
                     if not_members is not None:
                         not_members.append(block_id)
                     continue
-                value = txn.get(block_id, db=blocks)
+                value = self._lookup_block(txn, block_id)
                 data = None if value is None else self._copy_block(value)
                 if value is not None and data is None:
                     rotten.append(block_id)
@@ -719,7 +720,7 @@ class BlockStore:
         rotten = False
         txn = self._begin_read()
         try:
-            value = txn.get(block_id, db=self._dbs.blocks)
+            value = self._lookup_block(txn, block_id)
             if value is None:
                 return None
             readahead = self._readahead
@@ -749,6 +750,26 @@ class BlockStore:
             self._flush_quietly()
         return result
 
+    def _lookup_block(self, txn: lmdb.Transaction, block_id: bytes) -> memoryview | None:
+        """The stored value of a block (a view into the map), its pages asked for first.
+
+        txn.get would touch every page of the value before returning (py-lmdb
+        preloads), one 4 KiB disk read at a time when cold; a cursor's
+        set_key finds the record without touching the value, so its pages
+        can be asked for in one read (StoreReadahead.will_need) first.
+        """
+        readahead = self._readahead
+        if readahead is None:
+            return txn.get(block_id, db=self._dbs.blocks)
+        cursor = txn.cursor(db=self._dbs.blocks)
+        try:
+            if not cursor.set_key(block_id):
+                return None
+            readahead.will_need(cursor.key(), self._page_size, _READAHEAD_MIN)
+            return cursor.value()
+        finally:
+            cursor.close()
+
     def _copy_block(self, value: memoryview) -> bytes | None:
         """The checked block bytes of a stored value (None if they fail their xxh3 check).
 
@@ -774,7 +795,7 @@ class BlockStore:
         block_id = schema.check_id(block_id)
         rotten = False
         with self._read() as txn:
-            value = txn.get(block_id, db=self._dbs.blocks)
+            value = self._lookup_block(txn, block_id)
             data = None if value is None else schema.block_value_data(value)
             if value is not None and data is None:
                 rotten = True

@@ -10,7 +10,7 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from cache.mapread import StoreReadahead, buffer_address
+from cache.mapread import StoreReadahead, buffer_address, overflow_extent
 from cache.store import BlockStore
 
 KiB = 1024
@@ -179,5 +179,90 @@ def test_the_mapping_released_is_looked_up_again_after_every_remap(tmp_path: Pat
         with store._read() as txn:  # the cached range is exactly the current map's
             view = txn.get(blocks[-1][0], db=store._dbs.blocks)
             assert ra._find(buffer_address(view)) == current
+    finally:
+        store.close()
+
+
+def test_overflow_extent_names_a_big_value_in_the_file_without_reading_it(
+        env, tmp_path: Path) -> None:
+    """The extent read from the leaf node is exactly where py-lmdb's view of the value is,
+    for values on one or many overflow pages and keys of several lengths; a value kept in
+    the leaf has none."""
+    sizes = [100, 3 * KiB, 5 * KiB, 64 * KiB, 256 * KiB + 40, 1024 * KiB + 1]
+    keys = []
+    with env.begin(write=True) as txn:
+        for i, size in enumerate(sizes):
+            key = bytes([i]) * (1 + 11 * i)
+            txn.put(key, os.urandom(size))
+            keys.append(key)
+    ra = StoreReadahead(str(tmp_path / "data.mdb"))
+    psize = env.stat()["psize"]
+    try:
+        with env.begin(buffers=True) as txn:
+            cursor = txn.cursor()
+            for key, size in zip(keys, sizes, strict=True):
+                assert cursor.set_key(key)
+                extent = overflow_extent(cursor.key(), psize)
+                view = cursor.value()
+                if size < 2 * KiB:
+                    assert extent is None  # stored in the leaf page
+                    continue
+                assert extent == (ra.offset_of(view), len(view)), size
+    finally:
+        ra.close()
+
+
+def test_store_gets_ask_for_each_big_block_once_and_read_it_right(tmp_path: Path) -> None:
+    """Every way of reading a block goes through the cursor lookup that asks for a big
+    value's pages (one WILLNEED each) before py-lmdb touches them; the bytes are the
+    stored ones, after a reopen, and in pages freed by an eviction and used again."""
+    path = str(tmp_path / "s")
+
+    def make(count: int, size: int) -> list[tuple[bytes, bytes]]:
+        out = []
+        for _ in range(count):
+            data = os.urandom(size)
+            out.append((hashlib.sha256(data).digest(), data))
+        return out
+
+    big, small = make(6, 256 * KiB), make(4, 1 * KiB)
+    store = BlockStore(path, sync=False)
+    try:
+        store.put_many(big + small)
+        ra = store._readahead
+        assert ra is not None
+        for block_id, data in big + small:
+            assert store.get(block_id) == data
+        assert ra.hints == len(big)  # small blocks are not asked for
+        ids = [b for b, _ in big + small]
+        assert store.get_many(ids) == [d for _, d in big + small]
+        assert ra.hints == 2 * len(big)
+        for block_id, data in big:
+            assert store.get_decoded(block_id, bytes) == data
+            with store.get_view(block_id) as view:
+                assert view is not None and bytes(view) == data
+        assert ra.hints == 4 * len(big)
+        assert store.get(b"\x01" * 32) is None
+    finally:
+        store.close()
+    store = BlockStore(path, sync=False)
+    try:
+        for block_id, data in big:
+            assert store.get(block_id) == data
+        assert store._readahead is not None and store._readahead.hints == len(big)
+        store.evict([b for b, _ in big[:4]])
+        again = make(4, 200 * KiB)
+        store.put_many(again)  # into the pages the evicted blocks freed
+        for block_id, data in again + big[4:]:
+            assert store.get(block_id) == data
+        for block_id, _ in big[:4]:
+            assert store.get(block_id) is None
+        with store._read() as txn:
+            cursor = txn.cursor(db=store._dbs.blocks)
+            for block_id, _ in again:
+                assert cursor.set_key(block_id)
+                extent = overflow_extent(cursor.key(), store._page_size)
+                view = cursor.value()
+                assert extent == (store._readahead.offset_of(view), len(view))
     finally:
         store.close()
