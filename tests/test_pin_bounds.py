@@ -15,16 +15,13 @@ import trio
 
 from cache.store import BlockStore
 from dht.fetch import Fetcher
-from dht.identity import NodeIdentity
 from tests.drive_builder import DriveBuilder, small_tree
 from tests.helpers import run_trio
 from tests.test_peer_support import new_drive, start_server
-from tests.test_pin_runs import CALM, FetcherFetch, pin_root
+from tests.test_pin_runs import FetcherFetch, pin_root, running_drive
 from vfs import pins as pins_module
 from vfs.capability import WriteCap
-from vfs.drive import Drive
 from vfs.pins import BUILDING, pin_name
-from vfs.storage import DriveStorage
 
 run = functools.partial(run_trio, deadline=120.0)  # run(test): test(nursery)
 
@@ -72,29 +69,24 @@ def test_an_unpin_ends_the_pins_running_round(tmp_path: Path, monkeypatch) -> No
             async def providers():
                 return [addr]
 
-            async with Fetcher(NodeIdentity.generate(), dk, secret, providers,
-                               config=CALM) as fetcher:
-                fetch = StallingFetch(fetcher)
-                drive = Drive(cap.read_cap(), DriveStorage(reader), head, fetch=fetch)
-                async with trio.open_nursery() as inner:
-                    await inner.start(drive.run)
-                    assert drive.pins is not None
-                    drive.pins.pin([])
-                    with trio.fail_after(60):  # only a hang breaks these
-                        await fetch.stalled.wait()
-                    name = pin_name(drive.cap, [])
-                    drive.pins.unpin([])
-                    with trio.fail_after(60):
-                        await fetch.given_up.wait()
-                        while drive.pins._rounds:
-                            await trio.sleep(0.01)
-                    # nothing of the round is left held: neither the pin nor one being built
-                    assert not reader.has_pin(name)
-                    assert not reader.has_pin(name + BUILDING)
-                    windows = fetch.windows
-                    await trio.sleep(0.2)
-                    assert fetch.windows == windows  # and no window is asked for any more
-                    inner.cancel_scope.cancel()
+            async with running_drive(cap, reader, head, dk, secret, providers,
+                                     fetch_type=StallingFetch) as (drive, fetch, inner):
+                assert drive.pins is not None
+                drive.pins.pin([])
+                with trio.fail_after(60):  # only a hang breaks these
+                    await fetch.stalled.wait()
+                name = pin_name(drive.cap, [])
+                drive.pins.unpin([])
+                with trio.fail_after(60):
+                    await fetch.given_up.wait()
+                    while drive.pins._rounds:
+                        await trio.sleep(0.01)
+                # nothing of the round is left held: neither the pin nor one being built
+                assert not reader.has_pin(name)
+                assert not reader.has_pin(name + BUILDING)
+                windows = fetch.windows
+                await trio.sleep(0.2)
+                assert fetch.windows == windows  # and no window is asked for any more
 
     run(test)
 
@@ -115,17 +107,12 @@ def test_a_pin_can_be_unpinned_and_pinned_again_while_it_runs(tmp_path: Path,
             async def providers():
                 return [addr]
 
-            async with Fetcher(NodeIdentity.generate(), dk, secret, providers,
-                               config=CALM) as fetcher:
-                drive = Drive(cap.read_cap(), DriveStorage(reader), head,
-                              fetch=FetcherFetch(fetcher))
-                async with trio.open_nursery() as inner:
-                    await inner.start(drive.run)
-                    assert drive.pins is not None
-                    drive.pins.pin([])
-                    drive.pins.unpin([])
-                    progress = await pin_root(drive, until_complete=True)
-                    inner.cancel_scope.cancel()
+            async with running_drive(cap, reader, head, dk, secret,
+                                     providers) as (drive, fetch, inner):
+                assert drive.pins is not None
+                drive.pins.pin([])
+                drive.pins.unpin([])
+                progress = await pin_root(drive, until_complete=True)
             assert progress.complete, progress.error
             assert reader.missing(list(b.blocks)) == []
             assert sorted(reader.pin_ids(pin_name(cap.read_cap(), []))) == sorted(b.blocks)
@@ -172,28 +159,23 @@ def test_a_pins_store_transactions_are_bounded_by_the_window_not_the_folder(
             async def providers():
                 return [addr]
 
-            async with Fetcher(NodeIdentity.generate(), dk, secret, providers,
-                               config=CALM) as fetcher:
-                drive = Drive(cap.read_cap(), DriveStorage(reader), head,
-                              fetch=FetcherFetch(fetcher))
-                async with trio.open_nursery() as inner:
-                    await inner.start(drive.run)
-                    monkeypatch.setattr(BlockStore, "put_many", put_many)
-                    monkeypatch.setattr(BlockStore, "add_to_pin", add_to_pin)
+            async with running_drive(cap, reader, head, dk, secret,
+                                     providers) as (drive, fetch, inner):
+                monkeypatch.setattr(BlockStore, "put_many", put_many)
+                monkeypatch.setattr(BlockStore, "add_to_pin", add_to_pin)
 
-                    async def sample() -> None:
-                        while True:
-                            in_flight.append(len(fetcher._requests))
-                            batched.append(len(drive.blocks._batched))
-                            await trio.sleep(0.005)
+                async def sample() -> None:
+                    while True:
+                        in_flight.append(len(fetch.fetcher._requests))
+                        batched.append(len(drive.blocks._batched))
+                        await trio.sleep(0.005)
 
-                    inner.start_soon(sample)
-                    progress = await pin_root(drive, until_complete=True)
-                    monkeypatch.undo()
-                    # nothing is kept per file once the pin is done
-                    assert len(fetcher._requests) == 0
-                    assert len(drive.blocks._batched) == 0
-                    inner.cancel_scope.cancel()
+                inner.start_soon(sample)
+                progress = await pin_root(drive, until_complete=True)
+                monkeypatch.undo()
+                # nothing is kept per file once the pin is done
+                assert len(fetch.fetcher._requests) == 0
+                assert len(drive.blocks._batched) == 0
             assert progress.complete, progress.error
             assert reader.missing(list(b.blocks)) == []
 
@@ -230,31 +212,26 @@ def test_an_evict_of_a_large_folder_is_a_few_large_transactions(tmp_path: Path,
             async def providers():
                 return [addr]
 
-            async with Fetcher(NodeIdentity.generate(), dk, secret, providers,
-                               config=CALM) as fetcher:
-                drive = Drive(cap.read_cap(), DriveStorage(reader), head,
-                              fetch=FetcherFetch(fetcher))
-                async with trio.open_nursery() as inner:
-                    await inner.start(drive.run)
-                    assert drive.pins is not None
-                    await pin_root(drive, until_complete=True)
-                    drive.pins.unpin([])
-                    assert reader.missing(list(b.blocks)) == []
-                    real_write, real_of = BlockStore._write, type(drive.figures).of
+            async with running_drive(cap, reader, head, dk, secret,
+                                     providers) as (drive, fetch, inner):
+                assert drive.pins is not None
+                await pin_root(drive, until_complete=True)
+                drive.pins.unpin([])
+                assert reader.missing(list(b.blocks)) == []
+                real_write, real_of = BlockStore._write, type(drive.figures).of
 
-                    def write(self, op, **kw):
-                        writes.append(1)
-                        return real_write(self, op, **kw)
+                def write(self, op, **kw):
+                    writes.append(1)
+                    return real_write(self, op, **kw)
 
-                    async def of(self, node, priority=None):
-                        walks.append(1)
-                        return await real_of(self, node, priority)
+                async def of(self, node, priority=None):
+                    walks.append(1)
+                    return await real_of(self, node, priority)
 
-                    monkeypatch.setattr(BlockStore, "_write", write)
-                    monkeypatch.setattr(type(drive.figures), "of", of)
-                    await drive.answers.evict(drive.root_entry())
-                    monkeypatch.undo()
-                    inner.cancel_scope.cancel()
+                monkeypatch.setattr(BlockStore, "_write", write)
+                monkeypatch.setattr(type(drive.figures), "of", of)
+                await drive.answers.evict(drive.root_entry())
+                monkeypatch.undo()
             assert len(reader.missing(list(b.blocks))) == len(b.blocks)
 
     run(test)

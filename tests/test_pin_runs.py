@@ -13,6 +13,7 @@ import functools
 import hashlib
 import os
 from collections import Counter
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,22 @@ class FetcherFetch:
             raise BlockUnavailable(str(exc)) from exc
 
 
+@asynccontextmanager
+async def running_drive(cap: WriteCap, reader: BlockStore, head, dk, secret, providers,
+                        fetch_type: type[FetcherFetch] = FetcherFetch):
+    """A reader `Drive` whose fetch is a real `Fetcher` (CALM) asking `providers`, its
+    tasks running in a nursery of their own; yields (drive, its fetch, that nursery),
+    whose tasks are cancelled when the block ends."""
+    async with Fetcher(NodeIdentity.generate(), dk, secret, providers,
+                       config=CALM) as fetcher:
+        fetch = fetch_type(fetcher)
+        drive = Drive(cap.read_cap(), DriveStorage(reader), head, fetch=fetch)
+        async with trio.open_nursery() as inner:
+            await inner.start(drive.run)
+            yield drive, fetch, inner
+            inner.cancel_scope.cancel()
+
+
 def count_frames(monkeypatch) -> list[object]:
     """Every frame a client connection sends, from now on."""
     sent: list[object] = []
@@ -100,14 +117,8 @@ def test_a_pin_of_many_small_files_goes_out_in_runs_of_about_120(tmp_path: Path,
             async def providers():
                 return [addr]
 
-            async with Fetcher(NodeIdentity.generate(), dk, secret, providers,
-                               config=CALM) as fetcher:
-                drive = Drive(cap.read_cap(), DriveStorage(reader), head,
-                              fetch=FetcherFetch(fetcher))
-                async with trio.open_nursery() as inner:
-                    await inner.start(drive.run)
-                    progress = await pin_root(drive)
-                    inner.cancel_scope.cancel()
+            async with running_drive(cap, reader, head, dk, secret, providers) as (drive, _, _):
+                progress = await pin_root(drive)
             assert progress.complete, progress.error
             assert progress.blocks == progress.total_blocks == len(b.blocks)
             assert reader.missing(list(b.blocks)) == []
@@ -156,19 +167,14 @@ def test_a_pin_that_stalls_fails_its_round_and_resumes_with_what_it_stored(
             async def providers():
                 return list(listed)
 
-            async with Fetcher(NodeIdentity.generate(), dk, secret, providers,
-                               config=CALM) as fetcher:
-                drive = Drive(cap.read_cap(), DriveStorage(reader), head,
-                              fetch=FetcherFetch(fetcher))
-                async with trio.open_nursery() as inner:
-                    await inner.start(drive.run)
-                    progress = await pin_root(drive)
-                    assert not progress.complete and "missing" in progress.error
-                    assert progress.blocks == len(nodes)
-                    listed[:] = [addr]  # a peer that serves comes
-                    fetcher.request_provider_refresh()
-                    progress = await pin_root(drive, until_complete=True)
-                    inner.cancel_scope.cancel()
+            async with running_drive(cap, reader, head, dk, secret,
+                                     providers) as (drive, fetch, _):
+                progress = await pin_root(drive)
+                assert not progress.complete and "missing" in progress.error
+                assert progress.blocks == len(nodes)
+                listed[:] = [addr]  # a peer that serves comes
+                fetch.fetcher.request_provider_refresh()
+                progress = await pin_root(drive, until_complete=True)
             assert progress.complete, progress.error
             assert reader.missing(list(b.blocks)) == []
 
