@@ -15,10 +15,10 @@ import trio
 
 from cache.store import BlockStore
 from dht.fetch import Fetcher
-from tests.drive_builder import DriveBuilder, small_tree
+from tests.drive_builder import DriveBuilder
 from tests.helpers import run_trio
-from tests.test_peer_support import new_drive, start_server
-from tests.test_pin_runs import FetcherFetch, pin_root, running_drive
+from tests.test_peer_support import new_drive
+from tests.test_pin_runs import FetcherFetch, pin_root, running_drive, served_drive
 from vfs import pins as pins_module
 from vfs.capability import WriteCap
 from vfs.pins import BUILDING, pin_name
@@ -62,13 +62,8 @@ def test_an_unpin_ends_the_pins_running_round(tmp_path: Path, monkeypatch) -> No
     dk, secret = new_drive()
 
     async def test(nursery: trio.Nursery) -> None:
-        with BlockStore(tmp_path / "pub") as pub, BlockStore(tmp_path / "reader") as reader:
-            head = b.commit(pub, small_tree(b, 2000, per_folder=100))
-            _server, addr = await start_server(nursery, pub, {dk: secret})
-
-            async def providers():
-                return [addr]
-
+        async with served_drive(nursery, tmp_path, b, 2000, dk,
+                                secret) as (pub, reader, head, providers):
             async with running_drive(cap, reader, head, dk, secret, providers,
                                      fetch_type=StallingFetch) as (drive, fetch, inner):
                 assert drive.pins is not None
@@ -100,13 +95,8 @@ def test_a_pin_can_be_unpinned_and_pinned_again_while_it_runs(tmp_path: Path,
     dk, secret = new_drive()
 
     async def test(nursery: trio.Nursery) -> None:
-        with BlockStore(tmp_path / "pub") as pub, BlockStore(tmp_path / "reader") as reader:
-            head = b.commit(pub, small_tree(b, 1000, per_folder=100))
-            _server, addr = await start_server(nursery, pub, {dk: secret})
-
-            async def providers():
-                return [addr]
-
+        async with served_drive(nursery, tmp_path, b, 1000, dk,
+                                secret) as (pub, reader, head, providers):
             async with running_drive(cap, reader, head, dk, secret,
                                      providers) as (drive, fetch, inner):
                 assert drive.pins is not None
@@ -152,13 +142,8 @@ def test_a_pins_store_transactions_are_bounded_by_the_window_not_the_folder(
     dk, secret = new_drive()
 
     async def test(nursery: trio.Nursery) -> None:
-        with BlockStore(tmp_path / "pub") as pub, BlockStore(tmp_path / "reader") as reader:
-            head = b.commit(pub, small_tree(b, 6000, per_folder=100))
-            _server, addr = await start_server(nursery, pub, {dk: secret})
-
-            async def providers():
-                return [addr]
-
+        async with served_drive(nursery, tmp_path, b, 6000, dk,
+                                secret) as (pub, reader, head, providers):
             async with running_drive(cap, reader, head, dk, secret,
                                      providers) as (drive, fetch, inner):
                 monkeypatch.setattr(BlockStore, "put_many", put_many)
@@ -205,13 +190,8 @@ def test_an_evict_of_a_large_folder_is_a_few_large_transactions(tmp_path: Path,
     walks: list[int] = []
 
     async def test(nursery: trio.Nursery) -> None:
-        with BlockStore(tmp_path / "pub") as pub, BlockStore(tmp_path / "reader") as reader:
-            head = b.commit(pub, small_tree(b, 6000, per_folder=100))
-            _server, addr = await start_server(nursery, pub, {dk: secret})
-
-            async def providers():
-                return [addr]
-
+        async with served_drive(nursery, tmp_path, b, 6000, dk,
+                                secret) as (pub, reader, head, providers):
             async with running_drive(cap, reader, head, dk, secret,
                                      providers) as (drive, fetch, inner):
                 assert drive.pins is not None

@@ -60,6 +60,22 @@ class FetcherFetch:
 
 
 @asynccontextmanager
+async def served_drive(nursery: trio.Nursery, tmp_path: Path, b: DriveBuilder, files: int,
+                       dk, secret):
+    """A publisher's store holding a tree of `files` small files in folders of 100
+    (committed by `b`), served on 127.0.0.1, and an empty reader store beside it;
+    yields (publisher store, reader store, head, providers naming the server)."""
+    with BlockStore(tmp_path / "pub") as pub, BlockStore(tmp_path / "reader") as reader:
+        head = b.commit(pub, small_tree(b, files, per_folder=100))
+        _server, addr = await start_server(nursery, pub, {dk: secret})
+
+        async def providers():
+            return [addr]
+
+        yield pub, reader, head, providers
+
+
+@asynccontextmanager
 async def running_drive(cap: WriteCap, reader: BlockStore, head, dk, secret, providers,
                         fetch_type: type[FetcherFetch] = FetcherFetch):
     """A reader `Drive` whose fetch is a real `Fetcher` (CALM) asking `providers`, its
@@ -110,13 +126,8 @@ def test_a_pin_of_many_small_files_goes_out_in_runs_of_about_120(tmp_path: Path,
     sent = count_frames(monkeypatch)
 
     async def test(nursery: trio.Nursery) -> None:
-        with BlockStore(tmp_path / "pub") as pub, BlockStore(tmp_path / "reader") as reader:
-            head = b.commit(pub, small_tree(b, files, per_folder=100))
-            server, addr = await start_server(nursery, pub, {dk: secret})
-
-            async def providers():
-                return [addr]
-
+        async with served_drive(nursery, tmp_path, b, files, dk,
+                                secret) as (pub, reader, head, providers):
             async with running_drive(cap, reader, head, dk, secret, providers) as (drive, _, _):
                 progress = await pin_root(drive)
             assert progress.complete, progress.error
