@@ -232,8 +232,6 @@ async def _last_version(session: WriteSession) -> None:
     the process part-way and leave the writes no fsync made durable lost. The
     publish is bounded by LAST_VERSION_SECONDS; SIGKILL still stops it at once.
     """
-    import signal
-
     log.info("publishing the changes since the last version (at most %.0f s)",
              LAST_VERSION_SECONDS)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -310,8 +308,6 @@ async def _serve_main(home: Home, opts: ServeOptions, node_opts: ResolvedNodeOpt
                       ) -> None:
     """Serve every drive this node holds and hosts; publish new heads as they appear;
     push them to the --push targets; count the copies other nodes hold."""
-    import signal
-
     from .copies import CopyCounter  # a serving node's modules: a mount never loads them
     from .host import HostManager
     from .merge import device_name
