@@ -734,7 +734,8 @@ class Fetcher:
         """What each reachable provider says it keeps whole: node id -> directory node ids.
 
         Providers push a Whole frame as a connection opens and whenever it
-        changes; every provider is pinged first (connecting as needed, as
+        changes (a node pushing to us does so over its push connection); every
+        provider is pinged first (connecting as needed, as
         `have_map` with no ids), so what each said on connecting has arrived
         by its pong. One round trip per provider, whatever the tree's size.
         Claims, not proofs, and a peer shunned for corrupt blocks is not
@@ -744,8 +745,10 @@ class Fetcher:
         out: dict[bytes, frozenset[bytes]] = {}
         for node_id in reachable:
             peer = self._peers.get(node_id)
-            conn = peer.conn if peer is not None else None
-            out[node_id] = conn.whole if conn is not None else frozenset()
+            # a peer pushing to us announces over its push connection (PushedSource.whole);
+            # a mirror announces nothing: the layer above reads its head
+            said = None if peer is None else peer.conn if peer.source is None else peer.source
+            out[node_id] = getattr(said, "whole", None) or frozenset()
         return out
 
     async def count_holders(

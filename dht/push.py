@@ -102,6 +102,13 @@ class PushedSource:
     def max_wants(self) -> int:
         return self.conn.max_wants
 
+    @property
+    def whole(self) -> frozenset[bytes]:
+        """The trees the pushing node keeps whole (its Whole frames, sent over this
+        connection like any server's): a host counts the publisher pushing to it as a
+        copy although it cannot dial it."""
+        return self.conn.whole
+
     async def fetch_run(self, run: RunOfWants, on_result: OnRunResult) -> None:
         await self.conn.fetch_run(run, on_result)
 

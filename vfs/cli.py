@@ -302,7 +302,7 @@ def _publish_locked(args: argparse.Namespace, home: Home, cap: WriteCap, source:
                  + "".join(f"\n  conflict copy: {c}" for c in result.conflicts))
     if args.wait_copies is not None:
         data["copies"] = _wait_copies(args, home, cap, result.head.seq)
-        text += f"\n{data['copies']} host(s) hold version {result.head.seq} whole"
+        text += f"\n{data['copies']} other holder(s) keep version {result.head.seq} whole"
     _emit(args, data, text)
     return 0
 
@@ -885,7 +885,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-mirror-url", action="store_true",
                    help="record no mirror in this version")
     s.add_argument("--wait-copies", type=int, metavar="N",
-                   help="return once N hosts hold the whole new version (needs serve running)")
+                   help="return once N other holders (hosts, peers, mirrors) keep the whole new "
+                        "version (needs serve running)")
     s.add_argument("--wait-timeout", type=float, metavar="SECONDS",
                    help="with --wait-copies: give up (exit 4) after this long")
     s.add_argument("--watch", action="store_true",

@@ -1,4 +1,4 @@
-"""How many other nodes keep a whole version of each drive a `serve` process serves.
+"""How many other holders keep a whole version of each drive a `serve` process serves.
 
 `peerdrive publish --wait-copies N` and `peerdrive status` read it from the
 node's status snapshot. Nodes say which trees they keep whole with Whole
@@ -8,7 +8,12 @@ versions, each named by its top directory node id; a version's root
 directory node id is its head's root block, which a serve (holding only the
 store capability) knows too. So counting asks no question per block: every
 provider this node knows (the DHT's, LAN neighbours, the targets it pushes
-to) is pinged, and those that announced the head's root block count.
+to, the nodes pushing to it: a host behind a publisher's push can dial
+nobody else) is pinged, and those that announced the head's root block
+count, and so does each mirror whose signed head names the version
+(`NetworkNode.whole_map`). Hosted drives are counted like published ones.
+This node is not among them: `status` adds it when it holds the version
+whole, as the `copies` xattr adds the device it is read on.
 Counted every FAST_INTERVAL seconds for FAST_PERIOD after a new version
 (while hosts are fetching it), every SLOW_INTERVAL after that.
 
@@ -94,8 +99,7 @@ class CopyCounter:
 
     async def _count(self, cap: StoreCap, head: Head) -> None:
         try:
-            fetcher = await self.net.start_fetcher(cap)
-            announced = await fetcher.whole_map(timeout=WHOLE_TIMEOUT)
+            announced = await self.net.whole_map(cap, WHOLE_TIMEOUT)
         except DhtError as exc:
             log.info("drive %s: counting copies failed: %s", cap.drive_id[:16], exc)
             return

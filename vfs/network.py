@@ -634,13 +634,47 @@ class NetworkNode:
         keeps whole (a Whole frame; it replaces what was said before)."""
         self.server.announce_whole(cap.discovery_key, node_ids)
 
+    async def whole_map(self, cap: StoreCap, timeout: float) -> dict[bytes, frozenset[bytes]]:
+        """What each reachable holder of a drive keeps whole: id -> directory node ids.
+
+        The providers (and nodes pushing to us) say so in their Whole frames
+        (`Fetcher.whole_map`). A mirror says it with its head file:
+        `peerdrive mirror` writes every block of a version before the head
+        that names it, so a mirror whose head verifies keeps that version
+        whole, its root directory included (a claim, like a Whole frame; a
+        mirror whose head does not verify, or that does not answer within
+        `timeout`, counts for nothing). Raises DhtError if the fetcher fails.
+        """
+        fetcher = await self.start_fetcher(cap)
+        d = self.drives.get(cap.discovery_key)
+        mirrors = list(d.mirrors.values()) if d is not None else []
+        out: dict[bytes, frozenset[bytes]] = {}
+
+        async def from_mirror(src: HttpSource) -> None:
+            from .errors import PeerdriveError
+            from .head import open_head
+
+            with trio.move_on_after(timeout):
+                try:
+                    wire = await src.fetch_record()
+                    if wire is not None:
+                        out[src.source_id] = frozenset([open_head(wire, cap).root_block])
+                except (DhtError, PeerdriveError) as exc:
+                    log.info("mirror %s: no head to count: %s", src.base_url, exc)
+
+        async with trio.open_nursery() as nursery:
+            for src in mirrors:
+                nursery.start_soon(from_mirror, src)
+            peers = await fetcher.whole_map(timeout=timeout)
+        return {**peers, **out}
+
     def whole_function(self, cap: StoreCap):
-        """A `vfs.drive.WholeMap` for one drive: what each reachable provider announced."""
+        """A `vfs.drive.WholeMap` for one drive: what each reachable holder announced
+        (`whole_map`)."""
 
         async def whole(timeout: float) -> dict[bytes, frozenset[bytes]]:
-            fetcher = await self.start_fetcher(cap)
             try:
-                return await fetcher.whole_map(timeout=timeout)
+                return await self.whole_map(cap, timeout)
             except DhtError as exc:
                 log.info("asking peers what they hold whole failed: %s", exc)
                 return {}

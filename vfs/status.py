@@ -70,8 +70,8 @@ def known_drives(home: Home, store, running: list[dict] | None = None) -> list[d
 
     Per drive: `seq`; `hosted` (this node hosts it, `peerdrive host`);
     `complete` and `missing_blocks` (every block of the newest version here,
-    counted from its block list); `copies`: the devices known to hold that
-    version whole, this one included — the other nodes are counted by a
+    counted from its block list); `copies`: the devices (and mirrors) known to
+    hold that version whole, this one included — the other nodes are counted by a
     running `serve` of this home (`copies_checked` says whether one did).
     """
     from .capability import StoreCap
