@@ -6,7 +6,8 @@ device when it does. A host that knows nobody but the publisher pushing to it
 (the publisher behind NAT cannot be dialled) counted 0 others: the Whole
 frame the publisher sent over the push connection was not looked at, and no
 mirror was ever counted for a drive or a folder. Here a publisher pushes to a
-host and names a mirror (nginx on loopback) in its head: the host counts
+host and names a mirror (nginx on loopback) in its head (the pushes come from `push = [...]` in
+its config.toml, one target unreachable): the host counts
 itself, the publisher and the mirror; once the publisher is gone, a reader's
 mount counts the host and the mirror for the drive's root folder.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -45,13 +47,20 @@ def test_a_hosted_drive_counts_the_publisher_pushing_to_it_and_the_mirror(
         peerdrive(P, "mirror", pub["read_link"], str(www / "m"), "--json")
         host = sw.serve("host", H)  # knows nobody: only the push reaches it
         peerdrive(H, "host", store_link(P, pub["read_link"]), "--no-wait")
-        publisher = sw.serve("publisher", P, extra=["--push", host.addr])
+        # `push = [...]` in config.toml, as `--push` twice: a target nobody listens on
+        # beside the host does not hold the host's push back
+        nobody = f"127.0.0.1:{free_port()}"
+        (P / "config.toml").write_text(f'push = ["{nobody}", "{host.addr}"]\n')
+        publisher = sw.serve("publisher", P)
 
         def complete() -> bool:
             state = hosting_state(host, pub["drive"])
             return state is not None and state["state"] == "complete"
 
         assert wait_until(complete, 90), (hosting_state(host, pub["drive"]), sw.diagnostics())
+        pushes = {p["target"]: p for p in publisher.snapshot(after=time.time())["pushes"]}
+        assert pushes.keys() == {nobody, host.addr}, pushes
+        assert pushes[host.addr]["node_id"] == host.node_id and pushes[nobody]["failures"] >= 1
         # the host itself, the publisher (over its push connection) and the mirror
         seen: dict[str, dict] = {}
 
