@@ -6,7 +6,9 @@ deadlines turn a hang into a failure).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
@@ -253,18 +255,64 @@ def test_a_silent_peer_does_not_count_and_does_not_hold_up_the_answer_past_the_t
     run(test)
 
 
+class AskedLiar(CorruptSource):
+    """The liar: wrong bytes for every block, and `asked` set once it is asked for one.
+
+    `has` answers a Have without reading, so counting holders never sets `asked`."""
+
+    def __init__(self, blocks: dict[bytes, bytes]) -> None:
+        super().__init__(blocks)
+        self.asked = threading.Event()
+
+    def has(self, block_id: bytes) -> bool:
+        return block_id in self.blocks
+
+    def get(self, block_id: bytes) -> bytes | None:
+        self.asked.set()
+        return super().get(block_id)
+
+
+class GatedSource:
+    """The honest peer's blocks, each read only once `gate` is set (or after `bound`
+    seconds, so a liar never asked fails the test instead of hanging it).
+
+    The scheduler need not spread 20 small PIN blocks over two peers: they leave the
+    queue at random moments over `swarm_jitter`, and once the first peer asked has
+    answered in a millisecond, it beats a peer never measured (50 ms assumed) for
+    every later one (about 1 run in 20 on an idle machine never asked the liar).
+    Held answers fill the honest peer's slots and raise its estimate, so the
+    scheduler itself picks the liar; no sleep decides it."""
+
+    def __init__(self, blocks: dict[bytes, bytes], gate: threading.Event, bound: float) -> None:
+        self.blocks, self.gate, self.bound = blocks, gate, bound
+
+    def has(self, block_id: bytes) -> bool:
+        return block_id in self.blocks
+
+    def get(self, block_id: bytes) -> bytes | None:
+        if not self.gate.wait(self.bound):  # (a worker thread of the server's)
+            self.bound = 0.0  # waited once in vain: the test fails, it need not be slow
+        return self.blocks.get(block_id)
+
+
 def test_a_peer_caught_sending_corrupt_blocks_is_not_counted() -> None:
     dk, secret = new_drive()
     blocks = make_blocks(20, 1024)
+    liar_source = AskedLiar(blocks)
+    # One attempt per block, no stall inside the test's deadline: the block the liar is
+    # asked for ends only with the liar's own answer, which is checked (a hedge
+    # answered first by the honest peer would cancel it unchecked).
+    config = dataclasses.replace(FAST, max_parallel_attempts=1, stall_timeout=4 * TEST_DEADLINE)
 
     async def test(nursery: trio.Nursery) -> None:
-        _, good = await start_server(nursery, blocks, {dk: secret})
-        _, liar = await start_server(nursery, CorruptSource(blocks), {dk: secret})
+        _, good = await start_server(nursery, GatedSource(blocks, liar_source.asked,
+                                                          TEST_DEADLINE / 2), {dk: secret})
+        _, liar = await start_server(nursery, liar_source, {dk: secret})
         async with Fetcher(NodeIdentity.generate(), dk, secret, fixed([good, liar]),
-                           config=FAST) as fetcher:
+                           config=config) as fetcher:
             ids = list(blocks)
             assert await fetcher.count_holders(ids, timeout=3.0) == 2  # it says it has them
-            # all at once, so the work is spread over both: the liar is caught on its first
+            assert not liar_source.asked.is_set()
             async with fetcher.fetch_many(ids, concurrency=20) as results:
                 async for block_id, data in results:
                     assert data == blocks[block_id]
