@@ -257,9 +257,10 @@ class Swarm:
         return placeholder
 
     def serve(self, name: str, home: Path, bootstrap: Iterable[str] = (),
-              extra: Iterable[str] = ()) -> NodeProcess:
-        """`peerdrive serve --listen 127.0.0.1:0 --no-lan --json [extra]`, once it serves."""
-        argv = [PYTHON, "-m", "vfs.cli", "serve", "--listen", f"{LOOPBACK}:0", "--no-lan",
+              extra: Iterable[str] = (), program: Iterable[str] = ("vfs.cli",)) -> NodeProcess:
+        """`peerdrive serve --listen 127.0.0.1:0 --no-lan --json [extra]`, once it serves
+        (`program`: the module and its first arguments, e.g. tests.freezing_serve BYTES)."""
+        argv = [PYTHON, "-m", *program, "serve", "--listen", f"{LOOPBACK}:0", "--no-lan",
                 "--json", *extra]
         for b in bootstrap:
             argv += ["--bootstrap", b]

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from cache.store import BlockStore
+from tests.freezing_serve import is_stopped
 from tests.helpers import peerdrive
 from tests.swarm_helpers import Swarm, tree_digests, wait_until
 from vfs.blocklist import read_block_list
@@ -304,26 +305,24 @@ def test_a_host_completes_a_version_that_existed_before_the_push_started(tmp_pat
 def test_a_host_stops_on_sigterm_mid_transfer_from_a_frozen_pusher(tmp_path: Path) -> None:
     """A host part-way through a pushed version stops promptly on SIGTERM, even while
     its push connection's receive thread waits on a publisher that sends nothing (last
-    session a stuck host's serve outlived SIGTERM by more than 5 s)."""
+    session a stuck host's serve outlived SIGTERM by more than 5 s).
+
+    The publisher stops itself once it has read 4 of the version's 16 MiB for the host
+    (tests/freezing_serve.py), so the host is mid-transfer whatever the machine's speed:
+    a SIGSTOP sent on seeing `fetching` once landed after the host had all 64 MiB."""
     src = tmp_path / "src"
     src.mkdir()
-    (src / "big.bin").write_bytes(random.Random(6).randbytes(64 * 1024 * KIB))
+    (src / "big.bin").write_bytes(random.Random(6).randbytes(16 * 1024 * KIB))
     P, H = tmp_path / "P", tmp_path / "H"
     with Swarm(tmp_path / "swarm") as sw:
         pub = json.loads(peerdrive(P, "publish", str(src), "--json").stdout)
-        host = sw.serve("host", H)
+        # a fetch waits on the frozen publisher for the whole test: never "stalled"
+        host = sw.serve("host", H, extra=["--fetch-timeout", "600"])
         peerdrive(H, "host", store_link(P, pub["read_link"]), "--no-wait")
-        publisher = sw.serve("publisher", P, extra=["--push", host.addr])
-
-        def fetching() -> bool:  # the newest snapshot as it is: freeze the pusher early
-            snap = host.snapshot()
-            state = next((s for s in snap.get("hosting", ()) if s["drive"] == pub["drive"]),
-                         None)
-            return state is not None and state["state"] == "fetching"
-
-        assert wait_until(fetching, 60, interval=0.02), \
+        publisher = sw.serve("publisher", P, extra=["--push", host.addr],
+                             program=["tests.freezing_serve", str(4 * 1024 * KIB)])
+        assert wait_until(lambda: is_stopped(publisher.pid), 120), \
             (hosting_state(host, pub["drive"]), sw.diagnostics())
-        os.kill(publisher.pid, signal.SIGSTOP)
         try:
             state = hosting_state(host, pub["drive"])
             assert state["state"] != "complete", state  # still mid-transfer, and stuck there
