@@ -26,8 +26,11 @@ from pathlib import Path
 import pytest
 
 from tests.netns_helpers import Host, Lab, Served, _run
+from tests.nginx_helpers import Nginx
 
 pytestmark = [pytest.mark.netns, pytest.mark.fuse, pytest.mark.timeout(300)]
+
+MIRROR_PORT = 8080
 
 
 def write_tree(src: Path, seed: int) -> dict[str, str]:
@@ -118,3 +121,44 @@ def test_a_reader_behind_nat_reads_from_the_host_a_publisher_behind_nat_pushed_t
             assert mnt.read(rel)["sha256"] == digest, f"{rel}: wrong bytes"
         served = scene.host_served.snapshot(time.time())["server"]["blocks_served"]
         assert served > 0
+
+
+def test_with_the_host_down_too_the_reader_behind_nat_reads_on_from_a_mirror(
+        nat_labs_possible: None, tmp_path: Path) -> None:
+    """The issue's whole chain in one mount: the publisher behind NAT A pushed to the host
+    and is gone; the reader behind NAT B reads from the host; the host goes down as well
+    and the same mount reads every other file from nginx serving a mirror directory (on
+    the bridge, where the host was), every byte the publisher's."""
+    with Lab(tmp_path / "lab", 1) as lab:
+        scene = hosted_behind_nat(lab, tmp_path / "src")
+        www = tmp_path / "www"
+        scene.publisher.peerdrive("mirror", scene.link, str(www / "drive"))
+        nginx = Nginx(www, tmp_path / "nginx", host=scene.host.address, port=MIRROR_PORT,
+                      argv_prefix=scene.host.argv(), wait_port=False)
+        nginx.start()
+        try:
+            assert nginx.proc is not None
+            lab.track(nginx.proc.pid)
+            url = f"http://{scene.host.address}:{MIRROR_PORT}/drive"
+            mnt = scene.reader.mount(scene.link, tmp_path / "mnt", "--no-lan",
+                                     "--bootstrap", scene.host.endpoint,
+                                     "--fetch-timeout", "30", "--mirror", url)
+            first, *rest = sorted(scene.digests)
+            assert mnt.read(first)["sha256"] == scene.digests[first]
+            served = scene.host_served.snapshot(time.time())["server"]["blocks_served"]
+            assert served > 0  # the host served the reader
+
+            _run(["kill", str(scene.host_served.pid)])  # the host goes down too
+            scene.host_served.proc.wait(timeout=30)
+            before = mirror_blocks(mnt.snapshot(time.time()), url)
+            for rel in rest:
+                assert mnt.read(rel)["sha256"] == scene.digests[rel], f"{rel}: wrong bytes"
+            assert mirror_blocks(mnt.snapshot(time.time()), url) > before
+        finally:
+            nginx.stop()
+
+
+def mirror_blocks(snap: dict, url: str) -> int:
+    """Blocks the mount fetched from the mirror at `url` (its status snapshot)."""
+    return sum(m["blocks"] for d in snap["drives"].values() for m in d.get("mirrors", [])
+               if m["url"] == url)
