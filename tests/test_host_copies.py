@@ -9,7 +9,8 @@ mirror was ever counted for a drive or a folder. Here a publisher pushes to a
 host and names a mirror (nginx on loopback) in its head (the pushes come from `push = [...]` in
 its config.toml, one target unreachable): the host counts
 itself, the publisher and the mirror; once the publisher is gone, a reader's
-mount counts the host and the mirror for the drive's root folder.
+mount counts the host and the mirror for the drive's root folder. And a
+mount pushes as `serve` does (`mount --push`), which no test ran before.
 """
 
 from __future__ import annotations
@@ -83,3 +84,31 @@ def test_a_hosted_drive_counts_the_publisher_pushing_to_it_and_the_mirror(
         copies = os.getxattr(reader.mountpoint, "user.peerdrive.copies")
         assert copies == b"2", (copies, reader.log_tail())
         sw.unmount(reader)
+
+
+def test_a_mount_pushes_to_a_host_with_push(tmp_path: Path) -> None:
+    """`mount --push` (issue 10 item 2: any node with `serve` or `mount`): the publisher's
+    node, with no serve running, mounts its drive and pushes to a host that knows nobody;
+    the host completes the version over that connection alone."""
+    src = tmp_path / "src"
+    make_source(src, 12)
+    P, H = tmp_path / "P", tmp_path / "H"
+    with Swarm(tmp_path / "swarm") as sw:
+        pub = json.loads(peerdrive(P, "publish", str(src), "--json").stdout)
+        host = sw.serve("host", H)  # knows nobody: only the push reaches it
+        peerdrive(H, "host", store_link(P, pub["read_link"]), "--no-wait")
+        mount = sw.mount("publisher's mount", P, pub["read_link"], tmp_path / "mnt",
+                         extra=["--push", host.addr])
+
+        def complete() -> bool:
+            state = hosting_state(host, pub["drive"])
+            return state is not None and state["state"] == "complete"
+
+        assert wait_until(complete, 90), (hosting_state(host, pub["drive"]), sw.diagnostics())
+        state = hosting_state(host, pub["drive"])
+        peers = host.snapshot(after=time.time())["drives"][pub["drive"]]["peers"]
+        assert {p["node_id"] for p in peers if p["blocks"]} == {mount.node_id}, peers
+        assert sum(p["blocks"] for p in peers) >= state["blocks_total"]
+        pushes = mount.snapshot(after=time.time())["pushes"]
+        assert [(p["target"], p["connected"]) for p in pushes] == [(host.addr, True)], pushes
+        sw.unmount(mount)
