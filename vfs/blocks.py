@@ -3,9 +3,9 @@
 `BlockReader.read(ref)` returns the plaintext of one block. It looks in the
 node's store; if the block is missing (or failed its check there) it asks
 the fetcher, which gets it from peers and verifies its id; the ciphertext is
-cached (a full disk only means it is handed over uncached) and decrypted:
-at once if a READ asked for it, in a worker thread if the readahead did
-(see `_load`). Every block decrypted here was checked against its id
+cached (a full disk only means it is handed over uncached) and decrypted
+at once, on the event loop (see `_load`); blocks read from the store are
+decrypted in worker threads, where a cold page of the store may be a disk read. Every block decrypted here was checked against its id
 (SHA-256) on its way in, by the fetcher or by the store's put, so only the
 GCM tag is checked, not the plaintext's hash a second time
 (`decrypt_checked_block`, docs/security.md). A small
@@ -145,7 +145,10 @@ class BlockReader:
             self._plain.move_to_end(block_id)
         return plain
 
-    async def read(self, ref: Ref, priority: Priority = Priority.READ) -> bytes:
+    async def read(self, ref: Ref, priority: Priority = Priority.READ, *,
+                   looked: bool = False) -> bytes:
+        """The block's plaintext. `looked`: the caller has just found it missing from the
+        store (`load_ahead`), so it goes to the network without a second look there."""
         plain = self.cached_plain(ref.block_id)
         if plain is not None:
             return plain
@@ -158,7 +161,7 @@ class BlockReader:
         ev = self._inflight[ref.block_id] = trio.Event()
         self._urgency[ref.block_id] = priority
         try:
-            plain = await self._load(ref, priority)
+            plain = await self._load(ref, priority, looked)
             self._remember(ref.block_id, plain)
             return plain
         finally:
@@ -575,11 +578,17 @@ class BlockReader:
         self.forget(ref.block_id)
         self.store.evict([ref.block_id])
 
-    async def _load(self, ref: Ref, priority: Priority) -> bytes:
+    async def _load(self, ref: Ref, priority: Priority, looked: bool = False) -> bytes:
         # large blocks in worker threads, in batches (vfs/threadbatch.py): what the kernel's
         # requests and the readahead ask for meanwhile goes in one thread call
         if ref.block_id in self._undecryptable:
             plain = None  # not from the store: see ciphertext_of
+        elif looked:
+            # the readahead's blocks that load_ahead has just found missing: a second
+            # look was a worker-thread trip per block of a cold read, for nothing (a
+            # block stored meanwhile by another reader's fetch is in `_unstored`, or the
+            # fetcher's recent blocks, or fetched again: verified either way)
+            plain = None
         elif ref.length >= _THREAD_MIN:
             plain = await self.workers.call(self._open_local, ref, cost=ref.length,
                                             urgent=priority == Priority.READ)
@@ -591,12 +600,12 @@ class BlockReader:
         # network, not a second lookup on the event loop
         ct = await self.ciphertext_of(ref.block_id, priority, looked=True)
         assert ct is not None
-        if len(ct) >= _THREAD_MIN and priority != Priority.READ:
-            # the readahead's decryptions: in worker threads, batched, beside the loop's work
-            return await self.workers.call(self._decrypt, ref, ct, cost=len(ct))
-        # A load a READ started (a random read, a file's first read: someone waits in
-        # read(2)) decrypts here, at once. AES-GCM is all that is left of it (the id was
-        # checked on the way in): ~0.1-0.4 ms for a chunk of 256 KiB-1 MiB, while a trip to
-        # a worker thread and back waits for two wakeups, 5 ms at the median and 20 at
-        # p90 on a loaded machine (docs/benchmarks.md, issue 12 "first byte").
+        # A fetched block is decrypted here, at once, whoever asked for it (a READ or the
+        # readahead). AES-GCM is all that is left of it (the id was checked on the way
+        # in): ~0.05-0.4 ms for a chunk of 256 KiB-1 MiB, while a trip to a worker thread
+        # and back waits for two wakeups, 5 ms at the median and 20 at p90 on a loaded
+        # machine (docs/benchmarks.md, issue 12 "first byte"), and costs the event loop
+        # more Python (a job, an event, a lane task, trio's thread hand-off) than the
+        # decryption itself: on a cold sequential read those hand-offs were the loop's
+        # largest item (docs/benchmarks.md, issue 12 "the cold insert path").
         return self._decrypt(ref, ct)

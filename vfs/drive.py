@@ -263,19 +263,20 @@ class Drive:
                         for plain, i in zip(plains, span, strict=True))
 
     async def _read_chunk(self, ref: Ref, priority: Priority,
-                          of: OpenFile | None = None) -> bytes:
+                          of: OpenFile | None = None, looked: bool = False) -> bytes:
         """A chunk's plaintext; fails at once if no peer could serve it moments ago.
 
         A chunk fetched for `of` changes its folder's figures: they are marked.
+        `looked`: just found missing from the store (BlockReader.read).
         """
         fetched = self.blocks.fetched_blocks
         try:
-            return await self._read_chunk_once(ref, priority)
+            return await self._read_chunk_once(ref, priority, looked)
         finally:
             if of is not None and self.blocks.fetched_blocks != fetched:
                 self.figures.fetched(ref.block_id, of.folder)
 
-    async def _read_chunk_once(self, ref: Ref, priority: Priority) -> bytes:
+    async def _read_chunk_once(self, ref: Ref, priority: Priority, looked: bool = False) -> bytes:
         now = trio.current_time()
         failed = self._unavailable.get(ref.block_id)
         if failed is not None:
@@ -284,7 +285,7 @@ class Drive:
                 raise BlockUnavailable(why)
             del self._unavailable[ref.block_id]
         try:
-            return await self.blocks.read(ref, priority)
+            return await self.blocks.read(ref, priority, looked=looked)
         except BlockUnavailable as exc:
             for block_id, (when, _) in list(self._unavailable.items()):
                 if now - when >= UNAVAILABLE_MEMORY:
@@ -339,13 +340,14 @@ class Drive:
             self.blocks.fetch_ahead, [chunks[i] for i in left if chunks[i].block_id in absent],
             Priority.READAHEAD, looked=True))
         for i in left:
-            await self._nursery.start(self._prefetch, of, i)
+            await self._nursery.start(self._prefetch, of, i, chunks[i].block_id in absent)
 
-    async def _prefetch(self, of: OpenFile, i: int,
+    async def _prefetch(self, of: OpenFile, i: int, looked: bool,
                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()  # and on into the read at once, before the next chunk's task
         try:
-            await self._read_chunk(of.map.chunks[i], Priority.READAHEAD, of)
+            # (a chunk load_ahead found missing goes to the network without a second look)
+            await self._read_chunk(of.map.chunks[i], Priority.READAHEAD, of, looked)
         except PeerdriveError:
             pass  # readahead is a hint: the real read reports the error
         finally:
