@@ -1866,13 +1866,20 @@ GROWTH_STEPS = ("publish", "borg create", "mount", "find cold", "find warm",
                 "cat every file", "evict root", "mount peak RSS MB", "mount peak anon MB")
 # the comparisons `--growth-skip` may leave out (at 10^6 files they take hours)
 GROWTH_OPTIONAL = ("borg create", "cat every file", "rclone")
+GROWTH_LOG_EVERY = 60.0  # seconds between progress lines of the tree writing and publish
 
 
 def growth_tree(root: Path, files: int) -> int:
     """`files` random files of GROWTH_FILE_BYTES in folders of GROWTH_PER_FOLDER; bytes."""
     rng = random.Random(files)
     folder = None
+    started = last = time.monotonic()
     for i in range(files):
+        if i % GROWTH_PER_FOLDER == 0 and time.monotonic() - last >= GROWTH_LOG_EVERY:
+            # ~10 min at 10^6 files on a loaded machine: say that it goes on
+            last = time.monotonic()
+            log(f"growth {files:,}: writing the tree: {i:,} files "
+                f"({last - started:.0f} s)")
         if i % GROWTH_PER_FOLDER == 0:
             folder = root / f"d{i // GROWTH_PER_FOLDER:05d}"
             folder.mkdir(parents=True)
@@ -1881,6 +1888,51 @@ def growth_tree(root: Path, files: int) -> int:
         os.close(fd)
     sync()
     return files * GROWTH_FILE_BYTES
+
+
+def growth_publish(bench: Bench, home: Path, tree: Path, files: int) -> str:
+    """`peerdrive publish TREE --json` as `Bench.publish` runs it, with a progress line
+    every GROWTH_LOG_EVERY seconds (the process's CPU, RSS and the store's size: the
+    publish of 10^6 files takes ~20 min and prints nothing until it ends); the read link."""
+    store = home / "store"
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen([*bench.peerdrive_argv, "publish", str(tree), "--json"],
+                                env=bench.env_for(home), cwd=ROOT, stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=err)
+        started = time.monotonic()
+        try:
+            while proc.poll() is None:
+                try:
+                    proc.wait(timeout=GROWTH_LOG_EVERY)
+                except subprocess.TimeoutExpired:
+                    pass
+                else:
+                    break
+                if time.monotonic() - started > 1800:
+                    raise BenchError(f"peerdrive publish of {files:,} files took over 1800 s")
+                mem = memory_of(proc.pid)
+                stored = sum(f.stat().st_size for f in store.glob("*.mdb")) if store.is_dir() else 0
+                log(f"growth {files:,}: publish: {time.monotonic() - started:.0f} s, "
+                    f"CPU {proc_cpu_seconds(proc.pid):.0f} s, RSS {mem.get('VmRSS', 0) / 1e6:.0f} MB, "
+                    f"store files {stored / 1e6:.0f} MB")
+        finally:
+            if proc.poll() is None:
+                stop_pid(proc.pid)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode != 0:
+            raise BenchError(f"peerdrive publish exited {proc.returncode}: "
+                             f"{err.read().decode(errors='replace').strip()[-2000:]}")
+        return json.loads(out.read())["read_link"]
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a live process (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def growth_row(bench: Bench, files: int, step_timeout: float,
@@ -1903,7 +1955,7 @@ def growth_row(bench: Bench, files: int, step_timeout: float,
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir()
     started = time.perf_counter()
-    link = bench.publish(home, tree)["read_link"]
+    link = growth_publish(bench, home, tree, files)
     out["publish"] = time.perf_counter() - started
     bench._links = {"growth": link}
     borg_env = dict(os.environ, BORG_PASSPHRASE="peerdrive-bench",
