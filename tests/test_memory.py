@@ -204,3 +204,43 @@ def test_a_folders_first_figures_read_its_directories_many_at_a_time(tmp_path: P
     assert 8 <= in_flight["most"] <= figures.READ_AHEAD_DIRS, in_flight
     pub.close()
     reader.close()
+
+
+def test_the_folder_summaries_keep_their_block_ids_out_of_the_process(tmp_path: Path) -> None:
+    """The summaries of a walked drive weigh what their directories do, not their blocks:
+    the ids and lengths (36 bytes a block, 36 MB at 10^6 small files) are in the spill
+    file; what is allocated in vfs/figures.py for 10,000 files is a few bytes a file, and
+    what a pin or an evict reads back is every block, right."""
+    import tracemalloc
+
+    cap, head, pub, reader, fetch = drive_of(tmp_path, 10_000, "spill")
+    drive = Drive(cap.read_cap(), DriveStorage(reader), head, fetch=fetch)
+    held: dict[str, int] = {}
+
+    async def main() -> None:
+        root = drive.root_entry()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.take_snapshot()
+            await drive.figures.totals(root.node, root=True)
+            after = tracemalloc.take_snapshot()
+        finally:
+            tracemalloc.stop()
+        where = [tracemalloc.Filter(True, figures.__file__)]
+        held["bytes"] = sum(s.size_diff for s in after.filter_traces(where).compare_to(
+            before.filter_traces(where), "filename"))
+        ids = set()
+        async for d in drive.figures.subtree(root.node):
+            got, lengths = d.ids, d.lengths
+            assert len(got) == len(lengths) * 32
+            assert set(lengths) <= {64}  # small_tree's files: 64 bytes, one chunk each
+            ids.update(d.block_ids())
+        assert len(ids) == 10_000 and not pub.missing(list(ids))
+        held["dirs"] = drive.figures.walks
+
+    trio.run(main)
+    assert held["dirs"] == 101  # the root and its 100 folders
+    # 36 bytes a block in memory would be 360,000; the summaries' objects are ~1 KB a folder
+    assert held["bytes"] < 10_000 * 12, held
+    pub.close()
+    reader.close()

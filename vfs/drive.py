@@ -89,7 +89,8 @@ class Drive:
         self.version = 1
         self.blocks = BlockReader(storage.store, cap.read_key, fetch, tag=cap.discovery_key)
         self.tree = Tree(self.blocks)
-        self.figures = Figures(self.tree, storage.store, unstored=self.blocks.is_unstored)
+        self.figures = Figures(self.tree, storage.store, unstored=self.blocks.is_unstored,
+                               spill_dir=getattr(storage.store, "path", None))
         self.blocks.on_stored = self._stored
         self.answers = Answers(self)
         self.holders = holders

@@ -43,6 +43,7 @@ from dht.types import Priority
 
 from .crypto import HASH_LEN, Ref
 from .errors import FormatError
+from .memory import Spill
 from .tree import Tree
 
 # Distinct directories one walk may visit: a drive of 10^6 files in folders of 100 has
@@ -63,28 +64,53 @@ BLOOM_BYTES = 1 << 21
 _BLOOM_MASK = BLOOM_BYTES * 8 - 1
 # A block's plaintext length in a summary: 4 bytes (crypto.MAX_BLOCK_PLAINTEXT < 2**32).
 LENGTHS_TYPE = "I"
+# A summary's record in the spill file: its ids, then its lengths.
+RECORD_BYTES = HASH_LEN + array(LENGTHS_TYPE).itemsize
 
 
 @dataclass(eq=False, slots=True)
 class DirFigures:
-    """What one directory's own entries hold; immutable but for `have` and `dirty`.
+    """What one directory's own entries hold; immutable but for `have` and `dirty`
+    (and where its record is kept, which a compaction of the spill moves).
 
     `ids` is the content blocks of its files, 32 bytes each (chunk lists, then
     chunks, file by file, repeated where files share blocks), `lengths` the
     plaintext bytes each counts for "on this device" (0 for a chunk list), as
     unsigned 32-bit integers (a block holds at most 4 MiB): 36 bytes a block,
-    which at 10^6 small files is most of what the summaries weigh.
+    which at 10^6 small files is most of what the summaries weigh (36 MB). They
+    are read only to recount, pin or evict the directory, so they live in the
+    spill file (`vfs.memory.Spill`: the page cache's memory, not the mount's);
+    the object keeps the figures and a handle.
     """
 
     node_id: bytes
     nodes: tuple[Ref, ...]  # its own directory node blocks (root node, interiors, leaves)
     files: int
     size: int
-    ids: bytes
-    lengths: array
+    blocks: int  # content blocks counted: len(ids) // HASH_LEN
     children: tuple[Ref, ...]  # node refs of its subdirectories, one per entry
+    spill: Spill
+    at: int | bytes  # the record's handle in `spill`: ids then lengths
     have: int = 0
     dirty: bool = True
+
+    @property
+    def ids(self) -> bytes:
+        return self.spill.get(self.at, self.blocks * HASH_LEN) if self.blocks else b""
+
+    @property
+    def lengths(self) -> array:
+        return self.record()[1]
+
+    def record(self) -> tuple[bytes, array]:
+        """(ids, lengths), read in one go."""
+        lengths = array(LENGTHS_TYPE)
+        if not self.blocks:
+            return b"", lengths
+        raw = self.spill.get(self.at, self.blocks * RECORD_BYTES)
+        split = self.blocks * HASH_LEN
+        lengths.frombytes(raw[split:])
+        return raw[:split], lengths
 
     def block_ids(self) -> list[bytes]:
         ids = self.ids
@@ -118,9 +144,14 @@ class Figures:
     """The summaries of one mounted drive's directories, and the folder totals made of them."""
 
     def __init__(self, tree: Tree, store, *,
-                 unstored: Callable[[bytes], bool] = lambda _i: False) -> None:
+                 unstored: Callable[[bytes], bool] = lambda _i: False,
+                 spill_dir: str | None = None) -> None:
         self.tree = tree
         self.store = store
+        # the summaries' ids and lengths (None: kept in memory; the store's folder, so
+        # the cache's file system, in a mount)
+        self._spill_dir = spill_dir
+        self._spill = Spill(spill_dir)
         self._unstored = unstored  # fetched, waiting for the store writer: counts as here
         self._dirs: dict[bytes, DirFigures] = {}
         self._building: dict[bytes, trio.Event] = {}
@@ -201,16 +232,16 @@ class Figures:
         if not d.dirty:
             return
         d.dirty = False  # a change while we count marks it again
-        if not d.ids:
+        if not d.blocks:
             d.have = 0
             return
-        ids = d.block_ids()
+        raw, lengths = d.record()
+        ids = [raw[i:i + HASH_LEN] for i in range(0, len(raw), HASH_LEN)]
         if len(ids) > THREAD_RECOUNT:
             missing = await trio.to_thread.run_sync(self.store.missing, ids)
         else:
             missing = self.store.missing(ids)
         gone = {i for i in missing if not self._unstored(i)}
-        lengths = d.lengths
         d.have = sum(lengths[k] for k, i in enumerate(ids) if i not in gone)
 
     # -- summaries -------------------------------------------------------------------
@@ -230,16 +261,17 @@ class Figures:
                 return hit
         ev = self._building[node.block_id] = trio.Event()
         try:
-            d = await self._build(node, priority)
-            self._note_ids(d.ids)
+            d, ids = await self._build(node, priority)
+            self._note_ids(ids)
             self._dirs[node.block_id] = d
             return d
         finally:
             del self._building[node.block_id]
             ev.set()
 
-    async def _build(self, top: Ref, priority: Priority) -> DirFigures:
-        """Read one directory's nodes (checked, iteratively, each once) and sum its entries."""
+    async def _build(self, top: Ref, priority: Priority) -> tuple[DirFigures, bytes]:
+        """Read one directory's nodes (checked, iteratively, each once) and sum its
+        entries; the summary (its record spilled) and its ids."""
         self.walks += 1
         nodes, entries = await self.tree.read_directory(top, priority)
         ids = bytearray()
@@ -263,8 +295,9 @@ class Figures:
                 children.append(e.node)
             if k % YIELD_EVERY == YIELD_EVERY - 1:
                 await trio.lowlevel.checkpoint()
-        return DirFigures(top.block_id, tuple(nodes), files, size, bytes(ids), lengths,
-                          tuple(children))
+        at = self._spill.put(bytes(ids) + lengths.tobytes())
+        return DirFigures(top.block_id, tuple(nodes), files, size, len(lengths),
+                          tuple(children), self._spill, at), bytes(ids)
 
     async def subtree(self, node: Ref,
                       priority: Priority = Priority.READ) -> AsyncIterator[DirFigures]:
@@ -379,10 +412,20 @@ class Figures:
     async def forget_unreachable(self, keep: set[bytes]) -> None:
         """Drop the summaries of directories no longer in `keep` (after a new version)."""
         for node_id in [n for n in self._dirs if n not in keep]:
-            del self._dirs[node_id]
+            d = self._dirs.pop(node_id)
+            d.spill.drop(d.at, d.blocks * RECORD_BYTES)
         self._memo = _Memo()
         self._seen = bytearray(BLOOM_BYTES)
         self._shared = set()
+        # the records of the versions before are mostly dead once the drive changed much:
+        # the live ones go to a new file (the old one goes with its last reader)
+        old = self._spill
+        new = Spill(self._spill_dir) if old.worth_compacting() else None
+        if new is not None:
+            self._spill = new
         for d in list(self._dirs.values()):
-            self._note_ids(d.ids)
+            ids, lengths = d.record()
+            self._note_ids(ids)
+            if new is not None and d.spill is old:
+                d.at, d.spill = new.put(ids + lengths.tobytes()), new
             await trio.lowlevel.checkpoint()

@@ -23,6 +23,13 @@ Two things bound that, both in this process (a user sets nothing):
 
 Neither changes what the process computes; on a C library without these
 calls (not glibc) both do nothing.
+
+What the mount must keep but rarely reads goes to a `Spill`: an unlinked
+file whose pages the kernel's page cache holds, writes back and drops
+under pressure, instead of the process's anonymous memory (which nothing
+but the process can free). The folder summaries' block ids, 36 bytes a
+block, are that: 36 MB at 10^6 small files, read once per recount, pin or
+evict of a folder.
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
+import tempfile
+import weakref
 
 import trio
 
@@ -103,3 +113,65 @@ class Releaser:
             await trio.sleep(self.min_interval)
             if self.pending >= self.after:
                 self._due.set()
+
+
+class Spill:
+    """Records kept in an unlinked file in `directory` (the page cache's, not this
+    process's memory); `put` gives a handle, `get` the bytes back.
+
+    Append-only: `dropped` counts the bytes of records let go, and whoever keeps
+    the handles copies the live ones to a new Spill once that is most of the file
+    (`worth_compacting`). A record the file cannot take (no directory given, a
+    full disk, any error) is kept in memory as it is: a spill never fails a
+    caller, it only costs it memory then. Only for one thread at a time (the
+    event loop: a read is a `pread` of a few KB the page cache mostly has).
+    """
+
+    def __init__(self, directory: str | os.PathLike | None) -> None:
+        self._fd = -1
+        self.end = 0  # bytes written to the file
+        self.dropped = 0  # bytes of those no longer referred to
+        self.in_memory = 0  # bytes of records kept in memory (the file refused them)
+        if directory is not None:
+            try:
+                f = tempfile.TemporaryFile(dir=directory, prefix=".spill-")
+            except OSError as exc:
+                log.info("no spill file in %s (%s): kept in memory", directory, exc)
+            else:
+                self._fd = os.dup(f.fileno())
+                f.close()
+                weakref.finalize(self, os.close, self._fd)
+
+    def put(self, data: bytes) -> int | bytes:
+        """Keep `data`; the handle to `get` it with (the bytes themselves if not spilled)."""
+        if self._fd < 0 or not data:
+            self.in_memory += len(data)
+            return data
+        try:
+            written = os.pwrite(self._fd, data, self.end)
+        except OSError:  # ENOSPC, EIO: memory, as before the spill
+            written = -1
+        if written != len(data):
+            self.in_memory += len(data)
+            return data
+        at = self.end
+        self.end += len(data)
+        return at
+
+    def get(self, handle: int | bytes, length: int) -> bytes:
+        if isinstance(handle, bytes):
+            return handle
+        data = os.pread(self._fd, length, handle)
+        if len(data) != length:
+            raise OSError(f"spill file: {len(data)} of {length} bytes at {handle}")
+        return data
+
+    def drop(self, handle: int | bytes, length: int) -> None:
+        """The record is no longer needed (its bytes stay in the file until compacted)."""
+        if isinstance(handle, bytes):
+            self.in_memory -= len(handle)
+        else:
+            self.dropped += length
+
+    def worth_compacting(self, floor: int = 4 * 1024 * 1024) -> bool:
+        return self.dropped > floor and self.dropped * 2 > self.end

@@ -266,7 +266,7 @@ class Pins:
         elif entry.is_dir and entry.node is not None:
             async for d in self.drive.figures.subtree(entry.node, Priority.PIN):
                 pairs = [(r.block_id, r.length) for r in d.nodes]
-                ids, lengths = d.ids, d.lengths
+                ids, lengths = d.record()
                 pairs.extend((ids[k * HASH_LEN:(k + 1) * HASH_LEN], max(lengths[k], 1))
                              for k in range(len(lengths)))
                 yield pairs, d.node_id
