@@ -60,6 +60,7 @@ from .tlsstream import TlsStream
 
 RECEIVE_SIZE = 1024 * 1024  # one socket read: a whole block often arrives in one or two
 MAX_HEADER_BYTES = 64 * 1024  # a response head longer than this is refused (h11 enforces it)
+_HEAD_PEEK = 16 * 1024  # bytes looked at (MSG_PEEK) for the end of a response's head
 _DISCARD_LIMIT = 64 * 1024  # the body of a non-200 answer is read (to keep the connection) up to this
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _USER_AGENT = "peerdrive"
@@ -149,6 +150,7 @@ class Exchange:
             ("Host", origin.host_header), ("User-Agent", _USER_AGENT),
             ("Accept-Encoding", "identity"), *headers])) + conn.send(h11.EndOfMessage())
         self.answered = False  # some byte of the response arrived
+        self.keeps_alive = False  # the response's head lets the connection be used again
         self._status: int | None = None
         self._headers: dict[str, str] = {}
         self._cap = 0
@@ -222,6 +224,9 @@ class Exchange:
     def _start(self, event: h11.Response) -> bool:
         status = self._status = event.status_code
         self._headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in event.headers}
+        # RFC 9112 9.3 (h11's own rule): a 1.1 response keeps the connection unless it says close
+        self.keeps_alive = event.http_version >= b"1.1" and not any(
+            name == b"connection" and b"close" in value.lower() for name, value in event.headers)
         if self._method == "HEAD" or status in (204, 304):  # no body, whatever the headers say
             return False
         self._cap = self._limit if status == 200 else _DISCARD_LIMIT
@@ -234,6 +239,31 @@ class Exchange:
                                        f"{self._limit}; refused unread")
             return self._drop()  # a big error page: not worth reading
         return False
+
+    def direct_body_size(self) -> int | None:
+        """The length of a 200's body that the caller may receive itself, past h11, into the
+        bytes handed up (`take_direct_body`); None: the body goes through h11.
+
+        Only for a response whose head h11 has parsed and nothing of whose body
+        it has seen, framed by a Content-Length alone (no Transfer-Encoding),
+        already checked against the limit (`_start`): the framing h11 would
+        apply. Why: h11 copies a body twice (into its receive buffer, out as
+        a Data event) and this module once more (joining the parts); a block
+        of 256 KiB then cost about 1 ms of CPU in the mirror source, its
+        copies and page faults the most of it (docs/benchmarks.md, issue 10).
+        """
+        if (self._status != 200 or self._method != "GET" or self._size is None
+                or self._got or self.answer is not None
+                or "transfer-encoding" in self._headers or self._h.trailing_data[0]):
+            return None
+        return self._size
+
+    def take_direct_body(self, body: bytes) -> None:
+        """The body `direct_body_size` announced, received whole by the caller: the answer.
+        h11 never saw it, so the connection's h11 state is spent (`_H11Connection`)."""
+        assert self._status is not None and len(body) == self._size
+        self._got = len(body)
+        self.answer = (self._status, self._headers, body, True)
 
     def _drop(self) -> bool:
         """A non-200 body too long to keep: answered without it (the connection is not
@@ -249,7 +279,7 @@ class _H11Connection:
     def __init__(self, origin: Origin, timeouts: HttpTimeouts) -> None:
         self.origin = origin
         self._timeouts = timeouts
-        self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
+        self._h11 = _new_h11()
         self.closed = False
         self.requests = 0
         self._exchange: Exchange | None = None
@@ -532,13 +562,59 @@ class BlockingHttpConnection(_H11Connection):
         ok = False
         try:
             self._send(exchange.outgoing)
-            while not exchange.advance():
-                exchange.feed(self._receive(exchange.body_left))
+            if not (self._plain and self._direct(exchange)):
+                while not exchange.advance():
+                    exchange.feed(self._receive(exchange.body_left))
             ok = True
             return exchange.answer
         finally:
             if not ok or not self.reusable:
                 self.close()
+
+    def _direct(self, exchange: Exchange) -> bool:
+        """A block's response the short way; False: the rest goes through h11 as usual.
+
+        The head is peeked at (MSG_PEEK), and only its bytes are taken off the
+        socket and parsed by h11; a 200 body of known length is then received
+        in one call straight into the bytes handed up (`Exchange.direct_body_size`):
+        one copy, from the kernel, and one buffer. h11's state of this
+        connection is spent by that; a response that keeps the connection
+        alive leaves it with a fresh one, so the next request starts clean.
+        A head that is not all in the socket's buffer yet is left there for
+        the usual way (nothing taken).
+        """
+        peeked = self._recv(_HEAD_PEEK, socket.MSG_PEEK)
+        end = peeked.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        head = self._recv(end + 4, socket.MSG_WAITALL)
+        exchange.feed(head)
+        if len(head) != end + 4:  # cannot happen: the bytes were there
+            return False
+        if exchange.advance():
+            return True  # no body (HEAD, 204, 304) or one dropped unread
+        size = exchange.direct_body_size()
+        if size is None:
+            return False
+        body = self._recv(size, socket.MSG_WAITALL) if size else b""
+        if len(body) != size:
+            raise PeerGoneError(f"{self.origin}: the response ended {size - len(body)} bytes "
+                                "short of its Content-Length (closed or timed out)")
+        exchange.take_direct_body(body)
+        if exchange.keeps_alive:
+            self._h11 = _new_h11()
+        return True
+
+    def _recv(self, size: int, flags: int) -> bytes:
+        """One recv of up to `size` bytes on the plain socket (b"" at its end), its
+        timeout and errors as `_receive`'s."""
+        try:
+            return self._sock.recv(size, flags)
+        except (TimeoutError, BlockingIOError):  # SO_RCVTIMEO
+            raise PeerGoneError(f"{self.origin}: timed out (nothing received for "
+                                f"{self._timeouts.read:g} s)") from None
+        except OSError as exc:
+            raise PeerGoneError(f"{self.origin}: {_describe(exc)}") from exc
 
     def _receive(self, body_left: int) -> bytes | bytearray | memoryview:
         """The next bytes: the rest of a body of known length in one call on a plain
@@ -694,6 +770,10 @@ class BlockingPool:
                 drop.append(conn)
         for old in drop:
             old.close()
+
+
+def _new_h11() -> h11.Connection:
+    return h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
 
 
 def default_ssl_context() -> ssl.SSLContext:

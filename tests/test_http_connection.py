@@ -503,3 +503,48 @@ def test_blocking_pool_bad_servers_fail_in_time_and_abort_ends_a_stalled_read() 
 def _expect_gone(pool: BlockingPool, url: str, abort: Abort) -> None:
     with pytest.raises(PeerGoneError):
         pool.request("GET", url, limit=1 << 20, abort=abort)
+
+
+def test_blocking_connection_answers_in_turn_and_closes_when_told() -> None:
+    """Responses of every framing one after another on one blocking connection (a 200 of
+    known length is received past h11, the others through it): each body exact, the
+    connection reusable after each, and closed after a response that says close (HTTP/1.1
+    `Connection: close`, or HTTP/1.0)."""
+    body = os.urandom(300_000)
+    answers = [
+        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body,
+        b"HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\n\r\nnot found",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: keep-alive, Close\r\n\r\nlast",
+    ]
+    expected = [(200, body), (404, b"not found"), (200, b"hello"), (200, b""), (200, body),
+                (200, b"last")]
+    for final, last in ((answers[-1], b"last"),
+                        (b"HTTP/1.0 200 OK\r\nContent-Length: 4\r\n\r\nold.", b"old.")):
+        ours, theirs = socket.socketpair()
+        conn = BlockingHttpConnection(ours, Origin("http", "h", 80), SHORT)
+
+        def serve(final: bytes = final, theirs: socket.socket = theirs) -> None:
+            with theirs:
+                theirs.settimeout(10.0)
+                for answer in [*answers[:-1], final]:
+                    request = b""
+                    while not request.endswith(b"\r\n\r\n"):
+                        request += theirs.recv(65536)
+                    theirs.sendall(answer)
+                theirs.recv(1)  # until the client closes its end
+
+        server = threading.Thread(target=serve)
+        server.start()
+        try:
+            for (status, data), _ in zip([*expected[:-1], (200, last)], answers, strict=True):
+                assert conn.request("GET", "/x", [], 1 << 20)[:3:2] == (status, data)
+                if data != last:
+                    assert conn.reusable
+            assert conn.closed and not conn.reusable
+        finally:
+            conn.close()
+            server.join(10)
+            assert not server.is_alive()
