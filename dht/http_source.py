@@ -30,10 +30,12 @@ whose SHA-256 names it, and the head is a signed record it hands up unread
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import threading
 import time
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
 
 import trio
 
@@ -68,7 +70,7 @@ class HttpSource:
         self._pool = HttpPool(max_connections=max_connections,
                               timeouts=timeouts or HttpTimeouts())
         self._blocking = BlockingPool(max_idle=max_connections, timeouts=self._pool.timeouts)
-        self._threads = trio.CapacityLimiter(max_connections)
+        self._threads = _FetchThreads(max_connections)
         self._jobs: set[_RunJob] = set()
         self._known: OrderedDict[bytes, None] = OrderedDict()  # ids it served or HEAD-answered
         self._head_limiter = trio.CapacityLimiter(max(1, max_connections // 2))
@@ -95,16 +97,17 @@ class HttpSource:
         return data
 
     async def fetch_run(self, run: RunOfWants, on_result: OnRunResult) -> None:
-        """Fetch the blocks of `run` in one worker thread; returns once each is answered
-        or cancelled (`PeerConnection.fetch_run`'s contract).
+        """Fetch the blocks of `run` in one of the source's fetch threads; returns once
+        each is answered or cancelled (`PeerConnection.fetch_run`'s contract).
 
         The thread asks for the blocks one after the other on a keep-alive
         connection, checks each against its id and hands it to the event loop
         as it comes (`on_result`, in the loop), so the loop spends nothing on
         parsing, copying or hashing. A block `run.cancel(i)` drops is answered
-        (None, None) at once; once every block left is dropped, or the caller
-        is cancelled, the connection under way is shut down and the thread
-        ends at once.
+        (None, None) at once; once every block left is dropped, the connection
+        under way is shut down and the thread goes on to the next run. A
+        caller cancelled returns at once: the thread's request is shut down
+        the same way and nothing of it is answered any more.
         """
         count = len(run.block_ids)
         if not 1 <= count <= self.max_wants:
@@ -115,13 +118,12 @@ class HttpSource:
         if self.closed:
             raise PeerGoneError(f"{self.base_url}: closed")
         job = _RunJob(run, on_result, self)
+        self._threads.submit(job)  # PeerGoneError once closed
         self._jobs.add(job)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(job.follow_cancels)
-                token = trio.lowlevel.current_trio_token()
-                await trio.to_thread.run_sync(self._fetch_blocks, job, token,
-                                              limiter=self._threads)
+                await job.ended.wait()
                 job.finished = True
                 nursery.cancel_scope.cancel()
             job.finish()
@@ -176,6 +178,7 @@ class HttpSource:
             job.abort.abort()
         self._blocking.close()
         with trio.CancelScope(shield=True):
+            await self._threads.aclose()
             await self._pool.aclose()
 
     # ---- the head record --------------------------------------------------
@@ -202,8 +205,9 @@ class HttpSource:
         while len(self._known) > _KNOWN_IDS:
             self._known.popitem(last=False)
 
-    def _fetch_blocks(self, job: _RunJob, token: trio.lowlevel.TrioToken) -> None:
-        """In a worker thread: each block of the run not dropped, checked, handed to the loop."""
+    def _fetch_blocks(self, job: _RunJob, post: Callable[[_RunJob, int, bytes | None,
+                                                           DhtError | None], None]) -> None:
+        """In a fetch thread: each block of the run not dropped, checked, handed to the loop."""
         run = job.run
         for index, block_id in enumerate(run.block_ids):
             if job.abort.aborted:
@@ -216,7 +220,7 @@ class HttpSource:
                 data = self._fetch_block(block_id, job.abort)
             except DhtError as exc:
                 error = exc
-            token.run_sync_soon(job.deliver, index, data, error)
+            post(job, index, data, error)
 
     def _fetch_block(self, block_id: bytes, abort: Abort) -> bytes:
         """One block, checked against its id (blocking; in a worker thread)."""
@@ -276,12 +280,126 @@ class HttpSource:
         return data
 
 
+class _FetchThreads:
+    """An HttpSource's fetch threads: long-lived, fed runs through a queue.
+
+    Why: a run handed to `trio.to_thread` each time cost the event loop a
+    thread hand-off per run, and with the decryption and store threads
+    beside them trio kept starting new threads throughout a read
+    (`Thread.start`, waiting for the new thread to take the GIL: 8-9% of the
+    loop's samples in a cold mirror read, docs/benchmarks.md issue 10).
+
+    Rules:
+    - A thread is started (`Thread.start` returns once it runs) when a run is
+      queued and fewer threads wait than runs do, up to `limit`; it then takes
+      run after run and ends only at `aclose`, which aborts the runs queued
+      (the ones under way are aborted by the source), wakes every thread and
+      waits until each has ended: no thread outlives its source.
+    - Answers reach the event loop in batches: a thread appends to one list and
+      wakes the loop (`run_sync_soon`) only when that list was empty, so the
+      blocks several threads finish meanwhile cost one wake-up.
+    - A run ends on the loop (`_RunJob.ended`) after its last answer, in order.
+    - A source lives in one trio run (the token of the first run submitted).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._cond = threading.Condition()
+        self._queue: deque[_RunJob] = deque()
+        self._threads: list[threading.Thread] = []
+        self._waiting = 0  # threads waiting for a run
+        self._closing = False
+        self._posted: list[tuple[_RunJob, int | None, bytes | None, DhtError | None]] = []
+        self._token: trio.lowlevel.TrioToken | None = None
+
+    def submit(self, job: _RunJob) -> None:
+        """Queue a run (on the loop); a thread takes it as soon as one is free."""
+        if self._token is None:
+            self._token = trio.lowlevel.current_trio_token()
+        with self._cond:
+            if self._closing:
+                raise PeerGoneError(f"{job.source.base_url}: closed")
+            self._queue.append(job)
+            start = (len(self._queue) > self._waiting and len(self._threads) < self.limit)
+            if start:
+                thread = threading.Thread(target=self._main, args=(job.source,), daemon=True,
+                                          name=f"mirror-fetch-{len(self._threads)}")
+                self._threads.append(thread)
+            else:
+                self._cond.notify()
+        if start:
+            thread.start()
+
+    async def aclose(self) -> None:
+        """Abort the runs queued, end every thread and wait for them (on the loop)."""
+        with self._cond:
+            self._closing = True
+            queued = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+            threads = list(self._threads)
+        for job in queued:
+            job.abort.abort()
+            job.ended.set()
+        if threads:
+            await trio.to_thread.run_sync(_join_all, threads)
+        self._flush()  # the answers the threads posted last (their runs were aborted)
+
+    def _main(self, source: HttpSource) -> None:
+        """A fetch thread: runs until the source closes."""
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._waiting += 1
+                    try:
+                        self._cond.wait()
+                    finally:
+                        self._waiting -= 1
+                if self._closing:
+                    return
+                job = self._queue.popleft()
+            try:
+                source._fetch_blocks(job, self._post)
+            except BaseException as exc:  # a defect: the run ends, its blocks failed
+                job.crash = PeerGoneError(f"{source.base_url}: the fetch thread failed: {exc!r}")
+            finally:
+                self._post(job, None, None, None)
+
+    def _post(self, job: _RunJob, index: int | None, data: bytes | None,
+              error: DhtError | None) -> None:
+        """From a thread: an answer (index None: the run is over) for the loop."""
+        with self._cond:
+            self._posted.append((job, index, data, error))
+            wake = len(self._posted) == 1
+        if wake and self._token is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(self._flush)
+
+    def _flush(self) -> None:
+        """On the loop: every answer posted since the last flush, in order."""
+        with self._cond:
+            posted, self._posted = self._posted, []
+        for job, index, data, error in posted:
+            if index is None:
+                job.ended.set()
+            else:
+                job.deliver(index, data, error)
+
+
+def _join_all(threads: list[threading.Thread]) -> None:
+    for thread in threads:
+        thread.join()
+
+
 class _RunJob:
-    """One run of blocks fetched by one worker thread, and the event loop's side of it."""
+    """One run of blocks fetched by one fetch thread, and the event loop's side of it."""
 
     def __init__(self, run: RunOfWants, on_result: OnRunResult, source: HttpSource) -> None:
         self.run = run
+        self.source = source
         self.abort = Abort()
+        self.ended = trio.Event()  # the thread is done with it (set on the loop)
+        self.crash: DhtError | None = None
         self.finished = False
         self.left = False  # the caller was cancelled: no answer reaches it any more
         self._on_result = on_result
@@ -325,7 +443,7 @@ class _RunJob:
         self.finished = True
         for i, answered in enumerate(self._answered):
             if not answered:
-                self.deliver(i, None, PeerGoneError(
+                self.deliver(i, None, self.crash or PeerGoneError(
                     f"{self._source.base_url}: the request was abandoned"))
 
 
