@@ -121,12 +121,7 @@ class HttpSource:
         self._threads.submit(job)  # PeerGoneError once closed
         self._jobs.add(job)
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(job.follow_cancels)
-                await job.ended.wait()
-                job.finished = True
-                nursery.cancel_scope.cancel()
-            job.finish()
+            await job.follow()
         finally:
             self._jobs.discard(job)
 
@@ -298,7 +293,7 @@ class _FetchThreads:
     - Answers reach the event loop in batches: a thread appends to one list and
       wakes the loop (`run_sync_soon`) only when that list was empty, so the
       blocks several threads finish meanwhile cost one wake-up.
-    - A run ends on the loop (`_RunJob.ended`) after its last answer, in order.
+    - A run ends on the loop (`_RunJob.end`) after its last answer, in order.
     - A source lives in one trio run (the token of the first run submitted).
     """
 
@@ -340,7 +335,7 @@ class _FetchThreads:
             threads = list(self._threads)
         for job in queued:
             job.abort.abort()
-            job.ended.set()
+            job.end()
         if threads:
             await trio.to_thread.run_sync(_join_all, threads)
         self._flush()  # the answers the threads posted last (their runs were aborted)
@@ -381,7 +376,7 @@ class _FetchThreads:
             posted, self._posted = self._posted, []
         for job, index, data, error in posted:
             if index is None:
-                job.ended.set()
+                job.end()
             else:
                 job.deliver(index, data, error)
 
@@ -398,9 +393,8 @@ class _RunJob:
         self.run = run
         self.source = source
         self.abort = Abort()
-        self.ended = trio.Event()  # the thread is done with it (set on the loop)
+        self.ended = False  # the thread is done with it (`end`, on the loop)
         self.crash: DhtError | None = None
-        self.finished = False
         self.left = False  # the caller was cancelled: no answer reaches it any more
         self._on_result = on_result
         self._source = source
@@ -418,12 +412,18 @@ class _RunJob:
             self._source.bytes += len(data)
         self._on_result(index, data, error)
 
-    async def follow_cancels(self) -> None:
-        """Answer dropped blocks at once; stop the thread once nothing it does is wanted
-        (every block left dropped, or the caller cancelled)."""
+    async def follow(self) -> None:
+        """The caller's side, in its own task (no task or nursery of its own: a run costs
+        the loop little): answer dropped blocks at once, return once every block is
+        answered or the thread is done with the run; the thread's request is shut down
+        once nothing it does is wanted (every block left dropped, or the caller cancelled).
+
+        Woken by `run.wake`: `RunOfWants.cancel` sets it, and so does the thread's end
+        of the run (`end`); its answers themselves need no wake-up.
+        """
         run = self.run
         try:
-            while True:
+            while not self.ended:
                 for i, cancelled in enumerate(run.cancelled):
                     if cancelled and not self._answered[i]:
                         self.deliver(i, None, None)
@@ -433,18 +433,18 @@ class _RunJob:
                 run.wake = trio.Event()
                 await run.wake.wait()
         except BaseException:  # the caller is cancelled: the thread must end now
-            if not self.finished:
-                self.left = True
-                self.abort.abort()
+            self.left = True
+            self.abort.abort()
             raise
-
-    def finish(self) -> None:
-        """The thread is done: a block it never answered (aborted) ends without bytes."""
-        self.finished = True
         for i, answered in enumerate(self._answered):
-            if not answered:
+            if not answered:  # the thread ended without it (aborted, or a defect)
                 self.deliver(i, None, self.crash or PeerGoneError(
                     f"{self._source.base_url}: the request was abandoned"))
+
+    def end(self) -> None:
+        """On the loop: the thread is done with the run (after its last answer)."""
+        self.ended = True
+        self.run.wake.set()
 
 
 def _sha256(data: bytes) -> bytes:

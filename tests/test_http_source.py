@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -290,6 +291,44 @@ def test_a_run_is_fetched_by_one_worker_thread_and_each_block_answered_alone(mir
         await src.aclose()
         with pytest.raises(PeerGoneError):
             await src.fetch(good1)
+
+    run(test)
+
+
+def test_runs_share_the_sources_fetch_threads_and_none_outlives_aclose(mirror) -> None:
+    """Runs at once go to the source's own fetch threads, at most `max_connections` of
+    them, started once and kept between runs (no thread per run), and every one has
+    ended when `aclose` returns."""
+    root, server = mirror
+    want = blocks(root, 24, size=50_000)
+    ids = list(want)
+    before = set(threading.enumerate())
+
+    def fetch_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate()
+                if t not in before and t.name.startswith("mirror-fetch")}
+
+    async def test() -> None:
+        src = HttpSource(server.url, max_connections=3, timeouts=SHORT)
+        got: dict[bytes, bytes | None] = {}
+
+        def answer(base: int, i: int, data: bytes | None, error: Exception | None) -> None:
+            assert error is None
+            got[ids[base + i]] = data
+
+        for _ in range(2):
+            got.clear()
+            async with trio.open_nursery() as nursery:
+                for base in range(0, len(ids), 4):
+                    nursery.start_soon(src.fetch_run,
+                                       RunOfWants(ids[base:base + 4], Priority.READAHEAD),
+                                       partial(answer, base))
+            assert got == want
+            threads = fetch_threads()
+            assert 1 <= len(threads) <= 3 and all(t.is_alive() for t in threads)
+        assert fetch_threads() == threads  # the same threads took the second round
+        await src.aclose()
+        assert not any(t.is_alive() for t in threads)
 
     run(test)
 
