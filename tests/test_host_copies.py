@@ -22,10 +22,14 @@ from pathlib import Path
 
 import pytest
 
+from cache.store import BlockStore
 from tests.helpers import peerdrive
 from tests.nginx_helpers import Nginx, free_port
 from tests.swarm_helpers import Swarm, wait_until
 from tests.test_host import drive_status, hosting_state, make_source, store_link
+from vfs.capability import StoreCap, parse_link
+from vfs.home import Home
+from vfs.host_list import host_pin, hosted_versions
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
                                 reason="needs root and /dev/fuse for the reader's mount")
@@ -112,3 +116,44 @@ def test_a_mount_pushes_to_a_host_with_push(tmp_path: Path) -> None:
         pushes = mount.snapshot(after=time.time())["pushes"]
         assert [(p["target"], p["connected"]) for p in pushes] == [(host.addr, True)], pushes
         sw.unmount(mount)
+
+
+def test_host_keep_versions_keeps_the_newest_two_complete_versions(tmp_path: Path) -> None:
+    """`host LINK --keep-versions 2` as a user runs it: versions 1 and 2 kept, then 2 and 3
+    once 3 is whole, and nothing of version 1 but what versions 2 and 3 share stays in the
+    host's store (no test ran the flag through the command line and a serve)."""
+    src = tmp_path / "src"
+    make_source(src, 13)
+    P, H = tmp_path / "P", tmp_path / "H"
+    with Swarm(tmp_path / "swarm") as sw:
+        v1 = json.loads(peerdrive(P, "publish", str(src), "--json").stdout)
+        publisher = sw.serve("publisher", P)
+        sw.serve("host", H, bootstrap=[publisher.addr])
+        link = store_link(P, v1["read_link"])
+        out = peerdrive(H, "host", link, "--keep-versions", "2", "--json",
+                        "--stall-timeout", "60", check=False)
+        assert out.returncode == 0, out.stderr + sw.diagnostics()
+        assert json.loads(out.stdout)["keep_versions"] == 2
+
+        def listed() -> dict:
+            return json.loads(peerdrive(H, "host", "--list", "--json").stdout)["hosts"][0]
+
+        only_v1 = src / "plain-name-13-alpha.bin"
+        counts: dict[int, dict] = {}
+        for seq in (2, 3):
+            if seq == 3:
+                only_v1.unlink()  # its blocks are in versions 1 and 2 only
+            (src / f"new-{seq}.bin").write_bytes(os.urandom(100 * 1024))
+            assert json.loads(peerdrive(P, "publish", str(src), "--json").stdout)["seq"] == seq
+            assert wait_until(lambda s=seq: (listed()["state"], listed()["hosted_versions"][-1])
+                              == ("complete", s), 60), (listed(), sw.diagnostics())
+            assert listed()["hosted_versions"] == [seq - 1, seq]
+            counts[seq] = drive_status(H, v1["drive"])
+        assert counts[3]["complete"] and counts[3]["missing_blocks"] == 0
+        # version 1 released: the host's store holds versions 2 and 3 and nothing else
+        cap = StoreCap(parse_link(link).pubkey)
+        with BlockStore(Home(H).store_path) as store:
+            assert hosted_versions(store, cap.pubkey) == [2, 3]
+            kept = set(store.pin_ids(host_pin(cap.pubkey, 2))) | set(
+                store.pin_ids(host_pin(cap.pubkey, 3)))
+            assert store.count == len(kept) and store.missing(list(kept)) == []
