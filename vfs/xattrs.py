@@ -12,7 +12,7 @@ Read on every path:
     cached    decimal bytes on this device    (a folder: everything below it)
     size      decimal bytes in all            (a folder: everything below it)
     pinned    1 | 0                           (1 if it or a folder above it is pinned)
-    copies    decimal count of devices holding it whole (asks peers: slow)
+    copies    decimal count of devices (and mirrors) holding it whole (asks peers: slow)
 
 Read in a writable mount: `published`, 1 if the path is as the drive's
 current version has it, 0 if it holds changes this mount has not published
