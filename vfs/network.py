@@ -662,10 +662,21 @@ class NetworkNode:
                 except (DhtError, PeerdriveError) as exc:
                     log.info("mirror %s: no head to count: %s", src.base_url, exc)
 
+        peers: dict[bytes, frozenset[bytes]] = {}
+        failed: list[DhtError] = []
+
+        async def from_peers() -> None:
+            try:
+                peers.update(await fetcher.whole_map(timeout=timeout))
+            except DhtError as exc:  # raised as itself, not in a nursery's group
+                failed.append(exc)
+
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(from_peers)
             for src in mirrors:
                 nursery.start_soon(from_mirror, src)
-            peers = await fetcher.whole_map(timeout=timeout)
+        if failed:
+            raise failed[0]
         return {**peers, **out}
 
     def whole_function(self, cap: StoreCap):
