@@ -785,6 +785,17 @@ class Fetcher:
             _, old = self._recent.popitem(last=False)
             self._recent_bytes -= len(old) + RECENT_ENTRY_OVERHEAD
 
+    def stored(self, block_ids: list[bytes]) -> None:
+        """These blocks are in the node's store now, where its server reads them for other
+        readers: their copies kept for that (`in_flight_block`) go. The cache is bounded
+        by bytes; held until pushed out, during a pin of small files it was ~57,000
+        blocks of stored data (~20 MB of the mount's memory, tracemalloc at 10^5 files)."""
+        recent = self._recent
+        for block_id in block_ids:
+            data = recent.pop(block_id, None)
+            if data is not None:
+                self._recent_bytes -= len(data) + RECENT_ENTRY_OVERHEAD
+
     def peer_stats(self) -> list[PeerStats]:
         now = trio.current_time()
         return [

@@ -58,6 +58,9 @@ class FetcherFetch:
         except FetchTimeout as exc:
             raise BlockUnavailable(str(exc)) from exc
 
+    def stored(self, block_ids) -> None:
+        self.fetcher.stored(block_ids)
+
 
 @asynccontextmanager
 async def served_drive(nursery: trio.Nursery, tmp_path: Path, b: DriveBuilder, files: int,

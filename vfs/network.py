@@ -730,6 +730,12 @@ class DriveFetch:
         except DhtError as exc:
             raise BlockUnavailable(str(exc)) from exc
 
+    def stored(self, block_ids: list[bytes]) -> None:
+        """These blocks were committed to the store: the fetcher's copies of them go."""
+        d = self.net.drives.get(self.cap.discovery_key)
+        if d is not None and d.fetcher is not None:
+            d.fetcher.stored(block_ids)
+
     async def ahead(self, block_ids: list[bytes], priority: Priority, *,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """`Fetcher.fetch_ahead`: started once they are queued; never raises (a hint)."""
