@@ -26,7 +26,8 @@ Rules:
   up. A body cut short of its Content-Length is an error (h11), never
   a short answer.
 - Before an idle connection is reused it must not be readable (a server
-  that closed it, or sent bytes nobody asked for); a request that fails on
+  that closed it, or sent bytes nobody asked for; a blocking connection idle
+  for less than a second is not looked at); a request that fails on
   a reused connection before any byte of its response came back is tried
   once more on a new connection (only GET and HEAD are sent: both safe to
   repeat). Redirects are followed (at most `max_redirects`, http and https
@@ -61,6 +62,7 @@ from .tlsstream import TlsStream
 RECEIVE_SIZE = 1024 * 1024  # one socket read: a whole block often arrives in one or two
 MAX_HEADER_BYTES = 64 * 1024  # a response head longer than this is refused (h11 enforces it)
 _HEAD_PEEK = 16 * 1024  # bytes looked at (MSG_PEEK) for the end of a response's head
+_FRESH_IDLE = 1.0  # seconds: a blocking connection idle less long is reused unchecked
 _DISCARD_LIMIT = 64 * 1024  # the body of a non-200 answer is read (to keep the connection) up to this
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _USER_AGENT = "peerdrive"
@@ -497,6 +499,7 @@ class BlockingHttpConnection(_H11Connection):
         """Over a connected socket (TLS already set up for https)."""
         super().__init__(origin, timeouts)
         self._sock = sock
+        self.idle_since = -1e9  # when it last went back to its pool (time.monotonic)
         self._plain = not isinstance(sock, ssl.SSLSocket)
         if self._plain:
             # blocking, the kernel bounding each wait: a body is then read in one call
@@ -750,7 +753,11 @@ class BlockingPool:
                 if not conns:
                     return None
                 conn = conns.pop()
-            if conn.reusable and not conn.looks_stale():
+            # one that was in use a moment ago is taken as it is: a poll per request is
+            # a syscall and a GIL hand-off per block, and a server that closed it since
+            # is answered by the retry on a new connection (`_request_once`)
+            if conn.reusable and (time.monotonic() - conn.idle_since < _FRESH_IDLE
+                                  or not conn.looks_stale()):
                 return conn
             with self._lock:
                 self.stats.stale_dropped += 1
@@ -758,6 +765,7 @@ class BlockingPool:
 
     def _put_idle(self, conn: BlockingHttpConnection) -> None:
         drop: list[BlockingHttpConnection] = []
+        conn.idle_since = time.monotonic()
         with self._lock:
             if conn.reusable and not self.closed:
                 self._idle.setdefault(conn.origin, []).append(conn)
