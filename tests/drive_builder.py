@@ -26,6 +26,7 @@ from vfs.formats import (
     DirPart,
     Entry,
     build_directory,
+    dir_totals,
     encode_chunk_list,
     encode_dir_interior,
 )
@@ -39,9 +40,12 @@ MTIME = 1_700_000_000_000_000_000
 class DriveBuilder:
     """Encrypted blocks of one drive, gathered in memory and stored in one commit."""
 
-    def __init__(self, cap: WriteCap) -> None:
+    def __init__(self, cap: WriteCap, *, aggregates: bool = True) -> None:
         self.cap = cap
         self.blocks: dict[bytes, bytes] = {}
+        # folder entries carry their totals as a publish writes them; False: as a
+        # version written before the folder aggregates (docs/formats.md)
+        self.aggregates = aggregates
 
     def emit(self, payload: bytes) -> Ref:
         ref, ct = encrypt_chunk(self.cap.read_key, payload)
@@ -64,8 +68,10 @@ class DriveBuilder:
         return self.dir_at(name, ref, entries)
 
     def dir_at(self, name: bytes, node: Ref, entries: list[Entry]) -> Entry:
+        files, size = dir_totals(entries) if self.aggregates else (None, None)
         return Entry(name, KIND_DIR, 0o755, MTIME, node=node,
-                     nsubdirs=sum(1 for e in entries if e.is_dir), nentries=len(entries))
+                     nsubdirs=sum(1 for e in entries if e.is_dir), nentries=len(entries),
+                     total_files=files, total_bytes=size)
 
     def interior(self, parts: list[DirPart]) -> Ref:
         return self.emit(encode_dir_interior(parts))

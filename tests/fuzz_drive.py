@@ -93,6 +93,14 @@ def _dir_node_seeds() -> Iterable[bytes]:
     yield msgpack.packb({"v": 1, "k": "d", "e": [{"n": b"..", "t": 0, "m": 0, "mt": 0,
                                                    "s": 0, "c": []}]})
     yield msgpack.packb({"v": 1, "k": "i", "p": [[b"a", [b"x" * 32, b"y" * 32, 1], 1 << 41]]})
+    # a folder entry with its totals (the folder aggregates), and one claiming far too many
+    yield encode_dir_leaf([*entries[:4], _folder_with_totals(12, 34_000)])
+    yield encode_dir_leaf([*entries[:4], _folder_with_totals((1 << 62) - 1, 1 << 62)])
+
+
+def _folder_with_totals(files: int, size: int) -> Entry:
+    return Entry(b"sub", KIND_DIR, 0o755, 7, node=_refs(2)[1], nsubdirs=1, nentries=4,
+                 total_files=files, total_bytes=size)
 
 
 @target("dir_node", allowed=ALLOWED)
@@ -122,6 +130,12 @@ def _entry_seeds() -> Iterable[bytes]:
         yield msgpack.packb(encode_entry(e))
     yield msgpack.packb({"n": b"x", "t": 0, "m": 0, "mt": 0, "s": 5, "x": [[b"a" * 32,
                                                                           b"b" * 32, 1, 1, 5]]})
+    yield msgpack.packb(encode_entry(_folder_with_totals(3, 3000)))
+    # near misses: one total without the other, a negative one, past 2**62
+    folder = encode_entry(_folder_with_totals(3, 3000))
+    yield msgpack.packb({k: v for k, v in folder.items() if k != "tb"})
+    yield msgpack.packb({**folder, "tf": -1})
+    yield msgpack.packb({**folder, "tb": (1 << 62) + 1})
 
 
 @target("entry", allowed=ALLOWED)
@@ -148,6 +162,9 @@ def _head_seeds() -> Iterable[bytes]:
     yield _head_wire(1, root, 1_700_000_000)
     yield _head_wire(1 << 40, root, 0)
     yield _head_wire(3, root, 9, ["https://mirror.example/drive/"])
+    totals = Entry(b"root", KIND_DIR, 0o755, 0, node=_refs(1)[0], nsubdirs=0, nentries=0,
+                   total_files=10**6, total_bytes=64 * 10**6)
+    yield _head_wire(4, totals, 1_700_000_000)
     wire = bytearray(_head_wire(7, root, 5))
     wire[-1] ^= 1  # a broken signature
     yield bytes(wire)

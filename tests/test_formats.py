@@ -37,6 +37,7 @@ from vfs.formats import (
     MAX_NAME,
     MAX_PARTS_PER_NODE,
     MAX_RECORD,
+    MAX_TOTAL,
     ChunkListRef,
     DirInterior,
     DirLeaf,
@@ -90,8 +91,13 @@ def file_entries(draw: st.DrawFn, name: bytes | None = None) -> Entry:
 def dir_entries(draw: st.DrawFn, name: bytes | None = None) -> Entry:
     name = draw(names) if name is None else name
     nentries = draw(st.integers(0, 1 << 32))
+    # the folder aggregates: both totals (any in range) or neither (an older version)
+    totals = draw(st.one_of(st.none(), st.tuples(st.integers(0, MAX_TOTAL),
+                                                 st.integers(0, MAX_TOTAL))))
+    files, size = totals if totals is not None else (None, None)
     return Entry(name, KIND_DIR, draw(modes), draw(mtimes), node=draw(refs),
-                 nsubdirs=draw(st.integers(0, nentries)), nentries=nentries)
+                 nsubdirs=draw(st.integers(0, nentries)), nentries=nentries,
+                 total_files=files, total_bytes=size)
 
 
 targets = st.binary(min_size=1, max_size=MAX_LINK_TARGET).map(lambda t: t.replace(b"\x00", b"x"))
@@ -122,7 +128,7 @@ def interiors(draw: st.DrawFn) -> DirInterior:
 
 # Anything msgpack can carry, leaning on the field names the decoders look for.
 FIELD_NAMES = ["v", "k", "e", "p", "c", "n", "t", "m", "mt", "s", "x", "r", "nd", "ne", "l",
-               "d", "i"]
+               "d", "i", "tf", "tb"]
 msgpack_scalars = st.one_of(
     st.none(), st.booleans(), st.integers(I64_MIN, (1 << 64) - 1), st.floats(),
     st.sampled_from(FIELD_NAMES), st.text(max_size=8), st.binary(max_size=40),
@@ -526,6 +532,9 @@ def test_field_types_and_ranges_are_checked() -> None:
         file_raw(c=[[h, h, MAX_BLOCK_PLAINTEXT + 1]]), file_raw(c={}), file_raw(c=None),
         dir_raw(r=[h, h]), dir_raw(r=None), dir_raw(ne=-1), dir_raw(ne=(1 << 32) + 1),
         dir_raw(nd=-1),
+        # the folder aggregates: both or neither, integers in [0, 2**62]
+        dir_raw(tf=1), dir_raw(tb=1), dir_raw(tf=-1, tb=0), dir_raw(tf=0, tb=MAX_TOTAL + 1),
+        dir_raw(tf=True, tb=0), dir_raw(tf=0, tb=None), dir_raw(tf=0, tb=1.0),
         link_raw(l=b""), link_raw(l=b"a\x00b"), link_raw(l="text"),
         link_raw(l=b"x" * (MAX_LINK_TARGET + 1)),
         [1, 2, 3], None, b"entry",
@@ -534,6 +543,10 @@ def test_field_types_and_ranges_are_checked() -> None:
         with pytest.raises(FormatError):
             decode_entry(raw)
     assert decode_entry(link_raw(l=b"x" * MAX_LINK_TARGET)).size == MAX_LINK_TARGET
+    folder = decode_entry(dir_raw(tf=MAX_TOTAL, tb=0))
+    assert (folder.total_files, folder.total_bytes) == (MAX_TOTAL, 0)
+    older = decode_entry(dir_raw())  # written before the aggregates: still a folder
+    assert older.is_dir and older.total_files is None and older.total_bytes is None
     assert decode_entry(file_raw(mt=I64_MIN)).mtime_ns == I64_MIN
 
 

@@ -44,6 +44,9 @@ MAX_CHUNKS_PER_LIST = 50_000
 MAX_LIST_BLOCKS = 100_000
 DIR_NODE_TARGET = 256 * 1024  # encoded bytes of entries before a directory splits
 MAX_RECORD = 8 * 1024 * 1024
+# A folder's totals (files, bytes below it) past this are no real drive: shared subtrees
+# count once per path, so a hostile drive could claim any number; 2**62 bounds the sums.
+MAX_TOTAL = 1 << 62
 
 _I64 = (1 << 63) - 1
 
@@ -91,7 +94,10 @@ class Entry(Kinded):
 
     A file carries its chunk list inline (`chunks`) or, when long, in blocks
     (`chunk_lists`). A directory carries the Ref of its node and the counts the
-    kernel asks for (nlink needs the number of subdirectories).
+    kernel asks for (nlink needs the number of subdirectories), and, written
+    since the folder aggregates, the totals of everything below it
+    (`total_files`, `total_bytes`: None in older versions), so a folder's size
+    is read from its entry, not summed over every directory below.
     """
 
     name: bytes
@@ -105,6 +111,31 @@ class Entry(Kinded):
     nsubdirs: int = 0
     nentries: int = 0
     target: bytes | None = None
+    total_files: int | None = None
+    total_bytes: int | None = None
+
+
+def dir_totals(entries: Iterable[Entry]) -> tuple[int | None, int | None]:
+    """(files, bytes) at or below a folder with these entries, from its subfolders'
+    own totals; (None, None) when a subfolder has none (written before the aggregates).
+
+    Files and bytes count regular files only (a symlink is neither), each subtree
+    once per path it appears at: what the mount's walk of the tree sums
+    (vfs/figures.py), so the two agree (tests/test_formats.py).
+    """
+    files = size = 0
+    for e in entries:
+        if e.kind == KIND_FILE:
+            files += 1
+            size += e.size
+        elif e.kind == KIND_DIR:
+            if e.total_files is None or e.total_bytes is None:
+                return None, None
+            files += e.total_files
+            size += e.total_bytes
+    if files > MAX_TOTAL or size > MAX_TOTAL:
+        return None, None
+    return files, size
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +291,9 @@ def encode_entry(e: Entry) -> dict:
         out["r"] = encode_ref(e.node)
         out["nd"] = e.nsubdirs
         out["ne"] = e.nentries
+        if e.total_files is not None and e.total_bytes is not None:
+            out["tf"] = e.total_files
+            out["tb"] = e.total_bytes
     else:
         out["l"] = e.target
     return out
@@ -347,11 +381,16 @@ def _decode_entry_checked(obj: object) -> Entry:
         _check_chunk_sum(chunks, size, name)
         return Entry(name, kind, mode, mtime, size=size, chunks=chunks)
     if kind == KIND_DIR:
-        _only_keys(m, {"n", "t", "m", "mt", "r", "nd", "ne"}, "directory entry")
+        _only_keys(m, {"n", "t", "m", "mt", "r", "nd", "ne", "tf", "tb"}, "directory entry")
         node = decode_ref(m.get("r"), "directory node")
         ne = _int(m.get("ne"), "directory entry count", 0, MAX_DIR_ENTRIES)
         nd = _int(m.get("nd"), "subdirectory count", 0, ne)
-        return Entry(name, kind, mode, mtime, node=node, nsubdirs=nd, nentries=ne)
+        tf = tb = None
+        if "tf" in m or "tb" in m:  # both or neither: a version before them has neither
+            tf = _int(m.get("tf"), "folder file total", 0, MAX_TOTAL)
+            tb = _int(m.get("tb"), "folder byte total", 0, MAX_TOTAL)
+        return Entry(name, kind, mode, mtime, node=node, nsubdirs=nd, nentries=ne,
+                     total_files=tf, total_bytes=tb)
     _only_keys(m, {"n", "t", "m", "mt", "l"}, "symlink entry")
     target = _bytes(m.get("l"), "symlink target", max_len=MAX_LINK_TARGET)
     if not target or b"\x00" in target:

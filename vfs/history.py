@@ -24,7 +24,7 @@ from dht.types import Priority
 from .capability import StoreCap
 from .crypto import Ref
 from .errors import BlockUnavailable, FormatError, IntegrityError, UsageError
-from .formats import KIND_DIR, Entry, build_directory
+from .formats import KIND_DIR, Entry, build_directory, dir_totals
 from .head import Head, open_head
 from .merge import Recurse, merge_dir
 from .tree import Tree
@@ -263,10 +263,11 @@ async def merge_trees(tree: Tree, base: Entry | None, ours: Entry, theirs: Entry
         entries.sort(key=lambda e: e.name)
         ref = build_directory(entries, emit)
         meta = _dir_meta(job)
+        files, size = dir_totals(entries)
         built[id(job)] = Entry(job.name if job is not root_job else ours.name,
                                KIND_DIR, meta[0], meta[1], node=ref,
                                nsubdirs=sum(1 for e in entries if e.is_dir),
-                               nentries=len(entries))
+                               nentries=len(entries), total_files=files, total_bytes=size)
     root = built[id(root_job)]
     assert root is not None
     return MergedTree(root, sorted(conflicts))

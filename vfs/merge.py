@@ -150,4 +150,5 @@ def _is_dir(e: Entry | None) -> bool:
 def _renamed(e: Entry, name: bytes) -> Entry:
     return Entry(name, e.kind, e.mode, e.mtime_ns, size=e.size, chunks=e.chunks,
                  chunk_lists=e.chunk_lists, node=e.node, nsubdirs=e.nsubdirs,
-                 nentries=e.nentries, target=e.target)
+                 nentries=e.nentries, target=e.target, total_files=e.total_files,
+                 total_bytes=e.total_bytes)

@@ -56,6 +56,7 @@ from .formats import (
     Entry,
     build_directory,
     check_name,
+    dir_totals,
     encode_chunk_list,
     encode_dir_leaf,
     split_chunk_list,
@@ -120,7 +121,8 @@ async def commit_empty(storage: DriveStorage, cap: WriteCap, device: str) -> Com
     ref, ct = encrypt_chunk(cap.read_key, encode_dir_leaf([]))
     storage.store.put_pinned(pending, [(ref.block_id, ct)], ids_checked=True,
                              tag=cap.discovery_key)
-    root = Entry(b"root", KIND_DIR, 0o755, time.time_ns(), node=ref, nsubdirs=0, nentries=0)
+    root = Entry(b"root", KIND_DIR, 0o755, time.time_ns(), node=ref, nsubdirs=0, nentries=0,
+                 total_files=0, total_bytes=0)
     return await commit_version(storage, cap, root, None, device=device,
                                 blocks={ref.block_id: len(ct)}, pending_pin=pending)
 
@@ -755,9 +757,10 @@ class Publisher:
             result.files += len(job.files)
             result.dirs += 1
             ref = build_directory(entries, self._emit)
+            files, size = dir_totals(entries)
             built[id(job)] = Entry(job.name, KIND_DIR, stat.S_IMODE(job.st.st_mode),
                                    job.st.st_mtime_ns, node=ref, nsubdirs=len(job.subdirs),
-                                   nentries=len(entries))
+                                   nentries=len(entries), total_files=files, total_bytes=size)
         return built[id(top)]
 
     # -- the whole publish -----------------------------------------------------------

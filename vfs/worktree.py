@@ -57,6 +57,7 @@ from .formats import (
     Kinded,
     build_directory,
     check_name,
+    dir_totals,
     encode_chunk_list,
     split_chunk_list,
 )
@@ -437,8 +438,10 @@ class WorkTree:
             entries = [built[k] if k.changed else k.base for k in kids]
             assert all(e is not None for e in entries)
             ref = build_directory(entries, emit)  # type: ignore[arg-type]
+            files, size = dir_totals(entries)  # type: ignore[arg-type]
             return Entry(node.name, KIND_DIR, node.mode, node.mtime_ns, node=ref,
-                         nsubdirs=sum(1 for k in kids if k.is_dir), nentries=len(kids))
+                         nsubdirs=sum(1 for k in kids if k.is_dir), nentries=len(kids),
+                         total_files=files, total_bytes=size)
         if node.is_link:
             assert node.target is not None
             return Entry(node.name, KIND_LINK, node.mode, node.mtime_ns,
