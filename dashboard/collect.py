@@ -44,7 +44,9 @@ COPIES_INTERVAL = 30.0
 DRIVES_INTERVAL = 10.0  # known_drives (heads, versions' completeness) is re-read this often
 MAX_ENTRIES = 500  # a folder listing shows this many entries; the rest are counted
 MAX_COPIES_ENTRIES = 100  # entries whose copies one request asks peers for
-CHEAP = xattrs.LOCAL
+# `figures` first: a folder whose first figures of a version are still being counted
+# answers at once (files and size, `complete: false`) instead of holding the collector
+CHEAP = (xattrs.FIGURES, *xattrs.LOCAL)
 
 
 def safety(copies: int | None, here_whole: bool, always_on: bool) -> str:

@@ -1861,8 +1861,8 @@ def main(argv: list[str] | None = None) -> int:
 GROWTH_FILE_BYTES = 64
 GROWTH_PER_FOLDER = 100
 GROWTH_STEPS = ("publish", "borg create", "mount", "find cold", "find warm",
-                "rclone find cold", "rclone ls -lR cold", "status root", "status root xattrs",
-                "pin root",
+                "rclone find cold", "rclone ls -lR cold", "status root", "status root complete",
+                "status root xattrs", "pin root",
                 "cat every file", "evict root", "mount peak RSS MB", "mount peak anon MB")
 # the comparisons `--growth-skip` may leave out (at 10^6 files they take hours)
 GROWTH_OPTIONAL = ("borg create", "cat every file", "rclone")
@@ -2013,6 +2013,11 @@ def growth_row(bench: Bench, files: int, step_timeout: float,
                 timed_cmd("find cold", ["find", str(mnt), "-type", "f"])
                 timed_cmd("find warm", ["find", str(mnt), "-type", "f"])
                 timed_cmd("status root", [*pd, "status", str(mnt), "--json"], reader)
+                # until the root's figures are counted (`status` answers before that with
+                # the drive's folder aggregates and complete: false); a version without
+                # `status --wait` waited in `status root` already
+                timed_cmd("status root complete", [*pd, "status", str(mnt), "--json", "--wait"],
+                          reader)
                 out["status root xattrs"] = timed(lambda: [
                     os.getxattr(mnt, f"user.peerdrive.{n}") for n in ("state", "cached", "size")])
                 timed_cmd("pin root", [*pd, "pin", str(mnt), "--json"], reader)

@@ -62,6 +62,16 @@ async def walk_usage(drive: Drive, entry: Entry) -> tuple[int, int]:
     return have, total
 
 
+async def walk_files(drive: Drive, entry: Entry) -> int:
+    """Files at or below `entry`, every entry visited (each path of a shared subtree)."""
+    if not entry.is_dir:
+        return 1 if entry.is_file else 0
+    n = 0
+    async for _, child in drive.tree.entries(entry.node):
+        n += await walk_files(drive, child)
+    return n
+
+
 @pytest.fixture
 def two_stores(tmp_path: Path):
     with BlockStore(tmp_path / "publisher") as pub, BlockStore(tmp_path / "reader") as rd:
@@ -107,6 +117,111 @@ def test_status_of_a_folder_never_walks_its_tree(two_stores, monkeypatch) -> Non
         assert walker["entries"] == 0 and drive.figures.walks == 51
         # reads looked up two folders and two files: no other node was read again
         assert walker["nodes"] - built <= 4
+
+    trio.run(main)
+
+
+def gated_network(source: BlockStore, gate: trio.Event):
+    """A peer that answers nothing until `gate` is set (a directory read cannot end)."""
+    async def fetch(block_id: bytes, priority: Priority) -> bytes:
+        await gate.wait()
+        data = source.get(block_id)
+        assert data is not None
+        return data
+    return fetch
+
+
+def figures_of(drive: Drive, entry: Entry):
+    async def get() -> xattrs.FiguresState:
+        return xattrs.FiguresState.decode(await drive.answers.get([], entry, xattrs.FIGURES))
+    return get
+
+
+async def until_complete(drive: Drive, entry: Entry) -> xattrs.FiguresState:
+    """Ask `figures` until the background count says complete (a state, not a time)."""
+    with trio.fail_after(60):  # a hang, not a slow machine
+        while not (f := await figures_of(drive, entry)()).complete:
+            await trio.sleep(0.01)
+    return f
+
+
+def folders(b: DriveBuilder, n: int, changed: int | None = None) -> Entry:
+    """The root of `n` folders of 100 files of 64 bytes; folder `changed` with one file
+    changed (every other folder the very same node as without it)."""
+    out = []
+    for d in range(n):
+        files = [b.file(f"f{i:03d}".encode(),
+                        bytes([d % 256, i, 1 if d == changed and i == 0 else 0]) * 21 + b"x")
+                 for i in range(100)]
+        out.append(b.dir(f"d{d:05d}".encode(), files))
+    return b.dir(b"root", out)
+
+
+def test_the_first_status_of_a_version_answers_at_once_and_a_new_one_counts_only_what_changed(
+        two_stores) -> None:
+    """`figures` and `size` of a folder answer at once from the drive's folder aggregates
+    while no directory below can be read (the peer stalls); the count runs in the
+    background and ends with the same figures; after a new version with one file
+    changed the count reads two directories (the root and that folder), not 51."""
+    pub, reader = two_stores
+    cap = WriteCap.generate()
+    b = DriveBuilder(cap)
+    head = b.commit(pub, folders(b, 50))
+    gate = trio.Event()
+    drive = Drive(cap.read_cap(), DriveStorage(reader), head, fetch=gated_network(pub, gate))
+    root = drive.root_entry()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(drive.run)
+            with trio.fail_after(60):  # the peer answers nothing: only a wait would hang
+                first = await figures_of(drive, root)()
+                size = await drive.answers.get([], root, xattrs.SIZE)
+            assert not first.complete
+            assert (first.files, first.size, first.counted_files) == (5000, 5000 * 64, 0)
+            assert size == str(5000 * 64).encode()
+            assert drive.figures.walks == 0  # nothing below the root was read for them
+            gate.set()
+            done = await until_complete(drive, root)
+            assert (done.files, done.size, done.counted_files) == (5000, 5000 * 64, 5000)
+            assert drive.figures.walks == 51
+            assert await drive.answers.get([], root, xattrs.STATE) == b"cloud"
+            assert await drive.answers.get([], root, xattrs.SIZE) == str(5000 * 64).encode()
+            # a new version: one file of d00007 changed
+            b2 = DriveBuilder(cap)
+            drive.set_head(b2.commit(pub, folders(b2, 50, changed=7)))
+            new_root = drive.root_entry()
+            assert new_root.node != root.node
+            done = await until_complete(drive, new_root)
+            assert (done.files, done.size) == (5000, 5000 * 64)
+            assert drive.figures.walks == 53  # the new root and d00007 only
+            assert await drive.answers.get([], new_root, xattrs.CACHED) == b"0"
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_a_version_without_folder_aggregates_still_has_its_figures(two_stores) -> None:
+    """A drive written before the folder aggregates: `figures` says nothing of the
+    totals while counting, and the count gives them."""
+    pub, reader = two_stores
+    cap = WriteCap.generate()
+    b = DriveBuilder(cap, aggregates=False)
+    head = b.commit(pub, folders(b, 5))
+    assert head.root is not None and head.root.total_files is None
+    drive = Drive(cap.read_cap(), DriveStorage(reader), head, fetch=fake_network(pub))
+    root = drive.root_entry()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(drive.run)
+            first = await figures_of(drive, root)()
+            if not first.complete:
+                assert first.files is None and first.size is None
+            done = await until_complete(drive, root)
+            assert (done.files, done.size) == (500, 500 * 64)
+            assert await drive.answers.get([], root, xattrs.SIZE) == str(500 * 64).encode()
+            nursery.cancel_scope.cancel()
 
     trio.run(main)
 
@@ -268,6 +383,9 @@ class FiguresMachine(RuleBasedStateMachine):
                 assert figures == await walk_usage(self.drive, entry), path
                 state = await self.drive.answers.get(path, entry, xattrs.STATE)
                 assert state == xattrs.state_of(*figures).encode()
+                if entry.is_dir:  # the signed folder aggregates say what a walk finds
+                    assert entry.total_bytes == figures[1], path
+                    assert entry.total_files == await walk_files(self.drive, entry), path
         trio.run(check)
 
 

@@ -196,7 +196,10 @@ def test_a_split_directory_whose_parts_lie(tmp_path: Path, node_home, how: str) 
         ls = subprocess.run(["ls", "-la", str(mnt / "split")], capture_output=True, text=True,
                             timeout=WAIT, check=False)
         assert ls.returncode != 0 and "Input/output error" in ls.stderr, ls
-        status = pd(home, "status", str(mnt / "split"), "--json")
+        # `status` answers at once (its count runs in the mount); `--wait` waits for
+        # the count, which finds the lie
+        pd(home, "status", str(mnt / "split"), "--json")
+        status = pd(home, "status", str(mnt / "split"), "--json", "--wait")
         assert status.returncode != 0
         assert (mnt / "fine.txt").read_bytes() == b"fine\n"
         pin = pd(home, "pin", str(mnt), "--json", "--stall-timeout", "3")

@@ -135,6 +135,7 @@ def _agrees(home: Path, path: Path) -> dict[str, str]:
     assert data["cached_bytes"] == int(attrs["cached"])
     assert data["size_bytes"] == int(attrs["size"])
     assert data["pinned"] == (attrs["pinned"] == "1")
+    assert data["complete"] is True  # the xattrs above waited for the figures
     assert set(data["cache"]) == {"used_bytes", "limit_bytes"}
     table = status_table(home, path)
     assert table["state"] == attrs["state"]
@@ -159,6 +160,16 @@ def test_status_xattrs_cli_and_copies_agree(tmp_path: Path, node_home) -> None:
                         "--fetch-timeout", "30", "--cache-size", "64M")
         mnt = m.path
         x, y, docs = mnt / "docs" / "x.bin", mnt / "docs" / "y.bin", mnt / "docs"
+        # the first status of the version answers at once: files and size from the
+        # drive's folder aggregates, whether or not its count is done yet
+        first = status(reader, mnt)
+        assert (first["files"], first["size_bytes"]) == (3, 6 * MiB)
+        if not first["complete"]:
+            assert first["state"] is None and "cached_bytes" not in first
+        waited = json.loads(peerdrive(reader, "status", str(mnt), "--wait", "--json",
+                                      timeout=60).stdout)
+        assert waited["complete"] is True
+        assert (waited["state"], waited["cached_bytes"], waited["files"]) == ("cloud", 0, 3)
         assert digest(x) == digest(src / "docs" / "x.bin")
         # blocks a read fetched are stored just after it returns (in batches, off the loop)
         assert poll(lambda: xattr(x, "state") == "device", timeout=30)

@@ -64,6 +64,40 @@ class Answers:
             return t.have, t.size
         return 0, 0
 
+    async def size(self, entry: Entry) -> int:
+        """A path's bytes in all: a folder's from its entry's aggregates (the drive's
+        signed folder totals) until its own figures are at hand, so the first `size`
+        of a version does not wait for every directory below to be read."""
+        if (entry.is_dir and entry.node is not None and entry.total_bytes is not None
+                and not self.drive.figures.complete(entry.node)):
+            return entry.total_bytes
+        return (await self.usage(entry))[1]
+
+    async def figures_state(self, entry: Entry) -> xattrs.FiguresState:
+        """Whether `state`/`cached` of `entry` are at hand, never waiting for them.
+
+        A folder whose figures are not: its count is started in the background
+        (the drive's nursery; one per folder, shared with any `state` read that
+        waits for it) and the answer says how far it is.
+        """
+        if not entry.is_dir or entry.node is None:
+            return xattrs.FiguresState(True, 1 if entry.is_file else 0,
+                                       entry.size if entry.is_file else 0)
+        figures = self.drive.figures
+        root = self.drive.root_entry().node
+        if figures.complete(entry.node):
+            t = await figures.totals(entry.node, root=entry.node == root)
+            return xattrs.FiguresState(True, t.files, t.size, t.files)
+        failed = figures.counting(entry.node)
+        error = failed.error if failed is not None and failed.done else ""
+        count, start = figures.start_count(entry.node)  # after a failure: a new try
+        if start and not self.drive.start_soon(figures.count, entry.node, count,
+                                               entry.node == root):
+            await figures.count(entry.node, count, entry.node == root)  # no nursery: wait
+            error = count.error
+        return xattrs.FiguresState(False, entry.total_files, entry.total_bytes, count.files,
+                                   error)
+
     async def copies(self, path: list[bytes], entry: Entry) -> int:
         """How many copies of `entry` are known: devices that keep it whole.
 
@@ -152,13 +186,15 @@ class Answers:
             return xattrs.encode_int(await self.copies(path, entry))
         if name == xattrs.VERSIONS:
             return await self.versions() if not path else None
-        if name not in (xattrs.STATE, xattrs.CACHED, xattrs.SIZE):
+        if name == xattrs.FIGURES:
+            return (await self.figures_state(entry)).encode()
+        if name == xattrs.SIZE:
+            return xattrs.encode_int(await self.size(entry))
+        if name not in (xattrs.STATE, xattrs.CACHED):
             return None
         have, total = await self.usage(entry)
         if name == xattrs.CACHED:
             return xattrs.encode_int(have)
-        if name == xattrs.SIZE:
-            return xattrs.encode_int(total)
         return xattrs.state_of(have, total).encode()
 
     async def set(self, path: list[bytes], entry: Entry | None, name: str, value: bytes,

@@ -37,6 +37,8 @@ from .options import MIN_INODES, MirrorOptions, MountOptions, NodeOptions, Serve
 from .units import format_size
 
 EXIT_INTERRUPTED = 130
+# Seconds between two looks at a folder whose figures are being counted (`status --wait`).
+STATUS_WAIT_POLL = 0.5
 
 
 # ----------------------------------------------------------------------------- output
@@ -760,6 +762,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     home = _home(args)
     if args.path:
         data = path_status_with_cache(home, Path(args.path))
+        while getattr(args, "wait", False) and data.get("complete") is False:
+            time.sleep(STATUS_WAIT_POLL)  # the count runs in the mount: ask again
+            data = path_status_with_cache(home, Path(args.path))
         _emit(args, data, render_path_status(data))
     else:
         data = node_status(home)
@@ -768,9 +773,19 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def render_path_status(data: dict) -> str:
-    text = (f"{data['path']}\n  state   {data['state']}\n"
-            f"  on device {format_size(data.get('cached_bytes', 0))} of "
-            f"{format_size(data.get('size_bytes', 0))}")
+    if data.get("complete") is False:
+        files = data.get("files")
+        done = (f"{data.get('counted_files', 0):,} of {files:,} files"
+                if files is not None else f"{data.get('counted_files', 0):,} files")
+        size = (format_size(data["size_bytes"]) if "size_bytes" in data else "not known yet")
+        text = (f"{data['path']}\n  state   counting ({done} so far)\n"
+                f"  size    {size}")
+    else:
+        text = (f"{data['path']}\n  state   {data['state']}\n"
+                f"  on device {format_size(data.get('cached_bytes', 0))} of "
+                f"{format_size(data.get('size_bytes', 0))}")
+        if data.get("files") is not None:
+            text += f"\n  files   {data['files']:,}"
     if "pinned" in data:
         text += f"\n  pinned  {'yes' if data['pinned'] else 'no'}"
     if "copies" in data:
@@ -1062,6 +1077,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="the node, or a path inside a mount")
     s.add_argument("path", nargs="?")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--wait", action="store_true",
+                   help="while a folder's figures are being counted (the first status of a "
+                        "version of a large drive), wait for them instead of answering at "
+                        "once with complete: false")
     s.set_defaults(func=cmd_status)
     return p
 

@@ -138,6 +138,14 @@ class Drive:
                 await self.tree.node(root.node)
                 await self._prefetch_chunk_lists(root)
 
+    def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object) -> bool:
+        """Run `fn(*args)` in the mount's background nursery (a folder's first figures);
+        False before `run` has its nursery (a drive used in process without one)."""
+        if self._nursery is None:
+            return False
+        self._nursery.start_soon(fn, *args)
+        return True
+
     def listed(self, dir_entry: Entry) -> None:
         """A directory is being listed: its large files may be opened next."""
         if (self._nursery is not None and dir_entry.node is not None
@@ -190,10 +198,20 @@ class Drive:
         """Switch to a newer verified version; open files keep theirs."""
         if head.root is None:
             raise FormatError("a mount needs a head opened with the read key")
+        old = self.head.root.node if self.head.root is not None else None
         self.head = head
         self.version += 1
         if self.pins is not None:
             self.pins.refresh()
+        new = head.root.node
+        if (self._nursery is not None and old is not None and new is not None
+                and self.figures.complete(old)):
+            # the last version's figures were at hand: the new one's are too at once,
+            # counting only the directories that changed (each other one's summary is
+            # kept by its node id), so a `status` after a new version need not wait
+            count, start = self.figures.start_count(new)
+            if start:
+                self.start_soon(self.figures.count, new, count, True)
 
     # -- tree ----------------------------------------------------------------------
 

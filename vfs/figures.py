@@ -39,10 +39,11 @@ from dataclasses import dataclass, field
 
 import trio
 
+from cache.errors import StoreError
 from dht.types import Priority
 
 from .crypto import HASH_LEN, Ref
-from .errors import FormatError
+from .errors import FormatError, PeerdriveError
 from .memory import Spill
 from .tree import Tree
 
@@ -128,6 +129,23 @@ def _unseen_children(d: DirFigures, seen: set[bytes], queue: list[Ref]) -> None:
 
 
 @dataclass(slots=True)
+class Count:
+    """How far the first figures of a folder are: a count running in the background.
+
+    The first figures of a version need every directory below the folder read
+    once (O(files) of decoding: minutes at 10^6 files on a loaded machine); a
+    `status` that asks meanwhile is answered at once with the totals the drive's
+    folder aggregates give and this progress, instead of waiting for it.
+    """
+
+    files: int = 0  # files of the directories summed so far
+    dirs: int = 0
+    done: bool = False
+    error: str = ""
+    final: bool = False  # the error is the drive's (a malformed directory): no retry
+
+
+@dataclass(slots=True)
 class FolderTotals:
     files: int
     size: int
@@ -163,6 +181,9 @@ class Figures:
         # Found with a Bloom filter over every id summed (false hits only cost a recount).
         self._seen = bytearray(BLOOM_BYTES)
         self._shared: set[bytes] = set()
+        # folders every directory below which has its summary: their totals need no read
+        self._complete: set[bytes] = set()
+        self._counts: dict[bytes, Count] = {}  # background counts (`count`), by node id
         self.walks = 0  # summaries built from the tree: what the tests count
 
     # -- keeping `have` current ------------------------------------------------------
@@ -314,7 +335,37 @@ class Figures:
             if handled % YIELD_EVERY == 0:
                 await trio.lowlevel.checkpoint()
 
-    async def collect(self, node: Ref, priority: Priority = Priority.READ) -> list[DirFigures]:
+    def complete(self, node: Ref) -> bool:
+        """Whether the folder's figures are at hand: every summary below it built, so
+        its totals cost a pass over summaries and at most a recount, no directory read."""
+        return node.block_id in self._complete
+
+    def counting(self, node: Ref) -> Count | None:
+        """The background count of this folder's figures, if one was started."""
+        return self._counts.get(node.block_id)
+
+    def start_count(self, node: Ref) -> tuple[Count, bool]:
+        """The count of `node`'s figures; True if the caller must run it (`count`)."""
+        c = self._counts.get(node.block_id)
+        if c is not None and not (c.done and c.error and not c.final):
+            return c, False
+        c = self._counts[node.block_id] = Count()
+        return c, True
+
+    async def count(self, node: Ref, c: Count, root: bool = False) -> None:
+        """Build the figures of `node` (every summary below it), keeping `c` current."""
+        try:
+            await self.totals(node, root=root, progress=c)
+        except (PeerdriveError, StoreError) as exc:  # never the mount's nursery's end
+            c.error = str(exc) or type(exc).__name__
+            # a malformed directory fails the same way every time (its id is its bytes);
+            # anything else (no peer served a directory in time) is tried again
+            c.final = isinstance(exc, FormatError)
+        finally:
+            c.done = True
+
+    async def collect(self, node: Ref, priority: Priority = Priority.READ,
+                      progress: Count | None = None) -> list[DirFigures]:
         """Every distinct directory at or below `node` (the top first), as `subtree`, but
         the directories not summed yet are read READ_AHEAD_DIRS at a time.
 
@@ -323,7 +374,11 @@ class Figures:
         300 s on a loaded machine); in waves, the peer gets them in flight together.
         Summaries already built cost no task.
         """
+        if progress is None:
+            progress = Count()
         top = await self.of(node, priority)
+        progress.files += top.files
+        progress.dirs += 1
         out = [top]
         seen = {node.block_id}
         todo: list[Ref] = []
@@ -338,6 +393,8 @@ class Figures:
                     wave.append(ref)
                     continue
                 out.append(known)
+                progress.files += known.files
+                progress.dirs += 1
                 _unseen_children(known, seen, todo)
                 handled += 1
                 if handled % YIELD_EVERY == 0:
@@ -353,7 +410,10 @@ class Figures:
                     raise d
                 assert d is not None
                 out.append(d)
+                progress.files += d.files
+                progress.dirs += 1
                 _unseen_children(d, seen, todo)
+        self._complete.update(d.node_id for d in out)
         return out
 
     async def _build_into(self, built: list, k: int, ref: Ref, priority: Priority) -> None:
@@ -362,7 +422,8 @@ class Figures:
         except Exception as exc:  # raised by `collect`, alone: not as an exception group
             built[k] = exc
 
-    async def totals(self, node: Ref, *, root: bool = False) -> FolderTotals:
+    async def totals(self, node: Ref, *, root: bool = False,
+                     progress: Count | None = None) -> FolderTotals:
         """Files, bytes and bytes on this device of everything at or below a directory.
 
         Sums with multiplicity (a subtree that appears twice counts twice, as
@@ -373,7 +434,7 @@ class Figures:
         memo = self._memo
         if memo.stamp == self._stamp and node.block_id in memo.totals:
             return memo.totals[node.block_id]
-        order = await self.collect(node)
+        order = await self.collect(node, progress=progress)
         if root and len(self._dirs) > len(order):
             await self.forget_unreachable({d.node_id for d in order})
             memo = self._memo
@@ -414,6 +475,8 @@ class Figures:
         for node_id in [n for n in self._dirs if n not in keep]:
             d = self._dirs.pop(node_id)
             d.spill.drop(d.at, d.blocks * RECORD_BYTES)
+        self._complete &= keep
+        self._counts = {n: c for n, c in self._counts.items() if n in keep}
         self._memo = _Memo()
         self._seen = bytearray(BLOOM_BYTES)
         self._shared = set()

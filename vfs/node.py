@@ -137,7 +137,9 @@ async def _mount_main(home: Home, cap: ReadCap, mountpoint: Path, opts: MountOpt
         net.snapshot_extra["inodes"] = lambda: {"held": len(ops.inodes),
                                                 "forget_asked": ops.trimmed,
                                                 "made": ops.made,
-                                                "forgotten": ops.forgotten}
+                                                "forgotten": ops.forgotten,
+                                                "dirs_decoded": drive.tree.decodes,
+                                                "dirs_summed": drive.figures.walks}
 
         async def on_new(new: Head) -> None:
             if session is not None and new.seq <= session.head.seq:

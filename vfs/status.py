@@ -22,6 +22,13 @@ def path_status(path: Path, only: tuple[str, ...] | None = None) -> dict:
 
     With `only`, the names are read directly, without listing them first: one
     request to the mount per name (a dashboard lists a folder this way).
+
+    Whenever `figures` is among the names (listed, or in `only`: `peerdrive
+    status`, the dashboard), it is read first and never waits: while a folder's first figures of a version are being counted
+    (every directory below it read once), `state`, `cached` and `copies`
+    (which would wait for that count) are left out, and the answer says
+    `complete: false` with the count's progress and the folder's files and
+    size from the drive's aggregates.
     """
     if only is None:
         try:
@@ -31,6 +38,20 @@ def path_status(path: Path, only: tuple[str, ...] | None = None) -> dict:
     else:
         names = list(only)
     raw = {}
+    figures = None
+    if xattrs.FIGURES in names:
+        names.remove(xattrs.FIGURES)
+        value = _read(path, xattrs.FIGURES)
+        if value is not None:
+            figures = xattrs.FiguresState.decode(value)
+            if figures.error:  # the count found a directory it could not read
+                raise BlockUnavailable(f"{path}: its figures could not be counted: "
+                                       f"{figures.error}")
+            if not figures.complete:
+                names = [n for n in names if n not in (xattrs.STATE, xattrs.CACHED,
+                                                       xattrs.COPIES)]
+                if figures.size is not None:
+                    names = [n for n in names if n != xattrs.SIZE]
     for n in names:
         try:
             raw[n] = os.getxattr(path, xattrs.full_name(n))
@@ -40,10 +61,18 @@ def path_status(path: Path, only: tuple[str, ...] | None = None) -> dict:
                                        "device and no peer served it in time") from exc
             if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
                 raise UsageError(f"{path}: {exc.strerror}") from exc
-    if not raw:
+    if not raw and figures is None:
         raise UsageError(f"{path} is not inside a peerdrive mount")
     out: dict = {"path": str(path),
                  "state": raw[xattrs.STATE].decode() if xattrs.STATE in raw else None}
+    if figures is not None:
+        out["complete"] = figures.complete
+        if figures.files is not None:
+            out["files"] = figures.files
+        if not figures.complete:
+            out["counted_files"] = figures.counted_files
+            if figures.size is not None:
+                out["size_bytes"] = figures.size
     if xattrs.CACHED in raw:
         out["cached_bytes"] = xattrs.decode_int(raw[xattrs.CACHED], "cached")
     if xattrs.SIZE in raw:
@@ -53,6 +82,19 @@ def path_status(path: Path, only: tuple[str, ...] | None = None) -> dict:
     if xattrs.COPIES in raw:
         out["copies"] = xattrs.decode_int(raw[xattrs.COPIES], "copies")
     return out
+
+
+def _read(path: Path, name: str) -> bytes | None:
+    """One of our xattrs of `path`, None if the mount has no such name there."""
+    try:
+        return os.getxattr(path, xattrs.full_name(name))
+    except OSError as exc:
+        if exc.errno == errno.EIO:
+            raise BlockUnavailable(f"{path}: its status needs data that is not on this "
+                                   "device and no peer served it in time") from exc
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+            return None
+        raise UsageError(f"{path}: {exc.strerror}") from exc
 
 
 def pin_progress(path: Path) -> xattrs.PinProgress | None:

@@ -56,6 +56,7 @@ class Tree:
         self.blocks = blocks
         self._nodes: OrderedDict[bytes, tuple[DirLeaf | DirInterior, int]] = OrderedDict()
         self._node_bytes = 0
+        self.decodes = 0  # directory nodes decoded (LRU misses): what a warm walk costs
 
     async def node(self, ref: Ref, priority: Priority = Priority.READ) -> DirLeaf | DirInterior:
         hit = self._nodes.get(ref.block_id)
@@ -64,6 +65,7 @@ class Tree:
             return hit[0]
         plain = await self.blocks.read(ref, priority)
         node = decode_dir_node(plain)
+        self.decodes += 1
         if ref.block_id not in self._nodes:
             self._nodes[ref.block_id] = (node, len(plain))
             self._node_bytes += len(plain)

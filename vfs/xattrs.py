@@ -13,6 +13,14 @@ Read on every path:
     size      decimal bytes in all            (a folder: everything below it)
     pinned    1 | 0                           (1 if it or a folder above it is pinned)
     copies    decimal count of devices (and mirrors) holding it whole (asks peers: slow)
+    figures   JSON: whether `state` and `cached` are at hand (FiguresState); never waits
+
+The first `state`/`cached` of a folder in a version need every directory
+below it read once (minutes at 10^6 files): a read of them waits for that,
+while `figures` answers at once, starts that count in the background if it
+is not running, and says how far it is and the folder's files and size
+from the drive's folder aggregates (docs/formats.md). `peerdrive status`
+reads it first and does not wait.
 
 Read in a writable mount: `published`, 1 if the path is as the drive's
 current version has it, 0 if it holds changes this mount has not published
@@ -44,9 +52,10 @@ PROGRESS = "progress"
 EVICT = "evict"
 VERSIONS = "versions"
 PUBLISHED = "published"
+FIGURES = "figures"
 
 # what `listxattr` shows on every path, in this order
-LISTED = (STATE, CACHED, SIZE, PINNED, COPIES)
+LISTED = (STATE, CACHED, SIZE, PINNED, COPIES, FIGURES)
 # cheap to read: no question to a peer (what a poll may ask for)
 LOCAL = (STATE, CACHED, SIZE, PINNED)
 SETTABLE = (PINNED, EVICT)
@@ -152,3 +161,37 @@ class PinProgress:
                        total_bytes=int(obj["total_bytes"]), error=str(obj.get("error", "")))
         except (ValueError, KeyError, TypeError) as exc:
             raise UsageError(f"{full_name(PROGRESS)} is malformed: {raw[:80]!r}") from exc
+
+
+@dataclass
+class FiguresState:
+    """Whether a path's `state` and `cached` can be answered now (`figures`).
+
+    `complete` False: the folder's first figures of this version are being
+    counted in the background; `counted_files` of `files` so far. `files` and
+    `size` are the folder's totals (from the drive's folder aggregates while
+    counting: None in a version written before them). `error` says why the
+    last count stopped (a directory no peer served); the next read retries.
+    """
+
+    complete: bool
+    files: int | None = None
+    size: int | None = None
+    counted_files: int = 0
+    error: str = ""
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> FiguresState:
+        try:
+            obj = json.loads(raw)
+            files, size = obj.get("files"), obj.get("size")
+            return cls(complete=bool(obj["complete"]),
+                       files=None if files is None else int(files),
+                       size=None if size is None else int(size),
+                       counted_files=int(obj.get("counted_files", 0)),
+                       error=str(obj.get("error", "")))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UsageError(f"{full_name(FIGURES)} is malformed: {raw[:80]!r}") from exc

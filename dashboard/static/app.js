@@ -62,7 +62,9 @@ function stateCell(st) {
   const pct = st.percent ?? (st.state === "device" ? 100 : 0);
   const td = el("td", { "data-state": st.state, "data-percent": pct });
   const pinning = st.pinned && st.state !== "device";
-  td.append(el("span", { class: `state-${st.state}` }, pinning ? "pinning" : st.state || "—"));
+  const counting = st.complete === false;  // the folder's first figures: still counting
+  td.append(el("span", { class: `state-${st.state}` },
+               counting ? "counting" : pinning ? "pinning" : st.state || "—"));
   if (st.state && st.kind !== "link") {
     td.append(" ", el("progress", { max: 100, value: pct, "aria-label": `${pct}% on this device` }),
               ` ${pct}%`);
@@ -206,7 +208,9 @@ function renderTree(tree) {
     crumbs.push(" / ", el("button", { class: "link", onclick: () => navigate(p) }, part));
   });
   const f = tree.folder;
-  const summary = ` — ${f.state}, ${size(f.cached_bytes)} of ${size(f.size_bytes)} on this device`;
+  const summary = f.complete === false
+    ? ` — counting (${f.counted_files ?? 0} of ${f.files ?? "?"} files), ${size(f.size_bytes)}`
+    : ` — ${f.state}, ${size(f.cached_bytes)} of ${size(f.size_bytes)} on this device`;
   const bc = $("breadcrumb");
   if (bc.dataset.path !== tree.path) {  // rebuilt only on navigation: focus stays put
     bc.replaceChildren(...crumbs, el("span", { class: "summary" }));
