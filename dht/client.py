@@ -128,13 +128,17 @@ class RunOfWants:
     others are still coming.
     """
 
-    __slots__ = ("block_ids", "priority", "cancelled", "wake")
+    __slots__ = ("block_ids", "priority", "cancelled", "wake", "behind")
 
     def __init__(self, block_ids: Sequence[bytes], priority: Priority) -> None:
         self.block_ids = list(block_ids)
         self.priority = Priority(priority)
         self.cancelled = [False] * len(self.block_ids)
         self.wake = trio.Event()  # set when a block of it is answered or cancelled
+        # block i not asked for yet, waiting behind another block of the run: set by a
+        # source that asks for a run's blocks one after the other (`HttpSource`); a peer
+        # connection sends every want at once and leaves it False (see `dht.fetch`)
+        self.behind = [False] * len(self.block_ids)
 
     def cancel(self, index: int) -> None:
         """Block `index` is no longer wanted: Cancel on the wire if its want went out."""

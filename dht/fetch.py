@@ -1158,7 +1158,8 @@ class Fetcher:
                 for p in usable
                 if p.node_id not in request.excluded
                 and not any(
-                    a.peer is p and a.priority <= request.priority for a in request.attempts
+                    a.peer is p and a.priority <= request.priority and not _waits_in_run(a)
+                    for a in request.attempts
                 )
             ]
             if not candidates:
@@ -1509,14 +1510,16 @@ class Fetcher:
             peer.bad_blocks += 1
             request.excluded.add(peer.node_id)
             request.outcomes[peer.node_id] = Outcome.CORRUPT
-            self._drop_connection(peer, attempt.connection)
             # A peer that lies is shunned (over a push connection too). A static mirror
-            # serves files it cannot vouch for: one rotten or half-uploaded file must not
-            # cost every other block it holds, so it gets the ordinary backoff (growing
-            # while it fails) and is never asked for this block again; every block it
-            # serves is still checked.
-            mirror = peer.source is not None and not peer.pushed
-            self._penalise(peer, None if mirror else self.config.bad_block_backoff)
+            # serves files it cannot vouch for: a rotten, truncated or half-uploaded file
+            # says nothing of its other files, so the mirror is only never asked for this
+            # block again (by this request), and not backed off at all: a backoff growing
+            # with each damaged file (0.5 s, 1, 2, 4 ...) left the good blocks read next
+            # unasked past their fetch timeout when the mirror was their only source
+            # (issue 10). Every block it serves is still checked.
+            if peer.source is None or peer.pushed:
+                self._drop_connection(peer, attempt.connection)
+                self._penalise(peer, self.config.bad_block_backoff)
         elif isinstance(error, PeerRefusedError | PeerIdentityError):
             request.excluded.add(peer.node_id)
             request.outcomes[peer.node_id] = Outcome.REFUSED
@@ -1731,6 +1734,17 @@ class Fetcher:
         else:
             state = "connected" if peer.connected else "not connected"
         return f"{peer.label} {state}"
+
+
+def _waits_in_run(attempt: _Attempt) -> bool:
+    """Whether a late attempt has not even been asked for yet: its source fetches a run's
+    blocks one after the other (an HTTP mirror) and it still waits behind another block
+    of its run, which may stall for the whole read timeout. Such an attempt does not keep
+    its peer from being asked again (a hedge at the same mirror goes out at once, on
+    another connection): else a good block queued behind a stalled file, at a mirror
+    that is its only source, waits past its fetch timeout (issue 10)."""
+    run = attempt.run
+    return attempt.late and run is not None and run.behind[attempt.index]
 
 
 def _ewma(old: float | None, sample: float, alpha: float) -> float:

@@ -118,6 +118,10 @@ class HttpSource:
         if self.closed:
             raise PeerGoneError(f"{self.base_url}: closed")
         job = _RunJob(run, on_result, self)
+        # every block waits its turn (the thread clears each as it asks for it, so this
+        # comes before the run is queued): the fetcher may ask again, on another
+        # connection, for a late one still waiting
+        run.behind[:] = [True] * count
         self._threads.submit(job)  # PeerGoneError once closed
         self._jobs.add(job)
         try:
@@ -207,6 +211,7 @@ class HttpSource:
         for index, block_id in enumerate(run.block_ids):
             if job.abort.aborted:
                 return
+            run.behind[index] = False  # (one list item set: the loop reads it, GIL-atomic)
             if run.cancelled[index]:
                 continue  # answered by the loop (`follow_cancels`)
             data: bytes | None = None
