@@ -652,23 +652,32 @@ class BlockingHttpConnection(_H11Connection):
 
 class Abort:
     """Lets the event loop stop a worker thread's requests: `abort()` fails the one under
-    way at once (its socket is shut down) and every later one before it starts."""
+    way at once (its socket is shut down) and every later one before it starts.
+
+    The thread lets go of a connection (`using(None)`) before it pools it, and the
+    two sides take turns (a lock): an abort that comes as a request ends (a run's last
+    block dropped by a hedge that won) shuts down that connection only while this run
+    holds it, never once it is idle, where another run may already be sending on it
+    (that run's block then failed, and the mirror was backed off for it).
+    """
 
     def __init__(self) -> None:
         self.aborted = False
         self._conn: BlockingHttpConnection | None = None
+        self._lock = threading.Lock()
 
     def using(self, conn: BlockingHttpConnection | None) -> None:
         """The worker thread says which connection it is about to use (None: none)."""
-        self._conn = conn
-        if conn is not None and self.aborted:
-            conn.abort()
+        with self._lock:
+            self._conn = conn
+            if conn is not None and self.aborted:
+                conn.abort()
 
     def abort(self) -> None:
-        self.aborted = True
-        conn = self._conn
-        if conn is not None:
-            conn.abort()
+        with self._lock:
+            self.aborted = True
+            if self._conn is not None:
+                self._conn.abort()
 
 
 class BlockingPool:
@@ -741,7 +750,11 @@ class BlockingPool:
                         conn, reused = None, False
                         continue
                     raise
-                self._put_idle(conn)
+                abort.using(None)
+                if abort.aborted:  # it may have been shut down under the answer: not reused
+                    conn.close()
+                else:
+                    self._put_idle(conn)
                 return answer
         finally:
             abort.using(None)

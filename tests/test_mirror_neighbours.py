@@ -15,6 +15,9 @@ reproduced here against a loopback HTTP server this test controls:
   read's timeout, and was never asked again (the mirror already had it
   under way, and nobody else was there to hedge to).
 
+And one way a run's end could break its neighbour's: an abort landing as a
+request ended shut down the connection after it went back to the pool.
+
 The fetcher runs with the mount's configuration; the bounds on the fetches
 of good blocks (30 s) are far above what a loaded machine needs and far
 below the waits of the defects (a 60 s backoff, a 60 s read timeout).
@@ -33,6 +36,7 @@ import trio
 
 from dht.errors import FetchTimeout
 from dht.fetch import FetchConfig, Fetcher
+from dht.http_connection import Abort, BlockingPool
 from dht.http_source import HttpSource, HttpTimeouts
 from dht.identity import NodeIdentity
 from dht.mirror_layout import MAX_BLOCK, block_path
@@ -190,3 +194,45 @@ def test_a_good_block_queued_behind_a_bad_one_in_a_run_comes(kind: str) -> None:
             f"/{block_path(last)}"][1]
 
     with_mirror(test, mirror)
+
+
+def test_an_abort_as_a_request_ends_spares_the_connection_another_run_takes_next(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run's abort (its last block dropped: a hedge won) may come just as its request
+    ends. It must not reach the connection once that is back in the pool: the next run
+    takes it there (a reused connection is not looked at if it went idle a moment ago),
+    and its block failed with the shut-down socket, or was asked again on a new one."""
+    mirror = Mirror()
+    first, second = mirror.add("good"), mirror.add("good")
+
+    async def main() -> None:
+        with trio.fail_after(DEADLINE):
+            async with trio.open_nursery() as outer:
+                [listener] = await outer.start(partial(trio.serve_tcp, mirror.serve, 0,
+                                                       host="127.0.0.1"))
+                url = f"http://127.0.0.1:{listener.socket.getsockname()[1]}"
+                pool = BlockingPool(timeouts=PATIENT)
+                dropped = Abort()
+                put_idle = pool._put_idle
+
+                def pooled_then_aborted(conn) -> None:  # the loop's abort lands right here
+                    put_idle(conn)
+                    dropped.abort()
+
+                monkeypatch.setattr(pool, "_put_idle", pooled_then_aborted)
+                resp = await trio.to_thread.run_sync(partial(
+                    pool.request, "GET", f"{url}/{block_path(first)}", limit=MAX_BLOCK,
+                    abort=dropped))
+                assert resp.status == 200
+                monkeypatch.undo()
+                resp = await trio.to_thread.run_sync(partial(
+                    pool.request, "GET", f"{url}/{block_path(second)}", limit=MAX_BLOCK,
+                    abort=Abort()))
+                assert resp.status == 200
+                assert resp.body == mirror.files[f"/{block_path(second)}"][1]
+                stats = pool.stats
+                assert (stats.connections_opened, stats.retried, stats.stale_dropped) == (1, 0, 0)
+                pool.close()
+                outer.cancel_scope.cancel()
+
+    trio.run(main)
