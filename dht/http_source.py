@@ -19,11 +19,11 @@ answers with backoff. Every request has connect/read/write timeouts, and the
 fetcher's own deadline and stall detection bound every wait above that.
 
 HTTP is h11's, on this package's own keep-alive connections
-(`dht.http_connection`: HTTP/1.1, a bounded pool, so several requests are
-in flight at once on reused connections, a response body read into one
-buffer); blocks of 256 KiB and more are hashed in worker threads, those that
-arrive meanwhile together in one call. This module only decides what to ask
-and what to believe. It knows nothing of drives: a block is 32 opaque bytes
+(`dht.http_connection`: HTTP/1.1; a block's body received in one call into
+the bytes handed up). Blocks are fetched, and hashed, by the source's own
+long-lived fetch threads, several runs at once (`_FetchThreads`); the head,
+HEAD requests and pings go over the trio pool. This module only decides
+what to ask and what to believe. It knows nothing of drives: a block is 32 opaque bytes
 whose SHA-256 names it, and the head is a signed record it hands up unread
 (the layer above verifies its signature and seq).
 """
@@ -47,7 +47,7 @@ from .records import MAX_MUTABLE_WIRE
 from .types import BLOCK_ID_LEN, Priority
 
 _KNOWN_IDS = 65_536  # ids a mirror answered for, remembered (HEAD/GET succeeded)
-# blocks the fetcher may hand over as one run (`fetch_run`): one worker thread call, one
+# blocks the fetcher may hand over as one run (`fetch_run`): one fetch thread, one
 # connection, the blocks asked for one after the other; runs go out side by side
 RUN_BLOCKS = 4
 
@@ -299,7 +299,7 @@ class _FetchThreads:
       wakes the loop (`run_sync_soon`) only when that list was empty, so the
       blocks several threads finish meanwhile cost one wake-up.
     - A run ends on the loop (`_RunJob.end`) after its last answer, in order.
-    - A source lives in one trio run (the token of the first run submitted).
+    - A source lives in one trio run at a time (the token of the last run submitted).
     """
 
     def __init__(self, limit: int) -> None:
@@ -314,8 +314,7 @@ class _FetchThreads:
 
     def submit(self, job: _RunJob) -> None:
         """Queue a run (on the loop); a thread takes it as soon as one is free."""
-        if self._token is None:
-            self._token = trio.lowlevel.current_trio_token()
+        self._token = trio.lowlevel.current_trio_token()
         with self._cond:
             if self._closing:
                 raise PeerGoneError(f"{job.source.base_url}: closed")
@@ -328,7 +327,15 @@ class _FetchThreads:
             else:
                 self._cond.notify()
         if start:
-            thread.start()
+            try:
+                thread.start()
+            except RuntimeError as exc:  # the process may start no more threads
+                with self._cond:
+                    self._threads.remove(thread)
+                    if self._threads:
+                        return  # the job waits in the queue for a thread there is
+                    self._queue.remove(job)
+                raise PeerGoneError(f"{job.source.base_url}: no fetch thread: {exc}") from exc
 
     async def aclose(self) -> None:
         """Abort the runs queued, end every thread and wait for them (on the loop)."""
