@@ -245,3 +245,27 @@ def test_the_folder_summaries_keep_their_block_ids_out_of_the_process(tmp_path: 
     assert held["bytes"] < 10_000 * 12, held
     pub.close()
     reader.close()
+
+
+def test_a_spill_that_cannot_write_keeps_its_records_in_memory(tmp_path: Path,
+                                                               monkeypatch) -> None:
+    """A full disk (or no folder) never loses a record or fails the caller: what the file
+    refused is kept in memory and read back the same; what it took is read from it."""
+    import errno
+    import os
+
+    spill = memory.Spill(tmp_path)
+    assert os.listdir(tmp_path) == []  # unlinked: nothing to clean up after a crash
+    on_disk = spill.put(b"a" * 100)
+    assert isinstance(on_disk, int) and spill.in_memory == 0
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    kept = spill.put(b"b" * 100)
+    monkeypatch.undo()
+    assert spill.get(on_disk, 100) == b"a" * 100
+    assert spill.get(kept, 100) == b"b" * 100 and spill.in_memory == 100
+    nowhere = memory.Spill(None)
+    assert nowhere.get(nowhere.put(b"c" * 10), 10) == b"c" * 10
