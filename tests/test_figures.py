@@ -201,6 +201,29 @@ def test_the_first_status_of_a_version_answers_at_once_and_a_new_one_counts_only
     trio.run(main)
 
 
+def test_after_a_pin_of_a_folder_its_figures_are_complete_without_a_count(two_stores) -> None:
+    """A pin's listing reads every directory below the folder: `figures` says complete
+    at once afterwards (no count started, nothing read again)."""
+    pub, reader = two_stores
+    cap = WriteCap.generate()
+    b = DriveBuilder(cap)
+    head = b.commit(pub, folders(b, 5))
+    drive = Drive(cap.read_cap(), DriveStorage(reader), head, fetch=fake_network(pub))
+    drive.pins = pins = Pins(drive)
+    root = drive.root_entry()
+
+    async def main() -> None:
+        pins.pin([])
+        await pins.sync_one([])
+        walks = drive.figures.walks
+        f = await figures_of(drive, root)()
+        assert f.complete and (f.files, f.size) == (500, 500 * 64)
+        assert drive.figures.counting(root.node) is None and drive.figures.walks == walks
+        assert await drive.answers.get([], root, xattrs.STATE) == b"device"
+
+    trio.run(main)
+
+
 def test_a_version_without_folder_aggregates_still_has_its_figures(two_stores) -> None:
     """A drive written before the folder aggregates: `figures` says nothing of the
     totals while counting, and the count gives them."""

@@ -322,7 +322,11 @@ class Figures:
 
     async def subtree(self, node: Ref,
                       priority: Priority = Priority.READ) -> AsyncIterator[DirFigures]:
-        """Every distinct directory at or below `node`, each once (a DAG walk), top first."""
+        """Every distinct directory at or below `node`, each once (a DAG walk), top first.
+
+        A walk to its end (a pin's listing, an evict) leaves every summary below
+        `node` built: its figures are then complete without a count of their own.
+        """
         seen = {node.block_id}
         queue = [node]
         handled = 0
@@ -334,6 +338,7 @@ class Figures:
             _unseen_children(d, seen, queue)
             if handled % YIELD_EVERY == 0:
                 await trio.lowlevel.checkpoint()
+        self._complete.update(seen)
 
     def complete(self, node: Ref) -> bool:
         """Whether the folder's figures are at hand: every summary below it built, so
