@@ -383,14 +383,15 @@ def test_an_evicted_block_is_fetched_again_not_served_from_memory(world) -> None
 
 
 def test_an_evict_while_the_writer_stores_a_batch_is_not_undone(world) -> None:
-    """The store writer took a batch of fetched blocks and is putting it in a worker
-    thread when `evict` runs: the blocks must end up evicted, not stored again by the
+    """The store writer took a batch of fetched blocks and is putting it in its thread
+    when `evict` runs: the blocks must end up evicted, not stored again by the
     batch committing after the evict (seen as a folder reading 'partial' right after
     `peerdrive evict`)."""
     drive, _, _, reader, _ = world
     blocks = drive.blocks
     in_thread = threading.Event()
     release = threading.Event()
+    batch_stored = threading.Event()
     store_batch = blocks._store_batch
     target: list[bytes] = []
 
@@ -398,6 +399,10 @@ def test_an_evict_while_the_writer_stores_a_batch_is_not_undone(world) -> None:
         if target and any(block_id == target[0] for block_id, _ in batch):
             in_thread.set()
             assert release.wait(60), "the test never released the batch"
+            try:
+                return store_batch(batch)
+            finally:
+                batch_stored.set()
         return store_batch(batch)
 
     blocks._store_batch = slow_store_batch
@@ -417,10 +422,11 @@ def test_an_evict_while_the_writer_stores_a_batch_is_not_undone(world) -> None:
 
             nursery.start_soon(evict)
             # the evict either finished (and the batch would undo it) or waits its turn
-            while not evicted.is_set() and not blocks._store_lock.statistics().tasks_waiting:
+            while not evicted.is_set() and not blocks._evicts_waiting:
                 await trio.sleep(0.005)
             release.set()
             await evicted.wait()
+            await trio.to_thread.run_sync(batch_stored.wait, 60)
             assert not reader.has(target[0]), "the batch stored the evicted block again"
             assert blocks.cached_plain(target[0]) is None
 
@@ -769,5 +775,49 @@ def test_fetched_blocks_are_stored_without_hashing_them_again(world, monkeypatch
             assert len(fetched) >= 2, "the read stored nothing it fetched"
             assert reader.has(small.map.chunks[0].block_id)
             assert hashed == [], f"the store hashed {len(hashed)} fetched block(s) again"
+
+    run_trio(main, DEADLINE)
+
+
+def test_the_store_writer_is_one_thread_that_ends_with_the_drive(world) -> None:
+    """The store writer is one long-lived thread of its own, not a worker-thread call per
+    batch (each a thread hand-off and a task wake-up for the event loop): every batch of
+    fetched blocks is stored from it, and it has returned once the drive stopped, with
+    everything fetched stored (an unmount keeps every block it fetched)."""
+    drive, _, big, reader, _ = world
+    blocks = drive.blocks
+    writer_threads: list[threading.Thread] = []
+    batch_threads: list[threading.Thread] = []
+    ended = threading.Event()
+    writer_main, store_batch = blocks._writer_main, blocks._store_batch
+
+    def spy_writer_main(token):
+        writer_threads.append(threading.current_thread())
+        try:
+            return writer_main(token)
+        finally:
+            ended.set()
+
+    def spy_store_batch(batch):
+        batch_threads.append(threading.current_thread())
+        return store_batch(batch)
+
+    blocks._writer_main = spy_writer_main
+    blocks._store_batch = spy_store_batch
+
+    async def main(nursery: trio.Nursery) -> None:
+        async with running_drive(drive):
+            of = await open_file(drive, b"big.bin")
+            for k in range(4):
+                assert bytes(await drive.read(of, k * MiB, MiB)) == big[k * MiB:(k + 1) * MiB]
+                await blocks._store_unstored()  # its batch is stored before the next read
+        assert ended.is_set(), "the writer's thread still runs after the drive stopped"
+        assert len(writer_threads) == 1 and len(batch_threads) >= 2
+        assert set(batch_threads) == set(writer_threads)
+        assert not blocks._unstored
+        starts = of.map.starts
+        assert all(reader.has(ref.block_id) for ref, start in zip(of.map.chunks, starts,
+                                                                   strict=True)
+                   if start < 4 * MiB)
 
     run_trio(main, DEADLINE)

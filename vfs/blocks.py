@@ -13,8 +13,8 @@ in-memory LRU of plaintext makes the kernel's several reads of one chunk cost
 one decryption.
 
 Fetched blocks are stored behind the reader's back: `run_store_writer` (a
-task of the drive's nursery) puts everything fetched since its last commit
-in one transaction, so a stream of blocks costs one commit (one fsync) per
+task of the drive's nursery, with one long-lived thread of its own) puts
+everything fetched since its last commit in one transaction, so a stream of blocks costs one commit (one fsync) per
 batch instead of one per block, and a read never waits for the disk to take
 what the network gave it.
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
@@ -87,13 +88,22 @@ class BlockReader:
         # fetched and verified by fetch_and_store, waiting for its next commit: read from
         # here meanwhile, never fetched a second time
         self._batched: dict[bytes, bytes] = {}
-        # held while a batch goes to the store, and by evict: a batch committed just
-        # after an evict would bring the evicted blocks back
+        # held while a batch goes to the store from the event loop's side, and by evict: a
+        # batch committed just after an evict would bring the evicted blocks back
         self._store_lock = trio.Lock()
+        # held by the thread putting any batch in the store, and by evict's removal from
+        # it (the store writer's thread stores without the trio lock above)
+        self._batch_lock = threading.Lock()
         self._unstored_bytes = 0
-        self._writer_running = False
-        self._unstored_added = trio.Event()
+        self._writer_running = False  # fetched blocks go to the store writer
         self._stored = trio.Event()  # set (and replaced) after each batch the writer commits
+        # the store writer's thread (run_store_writer): what waits for it, in order
+        self._writer_cond = threading.Condition()
+        self._to_store: list[tuple[bytes, bytes]] = []
+        self._writer_idle = False  # it waits on _writer_cond for blocks
+        self._writer_stop = False
+        self._writer_thread = False  # it runs (set and read on the event loop)
+        self._evicts_waiting = 0  # evicts waiting for a batch to be stored (tests)
         # ids that failed to decrypt, until a batch holding them has been stored and evicted
         self._undecryptable: set[bytes] = set()
         self.fetched_blocks = 0
@@ -133,7 +143,17 @@ class BlockReader:
         async with self._store_lock:
             for block_id in ids:
                 self.forget(block_id)
-            return await trio.to_thread.run_sync(self.store.evict, ids)
+            return await trio.to_thread.run_sync(self._evict_stored, ids)
+
+    def _evict_stored(self, ids: list[bytes]) -> int:
+        """Evict from the store (worker thread) once no batch is being stored: one the
+        writer's thread took before `forget` would otherwise store them again."""
+        self._evicts_waiting += 1
+        try:
+            with self._batch_lock:
+                return self.store.evict(ids)
+        finally:
+            self._evicts_waiting -= 1
 
     def has_plain(self, block_id: bytes) -> bool:
         """Whether the block's plaintext is in memory (without counting it as a use)."""
@@ -338,7 +358,7 @@ class BlockReader:
         if not self._writer_running:
             # a put hashes the block and commits (fsync): worker thread, not the event loop
             async with self._store_lock:
-                failed, changed = await trio.to_thread.run_sync(self._store_batch,
+                failed, changed = await trio.to_thread.run_sync(self._store_batch_now,
                                                                 [(block_id, ct)])
             self.uncached_blocks += failed
             self._committed([(block_id, ct)], changed)
@@ -346,7 +366,11 @@ class BlockReader:
         if block_id not in self._unstored:
             self._unstored[block_id] = ct
             self._unstored_bytes += len(ct)
-            self._unstored_added.set()
+            with self._writer_cond:
+                self._to_store.append((block_id, ct))
+                if self._writer_idle:  # a busy writer takes it with its next batch
+                    self._writer_idle = False
+                    self._writer_cond.notify()
         if priority >= Priority.PIN:
             await self._until_stored(block_id)
         # bounded memory: a disk slower than the network slows the fetches down
@@ -392,7 +416,8 @@ class BlockReader:
                 async with self._store_lock:
                     # not what an evict dropped meanwhile (it holds the lock while it does)
                     batch = [(i, ct) for i, ct in batch if self._batched.get(i) is ct]
-                    failed, changed = await trio.to_thread.run_sync(self._store_batch, batch)
+                    failed, changed = await trio.to_thread.run_sync(self._store_batch_now,
+                                                                    batch)
             finally:
                 for block_id, ct in batch:
                     if self._batched.get(block_id) is ct:
@@ -456,22 +481,84 @@ class BlockReader:
             self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Store fetched blocks in batches, one transaction each, until cancelled.
 
-        On cancellation what is still waiting is stored first (shielded), so
-        an unmount keeps every block it fetched.
+        One long-lived thread (its own capacity limiter, joined before this
+        returns) takes everything fetched since its last commit, stores it,
+        and tells the event loop (one `run_sync_soon` per batch); blocks
+        fetched while it commits wait for its next batch without waking
+        anyone. A `trio.to_thread` call per batch cost the event loop a
+        thread hand-off and a task wake-up each (docs/benchmarks.md, issue 12
+        "the cold insert path"). On cancellation what is still waiting is
+        stored first, so an unmount keeps every block it fetched.
         """
         self._writer_running = True
-        task_status.started()
+        self._writer_stop = False
+        token = trio.lowlevel.current_trio_token()
         try:
-            while True:
-                await self._unstored_added.wait()
-                self._unstored_added = trio.Event()
-                await self._store_unstored()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._stop_writer_when_cancelled)
+                task_status.started()
+                self._writer_thread = True
+                try:
+                    await trio.to_thread.run_sync(self._writer_main, token,
+                                                  limiter=trio.CapacityLimiter(1))
+                finally:
+                    self._writer_thread = False
+                nursery.cancel_scope.cancel()
         finally:
             self._writer_running = False
             with trio.CancelScope(shield=True):
-                await self._store_unstored()
+                await self._store_unstored()  # what the thread did not take (it failed)
+
+    async def _stop_writer_when_cancelled(self) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            self._writer_running = False  # from now on a fetch stores its block itself
+            with self._writer_cond:
+                self._writer_stop = True
+                self._writer_cond.notify()
+
+    def _writer_main(self, token: trio.lowlevel.TrioToken) -> None:
+        """The store writer's thread: batches until told to stop and nothing waits."""
+        while True:
+            with self._writer_cond:
+                while not self._to_store and not self._writer_stop:
+                    self._writer_idle = True
+                    self._writer_cond.wait()
+                self._writer_idle = False
+                if not self._to_store:
+                    return
+                taken, self._to_store = self._to_store, []
+            with self._batch_lock:
+                # not what an evict (or a failed decryption) dropped since it was fetched
+                batch = [(block_id, ct) for block_id, ct in taken
+                         if self._unstored.get(block_id) is ct]
+                result = self._store_batch(batch) if batch else (0, False)
+            token.run_sync_soon(self._writer_stored, taken, result)
+
+    def _writer_stored(self, taken: list[tuple[bytes, bytes]], result: tuple[int, bool]) -> None:
+        """On the event loop: a batch of the writer's thread is in the store (or refused)."""
+        failed, changed = result
+        self.uncached_blocks += failed
+        for block_id, ct in taken:
+            if self._unstored.get(block_id) is ct:
+                del self._unstored[block_id]
+                self._unstored_bytes -= len(ct)
+        self._stored.set()
+        self._stored = trio.Event()
+        if self.on_stored is not None:
+            try:
+                self.on_stored(changed)
+            except Exception:  # a callback of run_sync_soon must not raise into trio
+                log.exception("after storing fetched blocks")
 
     async def _store_unstored(self) -> None:
+        """Store what waits for the store writer: with its thread running, wait until it
+        has; without (its last round), here."""
+        if self._writer_thread:
+            while self._unstored and self._writer_thread:
+                await self._stored.wait()
+            return
         while self._unstored:
             async with self._store_lock:
                 batch = list(self._unstored.items())
@@ -480,12 +567,14 @@ class BlockReader:
                 # Only a batch the store took leaves `_unstored`: a cancellation can land
                 # before the worker thread starts, and the blocks must then wait for the
                 # writer's shielded last round (they used to be dropped, unstored).
-                failed, changed = await trio.to_thread.run_sync(self._store_batch, batch)
+                failed, changed = await trio.to_thread.run_sync(self._store_batch_now, batch)
             self.uncached_blocks += failed
             for block_id, ct in batch:
                 if self._unstored.get(block_id) is ct:
                     del self._unstored[block_id]
                     self._unstored_bytes -= len(ct)
+            with self._writer_cond:
+                self._to_store.clear()
             self._stored.set()
             self._stored = trio.Event()
             self._committed(batch, changed)
@@ -499,6 +588,11 @@ class BlockReader:
             tell([block_id for block_id, _ in batch])
         if self.on_stored is not None:
             self.on_stored(changed)
+
+    def _store_batch_now(self, batch: list[tuple[bytes, bytes]]) -> tuple[int, bool]:
+        """`_store_batch` from a worker thread other than the store writer's."""
+        with self._batch_lock:
+            return self._store_batch(batch)
 
     def _store_batch(self, batch: list[tuple[bytes, bytes]]) -> tuple[int, bool]:
         """Put fetched blocks in one transaction (worker thread).
