@@ -546,11 +546,10 @@ class BlockReader:
                 self._unstored_bytes -= len(ct)
         self._stored.set()
         self._stored = trio.Event()
-        if self.on_stored is not None:
-            try:
-                self.on_stored(changed)
-            except Exception:  # a callback of run_sync_soon must not raise into trio
-                log.exception("after storing fetched blocks")
+        try:
+            self._committed(taken, changed)
+        except Exception:  # a callback of run_sync_soon must not raise into trio
+            log.exception("after storing fetched blocks")
 
     async def _store_unstored(self) -> None:
         """Store what waits for the store writer: with its thread running, wait until it
