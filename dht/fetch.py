@@ -379,6 +379,7 @@ class _Attempt:
     late: bool = False
     connection: BlockSource | None = None
     relay: bool = False  # asked a reader still fetching it: its silence is no stall
+    moved: bool = False  # asked again at its peer while it still waited in its run: no verdict
     run: RunOfWants | None = None  # the run it is part of (one task for all of them)
     index: int = 0  # its place in that run
 
@@ -1263,6 +1264,11 @@ class Fetcher:
             request.queued = False
             peer = self._choose(free, request, now)
             attempts = [self._new_attempt(request, peer, priority)]
+            for queued in request.attempts[:-1]:
+                if queued.peer is peer and _waits_in_run(queued):
+                    # moved, not doubled: it had not been asked for there yet
+                    queued.moved = True
+                    queued.cancel()
             self._take_run(attempts, usable)
             assert self._nursery is not None
             if len(attempts) == 1:
@@ -1486,6 +1492,8 @@ class Fetcher:
             return
 
         if error is None:
+            if attempt.moved:
+                return  # asked again on its own (`_waits_in_run`): that attempt tells
             # Cancelled: a hedge won, every waiter left, or we are shutting down.
             if attempt.late and not attempt.relay:
                 peer.latency = _ewma(peer.latency, elapsed, alpha)
@@ -1741,8 +1749,9 @@ def _waits_in_run(attempt: _Attempt) -> bool:
     blocks one after the other (an HTTP mirror) and it still waits behind another block
     of its run, which may stall for the whole read timeout. Such an attempt does not keep
     its peer from being asked again (a hedge at the same mirror goes out at once, on
-    another connection): else a good block queued behind a stalled file, at a mirror
-    that is its only source, waits past its fetch timeout (issue 10)."""
+    another connection, and the waiting one is dropped from its run: moved, not
+    fetched twice): else a good block queued behind a stalled file, at a mirror that
+    is its only source, waits past its fetch timeout (issue 10)."""
     run = attempt.run
     return attempt.late and run is not None and run.behind[attempt.index]
 

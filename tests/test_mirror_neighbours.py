@@ -50,15 +50,22 @@ BAD_WITHIN = 2.0  # a bad block's: it fails whatever the bound
 MOUNT = FetchConfig(default_timeout=GOOD_WITHIN)
 PATIENT = HttpTimeouts(connect=10.0, read=60.0, write=10.0, pool=60.0)
 
-KINDS = ("corrupt", "truncated", "too_long", "cut", "missing", "stalled")
+KINDS = ("corrupt", "truncated", "too_long", "cut", "missing", "stalled", "slow")
+# a slow file comes after its fetch gave up (BAD_WITHIN) and after the blocks behind it
+# were asked again on other connections (the first hedge, 0.5 s), whose answers take longer
+SLOW = 3.0
+HEDGE_ANSWERED_AFTER = 4.0
 
 
 class Mirror:
     """A keep-alive HTTP/1.1 server of blocks by id, each answered as its kind says."""
 
-    def __init__(self) -> None:
+    def __init__(self, later_connections_wait: float = 0.0) -> None:
         self.files: dict[str, tuple[str, bytes]] = {}  # target -> (kind, true bytes)
         self.asked: list[str] = []
+        self.connections = 0
+        # good files asked on any connection but the first wait this long (a hedge's)
+        self.later_connections_wait = later_connections_wait
 
     def add(self, kind: str, size: int = 200_000) -> bytes:
         data = os.urandom(size)
@@ -68,6 +75,8 @@ class Mirror:
 
     async def serve(self, stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER)
+        later = self.connections > 0
+        self.connections += 1
         try:
             while True:
                 event = conn.next_event()
@@ -79,7 +88,10 @@ class Mirror:
                 elif isinstance(event, h11.Request):
                     target = event.target.decode()
                     self.asked.append(target)
-                    if not await self._answer(stream, conn, *self.files.get(target, ("", b""))):
+                    kind, data = self.files.get(target, ("", b""))
+                    if later and kind == "good":
+                        await trio.sleep(self.later_connections_wait)
+                    if not await self._answer(stream, conn, kind, data):
                         return
                 elif isinstance(event, h11.EndOfMessage):
                     conn.start_next_cycle()
@@ -93,6 +105,9 @@ class Mirror:
         """Answer one request; False when the connection is to end here."""
         if kind == "stalled":
             await trio.sleep_forever()
+        if kind == "slow":  # and damaged
+            await trio.sleep(SLOW)
+            kind = "corrupt"
         if kind in ("missing", ""):
             await stream.send_all(conn.send(h11.Response(
                 status_code=404, headers=[("Content-Length", "0")])) + conn.send(h11.EndOfMessage()))
@@ -175,8 +190,9 @@ def test_a_good_block_comes_after_a_dozen_damaged_files_failed(kind: str) -> Non
 def test_a_good_block_queued_behind_a_bad_one_in_a_run_comes(kind: str) -> None:
     """Reads wanted at once go to the mirror as one run, fetched in order on one
     connection: a good block right behind a bad one (which fails, is refused, breaks
-    the connection, or never answers) is delivered all the same, its bytes exact."""
-    mirror = Mirror()
+    the connection, never answers or answers late) is delivered all the same, its bytes
+    exact, and asked for once."""
+    mirror = Mirror(HEDGE_ANSWERED_AFTER if kind == "slow" else 0.0)
     bad = mirror.add(kind)
     goods = [mirror.add("good") for _ in range(2)]
     got: dict[bytes, bytes] = {}
@@ -188,6 +204,8 @@ def test_a_good_block_queued_behind_a_bad_one_in_a_run_comes(kind: str) -> None:
         await all_at_once(fetcher, [bad, *goods], partial(fails, fetcher, bad),
                           *[partial(read, fetcher, g) for g in goods])
         assert got == {g: mirror.files[f"/{block_path(g)}"][1] for g in goods}
+        # each asked for once: a block moved out of its run is not fetched there as well
+        assert [mirror.asked.count(f"/{block_path(g)}") for g in goods] == [1, 1]
         # and the block after them, alone
         last = mirror.add("good")
         assert await fetcher.fetch(last, Priority.READ) == mirror.files[
