@@ -821,3 +821,25 @@ def test_the_store_writer_is_one_thread_that_ends_with_the_drive(world) -> None:
                    if start < 4 * MiB)
 
     run_trio(main, DEADLINE)
+
+
+def test_a_read_of_a_chunk_the_readahead_found_missing_does_not_look_again(world) -> None:
+    """A READ that gets to a chunk before the readahead's load of it does, after the
+    readahead found it missing from the store (`OpenFile.absent`), fetches it without a
+    store lookup of its own (a worker-thread job each, on a cold sequential read)."""
+    drive, net, big, _, _ = world
+
+    async def main(nursery: trio.Nursery) -> None:
+        async with running_drive(drive):
+            of = await open_file(drive, b"big.bin")
+            chunks, starts = of.map.chunks, of.map.starts
+            i = len(chunks) // 2
+            assert chunks[i].length >= 64 * KiB
+            of.absent.add(i)  # as _prefetch_in_order leaves it until its load starts
+            jobs = drive.blocks.workers.jobs
+            got = await drive.read(of, starts[i], 4096)
+            assert bytes(got) == big[starts[i]:starts[i] + 4096]
+            assert drive.blocks.workers.jobs == jobs, "the READ looked into the store"
+            assert net.asked().count(chunks[i].block_id) == 1
+
+    run_trio(main, DEADLINE)

@@ -74,6 +74,9 @@ class OpenFile:
     sequential: int = 0
     readahead_until: int = 0
     pending: set[int] = field(default_factory=set)
+    # chunks the readahead found missing from the store and has not loaded yet: a READ
+    # that gets to one first fetches it without its own look into the store
+    absent: set[int] = field(default_factory=set)
 
 
 class Drive:
@@ -232,6 +235,7 @@ class Drive:
 
     def close(self, of: OpenFile) -> None:
         of.pending.clear()
+        of.absent.clear()
 
     async def read(self, of: OpenFile, off: int, size: int) -> bytes | memoryview:
         span = of.map.span(off, size)
@@ -256,7 +260,8 @@ class Drive:
         todo = [k for k, plain in enumerate(plains) if plain is None]
         if len(todo) == 1:
             k = todo[0]
-            plains[k] = await self._read_chunk(chunks[span[k]], Priority.READ, of)
+            plains[k] = await self._read_chunk(chunks[span[k]], Priority.READ, of,
+                                               span[k] in of.absent)
         elif todo:
             errors: list[PeerdriveError] = []
 
@@ -264,7 +269,8 @@ class Drive:
                 # a failed chunk does not cancel the others: each ends bounded by the fetch
                 # timeout, and every chunk found unavailable is remembered as such
                 try:
-                    plains[k] = await self._read_chunk(chunks[span[k]], Priority.READ, of)
+                    plains[k] = await self._read_chunk(chunks[span[k]], Priority.READ, of,
+                                                       span[k] in of.absent)
                 except PeerdriveError as exc:
                     errors.append(exc)
 
@@ -358,6 +364,7 @@ class Drive:
         await self._nursery.start(functools.partial(
             self.blocks.fetch_ahead, [chunks[i] for i in left if chunks[i].block_id in absent],
             Priority.READAHEAD, looked=True))
+        of.absent.update(i for i in left if chunks[i].block_id in absent)
         for i in left:
             await self._nursery.start(self._prefetch, of, i, chunks[i].block_id in absent)
 
@@ -371,6 +378,7 @@ class Drive:
             pass  # readahead is a hint: the real read reports the error
         finally:
             of.pending.discard(i)
+            of.absent.discard(i)
 
     # -- the store as the node sees it -------------------------------------------------
 
