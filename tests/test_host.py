@@ -121,7 +121,7 @@ def test_a_host_serves_the_drive_when_the_publisher_is_gone(tmp_path: Path) -> N
         assert tree_digests(mnt) == {rel: hashlib.sha256(d).hexdigest()
                                      for rel, d in files.items()}, sw.diagnostics()
         # and now the reader too, once its store writer has committed what it fetched
-        assert wait_until(lambda: os.getxattr(mnt / name, "user.peerdrive.copies") == b"2", 20), \
+        assert wait_until(lambda: os.getxattr(mnt / name, "user.peerdrive.copies") == b"2", 60), \
             (os.getxattr(mnt / name, "user.peerdrive.copies"),
              os.getxattr(mnt / name, "user.peerdrive.state"))
         served = host.snapshot(after=time.time())["server"]["blocks_served"]
@@ -177,7 +177,7 @@ def test_a_version_over_the_quota_is_refused_and_nothing_counts_as_hosted(
         assert removed["removed"] and removed["freed_bytes"] > 2_000_000
         with BlockStore(Home(H).store_path) as store:
             assert store.count == 0
-        assert wait_until(lambda: hosting_state(host, pub["drive"]) is None, 20)
+        assert wait_until(lambda: hosting_state(host, pub["drive"]) is None, 60)
 
 
 def test_a_second_version_moves_only_its_new_blocks_and_releases_the_old(
@@ -342,12 +342,12 @@ def test_a_host_stops_on_sigterm_mid_transfer_from_a_frozen_pusher(tmp_path: Pat
                 return st["copies"] == 0 and (st["missing_blocks"] == gap if now["list_blocks"]
                                               else st["missing_blocks"] > gap)
 
-            assert wait_until(status_agrees, 30, interval=0.5), seen
+            assert wait_until(status_agrees, 60, interval=0.5), seen
             st, now = seen
             assert (st["hosted"], st["complete"], st["seq"], st["copies"]) == (True, False, 1, 0)
             assert now["state"] == "fetching" and st["missing_blocks"] > 0, seen
             os.kill(host.pid, signal.SIGTERM)
-            gone = wait_until(lambda: not host.alive(), 30)
+            gone = wait_until(lambda: not host.alive(), 60)
             assert gone, "the host did not stop on SIGTERM: " + sw.diagnostics()
             assert host.proc.returncode == 0, host.log_tail()
         finally:

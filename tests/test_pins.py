@@ -172,7 +172,7 @@ def test_status_xattrs_cli_and_copies_agree(tmp_path: Path, node_home) -> None:
         assert (waited["state"], waited["cached_bytes"], waited["files"]) == ("cloud", 0, 3)
         assert digest(x) == digest(src / "docs" / "x.bin")
         # blocks a read fetched are stored just after it returns (in batches, off the loop)
-        assert poll(lambda: xattr(x, "state") == "device", timeout=30)
+        assert poll(lambda: xattr(x, "state") == "device", timeout=60)
 
         ax = _agrees(reader, x)
         assert (ax["state"], ax["cached"], ax["size"], ax["pinned"]) == \
@@ -233,7 +233,7 @@ def test_status_xattrs_cli_and_copies_agree(tmp_path: Path, node_home) -> None:
         copies_seen["two seeders + device"] = 3
 
         seeder2.stop()
-        assert poll(lambda: xattr(mnt / "big.bin", "copies") == "1", timeout=30)
+        assert poll(lambda: xattr(mnt / "big.bin", "copies") == "1", timeout=60)
     print(json.dumps({"copies": copies_seen}))
 
 

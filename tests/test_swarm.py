@@ -91,7 +91,7 @@ def read_range(path: Path, offset: int, size: int) -> bytes:
 
 def becomes_device(path: Path) -> bool:
     """Whether `path` reaches state "device" (fetched blocks are stored in batches)."""
-    return wait_until(lambda: os.getxattr(path, "user.peerdrive.state") == b"device", 15)
+    return wait_until(lambda: os.getxattr(path, "user.peerdrive.state") == b"device", 60)
 
 
 def small_files(d: Published) -> list[str]:
@@ -407,8 +407,9 @@ def test_new_version_shows_in_a_live_mount(tmp_path: Path) -> None:
             except OSError:
                 return False
 
-        assert wait_until(shows_v2, timeout=10), (
-            f"version 2 did not show within 10 s\n{swarm.diagnostics()}")
+        # bounded only to catch a hang (how soon it shows is the printed figure)
+        assert wait_until(shows_v2, timeout=90), (
+            f"version 2 did not show within 90 s\n{swarm.diagnostics()}")
         print(f"\nfigures: version 2 showed in the live mount after "
               f"{time.monotonic() - started:.1f} s")
         assert sorted(os.listdir(mnt)) == ["added.txt", "grows.bin", "notes.txt", "same.txt",
