@@ -28,7 +28,7 @@ from vfs.fs import ATTR_TIMEOUT, DriveOperations
 from vfs.pins import BUILDING, pin_name
 from vfs.storage import DriveStorage
 from vfs.xattrs import PREFIX_BYTES as XATTR_PREFIX
-from vfs.xattrs import PinProgress
+from vfs.xattrs import FiguresState, PinProgress
 
 MiB = 1 << 20
 DEADLINE = 120.0  # seconds: generous, only a hang reaches it on a loaded machine
@@ -184,9 +184,13 @@ def test_status_attributes_follow_the_device(ops_world) -> None:
     async def xattrs(ino: int) -> dict[str, str]:
         names = await ops.listxattr(ino, None)
         assert names == [XATTR_PREFIX + n for n in (b"state", b"cached", b"size", b"pinned",
-                                                     b"copies")]
-        return {n[len(XATTR_PREFIX):].decode(): (await ops.getxattr(ino, n, None)).decode()
-                for n in names}
+                                                     b"copies", b"figures")]
+        found = {n[len(XATTR_PREFIX):].decode(): (await ops.getxattr(ino, n, None)).decode()
+                 for n in names if n != XATTR_PREFIX + b"figures"}
+        # figures: whether state and cached are at hand; once `state` answered, they are
+        figures = FiguresState.decode(await ops.getxattr(ino, XATTR_PREFIX + b"figures", None))
+        assert figures.complete and not figures.error, figures
+        return found
 
     async def main(nursery: trio.Nursery) -> None:
         async with running_drive(drive):
