@@ -75,45 +75,66 @@ _PATH_ERRNO = {
 
 
 def fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Turn the drive's exceptions into FUSEError(errno), logging the ones that matter."""
+    """Turn the drive's exceptions into FUSEError(errno), logging the ones that matter.
+
+    A request named in its Operations' `STOPPED_AT_SHUTDOWN` runs in a cancel
+    scope that `stop_waits` cancels, and is then answered EIO (see there).
+    """
 
     @functools.wraps(fn)
     async def wrapper(*args: Any) -> T:
-        try:
-            try:
-                return await fn(*args)
-            except BaseExceptionGroup as group:  # a nursery below: its one real error
-                leaf = unwrap_group(group)
-                if leaf is group:
-                    raise
-                raise leaf from None
-        except pyfuse3.FUSEError:
-            raise
-        except PathError as exc:  # a writable mount refusing a change: the caller's doing
-            raise pyfuse3.FUSEError(_PATH_ERRNO.get(type(exc), errno.EINVAL)) from None
-        except (BlockUnavailable, IntegrityError) as exc:  # messages name blocks, not paths
-            log.warning("%s: %s", fn.__name__, exc)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except FormatError as exc:
-            # a malformed record's message may quote names of the drive: the log (on disk)
-            # gets them only with -v (docs/security.md, local user)
-            log.warning("%s: the drive holds a malformed record (-v for details)", fn.__name__)
-            log.debug("%s: %s", fn.__name__, exc)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except (NoSpaceError, StoreFull) as exc:
-            log.warning("%s: %s", fn.__name__, exc)
-            raise pyfuse3.FUSEError(errno.ENOSPC) from None
-        except UsageError as exc:
-            log.info("%s: %s", fn.__name__, exc)
-            raise pyfuse3.FUSEError(errno.EINVAL) from None
-        except PeerdriveError as exc:
-            log.warning("%s: %s", fn.__name__, exc)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except Exception:
-            log.exception("%s failed", fn.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        ops = args[0]
+        if fn.__name__ in ops.STOPPED_AT_SHUTDOWN:
+            if ops.stopping:
+                raise pyfuse3.FUSEError(errno.EIO)
+            with trio.CancelScope() as scope:
+                ops._waits.add(scope)
+                try:
+                    return await _errnos(fn, args)
+                finally:
+                    ops._waits.discard(scope)
+            log.info("%s: answered EIO, the mount is stopping", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO)
+        return await _errnos(fn, args)
 
     return wrapper
+
+
+async def _errnos(fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> T:
+    """`fn(*args)`, the drive's exceptions turned into FUSEError(errno)."""
+    try:
+        try:
+            return await fn(*args)
+        except BaseExceptionGroup as group:  # a nursery below: its one real error
+            leaf = unwrap_group(group)
+            if leaf is group:
+                raise
+            raise leaf from None
+    except pyfuse3.FUSEError:
+        raise
+    except PathError as exc:  # a writable mount refusing a change: the caller's doing
+        raise pyfuse3.FUSEError(_PATH_ERRNO.get(type(exc), errno.EINVAL)) from None
+    except (BlockUnavailable, IntegrityError) as exc:  # messages name blocks, not paths
+        log.warning("%s: %s", fn.__name__, exc)
+        raise pyfuse3.FUSEError(errno.EIO) from None
+    except FormatError as exc:
+        # a malformed record's message may quote names of the drive: the log (on disk)
+        # gets them only with -v (docs/security.md, local user)
+        log.warning("%s: the drive holds a malformed record (-v for details)", fn.__name__)
+        log.debug("%s: %s", fn.__name__, exc)
+        raise pyfuse3.FUSEError(errno.EIO) from None
+    except (NoSpaceError, StoreFull) as exc:
+        log.warning("%s: %s", fn.__name__, exc)
+        raise pyfuse3.FUSEError(errno.ENOSPC) from None
+    except UsageError as exc:
+        log.info("%s: %s", fn.__name__, exc)
+        raise pyfuse3.FUSEError(errno.EINVAL) from None
+    except PeerdriveError as exc:
+        log.warning("%s: %s", fn.__name__, exc)
+        raise pyfuse3.FUSEError(errno.EIO) from None
+    except Exception:
+        log.exception("%s failed", fn.__name__)
+        raise pyfuse3.FUSEError(errno.EIO) from None
 
 
 @dataclass(slots=True)
@@ -200,9 +221,16 @@ class DriveOperations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
     readdir_by_inode = LISTINGS_BY_INODE
+    # The requests that only look (the network is all they may wait on: a block, a
+    # directory node, a folder's figures): `stop_waits` cuts them short. Whatever
+    # changes the drive or the device is left to finish.
+    STOPPED_AT_SHUTDOWN = frozenset({"lookup", "getattr", "readlink", "opendir", "readdir",
+                                     "open", "read", "listxattr", "getxattr"})
 
     def __init__(self, drive: Drive, max_inodes: int = INODES_HIGH) -> None:
         super().__init__()
+        self.stopping = False
+        self._waits: set[trio.CancelScope] = set()
         self.drive = drive
         self.uid = os.getuid()
         self.gid = os.getgid()
@@ -236,6 +264,21 @@ class DriveOperations(pyfuse3.Operations):
     def init(self) -> None:
         """pyfuse3 calls this while answering the kernel's INIT, just before the reply."""
         self.initialized.set()
+
+    def stop_waits(self) -> None:
+        """Answer EIO to every looking request in progress (and to any that comes after).
+
+        pyfuse3 runs each request in the task that read it from the kernel,
+        and its main loop ends, after `pyfuse3.terminate()`, only once every
+        one of them has been answered: a READ waiting on a frozen peer kept a
+        mount that was told to stop (SIGTERM, an unmount) alive until the
+        fetch timed out, up to `--fetch-timeout`. The mount calls this first
+        (vfs/mount.py). A write, fsync or other change is not cut: a writable
+        mount's local changes finish and go into its last version.
+        """
+        self.stopping = True
+        for scope in list(self._waits):
+            scope.cancel()
 
     # -- inode table ---------------------------------------------------------------
 
@@ -874,6 +917,9 @@ class WritableOperations(DriveOperations):
     mount makes. Listings are by cookie (see vfs/worktree.py), so a directory
     changed while it is listed neither skips nor repeats a name that stayed.
     """
+
+    # open may truncate (O_TRUNC): a change, left to finish
+    STOPPED_AT_SHUTDOWN = DriveOperations.STOPPED_AT_SHUTDOWN - {"open"}
 
     def __init__(self, drive: Drive, session: WriteSession) -> None:
         super().__init__(drive)

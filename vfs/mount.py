@@ -146,6 +146,11 @@ async def serve_fuse(ops: pyfuse3.Operations, mountpoint: Path,
                     async for signum in s:
                         log.info("signal %d: unmounting", signum)
                         stopped_by.append(signum)
+                        # pyfuse3's loop ends only once every request in progress is
+                        # answered: those waiting on the network are cut short first
+                        stop_waits = getattr(ops, "stop_waits", None)
+                        if stop_waits is not None:
+                            stop_waits()
                         pyfuse3.terminate()
                         return
 
