@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import threading
 
+import pytest
 import trio
 import trio.testing
 
@@ -177,32 +178,56 @@ def test_a_slow_handshake_flood_does_not_lock_out_an_honest_client() -> None:
 
 def test_a_have_flood_is_answered_at_the_connection_rate_not_at_line_rate() -> None:
     """Each Have is up to 240 store reads on the server's event loop (which also serves FUSE);
-    a client reading the answers could ask for them as fast as the link carries 4 KiB frames."""
+    a client reading the answers could ask for them as fast as the link carries 4 KiB frames.
+
+    On a frozen clock (trio's MockClock), so what is counted is the connection's token
+    bucket, not how fast this machine answers: with no time passing exactly the burst is
+    answered and the next Have waits; each 1/rate seconds the test moves the clock lets
+    exactly one more through. On the wall clock, at a load of 24 on 2 cores, the server
+    took longer than 1/rate per Have by itself, never had to delay one, and
+    `haves_delayed > 0` failed.
+    """
     blocks = make_blocks(4)
     dk, secret = new_drive()
     ids = tuple(random_id() for _ in range(120))
+    rate, burst = 50.0, 20
+    # the clock moves only when the test moves it, or when every task has idled a whole
+    # TEST_DEADLINE of real time (a hang): then it jumps, and fail_after below fires
+    clock = trio.testing.MockClock(autojump_threshold=TEST_DEADLINE)
 
-    async def test(nursery) -> None:
-        server, port = await serve(nursery, blocks, {dk: secret}, have_rate=50.0,
-                                   have_burst=20)
-        ident = NodeIdentity.generate()
-        async with hostile_client(port, server.identity.node_id, ident, dk, secret) as (_, conn):
-            start = trio.current_time()
+    async def main() -> None:
+        with trio.fail_after(TEST_DEADLINE):
+            async with trio.open_nursery() as nursery:
+                server, port = await serve(nursery, blocks, {dk: secret}, have_rate=rate,
+                                           have_burst=burst)
+                stats = server.stats
+                ident = NodeIdentity.generate()
+                async with hostile_client(port, server.identity.node_id, ident, dk,
+                                          secret) as (_, conn):
+                    start = trio.current_time()
 
-            async def flood() -> None:
-                for i in range(120):
-                    await conn.send(Have(i, ids))
+                    async def flood() -> None:
+                        for i in range(120):
+                            await conn.send(Have(i, ids))
 
-            async with trio.open_nursery() as inner:
-                inner.start_soon(flood)
-                for _ in range(120):
-                    assert (await conn.receive()).TYPE == "have_reply"
-            elapsed = trio.current_time() - start
-        # 20 at once, then 50 a second: 100 more take at least 2 s
-        assert elapsed >= (120 - 20) / 50.0 * 0.9, elapsed
-        assert server.stats.haves_delayed > 0
+                    async with trio.open_nursery() as inner:
+                        inner.start_soon(flood)
+                        for _ in range(burst):
+                            assert (await conn.receive()).TYPE == "have_reply"
+                        await trio.testing.wait_all_tasks_blocked()
+                        # no time passed: the burst went out, the next Have waits its token
+                        assert (stats.haves_received, stats.haves_delayed) == (burst, 1)
+                        for answered in range(burst + 1, 121):
+                            clock.jump(1 / rate)
+                            assert (await conn.receive()).TYPE == "have_reply"
+                            await trio.testing.wait_all_tasks_blocked()
+                            assert stats.haves_received == answered  # one per 1/rate
+                    # 20 at once, then 50 a second: the 100 others took 2 s
+                    assert trio.current_time() - start == pytest.approx((120 - burst) / rate)
+                    assert stats.haves_delayed == 120 - burst
+                nursery.cancel_scope.cancel()
 
-    run(test)
+    trio.run(main, clock=clock)
 
 
 def test_tls_receive_some_honours_max_bytes() -> None:
