@@ -38,13 +38,22 @@ from vfs.storage import DriveStorage
 
 run = functools.partial(run_trio, deadline=120.0)  # run(test): test(nursery)
 
-# no hedges, no stalls: this counts frames, and a second attempt would be one more
+# no hedges, no stalls, no connect timeout a loaded machine reaches: this counts frames,
+# and a second attempt (or connection) would be one more
 CALM = FetchConfig(hedge_floor=60.0, stall_timeout=60.0, default_timeout=60.0,
-                   swarm_jitter=0, provider_refresh_min_interval=0.05)
+                   connect_timeout=60.0, swarm_jitter=0, provider_refresh_min_interval=0.05)
 
 
 class FetcherFetch:
-    """What `vfs.network.DriveFetch` is to a mount: the drive's fetch, with batches."""
+    """What `vfs.network.DriveFetch` is to a mount: the drive's fetch, with batches.
+
+    A batch fails (BlockUnavailable, the pin's round ends) when `stall` seconds pass
+    with no block of it delivered: here the fetcher's default (CALM: 60 s, a hang).
+    It was 5 s for every test, and a pin that must complete then failed its round
+    whenever a loaded machine (load 24 on 2 cores) went 5 s without delivering.
+    """
+
+    stall: float | None = None
 
     def __init__(self, fetcher: Fetcher) -> None:
         self.fetcher = fetcher
@@ -54,9 +63,16 @@ class FetcherFetch:
 
     async def batch(self, block_ids, priority, deliver) -> None:
         try:
-            await self.fetcher.fetch_batch(block_ids, priority, deliver, timeout=5.0)
+            await self.fetcher.fetch_batch(block_ids, priority, deliver, timeout=self.stall)
         except FetchTimeout as exc:
             raise BlockUnavailable(str(exc)) from exc
+
+
+class QuickStall(FetcherFetch):
+    """For a test whose pin must stall: its round ends 5 s after the last delivery (a
+    machine's load only makes that later)."""
+
+    stall = 5.0
 
     def stored(self, block_ids) -> None:
         self.fetcher.stored(block_ids)
@@ -182,7 +198,7 @@ def test_a_pin_that_stalls_fails_its_round_and_resumes_with_what_it_stored(
                 return list(listed)
 
             async with running_drive(cap, reader, head, dk, secret,
-                                     providers) as (drive, fetch, _):
+                                     providers, QuickStall) as (drive, fetch, _):
                 progress = await pin_root(drive)
                 assert not progress.complete and "missing" in progress.error
                 assert progress.blocks == len(nodes)
