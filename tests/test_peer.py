@@ -184,10 +184,10 @@ def test_server_answers_in_priority_order_when_backlogged(
     The READs go out one batch at a time (a 512 KiB block is a batch of its own);
     between two, the PIN replies already read wait for the next READ's store read
     at most LAZY_HOLD (0.25 s: a hung store must not stop the rest), made long here.
-    At a load of 24 on 2 cores the worker-thread hand-off of one in-memory read
-    outlasted 0.25 s and a PIN went out between two READs (with reads slowed to 0.3 s
-    here, rest began [100, 101, 2, ...]):
-    the documented bound, not a wrong order. This test proves the order the hold keeps.
+    On a machine at a load of 24 the worker-thread hand-off of one in-memory read can
+    outlast 0.25 s, and a PIN goes out between two READs (reads slowed to 0.3 s give
+    rest = [100, 101, 2, ...]): the documented bound, not a wrong order. This test
+    proves the order the hold keeps.
     """
     monkeypatch.setattr(server_connection, "LAZY_HOLD", 120.0)
     dk, secret = new_drive()

@@ -49,8 +49,9 @@ class FetcherFetch:
 
     A batch fails (BlockUnavailable, the pin's round ends) when `stall` seconds pass
     with no block of it delivered: here the fetcher's default (CALM: 60 s, a hang).
-    It was 5 s for every test, and a pin that must complete then failed its round
-    whenever a loaded machine (load 24 on 2 cores) went 5 s without delivering.
+    It was 5 s for every test, so a pin that must complete failed its round whenever
+    a loaded machine went 5 s without delivering (the likely cause of the runs-of-120
+    test's failure at a load of 24 on 2 cores, which no message was kept of).
     """
 
     stall: float | None = None
