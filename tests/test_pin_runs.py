@@ -68,15 +68,15 @@ class FetcherFetch:
         except FetchTimeout as exc:
             raise BlockUnavailable(str(exc)) from exc
 
+    def stored(self, block_ids) -> None:
+        self.fetcher.stored(block_ids)
+
 
 class QuickStall(FetcherFetch):
     """For a test whose pin must stall: its round ends 5 s after the last delivery (a
     machine's load only makes that later)."""
 
     stall = 5.0
-
-    def stored(self, block_ids) -> None:
-        self.fetcher.stored(block_ids)
 
 
 @asynccontextmanager
