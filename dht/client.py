@@ -8,7 +8,10 @@ a writer and a reader task run, and a receive thread:
   Ping, Pong), so a sequential reader's readahead is one TLS record;
 - the receive thread (receiver.py) reads the socket, decrypts, decodes
   frames and hashes blocks off the event loop, handing finished messages
-  over in batches (one wake-up per socket read, however many blocks);
+  over in batches (one wake-up per socket read, however many blocks); a
+  block that hashes to the id its request asked for is also given to
+  `on_verified(block_id, data)` there, in the thread, if the owner set one
+  (the drive decrypts it there: `Fetcher`'s hook, issue 12);
 - the reader routes each answer to the request awaiting it, by request id
   (Block/NotFound to a Want, HaveReply to a Have, Pong to a Ping), and takes
   Notice, Holding, Fetching, Whole, Ping and Goodbye as they come.
@@ -22,6 +25,7 @@ with the reason. Every request waits on one `PendingReply`.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -76,6 +80,11 @@ from .streams import (
 from .types import BLOCK_ID_LEN, DISCOVERY_KEY_LEN, PeerAddr, Priority
 
 OnNotice = Callable[[bytes, bytes], None]
+
+log = logging.getLogger(__name__)
+
+# on_verified(block_id, data): called in a thread with bytes already checked against the id
+OnVerified = Callable[[bytes, bytes], None]
 
 MAX_HAVES_IN_FLIGHT = 16  # Have requests one client connection keeps outstanding
 MAX_HOLDING_REMEMBERED = 65536  # block ids a client remembers a server announced (Holding)
@@ -206,6 +215,9 @@ class PeerConnection:
         self._finished = trio.Event()
         self._send_goodbye = False
         self._receiver: ReceiveThread | None = None  # its receive thread, once running
+        # called in the receive thread with each block that hashes to the id its request
+        # asked for, before the event loop hears of it (set by the owner; never raises)
+        self.on_verified: OnVerified | None = None
         self._pongs_queued = 0  # answers to the peer's pings not yet written (bounded)
         # blocks the server announced (Holding), oldest first; a bounded set
         self.holding: OrderedDict[bytes, None] = OrderedDict()
@@ -492,7 +504,8 @@ class PeerConnection:
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
                 receiver = self._receiver = ReceiveThread(
-                    self._frames.stream, self._frames.hand_decoder_over(), str(self.addr))
+                    self._frames.stream, self._frames.hand_decoder_over(), str(self.addr),
+                    self._verified_in_thread)
                 nursery.start_soon(self._writer)
                 await nursery.start(receiver.run)
                 nursery.start_soon(self._reader, receiver)
@@ -580,6 +593,29 @@ class PeerConnection:
                     await self._frames.flush()
         except DhtError as exc:
             self._fail(exc)
+
+    def _verified_in_thread(self, req_id: int, digest: bytes, data: bytes) -> None:
+        """In the receive thread: a block whose bytes hash to the id its request asked
+        for goes to `on_verified`; anything else (unasked, cancelled, a lie) does not.
+
+        The request table is only read here (a dict lookup, atomic under the
+        GIL). A request answered meanwhile and its id reused by a new want
+        is harmless: the bytes are passed on only if they hash to the id of
+        the want found, so the hook sees verified bytes whatever it is. trio
+        checks the answer again (`_on_block`) and decides what is delivered.
+        """
+        hook = self.on_verified
+        if hook is None:
+            return
+        pending = self._pending.get(req_id)
+        if pending is None or not isinstance(pending.request, Want):
+            return
+        if pending.request.block_id != digest:
+            return
+        try:
+            hook(digest, data)
+        except Exception:  # the hook is an optimisation: a failure must not end the thread
+            log.exception("on_verified hook of %s failed", self.addr)
 
     def _on_message(self, msg: Message, digest: bytes | None) -> None:
         """One message from the peer; raises DhtError when it ends the connection."""

@@ -56,7 +56,7 @@ from typing import Any, Protocol
 
 import trio
 
-from .client import OnNotice, PeerConnection, RunOfWants
+from .client import OnNotice, OnVerified, PeerConnection, RunOfWants
 from .errors import (
     BadBlockError,
     BlockNotFound,
@@ -409,11 +409,20 @@ class Fetcher:
         on_holding: Callable[[bytes], None] | None = None,
         on_fetching: Callable[[bytes], None] | None = None,
         config: FetchConfig | None = None,
+        on_verified: OnVerified | None = None,
     ) -> None:
         """`on_holding(block_id)` is told of every block delivered and `on_fetching(block_id)`
         of every block this fetcher starts fetching from a peer that does not announce
         holding it (a seed): the node announces them to its own clients (Holding,
-        Fetching), so readers of one drive fetch from each other."""
+        Fetching), so readers of one drive fetch from each other.
+
+        `on_verified(block_id, data)` is handed to every connection and source
+        this fetcher uses: they call it in their own thread (a peer
+        connection's receive thread, a mirror's fetch thread) with each block
+        whose bytes they have checked against its id, before the event loop
+        hears of it. It is opaque here: the drive layer decrypts there, off
+        the event loop and with the GIL released (issue 12). It must not
+        raise or block; it is never called with unchecked bytes."""
         self.identity = identity
         self.discovery_key = discovery_key
         self.drive_secret = drive_secret
@@ -424,6 +433,7 @@ class Fetcher:
         self._on_notice = on_notice
         self._on_holding = on_holding
         self._on_fetching = on_fetching
+        self.on_verified = on_verified
         self._peers: dict[bytes, _Peer] = {}
         self._dialling = 0  # background dials in progress
         # blocks delivered lately, served to other readers until the store has them
@@ -850,6 +860,8 @@ class Fetcher:
                 if self._nursery is not None:
                     self._nursery.start_soon(peer.source.aclose)
         for sid, source in wanted.items():
+            if self.on_verified is not None and hasattr(source, "on_verified"):
+                source.on_verified = self.on_verified
             old = self._peers.get(sid)
             if old is not None and old.source is not None and old.source is not source:
                 if self._nursery is not None:
@@ -1654,6 +1666,8 @@ class Fetcher:
                 nursery.start_soon(conn.aclose)  # another address was quicker
                 return
             won.append(conn)
+            if self.on_verified is not None and hasattr(conn, "on_verified"):
+                conn.on_verified = self.on_verified
             peer.addr_failed.pop((addr.host, addr.port), None)
             if peer.addr != addr:
                 peer.addr = addr

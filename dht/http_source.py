@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import threading
 import time
 from collections import OrderedDict, deque
@@ -39,12 +40,14 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from .client import OnRunResult, RunOfWants
+from .client import OnRunResult, OnVerified, RunOfWants
 from .errors import BadBlockError, BlockNotFound, DhtError, PeerGoneError
 from .http_connection import Abort, BlockingPool, BodyTooLongError, HttpPool, HttpTimeouts
 from .mirror_layout import HEAD_PATH, MAX_BLOCK, block_path, check_base_url, source_id
 from .records import MAX_MUTABLE_WIRE
 from .types import BLOCK_ID_LEN, Priority
+
+log = logging.getLogger(__name__)
 
 _KNOWN_IDS = 65_536  # ids a mirror answered for, remembered (HEAD/GET succeeded)
 # blocks the fetcher may hand over as one run (`fetch_run`): one fetch thread, one
@@ -79,6 +82,9 @@ class HttpSource:
         self.closed = False
         self.requests = 0
         self.bytes = 0
+        # called in the fetch thread with each block checked against its id (the fetcher
+        # sets it: the drive decrypts there, off the event loop); never raises
+        self.on_verified: OnVerified | None = None
 
     def __repr__(self) -> str:
         return f"HttpSource({self.base_url!r})"
@@ -239,6 +245,12 @@ class HttpSource:
             raise BadBlockError(f"{self.base_url} served {len(data)} bytes for block "
                                 f"{block_id.hex()[:16]} that do not hash to its id "
                                 "(corrupt or truncated file on the mirror)")
+        hook = self.on_verified
+        if hook is not None:
+            try:
+                hook(block_id, data)
+            except Exception:  # an optimisation: a failure must not fail the fetch
+                log.exception("on_verified hook of %s failed", self.base_url)
         return data
 
     async def _head(self, path: str) -> bool:

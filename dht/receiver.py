@@ -16,9 +16,13 @@ Rules:
   default worker threads). Cancelling that task wakes the thread through a
   pipe it polls beside the socket, and the task returns only once the thread
   has: no thread outlives its connection, and the socket is closed only after.
-- The thread never touches request state. It hands trio, in order, each
+- The thread never changes request state. It hands trio, in order, each
   message with the SHA-256 of a Block's bytes; trio matches answers to
   requests and compares digests with the block ids asked for (client.py).
+  Before a Block goes into the batch, `on_block(req_id, digest, data)` (if
+  given) is called here, in the thread: the client uses it to hand blocks
+  that hash to the id their request asked for to the drive, which decrypts
+  them here with the GIL released instead of on the event loop (issue 12).
 - At most `MAX_QUEUED` bytes of decoded messages wait for trio; beyond that
   the thread stops reading the socket until trio takes them, so a peer that
   sends faster than we consume fills its own TCP window, not our memory.
@@ -42,6 +46,7 @@ import select
 import ssl
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -52,6 +57,9 @@ from .tlsstream import SOCKET_READ, TlsStream
 
 MAX_QUEUED = 4 * 1024 * 1024  # decoded bytes waiting for trio before the thread stops reading
 PLAIN_BUFFER = 256 * 1024  # plaintext decrypted into one buffer at a time
+
+# on_block(request id, SHA-256 of the block's bytes, the bytes): called in the thread
+OnBlock = Callable[[int, bytes, bytes], None]
 
 
 @dataclass(slots=True)
@@ -71,10 +79,12 @@ class _Stopped(Exception):
 class ReceiveThread:
     """Receives one TLS connection's frames in a thread; `take` hands them to trio."""
 
-    def __init__(self, tls: trio.abc.Stream, decoder: FrameDecoder, peer: str) -> None:
+    def __init__(self, tls: trio.abc.Stream, decoder: FrameDecoder, peer: str,
+                 on_block: OnBlock | None = None) -> None:
         """`tls`: the connection's TlsStream over a trio.SocketStream; `decoder`: its
         frame decoder with what it buffered so far (FrameStream.hand_decoder_over);
-        `peer` names the peer in errors."""
+        `peer` names the peer in errors; `on_block(req_id, digest, data)` is called in
+        the thread for each Block before trio gets it (it must not raise)."""
         if not isinstance(tls, TlsStream) or not isinstance(tls.transport, trio.SocketStream):
             raise DhtError("a receive thread needs our TLS stream over a TCP socket")
         transport = tls.transport
@@ -82,6 +92,7 @@ class ReceiveThread:
         self._tls = tls
         self._fd = transport.socket.fileno()
         self._decoder = decoder
+        self._on_block = on_block
         self._leftover = tls.hand_receiving_to_thread()
         # the thread's buffers, made when it starts and reused for every read and record
         self._raw = bytearray()
@@ -203,6 +214,7 @@ class ReceiveThread:
     def _decode(self, parts: list[bytes] | list[memoryview], flush: bool) -> None:
         """Frames from decrypted bytes, handed over (with what came before a bad frame)."""
         decoder = self._decoder
+        on_block = self._on_block
         messages: list[tuple[Message, bytes | None]] = []
         size = 0
         try:
@@ -210,7 +222,10 @@ class ReceiveThread:
                 decoder.feed(part)
                 while (msg := decoder.next_event()) is not None:
                     if isinstance(msg, Block):
-                        messages.append((msg, hashlib.sha256(msg.data).digest()))
+                        digest = hashlib.sha256(msg.data).digest()
+                        if on_block is not None:
+                            on_block(msg.req_id, digest, msg.data)
+                        messages.append((msg, digest))
                         size += len(msg.data)
                     else:
                         messages.append((msg, None))

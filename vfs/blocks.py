@@ -12,6 +12,19 @@ GCM tag is checked, not the plaintext's hash a second time
 in-memory LRU of plaintext makes the kernel's several reads of one chunk cost
 one decryption.
 
+A block fetched from a peer or a mirror is usually decrypted before the
+event loop hears of it: the fetch's own thread (a peer connection's receive
+thread, a mirror's fetch thread) calls `open_verified(block_id, ciphertext)`
+once it has checked the bytes against the id (the fetch's `open_with` hands
+it over; dht/ sees an opaque callable), and AES-GCM runs there with the GIL
+released. It decrypts only blocks a load here expects (`_expect`: the
+readahead's asks and the loads waiting on the network), with the ref the
+load will use, and keeps the plaintext until that load takes it (bounded:
+OPENED_LIMIT_BYTES). A load finding none, or one made for another ref,
+decrypts on the event loop as before; a block that fails to decrypt there
+is left to the event loop, which fails it the usual way (IntegrityError,
+evicted), so a failure in the thread never yields bytes.
+
 Fetched blocks are stored behind the reader's back: `run_store_writer` (a
 task of the drive's nursery, with one long-lived thread of its own) puts
 everything fetched since its last commit in one transaction, so a stream of blocks costs one commit (one fsync) per
@@ -59,6 +72,10 @@ _THREAD_MIN = 64 * 1024
 STORE_BATCH_BLOCKS = 2048
 STORE_BATCH_BYTES = 16 * 1024 * 1024
 PER_BLOCK_CONCURRENCY = 128  # blocks in flight when the fetch takes no batches
+# plaintext decrypted in a fetch thread, waiting for its load (past it, the oldest goes:
+# its load decrypts on the event loop); refs a fetch thread may decrypt with, at most
+OPENED_LIMIT_BYTES = 16 * 1024 * 1024
+EXPECTED_LIMIT = 4096
 
 
 class BlockReader:
@@ -109,6 +126,14 @@ class BlockReader:
         self.fetched_blocks = 0
         self.fetched_bytes = 0
         self.uncached_blocks = 0
+        # blocks a fetch thread may decrypt (`open_verified`), by id: the ref their load
+        # will use; and the plaintexts made there, waiting for that load. One lock: the
+        # fetch threads and the event loop both change them.
+        self._expected: OrderedDict[bytes, Ref] = OrderedDict()
+        self._opened: OrderedDict[bytes, tuple[Ref, bytes]] = OrderedDict()
+        self._opened_bytes = 0
+        self._open_lock = threading.Lock()
+        self.opened_in_thread = 0  # loads whose plaintext a fetch thread made
         # called on the event loop after each commit of fetched blocks, with True when the
         # store changed in more ways than taking them (a block refused, or evictions made
         # room): the drive's folder figures then recount (vfs.figures)
@@ -310,6 +335,8 @@ class BlockReader:
         if len(missing) < 2:  # nothing to fetch, or one block: its read asks for it
             task_status.started()
             return
+        wanted = set(missing)
+        self._expect([r for r in refs if r.block_id in wanted])
         await ahead(missing, priority, task_status=task_status)
 
     async def ciphertext(self, ref: Ref, priority: Priority) -> bytes:
@@ -667,6 +694,55 @@ class BlockReader:
             self._undecryptable_block(ref)
             raise
 
+    def _expect(self, refs: list[Ref]) -> None:
+        """These blocks may arrive from the network soon: a fetch thread may decrypt
+        them (`open_verified`) with these refs."""
+        with self._open_lock:
+            expected = self._expected
+            for ref in refs:
+                expected[ref.block_id] = ref
+                expected.move_to_end(ref.block_id)
+            while len(expected) > EXPECTED_LIMIT:
+                expected.popitem(last=False)
+
+    def _take_opened(self, block_id: bytes) -> tuple[Ref, bytes] | None:
+        """A load of the block ends: it is no longer expected, and what a fetch thread
+        decrypted of it (if anything) is handed over."""
+        with self._open_lock:
+            self._expected.pop(block_id, None)
+            opened = self._opened.pop(block_id, None)
+            if opened is not None:
+                self._opened_bytes -= len(opened[1])
+            return opened
+
+    def open_verified(self, block_id: bytes, ciphertext: bytes) -> None:
+        """In a fetch's thread: decrypt a block that was just checked against its id,
+        if a load expects it, and keep the plaintext for that load.
+
+        The fetch calls this (the hook `open_with` gave it) with bytes whose
+        SHA-256 it has compared with `block_id`, so only the GCM tag is left
+        to check. Nothing is kept for a block no load expects, for one that
+        fails to decrypt (its load decrypts again on the event loop and fails
+        it there: IntegrityError, evicted) or for one whose load ended
+        meanwhile. Never raises.
+        """
+        with self._open_lock:
+            ref = self._expected.get(block_id)
+            if ref is None or block_id in self._opened:
+                return
+        try:
+            plain = decrypt_checked_block(self.read_key, ref, ciphertext)
+        except IntegrityError:
+            return
+        with self._open_lock:
+            if self._expected.get(block_id) is not ref or block_id in self._opened:
+                return  # its load has ended (or another thread was quicker)
+            self._opened[block_id] = (ref, plain)
+            self._opened_bytes += len(plain)
+            while self._opened_bytes > OPENED_LIMIT_BYTES:
+                _, (_, old) = self._opened.popitem(last=False)
+                self._opened_bytes -= len(old)
+
     def _undecryptable_block(self, ref: Ref) -> None:
         """The id matched, so the publisher encrypted garbage under this ref, or the ref
         itself is wrong: drop the block so it is not served again (the caller fails).
@@ -698,8 +774,17 @@ class BlockReader:
             return plain
         # just found missing from the store (or never taken from it): straight to the
         # network, not a second lookup on the event loop
-        ct = await self.ciphertext_of(ref.block_id, priority, looked=True)
+        self._expect([ref])
+        try:
+            ct = await self.ciphertext_of(ref.block_id, priority, looked=True)
+        finally:
+            opened = self._take_opened(ref.block_id)
         assert ct is not None
+        if opened is not None and opened[0] == ref:
+            # decrypted in the fetch's thread from bytes it checked against this id: the
+            # same bytes as `ct` (both hash to the id), with this very ref
+            self.opened_in_thread += 1
+            return opened[1]
         # A fetched block is decrypted here, at once, whoever asked for it (a READ or the
         # readahead). AES-GCM is all that is left of it (the id was checked on the way
         # in): ~0.05-0.4 ms for a chunk of 256 KiB-1 MiB, while a trip to a worker thread

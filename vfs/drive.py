@@ -91,6 +91,9 @@ class Drive:
         self.head = head
         self.version = 1
         self.blocks = BlockReader(storage.store, cap.read_key, fetch, tag=cap.discovery_key)
+        open_with = getattr(fetch, "open_with", None)
+        if open_with is not None:  # fetched blocks decrypted in the fetch's threads
+            open_with(self.blocks.open_verified)
         self.tree = Tree(self.blocks)
         self.figures = Figures(self.tree, storage.store, unstored=self.blocks.is_unstored,
                                spill_dir=getattr(storage.store, "path", None))

@@ -168,6 +168,9 @@ class NetworkNode:
                                  on_client_lost=self.dht.check_contact,
                                  on_client_joined=self._client_joined)
         self.drives: dict[bytes, DriveServing] = {}  # by discovery key
+        # by discovery key: the drive's `BlockReader.open_verified`, handed to its fetcher's
+        # connections and mirrors (`DriveFetch.open_with`): blocks decrypted in their threads
+        self._openers: dict[bytes, Callable[[bytes, bytes], None]] = {}
         self.port: int | None = None
         self._nursery: trio.Nursery | None = None
         self._lan: LanDiscovery | None = None
@@ -609,10 +612,20 @@ class NetworkNode:
             self._fetching.setdefault(dk, []).append(block_id)
             self._holding_added.set()
 
+        openers = self._openers
+
+        def verified(block_id: bytes, data: bytes) -> None:
+            # in a connection's receive thread or a mirror's fetch thread: the drive's
+            # reader, if it has said it wants them (`DriveFetch.open_with`)
+            opener = openers.get(dk)
+            if opener is not None:
+                opener(block_id, data)
+
         fetcher = Fetcher(self.identity, cap.discovery_key, cap.pubkey,
                           lambda: self.providers(cap.discovery_key), on_notice=notice,
                           on_holding=holding, on_fetching=fetching,
-                          config=FetchConfig(default_timeout=self.fetch_timeout))
+                          config=FetchConfig(default_timeout=self.fetch_timeout),
+                          on_verified=verified)
         if self._nursery is None:
             raise NodeStoppedError("the node is not running: start it before fetching")
         d.fetcher_starting = starting = trio.Event()
@@ -729,6 +742,13 @@ class DriveFetch:
             await fetcher.fetch_batch(block_ids, priority, deliver)
         except DhtError as exc:
             raise BlockUnavailable(str(exc)) from exc
+
+    def open_with(self, opener: Callable[[bytes, bytes], None]) -> None:
+        """Blocks of this drive fetched from now on are handed to `opener(block_id,
+        ciphertext)` in the thread that checked them against their id (the mount's
+        `BlockReader.open_verified`: decrypted there, issue 12). One per drive: the
+        mount's reader; other readers of the drive decrypt on the event loop."""
+        self.net._openers[self.cap.discovery_key] = opener
 
     def stored(self, block_ids: list[bytes]) -> None:
         """These blocks were committed to the store: the fetcher's copies of them go."""
