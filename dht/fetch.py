@@ -30,6 +30,18 @@ which peer is asked for which block and when:
   `stall_timeout`) puts the peer in exponential backoff. A block with the
   wrong hash never reaches the caller: the connection is dropped and the peer
   is shunned for `bad_block_backoff`.
+* **Probes of a lone source.** Backoff spreads work away from a failing peer
+  to the others; a request with no other eligible source (a drive read only
+  through one mirror, or from one peer) would only wait out that backoff, up
+  to `backoff_max`, and its reads fail with EIO meanwhile even though the
+  source was back a moment after its hiccup. So such a request may take one
+  *probe* attempt to the backed-off source: one probe in flight per source,
+  the first `probe_interval` after the failure, the next after twice that,
+  and so on up to `probe_max`; and only while a request waits for it. A probe
+  that answers ends the backoff at once; one that fails counts as any other
+  failure, so the backoff of a source that stays dead still grows. A shunned
+  peer (a corrupt block, a refusal) is never probed. With another eligible
+  source nothing changes: the work goes there (`_probe_target`).
 * **Bounded waits.** Every fetch has a deadline; past it the caller gets
   FetchTimeout saying how many peers were tried and what each said.
 
@@ -114,6 +126,11 @@ class FetchConfig:
     backoff_base: float = 0.5
     backoff_max: float = 60.0
     bad_block_backoff: float = 600.0  # also used for refused / wrong-identity peers
+    # a backed-off source that is a request's only eligible one is probed (one attempt at
+    # a time) this long after its failure, then after twice as long after each failed
+    # probe, at most probe_max apart: a hiccup costs a retry, not the backoff
+    probe_interval: float = 1.0
+    probe_max: float = 10.0
     default_timeout: float = 30.0  # per fetch, when the caller gives none
     providers_timeout: float = 30.0
     provider_refresh_interval: float = 60.0
@@ -175,6 +192,7 @@ class FetcherStats:
     timeouts: int = 0
     attempts: int = 0
     hedges: int = 0
+    probes: int = 0  # attempts at a backed-off source that was a request's only one
     provider_refreshes: int = 0
 
 
@@ -247,6 +265,10 @@ class _Peer:
         self.last_delivery = -math.inf
         self.consecutive_failures = 0
         self.backoff_until = -math.inf
+        self.shunned_until = -math.inf  # a corrupt block or a refusal: never probed till then
+        self.probe_at = math.inf  # while backed off: when a request with nobody else may probe
+        self.probe_failures = 0  # probes failed in a row (each doubles the next one's wait)
+        self.probing = False  # a probe is in flight (one at a time)
         self.blocks = 0
         self.bytes = 0
         self.failures = 0
@@ -382,6 +404,7 @@ class _Attempt:
     moved: bool = False  # asked again at its peer while it still waited in its run: no verdict
     run: RunOfWants | None = None  # the run it is part of (one task for all of them)
     index: int = 0  # its place in that run
+    probe: bool = False  # sent to its backed-off peer as a request's only source
 
     def cancel(self) -> None:
         """Its answer is no longer wanted (a hedge won, every waiter left, shutdown)."""
@@ -946,6 +969,7 @@ class Fetcher:
                     # Reachable somewhere new: dial it now, whatever failed before.
                     peer.backoff_until = -math.inf
                     peer.consecutive_failures = 0
+                    peer.probe_failures = 0
                     self._providers_changed = True
                 if not peer.provider:
                     peer.provider = True
@@ -1089,9 +1113,11 @@ class Fetcher:
         while True:
             now = trio.current_time()
             # Parked requests had nobody to ask; look again once that may have
-            # changed: new providers, or a peer's backoff just ended.
+            # changed: new providers, a peer's backoff just ended, or it may be probed.
             backoff_ended = any(
-                backoff_checked < p.backoff_until <= now for p in self._peers.values()
+                backoff_checked < p.backoff_until <= now
+                or (p.backoff_until > now and backoff_checked < p.probe_at <= now)
+                for p in self._peers.values()
             )
             backoff_checked = now
             if self._parked and (self._providers_changed or backoff_ended):
@@ -1108,7 +1134,8 @@ class Fetcher:
             wake_at = math.inf
             if self._parked or self._heap:
                 wake_at = min(
-                    (p.backoff_until for p in self._peers.values() if p.backoff_until > now),
+                    (min(p.backoff_until, p.probe_at if now < p.probe_at else math.inf)
+                     for p in self._peers.values() if p.backoff_until > now),
                     default=math.inf,
                 )
             if self._deferred:
@@ -1149,6 +1176,8 @@ class Fetcher:
                 if request.deferred and not request.finished:
                     self._enqueue(request)
         usable = [p for p in self._peers.values() if p.provider and p.backoff_until <= now]
+        probed = [p for p in self._peers.values() if p.provider and p.backoff_until > now
+                  and p.probe_at <= now and not p.probing and p.shunned_until <= now]
         measured = [p.throughput for p in usable if p.throughput is not None]
         self._median_throughput = statistics.median(measured) if measured else None
         blocked: list[_Request] = []
@@ -1158,6 +1187,16 @@ class Fetcher:
                 heapq.heappop(self._heap)
                 continue
             priority = Priority(prio)
+            if probed:
+                target = self._probe_target(request, priority, usable, probed)
+                if target is not None:
+                    heapq.heappop(self._heap)
+                    request.blocked = False
+                    request.queued = False
+                    self._unpark(request)
+                    probed.remove(target)
+                    self._start_probe(request, target, priority)
+                    continue
             if not any(self._has_slot(p, priority) for p in usable):
                 # Every peer is full for this priority (lazier requests wait for
                 # it: READs first); with no usable peer at all, ask for fresh
@@ -1291,6 +1330,39 @@ class Fetcher:
                 self._nursery.start_soon(self._run_attempts, attempts, conn)
         for request in blocked:
             self._enqueue(request)
+
+    def _probe_target(self, request: _Request, priority: Priority, usable: list[_Peer],
+                      probed: list[_Peer]) -> _Peer | None:
+        """The backed-off peer `request` may probe now, if it has no other eligible source.
+
+        Backoff is there to spread work over the other sources; with none left
+        for this block (none listed, or all excluded from it: NotFound, a bad
+        block) it would only make the read wait out the backoff. A peer already
+        asked for it is probed again only if that attempt runs late (an HTTP
+        mirror asks again on another connection; a stalled peer's connection is
+        dropped anyway).
+        """
+        if any(p.node_id not in request.excluded for p in usable):
+            return None  # another source can take it (or will, once free): no probe
+        if len(request.attempts) >= self.config.max_parallel_attempts:
+            return None
+        targets = [p for p in probed
+                   if p.node_id not in request.excluded and self._has_slot(p, priority)
+                   and not any(a.peer is p and not a.late for a in request.attempts)]
+        if not targets:
+            return None
+        return min(targets, key=lambda p: (p.probe_at, p.consecutive_failures))
+
+    def _start_probe(self, request: _Request, peer: _Peer, priority: Priority) -> None:
+        """One attempt at a backed-off peer: its answer ends the backoff (`_finish_attempt`)."""
+        assert self._nursery is not None
+        peer.probing = True
+        self.stats.probes += 1
+        attempt = self._new_attempt(request, peer, priority)
+        attempt.probe = True
+        request.note(f"probes {peer.label}: backing off "
+                     f"{peer.backoff_until - trio.current_time():.1f}s, nobody else to ask")
+        self._nursery.start_soon(self._run_attempt, attempt)
 
     def _estimate(self, peer: _Peer, request: _Request) -> float:
         """Seconds until `peer` would deliver one more block, by its measured speed."""
@@ -1465,6 +1537,8 @@ class Fetcher:
             peer.in_flight_lazy -= 1
         request.attempts.remove(attempt)
         self._poke()
+        if attempt.probe:
+            self._probe_ended(attempt, data, error, now)
         alpha = self.config.ewma_alpha
         request.note(f"{peer.label}: " + ("delivered" if data is not None else
                                           "cancelled" if error is None else
@@ -1477,6 +1551,7 @@ class Fetcher:
             peer.blocks += 1
             peer.bytes += len(data)
             peer.consecutive_failures = 0
+            peer.probe_failures = 0
             peer.latency = _ewma(peer.latency, took, alpha)
             if attempt.idle_start:
                 peer.idle_latency = _ewma(peer.idle_latency, took, alpha)
@@ -1553,6 +1628,31 @@ class Fetcher:
             if not any(not a.late for a in request.attempts):
                 self._unpark(request)
                 self._enqueue(request)
+
+    def _probe_ended(self, attempt: _Attempt, data: bytes | None, error: DhtError | None,
+                     now: float) -> None:
+        """A probe's verdict: an answer ends its peer's backoff; a failure doubles the wait
+        for the next probe (the failure itself is penalised as any other, below)."""
+        peer = attempt.peer
+        peer.probing = False
+        self._providers_changed = True  # parked requests look again: usable, or probe again
+        answered = (data is not None or isinstance(error, BlockNotFound)
+                    or (isinstance(error, BadBlockError) and peer.source is not None
+                        and not peer.pushed))  # a mirror's rotten file: the server is up
+        if answered:
+            if peer.shunned_until <= now and peer.backoff_until > now:
+                attempt.request.note(f"{peer.label} answered a probe: backoff ended")
+                peer.backoff_until = -math.inf
+            peer.consecutive_failures = 0
+            peer.probe_failures = 0
+        elif error is not None or (attempt.late and not attempt.moved):
+            peer.probe_failures += 1
+            peer.probe_at = max(peer.probe_at, now + self._probe_wait(peer))
+        # else cancelled in time (its waiters left, another source won): no verdict
+
+    def _probe_wait(self, peer: _Peer) -> float:
+        config = self.config
+        return min(config.probe_interval * 2 ** min(peer.probe_failures, 30), config.probe_max)
 
     async def _watch_attempt(self, attempt: _Attempt) -> None:
         await self._watch_attempts([attempt])
@@ -1710,13 +1810,21 @@ class Fetcher:
         return True
 
     def _penalise(self, peer: _Peer, backoff: float | None = None) -> None:
+        """Back `peer` off: exponentially (`backoff` None; a lone source is probed meanwhile,
+        see `_probe_target`), or shunned for `backoff` seconds (never probed)."""
         config = self.config
+        now = trio.current_time()
         peer.failures += 1
         peer.consecutive_failures += 1
         if backoff is None:
             exponent = min(peer.consecutive_failures - 1, 30)
             backoff = min(config.backoff_base * 2**exponent, config.backoff_max)
-        peer.backoff_until = max(peer.backoff_until, trio.current_time() + backoff)
+            if peer.shunned_until <= now:
+                peer.probe_at = now + self._probe_wait(peer)
+        else:
+            peer.shunned_until = max(peer.shunned_until, now + backoff)
+            peer.probe_at = math.inf
+        peer.backoff_until = max(peer.backoff_until, now + backoff)
         self._poke()
 
     # ---- errors -------------------------------------------------------------
@@ -1748,7 +1856,7 @@ class Fetcher:
         """What kept a provider from being asked, as a timeout message says it."""
         backoff = peer.backoff_until - trio.current_time()
         if backoff > 0:
-            state = f"backing off {backoff:.0f}s"
+            state = f"backing off {backoff:.0f}s" + (", a probe in flight" if peer.probing else "")
         elif peer.connecting is not None:
             state = "dialling"
         elif not self._has_slot(peer, Priority.READ):
