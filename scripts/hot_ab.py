@@ -1,13 +1,16 @@
 """Lab for the hot read: one reader's store, mounts from two checkouts in turn.
 
     .venv/bin/python scripts/hot_ab.py OLD_CHECKOUT [--size 256M] [--pairs 3]
+        [--old-python PATH] [--new-python PATH]
 
 Publishes a file of random bytes (scripts/bench.py's data and helpers),
 reads it once through a reader mount of this checkout (cold: every block
 into the reader's store), then mounts the same reader home from OLD_CHECKOUT
 (a `git archive` of an older commit with a `.venv` link) and from this
 checkout in turn, each time with the page cache dropped, and reads the
-file with `cat`. Prints MB/s, the mount's CPU seconds and its event-loop
+file with `cat`. `--old-python`/`--new-python` run each side's mount with
+another interpreter (another venv: e.g. the same checkout on two builds of
+pyfuse3); by default both use this one. Prints MB/s, the mount's CPU seconds and its event-loop
 (main) thread's, from /proc, per read, and the medians. On a shared machine
 only pairs in turn compare; the CPU per byte is the steadier figure.
 Measures; asserts nothing.
@@ -37,11 +40,15 @@ def main() -> int:
     p.add_argument("--size", default="256M")
     p.add_argument("--pairs", type=int, default=3)
     p.add_argument("--workdir", default=None, help="where the temporary directory goes")
+    p.add_argument("--old-python", default=None, help="the old side's mounts run with it")
+    p.add_argument("--new-python", default=None, help="the new side's mounts run with it")
     args = p.parse_args()
     new, old = B.ROOT, args.old.resolve()
     size = B.parse_size(args.size)
     workdir = Path(tempfile.mkdtemp(prefix="hot-ab-", dir=args.workdir))
     tick = os.sysconf("SC_CLK_TCK")
+    argv = {"old": [args.old_python, "-m", "vfs.cli"] if args.old_python else B.peerdrive_argv(),
+            "new": [args.new_python, "-m", "vfs.cli"] if args.new_python else B.peerdrive_argv()}
     results: dict[str, list[tuple[float, float, float]]] = {"old": [], "new": []}
     with contextlib.ExitStack() as stack:
         bench = B.Bench(size=size, files=10, folders=1, runs=1, quick=True, workdir=workdir,
@@ -52,6 +59,7 @@ def main() -> int:
         for n in range(2 * args.pairs + 1):
             which = "new" if n % 2 == 0 else "old"
             B.ROOT = new if which == "new" else old  # the mount's PYTHONPATH and cwd
+            bench.peerdrive_argv = argv[which]
             with bench.peerdrive_mount("big", "hot ab", home=home) as m:
                 bench.drop_page_cache()
                 cpu0, loop0 = _cpu_ticks(m.pid), _cpu_ticks(m.pid, m.pid)
