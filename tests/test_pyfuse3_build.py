@@ -3,9 +3,10 @@
 scripts/setup applies every patches/pyfuse3-<version>-*.patch to the pinned
 sdist and rebuilds whenever scripts/pyfuse3_build.py's stamp changes; the
 installed build's version label names every patch. The last test watches
-the one patch no attribute shows: a probe preloaded into a pyfuse3 file
-system's process records, at each fuse_reply_buf and
-fuse_session_receive_buf, whether the calling thread holds the GIL.
+the patches at work: a probe preloaded into a pyfuse3 file system's process
+records, at each fuse_reply_buf, fuse_reply_iov and fuse_session_receive_buf,
+whether the calling thread holds the GIL, while the file system answers its
+READs with tuples of buffers.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ def test_the_label_names_every_patch_in_the_order_they_are_applied(tmp_path):
     build = PB.build_spec(root)
     assert build.version == "3.5.0"
     assert [p.name for p in build.patches] == ["pyfuse3-3.5.0-cache-readdir.patch",
-                                               "pyfuse3-3.5.0-nogil-reply.patch"]
-    assert build.label == "3.5.0+cachereaddir.nogilreply"
+                                               "pyfuse3-3.5.0-nogil-reply.patch",
+                                               "pyfuse3-3.5.0-read-parts.patch"]
+    assert build.label == "3.5.0+cachereaddir.nogilreply.readparts"
 
 
 def test_the_stamp_changes_with_the_set_of_patches_and_with_their_bytes(tmp_path):
@@ -54,13 +56,14 @@ def test_the_stamp_changes_with_the_set_of_patches_and_with_their_bytes(tmp_path
     extra = patches / "pyfuse3-3.5.0-zz-extra.patch"
     extra.write_text("another patch\n")
     stamps.append(PB.build_spec(root).stamp)
-    assert PB.build_spec(root).label == "3.5.0+cachereaddir.nogilreply.zzextra"
+    assert PB.build_spec(root).label == "3.5.0+cachereaddir.nogilreply.readparts.zzextra"
     extra.write_text("another patch, edited\n")
     stamps.append(PB.build_spec(root).stamp)
     extra.rename(patches / "pyfuse3-3.5.0-zz-renamed.patch")
     stamps.append(PB.build_spec(root).stamp)
     (patches / "pyfuse3-3.5.0-zz-renamed.patch").unlink()
     (patches / "pyfuse3-3.5.0-nogil-reply.patch").unlink()  # back to the older set
+    (patches / "pyfuse3-3.5.0-read-parts.patch").unlink()
     stamps.append(PB.build_spec(root).stamp)
     assert PB.build_spec(root).label == "3.5.0+cachereaddir"
     (root / "requirements-build.lock").write_text("Cython==0.0\n")
@@ -101,6 +104,9 @@ def test_setup_reads_the_spec_in_the_order_the_script_prints_it():
 def test_the_installed_pyfuse3_is_this_checkouts_build():
     """A venv that missed a rebuild (a patch added since) fails here: rerun scripts/setup."""
     assert importlib.metadata.version("pyfuse3") == PB.build_spec(ROOT).label
+    from vfs import fs
+
+    assert fs.READ_REPLY_PARTS and fs.KERNEL_CACHES_LISTINGS and fs.LISTINGS_BY_INODE
 
 
 _PROBE_C = r"""
@@ -115,7 +121,7 @@ struct fuse_buf;
 typedef struct fuse_req *fuse_req_t;
 
 /* [0]: called with the GIL held, [1]: without */
-static long reply_calls[2], receive_calls[2];
+static long reply_calls[2], iov_calls[2], receive_calls[2];
 
 /* the real function: pyfuse3's extension loaded libfuse3 into its own (local) scope,
    where RTLD_NEXT does not look */
@@ -138,6 +144,15 @@ int fuse_reply_buf(fuse_req_t req, const char *buf, size_t size) {
     return real(req, buf, size);
 }
 
+struct iovec;
+
+int fuse_reply_iov(fuse_req_t req, const struct iovec *iov, int count) {
+    int (*real)(fuse_req_t, const struct iovec *, int) =
+        (int (*)(fuse_req_t, const struct iovec *, int))libfuse("fuse_reply_iov");
+    __atomic_add_fetch(&iov_calls[gil_held() ? 0 : 1], 1, __ATOMIC_SEQ_CST);
+    return real(req, iov, count);
+}
+
 int fuse_session_receive_buf(struct fuse_session *se, struct fuse_buf *buf) {
     int (*real)(struct fuse_session *, struct fuse_buf *) =
         (int (*)(struct fuse_session *, struct fuse_buf *))libfuse("fuse_session_receive_buf");
@@ -148,13 +163,14 @@ int fuse_session_receive_buf(struct fuse_session *se, struct fuse_buf *buf) {
 int gil_probe_report(const char *path) {
     FILE *f = fopen(path, "w");
     if (f == NULL) return -1;
-    fprintf(f, "%ld %ld %ld %ld\n", reply_calls[0], reply_calls[1],
-            receive_calls[0], receive_calls[1]);
+    fprintf(f, "%ld %ld %ld %ld %ld %ld\n", reply_calls[0], reply_calls[1],
+            iov_calls[0], iov_calls[1], receive_calls[0], receive_calls[1]);
     return fclose(f);
 }
 """
 
-# A file system of one 4 MiB file `f` (byte i is i % 251) and its xattr user.x.
+# A file system of one 4 MiB file `f` (byte i is i % 251) and its xattr user.x; a READ is
+# answered with a tuple of three views (uneven, the last one empty at the end of the file).
 _FS_PY = r"""
 import ctypes, errno, os, stat, sys
 import pyfuse3, trio
@@ -186,7 +202,10 @@ class Ops(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         return pyfuse3.FileInfo(fh=inode, keep_cache=False)
     async def read(self, fh, off, size):
-        return memoryview(DATA)[off:min(off + size, SIZE)]
+        end = min(off + size, SIZE)
+        cut1, cut2 = min(off + 1000, end), min(off + size // 2 + 7, end)
+        view = memoryview(DATA)
+        return (view[off:cut1], view[cut1:cut2], view[cut2:end])
     async def getxattr(self, inode, name, ctx):
         if name != b"user.x":
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
@@ -208,7 +227,7 @@ if ctypes.CDLL(None).gil_probe_report(report.encode()) != 0:
 
 
 @pytest.mark.fuse
-def test_pyfuse3_receives_and_replies_without_the_gil(tmp_path):
+def test_pyfuse3_replies_from_parts_and_without_the_gil(tmp_path):
     if not (os.path.exists("/dev/fuse") and shutil.which("fusermount3") and shutil.which("gcc")):
         pytest.fail("needs /dev/fuse, fusermount3 and gcc (scripts/setup installs them)")
     (tmp_path / "probe.c").write_text(_PROBE_C)
@@ -245,8 +264,10 @@ def test_pyfuse3_receives_and_replies_without_the_gil(tmp_path):
                 proc.kill()
                 proc.wait()
     assert proc.returncode == 0, proc.stderr.read()
-    reply_held, reply_free, receive_held, receive_free = map(int, report.read_text().split())
-    counts = dict(reply_held=reply_held, reply_free=reply_free, receive_held=receive_held,
-                  receive_free=receive_free)
-    assert (reply_held, receive_held) == (0, 0), counts
-    assert reply_free >= 5 and receive_free >= 5, counts  # the probe saw the calls
+    names = ("reply_held", "reply_free", "iov_held", "iov_free", "receive_held", "receive_free")
+    counts = dict(zip(names, map(int, report.read_text().split()), strict=True))
+    assert (counts["reply_held"], counts["iov_held"], counts["receive_held"]) == (0, 0, 0), counts
+    # the probe saw the calls: the READs (4 MiB in requests of at most 1 MiB) as gathered
+    # replies, the xattr replies as single buffers
+    assert counts["iov_free"] >= 4 and counts["reply_free"] >= 2, counts
+    assert counts["receive_free"] >= 8, counts

@@ -134,6 +134,38 @@ def test_a_read_spanning_chunks_returns_exactly_the_bytes_asked(world) -> None:
     run_trio(main, DEADLINE)
 
 
+def test_a_read_in_parts_is_views_of_the_chunks_and_the_fuse_reply_uses_them(
+        world, monkeypatch) -> None:
+    """Drive.read_parts: one view per chunk spanned, no joined copy; vfs.fs.read_reply hands
+    pyfuse3 the tuple where it takes one (patches/pyfuse3-*-read-parts.patch), the joined
+    bytes where it does not, one view for a read within one chunk, b"" at the end."""
+    from vfs import fs as fs_module
+
+    drive, net, big, reader, _ = world
+
+    async def main(nursery: trio.Nursery) -> None:
+        async with running_drive(drive):
+            of = await open_file(drive, b"big.bin")
+            s = of.map.starts
+            off, size = s[3] - 10, s[5] - s[3] + 20  # the end of chunk 2, 3 and 4, chunk 5's start
+            parts = await drive.read_parts(of, off, size)
+            assert isinstance(parts, tuple) and all(isinstance(p, memoryview) for p in parts)
+            assert [len(p) for p in parts] == [10, s[4] - s[3], s[5] - s[4], 10]
+            assert b"".join(parts) == big[off:off + size]
+            assert await drive.read_parts(of, 8 * MiB, 10) == ()
+            monkeypatch.setattr(fs_module, "READ_REPLY_PARTS", True)
+            reply = await fs_module.read_reply(drive, of, off, size)
+            assert type(reply) is tuple and b"".join(reply) == big[off:off + size]
+            one = await fs_module.read_reply(drive, of, s[1] + 5, 100)
+            assert isinstance(one, memoryview) and bytes(one) == big[s[1] + 5:s[1] + 105]
+            assert await fs_module.read_reply(drive, of, 8 * MiB, 10) == b""
+            monkeypatch.setattr(fs_module, "READ_REPLY_PARTS", False)  # a plain pyfuse3
+            joined = await fs_module.read_reply(drive, of, off, size)
+            assert type(joined) is bytes and joined == big[off:off + size]
+
+    run_trio(main, DEADLINE)
+
+
 def test_concurrent_reads_of_one_block_fetch_it_once(world) -> None:
     drive, net, big, _, _ = world
 

@@ -241,9 +241,21 @@ class Drive:
         of.absent.clear()
 
     async def read(self, of: OpenFile, off: int, size: int) -> bytes | memoryview:
+        parts = await self.read_parts(of, off, size)
+        if len(parts) == 1:
+            return parts[0]  # a view, not a copy
+        return b"".join(parts)  # the one copy: only the bytes asked for
+
+    async def read_parts(self, of: OpenFile, off: int, size: int) -> tuple[memoryview, ...]:
+        """The bytes asked for as views of the chunks' plaintexts, in order (none at EOF).
+
+        The FUSE read hands them to pyfuse3 as they are where it takes a tuple
+        (the kernel gathers them into the reply), so a 1 MiB reply of four
+        chunks is not first joined into one copy on the event loop.
+        """
         span = of.map.span(off, size)
         if not span:
-            return b""
+            return ()
         chunks = of.map.chunks
         if off == of.next_offset:
             of.sequential += 1
@@ -282,13 +294,8 @@ class Drive:
                     nursery.start_soon(get, k)
             if errors:
                 raise errors[0]
-        if len(span) == 1:
-            i = span[0]
-            # a view, not a copy: pyfuse3 hands any buffer to the kernel as it is
-            return memoryview(plains[0])[off - starts[i]:end - starts[i]]  # type: ignore[arg-type]
-        # the one copy: only the bytes asked for
-        return b"".join(memoryview(plain)[max(off, starts[i]) - starts[i]:end - starts[i]]  # type: ignore[arg-type]
-                        for plain, i in zip(plains, span, strict=True))
+        return tuple(memoryview(plain)[max(off, starts[i]) - starts[i]:end - starts[i]]  # type: ignore[arg-type]
+                     for plain, i in zip(plains, span, strict=True))
 
     async def _read_chunk(self, ref: Ref, priority: Priority,
                           of: OpenFile | None = None, looked: bool = False) -> bytes:

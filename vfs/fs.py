@@ -175,6 +175,23 @@ KERNEL_CACHES_LISTINGS = hasattr(pyfuse3.FileInfo, "cache_readdir")
 # listing by itself (FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE are its default then); READDIR
 # then names the directory by inode. A warm walk of 200 folders sends nothing to us.
 LISTINGS_BY_INODE = KERNEL_CACHES_LISTINGS and hasattr(pyfuse3.Operations, "readdir_by_inode")
+# pyfuse3 built with patches/pyfuse3-*-read-parts.patch takes a READ's reply as a tuple of
+# buffers and has the kernel gather them (fuse_reply_iov): a 1 MiB reply of several chunks
+# is not joined into one copy on the event loop first. A plain pyfuse3 gets the joined bytes.
+READ_REPLY_PARTS = bool(getattr(pyfuse3, "read_reply_parts", False))
+
+
+async def read_reply(drive: Drive, of: OpenFile, off: int,
+                     size: int) -> bytes | memoryview | tuple[memoryview, ...]:
+    """What a FUSE READ of a drive's file answers: its bytes, one buffer or a tuple of them."""
+    if not READ_REPLY_PARTS:
+        return await drive.read(of, off, size)
+    parts = await drive.read_parts(of, off, size)
+    if len(parts) > 1:
+        return parts
+    return parts[0] if parts else b""
+
+
 # Listings remembered by (inode, tag), so a reader still going through an older version's
 # listing of a directory goes on with that listing (see DriveOperations._listing_of).
 LISTINGS_REMEMBERED = 4096
@@ -698,11 +715,11 @@ class DriveOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
 
     @fuse_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview | tuple[memoryview, ...]:
         of = self._files.get(fh)
         if of is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        return await self.drive.read(of, off, size)
+        return await read_reply(self.drive, of, off, size)
 
     async def release(self, fh: int) -> None:
         of = self._files.pop(fh, None)
@@ -1132,7 +1149,7 @@ class WritableOperations(DriveOperations):
         return handle
 
     @fuse_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview | tuple[memoryview, ...]:
         handle = self._handle_of(fh)
         node = handle.node
         if node.content is None:
@@ -1141,7 +1158,7 @@ class WritableOperations(DriveOperations):
                 if node.base is None:
                     return b""
                 handle.clean = await self.drive.open(node.base)
-            return await self.drive.read(handle.clean, off, size)
+            return await read_reply(self.drive, handle.clean, off, size)
         return await self.session.read(node, off, size)
 
     @fuse_errors
