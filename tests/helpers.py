@@ -28,6 +28,14 @@ PYTHON = sys.executable
 TRIO_DEADLINE = 20.0  # no in-process trio test may hang: each runs under this bound
 
 
+def reply_bytes(reply: object) -> bytes:
+    """The bytes of what an Operations.read returned: one buffer, or a tuple of them (the
+    parts pyfuse3 built with patches/pyfuse3-*-read-parts.patch gathers into one reply)."""
+    if isinstance(reply, tuple):
+        return b"".join(reply)
+    return bytes(reply)  # type: ignore[call-overload]
+
+
 def run_trio(test: Callable[[trio.Nursery], Awaitable[object]],
              deadline: float = TRIO_DEADLINE) -> None:
     """Run `test(nursery)` under trio within `deadline` seconds.

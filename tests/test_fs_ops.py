@@ -21,7 +21,7 @@ import trio
 
 from cache.errors import StoreFull
 from cache.store import BlockStore
-from tests.helpers import run_trio
+from tests.helpers import reply_bytes, run_trio
 from tests.inprocess import FakeNetwork, new_cap, publish_folder, running_drive, wrong_key_chunks
 from vfs.drive import Drive
 from vfs.fs import ATTR_TIMEOUT, DriveOperations
@@ -75,8 +75,8 @@ async def read_all(ops: DriveOperations, ino: int, size: int) -> bytes:
     assert fi.keep_cache  # a version never changes: the kernel may keep the pages
     out = b""
     while len(out) < size:
-        out += bytes(await ops.read(fi.fh, len(out), 128 * 1024))
-    assert bytes(await ops.read(fi.fh, size, 4096)) == b""  # at the end: nothing
+        out += reply_bytes(await ops.read(fi.fh, len(out), 128 * 1024))
+    assert reply_bytes(await ops.read(fi.fh, size, 4096)) == b""  # at the end: nothing
     await ops.release(fi.fh)
     return out
 
@@ -173,7 +173,7 @@ def test_drive_errors_become_errno(ops_world, monkeypatch) -> None:
             monkeypatch.setattr(reader, "set_pin", full)
             assert await fuse_errno(ops.setxattr(top.st_ino, name, b"1", None)) == errno.ENOSPC
             monkeypatch.undo()
-            assert bytes(await ops.read(fi.fh, 0, 10)) == data["docs/a.bin"][:10]  # still up
+            assert reply_bytes(await ops.read(fi.fh, 0, 10)) == data["docs/a.bin"][:10]  # still up
 
     run_trio(main, DEADLINE)
 
