@@ -9,7 +9,7 @@ needs to decide that and to do it:
 
     version   the version requirements.lock pins (e.g. 3.5.0)
     label     the build's version with a local label naming every patch, in
-              order (3.5.0+cachereaddir.nogilreply): a venv whose pyfuse3
+              order (3.5.0+cachereaddir.nogilreply.readparts): a venv whose pyfuse3
               lacks a patch, or has a plain pyfuse3 installed over ours,
               shows a different version
     stamp     SHA-256 over the version, the sdist's checksum file, each
