@@ -19,7 +19,7 @@ import functools
 import logging
 import os
 import stat
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -51,6 +51,7 @@ from .errors import (
 )
 from .formats import KIND_DIR, KIND_FILE, KIND_LINK, Entry
 from .head import Head
+from .refresh import FolderRefresh
 
 if TYPE_CHECKING:  # a read-only mount never loads the writing modules (vfs/node.py)
     from .worktree import WNode, WorkTree
@@ -79,11 +80,13 @@ def fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
 
     A request named in its Operations' `STOPPED_AT_SHUTDOWN` runs in a cancel
     scope that `stop_waits` cancels, and is then answered EIO (see there).
+    Each call is counted in the Operations' `requests` (`counted`).
     """
 
     @functools.wraps(fn)
     async def wrapper(*args: Any) -> T:
         ops = args[0]
+        ops.requests[fn.__name__] += 1
         if fn.__name__ in ops.STOPPED_AT_SHUTDOWN:
             if ops.stopping:
                 raise pyfuse3.FUSEError(errno.EIO)
@@ -96,6 +99,23 @@ def fuse_errors(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             log.info("%s: answered EIO, the mount is stopping", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO)
         return await _errnos(fn, args)
+
+    return wrapper
+
+
+def counted(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Count a request that answers no errno (forget, release, ...) in `requests`.
+
+    Every request the kernel sends us is counted by kind, so what a walk or a
+    read costs the mount is a figure anyone can read (`peerdrive status
+    --json`, the mount's `requests`), not a guess: a warm `find` should send
+    nothing at all.
+    """
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any) -> T:
+        args[0].requests[fn.__name__] += 1
+        return await fn(*args)
 
     return wrapper
 
@@ -135,6 +155,13 @@ async def _errnos(fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> T:
     except Exception:
         log.exception("%s failed", fn.__name__)
         raise pyfuse3.FUSEError(errno.EIO) from None
+
+
+def _stat_quietly(paths: list[bytes]) -> None:
+    """stat(2) each path, whatever fails (a worker thread's job: see _refresh_folders)."""
+    for path in paths:
+        with contextlib.suppress(OSError, ValueError):
+            os.stat(path, follow_symlinks=False)
 
 
 @dataclass(slots=True)
@@ -202,6 +229,9 @@ LISTINGS_REMEMBERED = 4096
 # under memory pressure). Past INODES_HIGH the oldest names are invalidated down to
 # three quarters of it; the kernel then forgets what nobody uses, and looks it up again if asked.
 INODES_HIGH = 65536  # `mount --max-inodes` (at least vfs/options.py's MIN_INODES)
+
+# Linux's bound on a path a system call takes (bytes, the final NUL included).
+PATH_MAX = 4096
 
 # A readdir offset is (listing tag << LISTING_TAG_SHIFT) | (index + 1).
 LISTING_TAG_SHIFT = 40
@@ -271,6 +301,16 @@ class DriveOperations(pyfuse3.Operations):
         self.trimmed = 0  # inodes we asked the kernel to forget (what the tests look at)
         self.made = 0  # inodes made, ever (a walk the kernel answers alone makes none)
         self.forgotten = 0  # inodes the kernel forgot, ever (asked for or not)
+        # requests the kernel sent, by kind (fuse_errors, counted): the status snapshot's
+        # `requests`, so what a walk sends the mount is measured, not guessed (issue 12)
+        self.requests: Counter[str] = Counter()
+        # folders listed to their end, stat-ed by the mount itself once settled so that
+        # the next walk's stat(2) of each needs no GETATTR (vfs/refresh.py); off (None)
+        # until vfs/node.py names the mount point
+        self.mountpoint: bytes | None = None
+        self._refresh = FolderRefresh()
+        self._refresh_wanted = trio.Event()
+        self.refreshed = 0  # folders the mount stat-ed (what the tests look at)
         # set once the kernel's INIT has been answered (see vfs.mount.serve_fuse)
         self.initialized = trio.Event()
         self._switching = trio.Lock()  # one version switch at a time
@@ -372,6 +412,7 @@ class DriveOperations(pyfuse3.Operations):
         long as the mount runs."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._drop_stale_names)
+            nursery.start_soon(self._refresh_folders)
             task_status.started()
             while True:
                 await self._table_full.wait()
@@ -402,6 +443,53 @@ class DriveOperations(pyfuse3.Operations):
                         pyfuse3.invalidate_entry(parent, name)
 
             await trio.to_thread.run_sync(notify)
+
+    async def _refresh_folders(self) -> None:
+        """Stat each folder listed to its end once it settled (vfs/refresh.py).
+
+        The kernel marks a folder's atime stale after every READDIR, so the
+        next stat(2) of it (a warm `find` stats every folder) sent a GETATTR
+        however long the attribute timeout: our own stat sends it now,
+        during the walk that listed the folder. The stats run in a worker
+        thread (their GETATTRs are answered by this event loop), a batch at
+        a time; the task does not wait for a batch when cancelled: a stat
+        left running ends as soon as the kernel has its answer or the
+        mount's connection closes.
+        """
+        while True:
+            due_at = self._refresh.next_due()
+            if due_at is None:
+                await self._refresh_wanted.wait()
+                self._refresh_wanted = trio.Event()
+                continue
+            # a little past the first one: the folders listed meanwhile go in the same batch
+            await trio.sleep_until(due_at + self._refresh.settle / 2)
+            paths = [path for ino in self._refresh.due(trio.current_time())
+                     if (path := self._mount_path(ino)) is not None]
+            if paths and not self.stopping:
+                await trio.to_thread.run_sync(_stat_quietly, paths, abandon_on_cancel=True)
+                self.refreshed += len(paths)
+
+    def _mount_path(self, ino: int) -> bytes | None:
+        """The path of folder `ino` under the mount point, if the kernel holds it and it
+        is a folder of the current version (else nothing is worth a stat)."""
+        node = self.inodes.get(ino)
+        if self.mountpoint is None or node is None or node.frozen or node.asked:
+            return None
+        parts: list[bytes] = []
+        length = len(self.mountpoint)
+        while node.ino != pyfuse3.ROOT_INODE:
+            if node.lookups <= 0 or not node.entry.is_dir:
+                return None
+            parts.append(node.name)
+            length += 1 + len(node.name)
+            if length >= PATH_MAX:
+                return None  # too deep to name: its walk pays the GETATTR, as before
+            parent = self.inodes.get(node.parent)
+            if parent is None:
+                return None
+            node = parent
+        return b"/".join([self.mountpoint, *reversed(parts)])
 
     async def trim_inodes(self, keep: int) -> int:
         """Ask the kernel to forget whole folders until about `keep` inodes are left.
@@ -546,6 +634,7 @@ class DriveOperations(pyfuse3.Operations):
             if self.drive.version == version and parent.version == version:
                 return entry, version
 
+    @counted
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         gone = 0
         for ino, n in inode_list:
@@ -636,6 +725,11 @@ class DriveOperations(pyfuse3.Operations):
                     return
                 self._looked_up(node)
                 replied.append(entry.name)
+            if not replied and self.mountpoint is not None:
+                # the empty reply that ends the listing: the kernel now marks the folder's
+                # atime stale; its attributes are refreshed before the next walk asks
+                self._refresh.listed(snap.ino, trio.current_time())
+                self._refresh_wanted.set()
         finally:
             if replied and snap.version != self.drive.version:
                 # a switch came while this listing was read (or it continues an older
@@ -695,6 +789,7 @@ class DriveOperations(pyfuse3.Operations):
                                       node.version)
         return snap
 
+    @counted
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
 
@@ -721,6 +816,7 @@ class DriveOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         return await read_reply(self.drive, of, off, size)
 
+    @counted
     async def release(self, fh: int) -> None:
         of = self._files.pop(fh, None)
         if of is not None:
@@ -977,6 +1073,7 @@ class WritableOperations(DriveOperations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return self._looked_up(node)
 
+    @counted
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         for ino, n in inode_list:
             self.tree.forget(ino, n)
@@ -1034,6 +1131,7 @@ class WritableOperations(DriveOperations):
                 return
             kid.lookups += 1
 
+    @counted
     async def releasedir(self, fh: int) -> None:
         self._dir_handles.pop(fh, None)
 
@@ -1174,9 +1272,11 @@ class WritableOperations(DriveOperations):
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         await self.session.sync()
 
+    @counted
     async def flush(self, fh: int) -> None:
         pass
 
+    @counted
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
         if handle is not None and handle.clean is not None:

@@ -134,12 +134,15 @@ async def _mount_main(home: Home, cap: ReadCap, mountpoint: Path, opts: MountOpt
             ops = DriveOperations(drive)
         if opts.max_inodes:
             ops.max_inodes = opts.max_inodes
+        ops.mountpoint = os.fsencode(os.path.abspath(mountpoint))
         net.snapshot_extra["inodes"] = lambda: {"held": len(ops.inodes),
                                                 "forget_asked": ops.trimmed,
                                                 "made": ops.made,
                                                 "forgotten": ops.forgotten,
                                                 "dirs_decoded": drive.tree.decodes,
-                                                "dirs_summed": drive.figures.walks}
+                                                "dirs_summed": drive.figures.walks,
+                                                "folders_refreshed": ops.refreshed}
+        net.snapshot_extra["requests"] = lambda: dict(ops.requests)
 
         async def on_new(new: Head) -> None:
             if session is not None and new.seq <= session.head.seq:
