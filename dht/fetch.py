@@ -118,6 +118,10 @@ class FetchConfig:
     max_small_in_flight_per_peer: int = 240
     small_in_flight_bytes: int = 256 * 1024
     small_run_min: int = 120  # slots that deep pipeline refills at once (see _has_slot)
+    # a source that asks for a run's blocks one after the other (a static HTTP mirror) has
+    # its lazier slots refilled a run at a time, once this many are free (or as many as
+    # its runs hold, if fewer), not one block as each answer lands (see _has_slot)
+    serial_run_min: int = 8
     max_parallel_attempts: int = 2  # one attempt + one hedge per block at a time
     hedge_factor: float = 3.0
     hedge_floor: float = 0.5  # seconds: never hedge sooner than this
@@ -252,6 +256,13 @@ class _Peer:
         self.partial = False  # answered NotFound: holds part of the drive (see `announced`)
         self.left_at = math.inf  # when it stopped being listed as a provider
         self.pushed = False  # a source that is a peer's push connection (add_source)
+        # a source that asks for a run's blocks one after the other (a static mirror: it
+        # serves in arrival order): the most blocks of a run, else 0 (see Fetcher._has_slot)
+        self.serial_runs = 0
+        if (source is not None and not getattr(source, "prioritises", True)
+                and callable(getattr(source, "fetch_run", None))):
+            wants = getattr(source, "max_wants", 1)
+            self.serial_runs = wants if wants > 1 else 0
         self.conn: PeerConnection | None = None
         self.connecting: trio.Event | None = None
         self.last_connect_failure = -math.inf
@@ -640,6 +651,24 @@ class Fetcher:
                 if (request.done.is_set() and not request.on_delivered
                         and self._requests.get(request.block_id) is request):
                     del self._requests[request.block_id]
+
+    def hurry(self, block_id: bytes, priority: Priority) -> bool:
+        """Move the fetch of `block_id` in flight up to `priority`, if that is more urgent;
+        False when no fetch of it is in flight (the caller fetches it itself).
+
+        What a `fetch` at `priority` joining the request would do (`_join`), without
+        a task and a waiter per block: a READ that catches up with the readahead's
+        fetch of its block (most blocks of a cold sequential read) waits for that
+        fetch, whose waiter keeps the request alive.
+        """
+        request = self._requests.get(block_id)
+        if request is None or request.finished or request.waiters == 0:
+            return False
+        priority = Priority(priority)
+        if priority < request.priority:
+            request.note(f"wanted at {priority.name}")
+            self._upgrade(request, priority)
+        return True
 
     def _check_batch(self, block_ids: Sequence[bytes], priority: Priority,
                      timeout: float | None) -> tuple[Priority, float]:
@@ -1143,7 +1172,10 @@ class Fetcher:
             with trio.move_on_at(wake_at):
                 await self._wake.wait()
 
-    def _has_slot(self, peer: _Peer, priority: Priority, *, in_run: bool = False) -> bool:
+    def _has_slot(self, peer: _Peer, priority: Priority, *, in_run: bool = False,
+                  hedge: bool = False) -> bool:
+        """Whether `peer` may take one more request at `priority` now. `in_run`: as the
+        next block of a run being made; `hedge`: a request with an attempt running."""
         config = self.config
         if priority == Priority.READ:
             # Lazier work never holds a READ up (the peer answers READs first, ahead of
@@ -1155,6 +1187,15 @@ class Fetcher:
         deep = max(0, peer.in_flight_lazy - usual)
         if peer.in_flight - deep >= config.max_in_flight_per_peer:
             return False
+        if (peer.serial_runs and priority < Priority.PIN and not in_run and not hedge
+                and peer.in_flight_lazy):
+            # A mirror's fetch thread takes a run's blocks one after the other: refilled
+            # a block at a time as each answer landed, its readahead went out as runs of
+            # 2.2 blocks on average, each a thread wake-up, a task and a watchdog on the
+            # event loop (docs/benchmarks.md issue 10). Refilled a run at a time instead.
+            refill = min(config.serial_run_min, peer.serial_runs, usual)
+            return (peer.in_flight_lazy + refill <= usual
+                    and peer.in_flight + refill <= config.max_in_flight_per_peer)
         if peer.in_flight_lazy < usual:
             return True
         if priority < Priority.PIN:  # READAHEAD keeps to the usual slots
@@ -1197,7 +1238,8 @@ class Fetcher:
                     probed.remove(target)
                     self._start_probe(request, target, priority)
                     continue
-            if not any(self._has_slot(p, priority) for p in usable):
+            hedge = bool(request.attempts)
+            if not any(self._has_slot(p, priority, hedge=hedge) for p in usable):
                 # Every peer is full for this priority (lazier requests wait for
                 # it: READs first); with no usable peer at all, ask for fresh
                 # providers.
@@ -1239,14 +1281,14 @@ class Fetcher:
                 if not candidates:
                     self._park(request, "no hedge: only readers that lack it are free")
                     continue
-            free = [p for p in candidates if self._has_slot(p, priority)]
+            free = [p for p in candidates if self._has_slot(p, priority, hedge=hedge)]
             holders = [p for p in candidates if p.announced(request.block_id)]
             if holders and (not request.attempts or any(p.connected for p in holders)):
                 # Peers that said they hold it go first: readers of one drive serve
                 # each other and spare the seed. A hedge (the holder is late: a busy
                 # process, or a node from before Fetching, whose Holding also meant
                 # "fetching") goes to another holder if there is one, else to anyone.
-                free = [p for p in holders if self._has_slot(p, priority)]
+                free = [p for p in holders if self._has_slot(p, priority, hedge=hedge)]
             elif fetchers:
                 # Nobody holds it and a reader is fetching it now: a READ asks that
                 # reader (it answers once its fetch lands) and is hedged to the seed
@@ -1391,7 +1433,8 @@ class Fetcher:
         undo the holder rules or the spreading by speed): a
         sequential reader's readahead, which asks for a file's next blocks in
         order. The first that does not fit ends the run, so nothing is taken
-        out of its turn.
+        out of its turn. At a source that serves in arrival order (a mirror), a
+        READ's run also takes the READAHEAD requests queued behind it.
         """
         first = attempts[0]
         peer, priority, request = first.peer, first.priority, first.request
@@ -1412,22 +1455,29 @@ class Fetcher:
             if not other.queued or other.heap_token != token or other.finished:
                 heapq.heappop(self._heap)
                 continue
-            if (prio != priority or other.attempts or other.parked
+            # A source that serves in arrival order (a mirror) takes the readahead queued
+            # behind a READ into the READ's run: the blocks a sequential reader wants next,
+            # each still counted at its own priority (most of a cold read's blocks are
+            # READs that caught up with the readahead queued there: runs of one block)
+            own = Priority(prio)
+            if ((prio != priority and not (peer.serial_runs and priority == Priority.READ
+                                            and own == Priority.READAHEAD))
+                    or other.attempts or other.parked
                     or (jitters and not other.jittered)
                     or peer.node_id in other.excluded or peer.node_id in other.soft_failed
                     or (peer.announced(other.block_id), peer.fetching(other.block_id)) != standing
-                    or not self._has_slot(peer, priority, in_run=True)):
+                    or not self._has_slot(peer, own, in_run=True)):
                 return
             if any(p.announced(other.block_id) or p.fetching(other.block_id) for p in rivals):
                 return  # another reader holds or fetches it: the dispatcher decides that one
             mine = self._estimate(peer, other)
             if any(self._estimate(p, other) < mine for p in rivals
-                   if p.node_id not in other.excluded and self._has_slot(p, priority)):
+                   if p.node_id not in other.excluded and self._has_slot(p, own)):
                 return
             heapq.heappop(self._heap)
             other.blocked = False
             other.queued = False
-            attempts.append(self._new_attempt(other, peer, priority, len(attempts) + 1))
+            attempts.append(self._new_attempt(other, peer, own, len(attempts) + 1))
 
     def _start_attempt(self, request: _Request, peer: _Peer, priority: Priority) -> None:
         assert self._nursery is not None

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 _KNOWN_IDS = 65_536  # ids a mirror answered for, remembered (HEAD/GET succeeded)
 # blocks the fetcher may hand over as one run (`fetch_run`): one fetch thread, one
 # connection, the blocks asked for one after the other; runs go out side by side
-RUN_BLOCKS = 4
+RUN_BLOCKS = 8
 
 __all__ = ["HttpSource", "HttpTimeouts"]
 

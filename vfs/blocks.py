@@ -54,7 +54,9 @@ log = logging.getLogger(__name__)
 
 # fetch(block_id, priority) -> ciphertext whose SHA-256 is block_id, or raises. It may
 # also have `ahead(block_ids, priority, task_status=)` (vfs.network.DriveFetch): ask for
-# blocks together, in order, so they go to a peer in runs; started once they are queued.
+# blocks together, in order, so they go to a peer in runs; started once they are queued;
+# and `hurry(block_id, priority) -> bool`: move a fetch in flight up to a more urgent
+# priority where it stands (False: no such fetch, the caller asks again itself).
 Fetch = Callable[[bytes, Priority], Awaitable[bytes]]
 
 PLAINTEXT_CACHE_BYTES = 16 * 1024 * 1024
@@ -76,6 +78,8 @@ PER_BLOCK_CONCURRENCY = 128  # blocks in flight when the fetch takes no batches
 # its load decrypts on the event loop); refs a fetch thread may decrypt with, at most
 OPENED_LIMIT_BYTES = 16 * 1024 * 1024
 EXPECTED_LIMIT = 4096
+# ids found missing by the readahead remembered until their load starts, at most (a hint)
+_ABSENT_AHEAD_MAX = 4096
 
 
 class BlockReader:
@@ -97,6 +101,10 @@ class BlockReader:
         # readahead of its block hurries that fetch instead of riding at READAHEAD
         self._urgency: dict[bytes, Priority] = {}
         self._fetching: set[bytes] = set()
+        # ids `load_ahead` has just found missing from the store, until a load of each
+        # starts: a READ that gets there before the readahead's own load (the kernel's
+        # READs run ahead of ours) goes to the network without a second look
+        self._absent_ahead: set[bytes] = set()
         # reads and decryptions of large blocks; batched while `workers.run` runs (the
         # drive starts it), one thread call per block otherwise
         self.workers = ThreadBatches()
@@ -157,6 +165,7 @@ class BlockReader:
         plain = self._plain.pop(block_id, None)
         if plain is not None:
             self._plain_bytes -= len(plain)
+        self._absent_ahead.discard(block_id)
         ct = self._unstored.pop(block_id, None)
         if ct is not None:
             self._unstored_bytes -= len(ct)
@@ -205,6 +214,9 @@ class BlockReader:
                 return plain
         ev = self._inflight[ref.block_id] = trio.Event()
         self._urgency[ref.block_id] = priority
+        if ref.block_id in self._absent_ahead:
+            self._absent_ahead.discard(ref.block_id)
+            looked = True
         try:
             plain = await self._load(ref, priority, looked)
             self._remember(ref.block_id, plain)
@@ -220,15 +232,24 @@ class BlockReader:
         A process blocked in read() on a block the readahead is loading must
         not wait at READAHEAD priority: the fetcher keeps its last slots per
         peer for READs and peers answer READs first, but only if it hears of
-        one. While the load waits on the network the fetch is asked again at
-        our priority (the fetcher joins the two and upgrades the request); a
-        load not yet at the network fetches at our priority when it gets there.
+        one. While the load waits on the network its fetch is moved up to our
+        priority where it stands (`hurry`: no task, no second fetch; without
+        it, the fetch is asked again at our priority and the fetcher joins the
+        two and upgrades the request); a load not yet at the network fetches at
+        our priority when it gets there.
         """
         if priority >= self._urgency.get(block_id, priority):
             await ev.wait()
             return
         self._urgency[block_id] = priority
         if block_id not in self._fetching or self.fetch is None:
+            await ev.wait()
+            return
+        hurry = getattr(self.fetch, "hurry", None)
+        if hurry is not None and hurry(block_id, priority):
+            # the fetch in flight was moved up to our priority where it stands: no task, no
+            # second fetch call per block a READ catches up with (a cold sequential read's
+            # READs catch up with most of the readahead's blocks)
             await ev.wait()
             return
         async with trio.open_nursery() as nursery:
@@ -279,6 +300,9 @@ class BlockReader:
             for ref, plain in zip(run, found, strict=True):
                 if plain is None:
                     absent.add(ref.block_id)
+                    if len(self._absent_ahead) >= _ABSENT_AHEAD_MAX:
+                        self._absent_ahead.clear()  # (a hint: loads that never came)
+                    self._absent_ahead.add(ref.block_id)
                 elif plain:
                     self._remember(ref.block_id, plain)
 

@@ -37,6 +37,11 @@ if TYPE_CHECKING:
     from .pins import Pins
 
 READAHEAD_CHUNKS = 16  # about 4 MiB: keeps three peers at 5 MB/s each busy (tests/test_netns.py)
+# The window is topped up once this many chunks of it are free, not at every READ: each
+# top-up costs a store lookup in a worker thread, a task and the fetcher's scheduling, and
+# its missing chunks go to a source as one run (a 1 MiB READ freed ~4 chunks: runs of 2.2
+# blocks on average through a mirror, docs/benchmarks.md issue 10)
+READAHEAD_REFILL = 8
 # Chunk lists of a listed directory's large files fetched ahead of their first open, at most
 # this many bytes per directory (a 1 GiB file's list is ~280 KB).
 CHUNK_LIST_PREFETCH_BYTES = 4 * 1024 * 1024
@@ -333,11 +338,14 @@ class Drive:
 
         Local chunks are read and decrypted ahead into the plaintext cache;
         missing ones are fetched at READAHEAD priority, so the kernel's next
-        requests find their bytes ready.
+        requests find their bytes ready. The window (READAHEAD_CHUNKS) is
+        topped up once READAHEAD_REFILL chunks of it are free, and in one go.
         """
         if self._nursery is None:
             return
         last = min(len(of.map.chunks), first + READAHEAD_CHUNKS)
+        if last - max(first, of.readahead_until) < READAHEAD_REFILL and last < len(of.map.chunks):
+            return  # most of the window is still ahead: topped up in steps (and to the end)
         wanted: list[int] = []
         for i in range(max(first, of.readahead_until), last):
             if i in of.pending:

@@ -750,6 +750,11 @@ class DriveFetch:
         mount's reader; other readers of the drive decrypt on the event loop."""
         self.net._openers[self.cap.discovery_key] = opener
 
+    def hurry(self, block_id: bytes, priority: Priority) -> bool:
+        """`Fetcher.hurry`: a fetch in flight moved up to `priority` (False: none here)."""
+        d = self.net.drives.get(self.cap.discovery_key)
+        return d is not None and d.fetcher is not None and d.fetcher.hurry(block_id, priority)
+
     def stored(self, block_ids: list[bytes]) -> None:
         """These blocks were committed to the store: the fetcher's copies of them go."""
         d = self.net.drives.get(self.cap.discovery_key)
