@@ -7,7 +7,8 @@ walk every folder was stale, and the first warm walk sent one GETATTR per
 folder (201 of the 201 requests of a warm `find` over 200 folders, half its
 time). The mount now stats each folder it listed to the end itself
 (vfs/refresh.py), so the warm walk finds them fresh. Counted with the mount's
-own request counters (the status snapshot's `requests`).
+own request counters (the status snapshot's `requests`). And what the kernel
+keeps for an hour (names, attributes) follows a new version at once.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import mount_pid, mounted, publish
+from tests.swarm_helpers import Swarm, wait_until
 
 pytestmark = pytest.mark.fuse
 
@@ -92,3 +94,42 @@ def test_a_warm_find_and_ls_lr_ask_for_no_folder_attributes(tmp_path: Path) -> N
         assert asked.get("lookup", 0) == 0, asked
         return
     pytest.fail(f"the kernel forgot names during every one of {TRIES} warm walks")
+
+
+def test_a_name_the_kernel_holds_for_an_hour_follows_a_new_version_at_once(
+        tmp_path: Path) -> None:
+    """Entries and attributes live an hour in the kernel (a version never changes), so
+    only the mount's invalidations make a new version show: a file that becomes a
+    folder of the same name is a folder at once, though the kernel held the file's
+    name and attributes from a warm walk and a reader holds it open. Without the
+    name's invalidation it stayed the old file (its inode frozen for that reader)
+    for the hour."""
+    src = tmp_path / "src"
+    (src / "keep").mkdir(parents=True)
+    (src / "keep" / "a").write_bytes(b"a")
+    (src / "thing").write_bytes(b"a file in version 1\n")
+    home = tmp_path / "home-publisher"
+    home.mkdir()
+    link = publish(home, src)["read_link"]
+    reader_home = tmp_path / "home-reader"
+    reader_home.mkdir()
+    with Swarm(tmp_path / "swarm") as swarm:
+        pub = swarm.serve("publisher", home)
+        reader = swarm.mount("reader", reader_home, link, tmp_path / "mnt", bootstrap=[pub.addr])
+        mnt = reader.mountpoint
+        for _ in range(2):  # cold, then warm: the name and attributes are the kernel's
+            walk(["find", str(mnt)])
+            assert (mnt / "thing").is_file()
+        # held open across the switch, as a reader would: the kernel cannot drop the name
+        # by itself (a drop_caches on the machine would otherwise hide a stale one)
+        with open(mnt / "thing", "rb") as held:
+            (src / "thing").unlink()
+            (src / "thing").mkdir()
+            (src / "thing" / "inside").write_bytes(b"inside\n")
+            assert publish(home, src)["seq"] == 2
+            assert wait_until(lambda: (mnt / "thing").is_dir(), 30), (
+                f"the kernel kept version 1's file\n{swarm.diagnostics()}")
+            assert held.read() == b"a file in version 1\n"  # the old version, for its holder
+        assert sorted(os.listdir(mnt / "thing")) == ["inside"]
+        assert (mnt / "thing" / "inside").read_bytes() == b"inside\n"
+        assert (mnt / "keep" / "a").read_bytes() == b"a"
