@@ -13,6 +13,7 @@ import os
 import random
 import stat
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -207,6 +208,43 @@ def test_small_files_are_stored_in_few_large_commits(
     assert len(read_back(store, result)) == 2020
 
 
+def test_reading_starts_while_the_walk_goes_on(
+        tmp_path: Path, store: BlockStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each group of small files is handed to the reader as soon as the walk completes it,
+    not once the whole tree is listed (the walk of 20,000 files was a fifth of the
+    publish, with nothing read meanwhile). The walk here waits, once it has listed
+    everything, for a group to have been read: that only happens if reading began
+    during the walk (the wait's bound only limits how long the test takes to fail)."""
+    root = tmp_path / "src"
+    for i in range(80):
+        folder = root / f"d{i // 20}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"f{i % 20:02d}").write_bytes(b"file %d" % i)
+    monkeypatch.setattr(publish_mod, "GROUP_FILES", 10)
+    first_read = threading.Event()
+    read = Publisher._read_small_files
+
+    def reading(self: Publisher, jobs: list) -> tuple:
+        got = read(self, jobs)
+        first_read.set()
+        return got
+
+    walk = Publisher._walk
+    read_during_walk: list[bool] = []
+
+    def walk_then_wait(self: Publisher, *args: object) -> object:
+        top = walk(self, *args)  # type: ignore[arg-type]
+        read_during_walk.append(first_read.wait(timeout=60))
+        return top
+
+    monkeypatch.setattr(Publisher, "_read_small_files", reading)
+    monkeypatch.setattr(Publisher, "_walk", walk_then_wait)
+    result = run_publish(store, root)
+    assert read_during_walk == [True]
+    assert result.files == 80
+    assert len(read_back(store, result)) == 84
+
+
 def test_everything_reads_back(tree: tuple[Path, dict[str, bytes]], store: BlockStore) -> None:
     root, files = tree
     warnings: list[str] = []
@@ -328,15 +366,15 @@ def test_a_file_gone_before_it_is_read_is_an_error_and_leaks_nothing(
         tree: tuple[Path, dict[str, bytes]], store: BlockStore,
         monkeypatch: pytest.MonkeyPatch) -> None:
     root, _ = tree
-    walk = Publisher._walk
+    found = publish_mod._Groups.found
+    gone = os.fsencode(f"file-00500-{'x' * 150}")
 
-    def walk_then_delete(self: Publisher, path: bytes, *args: object) -> object:
-        job = walk(self, path, *args)  # type: ignore[arg-type]
-        if path == os.fsencode(root):  # listed (lstat) by now; read once the walk is done
-            (root / "many" / f"file-00500-{'x' * 150}").unlink()
-        return job
+    def listed_then_delete(self: publish_mod._Groups, job: publish_mod._FileJob) -> None:
+        if job.name == gone:  # listed (lstat) by now, and not yet handed to a reader
+            (root / "many" / os.fsdecode(gone)).unlink()
+        found(self, job)
 
-    monkeypatch.setattr(Publisher, "_walk", walk_then_delete)
+    monkeypatch.setattr(publish_mod._Groups, "found", listed_then_delete)
     before = fd_count()
     with pytest.raises(BaseException) as info:  # noqa: B017 - any error, then unwrapped
         run_publish(store, root)

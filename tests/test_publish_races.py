@@ -326,7 +326,7 @@ def test_truncating_a_big_file_during_a_real_publish(tmp_path: Path, node_home) 
 
 
 @pytest.mark.parametrize("which", ["small.txt", "large.bin"])
-def test_a_file_replaced_by_a_fifo_after_the_walk_is_an_error_not_a_hang(
+def test_a_file_replaced_by_a_fifo_after_it_is_listed_is_an_error_not_a_hang(
         tmp_path: Path, monkeypatch, which: str) -> None:
     """Anyone who can write to the folder swaps a listed file for a FIFO: opening it
     would block for ever (no writer). Publish must fail at once with a clear error."""
@@ -339,16 +339,15 @@ def test_a_file_replaced_by_a_fifo_after_the_walk_is_an_error_not_a_hang(
     folder.mkdir()
     (folder / "small.txt").write_bytes(b"small" * 100)
     (folder / "large.bin").write_bytes(random.Random(11).randbytes(publish_mod.SMALL_FILE + 1))
-    walk = Publisher._walk
+    found = publish_mod._Groups.found
 
-    def walk_then_swap(self, path, *args):
-        job = walk(self, path, *args)
-        if path == os.fsencode(folder):
+    def listed_then_swap(self, job):  # before reading can start: reading overlaps the walk
+        if job.name == which.encode():
             (folder / which).unlink()
             os.mkfifo(folder / which)
-        return job
+        found(self, job)
 
-    monkeypatch.setattr(Publisher, "_walk", walk_then_swap)
+    monkeypatch.setattr(publish_mod._Groups, "found", listed_then_swap)
     outcome: list[BaseException | None] = []
 
     def run() -> None:
@@ -372,7 +371,7 @@ def test_a_file_replaced_by_a_fifo_after_the_walk_is_an_error_not_a_hang(
 
 
 @pytest.mark.parametrize("which", ["small.txt", "large.bin"])
-def test_a_folder_swapped_for_a_symlink_after_the_walk_publishes_nothing_from_elsewhere(
+def test_a_folder_swapped_for_a_symlink_after_it_is_listed_publishes_nothing_from_elsewhere(
         tmp_path: Path, monkeypatch, which: str) -> None:
     """Someone who can write to the published folder swaps a listed subfolder for a
     symlink to a folder of the publisher's that holds a file of the same name: the
@@ -388,16 +387,15 @@ def test_a_folder_swapped_for_a_symlink_after_the_walk_publishes_nothing_from_el
     size = 700 if which == "small.txt" else publish_mod.SMALL_FILE + 1
     (folder / "sub" / which).write_bytes(b"p" * size)
     (secret / which).write_bytes(b"S" * size)
-    walk = Publisher._walk
+    found = publish_mod._Groups.found
 
-    def walk_then_swap(self, path, *args):
-        job = walk(self, path, *args)
-        if path == os.fsencode(folder):
+    def listed_then_swap(self, job):  # before reading can start: reading overlaps the walk
+        if job.name == which.encode():
             (folder / "sub").rename(folder / "sub.orig")
             (folder / "sub").symlink_to(secret)
-        return job
+        found(self, job)
 
-    monkeypatch.setattr(Publisher, "_walk", walk_then_swap)
+    monkeypatch.setattr(publish_mod._Groups, "found", listed_then_swap)
     with BlockStore(tmp_path / "store") as store:
         with pytest.raises(BaseException) as info:  # noqa: B017 - a group from trio.run
             trio.run(Publisher(DriveStorage(store), CAP, folder).run)

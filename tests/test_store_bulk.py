@@ -131,3 +131,33 @@ def test_a_full_disk_leaves_nothing_half_done(small_disk: Path) -> None:  # noqa
         assert not any(store.is_pinned(block_id) for block_id in failed)
         assert store.pin_progress("p").present_count == done
         assert store.check_consistency(deep=True) == []
+
+
+@pytest.mark.parametrize("put", ["put_pinned", "put_many"])
+def test_a_batch_larger_than_the_map_is_written_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, put: str) -> None:
+    """A write that cannot fit in the map grows it first: growing only on MapFullError
+    threw the transaction away and ran it again (a publish's first commit of 20,000
+    small files' blocks into a new store inserted 35,524 blocks for 20,201)."""
+    import cache.writer
+
+    inserted: list[bytes] = []
+    insert = cache.writer.Writer.insert
+
+    def counted(self: cache.writer.Writer, block_id: bytes, *args: object) -> bool:
+        inserted.append(block_id)
+        return insert(self, block_id, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cache.writer.Writer, "insert", counted)
+    # 1,600 blocks of 4.3 KiB: 6.6 MiB of bytes, in two pages each, through a 1 MiB map
+    blocks = [make_block(i, 4300 + i % 7) for i in range(1600)]
+    with BlockStore(tmp_path / "s", sync=False, initial_map_bytes=1 << 20) as store:
+        if put == "put_pinned":
+            assert len(store.put_pinned("p", blocks, ids_checked=True)) == len(blocks)
+        else:
+            assert store.put_many(blocks, ids_checked=True) == len(blocks)
+        assert len(inserted) == len(blocks)  # every block once: no pass was redone
+        assert store.count == len(blocks)
+        assert store.check_consistency(deep=True) == []
+        assert all(store.get(block_id) == data for block_id, data in blocks[::97])
+
