@@ -310,7 +310,13 @@ class PeerConnection:
             raise DhtError(f"block id must be {BLOCK_ID_LEN} bytes, got {len(block_id)}")
         priority = Priority(priority)
         self._raise_if_closed()
-        async with self._slots:
+        # A free slot is taken without a pass of the scheduler (`acquire` gives one away
+        # even then); the wait for the answer below is this call's checkpoint.
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            await self._slots.acquire()
+        try:
             self._raise_if_closed()
             req_id = self._allocate(self._pending, MAX_REQ_ID)
             want = Want(req_id, block_id, priority)
@@ -323,7 +329,13 @@ class PeerConnection:
                     if not self.closed:
                         self._send(Cancel(req_id))
                 raise
-        return await pending.wait()
+        finally:
+            self._slots.release()
+        # the answer is here: returned at once, not after one more pass of the scheduler
+        # (`pending.wait()` would checkpoint again), issue 12
+        if pending.error is not None:
+            raise pending.error
+        return pending.result  # type: ignore[return-value]
 
     async def fetch_run(self, run: RunOfWants, on_result: OnRunResult) -> None:
         """Fetch the blocks of `run` with one WantRun frame; returns once each is answered

@@ -1521,6 +1521,7 @@ class Fetcher:
         request, peer = attempt.request, attempt.peer
         error: DhtError | None = None
         data: bytes | None = None
+        finished = False
         try:
             with attempt.scope:
                 async with trio.open_nursery() as watch:
@@ -1533,8 +1534,14 @@ class Fetcher:
                     except DhtError as exc:
                         error = exc
                     watch.cancel_scope.cancel()
+                    # Finished here, not once the watch task has unwound: that took two
+                    # more passes of the scheduler before the block's readers were woken,
+                    # each a wait for the CPU on a busy machine (issue 12, random reads).
+                    finished = True
+                    self._finish_attempt(attempt, data, error)
         finally:
-            self._finish_attempt(attempt, data, error)
+            if not finished:
+                self._finish_attempt(attempt, data, error)
 
     async def _run_attempts(self, attempts: list[_Attempt], conn: BlockSource) -> None:
         """Attempts of a run of requests at one peer (`_take_run`): one WantRun, one task.

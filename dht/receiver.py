@@ -143,6 +143,7 @@ class ReceiveThread:
     async def take(self) -> Batch:
         """Everything received since the last call (waits for at least one message or
         the end); after a batch with an error there is nothing more."""
+        waited = False
         while True:
             self._arrived = trio.Event()
             with self._cond:
@@ -156,7 +157,12 @@ class ReceiveThread:
                     break
                 self._want_wake = True
             await self._arrived.wait()
-        await trio.lowlevel.checkpoint()
+            waited = True
+        if not waited:
+            # found at once: still a checkpoint. After a wait, another pass of the
+            # scheduler before handing the batch over only delayed the READ waiting on
+            # it (issue 12, random reads)
+            await trio.lowlevel.checkpoint()
         return batch
 
     def _set_arrived(self) -> None:

@@ -83,13 +83,21 @@ class TlsStream(trio.abc.Stream):
         `_flush_from_receive`)."""
         if not self._outgoing.pending:
             return
-        async with self._send_lock:
+        # a free lock is taken without a pass of the scheduler (`acquire` gives one away
+        # even then): the bytes go out now, not a pass later (issue 12, random reads)
+        try:
+            self._send_lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._send_lock.acquire()
+        try:
             while True:
                 with self._tls_lock:
                     data = self._outgoing.read()
                 if not data:
                     return
                 await self.transport.send_all(data)
+        finally:
+            self._send_lock.release()
 
     async def _flush_from_receive(self) -> None:
         """The receiving side's flush: records its reads made the TLS object write (a key
