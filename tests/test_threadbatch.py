@@ -170,3 +170,43 @@ def test_an_urgent_job_goes_ahead_of_the_jobs_queued_before_it() -> None:
         assert order == ["busy", "read1", "read2", "ahead1", "ahead2", "ahead3"]
 
     trio.run(main)
+
+
+class _Passes(trio.abc.Instrument):
+    """Counts the passes of trio's scheduler (one I/O wait each)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def before_io_wait(self, timeout: float) -> None:
+        self.n += 1
+
+
+def test_an_urgent_job_with_a_lane_idle_is_its_callers_own_thread_call() -> None:
+    """A READ's job (a random read's store lookup) with nothing queued and a lane idle
+    runs in a thread call of the READ's task: it returns on the third pass of the
+    scheduler (trio's thread limiter, the thread's report, the caller), not the fifth
+    (through a lane task and back). Queued behind other jobs, it still takes its
+    turn in a lane (the test above); it counts as a busy lane meanwhile."""
+    busy_inside: list[int] = []
+
+    async def main() -> None:
+        tb = ThreadBatches(lanes=2, batch_cost=1)
+        passes = _Passes()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(tb.run)
+            await trio.testing.wait_all_tasks_blocked()
+            trio.lowlevel.add_instrument(passes)
+            try:
+                asked = passes.n
+                assert await tb.call(lambda: busy_inside.append(tb._busy) or 7, cost=1,
+                                     urgent=True) == 7
+                took = passes.n - asked
+            finally:
+                trio.lowlevel.remove_instrument(passes)
+            nursery.cancel_scope.cancel()
+        assert took == 3
+        assert busy_inside == [1]
+        assert (tb.batches, tb.jobs, tb._busy) == (1, 1, 0)
+
+    trio.run(main)

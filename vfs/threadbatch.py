@@ -25,7 +25,11 @@ Rules:
 - `urgent=True` (a READ: someone waits in read(2) for it) queues a job
   ahead of every job that is not, in order among urgent ones: a random
   read that arrives behind a sequential readahead's queued decryptions
-  does not wait for them.
+  does not wait for them. With nothing queued and a lane idle, an urgent
+  job is a thread call of its caller's own (it counts as a busy lane): a
+  hand-off to a lane task and back is two more passes of the scheduler
+  between the READ and its thread (a random read's store lookup, issue
+  12). Its caller, cancelled, waits for the job's end, then gets Cancelled.
 - When `run` ends, jobs still queued are handed back to their callers,
   which run them themselves.
 """
@@ -97,6 +101,14 @@ class ThreadBatches:
                    urgent: bool = False) -> T:
         if not self._running:
             return await trio.to_thread.run_sync(fn, *args)
+        if urgent and self._busy < self.lanes and not self._urgent and not self._queue:
+            self._busy += 1
+            try:
+                return await trio.to_thread.run_sync(fn, *args)
+            finally:
+                self._busy -= 1
+                self.batches += 1
+                self.jobs += 1
         job: _Job[T] = _Job(fn, args, cost)
         (self._urgent if urgent else self._queue).append(job)
         self._added.set()
