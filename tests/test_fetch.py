@@ -106,6 +106,15 @@ def test_stalling_peer_is_hedged_and_every_block_arrives() -> None:
         good = [await start_server(nursery, blocks, {dk: secret}) for _ in range(2)]
         addrs = [staller.addr] + [a for _, a in good]
         async with Fetcher(NodeIdentity.generate(), dk, secret, fixed(addrs), config=FAST) as f:
+            # every peer connected first (the staller never answers the pings: the
+            # connections are what is waited for): requests go to connected peers, and
+            # with the staller's dial finished last, the good peers took all 60 blocks
+            # before it was asked (hedges == 0; the faster a fetch, the likelier)
+            async with trio.open_nursery() as dials:
+                dials.start_soon(functools.partial(f.have_map, [], timeout=TEST_DEADLINE))
+                while sum(p.connected for p in f.peer_stats()) < 3:
+                    await trio.sleep(0.01)
+                dials.cancel_scope.cancel()
             got = await fetch_all(f, list(blocks), Priority.READ)
             stats = {s.node_id: s for s in f.peer_stats()}
             assert f.stats.hedges > 0
