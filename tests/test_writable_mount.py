@@ -253,9 +253,10 @@ def test_a_full_cache_is_enospc_for_the_writer_and_loses_nothing_acknowledged(
             os.close(fd)
         with pytest.raises(OSError) as err:
             with open(w.path / "too-big.bin", "wb") as f:
-                piece = os.urandom(4 * MiB)
-                for _ in range(40):  # 160 MiB: past the 64 MiB kept in memory, then the cache
-                    f.write(piece)
+                # 160 MiB, past the 32 MiB kept in memory, then the cache: new bytes in each
+                # piece (one piece repeated is a few MiB of blocks once cut: it fits)
+                for _ in range(40):
+                    f.write(os.urandom(4 * MiB))
                     f.flush()
                 os.fsync(f.fileno())
         assert err.value.errno == 28  # ENOSPC

@@ -51,7 +51,7 @@ STORED = 0
 DIRTY = 1
 ZERO = 2
 
-WINDOW = 16 * 1024 * 1024
+WINDOW = 8 * 1024 * 1024
 # Appends grow one dirty segment up to this size, then start another: growing one
 # bytearray to tens of MiB copies it again at every reallocation.
 DIRTY_SEGMENT = 4 * 1024 * 1024
@@ -420,9 +420,15 @@ async def _cut_windows(segs: Sequence[Seg], store: Store, window: int
             held += len(piece)
             if held < window:
                 continue
-            # the last piece may be cut short by the window: carried
-            buf, keep = await trio.to_thread.run_sync(_join_and_cut, parts)
+            # a slot first, then the join: at most WINDOWS_IN_FLIGHT joined windows exist
+            # (joining the next one while both slots are taken held a third, 16 MiB more)
             await in_flight.acquire()
+            try:
+                # the last piece may be cut short by the window: carried
+                buf, keep = await trio.to_thread.run_sync(_join_and_cut, parts)
+            except BaseException:
+                in_flight.release()
+                raise
             windows.append([])
             nursery.start_soon(store_window, len(windows) - 1, buf, keep)
             carry = buf[keep[-1]:] if keep else buf

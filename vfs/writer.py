@@ -53,10 +53,10 @@ from .write_journal import journal_key, open_journal, seal_journal
 log = logging.getLogger(__name__)
 
 # Dirty bytes in memory over all files, at most; past it a write first spills.
-DIRTY_LIMIT = 64 * 1024 * 1024
+DIRTY_LIMIT = 32 * 1024 * 1024
 # Sealed bytes of a file being appended to (all but its growing last segment) that are
 # cut behind the writer at once.
-SPILL_BEHIND = 16 * 1024 * 1024
+SPILL_BEHIND = 8 * 1024 * 1024
 # After a failed publish (a full disk), the next try waits this long.
 RETRY_SECONDS = 5.0
 DEFAULT_PUBLISH_DELAY = 2.0
@@ -145,6 +145,10 @@ class WriteSession:
         try:
             self.store.put_pinned(self.pin, [(r.block_id, ct) for r, ct in blocks],
                                   ids_checked=True, tag=self.cap.discovery_key)
+            # LMDB reads B-tree pages through its map while it writes, and the kernel maps
+            # the cached pages around each one (fault-around): ~45 MB of data.mdb in the
+            # mount's RSS after 512 MiB written, unless let go after each commit
+            self.store.release_mapped_pages()
         except StoreFull as exc:
             raise NoSpaceError(f"the device is full: {exc}") from exc
         except StoreError as exc:
