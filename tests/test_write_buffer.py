@@ -12,7 +12,7 @@ import os
 import random
 
 import trio
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from vfs.chunker import CDC_MAX, make_chunker
@@ -80,6 +80,11 @@ ops = st.lists(st.one_of(
 
 @settings(max_examples=40)
 @given(ops=ops, seed=st.integers(0, 2**32 - 1), start=st.integers(0, 2 * MiB))
+# a spill's cut resynchronising into an open tail of two segments at the end of the file
+@example(ops=[("write", 0, 1), ("write", 467100, 2), ("spill", 0, 0)], seed=0, start=467101)
+# a spill's cut that ran through the stored chunks to the end of the file, then an append
+# (the new last chunk's end is no cut point: the final cut must cut it again)
+@example(ops=[("write", 0, 1), ("spill", 0, 0), ("write", 467099, 1000)], seed=0, start=467099)
 def test_content_matches_a_bytearray_and_final_cut_is_canonical(ops, seed, start) -> None:
     rng = random.Random(seed)
     fs = FakeStore()

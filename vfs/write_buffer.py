@@ -20,7 +20,12 @@ Rules this model keeps (tests/test_write_buffer.py checks each):
   around a change become new blocks.
 * `settle(final=False)` (a spill, to bound memory) leaves the last piece of a
   run that reaches the end of the file in memory, because an append would
-  move its cut; `final=True` (a version being made) cuts everything.
+  move its cut; `final=True` (a version being made) cuts everything. A run
+  whose resync reaches the open tail a spill left at the end of the file takes
+  in all of that tail (a dirty piece and an append are two segments), so it
+  too is a run to the end of the file. Whenever a cut ends the file with a
+  stored chunk, that chunk is `forced_end`: its end is the file's, no cut
+  point, and if the file grows the next settle loads and cuts it again.
 * Runs are read in windows of at most WINDOW bytes plus the carried piece,
   so cutting a 1 GiB hole or a 1 GiB dirty run holds a bounded amount.
 * A file being appended to can be cut behind the writer (`sealed_run`,
@@ -386,7 +391,9 @@ async def settle(content: FileContent, load: Load, store: Store, *, final: bool,
         content.segs[first:first] = replacement
         content.dirty_bytes += len(tail)
         content._changed()
-    if final and content.segs:
+    if content.segs and content.segs[-1].kind == STORED:
+        # a cut that reached the end of the file ended its last chunk there by force
+        # (final, or a spill whose cut resynchronised through to stored chunks at the end)
         content.forced_end = content.segs[-1]
     return stored
 
@@ -464,10 +471,19 @@ async def _cut_run(content: FileContent, first: int, end: int, load: Load, store
     ends: list[int] = []  # end offsets in `combined` of the stored chunks absorbed
     for k, seg in enumerate(after[:RESYNC_CHUNKS]):
         if seg.kind != STORED:
-            # the kept tail of a spill (runs are cut last first): the file ends with it
-            combined += b"".join(_pieces([seg], window))
-            ends.append(len(combined))
-            break
+            # the open tail a spill left (runs are cut last first): every segment from
+            # here on is dirty or zero and the file ends with them, however many there
+            # are (a dirty piece and an append, a hole and a write): the run now reaches
+            # the end of the file, and is cut as such
+            tail = after[k:]
+            if any(s.kind == STORED for s in tail):
+                raise ValueError("a stored chunk after the open tail of a file")
+            combined += b"".join(_pieces(tail, window))
+            points = cut_points(combined)
+            keep = points if final else points[:-1]
+            refs += await _store_cuts(combined, 0, keep, store)
+            left = combined[keep[-1]:] if keep else combined
+            return refs, bytes(left), k + len(tail)
         assert seg.ref is not None
         combined += await load(seg.ref)
         ends.append(len(combined))
