@@ -101,6 +101,12 @@ class BlockReader:
         # readahead of its block hurries that fetch instead of riding at READAHEAD
         self._urgency: dict[bytes, Priority] = {}
         self._fetching: set[bytes] = set()
+        # Evict wins over the readahead started before it: `evictions` counts evicts (the
+        # drive's readahead starts no load planned before one), and `_fenced` holds the
+        # ids evicted while a load of them was in flight; such a load, if still only the
+        # readahead's when it ends (no READ joined it), neither stores nor keeps its block
+        self.evictions = 0
+        self._fenced: set[bytes] = set()
         # ids `load_ahead` has just found missing from the store, until a load of each
         # starts: a READ that gets there before the readahead's own load (the kernel's
         # READs run ahead of ours) goes to the network without a second look
@@ -174,6 +180,8 @@ class BlockReader:
     async def evict(self, ids: list[bytes]) -> int:
         """Drop blocks from memory and from the store (the unpinned ones), in turn
         with the store writer so that no batch it took before stores them again."""
+        self.evictions += 1
+        self._fenced.update(b for b in ids if b in self._inflight)
         async with self._store_lock:
             for block_id in ids:
                 self.forget(block_id)
@@ -188,6 +196,13 @@ class BlockReader:
                 return self.store.evict(ids)
         finally:
             self._evicts_waiting -= 1
+
+    def _evicted_ahead(self, block_id: bytes) -> bool:
+        """Whether a load of the block in flight was the readahead's when the block was
+        evicted and still is: what it brings is neither stored nor kept (a user who
+        evicts a file finds it `cloud` afterwards). A READ that joined it wants the
+        bytes, on the device as any read's are."""
+        return block_id in self._fenced and self._urgency.get(block_id) == Priority.READAHEAD
 
     def has_plain(self, block_id: bytes) -> bool:
         """Whether the block's plaintext is in memory (without counting it as a use)."""
@@ -219,9 +234,11 @@ class BlockReader:
             looked = True
         try:
             plain = await self._load(ref, priority, looked)
-            self._remember(ref.block_id, plain)
+            if not self._evicted_ahead(ref.block_id):
+                self._remember(ref.block_id, plain)
             return plain
         finally:
+            self._fenced.discard(ref.block_id)
             del self._inflight[ref.block_id]
             del self._urgency[ref.block_id]
             ev.set()
@@ -303,7 +320,7 @@ class BlockReader:
                     if len(self._absent_ahead) >= _ABSENT_AHEAD_MAX:
                         self._absent_ahead.clear()  # (a hint: loads that never came)
                     self._absent_ahead.add(ref.block_id)
-                elif plain:
+                elif plain and not self._evicted_ahead(ref.block_id):
                     self._remember(ref.block_id, plain)
 
         try:
@@ -312,6 +329,7 @@ class BlockReader:
                     nursery.start_soon(load, run)
         finally:
             for block_id, ev in events.items():
+                self._fenced.discard(block_id)
                 del self._inflight[block_id]
                 del self._urgency[block_id]
                 ev.set()
@@ -406,6 +424,8 @@ class BlockReader:
             self._fetching.discard(block_id)
         self.fetched_blocks += 1
         self.fetched_bytes += len(ct)
+        if self._evicted_ahead(block_id):
+            return ct  # the readahead's, evicted meanwhile: its reader drops it too
         if not self._writer_running:
             # a put hashes the block and commits (fsync): worker thread, not the event loop
             async with self._store_lock:

@@ -356,9 +356,9 @@ class Drive:
             wanted.append(i)
         of.readahead_until = max(of.readahead_until, last)
         if wanted:
-            self._nursery.start_soon(self._prefetch_in_order, of, wanted)
+            self._nursery.start_soon(self._prefetch_in_order, of, wanted, self.blocks.evictions)
 
-    async def _prefetch_in_order(self, of: OpenFile, wanted: list[int]) -> None:
+    async def _prefetch_in_order(self, of: OpenFile, wanted: list[int], evictions: int) -> None:
         """Start the readahead of `wanted` chunk by chunk, in file order.
 
         Peers answer the requests of one priority first come, first served, and
@@ -366,6 +366,11 @@ class Drive:
         them): started in one batch, the chunk the reader needs next was often
         asked for last, behind the whole window (first MiB from one seeder at
         5 MB/s: 1.0-1.6 s instead of 0.3 s).
+
+        `evictions`: BlockReader.evictions when the window was planned. After an
+        evict the rest of it is dropped: its chunks' tasks start one after the
+        other, and one started after an evict of its file fetched and stored a
+        block the user had just evicted (the file showed `partial`, not `cloud`).
         """
         assert self._nursery is not None
         chunks = of.map.chunks
@@ -378,18 +383,29 @@ class Drive:
             of.pending.difference_update(set(wanted) - set(left))
         if not left:
             return
+        if self.blocks.evictions != evictions:
+            of.pending.difference_update(left)
+            return
         # those missing here asked for next, together: they go to a peer in runs
         await self._nursery.start(functools.partial(
             self.blocks.fetch_ahead, [chunks[i] for i in left if chunks[i].block_id in absent],
             Priority.READAHEAD, looked=True))
         of.absent.update(i for i in left if chunks[i].block_id in absent)
-        for i in left:
-            await self._nursery.start(self._prefetch, of, i, chunks[i].block_id in absent)
+        for k, i in enumerate(left):
+            if self.blocks.evictions != evictions:  # evict wins over the readahead before it
+                of.pending.difference_update(left[k:])
+                of.absent.difference_update(left[k:])
+                return
+            await self._nursery.start(self._prefetch, of, i, chunks[i].block_id in absent,
+                                      evictions)
 
-    async def _prefetch(self, of: OpenFile, i: int, looked: bool,
+    async def _prefetch(self, of: OpenFile, i: int, looked: bool, evictions: int,
                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()  # and on into the read at once, before the next chunk's task
         try:
+            if self.blocks.evictions != evictions:
+                return  # an evict came between its planning and this task's first step
+            # (from here to the load's start nothing awaits: an evict after that fences it)
             # (a chunk load_ahead found missing goes to the network without a second look)
             await self._read_chunk(of.map.chunks[i], Priority.READAHEAD, of, looked)
         except PeerdriveError:
