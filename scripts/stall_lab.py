@@ -29,9 +29,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.helpers import peerdrive, publish, write_random  # noqa: E402
 from tests.swarm_helpers import Swarm  # noqa: E402
-from tests.test_mirror_stall import FreezingMirror, mirror_failures  # noqa: E402
+from tests.test_mirror_stall import (  # noqa: E402
+    FreezingMirror,
+    mirror_failures,
+    mirrored_drive,
+)
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -40,17 +43,7 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def one_run(work: Path, failures: int, fetch_timeout: float) -> dict:
-    src = work / "src"
-    src.mkdir(parents=True)
-    write_random(src / "big.bin", 16 * 1024 * 1024, seed=10)
-    want_later = write_random(src / "later.bin", 4 * 1024 * 1024, seed=11)
-    publisher = work / "publisher"
-    publisher.mkdir()
-    link = publish(publisher, src)["read_link"]
-    www = work / "www"
-    json.loads(peerdrive(publisher, "mirror", link, str(www), "--json").stdout)
-    reader_home = work / "reader"
-    reader_home.mkdir()
+    link, www, reader_home, _, want_later = mirrored_drive(work)
     with FreezingMirror(www) as mirror, Swarm(work / "swarm") as swarm:
         reader = swarm.mount("reader", reader_home, link, work / "mnt",
                              fetch_timeout=fetch_timeout, extra=["--mirror", mirror.url])

@@ -39,6 +39,20 @@ def new_cap() -> WriteCap:
     return WriteCap.from_secrets(os.urandom(32), os.urandom(32))
 
 
+def spy_calls(monkeypatch, obj, names, record: Callable[[str, tuple], None]) -> None:
+    """Wrap each named method of `obj` so that every call is first handed to
+    `record(name, args)`: the store-lookup counting tests see which lookups a read made
+    (and on which thread) while the real method still answers."""
+    for name in names:
+        real = getattr(obj, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            record(_name, args)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(obj, name, spy)
+
+
 @contextlib.contextmanager
 def wrong_key_chunks(monkeypatch, marker: bytes):
     """While active, a chunk starting with `marker` is encrypted under another key.

@@ -137,20 +137,28 @@ def mirror_failures(snap: dict, url: str) -> int:
                if m["url"] == url)
 
 
-def test_a_lone_mirror_that_stalls_once_serves_reads_again_without_a_long_backoff(
-        tmp_path: Path) -> None:
-    src = tmp_path / "src"
-    src.mkdir()
+def mirrored_drive(work: Path) -> tuple[str, Path, Path, str, str]:
+    """A published drive of a 16 MiB `big.bin` and a 4 MiB `later.bin` (read only once
+    the mirror is back: its blocks are in no cache of the mount's), mirrored into
+    work/www, and an empty reader home: (read link, www, reader home, the two files'
+    SHA-256). Shared with scripts/stall_lab.py, which times the same freeze."""
+    src = work / "src"
+    src.mkdir(parents=True)
     want = write_random(src / "big.bin", 16 * 1024 * 1024, seed=10)
-    # read only once the mirror is back: its blocks are in no cache of the mount's
     want_later = write_random(src / "later.bin", 4 * 1024 * 1024, seed=11)
-    publisher = tmp_path / "publisher"
+    publisher = work / "publisher"
     publisher.mkdir()
     link = publish(publisher, src)["read_link"]
-    www = tmp_path / "www"
+    www = work / "www"
     json.loads(peerdrive(publisher, "mirror", link, str(www), "--json").stdout)
-    reader_home = tmp_path / "reader"
+    reader_home = work / "reader"
     reader_home.mkdir()
+    return link, www, reader_home, want, want_later
+
+
+def test_a_lone_mirror_that_stalls_once_serves_reads_again_without_a_long_backoff(
+        tmp_path: Path) -> None:
+    link, www, reader_home, want, want_later = mirrored_drive(tmp_path)
 
     with FreezingMirror(www) as mirror, Swarm(tmp_path / "swarm") as swarm:
         reader = swarm.mount("reader", reader_home, link, tmp_path / "mnt",

@@ -21,7 +21,14 @@ from cache import schema
 from cache.store import BlockStore
 from dht.types import Priority
 from tests.helpers import run_trio
-from tests.inprocess import FakeNetwork, new_cap, publish_folder, running_drive, wrong_key_chunks
+from tests.inprocess import (
+    FakeNetwork,
+    new_cap,
+    publish_folder,
+    running_drive,
+    spy_calls,
+    wrong_key_chunks,
+)
 from vfs import blocks as blocks_module
 from vfs.blocks import BlockReader
 from vfs.drive import READAHEAD_CHUNKS, UNAVAILABLE_MEMORY, Drive
@@ -653,17 +660,13 @@ def test_store_lookups_of_the_read_path_stay_off_the_event_loop_and_happen_once(
     loop_thread = threading.current_thread()
     on_loop: list[tuple[str, object]] = []
     lookups: list[bytes] = []
-    for name in ("get", "get_decoded", "has", "missing"):
-        real = getattr(reader, name)
+    def record(name: str, args: tuple) -> None:
+        if threading.current_thread() is loop_thread:
+            on_loop.append((name, args[0]))
+        if name in ("get", "get_decoded"):
+            lookups.append(args[0])
 
-        def spy(*args, _real=real, _name=name, **kwargs):
-            if threading.current_thread() is loop_thread:
-                on_loop.append((_name, args[0]))
-            if _name in ("get", "get_decoded"):
-                lookups.append(args[0])
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(reader, name, spy)
+    spy_calls(monkeypatch, reader, ("get", "get_decoded", "has", "missing"), record)
 
     async def main(nursery: trio.Nursery) -> None:
         async with running_drive(drive):

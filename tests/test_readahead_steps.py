@@ -18,7 +18,7 @@ import trio.testing
 from dht.types import Priority
 from tests import test_read_path
 from tests.helpers import run_trio
-from tests.inprocess import FakeNetwork, running_drive
+from tests.inprocess import FakeNetwork, running_drive, spy_calls
 from tests.test_read_path import DEADLINE, FetchWithAhead, KiB, open_file
 from vfs.drive import READAHEAD_CHUNKS, READAHEAD_REFILL
 
@@ -120,14 +120,8 @@ def test_a_read_of_a_chunk_the_readahead_found_missing_does_not_look_again(
     kernel's READs run ahead of the readahead on a cold read: a worker-thread trip each)."""
     drive, net, big, reader, _ = world
     lookups: list[bytes] = []
-    for name in ("get", "get_decoded", "has"):
-        real = getattr(reader, name)
-
-        def spy(*args, _real=real, **kwargs):
-            lookups.append(args[0])
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(reader, name, spy)
+    spy_calls(monkeypatch, reader, ("get", "get_decoded", "has"),
+              lambda _name, args: lookups.append(args[0]))
 
     async def main(nursery: trio.Nursery) -> None:
         async with running_drive(drive):
