@@ -269,3 +269,14 @@ def test_a_spill_that_cannot_write_keeps_its_records_in_memory(tmp_path: Path,
     assert spill.get(kept, 100) == b"b" * 100 and spill.in_memory == 100
     nowhere = memory.Spill(None)
     assert nowhere.get(nowhere.put(b"c" * 10), 10) == b"c" * 10
+
+
+def test_a_users_own_arena_limit_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`limit_arenas` sets glibc's arena limit unless the user set MALLOC_ARENA_MAX: glibc
+    read that at start-up, and a mallopt would silently override it."""
+    if memory._LIBC is None:
+        pytest.skip("not glibc: no mallopt")
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "8")
+    assert memory.limit_arenas() is False
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    assert memory.limit_arenas() is True
