@@ -27,9 +27,15 @@ which peer is asked for which block and when:
   peer; the first answer wins and the loser is cancelled (Cancel on the wire).
 * **Penalties.** NotFound excludes the peer for that block. A broken
   connection, a refused or failed connect, or a stall (no answer at all for
-  `stall_timeout`) puts the peer in exponential backoff. A block with the
-  wrong hash never reaches the caller: the connection is dropped and the peer
-  is shunned for `bad_block_backoff`.
+  `stall_timeout`) puts the peer in exponential backoff. The backoff counts
+  *incidents*, not requests: the requests in flight when a source went silent
+  or its connection broke all fail (each is retried elsewhere at once), but
+  only the first failure counts; the others were dispatched before it was
+  counted and stem from the same incident (`_penalise`). One freeze of a
+  source with 16 requests in flight used to count 16-32 failures (a 60 s
+  backoff); now it counts one (0.5 s). A block with the wrong hash never
+  reaches the caller: the connection is dropped and the peer is shunned for
+  `bad_block_backoff`, per lie.
 * **Probes of a lone source.** Backoff spreads work away from a failing peer
   to the others; a request with no other eligible source (a drive read only
   through one mirror, or from one peer) would only wait out that backoff, up
@@ -179,7 +185,8 @@ class PeerStats:
     in_flight: int
     blocks: int
     bytes: int
-    failures: int
+    failures: int  # failed attempts that counted against it (an incident's several)
+    incidents: int  # of them, those counted for its backoff (one per freeze or break)
     not_found: int
     bad_blocks: int
     stalls: int
@@ -274,7 +281,11 @@ class _Peer:
         self.idle_latency: float | None = None  # EWMA of request time when nothing else queued
         self.throughput: float | None = None
         self.last_delivery = -math.inf
-        self.consecutive_failures = 0
+        self.consecutive_failures = 0  # incidents in a row: the backoff's exponent
+        # when the incident counted last was: a failure of an attempt dispatched before
+        # then (in flight when it happened) is part of it, not another (Fetcher._penalise)
+        self.incident_at = -math.inf
+        self.incidents = 0
         self.backoff_until = -math.inf
         self.shunned_until = -math.inf  # a corrupt block or a refusal: never probed till then
         self.probe_at = math.inf  # while backed off: when a request with nobody else may probe
@@ -871,6 +882,7 @@ class Fetcher:
                 blocks=peer.blocks,
                 bytes=peer.bytes,
                 failures=peer.failures,
+                incidents=peer.incidents,
                 not_found=peer.not_found,
                 bad_blocks=peer.bad_blocks,
                 stalls=peer.stalls,
@@ -1644,7 +1656,7 @@ class Fetcher:
                 if peer.last_delivery < attempt.start:
                     # Nothing at all from this peer while we waited: a stall.
                     peer.stalls += 1
-                    self._penalise(peer)
+                    self._penalise(peer, since=attempt.start)
                 request.outcomes[peer.node_id] = Outcome.TOO_SLOW
             elif request.outcomes.get(peer.node_id) is Outcome.IN_PROGRESS:
                 del request.outcomes[peer.node_id]
@@ -1680,7 +1692,7 @@ class Fetcher:
             request.soft_failed.add(peer.node_id)
             request.outcomes[peer.node_id] = Outcome.FAILED
             if attempt.connection is not None and self._drop_connection(peer, attempt.connection):
-                self._penalise(peer)
+                self._penalise(peer, since=attempt.start)
         if not request.finished and not request.queued:
             if not any(not a.late for a in request.attempts):
                 self._unpark(request)
@@ -1754,7 +1766,7 @@ class Fetcher:
                     peer.stalls += 1
                     attempt.request.outcomes[peer.node_id] = Outcome.STALLED
             if self._drop_connection(peer, first.connection):
-                self._penalise(peer)
+                self._penalise(peer, since=first.start)
 
     # ---- connections and penalties ------------------------------------------
 
@@ -1866,12 +1878,34 @@ class Fetcher:
             self._nursery.start_soon(conn.aclose)
         return True
 
-    def _penalise(self, peer: _Peer, backoff: float | None = None) -> None:
+    def _penalise(self, peer: _Peer, backoff: float | None = None, *,
+                  since: float | None = None) -> None:
         """Back `peer` off: exponentially (`backoff` None; a lone source is probed meanwhile,
-        see `_probe_target`), or shunned for `backoff` seconds (never probed)."""
+        see `_probe_target`), or shunned for `backoff` seconds (never probed).
+
+        `since`: when the failed attempt was dispatched. One incident (a source
+        that froze, a connection that broke) fails every request in flight there,
+        each on its own verdict: a stall seen by a hedge or the watchdog, the
+        error of each request, a watchdog per run. Counted one by one, a mirror
+        frozen with 16 requests in flight reached 16-32 failures, the 60 s
+        `backoff_max` at once, and with another source to take the work it was
+        not probed but kept off that long after a hiccup of a second. So an
+        attempt dispatched before the incident counted last (it was in flight
+        when that happened) adds nothing to the backoff: the incident counts
+        once. Its request is retried elsewhere at once all the same (the caller
+        re-queues it). Its failure is still counted in `failures`, and an
+        attempt dispatched after the incident (a probe, a retry once the
+        backoff ended) that fails is a new incident, so a source that stays
+        dead still backs off further. A shun (`backoff` given: a block with a
+        wrong hash, a refusal) always counts: each lie is its own.
+        """
         config = self.config
         now = trio.current_time()
         peer.failures += 1
+        if backoff is None and since is not None and since <= peer.incident_at:
+            return  # in flight when the incident counted last happened: part of it
+        peer.incident_at = now
+        peer.incidents += 1
         peer.consecutive_failures += 1
         if backoff is None:
             exponent = min(peer.consecutive_failures - 1, 30)

@@ -140,9 +140,11 @@ def test_one_stall_at_the_only_source_costs_a_probe_not_the_backoff() -> None:
             assert got == {b: blocks[b] for b in ids[:8]}  # not FetchTimeout at 30 s
             failed_at = start + READ_TIMEOUT  # the stalled requests all failed here
             assert source.calls_between(start, failed_at) == 8
-            # the reads came back one probe after the failures, not a backoff later
+            # the reads came back one probe after the failures, not a backoff later (one
+            # stall is one incident now, tests/test_fetch_incidents.py: its 0.5 s backoff
+            # ends before a probe is due, so the retry is no probe at all)
             assert trio.current_time() - failed_at <= 2 * MOUNT.probe_interval
-            assert f.stats.probes == 1
+            assert f.stats.probes <= 1
             [stats] = f.peer_stats()
             assert stats.backoff_remaining == 0  # the probe's answer ended the backoff
             # the next reads go straight to the source: one request each, no wait
