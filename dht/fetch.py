@@ -1719,6 +1719,30 @@ class Fetcher:
             peer.probe_at = max(peer.probe_at, now + self._probe_wait(peer))
         # else cancelled in time (its waiters left, another source won): no verdict
 
+    def probe_now(self) -> bool:
+        """Let each backed-off source be probed at once; False if no source can be asked.
+
+        For a reader that saw a block fail moments ago and is asked for it again
+        (the mount's failure memory, vfs/drive.py): the source may have come back
+        since, and waiting out its probe spacing (up to `probe_max`) would fail
+        that read although one request would tell. So the next request that has
+        no other source probes it now (one probe in flight per source, as
+        always; a shunned source stays shunned). False when nothing could be
+        asked now (no provider, or every one shunned): the read fails at once.
+        """
+        now = trio.current_time()
+        askable = False
+        for peer in self._peers.values():
+            if not peer.provider or peer.shunned_until > now:
+                continue
+            askable = True
+            if peer.backoff_until > now and not peer.probing:
+                peer.probe_at = min(peer.probe_at, now)
+        if askable:
+            self._providers_changed = True  # parked requests look again
+            self._poke()
+        return askable
+
     def _probe_wait(self, peer: _Peer) -> float:
         config = self.config
         return min(config.probe_interval * 2 ** min(peer.probe_failures, 30), config.probe_max)

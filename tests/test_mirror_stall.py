@@ -14,9 +14,11 @@ tests/test_fetch_probe.py).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
+import os
 import select
 import socket
 import threading
@@ -192,4 +194,40 @@ def test_a_lone_mirror_that_stalls_once_serves_reads_again_without_a_long_backof
         # Served again: every byte, now, not EIO for the rest of a 60 s backoff.
         assert hashlib.sha256((reader.mountpoint / "later.bin").read_bytes()).hexdigest() \
             == want_later
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == want
+
+
+RECOVERY_FETCH_TIMEOUT = 4.0  # short: the first READ fails at it (EIO) while frozen
+
+
+def test_a_read_right_after_the_mirror_thaws_gets_the_bytes_not_eio_from_memory(
+        tmp_path: Path) -> None:
+    """The mount remembers a block that failed (vfs/drive.py, UNAVAILABLE_MEMORY, 2 s)
+    so that the kernel's read right after a failed readahead does not wait a second
+    fetch timeout. By that memory alone a reader retrying at once after an EIO got EIO
+    again though the mirror was back: nothing asked it. Now the retry's READ asks once
+    (RECHECK_WAIT; the fetcher probes the backed-off mirror at once: DriveFetch.probe_now)
+    and returns the bytes. Through a real mount, so the kernel's own reads and the
+    mount's DriveFetch are in the path (tests/test_read_after_recovery.py has the
+    rule in process)."""
+    link, www, reader_home, want, _ = mirrored_drive(tmp_path)
+    big = (www.parent / "src" / "big.bin").read_bytes()
+
+    with FreezingMirror(www) as mirror, Swarm(tmp_path / "swarm") as swarm:
+        reader = swarm.mount("reader", reader_home, link, tmp_path / "mnt",
+                             fetch_timeout=RECOVERY_FETCH_TIMEOUT,
+                             extra=["--mirror", mirror.url])
+        path = reader.mountpoint / "big.bin"
+        fd = os.open(path, os.O_RDONLY)  # its chunk list loaded while the mirror serves
+        try:
+            mirror.freeze_after(0)
+            with pytest.raises(OSError) as failed:
+                os.pread(fd, 4096, 0)  # EIO at the fetch timeout: the mirror is frozen
+            assert failed.value.errno == errno.EIO
+            assert mirror.held >= 1
+            mirror.thaw()
+            # the reader retries at once: the bytes (old rule: EIO from memory for 2 s)
+            assert os.pread(fd, 4096, 0) == big[:4096]
+        finally:
+            os.close(fd)
         assert hashlib.sha256(path.read_bytes()).hexdigest() == want

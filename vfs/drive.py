@@ -53,10 +53,15 @@ LISTS_PREFETCHED_REMEMBERED = 65536
 # one by one as it descends they cost a round trip and a store commit each. A folder of
 # 100 small files has a node of ~10.5 KB: this covers a root of ~1,500 such folders.
 SUBDIR_PREFETCH_BYTES = 16 * 1024 * 1024
-# After a block could not be fetched within the fetch timeout, reads of it fail at once
-# for this long: the kernel follows a failed readahead with a read of the same page,
-# which would otherwise wait out the whole timeout a second time.
+# After a block could not be fetched within the fetch timeout, reads of it are not given
+# the whole timeout again for this long: the kernel follows a failed readahead with a
+# read of the same page, which would otherwise wait out the whole timeout a second time.
 UNAVAILABLE_MEMORY = 2.0
+# ... but a READ of it then still asks once, for at most this long, if any source can be
+# asked (the fetcher probes a backed-off one at once): a source back a moment after the
+# failure serves it, where the memory alone answered EIO without asking (issue 10).
+# A source still dead costs that READ this long, not the fetch timeout.
+RECHECK_WAIT = 2.0
 
 # Seconds between two looks at the store's counters for changes other processes made.
 STORE_CHECK_SECONDS = 5
@@ -96,6 +101,9 @@ class Drive:
         self.head = head
         self.version = 1
         self.blocks = BlockReader(storage.store, cap.read_key, fetch, tag=cap.discovery_key)
+        # probe_now() -> whether any source can be asked now (each backed-off one probed at
+        # once); without it a remembered failure fails a READ at once (see RECHECK_WAIT)
+        self._probe_now: Callable[[], bool] | None = getattr(fetch, "probe_now", None)
         open_with = getattr(fetch, "open_with", None)
         if open_with is not None:  # fetched blocks decrypted in the fetch's threads
             open_with(self.blocks.open_verified)
@@ -322,7 +330,7 @@ class Drive:
         if failed is not None:
             when, why = failed
             if now - when < UNAVAILABLE_MEMORY:
-                raise BlockUnavailable(why)
+                return await self._recheck(ref, priority, looked, why)
             del self._unavailable[ref.block_id]
         try:
             return await self.blocks.read(ref, priority, looked=looked)
@@ -332,6 +340,27 @@ class Drive:
                     del self._unavailable[block_id]
             self._unavailable[ref.block_id] = (trio.current_time(), str(exc))
             raise
+
+    async def _recheck(self, ref: Ref, priority: Priority, looked: bool, why: str) -> bytes:
+        """A block that failed moments ago, asked for again: one short try, not the whole wait.
+
+        The memory exists for the kernel's read of a page right after its failed
+        readahead: that read must not wait out the fetch timeout a second time. But
+        answered from memory alone, a READ failed with EIO for up to
+        UNAVAILABLE_MEMORY after the failure even when the source was back (a mirror
+        thawed, a peer reconnected): nothing asked it. So a READ asks once more,
+        for at most RECHECK_WAIT, when some source can be asked (`probe_now` lets a
+        backed-off one be probed at once); with none, or without an answer in that
+        time, it fails as remembered. Readahead, a hint, fails at once as before.
+        """
+        probe_now = self._probe_now
+        if priority != Priority.READ or probe_now is None or not probe_now():
+            raise BlockUnavailable(why)
+        with trio.move_on_after(RECHECK_WAIT):
+            plain = await self.blocks.read(ref, priority, looked=looked)
+            self._unavailable.pop(ref.block_id, None)
+            return plain
+        raise BlockUnavailable(why)
 
     def _readahead(self, of: OpenFile, first: int) -> None:
         """Load the next chunks of a sequential reader in the background.

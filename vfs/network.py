@@ -750,6 +750,11 @@ class DriveFetch:
         mount's reader; other readers of the drive decrypt on the event loop."""
         self.net._openers[self.cap.discovery_key] = opener
 
+    def probe_now(self) -> bool:
+        """`Fetcher.probe_now`: backed-off sources probed at once (False: none to ask)."""
+        d = self.net.drives.get(self.cap.discovery_key)
+        return d is not None and d.fetcher is not None and d.fetcher.probe_now()
+
     def hurry(self, block_id: bytes, priority: Priority) -> bool:
         """`Fetcher.hurry`: a fetch in flight moved up to `priority` (False: none here)."""
         d = self.net.drives.get(self.cap.discovery_key)
