@@ -3,8 +3,8 @@
 A drive whose only reachable source is one HTTP mirror (or one peer): a stall
 or a broken connection there put the source in exponential backoff, shared
 with peers (0.5 s doubling up to `backoff_max`, 60 s; every attempt in flight
-at a stalled mirror adds a failure, so one stall of a streaming read reached
-the 60 s at once). While it lasted every READ of an uncached block parked and
+at a stalled mirror added a failure, so one stall of a streaming read reached
+the 60 s at once, until one incident counted once: tests/test_fetch_incidents.py). While it lasted every READ of an uncached block parked and
 failed with EIO at its fetch timeout, though the source was healthy again a
 moment later. Now a request with no other eligible source probes the backed-off
 source (`Fetcher._probe_target`): one attempt at a time, `probe_interval` after
