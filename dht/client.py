@@ -144,8 +144,8 @@ class RunOfWants:
         self.priority = Priority(priority)
         self.cancelled = [False] * len(self.block_ids)
         self.wake = trio.Event()  # set when a block of it is answered or cancelled
-        # block i not asked for yet, waiting behind another block of the run: set by a
-        # source that asks for a run's blocks one after the other (`HttpSource`); a peer
+        # block i's answer still waits behind another block of the run: set by a source
+        # that answers a run's blocks one after the other (`HttpSource`); a peer
         # connection sends every want at once and leaves it False (see `dht.fetch`)
         self.behind = [False] * len(self.block_ids)
 

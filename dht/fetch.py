@@ -1982,12 +1982,12 @@ class Fetcher:
 
 
 def _waits_in_run(attempt: _Attempt) -> bool:
-    """Whether a late attempt has not even been asked for yet: its source fetches a run's
-    blocks one after the other (an HTTP mirror) and it still waits behind another block
-    of its run, which may stall for the whole read timeout. Such an attempt does not keep
-    its peer from being asked again (a hedge at the same mirror goes out at once, on
-    another connection, and the waiting one is dropped from its run: moved, not
-    fetched twice): else a good block queued behind a stalled file, at a mirror that
+    """Whether a late attempt's answer has not even begun: its source answers a run's
+    blocks one after the other (an HTTP mirror, the run pipelined) and it still waits
+    behind another block of its run, which may stall for the whole read timeout. Such an
+    attempt does not keep its peer from being asked again (a hedge at the same mirror
+    goes out at once, on another connection, and the waiting one is dropped from its
+    run: its response there is not read, nor checked): else a good block queued behind a stalled file, at a mirror that
     is its only source, waits past its fetch timeout (issue 10)."""
     run = attempt.run
     return attempt.late and run is not None and run.behind[attempt.index]

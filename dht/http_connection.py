@@ -49,14 +49,22 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
 import h11
 import trio
 
-from .errors import BadBlockError, PeerGoneError
+from .errors import DhtError, PeerGoneError
+from .http_pipeline import (
+    BodyTooLongError,
+    Response,
+    ResponseDecoder,
+    Unframeable,
+    build_gets,
+    head_end,
+)
 from .tlsstream import TlsStream
 
 RECEIVE_SIZE = 1024 * 1024  # one socket read: a whole block often arrives in one or two
@@ -68,8 +76,8 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _USER_AGENT = "peerdrive"
 
 
-class BodyTooLongError(BadBlockError):
-    """A response body (announced or received) longer than the caller's limit; refused."""
+class _Stalled(PeerGoneError):
+    """A blocking connection's read or write timed out: the server is there but stalls."""
 
 
 @dataclass(frozen=True)
@@ -499,6 +507,8 @@ class BlockingHttpConnection(_H11Connection):
         """Over a connected socket (TLS already set up for https)."""
         super().__init__(origin, timeouts)
         self._sock = sock
+        self._decoder: ResponseDecoder | None = None  # of the GETs `send_gets` sent
+        self.response_started = False  # some byte of the response `next_response` reads came
         self.idle_since = -1e9  # when it last went back to its pool (time.monotonic)
         self._plain = not isinstance(sock, ssl.SSLSocket)
         if self._plain:
@@ -608,14 +618,79 @@ class BlockingHttpConnection(_H11Connection):
             self._h11 = _new_h11()
         return True
 
+    def send_gets(self, targets: Sequence[str], limit: int) -> None:
+        """Send GETs for `targets` back to back (pipelined, one send); their responses are
+        then read in order with `next_response`, each body up to `limit` bytes."""
+        if self.closed:
+            raise PeerGoneError(f"{self.origin}: connection closed")
+        self.requests += len(targets)
+        self._decoder = ResponseDecoder(limit, str(self.origin))
+        self.response_started = False
+        self._send(build_gets(self.origin.host_header, targets))
+
+    def next_response(self) -> Response:
+        """The next response to the GETs `send_gets` sent (blocking); `response_started`
+        says whether any byte of it came. A response that does not keep the connection
+        closes it; so does any exception (the caller asks for the rest elsewhere)."""
+        decoder = self._decoder
+        assert decoder is not None
+        self.response_started = decoder.started
+        ok = False
+        try:
+            response = self._next_response(decoder)
+            ok = True
+            return response
+        finally:
+            if not ok or decoder.done:
+                self.close()
+
+    def _next_response(self, decoder: ResponseDecoder) -> Response:
+        while True:
+            response = decoder.next()
+            if response is not None:
+                return response
+            missing = decoder.body_missing()
+            if self._plain:
+                if missing:
+                    # the rest of the body in one call, into the bytes handed up: one copy,
+                    # from the kernel (none when nothing of it was buffered)
+                    body = self._recv(missing, socket.MSG_WAITALL)
+                    if len(body) != missing:
+                        raise PeerGoneError(f"{self.origin}: the response ended "
+                                            f"{missing - len(body)} bytes short of its "
+                                            "Content-Length (closed or timed out)")
+                    return decoder.take_body(body)
+                if not decoder.started:
+                    # the head only, as far as it is there: its body is then received whole
+                    peeked = self._recv(_HEAD_PEEK, socket.MSG_PEEK)
+                    end = head_end(peeked) if peeked else -1
+                    if end > 0:
+                        self.response_started = True
+                        decoder.feed(self._recv(end, socket.MSG_WAITALL))
+                        continue
+                data = self._recv(_HEAD_PEEK, 0)
+            else:
+                data = self._recv(RECEIVE_SIZE, 0)
+            if data:
+                self.response_started = True
+            decoder.feed(data)
+
+    def end_pipeline(self) -> None:
+        """Every response to the GETs sent was read: the connection is clean again (for
+        `request` too), unless bytes nobody asked for came with them (then it is closed)."""
+        decoder, self._decoder = self._decoder, None
+        if decoder is not None and decoder.buffered:
+            self.close()
+        self._h11 = _new_h11()
+
     def _recv(self, size: int, flags: int) -> bytes:
         """One recv of up to `size` bytes on the plain socket (b"" at its end), its
         timeout and errors as `_receive`'s."""
         try:
             return self._sock.recv(size, flags)
         except (TimeoutError, BlockingIOError):  # SO_RCVTIMEO
-            raise PeerGoneError(f"{self.origin}: timed out (nothing received for "
-                                f"{self._timeouts.read:g} s)") from None
+            raise _Stalled(f"{self.origin}: timed out (nothing received for "
+                           f"{self._timeouts.read:g} s)") from None
         except OSError as exc:
             raise PeerGoneError(f"{self.origin}: {_describe(exc)}") from exc
 
@@ -630,8 +705,8 @@ class BlockingHttpConnection(_H11Connection):
                 return buf if got == body_left else memoryview(buf)[:got]
             return self._sock.recv(RECEIVE_SIZE)
         except (TimeoutError, BlockingIOError):  # SO_RCVTIMEO, settimeout
-            raise PeerGoneError(f"{self.origin}: timed out (nothing received for "
-                                f"{self._timeouts.read:g} s)") from None
+            raise _Stalled(f"{self.origin}: timed out (nothing received for "
+                           f"{self._timeouts.read:g} s)") from None
         except OSError as exc:
             raise PeerGoneError(f"{self.origin}: {_describe(exc)}") from exc
 
@@ -644,8 +719,8 @@ class BlockingHttpConnection(_H11Connection):
                 self._sock.sendall(data)
                 self._sock.settimeout(self._timeouts.read)
         except (TimeoutError, BlockingIOError):
-            raise PeerGoneError(f"{self.origin}: timed out sending a request (after "
-                                f"{self._timeouts.write:g} s)") from None
+            raise _Stalled(f"{self.origin}: timed out sending a request (after "
+                           f"{self._timeouts.write:g} s)") from None
         except OSError as exc:
             raise PeerGoneError(f"{self.origin}: {_describe(exc)}") from exc
 
@@ -700,6 +775,7 @@ class BlockingPool:
         self.closed = False
         self._lock = threading.Lock()
         self._idle: dict[Origin, list[BlockingHttpConnection]] = {}
+        self._unpipelined: set[Origin] = set()  # origins that sent a response `get_run` cannot frame
 
     def request(self, method: str, url: str, *, limit: int, abort: Abort,
                 headers: Sequence[tuple[str, str]] = ()) -> HttpResponse:
@@ -712,6 +788,143 @@ class BlockingPool:
                 continue
             return HttpResponse(status, names, body, url, kept)
         raise PeerGoneError(f"{url}: too many redirects (a redirect loop?)")
+
+    def get_run(self, urls: Sequence[str], *, limit: int, abort: Abort,
+                wanted: Callable[[int], bool],
+                on_turn: Callable[[int], None]) -> Iterator[tuple[int, HttpResponse | DhtError]]:
+        """GET `urls` (one origin), pipelined on one connection; yields (index, the response
+        or its error: PeerGoneError or BodyTooLongError) in order as each comes.
+
+        Blocks `wanted(i)` says are not wanted any more when their turn to be sent comes
+        are not asked for; `on_turn(i)` is called as a block's response becomes the next
+        to be read (until then it waits behind another). A connection the server ends
+        (`Connection: close`, nginx's `keepalive_requests`) or breaks before a byte of a
+        block's response came, after answering others (or reused from the pool), costs
+        nothing but a new connection: the blocks not answered are asked again there,
+        the one whose response broke as well (a reset drops what had arrived unread).
+        A block fails when it stalls, is too long, or its response breaks as the first
+        of a connection (the blocks after it are then asked again on a new one; a
+        connect that fails fails them all): so a block is asked at most once more for
+        each connection that answered others before breaking on it. A
+        response this client does not frame (`Unframeable`) sends the rest the general
+        way (`request`, h11), and so does every later run to that origin. Redirects are
+        followed for their block alone (`request`). Blocking; call it in a worker thread.
+        """
+        origin, _ = Origin.split(urls[0])
+        targets = []
+        for url in urls:
+            where, target = Origin.split(url)
+            if where != origin:
+                raise ValueError("one origin per run")
+            targets.append(target)
+        left = list(range(len(urls)))  # not answered yet, in order
+        fresh = False  # the next connection must be a new one
+        while left:
+            if abort.aborted or self.closed:
+                raise PeerGoneError(f"{origin}: cancelled")
+            left = [i for i in left if wanted(i)]
+            if not left:
+                return
+            if origin in self._unpipelined:
+                for i in left:
+                    if not wanted(i):
+                        continue
+                    on_turn(i)
+                    try:
+                        answer: HttpResponse | DhtError = self.request(
+                            "GET", urls[i], limit=limit, abort=abort)
+                    except (PeerGoneError, BodyTooLongError) as exc:
+                        if abort.aborted:
+                            raise PeerGoneError(f"{origin}: cancelled") from None
+                        answer = exc
+                    yield i, answer
+                return
+            conn = None if fresh else self._take_idle(origin)
+            reused = conn is not None
+            if conn is None:
+                try:
+                    conn = BlockingHttpConnection.open(origin, self.timeouts, self.ssl_context)
+                except PeerGoneError as exc:
+                    for i in left:
+                        yield i, exc
+                    return
+                with self._lock:
+                    self.stats.connections_opened += 1
+            with self._lock:
+                self.stats.requests += len(left)
+            fresh = False
+            answered = 0
+            pooled = False
+            try:
+                abort.using(conn)
+                try:
+                    conn.send_gets([targets[i] for i in left], limit)
+                except PeerGoneError as exc:
+                    if abort.aborted:
+                        raise PeerGoneError(f"{origin}: cancelled") from None
+                    if not reused:
+                        yield left.pop(0), exc
+                    fresh = True
+                    continue
+                for i in list(left):
+                    on_turn(i)
+                    try:
+                        response = conn.next_response()
+                    except BodyTooLongError as exc:  # its own; the connection is closed
+                        left.remove(i)
+                        yield i, exc
+                        fresh = True
+                        break
+                    except PeerGoneError as exc:
+                        if abort.aborted:
+                            raise PeerGoneError(f"{origin}: cancelled") from None
+                        if isinstance(exc, Unframeable):
+                            with self._lock:
+                                self._unpipelined.add(origin)
+                            break
+                        if isinstance(exc, _Stalled) or not (
+                                answered or (reused and not conn.response_started)):
+                            # it stalled, or the first answer of this connection broke
+                            left.remove(i)
+                            yield i, exc
+                        else:
+                            # the server ended or reset a connection that answered others
+                            # (a reset also drops what had come and was not read yet), or a
+                            # reused one before answering: this block and the rest again
+                            with self._lock:
+                                self.stats.retried += 1
+                        fresh = True
+                        break
+                    left.remove(i)
+                    answered += 1
+                    answer = self._followed(urls[i], response, limit, abort)
+                    abort.using(conn)  # a redirect followed used (and let go of) another
+                    yield i, answer
+                    if conn.closed:
+                        break
+                else:
+                    conn.end_pipeline()
+                    abort.using(None)
+                    if not abort.aborted and not conn.closed:
+                        self._put_idle(conn)
+                        pooled = True
+            finally:
+                abort.using(None)
+                if not pooled:
+                    conn.close()
+
+    def _followed(self, url: str, response: Response, limit: int,
+                  abort: Abort) -> HttpResponse | DhtError:
+        """A pipelined response as `request` gives it: a redirect followed on its own."""
+        location = response.headers.get("location")
+        if response.status in _REDIRECTS and location:
+            try:
+                return self.request("GET", urljoin(url, location.strip()), limit=limit,
+                                    abort=abort)
+            except (PeerGoneError, BodyTooLongError) as exc:
+                return exc
+        return HttpResponse(response.status, response.headers, response.body, url,
+                            response.kept)
 
     def close(self) -> None:
         """Close the idle connections (thread-safe); busy ones close as their request ends."""

@@ -42,7 +42,14 @@ import trio
 
 from .client import OnRunResult, OnVerified, RunOfWants
 from .errors import BadBlockError, BlockNotFound, DhtError, PeerGoneError
-from .http_connection import Abort, BlockingPool, BodyTooLongError, HttpPool, HttpTimeouts
+from .http_connection import (
+    Abort,
+    BlockingPool,
+    BodyTooLongError,
+    HttpPool,
+    HttpResponse,
+    HttpTimeouts,
+)
 from .mirror_layout import HEAD_PATH, MAX_BLOCK, block_path, check_base_url, source_id
 from .records import MAX_MUTABLE_WIRE
 from .types import BLOCK_ID_LEN, Priority
@@ -212,35 +219,48 @@ class HttpSource:
 
     def _fetch_blocks(self, job: _RunJob, post: Callable[[_RunJob, int, bytes | None,
                                                            DhtError | None], None]) -> None:
-        """In a fetch thread: each block of the run not dropped, checked, handed to the loop."""
+        """In a fetch thread: the run's blocks not dropped, asked for at once (pipelined on
+        one connection, `BlockingPool.get_run`), each checked and handed to the loop as
+        its response comes."""
         run = job.run
-        for index, block_id in enumerate(run.block_ids):
-            if job.abort.aborted:
-                return
-            run.behind[index] = False  # (one list item set: the loop reads it, GIL-atomic)
-            if run.cancelled[index]:
-                continue  # answered by the loop (`follow_cancels`)
-            data: bytes | None = None
-            error: DhtError | None = None
-            try:
-                data = self._fetch_block(block_id, job.abort)
-            except DhtError as exc:
-                error = exc
-            post(job, index, data, error)
+        urls = [f"{self.base_url}/{block_path(block_id)}" for block_id in run.block_ids]
+        cancelled, behind, abort = run.cancelled, run.behind, job.abort
 
-    def _fetch_block(self, block_id: bytes, abort: Abort) -> bytes:
-        """One block, checked against its id (blocking; in a worker thread)."""
-        url = f"{self.base_url}/{block_path(block_id)}"
+        def wanted(index: int) -> bool:
+            return not cancelled[index] and not abort.aborted
+
+        def on_turn(index: int) -> None:
+            behind[index] = False  # (one list item set: the loop reads it, GIL-atomic)
+
         try:
-            resp = self._blocking.request("GET", url, limit=MAX_BLOCK, abort=abort)
-        except BodyTooLongError as exc:
+            for index, answer in self._blocking.get_run(urls, limit=MAX_BLOCK, abort=abort,
+                                                        wanted=wanted, on_turn=on_turn):
+                if cancelled[index]:
+                    continue  # answered by the loop (`follow_cancels`); not checked
+                data: bytes | None = None
+                error: DhtError | None = None
+                try:
+                    data = self._checked(run.block_ids[index], urls[index], answer)
+                except DhtError as exc:
+                    error = exc
+                post(job, index, data, error)
+        except PeerGoneError:
+            if not abort.aborted:
+                raise
+            # aborted: the blocks not answered are the loop's (`_RunJob.follow`)
+
+    def _checked(self, block_id: bytes, url: str, answer: HttpResponse | DhtError) -> bytes:
+        """A block's response, checked against its id (in a worker thread)."""
+        if isinstance(answer, BodyTooLongError):
             raise BadBlockError(f"{url}: the block is longer than {MAX_BLOCK} bytes; refused "
-                                f"({exc})") from exc
-        if resp.status in (404, 410):
+                                f"({answer})") from answer
+        if isinstance(answer, DhtError):
+            raise answer
+        if answer.status in (404, 410):
             raise BlockNotFound(f"{self.base_url} does not have block {block_id.hex()[:16]}")
-        if resp.status != 200:
-            raise PeerGoneError(f"{url}: HTTP {resp.status}")
-        data = resp.body
+        if answer.status != 200:
+            raise PeerGoneError(f"{url}: HTTP {answer.status}")
+        data = answer.body
         if _sha256(data) != block_id:  # hashlib lets go of the GIL for big buffers
             raise BadBlockError(f"{self.base_url} served {len(data)} bytes for block "
                                 f"{block_id.hex()[:16]} that do not hash to its id "

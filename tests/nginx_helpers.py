@@ -32,19 +32,21 @@ class Nginx:
     """`with Nginx(root, prefix) as server:` serves `root` at `server.url` until the block ends.
 
     `extra` is inserted into the server block (locations a test needs: a
-    redirect loop, a rate limit). `autoindex` lists directories (rclone's
+    redirect loop, a rate limit), `http_extra` into the http block (a
+    `log_format`). `autoindex` lists directories (rclone's
     HTTP remote reads listings).
     """
 
     def __init__(self, root: Path, prefix: Path, *, host: str = "127.0.0.1",
                  port: int | None = None, autoindex: bool = False, extra: str = "",
-                 argv_prefix: list[str] | None = None, wait_port: bool = True) -> None:
+                 http_extra: str = "", argv_prefix: list[str] | None = None, wait_port: bool = True) -> None:
         self.root = Path(root)
         self.prefix = Path(prefix)
         self.host = host
         self.port = port if port is not None else free_port(host)
         self.autoindex = autoindex
         self.extra = extra
+        self.http_extra = http_extra
         self.argv_prefix = argv_prefix or []
         self.wait_port = wait_port
         self.proc: subprocess.Popen | None = None
@@ -74,6 +76,7 @@ http {{
     fastcgi_temp_path {p}/fastcgi;
     uwsgi_temp_path {p}/uwsgi;
     scgi_temp_path {p}/scgi;
+{self.http_extra}
     server {{
         listen {self.host}:{self.port};
         root {self.root};
