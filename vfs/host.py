@@ -244,6 +244,7 @@ class HostedDrive:
                 raise NotHostable(f"version {head.seq} of drive {drive}: its block list does "
                                   f"not check out: {exc}") from exc
             await trio.to_thread.run_sync(self._store, pending, got)
+            fetcher.stored([block_id for block_id, _ in got])
         try:
             blocks = walk.blocks()
         except FormatError as exc:
@@ -359,6 +360,9 @@ class HostedDrive:
                         batch.append(item)
                         size += len(item[1])
                     await trio.to_thread.run_sync(self._store, pending, batch)
+                    # in the store now: the fetcher's copies kept for other readers until
+                    # then go (held until pushed out, 16 MiB of a long-running host's memory)
+                    fetcher.stored([block_id for block_id, _ in batch])
                     st.blocks_have += len(batch)
                     st.bytes_have += size
 
