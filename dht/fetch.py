@@ -87,6 +87,7 @@ from .errors import (
 from .frames import MAX_RUN_IDS
 from .identity import NodeIdentity
 from .streams import open_task_nursery
+from .timescale import scaled
 from .types import BLOCK_ID_LEN, PeerAddr, Priority
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ class FetchConfig:
     probe_max: float = 10.0
     default_timeout: float = 30.0  # per fetch, when the caller gives none
     providers_timeout: float = 30.0
-    provider_refresh_interval: float = 60.0
+    provider_refresh_interval: float = scaled(60.0)  # dht/timescale.py
     provider_refresh_min_interval: float = 1.0
     ewma_alpha: float = 0.25
     # adjacent queued requests of one priority sent to one peer as one run (one WantRun

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from dht.errors import DhtError
 from dht.records import MAX_PROVIDER_WIRE, ProviderRecord, RecordError, RecordExpired
+from dht.timescale import scaled, scaled_int
 from dht.types import PeerAddr
 
 log = logging.getLogger(__name__)
@@ -49,11 +50,12 @@ MAX_LAN_DATAGRAM = 4096
 
 MAX_RECORDS_PER_DATAGRAM = 32
 
-LAN_ANNOUNCE_INTERVAL = 30.0
+LAN_ANNOUNCE_INTERVAL = scaled(30.0)  # dht/timescale.py
 """Seconds between two announcements of a node."""
 
-LAN_RECORD_TTL = 120
-"""Lifetime of a LAN provider record (several announce intervals)."""
+LAN_RECORD_TTL = max(scaled_int(120), 4 * scaled_int(30))
+"""Lifetime of a LAN provider record: four announce intervals (also when scaled: a
+scale's 1 s floor must not leave a record living no longer than its renewal)."""
 
 _NEWCOMER_REPLY_GAP = 1.0
 _MAX_SEEN = 1024

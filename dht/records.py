@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from dht.errors import DhtError
+from dht.timescale import scaled, scaled_int
 from dht.types import DISCOVERY_KEY_LEN, PeerAddr
 
 RECORD_VERSION = 1
@@ -65,16 +66,16 @@ MAX_HOST_LEN = 253
 MAX_PROVIDER_WIRE = 1536
 """Upper bound of an encoded provider record; anything longer is refused unread."""
 
-PROVIDER_TTL = 3600
+PROVIDER_TTL = scaled_int(3600)  # dht/timescale.py
 """Default lifetime of a provider record (seconds): one hour."""
 
-MAX_PROVIDER_TTL = 3600
+MAX_PROVIDER_TTL = scaled_int(3600)
 """A provider record may not be valid for longer than this after it is checked."""
 
 CLOCK_SKEW = 300
 """Tolerance for clocks that run ahead: a record may expire this much past the TTL cap."""
 
-PROVIDER_REPUBLISH_INTERVAL = 20 * 60
+PROVIDER_REPUBLISH_INTERVAL = scaled(20 * 60)
 """How often an owner should sign and announce fresh provider records (seconds)."""
 
 MAX_PROVIDERS_PER_KEY = 20

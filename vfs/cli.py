@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -1090,6 +1091,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.verbose, Path(args.log_file) if args.log_file else None)
     try:
+        _check_time_scale()
         try:
             return int(args.func(args) or 0)
         except BaseExceptionGroup as group:
@@ -1115,6 +1117,19 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         _report_failure(args, f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
         return 1
+
+
+def _check_time_scale() -> None:
+    """Refuse a PEERDRIVE_TIME_SCALE that is not a number (tests' knob, dht/timescale.py);
+    say in the log when one other than 1 shortens the long timers."""
+    from dht import timescale
+
+    if timescale.problem() is not None:
+        raise UsageError(timescale.problem())
+    if timescale.SCALE != 1.0:
+        logging.getLogger(__name__).warning(
+            "%s=%g: hours-long timers run %g times faster (for tests)", timescale.ENV,
+            timescale.SCALE, timescale.SCALE)
 
 
 def _report_failure(args: argparse.Namespace, message: str) -> None:

@@ -30,6 +30,7 @@ import time
 import trio
 
 from dht.errors import DhtError
+from dht.timescale import scaled
 
 from .capability import StoreCap
 from .head import Head
@@ -40,8 +41,8 @@ from .storage import DriveStorage
 log = logging.getLogger(__name__)
 
 FAST_INTERVAL = 2.0
-FAST_PERIOD = 600.0
-SLOW_INTERVAL = 60.0
+FAST_PERIOD = scaled(600.0)  # dht/timescale.py
+SLOW_INTERVAL = scaled(60.0)
 WHOLE_TIMEOUT = 5.0
 # A version not yet whole here (a host fetching it) is looked at again this often.
 OWN_RECHECK = 10.0

@@ -34,7 +34,7 @@ from dht.kad import Dht
 from dht.lan import DEFAULT_LAN_PORT, LanDiscovery
 from dht.mirror_layout import MirrorUrlError, check_base_url
 from dht.push import PushedSource
-from dht.records import MutableRecord, ProviderRecord
+from dht.records import PROVIDER_REPUBLISH_INTERVAL, MutableRecord, ProviderRecord
 from dht.server import PeerServer
 from dht.types import PeerAddr, Priority
 
@@ -235,6 +235,7 @@ class NetworkNode:
                        "not_found": st.not_found, "pushes_accepted": st.pushes_accepted,
                        "wants_received": st.wants_received, "runs_received": st.runs_received},
             "dht_contacts": len(self.dht.contacts()),
+            "dht_storage": self.dht.storage.counts(),
             "timings": dict(self.timings),
             "drives": drives,
             "time": time.time(),
@@ -384,7 +385,8 @@ class NetworkNode:
 
     async def _announcer(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                          ) -> None:
-        """Announce every drive now, whenever one is added, and every few minutes."""
+        """Announce every drive now, whenever one is added, and every
+        PROVIDER_REPUBLISH_INTERVAL (20 min; its records live an hour)."""
         task_status.started()
         await self.dht.wait_started()
         while True:
@@ -395,7 +397,7 @@ class NetworkNode:
                     await self.dht.announce(rec.dk, wire)
                 except DhtError as exc:
                     log.warning("announce failed: %s", exc)
-            with trio.move_on_after(15 * 60):
+            with trio.move_on_after(PROVIDER_REPUBLISH_INTERVAL):
                 await self._announce_now.wait()
 
     def _on_lan_provider(self, record: ProviderRecord, peers: list[PeerAddr]) -> None:

@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from cache.errors import StoreError
 from dht.frames import MAX_WHOLE_IDS
+from dht.timescale import scaled
 from dht.types import Priority
 
 from .capability import ReadCap
@@ -55,6 +56,8 @@ log = logging.getLogger(__name__)
 # and stored in one commit), or several when they add up to more than FETCH_WINDOW_BYTES.
 # 2,048: a transaction's changed pages stay in the mount's heap (vfs/blocks.py,
 # STORE_BATCH_BLOCKS), and the fetcher's requests of PIN_WINDOWS windows are in memory.
+PIN_RETRY = 10.0  # seconds before a pin that could not complete is tried again
+PIN_RECHECK = scaled(300.0)  # ... and before complete pins are looked at anyway
 HOLD_CHUNK = 2048
 FETCH_WINDOW_BYTES = 16 * 1024 * 1024
 # Windows fetched at once: while one is being stored (or its last blocks are coming) the
@@ -440,5 +443,5 @@ class Pins:
                         log.exception("pin %s failed", name.rsplit(":", 1)[1][:8])
                 finally:
                     self._rounds.pop(name, None)
-            with trio.move_on_after(10 if failed else 300):
+            with trio.move_on_after(PIN_RETRY if failed else PIN_RECHECK):
                 await self._wake.wait()

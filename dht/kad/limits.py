@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dht.timescale import scaled
+
 KEY_LEN = 32
 """Every DHT key and routing id is 32 bytes (a 256-bit Kademlia id space)."""
 
@@ -27,19 +29,19 @@ MAX_STORED_KEYS = 8192
 MAX_LOOKUP_PROVIDERS = 100
 """Most provider records a lookup returns (the union over all answers, latest-expiring first)."""
 
-MUTABLE_STORE_TTL = 24 * 3600
+MUTABLE_STORE_TTL = scaled(24 * 3600)
 """A stored mutable record is dropped this long after it was last stored (or re-stored)."""
 
-MUTABLE_REPUBLISH_INTERVAL = 3600
+MUTABLE_REPUBLISH_INTERVAL = scaled(3600)
 """How often a node re-stores the mutable records it put, so they outlive MUTABLE_STORE_TTL."""
 
-REFRESH_INTERVAL = 15 * 60
+REFRESH_INTERVAL = scaled(15 * 60)
 """How often the routing table's idle buckets are refreshed and storage culled."""
 
-BOOTSTRAP_RETRY_INTERVAL = 30
+BOOTSTRAP_RETRY_INTERVAL = scaled(30)
 """How often a node with an empty routing table tries its bootstrap contacts again."""
 
-DEAD_CONTACT_MEMORY = 120.0
+DEAD_CONTACT_MEMORY = scaled(120.0)
 """Seconds an address that did not answer stays skipped by lookups (unless it speaks first)."""
 
 DEAD_AFTER_SILENCE = 10.0
@@ -65,10 +67,10 @@ what did not fit; asking again with the token proves the address and gets all.
 """
 
 TOKEN_LEN = 16
-TOKEN_ROTATE = 300.0
+TOKEN_ROTATE = scaled(300.0)
 """Seconds between two token secrets; a token is valid for one to two of these."""
 
-VERIFIED_TTL = 1800.0
+VERIFIED_TTL = scaled(1800.0)
 """An address that answered one of our requests counts as verified this long."""
 
 MAX_TRACKED_ADDRESSES = 4096

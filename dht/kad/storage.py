@@ -248,6 +248,13 @@ class RecordStorage(IStorage):
                 del self._providers[key]
                 self._unindexed(key)
 
+    def counts(self) -> dict[str, int]:
+        """How much is held right now, entries expired but not yet dropped included (no
+        cull: what the upkeep left is what a long-running node's status shows)."""
+        return {"mutable_keys": len(self._mutable), "provider_keys": len(self._providers),
+                "provider_records": sum(len(p) for p in self._providers.values()),
+                "indexed_keys": len(self._index)}
+
     def __len__(self) -> int:
         self.cull()
         return len(self._mutable) + sum(len(p) for p in self._providers.values())
