@@ -185,6 +185,10 @@ def test_a_lone_mirror_that_stalls_once_serves_reads_again_without_a_long_backof
                 f"(held {mirror.held}, given up {mirror.given_up})\n{reader.log_tail()}")
             time.sleep(0.2)
         assert mirror.held >= 1 and mirror.given_up >= 1  # the mount saw it stall
+        # status counts every failed request, and apart the incidents that set the backoff
+        [counted] = [m for d in reader.snapshot()["drives"].values() for m in d["mirrors"]
+                     if m["url"] == mirror.url]
+        assert 1 <= counted["incidents"] <= counted["failures"], counted
         mirror.thaw()
         streaming.join(timeout=WITHIN)
         assert not streaming.is_alive()

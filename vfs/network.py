@@ -214,7 +214,8 @@ class NetworkNode:
                     peers.append({"node_id": ps.node_id.hex(), "addr": ps.addr,
                                   "connected": ps.connected, "blocks": ps.blocks,
                                   "bytes": ps.bytes, "failures": ps.failures,
-                                  "bad_blocks": ps.bad_blocks, "in_flight": ps.in_flight})
+                                  "incidents": ps.incidents, "bad_blocks": ps.bad_blocks,
+                                  "in_flight": ps.in_flight})
             stats = {ps.node_id: ps for ps in d.fetcher.peer_stats()} if d.fetcher else {}
             mirrors = []
             for url, src in d.mirrors.items():
@@ -222,6 +223,7 @@ class NetworkNode:
                 mirrors.append({"url": url, "requests": src.requests, "bytes": src.bytes,
                                 "blocks": ps.blocks if ps else 0,
                                 "failures": ps.failures if ps else 0,
+                                "incidents": ps.incidents if ps else 0,
                                 "bad_blocks": ps.bad_blocks if ps else 0})
             drives[d.cap.drive_id] = {"discovery_key": dk.hex(), "peers": peers,
                                       "mirrors": mirrors}
