@@ -56,30 +56,45 @@ def _cpu_ticks(pid: int, tid: int | None = None) -> int:
     return int(fields[11]) + int(fields[12])  # utime + stime
 
 
-def _thread_times(pid: int) -> dict[int, tuple[str, int, int]]:
-    """Each thread of a process: its name (trio names its worker threads), the ns it ran
-    and the ns it waited runnable for a core (/proc/PID/task/TID/schedstat)."""
+def _thread_times(pid: int) -> dict[int, tuple[str, int, int, int, int]]:
+    """Each thread of a process: its name (trio names its worker threads; the main
+    thread, the event loop, is "loop"), the ns it ran, the ns it waited runnable for a
+    core (/proc/PID/task/TID/schedstat), and its voluntary and involuntary context
+    switches (/proc/PID/task/TID/status)."""
     found = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(OSError):
-            name = (task / "comm").read_text().strip()
+            name = "loop" if int(task.name) == pid else (task / "comm").read_text().strip()
             ran, waited = (task / "schedstat").read_text().split()[:2]
-            found[int(task.name)] = (name, int(ran), int(waited))
+            switches = [0, 0]
+            for line in (task / "status").read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key == "voluntary_ctxt_switches":
+                    switches[0] = int(value)
+                elif key == "nonvoluntary_ctxt_switches":
+                    switches[1] = int(value)
+            found[int(task.name)] = (name, int(ran), int(waited), *switches)
     return found
 
 
-def _thread_report(before: dict[int, tuple[str, int, int]],
-                   after: dict[int, tuple[str, int, int]]) -> str:
-    """Per thread name over a read: CPU seconds / seconds waited for a core (threads
-    that ended before the read did are missing)."""
+def _thread_report(before: dict[int, tuple[str, int, int, int, int]],
+                   after: dict[int, tuple[str, int, int, int, int]]) -> str:
+    """Per thread name over a read: CPU seconds / seconds waited for a core /
+    voluntary / involuntary context switches (threads that ended before the read did
+    are missing; trio's worker threads are summed as "Trio thread *")."""
     by_name: dict[str, list[float]] = {}
-    for tid, (name, ran, waited) in after.items():
-        _, ran0, waited0 = before.get(tid, (name, 0, 0))
+    for tid, (name, ran, waited, vol, invol) in after.items():
+        _, ran0, waited0, vol0, invol0 = before.get(tid, (name, 0, 0, 0, 0))
         if ran - ran0 or waited - waited0:
-            total = by_name.setdefault(name, [0.0, 0.0])
+            if name.startswith("Trio thread"):
+                name = "Trio thread *"
+            total = by_name.setdefault(name, [0.0, 0.0, 0, 0])
             total[0] += (ran - ran0) / 1e9
             total[1] += (waited - waited0) / 1e9
-    return ", ".join(f"{name} {ran:.2f}/{waited:.2f}" for name, (ran, waited) in
+            total[2] += vol - vol0
+            total[3] += invol - invol0
+    return ", ".join(f"{name} {ran:.2f}/{waited:.2f}/{vol:.0f}/{invol:.0f}"
+                     for name, (ran, waited, vol, invol) in
                      sorted(by_name.items(), key=lambda item: -item[1][0]))
 
 
@@ -228,7 +243,8 @@ def main() -> int:
                       f"(event-loop thread {loop_cpu:.2f} s), serve CPU {serve_cpu:.2f} s, "
                       f"load average {os.getloadavg()[0]:.1f}; publisher asked for {wants} "
                       f"blocks in {runs} want_run frames and single wants", flush=True)
-                print(f"  mount threads, CPU s / s runnable waiting for a core: {threads}", flush=True)
+                print(f"  mount threads, CPU s / s runnable waiting for a core / voluntary / involuntary "
+                      f"switches: {threads}", flush=True)
                 print(f"  mount context switches: {voluntary} voluntary, {involuntary} "
                       f"involuntary; cores idle {100 * ticks[3] / sum(ticks):.0f}%, iowait "
                       f"{100 * ticks[4] / sum(ticks):.0f}%", flush=True)

@@ -66,9 +66,9 @@ def test_a_readahead_planned_before_an_evict_fetches_nothing_after_it(world) -> 
     gate = trio.Event()
     real = drive.blocks.load_ahead
 
-    async def held_lookup(refs):
+    async def held_lookup(refs, *rest):
         await gate.wait()  # the readahead's store lookup: held until after the evict
-        return await real(refs)
+        return await real(refs, *rest)
 
     drive.blocks.load_ahead = held_lookup
 
