@@ -272,6 +272,9 @@ class _Peer:
             wants = getattr(source, "max_wants", 1)
             self.serial_runs = wants if wants > 1 else 0
         self.conn: PeerConnection | None = None
+        # its last connection ended by itself (the reader left, the link broke while idle):
+        # dropped at once, not dialled ahead again until something needs it (see `_dial_ahead`)
+        self.conn_ended = False
         self.connecting: trio.Event | None = None
         self.last_connect_failure = -math.inf
         self.connect_error: DhtError | None = None
@@ -1059,6 +1062,7 @@ class Fetcher:
             or peer.source is not None
             or not peer.provider
             or peer.conn is not None  # connected, or its failure is still being handled
+            or peer.conn_ended  # it went away by itself: a request dials it when it wants it
             or peer.connecting is not None
             or peer.backoff_until > trio.current_time()
             or self._dialling >= _MAX_BACKGROUND_DIALS
@@ -1598,6 +1602,17 @@ class Fetcher:
         data: bytes | None,
         error: DhtError | None,
     ) -> None:
+        self._settle_attempt(attempt, data, error)
+        # the connection ended under this work (its failure, above, dropped it if it
+        # broke it); the last attempt out lets go of it (see `_watch_connection`)
+        self._connection_ended(attempt.peer)
+
+    def _settle_attempt(
+        self,
+        attempt: _Attempt,
+        data: bytes | None,
+        error: DhtError | None,
+    ) -> None:
         request, peer = attempt.request, attempt.peer
         now = trio.current_time()
         elapsed = now - attempt.start
@@ -1822,10 +1837,39 @@ class Fetcher:
                 raise
             else:
                 peer.conn = conn
+                peer.conn_ended = False
                 peer.consecutive_failures = 0
+                if hasattr(conn, "wait_closed"):
+                    self._nursery.start_soon(self._watch_connection, peer, conn)
             finally:
                 peer.connecting = None
                 event.set()
+
+    async def _watch_connection(self, peer: _Peer, conn: PeerConnection) -> None:
+        """Let go of `conn` when it ends, so a departed reader costs nothing but its entry.
+
+        A reader that unmounts or is killed stays listed as a provider until its
+        record expires (up to an hour); its closed connection (its Holding set,
+        its frame decoder, its stream) used to stay in `peer.conn` as long. A
+        connection that ends with work in flight is left to that work's failure
+        (`_finish_attempt` drops it and backs the peer off); one that ends idle is
+        dropped here, without a penalty: nothing failed. That it announced what it
+        holds is kept (`partial`): a reader stays a reader without its connection.
+        """
+        await conn.wait_closed()
+        if peer.conn is conn:
+            self._connection_ended(peer)
+
+    def _connection_ended(self, peer: _Peer) -> None:
+        """Drop the peer's closed connection if no attempt still holds it (see
+        `_watch_connection`)."""
+        conn = peer.conn
+        if conn is None or not conn.closed or peer.in_flight:
+            return
+        if getattr(conn, "holding", None) or getattr(conn, "fetching", None):
+            peer.partial = True
+        peer.conn = None
+        peer.conn_ended = True
 
     async def _dial(self, peer: _Peer) -> PeerConnection:
         """Connect to the first of the peer's addresses that answers (happy eyeballs).

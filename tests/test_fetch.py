@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
 import trio
+import trio.testing
 
 from dht.client import PeerConnection
 from dht.errors import DhtError, FetchTimeout
@@ -520,5 +523,51 @@ def test_blocks_fetched_in_runs_arrive_whole_from_a_real_server() -> None:
             assert f.stats.attempts == len(blocks) + 1
         assert got == blocks
         assert server.stats.wants_received == len(blocks) + 1
+
+    run(test)
+
+
+def test_a_connection_that_ends_is_let_go_while_its_peer_stays_listed() -> None:
+    """A reader that leaves stays listed as a provider until its record expires (up to an
+    hour); its closed connection (stream, decoder, Holding set) must not stay as long.
+    Counted: once the server side ends it, nothing in the fetcher holds the connection,
+    while the peer's entry (and its statistics) remain."""
+    blocks = make_blocks(2)
+    dk, secret = new_drive()
+    ids = list(blocks)
+
+    async def test(nursery: trio.Nursery) -> None:
+        made: list[weakref.ref[PeerConnection]] = []
+
+        async def connect(*args: object, **kwargs: object) -> PeerConnection:
+            conn = await PeerConnection.connect(*args, **kwargs)  # type: ignore[arg-type]
+            made.append(weakref.ref(conn))
+            return conn
+
+        reader = trio.CancelScope()  # the departing reader's server
+
+        async def serve(task_status: trio.TaskStatus[PeerAddr]) -> None:
+            with reader:
+                async with trio.open_nursery() as inner:
+                    _, addr = await start_server(inner, blocks, {dk: secret})
+                    task_status.started(addr)
+
+        addr = await nursery.start(serve)
+        async with Fetcher(
+            NodeIdentity.generate(), dk, secret, fixed([addr]), connect=connect, config=CALM
+        ) as f:
+            assert await f.fetch(ids[0]) == blocks[ids[0]]
+            assert len(made) == 1
+            reader.cancel()  # the reader goes: its end of the link closes
+            conn = made[0]()
+            assert conn is not None
+            await conn.wait_closed()
+            del conn
+            await trio.testing.wait_all_tasks_blocked()
+            gc.collect()
+            assert made[0]() is None, "the fetcher still holds the ended connection"
+            [stats] = f.peer_stats()
+            assert stats.provider and not stats.connected and stats.blocks == 1
+            assert len(made) == 1  # not dialled again by itself
 
     run(test)
