@@ -66,9 +66,9 @@ def test_a_readahead_planned_before_an_evict_fetches_nothing_after_it(world) -> 
     gate = trio.Event()
     real = drive.blocks.load_ahead
 
-    async def held_lookup(refs, *rest):
+    async def held_lookup(refs):
         await gate.wait()  # the readahead's store lookup: held until after the evict
-        return await real(refs, *rest)
+        return await real(refs)
 
     drive.blocks.load_ahead = held_lookup
 

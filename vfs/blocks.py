@@ -281,10 +281,9 @@ class BlockReader:
         except BlockUnavailable:
             pass  # the load in flight fails alike and its reader reports it
 
-    async def load_ahead(self, refs: list[Ref], found: list[Ref] | None = None) -> list[Ref]:
+    async def load_ahead(self, refs: list[Ref]) -> list[Ref]:
         """Read and decrypt from the store, ahead of their reads, those of `refs` not in
-        memory; the ones found missing from the store are returned (in order), and
-        those found there are appended to `found` (the drive's test of a cold file).
+        memory; the ones found missing from the store are returned (in order).
 
         A sequential reader's readahead over a hot file: one block at a time,
         each cost a task, an event, a queued job and a thread hand-off, on
@@ -314,17 +313,14 @@ class BlockReader:
         absent: set[bytes] = set()
 
         async def load(run: list[Ref]) -> None:
-            opened = await self.workers.call(self._open_run, run, cost=sum(r.length for r in run))
-            for ref, plain in zip(run, opened, strict=True):
+            found = await self.workers.call(self._open_run, run, cost=sum(r.length for r in run))
+            for ref, plain in zip(run, found, strict=True):
                 if plain is None:
                     absent.add(ref.block_id)
                     if len(self._absent_ahead) >= _ABSENT_AHEAD_MAX:
                         self._absent_ahead.clear()  # (a hint: loads that never came)
                     self._absent_ahead.add(ref.block_id)
-                    continue
-                if found is not None:
-                    found.append(ref)
-                if plain and not self._evicted_ahead(ref.block_id):
+                elif plain and not self._evicted_ahead(ref.block_id):
                     self._remember(ref.block_id, plain)
 
         try:

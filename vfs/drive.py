@@ -87,10 +87,6 @@ class OpenFile:
     # chunks the readahead found missing from the store and has not loaded yet: a READ
     # that gets to one first fetches it without its own look into the store
     absent: set[int] = field(default_factory=set)
-    # every chunk the readahead has looked for in the store so far was missing (None:
-    # it has looked for none yet): a cold file, whose READs fetch the chunks the
-    # readahead has not planned without a store lookup each (`read_parts`)
-    cold: bool | None = None
 
 
 class Drive:
@@ -256,7 +252,6 @@ class Drive:
     def close(self, of: OpenFile) -> None:
         of.pending.clear()
         of.absent.clear()
-        of.cold = None
 
     async def read(self, of: OpenFile, off: int, size: int) -> bytes | memoryview:
         parts = await self.read_parts(of, off, size)
@@ -291,33 +286,25 @@ class Drive:
         plains: list[bytes | None] = [self.blocks.cached_plain(chunks[i].block_id)
                                       for i in span]
         todo = [k for k, plain in enumerate(plains) if plain is None]
-        # A chunk of a cold file ahead of what its readahead has planned (the kernel's
-        # READs run up to 8 MiB ahead, past the window) goes to the network without a
-        # store lookup: on a cold read through a mirror those lookups were a
-        # worker-thread job for ~0.4 of the blocks, each a hand-off there and back. One
-        # stored after all (by another reader) is fetched again and verified, and the
-        # readahead's next look, finding it, ends the file's coldness. Chunks behind
-        # the window (this reader's own, stored meanwhile) are looked up as before.
-        ahead = of.readahead_until if of.cold is True else len(chunks)
-        looked = [span[k] in of.absent or span[k] >= ahead for k in todo]
         if len(todo) == 1:
             k = todo[0]
-            plains[k] = await self._read_chunk(chunks[span[k]], Priority.READ, of, looked[0])
+            plains[k] = await self._read_chunk(chunks[span[k]], Priority.READ, of,
+                                               span[k] in of.absent)
         elif todo:
             errors: list[PeerdriveError] = []
 
-            async def get(k: int, looked: bool) -> None:
+            async def get(k: int) -> None:
                 # a failed chunk does not cancel the others: each ends bounded by the fetch
                 # timeout, and every chunk found unavailable is remembered as such
                 try:
                     plains[k] = await self._read_chunk(chunks[span[k]], Priority.READ, of,
-                                                       looked)
+                                                       span[k] in of.absent)
                 except PeerdriveError as exc:
                     errors.append(exc)
 
             async with trio.open_nursery() as nursery:
-                for k, look in zip(todo, looked, strict=True):
-                    nursery.start_soon(get, k, look)
+                for k in todo:
+                    nursery.start_soon(get, k)
             if errors:
                 raise errors[0]
         return tuple(memoryview(plain)[max(off, starts[i]) - starts[i]:end - starts[i]]  # type: ignore[arg-type]
@@ -418,18 +405,11 @@ class Drive:
         chunks = of.map.chunks
         # those in the store read and decrypted first, a worker-thread job per MiB or so
         # (a hot read: one task per chunk was much of the event loop's work)
-        stored: list[Ref] = []
         try:
-            absent = {r.block_id for r in
-                      await self.blocks.load_ahead([chunks[i] for i in wanted], stored)}
+            absent = {r.block_id for r in await self.blocks.load_ahead([chunks[i] for i in wanted])}
         finally:
             left = [i for i in wanted if not self.blocks.has_plain(chunks[i].block_id)]
             of.pending.difference_update(set(wanted) - set(left))
-        # cold once the readahead found chunks missing from the store and none there
-        if stored:
-            of.cold = False
-        elif absent and of.cold is None:
-            of.cold = True
         if not left:
             return
         if self.blocks.evictions != evictions:
