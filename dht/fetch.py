@@ -58,6 +58,7 @@ peers to ask.
 
 from __future__ import annotations
 
+import copy
 import enum
 import heapq
 import inspect
@@ -1823,7 +1824,7 @@ class Fetcher:
                 waiting_since = trio.current_time()
                 await peer.connecting.wait()
                 if peer.last_connect_failure >= waiting_since and peer.connect_error is not None:
-                    raise peer.connect_error
+                    raise copy.copy(peer.connect_error)  # the kept one stays without frames
                 continue  # connected, or the dialler was cancelled: look again
             assert self._nursery is not None
             event = peer.connecting = trio.Event()
@@ -1932,7 +1933,11 @@ class Fetcher:
         raise PeerGoneError(f"none of {len(addrs)} addresses of {peer.label} answered: {detail}")
 
     def _connect_failed(self, peer: _Peer, error: DhtError, backoff: float | None) -> None:
-        peer.connect_error = error
+        # A copy: same type and message, without the traceback and context the raised one
+        # carries, which keep every frame of the failed dial alive (its trio tasks, cancel
+        # scopes, socket objects: ~12 kB a peer) for as long as the peer entry lives, and a
+        # departed reader's lives until its provider record expires (up to an hour).
+        peer.connect_error = copy.copy(error)
         peer.last_connect_failure = trio.current_time()
         self._penalise(peer, backoff)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
+import socket
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -569,5 +570,34 @@ def test_a_connection_that_ends_is_let_go_while_its_peer_stays_listed() -> None:
             [stats] = f.peer_stats()
             assert stats.provider and not stats.connected and stats.blocks == 1
             assert len(made) == 1  # not dialled again by itself
+
+    run(test)
+
+
+def test_a_failed_dial_keeps_no_frames_in_the_peer_entry() -> None:
+    """A departed reader's record lists it for up to an hour and every dial of it fails;
+    what its entry keeps of the failure is the error, not the failed dial's frames (its
+    traceback and context held ~12 kB of trio tasks, cancel scopes and sockets a peer)."""
+    dk, secret = new_drive()
+
+    def closed_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    addrs = [PeerAddr(random_id(), "127.0.0.1", closed_port()) for _ in range(3)]
+
+    async def test(nursery: trio.Nursery) -> None:
+        async with Fetcher(NodeIdentity.generate(), dk, secret, fixed(addrs),
+                           config=CALM) as f:
+            with pytest.raises(FetchTimeout):
+                await f.fetch(random_id(), timeout=1.0)
+            while len(f._peers) < 3 or any(p.connect_error is None for p in f._peers.values()):
+                await trio.sleep(0.05)  # every one dialled (ahead) and failed: the event waited
+            kept = [p.connect_error for p in f._peers.values()]
+            assert len(kept) == 3 and all(isinstance(e, DhtError) for e in kept)
+            assert all("cannot connect" in str(e) for e in kept), kept
+            assert [e.__traceback__ for e in kept] == [None] * 3
+            assert [e.__context__ for e in kept] == [None] * 3
 
     run(test)
