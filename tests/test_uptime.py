@@ -61,6 +61,10 @@ READERS = 12  # transient readers, at least
 # and at least this long: 15 scaled hours, 60 DHT refreshes (UPTIME_SOAK=SECONDS: longer)
 SOAK_SECONDS = float(os.environ.get("UPTIME_SOAK", 90))
 VERSION_EVERY = 3  # readers between two new versions
+# UPTIME_HEAP=FRAMES: the publisher and host trace their allocations (PEERDRIVE_TRACEMALLOC,
+# vfs/heapwatch.py) and log what grew at WARM and after every version's readers; printed
+# at the end (-s shows it). For finding what a soak's RSS track says grows, not a check.
+HEAP_FRAMES = os.environ.get("UPTIME_HEAP", "")
 WARM = 3  # the sample every later one is compared with (after warm-up)
 KIB = 1024
 
@@ -203,6 +207,8 @@ def compare(name: str, warm: Sample, last: Sample) -> list[str]:
 def test_publisher_host_and_reader_stay_bounded_through_hours_of_readers_and_versions(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PEERDRIVE_TIME_SCALE", str(SCALE))  # every process started below
+    if HEAP_FRAMES:
+        monkeypatch.setenv("PEERDRIVE_TRACEMALLOC", HEAP_FRAMES)
     src = tmp_path / "src"
     want = make_version(src, 1)
     P, H, L = tmp_path / "P", tmp_path / "H", tmp_path / "L"
@@ -216,8 +222,11 @@ def test_publisher_host_and_reader_stay_bounded_through_hours_of_readers_and_ver
         store_link = json.loads(peerdrive(P, "share", link, "--store", "--json").stdout)["link"]
         out = peerdrive(H, "host", store_link, "--json", "--stall-timeout", "120", check=False)
         assert out.returncode == 0, out.stderr + sw.diagnostics()
-        long = sw.mount("long", L, link, tmp_path / "mnt-long", bootstrap=[publisher.addr],
-                        fetch_timeout=30, extra=["--cache-size", str(LONG_CACHE)])
+        # the long reader's mount is started without the tracing (a serve's hook only)
+        with monkeypatch.context() as m:
+            m.delenv("PEERDRIVE_TRACEMALLOC", raising=False)
+            long = sw.mount("long", L, link, tmp_path / "mnt-long", bootstrap=[publisher.addr],
+                            fetch_timeout=30, extra=["--cache-size", str(LONG_CACHE)])
         read_all(long.mountpoint, want)
         watched = {"publisher": (publisher.pid, P), "host": (host.pid, H),
                    "long reader": (long.pid, L)}
@@ -243,6 +252,9 @@ def test_publisher_host_and_reader_stay_bounded_through_hours_of_readers_and_ver
             read_all(reader.mountpoint, want)
             end_reader(sw, reader, ("unmount", "sigterm", "sigkill")[cycle % 3])
             read_all(long.mountpoint, want)
+            if HEAP_FRAMES and cycle >= WARM and cycle % VERSION_EVERY == VERSION_EVERY - 1:
+                for node in (publisher, host):  # logs what grew since the last signal
+                    os.kill(node.pid, signal.SIGUSR2)
             if cycle == WARM:
                 warm = {name: at_rest(pid, home) for name, (pid, home) in watched.items()}
                 warm_stores = {"host": store_figures(H), "publisher": store_figures(P)}
@@ -267,6 +279,14 @@ def test_publisher_host_and_reader_stay_bounded_through_hours_of_readers_and_ver
         # per cycle: seq, then (RSS, anonymous RSS) in MB of each long-running process
         print("rss", json.dumps([[h["cycle"], h["seq"]] + [(h[n]["rss"] >> 20, h[n]["anon"] >> 20)
                                                          for n in watched] for h in history]))
+        if HEAP_FRAMES:
+            for node in (publisher, host):
+                os.kill(node.pid, signal.SIGUSR2)
+            time.sleep(5)  # a report, not a count: the snapshots of a traced heap take a while
+            for node in (publisher, host):
+                print(f"--- {node.name} heap ---")
+                print("\n".join(line for line in node.log_path.read_text().splitlines()
+                                 if "heap #" in line or " kB " in line))
         problems = [p for name in watched for p in compare(name, warm[name], last[name])]
         for name in ("publisher", "host"):
             s = last[name]

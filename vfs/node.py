@@ -314,10 +314,12 @@ async def _serve_main(home: Home, opts: ServeOptions, node_opts: ResolvedNodeOpt
     """Serve every drive this node holds and hosts; publish new heads as they appear;
     push them to the --push targets; count the copies other nodes hold."""
     from .copies import CopyCounter  # a serving node's modules: a mount never loads them
+    from .heapwatch import frames_wanted, watch_heap
     from .host import HostManager
     from .merge import device_name
     from .writers import WrittenDrive
 
+    heap_frames = frames_wanted()  # PEERDRIVE_TRACEMALLOC: tests only
     storage = DriveStorage(store)
     net = network_for(home, store, node_opts)
     hosts = HostManager(home.hosts_dir, storage, net)
@@ -371,6 +373,8 @@ async def _serve_main(home: Home, opts: ServeOptions, node_opts: ResolvedNodeOpt
                     return
 
             nursery.start_soon(stop_on_signal)
+            if heap_frames:
+                nursery.start_soon(watch_heap, heap_frames)
             port = await nursery.start(net.run)
             await nursery.start(hosts.run)  # hosted drives follow their heads from the start
             await nursery.start(pushes.run)
