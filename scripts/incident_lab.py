@@ -26,7 +26,6 @@ import hashlib
 import json
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -35,7 +34,11 @@ sys.path.insert(0, str(ROOT))
 
 from tests.helpers import peerdrive, publish, write_random  # noqa: E402
 from tests.swarm_helpers import Swarm  # noqa: E402
-from tests.test_mirror_stall import FreezingMirror, mirror_failures  # noqa: E402
+from tests.test_mirror_stall import (  # noqa: E402
+    FreezingMirror,
+    mirror_failures,
+    read_in_background,
+)
 
 MiB = 1024 * 1024
 LATER = 64 * MiB
@@ -75,15 +78,7 @@ def one_run(work: Path) -> dict:
                              fetch_timeout=20.0, extra=["--mirror", mirror.url])
         sorted(reader.mountpoint.iterdir())
         mirror.freeze_after(6)
-
-        def stream() -> None:
-            try:
-                (reader.mountpoint / "big.bin").read_bytes()
-            except OSError:
-                pass
-
-        streaming = threading.Thread(target=stream, daemon=True)
-        streaming.start()
+        streaming = read_in_background(reader.mountpoint / "big.bin")
         while mirror.held < 1:
             time.sleep(0.02)
         time.sleep(HICCUP)

@@ -22,7 +22,6 @@ import hashlib
 import json
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from tests.test_mirror_stall import (  # noqa: E402
     FreezingMirror,
     mirror_failures,
     mirrored_drive,
+    read_in_background,
 )
 
 
@@ -49,15 +49,7 @@ def one_run(work: Path, failures: int, fetch_timeout: float) -> dict:
                              fetch_timeout=fetch_timeout, extra=["--mirror", mirror.url])
         sorted(reader.mountpoint.iterdir())
         mirror.freeze_after(6)
-
-        def stream() -> None:
-            try:
-                (reader.mountpoint / "big.bin").read_bytes()
-            except OSError:
-                pass
-
-        streaming = threading.Thread(target=stream, daemon=True)
-        streaming.start()
+        streaming = read_in_background(reader.mountpoint / "big.bin")
         while mirror_failures(reader.snapshot(), mirror.url) < failures:
             time.sleep(0.2)
         requests_before = mirror.served + mirror.held

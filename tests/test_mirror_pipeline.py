@@ -55,6 +55,18 @@ async def fetch_run(src: HttpSource, ids: list[bytes]) -> dict[int, object]:
     return got
 
 
+
+def mirror_files(root: Path, count: int, size: int) -> tuple[list[bytes], list[bytes]]:
+    """`count` random blocks of about `size` bytes (each a byte longer than the one
+    before) as a mirror's files under `root`: their bytes and their ids."""
+    datas = [os.urandom(size + i) for i in range(count)]
+    ids = [hashlib.sha256(d).digest() for d in datas]
+    for block_id, data in zip(ids, datas, strict=True):
+        path = root / block_path(block_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return datas, ids
+
 def test_nginx_ending_connections_every_3_requests_spoils_no_block_of_a_run(
         tmp_path: Path) -> None:
     """A run of 8 with a corrupt file, a missing one and a truncated one among them, from
@@ -62,12 +74,7 @@ def test_nginx_ending_connections_every_3_requests_spoils_no_block_of_a_run(
     every block asked once, on 3 connections, the requests after the first on each one
     pipelined."""
     root = tmp_path / "www"
-    datas = [os.urandom(150_000 + i) for i in range(8)]
-    ids = [hashlib.sha256(d).digest() for d in datas]
-    for block_id, data in zip(ids, datas, strict=True):
-        path = root / block_path(block_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+    datas, ids = mirror_files(root, 8, 150_000)
     corrupt, missing, truncated = 2, 4, 6
     path = root / block_path(ids[corrupt])
     path.write_bytes(datas[corrupt][:-1] + b"?")
@@ -232,12 +239,7 @@ def test_a_run_over_https_is_pipelined_too(tmp_path: Path) -> None:
     """Over TLS the responses are read record by record through the decoder: every block
     exact, nginx ending each connection after 3 requests, the others pipelined."""
     root = tmp_path / "www"
-    datas = [os.urandom(100_000 + i) for i in range(5)]
-    ids = [hashlib.sha256(d).digest() for d in datas]
-    for block_id, data in zip(ids, datas, strict=True):
-        path = root / block_path(block_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+    datas, ids = mirror_files(root, 5, 100_000)
     cert, key = self_signed(tmp_path)
     port = free_port()
     log = tmp_path / "access.log"
