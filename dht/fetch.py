@@ -1108,14 +1108,22 @@ class Fetcher:
             # HTTP mirror) has it under way: asking it again would only fetch the bytes
             # twice. Hedging still covers an attempt that runs late.
             return
+        now = trio.current_time()
         for attempt in request.attempts:
             peer = attempt.peer
-            if (attempt.priority > priority and peer.provider and self._has_slot(peer, priority)
+            if (attempt.priority > priority and peer.provider and peer.backoff_until <= now
+                    and self._has_slot(peer, priority)
                     and not any(a.peer is peer and a.priority <= priority
                                 for a in request.attempts)):
                 # In flight at a lazier priority: ask the same peer again at the
                 # urgent one. It answers that first, and no second source sends
                 # the same bytes (the lazier attempt is cancelled once one lands).
+                # Never a peer backing off (another of its requests failed since):
+                # that second attempt filled the request's last slot
+                # (max_parallel_attempts), so the READ could not be hedged to a
+                # healthy source and waited out the failing one; alone, it was a
+                # request beside the probe rule. The dispatcher chooses instead,
+                # as for a new attempt (tests/test_fetch_upgrade.py).
                 request.note(f"wanted at {priority.name} of the same peer")
                 self._unpark(request)
                 self._start_attempt(request, peer, priority)
