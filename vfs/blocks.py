@@ -381,6 +381,117 @@ class BlockReader:
         self._expect([r for r in refs if r.block_id in wanted])
         await ahead(missing, priority, task_status=task_status)
 
+    def fetches_windows(self) -> bool:
+        """Whether `fetch_window` can be used: the fetch takes batches (`batch`)."""
+        return getattr(self.fetch, "batch", None) is not None
+
+    async def fetch_window(self, refs: list[Ref], priority: Priority,
+                           loaded: Callable[[bytes], None],
+                           failed: Callable[[list[bytes], str], None]) -> None:
+        """Fetch the blocks of `refs` (found missing from the store just now: the readahead's
+        window) as one batch, each block's plaintext put in memory as it comes.
+
+        One call and one task per window, not a task, a load and a fetcher
+        request per block: each block is in flight here (`_inflight`: a READ of
+        it waits for it and hurries its fetch, `_wait_for_load`) from this call
+        until it arrives or the batch ends. An arriving block goes as a load's
+        would (`ciphertext_of`, `_load`): counted, handed to the store writer,
+        decrypted (or taken as the fetch's thread decrypted it), kept in the
+        plaintext cache, its waiters woken; `loaded(block_id)` is told. One
+        evicted meanwhile while only this batch wanted it (`_evicted_ahead`) is
+        neither stored nor kept; one that fails to decrypt is evicted and left
+        to its READ. Blocks already in memory, fetched or being loaded are left
+        out. Nothing waits on this between the call and the blocks being in
+        flight. When the batch stalls (BlockUnavailable), `failed(ids, why)` is
+        told the blocks it did not deliver, which are no longer in flight then:
+        their READs ask again. Raises only Cancelled (and bugs).
+        """
+        batch = getattr(self.fetch, "batch", None)
+        assert batch is not None
+        by_id: dict[bytes, Ref] = {}
+        for ref in refs:
+            block_id = ref.block_id
+            if (block_id in self._plain or block_id in self._inflight or block_id in by_id
+                    or block_id in self._undecryptable or self.is_unstored(block_id)):
+                continue
+            by_id[block_id] = ref
+        if not by_id:
+            return
+        events: dict[bytes, trio.Event] = {}
+        for block_id in by_id:
+            events[block_id] = self._inflight[block_id] = trio.Event()
+            self._urgency[block_id] = priority
+            self._fetching.add(block_id)
+            self._absent_ahead.discard(block_id)
+        self._expect(list(by_id.values()))
+
+        def end(block_id: bytes) -> None:
+            ev = events.pop(block_id)
+            self._fenced.discard(block_id)
+            self._fetching.discard(block_id)
+            del self._inflight[block_id]
+            del self._urgency[block_id]
+            ev.set()
+
+        async def deliver(group: list[tuple[bytes, bytes]]) -> None:
+            unstored: list[tuple[bytes, bytes]] = []
+            for block_id, ct in group:
+                ref = by_id.get(block_id)
+                if ref is None or block_id not in events:
+                    continue
+                opened = self._take_opened(block_id)
+                self.fetched_blocks += 1
+                self.fetched_bytes += len(ct)
+                try:
+                    if self._evicted_ahead(block_id):
+                        continue  # evicted while only this readahead wanted it
+                    if self._writer_running:
+                        self._to_writer(block_id, ct)
+                    else:
+                        unstored.append((block_id, ct))
+                    if opened is not None and opened[0] == ref:
+                        self.opened_in_thread += 1
+                        plain = opened[1]
+                    else:
+                        try:
+                            plain = self._decrypt(ref, ct)
+                        except IntegrityError:
+                            continue  # evicted (_decrypt): its READ fails it
+                    self._remember(block_id, plain)
+                finally:
+                    end(block_id)
+                    loaded(block_id)
+            if unstored:  # the store writer has stopped (the mount ends): stored here
+                async with self._store_lock:
+                    failed, changed = await trio.to_thread.run_sync(self._store_batch_now,
+                                                                    unstored)
+                self.uncached_blocks += failed
+                self._committed(unstored, changed)
+            # bounded memory: a disk slower than the network slows the fetches down
+            while self._unstored_bytes > UNSTORED_LIMIT_BYTES and self._writer_running:
+                await self._stored.wait()
+
+        try:
+            await batch(list(by_id), priority, deliver)
+        except BlockUnavailable as exc:
+            failed(list(events), str(exc))
+        finally:
+            for block_id in list(events):
+                self._take_opened(block_id)
+                end(block_id)
+
+    def _to_writer(self, block_id: bytes, ct: bytes) -> None:
+        """Hand a fetched, verified block to the store writer (running)."""
+        if block_id in self._unstored:
+            return
+        self._unstored[block_id] = ct
+        self._unstored_bytes += len(ct)
+        with self._writer_cond:
+            self._to_store.append((block_id, ct))
+            if self._writer_idle:  # a busy writer takes it with its next batch
+                self._writer_idle = False
+                self._writer_cond.notify()
+
     async def ciphertext(self, ref: Ref, priority: Priority) -> bytes:
         """The verified ciphertext of a block, fetched and cached if missing.
 
@@ -434,14 +545,7 @@ class BlockReader:
             self.uncached_blocks += failed
             self._committed([(block_id, ct)], changed)
             return ct
-        if block_id not in self._unstored:
-            self._unstored[block_id] = ct
-            self._unstored_bytes += len(ct)
-            with self._writer_cond:
-                self._to_store.append((block_id, ct))
-                if self._writer_idle:  # a busy writer takes it with its next batch
-                    self._writer_idle = False
-                    self._writer_cond.notify()
+        self._to_writer(block_id, ct)
         if priority >= Priority.PIN:
             await self._until_stored(block_id)
         # bounded memory: a disk slower than the network slows the fetches down

@@ -415,6 +415,9 @@ class Drive:
         if self.blocks.evictions != evictions:
             of.pending.difference_update(left)
             return
+        if self.blocks.fetches_windows():
+            await self._fetch_missing(of, left, absent, evictions)
+            return
         # those missing here asked for next, together: they go to a peer in runs
         await self._nursery.start(functools.partial(
             self.blocks.fetch_ahead, [chunks[i] for i in left if chunks[i].block_id in absent],
@@ -427,6 +430,70 @@ class Drive:
                 return
             await self._nursery.start(self._prefetch, of, i, chunks[i].block_id in absent,
                                       evictions)
+
+    async def _fetch_missing(self, of: OpenFile, left: list[int], absent: set[bytes],
+                             evictions: int) -> None:
+        """The readahead of `left` with a fetch that takes batches: the chunks missing from
+        the store fetched as one batch (`BlockReader.fetch_window`), in this task.
+
+        A task, a load, an event, a fetch call and a fetcher request per chunk were
+        much of the event loop's work per block of a cold sequential read (issue
+        10): here a window costs one task and one batch, each block a delivery.
+        The rest of `left` (in memory meanwhile, or fetched by another reader and
+        not yet stored) is read as before, a task each. A chunk whose fetch failed
+        moments ago (`_unavailable`) is left to its READ, as a readahead task of it
+        would fail at once; when the batch stalls, its chunks not delivered are
+        remembered as unavailable, as their fetches failing one by one were.
+        """
+        assert self._nursery is not None
+        chunks = of.map.chunks
+        now = trio.current_time()
+        missing: dict[bytes, list[int]] = {}
+        for k, i in enumerate(left):
+            if self.blocks.evictions != evictions:  # evict wins over the readahead before it
+                of.pending.difference_update(left[k:])
+                of.absent.difference_update(left[k:])
+                return
+            block_id = chunks[i].block_id
+            failed = self._unavailable.get(block_id)
+            if block_id not in absent:
+                await self._nursery.start(self._prefetch, of, i, False, evictions)
+            elif failed is not None and now - failed[0] < UNAVAILABLE_MEMORY:
+                of.pending.discard(i)  # a hint: the READ rechecks it (`_recheck`)
+            else:
+                missing.setdefault(block_id, []).append(i)
+                of.absent.add(i)
+        if not missing:
+            return
+        if self.blocks.evictions != evictions:
+            for ids in missing.values():
+                of.pending.difference_update(ids)
+                of.absent.difference_update(ids)
+            return
+
+        def loaded(block_id: bytes) -> None:
+            for i in missing.pop(block_id, ()):
+                of.pending.discard(i)
+                of.absent.discard(i)
+            self.figures.fetched(block_id, of.folder)
+
+        def failed(block_ids: list[bytes], why: str) -> None:
+            now = trio.current_time()
+            for block_id, (when, _) in list(self._unavailable.items()):
+                if now - when >= UNAVAILABLE_MEMORY:
+                    del self._unavailable[block_id]
+            for block_id in block_ids:
+                self._unavailable[block_id] = (now, why)
+
+        try:
+            await self.blocks.fetch_window([chunks[ids[0]] for ids in missing.values()],
+                                           Priority.READAHEAD, loaded, failed)
+        except PeerdriveError:
+            pass  # readahead is a hint: the real read reports the error
+        finally:
+            for ids in missing.values():  # not fetched here: their READs load them
+                of.pending.difference_update(ids)
+                of.absent.difference_update(ids)
 
     async def _prefetch(self, of: OpenFile, i: int, looked: bool, evictions: int,
                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
