@@ -56,7 +56,10 @@ log = logging.getLogger(__name__)
 # also have `ahead(block_ids, priority, task_status=)` (vfs.network.DriveFetch): ask for
 # blocks together, in order, so they go to a peer in runs; started once they are queued;
 # and `hurry(block_id, priority) -> bool`: move a fetch in flight up to a more urgent
-# priority where it stands (False: no such fetch, the caller asks again itself).
+# priority where it stands (False: no such fetch, the caller asks again itself); and
+# `batch(block_ids, priority, deliver)`: fetch them as one batch, `await deliver(group)`
+# called with each group of (id, verified bytes) as they come (a pin's blocks, and the
+# readahead's through `fetch_window`); BlockUnavailable when it stalls.
 Fetch = Callable[[bytes, Priority], Awaitable[bytes]]
 
 PLAINTEXT_CACHE_BYTES = 16 * 1024 * 1024

@@ -740,7 +740,8 @@ class DriveFetch:
 
     async def batch(self, block_ids: list[bytes], priority: Priority,
                     deliver: Callable[[list[tuple[bytes, bytes]]], Awaitable[None]]) -> None:
-        """`Fetcher.fetch_batch` (a pin's blocks, in runs); BlockUnavailable on a stall."""
+        """`Fetcher.fetch_batch` (a pin's blocks, a readahead window's: in runs, no task per
+        block); BlockUnavailable on a stall."""
         fetcher = await self.net.start_fetcher(self.cap)
         try:
             await fetcher.fetch_batch(block_ids, priority, deliver)
