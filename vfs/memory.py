@@ -17,7 +17,8 @@ Two things bound that, both in this process (a user sets nothing):
   (a cold 512 MiB read: peak anonymous memory 185-215 -> 135-155 MB, same
   speed). A user's own `MALLOC_ARENA_MAX` wins.
 - `Releaser`: the places that free a lot at once (the kernel forgetting
-  inodes, an evict, a version switch, summaries dropped) say how much they
+  inodes, an evict, a version switch, summaries dropped; in a serve, each
+  new version published or hosted) say how much they
   freed; once enough has been freed since the last time, `malloc_trim(0)`
   hands the free pages of every heap back (it also releases pages inside a
   heap, not only at its top). It runs in a worker thread, at most once per
