@@ -36,6 +36,22 @@ def reply_bytes(reply: object) -> bytes:
     return bytes(reply)  # type: ignore[call-overload]
 
 
+def small_chunks(monkeypatch) -> None:
+    """Publish with FastCDC's sizes of before 2026-12-03 (64 KiB / ~256 KiB / 1 MiB).
+
+    The read path's tests count an 8 MiB file's chunks against the readahead's
+    window (16 chunks and more): at today's ~1 MiB (vfs/chunker.py) that file
+    would need to be 32 MiB in every one of them. Chunk sizes are the
+    publisher's choice and the reader never depends on them (docs/formats.md).
+    """
+    import vfs.chunker
+    import vfs.publish
+    monkeypatch.setattr(vfs.chunker, "CDC_MIN", 64 * 1024)
+    monkeypatch.setattr(vfs.chunker, "CDC_AVG", 192 * 1024)
+    monkeypatch.setattr(vfs.chunker, "CDC_MAX", 1024 * 1024)
+    monkeypatch.setattr(vfs.publish, "CDC_MIN", 64 * 1024)
+
+
 def run_trio(test: Callable[[trio.Nursery], Awaitable[object]],
              deadline: float = TRIO_DEADLINE) -> None:
     """Run `test(nursery)` under trio within `deadline` seconds.

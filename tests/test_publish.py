@@ -41,10 +41,12 @@ CAP = WriteCap.from_secrets(bytes(range(32)), bytes(range(32, 64)))
 # Made by the publisher before the small-file work was rewritten (commit ac183ac) from
 # the tree of `make_tree` under CAP: the new code must make the very same blocks. The
 # folder aggregates (a folder entry's `tf`/`tb`, docs/formats.md) changed the directory
-# nodes that hold subfolders, so the root node and the set's digest, not its count.
-GOLDEN_ROOT_NODE = "db7e9c18f66b0a508843610a85d6343c6733bb6827d187aac8b3c72172e0c899"
-GOLDEN_BLOCK_SET = "b6766eaac0544d124dc7c916c6159f66104384167042ea75118c63955b22a518"
-GOLDEN_BLOCKS = 1270
+# nodes that hold subfolders, so the root node and the set's digest, not its count. The
+# chunk sizes of 2026-12-03 (~1 MiB, vfs/chunker.py) cut the tree's larger files anew:
+# 1,270 blocks became 1,257, and the root node and digest changed with them.
+GOLDEN_ROOT_NODE = "d113aa9474103859372a4d4cc0f2e12fe77e18c6690083516b5588f467bb4bbb"
+GOLDEN_BLOCK_SET = "c18459a17a369b2e0eeef6b2b249564c2dcc6640cfeef272ddfb377a60b57340"
+GOLDEN_BLOCKS = 1257
 
 
 def make_tree(root: Path) -> dict[str, bytes]:

@@ -20,7 +20,7 @@ import trio.testing
 from cache import schema
 from cache.store import BlockStore
 from dht.types import Priority
-from tests.helpers import run_trio
+from tests.helpers import run_trio, small_chunks
 from tests.inprocess import (
     FakeNetwork,
     new_cap,
@@ -44,7 +44,9 @@ MARKER = b"BAD BLOCK MARKER"
 @pytest.fixture
 def world(tmp_path: Path, monkeypatch):
     """A published drive (big.bin 8 MiB random, small.txt, bad.txt whose block does not
-    decrypt), the publisher's store as the network, and an empty reader store."""
+    decrypt), the publisher's store as the network, and an empty reader store. Cut in
+    ~256 KiB chunks (`small_chunks`): the tests here count chunks against the window."""
+    small_chunks(monkeypatch)
     src = tmp_path / "src"
     src.mkdir()
     big = os.urandom(8 * MiB)

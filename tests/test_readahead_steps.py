@@ -12,15 +12,21 @@ a real store and a fake network (tests/test_read_path.py's world).
 
 from __future__ import annotations
 
+import os
+
 import trio
 import trio.testing
 
+from cache.store import BlockStore
 from dht.types import Priority
 from tests import test_read_path
 from tests.helpers import run_trio
-from tests.inprocess import FakeNetwork, running_drive, spy_calls
+from tests.inprocess import FakeNetwork, new_cap, publish_folder, running_drive, spy_calls
 from tests.test_read_path import DEADLINE, FetchWithAhead, KiB, open_file
-from vfs.drive import READAHEAD_CHUNKS, READAHEAD_REFILL
+from vfs.blocks import PLAINTEXT_CACHE_BYTES
+from vfs.chunker import CDC_MAX
+from vfs.drive import READAHEAD_BYTES, READAHEAD_CHUNKS, READAHEAD_REFILL, Drive
+from vfs.storage import DriveStorage
 
 world = test_read_path.world  # the fixture: a published drive over a fake network
 
@@ -137,3 +143,56 @@ def test_a_read_of_a_chunk_the_readahead_found_missing_does_not_look_again(
             assert net.requests[asked:] == [(ref.block_id, Priority.READ)]
 
     run_trio(main, DEADLINE)
+
+
+def test_a_window_of_large_chunks_stays_within_the_plaintext_cache(tmp_path) -> None:
+    """At ~1 MiB chunks (vfs/chunker.py) 16 of them are ~18 MiB, more than the 16 MiB
+    plaintext cache the readahead fills: the window pushed out its own front, and the
+    READs read those chunks back from the store and decrypted them a second time. The
+    window is at most READAHEAD_BYTES: a cold sequential read takes no chunk back from
+    the store, and no `ahead` call asks for more than the window's bytes."""
+    src = tmp_path / "src"
+    src.mkdir()
+    big = os.urandom(40 * 1024 * KiB)
+    (src / "big.bin").write_bytes(big)
+    cap = new_cap()
+    pub = BlockStore(tmp_path / "pub", sync=False)
+    reader = BlockStore(tmp_path / "reader", sync=False)
+    try:
+        head = publish_folder(pub, src, cap)
+        net = FakeNetwork(pub)
+        fetch = FetchWithAhead(net)
+        drive = Drive(cap.read_cap(), DriveStorage(reader), head, fetch=fetch)
+        from_store: list[bytes] = []
+        open_local = drive.blocks._open_local
+
+        def opened(ref):
+            plain = open_local(ref)
+            if plain is not None:
+                from_store.append(ref.block_id)
+            return plain
+
+        drive.blocks._open_local = opened
+
+        async def main(nursery: trio.Nursery) -> None:
+            async with running_drive(drive):
+                of = await open_file(drive, b"big.bin")
+                lengths = [r.length for r in of.map.chunks]
+                # the window of 16 chunks would not fit the plaintext cache
+                assert max(sum(lengths[i:i + READAHEAD_CHUNKS])
+                           for i in range(len(lengths))) > PLAINTEXT_CACHE_BYTES
+                size = 128 * KiB
+                for k in range(len(big) // size):
+                    got = await drive.read(of, k * size, size)
+                    assert bytes(got) == big[k * size:(k + 1) * size]
+                    while of.pending:
+                        await trio.sleep(0.01)
+                by_id = {r.block_id: r.length for r in of.map.chunks}
+                for ids, _ in fetch.together:
+                    assert sum(by_id[b] for b in ids) <= READAHEAD_BYTES + CDC_MAX
+                assert from_store == [], f"{len(from_store)} chunks read back from the store"
+
+        run_trio(main, DEADLINE)
+    finally:
+        reader.close()
+        pub.close()

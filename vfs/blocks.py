@@ -207,6 +207,18 @@ class BlockReader:
         bytes, on the device as any read's are."""
         return block_id in self._fenced and self._urgency.get(block_id) == Priority.READAHEAD
 
+    def passed(self, block_id: bytes) -> None:
+        """A sequential reader has read the block to its end: first in line to leave the
+        plaintext cache (drop-behind, as the kernel's page cache does).
+
+        The readahead's window and the chunks already read share the cache; by
+        recency alone, chunks read after a top-up outranked the far half of that
+        top-up, still unread, and the next top-up pushed those out: their READs read
+        them back from the store and decrypted them again (tests/test_readahead_steps.py).
+        """
+        if block_id in self._plain:
+            self._plain.move_to_end(block_id, last=False)
+
     def has_plain(self, block_id: bytes) -> bool:
         """Whether the block's plaintext is in memory (without counting it as a use)."""
         return block_id in self._plain

@@ -36,7 +36,12 @@ from .tree import ChunkMap, Tree
 if TYPE_CHECKING:
     from .pins import Pins
 
-READAHEAD_CHUNKS = 16  # about 4 MiB: keeps three peers at 5 MB/s each busy (tests/test_netns.py)
+READAHEAD_CHUNKS = 16  # keeps three peers at 5 MB/s each busy (tests/test_netns.py)
+# ... and at most this many bytes (about 7 chunks of ~1.1 MiB, 16 of ~256 KiB): the window's
+# plaintexts go to the plaintext cache (16 MiB, vfs/blocks.py); a window larger than it
+# pushed out its own front, the chunks the next READs wanted, before they were read (a hot
+# read decrypted them twice: docs/benchmarks.md, issue 10 "Chunks of about 1 MiB")
+READAHEAD_BYTES = 8 * 1024 * 1024
 # The window is topped up once this many chunks of it are free, not at every READ: each
 # top-up costs a store lookup in a worker thread, a task and the fetcher's scheduling, and
 # its missing chunks go to a source as one run (a 1 MiB READ freed ~4 chunks: runs of 2.2
@@ -307,8 +312,13 @@ class Drive:
                     nursery.start_soon(get, k)
             if errors:
                 raise errors[0]
-        return tuple(memoryview(plain)[max(off, starts[i]) - starts[i]:end - starts[i]]  # type: ignore[arg-type]
-                     for plain, i in zip(plains, span, strict=True))
+        parts = tuple(memoryview(plain)[max(off, starts[i]) - starts[i]:end - starts[i]]  # type: ignore[arg-type]
+                      for plain, i in zip(plains, span, strict=True))
+        if of.sequential >= 2:
+            for i in span:  # read to their end: first to leave the plaintext cache
+                if starts[i] + chunks[i].length <= end:
+                    self.blocks.passed(chunks[i].block_id)
+        return parts
 
     async def _read_chunk(self, ref: Ref, priority: Priority,
                           of: OpenFile | None = None, looked: bool = False) -> bytes:
@@ -367,13 +377,19 @@ class Drive:
 
         Local chunks are read and decrypted ahead into the plaintext cache;
         missing ones are fetched at READAHEAD priority, so the kernel's next
-        requests find their bytes ready. The window (READAHEAD_CHUNKS) is
-        topped up once READAHEAD_REFILL chunks of it are free, and in one go.
+        requests find their bytes ready. The window (READAHEAD_CHUNKS, at most
+        READAHEAD_BYTES) is topped up once READAHEAD_REFILL chunks of it (or half
+        of it, if fewer) are free, and in one go.
         """
         if self._nursery is None:
             return
-        last = min(len(of.map.chunks), first + READAHEAD_CHUNKS)
-        if last - max(first, of.readahead_until) < READAHEAD_REFILL and last < len(of.map.chunks):
+        chunks = of.map.chunks
+        last, size = first, 0
+        while last < len(chunks) and last - first < READAHEAD_CHUNKS and size < READAHEAD_BYTES:
+            size += chunks[last].length
+            last += 1
+        refill = min(READAHEAD_REFILL, max(1, (last - first) // 2))
+        if last - max(first, of.readahead_until) < refill and last < len(chunks):
             return  # most of the window is still ahead: topped up in steps (and to the end)
         wanted: list[int] = []
         for i in range(max(first, of.readahead_until), last):
