@@ -25,6 +25,7 @@ from tests import test_evict_readahead, test_read_path
 from tests.helpers import run_trio
 from tests.inprocess import FakeNetwork, running_drive
 from tests.test_read_path import DEADLINE, KiB, open_file
+from tests.test_readahead_steps import read_catching_up_with_the_readahead
 from vfs.drive import READAHEAD_CHUNKS
 from vfs.errors import BlockUnavailable
 
@@ -160,30 +161,8 @@ def test_a_read_that_catches_up_with_a_batched_chunk_hurries_it_and_waits(world)
 
     async def main(nursery: trio.Nursery) -> None:
         async with running_drive(drive):
-            of = await open_file(drive, b"big.bin")
-            first = of.map.span(SIZE, SIZE)[-1] + 1
-            held = of.map.chunks[first]
-            net.hold.add(held.block_id)
-            for k in range(2):  # the second sequential read starts the readahead
-                await drive.read(of, k * SIZE, SIZE)
-            await net.wait_until(lambda: held.block_id in net.asked(Priority.READAHEAD))
-            start = of.map.starts[first]
-            got: list[bytes] = []
-
-            async def read() -> None:
-                got.append(bytes(await drive.read(of, start, 4096)))
-
-            nursery.start_soon(read)
-            while not fetch.hurried:
-                await trio.testing.wait_all_tasks_blocked()
-            assert not got
-            net.release()
-            while not got:
-                await trio.sleep(0.01)
-            assert got == [big[start:start + 4096]]
-            assert fetch.hurried == [(held.block_id, Priority.READ)]
-            assert [p for b, p in net.requests if b == held.block_id] == [Priority.READAHEAD]
-            assert held.block_id not in {b for b, _ in fetch.calls}
+            held = await read_catching_up_with_the_readahead(drive, net, fetch, big, nursery)
+            assert held.block_id not in {b for b, _ in fetch.calls}  # no fetch of its own
 
     run_trio(main, DEADLINE)
 

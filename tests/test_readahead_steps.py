@@ -92,31 +92,43 @@ def test_a_read_that_catches_up_with_the_readaheads_fetch_hurries_it_once(world)
 
     async def main(nursery: trio.Nursery) -> None:
         async with running_drive(drive):
-            of = await open_file(drive, b"big.bin")
-            size = 128 * KiB
-            first = of.map.span(size, size)[-1] + 1
-            held = of.map.chunks[first]
-            net.hold.add(held.block_id)
-            for k in range(2):  # the second sequential read starts the readahead
-                await drive.read(of, k * size, size)
-            await net.wait_until(lambda: held.block_id in net.asked(Priority.READAHEAD))
-            start = of.map.starts[first]
-            got: list[bytes] = []
-
-            async def read() -> None:
-                got.append(bytes(await drive.read(of, start, 4096)))
-
-            nursery.start_soon(read)
-            while not fetch.hurried:
-                await trio.testing.wait_all_tasks_blocked()
-            net.release()
-            while not got:
-                await trio.sleep(0.01)
-            assert got == [big[start:start + 4096]]
-            assert fetch.hurried == [(held.block_id, Priority.READ)]
-            assert [p for b, p in net.requests if b == held.block_id] == [Priority.READAHEAD]
+            await read_catching_up_with_the_readahead(drive, net, fetch, big, nursery)
 
     run_trio(main, DEADLINE)
+
+
+async def read_catching_up_with_the_readahead(drive, net: FakeNetwork, fetch, big: bytes,
+                                              nursery: trio.Nursery):
+    """Hold the chunk after the first READ's, start the readahead (two sequential READs),
+    and READ 4 KiB of the held chunk once the readahead's fetch of it is on the network:
+    that READ hurries the fetch (`fetch.hurried`), waits for it, and gets the bytes once
+    the chunk is let go; the network is asked for it once, at READAHEAD. Returns the
+    held chunk's ref."""
+    of = await open_file(drive, b"big.bin")
+    size = 128 * KiB
+    first = of.map.span(size, size)[-1] + 1
+    held = of.map.chunks[first]
+    net.hold.add(held.block_id)
+    for k in range(2):  # the second sequential read starts the readahead
+        await drive.read(of, k * size, size)
+    await net.wait_until(lambda: held.block_id in net.asked(Priority.READAHEAD))
+    start = of.map.starts[first]
+    got: list[bytes] = []
+
+    async def read() -> None:
+        got.append(bytes(await drive.read(of, start, 4096)))
+
+    nursery.start_soon(read)
+    while not fetch.hurried:
+        await trio.testing.wait_all_tasks_blocked()
+    assert not got  # it waits for the held fetch
+    net.release()
+    while not got:
+        await trio.sleep(0.01)
+    assert got == [big[start:start + 4096]]
+    assert fetch.hurried == [(held.block_id, Priority.READ)]
+    assert [p for b, p in net.requests if b == held.block_id] == [Priority.READAHEAD]
+    return held
 
 
 def test_a_read_of_a_chunk_the_readahead_found_missing_does_not_look_again(
