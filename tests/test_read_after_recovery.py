@@ -32,6 +32,7 @@ from dht.types import Priority
 from tests.helpers import run_trio
 from tests.inprocess import new_cap, publish_folder, running_drive
 from tests.test_fetch_probe import FakeSource
+from vfs.chunker import CDC_MAX
 from vfs.drive import Drive
 from vfs.errors import BlockUnavailable
 from vfs.storage import DriveStorage
@@ -78,10 +79,11 @@ class FetcherFetch:
 
 @pytest.fixture
 def mirrored(tmp_path: Path):
-    """A published drive (big.bin, 4 MiB), its blocks at a fake mirror, an empty reader."""
+    """A published drive (big.bin, 8 MiB: at least 4 chunks of at most CDC_MAX), its blocks
+    at a fake mirror, an empty reader."""
     src = tmp_path / "src"
     src.mkdir()
-    big = os.urandom(4 * MiB)
+    big = os.urandom(4 * CDC_MAX)
     (src / "big.bin").write_bytes(big)
     cap = new_cap()
     pub = BlockStore(tmp_path / "pub", sync=False)
