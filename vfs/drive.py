@@ -345,11 +345,18 @@ class Drive:
         try:
             return await self.blocks.read(ref, priority, looked=looked)
         except BlockUnavailable as exc:
-            for block_id, (when, _) in list(self._unavailable.items()):
-                if now - when >= UNAVAILABLE_MEMORY:
-                    del self._unavailable[block_id]
-            self._unavailable[ref.block_id] = (trio.current_time(), str(exc))
+            self._remember_unavailable([ref.block_id], str(exc))
             raise
+
+    def _remember_unavailable(self, block_ids: list[bytes], why: str) -> None:
+        """These blocks could not be fetched just now: a READ of one within
+        UNAVAILABLE_MEMORY asks once more briefly (`_recheck`), not the whole wait."""
+        now = trio.current_time()
+        for block_id, (when, _) in list(self._unavailable.items()):
+            if now - when >= UNAVAILABLE_MEMORY:
+                del self._unavailable[block_id]
+        for block_id in block_ids:
+            self._unavailable[block_id] = (now, why)
 
     async def _recheck(self, ref: Ref, priority: Priority, looked: bool, why: str) -> bytes:
         """A block that failed moments ago, asked for again: one short try, not the whole wait.
@@ -493,17 +500,9 @@ class Drive:
                 of.absent.discard(i)
             self.figures.fetched(block_id, of.folder)
 
-        def failed(block_ids: list[bytes], why: str) -> None:
-            now = trio.current_time()
-            for block_id, (when, _) in list(self._unavailable.items()):
-                if now - when >= UNAVAILABLE_MEMORY:
-                    del self._unavailable[block_id]
-            for block_id in block_ids:
-                self._unavailable[block_id] = (now, why)
-
         try:
             await self.blocks.fetch_window([chunks[ids[0]] for ids in missing.values()],
-                                           Priority.READAHEAD, loaded, failed)
+                                           Priority.READAHEAD, loaded, self._remember_unavailable)
         except PeerdriveError:
             pass  # readahead is a hint: the real read reports the error
         finally:
